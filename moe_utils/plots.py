@@ -1,0 +1,265 @@
+"""Altair chart builders for the book's figures.
+
+Every builder takes a tidy pandas DataFrame (one row per plotted value) and returns an Altair
+chart. Per-layer figures carry a layer slider made of an ``alt.param`` bound to a range input,
+so they stay interactive in the static site without a kernel. The slider moves over the
+*position* of a layer in the list of analysed layers, which keeps it usable when only some
+layers are analysed (for example DeepSeekMoE's MoE layers 1-27, or ``layers=[0, 5, 10]``).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import altair as alt
+import pandas as pd
+
+LAYER_POS = "layer_pos"
+
+
+def with_layer_position(df: pd.DataFrame, layer_field: str = "layer") -> pd.DataFrame:
+    """Add a ``layer_pos`` column: the rank of each row's layer among the distinct layers."""
+    layers = sorted(df[layer_field].unique())
+    pos = {layer: i for i, layer in enumerate(layers)}
+    out = df.copy()
+    out[LAYER_POS] = out[layer_field].map(pos).astype(int)
+    return out
+
+
+def layer_slider(df: pd.DataFrame, name: str = "layer_slider", start: int | None = None,
+                 label: str = "layer position ") -> alt.Parameter:
+    """A range-slider parameter over the layer positions present in ``df``."""
+    n = int(df[LAYER_POS].max()) + 1
+    value = n - 1 if start is None else max(0, min(n - 1, start))
+    return alt.param(name=name, value=value,
+                     bind=alt.binding_range(min=0, max=max(n - 1, 0), step=1, name=label))
+
+
+def _typed_fields(df: pd.DataFrame) -> list[str]:
+    """Tooltip shorthands with explicit types, needed when the data sits on a facet's parent."""
+    return [f"{c}:{'Q' if pd.api.types.is_numeric_dtype(df[c]) else 'N'}" for c in df.columns if c != LAYER_POS]
+
+
+def _layer_filter(param: alt.Parameter) -> alt.Predicate:
+    return alt.datum[LAYER_POS] == param
+
+
+def similarity_heatmaps(df: pd.DataFrame, *, row_field: str = "expert_i", col_field: str = "expert_j",
+                        value_field: str = "similarity", facet_field: str | None = "matrix",
+                        facet_order: Sequence[str] | None = None, title: str = "",
+                        value_title: str = "cosine similarity", domain: tuple[float, float] | None = None,
+                        start_layer_pos: int | None = None, cell: int = 22,
+                        scheme: str = "viridis") -> alt.Chart:
+    """Expert-by-expert heat maps (one panel per ``facet_field`` value) with a layer slider.
+
+    ``df`` needs columns layer, row_field, col_field, value_field and facet_field. Labels are
+    strings (for example "0".."7" and "F"); their order follows first appearance in ``df``.
+    """
+    data = with_layer_position(df)
+    labels = list(dict.fromkeys(list(data[row_field].astype(str)) + list(data[col_field].astype(str))))
+    data[row_field] = data[row_field].astype(str)
+    data[col_field] = data[col_field].astype(str)
+    slider = layer_slider(data, start=start_layer_pos)
+    size = max(120, cell * len(labels))
+    scale = alt.Scale(scheme=scheme, domain=list(domain)) if domain else alt.Scale(scheme=scheme)
+    base = alt.Chart(data).mark_rect().encode(
+        x=alt.X(f"{col_field}:N", sort=labels, title="expert"),
+        y=alt.Y(f"{row_field}:N", sort=labels, title="expert"),
+        color=alt.Color(f"{value_field}:Q", scale=scale, title=value_title),
+        tooltip=["layer:O", f"{row_field}:N", f"{col_field}:N", alt.Tooltip(f"{value_field}:Q", format=".3f")],
+    ).properties(width=size, height=size)
+    base = base.transform_filter(_layer_filter(slider))
+    if facet_field:
+        order = list(facet_order) if facet_order else list(dict.fromkeys(data[facet_field]))
+        chart = base.facet(column=alt.Column(f"{facet_field}:N", sort=order, title=None))
+    else:
+        chart = base
+    layer_label = alt.Chart(data).transform_filter(_layer_filter(slider)).transform_aggregate(
+        layer="min(layer)").transform_calculate(text="'layer ' + datum.layer").mark_text(
+        align="left", fontSize=13, fontWeight="bold").encode(text="text:N").properties(height=16)
+    return _filtered_vconcat(layer_label, chart, slider, title)
+
+
+def _filtered_vconcat(label: alt.Chart, chart: alt.Chart | alt.FacetChart, slider: alt.Parameter,
+                      title: str) -> alt.VConcatChart:
+    """Stack a layer label (which carries the slider parameter) over an already filtered chart."""
+    return alt.vconcat(label.add_params(slider), chart, title=title)
+
+
+def per_layer_lines(df: pd.DataFrame, *, y: str, color: str | None = None, title: str = "",
+                    y_title: str | None = None, band: tuple[str, str] | None = None,
+                    reference: pd.DataFrame | None = None) -> alt.LayerChart | alt.Chart:
+    """A line per ``color`` group of ``y`` against layer index, with an optional CI band.
+
+    ``reference`` (columns ``y`` and ``label``) draws horizontal rules, e.g. a random baseline.
+    """
+    enc_color = alt.Color(f"{color}:N", title=color) if color else alt.value("#1f77b4")
+    base = alt.Chart(df).encode(x=alt.X("layer:Q", title="layer", axis=alt.Axis(tickMinStep=1)),
+                                color=enc_color)
+    tooltip = ["layer:Q", alt.Tooltip(f"{y}:Q", format=".3f")] + ([f"{color}:N"] if color else [])
+    layers: list[alt.Chart] = []
+    if band:
+        layers.append(base.mark_area(opacity=0.2).encode(y=f"{band[0]}:Q", y2=f"{band[1]}:Q"))
+    layers.append(base.mark_line(point=True).encode(y=alt.Y(f"{y}:Q", title=y_title or y), tooltip=tooltip))
+    if reference is not None and len(reference):
+        layers.append(alt.Chart(reference).mark_rule(strokeDash=[4, 4], color="gray").encode(
+            y=f"{y}:Q", tooltip=["label:N", alt.Tooltip(f"{y}:Q", format=".3f")]))
+    return alt.layer(*layers).properties(title=title, width=420, height=240)
+
+
+def rank_count_bars(df: pd.DataFrame, *, title: str = "") -> alt.Chart:
+    """The paper's Fig. 10: for each norm rank, one bar per score rank (counts summed over layers).
+
+    ``df`` columns: norm_rank, score_rank, count.
+    """
+    n = int(df["norm_rank"].max())
+    return alt.Chart(df).mark_bar().encode(
+        x=alt.X("norm_rank:O", title="rank of the expert's output norm (E = largest)"),
+        xOffset=alt.XOffset("score_rank:O"),
+        y=alt.Y("count:Q", title="count (tokens x layers)"),
+        color=alt.Color("score_rank:O", title="gate-score rank", scale=alt.Scale(scheme="viridis")),
+        tooltip=["norm_rank:O", "score_rank:O", "count:Q"],
+    ).properties(title=title, width=max(360, 48 * n), height=260)
+
+
+def rank_count_heatmap_by_layer(df: pd.DataFrame, *, title: str = "") -> alt.VConcatChart:
+    """Per-layer rank-count matrices with a layer slider. ``df``: layer, norm_rank, score_rank, count."""
+    data = with_layer_position(df)
+    slider = layer_slider(data)
+    n = int(data["norm_rank"].max())
+    size = max(160, 24 * n)
+    chart = alt.Chart(data).mark_rect().encode(
+        x=alt.X("norm_rank:O", title="norm rank"),
+        y=alt.Y("score_rank:O", title="score rank", sort="descending"),
+        color=alt.Color("count:Q", scale=alt.Scale(scheme="blues"), title="count"),
+        tooltip=["layer:O", "norm_rank:O", "score_rank:O", "count:Q"],
+    ).transform_filter(_layer_filter(slider)).properties(width=size, height=size)
+    label = alt.Chart(data).transform_filter(_layer_filter(slider)).transform_aggregate(
+        layer="min(layer)").transform_calculate(text="'layer ' + datum.layer").mark_text(
+        align="left", fontSize=13, fontWeight="bold").encode(text="text:N").properties(height=16)
+    return _filtered_vconcat(label, chart, slider, title)
+
+
+def token_expert_bars(df: pd.DataFrame, *, value_fields: Sequence[str] = ("norm", "score"),
+                      title: str = "") -> alt.VConcatChart:
+    """The paper's Fig. 4: per expert, output norm and gate score for one token, one layer.
+
+    ``df`` columns: layer, token_index, token, expert, chosen and the value fields. Sliders pick
+    the layer and the token.
+    """
+    data = with_layer_position(df)
+    slider = layer_slider(data)
+    n_tok = int(data["token_index"].max()) + 1
+    tok = alt.param(name="token_slider", value=0,
+                    bind=alt.binding_range(min=0, max=max(n_tok - 1, 0), step=1, name="token "))
+    panels = []
+    for field in value_fields:
+        panels.append(alt.Chart(data).mark_bar().encode(
+            x=alt.X("expert:O", title="expert"),
+            y=alt.Y(f"{field}:Q", title=field),
+            color=alt.condition(alt.datum.chosen, alt.value("#d62728"), alt.value("#7f7f7f")),
+            tooltip=["layer:O", "token:N", "expert:O", alt.Tooltip(f"{field}:Q", format=".4f"), "chosen:N"],
+        ).properties(width=260, height=180))
+    label = alt.Chart(data).mark_text(align="left", fontSize=13, fontWeight="bold").encode(
+        text="text:N").transform_aggregate(layer="min(layer)", token="min(token)").transform_calculate(
+        text="'layer ' + datum.layer + ', token ' + datum.token").properties(height=16)
+    pred = alt.datum[LAYER_POS] == slider
+    tok_pred = alt.datum.token_index == tok
+    row = alt.hconcat(*[p.transform_filter(pred).transform_filter(tok_pred) for p in panels])
+    return alt.vconcat(label.add_params(slider, tok).transform_filter(pred).transform_filter(tok_pred), row,
+                       title=title)
+
+
+def token_similarity_heatmaps(df: pd.DataFrame, *, title: str = "") -> alt.VConcatChart:
+    """Per-token expert-output similarity maps (the paper's Fig. 2) with layer and token sliders.
+
+    ``df`` columns: layer, token_index, token, expert_i, expert_j, similarity.
+    """
+    data = with_layer_position(df)
+    data["expert_i"] = data["expert_i"].astype(str)
+    data["expert_j"] = data["expert_j"].astype(str)
+    labels = list(dict.fromkeys(data["expert_i"]))
+    slider = layer_slider(data)
+    n_tok = int(data["token_index"].max()) + 1
+    tok = alt.param(name="token_slider", value=0,
+                    bind=alt.binding_range(min=0, max=max(n_tok - 1, 0), step=1, name="token "))
+    size = max(140, 22 * len(labels))
+    chart = alt.Chart(data).mark_rect().encode(
+        x=alt.X("expert_j:N", sort=labels, title="expert"),
+        y=alt.Y("expert_i:N", sort=labels, title="expert"),
+        color=alt.Color("similarity:Q", scale=alt.Scale(scheme="viridis", domain=[-1, 1]), title="cosine"),
+        tooltip=["layer:O", "token:N", "expert_i:N", "expert_j:N", alt.Tooltip("similarity:Q", format=".3f")],
+    ).properties(width=size, height=size)
+    pred = alt.datum[LAYER_POS] == slider
+    tok_pred = alt.datum.token_index == tok
+    label = alt.Chart(data).mark_text(align="left", fontSize=13, fontWeight="bold").encode(
+        text="text:N").transform_aggregate(layer="min(layer)", token="min(token)", chosen="min(chosen_text)"
+    ).transform_calculate(text="'layer ' + datum.layer + ', token ' + datum.token + '  (chosen: ' + datum.chosen + ')'"
+    ).properties(height=16)
+    return alt.vconcat(label.add_params(slider, tok).transform_filter(pred).transform_filter(tok_pred),
+                       chart.transform_filter(pred).transform_filter(tok_pred),
+                       title=title)
+
+
+def scatter_by_layer(df: pd.DataFrame, *, x: str, y: str, color: str | None = None, title: str = "",
+                     x_title: str | None = None, y_title: str | None = None,
+                     facet_field: str | None = None, with_fit: bool = True) -> alt.VConcatChart:
+    """Scatter of ``y`` against ``x`` for one layer at a time (slider), with a least-squares line."""
+    data = with_layer_position(df)
+    slider = layer_slider(data)
+    pred = alt.datum[LAYER_POS] == slider
+    base = (alt.Chart() if facet_field else alt.Chart(data)).transform_filter(pred)
+    pts = base.mark_circle(size=40, opacity=0.7).encode(
+        x=alt.X(f"{x}:Q", title=x_title or x, scale=alt.Scale(zero=False)),
+        y=alt.Y(f"{y}:Q", title=y_title or y, scale=alt.Scale(zero=False)),
+        color=alt.Color(f"{color}:N") if color else alt.value("#1f77b4"),
+        tooltip=_typed_fields(data),
+    )
+    layered = alt.layer(pts, pts.transform_regression(x, y, groupby=[facet_field] if facet_field else []
+                                                      ).mark_line(color="black")) if with_fit else pts
+    layered = layered.properties(width=240, height=220)
+    body = layered.facet(column=alt.Column(f"{facet_field}:N", title=None), data=data) if facet_field else layered
+    label = alt.Chart(data).transform_filter(pred).transform_aggregate(layer="min(layer)").transform_calculate(
+        text="'layer ' + datum.layer").mark_text(align="left", fontSize=13, fontWeight="bold").encode(
+        text="text:N").properties(height=16)
+    return alt.vconcat(label.add_params(slider), body, title=title)
+
+
+def routing_pattern(df: pd.DataFrame, *, title: str = "") -> alt.VConcatChart:
+    """Chosen experts per token with their gate weights (the paper's Fig. 14), per layer (slider).
+
+    ``df`` columns: layer, token_index, token, expert, weight (one row per chosen expert).
+    """
+    data = with_layer_position(df)
+    slider = layer_slider(data)
+    pred = alt.datum[LAYER_POS] == slider
+    n_tok = int(data["token_index"].max()) + 1
+    chart = alt.Chart(data).mark_rect().encode(
+        x=alt.X("token_index:O", title="token position", axis=alt.Axis(labelAngle=0, values=list(range(0, n_tok, 8)))),
+        y=alt.Y("expert:O", title="expert"),
+        color=alt.Color("weight:Q", scale=alt.Scale(scheme="oranges", domain=[0, 1]), title="gate weight"),
+        tooltip=["layer:O", "token_index:O", "token:N", "expert:O", alt.Tooltip("weight:Q", format=".3f")],
+    ).transform_filter(pred).properties(width=max(360, 9 * n_tok), height=180)
+    label = alt.Chart(data).transform_filter(pred).transform_aggregate(layer="min(layer)").transform_calculate(
+        text="'layer ' + datum.layer").mark_text(align="left", fontSize=13, fontWeight="bold").encode(
+        text="text:N").properties(height=16)
+    return alt.vconcat(label.add_params(slider), chart, title=title)
+
+
+def pca_scatter(df: pd.DataFrame, *, title: str = "") -> alt.VConcatChart:
+    """2-D PCA projections per layer and matrix (slider over layers). Columns: layer, matrix, label, pc1, pc2, kind."""
+    data = with_layer_position(df)
+    slider = layer_slider(data)
+    pred = alt.datum[LAYER_POS] == slider
+    pts = alt.Chart().transform_filter(pred).mark_point(filled=True, size=60).encode(
+        x=alt.X("pc1:Q", title="PC 1"), y=alt.Y("pc2:Q", title="PC 2"),
+        shape=alt.Shape("kind:N", title="", legend=None), color=alt.Color("kind:N", title=""),
+        tooltip=["layer:O", "matrix:N", "label:N", alt.Tooltip("pc1:Q", format=".2f"), alt.Tooltip("pc2:Q", format=".2f")],
+    ).properties(width=220, height=200)
+    text = pts.mark_text(dx=8, dy=-6, fontSize=10).encode(text="label:N")
+    body = alt.layer(pts, text).facet(column=alt.Column("matrix:N", title=None), data=data).resolve_scale(
+        x="independent", y="independent")
+    label = alt.Chart(data).transform_filter(pred).transform_aggregate(layer="min(layer)").transform_calculate(
+        text="'layer ' + datum.layer").mark_text(align="left", fontSize=13, fontWeight="bold").encode(
+        text="text:N").properties(height=16)
+    return alt.vconcat(label.add_params(slider), body, title=title)
