@@ -1,0 +1,141 @@
+"""Per-layer summaries and the last-layer effect (paper §4.1.1, §5.1, §6 / Table 6).
+
+The paper's observation 3: expert similarity falls in deeper layers but rises again in the last
+layer(s). ``last_layer_outlier`` turns this into numbers for any sequence of per-layer values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy.stats import spearmanr
+
+from ._arrays import ArrayLike, to_numpy
+
+
+def mean_offdiagonal(s: ArrayLike, n: int | None = None) -> float:
+    """Mean of the off-diagonal entries of the leading ``n x n`` block of a square matrix.
+
+    Use ``n = E`` to get the expert-expert mean S_ee of a map with an appended "F" row/column.
+    NaN when the block has fewer than 2 rows.
+    """
+    m = to_numpy(s)
+    if m.ndim != 2 or m.shape[0] != m.shape[1]:
+        raise ValueError(f"expected a square matrix; got shape {m.shape}")
+    k = m.shape[0] if n is None else int(n)
+    if k > m.shape[0]:
+        raise ValueError(f"n = {k} exceeds the matrix size {m.shape[0]}")
+    if k < 2:
+        return float("nan")
+    b = m[:k, :k]
+    return float((b.sum() - np.trace(b)) / (k * (k - 1)))
+
+
+def reference_similarity(s: ArrayLike) -> float:
+    """Mean similarity between the last item ("F") and every other item: S_ef = mean(S[-1, :-1])."""
+    m = to_numpy(s)
+    if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] < 2:
+        raise ValueError(f"expected a square matrix with at least 2 rows; got shape {m.shape}")
+    return float(m[-1, :-1].mean())
+
+
+def per_layer_summary(maps: Mapping[int, ArrayLike], n_experts: int | None = None) -> pd.DataFrame:
+    """Tidy per-layer summary of similarity maps.
+
+    Columns: ``layer, mean_offdiag`` (expert-expert, over the first ``n_experts`` rows),
+    ``min_offdiag, max_offdiag`` and, when the maps have a row past ``n_experts`` (the reference
+    "F"), ``mean_reference`` = mean similarity of each expert to that last row.
+    """
+    rows = []
+    for layer in sorted(maps):
+        m = to_numpy(maps[layer])
+        k = m.shape[0] if n_experts is None else int(n_experts)
+        b = m[:k, :k]
+        off = b[~np.eye(k, dtype=bool)]
+        row = {
+            "layer": layer,
+            "mean_offdiag": mean_offdiagonal(m, k),
+            "min_offdiag": float(off.min()) if off.size else float("nan"),
+            "max_offdiag": float(off.max()) if off.size else float("nan"),
+        }
+        if m.shape[0] > k:
+            row["mean_reference"] = float(m[-1, :k].mean())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+@dataclass(frozen=True)
+class LastLayerOutlier:
+    """How the last layer's value compares with the layers before it.
+
+    * ``z`` = (last value - mean of all preceding layers) / their sample std (ddof=1): the last
+      layer's distance from the rest in units of their spread (``inf``/``-inf`` if the preceding
+      values are constant and the last differs; NaN with fewer than 2 preceding layers).
+    * ``delta_previous`` = last value - second-to-last value.
+    * ``trend_rho`` / ``trend_p``: Spearman rank correlation (and two-sided p-value) between layer
+      index and value over the preceding layers only; negative = similarity declines with depth
+      before the last layer. NaN with fewer than 3 preceding layers.
+    """
+
+    last_layer: int
+    last_value: float
+    preceding_mean: float
+    preceding_std: float
+    z: float
+    delta_previous: float
+    trend_rho: float
+    trend_p: float
+    n_preceding: int
+
+
+def last_layer_outlier(
+    values: Mapping[int, float] | Sequence[float] | ArrayLike, layers: Sequence[int] | None = None
+) -> LastLayerOutlier:
+    """Compare the last (deepest) layer's value with the preceding layers; see ``LastLayerOutlier``.
+
+    ``values`` is a mapping layer -> value, or a sequence with optional matching ``layers`` (default
+    0..L-1). Layers are sorted; NaN values are dropped first.
+    """
+    if isinstance(values, Mapping):
+        pairs = sorted((int(k), float(v)) for k, v in values.items())
+    else:
+        v = to_numpy(values).reshape(-1)
+        lay = list(range(len(v))) if layers is None else [int(x) for x in layers]
+        if len(lay) != len(v):
+            raise ValueError(f"{len(v)} values but {len(lay)} layers")
+        pairs = sorted(zip(lay, v.tolist()))
+    pairs = [(k, v) for k, v in pairs if not math.isnan(v)]
+    if not pairs:
+        raise ValueError("no (non-NaN) per-layer values")
+    lay = np.array([p[0] for p in pairs])
+    val = np.array([p[1] for p in pairs], dtype=np.float64)
+    last, prev = val[-1], val[:-1]
+    nan = float("nan")
+    mean = float(prev.mean()) if prev.size else nan
+    std = float(prev.std(ddof=1)) if prev.size >= 2 else nan
+    if prev.size < 2:
+        z = nan
+    elif std > 0:
+        z = (last - mean) / std
+    else:
+        z = 0.0 if last == mean else math.copysign(math.inf, last - mean)
+    if prev.size >= 3 and np.ptp(prev) > 0:
+        res = spearmanr(lay[:-1], prev)
+        rho, p = float(res.statistic), float(res.pvalue)
+    else:
+        rho, p = nan, nan
+    return LastLayerOutlier(
+        last_layer=int(lay[-1]),
+        last_value=float(last),
+        preceding_mean=mean,
+        preceding_std=std,
+        z=float(z),
+        delta_previous=float(last - prev[-1]) if prev.size else nan,
+        trend_rho=rho,
+        trend_p=p,
+        n_preceding=int(prev.size),
+    )

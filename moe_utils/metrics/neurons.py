@@ -1,0 +1,195 @@
+"""Neuron-level views of expert weights (paper §4.1.2, App. D, Table 2).
+
+A *neuron* ``i`` of an expert is row ``i`` of W_up / W_act (``[I, H]``) and column ``i`` of W_down
+(``[H, I]``), so every neuron is a vector of length H (d_hid).
+
+Neuron axis convention: functions take ``neuron_axis`` either as a matrix kind (``"up"``,
+``"act"``, ``"down"``, also ``"w_up"``...) or as an explicit integer axis of the array they are
+given. For a stack ``[E, I, H]`` / ``[E, H, I]`` the kinds map to axis 1 / 2; for one matrix
+``[I, H]`` / ``[H, I]`` to axis 0 / 1.
+
+* **Averaging** (App. D): the mean over the neuron axis, one H-vector per expert
+  (``torch.mean(W, dim=0)`` for up/act and ``dim=1`` for down in the reference code).
+* **Reordering** (Table 2): for an expert pair (j, k) and one matrix, the I x I neuron cosine matrix
+  is solved as a linear assignment maximising total similarity (Jonker-Volgenant,
+  ``scipy.optimize.linear_sum_assignment(maximize=True)``); expert k's neurons are permuted, the
+  cosine of the flattened matrices is recomputed, and Kendall's tau between the permutation and
+  the identity order 0..I-1 is reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import combinations
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import linear_sum_assignment
+from scipy.stats import kendalltau
+
+from ._arrays import ArrayLike, to_numpy
+from .similarity import cosine, cosine_between, cosine_matrix
+
+_ROW_KINDS = {"up", "act", "w_up", "w_act", "gate", "w_gate", "gate_proj", "up_proj"}
+_COL_KINDS = {"down", "w_down", "down_proj"}
+
+
+def resolve_neuron_axis(neuron_axis: int | str, ndim: int) -> int:
+    """Integer neuron axis for an array with ``ndim`` dims (3 = expert stack, 2 = one matrix)."""
+    if isinstance(neuron_axis, str):
+        key = neuron_axis.lower()
+        if key in _ROW_KINDS:
+            base = 0
+        elif key in _COL_KINDS:
+            base = 1
+        else:
+            raise ValueError(
+                f"unknown matrix kind {neuron_axis!r}; use 'up', 'act' or 'down', or an integer axis"
+            )
+        if ndim not in (2, 3):
+            raise ValueError(f"expected a matrix [I, H] or a stack [E, I, H]; got {ndim} dims")
+        return base + (ndim - 2)
+    axis = int(neuron_axis)
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"neuron_axis {axis} is out of range for an array with {ndim} dims")
+    return axis % ndim
+
+
+def neuron_vectors(matrix: ArrayLike, neuron_axis: int | str) -> np.ndarray:
+    """One expert matrix as ``[I, H]`` float64 rows, one row per neuron (W_down is transposed)."""
+    m = to_numpy(matrix)
+    if m.ndim != 2:
+        raise ValueError(f"expected one expert matrix (2 dims); got shape {m.shape}")
+    axis = resolve_neuron_axis(neuron_axis, 2)
+    return m if axis == 0 else m.T
+
+
+def neuron_average(w: ArrayLike, neuron_axis: int | str) -> np.ndarray:
+    """Mean over the neuron axis: ``[E, I, H]`` or ``[E, H, I]`` -> ``[E, H]`` (one matrix -> ``[H]``).
+
+    Experts are converted one at a time, so a bfloat16 stack is never copied whole to float64.
+    """
+    ndim = len(w.shape)
+    axis = resolve_neuron_axis(neuron_axis, ndim)
+    if ndim == 2:
+        return to_numpy(w).mean(axis=axis)
+    if ndim != 3:
+        raise ValueError(f"expected [E, I, H] / [E, H, I] or one matrix; got shape {tuple(w.shape)}")
+    if axis == 0:
+        raise ValueError("axis 0 of a stack is the expert axis, not a neuron axis")
+    return np.stack([to_numpy(w[e]).mean(axis=axis - 1) for e in range(int(w.shape[0]))])
+
+
+def neuron_level_similarity(
+    w: ArrayLike, neuron_axis: int | str, extra: ArrayLike | None = None
+) -> np.ndarray:
+    """Cosine similarity of neuron-averaged experts (App. D, Fig. 8) -> ``[E, E]``.
+
+    ``extra`` is an optional single matrix (the dense FFN "F", or a shared expert, whose neuron count
+    may differ) appended as the last row/column.
+    """
+    avg = neuron_average(w, neuron_axis)
+    if extra is not None:
+        ax = resolve_neuron_axis(neuron_axis, 3) - 1
+        ref = to_numpy(extra).mean(axis=ax)
+        if ref.shape[0] != avg.shape[1]:
+            raise ValueError(f"extra averages to length {ref.shape[0]} but experts to {avg.shape[1]}")
+        avg = np.vstack([avg, ref[None, :]])
+    return cosine_matrix(avg)
+
+
+def neuron_cosine_matrix(a: ArrayLike, b: ArrayLike, neuron_axis: int | str) -> np.ndarray:
+    """``[I, I]`` cosine similarity between every neuron of matrix ``a`` and every neuron of ``b``."""
+    return cosine_between(neuron_vectors(a, neuron_axis), neuron_vectors(b, neuron_axis))
+
+
+@dataclass(frozen=True)
+class ReorderResult:
+    """Outcome of matching the neurons of expert k (``b``) to those of expert j (``a``).
+
+    ``perm[i]`` is the neuron of ``b`` assigned to neuron ``i`` of ``a``; ``b`` reordered is
+    ``neurons(b)[perm]``. ``tau`` is Kendall's tau of ``perm`` against ``0..I-1`` (1 = order kept).
+    """
+
+    perm: np.ndarray
+    tau: float
+    tau_pvalue: float
+    sim_before: float
+    sim_after: float
+
+    @property
+    def gain(self) -> float:
+        """Absolute similarity increase ``sim_after - sim_before``."""
+        return self.sim_after - self.sim_before
+
+
+def reorder_neurons(a: ArrayLike, b: ArrayLike, neuron_axis: int | str) -> ReorderResult:
+    """Reorder ``b``'s neurons to best match ``a``'s and compare before/after (Table 2).
+
+    ``a`` and ``b`` are single expert matrices of the same kind and shape. Similarities are cosines
+    of the whole flattened matrices.
+    """
+    na = neuron_vectors(a, neuron_axis)
+    nb = neuron_vectors(b, neuron_axis)
+    if na.shape != nb.shape:
+        raise ValueError(f"the two matrices differ in shape: {na.shape} vs {nb.shape}")
+    sim = cosine_between(na, nb)
+    rows, perm = linear_sum_assignment(sim, maximize=True)
+    perm = perm[np.argsort(rows)].astype(np.int64)
+    if len(perm) > 1:
+        kt = kendalltau(perm, np.arange(len(perm)))
+        tau, p = float(kt.statistic), float(kt.pvalue)
+    else:
+        tau, p = float("nan"), float("nan")
+    return ReorderResult(
+        perm=perm,
+        tau=tau,
+        tau_pvalue=p,
+        sim_before=cosine(na, nb),
+        sim_after=cosine(na, nb[perm]),
+    )
+
+
+def reorder_layer(
+    w: ArrayLike,
+    neuron_axis: int | str,
+    extra: ArrayLike | None = None,
+    labels: Sequence[str] | None = None,
+    pairs: Sequence[tuple[int, int]] | None = None,
+) -> pd.DataFrame:
+    """Reorder every expert pair of one layer for one matrix kind; one tidy row per pair.
+
+    ``w`` is the ``[E, ...]`` stack; ``extra`` (same shape as one expert, e.g. the dense FFN) is added
+    as item E with label ``"F"``. ``pairs`` defaults to all ``(j, k)`` with ``j < k``; the second item
+    of each pair is the one reordered. Columns: ``index_a, index_b, expert_a, expert_b, sim_before,
+    sim_after, gain, tau, tau_pvalue``.
+    """
+    n_exp = int(w.shape[0])
+    mats = [w[e] for e in range(n_exp)]
+    names = [str(e) for e in range(n_exp)] if labels is None else [str(x) for x in labels]
+    if extra is not None:
+        mats.append(extra)
+        if len(names) == n_exp:
+            names.append("F")
+    if len(names) != len(mats):
+        raise ValueError(f"got {len(names)} labels for {len(mats)} matrices")
+    pair_list = list(combinations(range(len(mats)), 2)) if pairs is None else [tuple(p) for p in pairs]
+    rows = []
+    for j, k in pair_list:
+        res = reorder_neurons(mats[j], mats[k], neuron_axis)
+        rows.append(
+            {
+                "index_a": j,
+                "index_b": k,
+                "expert_a": names[j],
+                "expert_b": names[k],
+                "sim_before": res.sim_before,
+                "sim_after": res.sim_after,
+                "gain": res.gain,
+                "tau": res.tau,
+                "tau_pvalue": res.tau_pvalue,
+            }
+        )
+    cols = ["index_a", "index_b", "expert_a", "expert_b", "sim_before", "sim_after", "gain", "tau", "tau_pvalue"]
+    return pd.DataFrame(rows, columns=cols)

@@ -1,0 +1,57 @@
+"""Similarity of expert outputs (paper §5.1, Figs. 2, 3, 9).
+
+* Short input: one cosine map per token between all experts' raw outputs (``token_similarity``).
+* Long input: per token the **angular** similarity between all experts, summed over all tokens of
+  all sequences and divided by the total token count (``mean_token_similarity``).
+
+A reference output (the dense model's FFN "F" from its own forward pass, or a shared expert) is
+appended as an extra item with ``stack_with_reference(outputs, f, axis=1)`` first.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._arrays import ArrayLike, to_numpy
+from .similarity import angular_similarity
+
+
+def _cos_batch(x: np.ndarray) -> np.ndarray:
+    nrm = np.linalg.norm(x, axis=-1)
+    xn = x / np.where(nrm > 0, nrm, 1.0)[..., None]
+    cos = np.clip(np.einsum("neh,nfh->nef", xn, xn), -1.0, 1.0)
+    idx = np.arange(x.shape[1])
+    cos[:, idx, idx] = (nrm > 0).astype(np.float64)
+    return cos
+
+
+def token_similarity(outputs: ArrayLike, angular: bool = False, chunk_tokens: int = 256) -> np.ndarray:
+    """Per-token similarity between experts: ``[N, E, H]`` -> ``[N, E, E]`` (cosine or angular).
+
+    Zero output vectors give cosine 0; the angular diagonal is exactly 1 (see ``similarity``).
+    """
+    if len(outputs.shape) != 3:
+        raise ValueError(f"expected outputs of shape [N, E, H]; got {tuple(outputs.shape)}")
+    n = int(outputs.shape[0])
+    parts = []
+    for s in range(0, n, chunk_tokens):
+        c = _cos_batch(to_numpy(outputs[s : s + chunk_tokens]))
+        parts.append(angular_similarity(c) if angular else c)
+    e = int(outputs.shape[1])
+    return np.concatenate(parts, axis=0) if parts else np.zeros((0, e, e))
+
+
+def mean_token_similarity(outputs: ArrayLike, angular: bool = True, chunk_tokens: int = 256) -> np.ndarray:
+    """Average per-token similarity map over all N tokens -> ``[E, E]`` (angular by default, as Fig. 3).
+
+    Pass the tokens of all sequences concatenated (BOS tokens included, as the reference code does).
+    """
+    n = int(outputs.shape[0])
+    if n == 0:
+        raise ValueError("no tokens: the mean similarity is undefined")
+    e = int(outputs.shape[1])
+    total = np.zeros((e, e))
+    for s in range(0, n, chunk_tokens):
+        c = _cos_batch(to_numpy(outputs[s : s + chunk_tokens]))
+        total += (angular_similarity(c) if angular else c).sum(axis=0)
+    return total / n
