@@ -263,3 +263,25 @@ def pca_scatter(df: pd.DataFrame, *, title: str = "") -> alt.VConcatChart:
         text="'layer ' + datum.layer").mark_text(align="left", fontSize=13, fontWeight="bold").encode(
         text="text:N").properties(height=16)
     return alt.vconcat(label.add_params(slider), body, title=title)
+
+
+def intermediate_heatmap(df: pd.DataFrame, *, title: str = "") -> alt.VConcatChart:
+    """act(W_act x) per expert (rows, plus "F") and neuron (columns) for one token at a time
+    (the paper's Fig. 12). ``df`` columns: token_index, token, expert, neuron, value."""
+    n_tok = int(df["token_index"].max()) + 1
+    tok = alt.param(name="token_slider", value=0,
+                    bind=alt.binding_range(min=0, max=max(n_tok - 1, 0), step=1, name="token "))
+    pred = alt.datum.token_index == tok
+    experts = list(dict.fromkeys(df["expert"].astype(str)))
+    lim = float(df["value"].abs().quantile(0.99)) or 1.0
+    chart = alt.Chart(df).transform_filter(pred).mark_rect().encode(
+        x=alt.X("neuron:O", title="neuron", axis=alt.Axis(values=list(range(0, int(df["neuron"].max()) + 1, 16)))),
+        y=alt.Y("expert:N", sort=experts, title="expert"),
+        color=alt.Color("value:Q", scale=alt.Scale(scheme="redblue", domain=[-lim, lim], reverse=True),
+                        title="act(W_act x)"),
+        tooltip=["token:N", "expert:N", "neuron:O", alt.Tooltip("value:Q", format=".4f")],
+    ).properties(width=560, height=max(120, 16 * len(experts)))
+    label = alt.Chart(df).transform_filter(pred).transform_aggregate(token="min(token)").transform_calculate(
+        text="'token ' + datum.token").mark_text(align="left", fontSize=13, fontWeight="bold").encode(
+        text="text:N").properties(height=16)
+    return alt.vconcat(label.add_params(tok), chart, title=title)

@@ -1,0 +1,1 @@
+"""Per-observation glue: run the engine and the metrics, return tidy DataFrames for the notebooks."""

@@ -1,0 +1,226 @@
+"""Analyses that need a forward pass on text (observations 2 and 3).
+
+Each function takes a :class:`~moe_utils.loading.LoadedModel` and a :class:`~moe_utils.trace.Trace`
+from one ordinary forward pass, evaluates every expert on each MoE block's captured input, and
+returns numpy arrays or tidy DataFrames. Nothing here re-runs the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import metrics as M
+from ..trace import (Trace, dense_intermediates, dense_outputs, expert_intermediates, expert_outputs,
+                     router_scores)
+from ..weights import dense_mlp_weights, layer_weights
+
+
+@dataclass
+class NormsScores:
+    """Per-layer ``[N, E]`` output norms and softmax gate scores, plus the chosen experts ``[N, k]``."""
+
+    norms: dict[int, np.ndarray]
+    scores: dict[int, np.ndarray]
+    chosen: dict[int, np.ndarray]
+    groups: np.ndarray          # sequence index of each token
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.norms)
+
+    @property
+    def num_experts(self) -> int:
+        return int(next(iter(self.norms.values())).shape[1])
+
+
+def token_labels(tr: Trace) -> list[str]:
+    """A readable label per token: position in its sequence and the token text."""
+    return [f"{int(p)}:{t!r}" for p, t in zip(tr.position.tolist(), tr.tokens)]
+
+
+def norms_and_scores(lm: Any, tr: Trace, chunk_tokens: int = 1024) -> NormsScores:
+    """L2 norm of every expert's output on each MoE block's real input, and the router's softmax
+    scores over all experts (the paper's "gate scores", Sec. 5.2)."""
+    norms, scores, chosen = {}, {}, {}
+    for layer in tr.layers:
+        lt = tr.per_layer[layer]
+        w = layer_weights(lm.model, layer)
+        y = expert_outputs(w, lt.x, chunk_tokens=chunk_tokens)
+        norms[layer] = y.float().norm(dim=-1).cpu().numpy()
+        scores[layer] = router_scores(lt).float().cpu().numpy()
+        chosen[layer] = lt.topk_index.cpu().numpy()
+        del y
+    return NormsScores(norms, scores, chosen, tr.seq_index.cpu().numpy())
+
+
+def rank_count_frame(ns: NormsScores) -> pd.DataFrame:
+    """Per-layer rank counts (score rank x norm rank, ranks ascending 1..E), tidy."""
+    rows = []
+    e = ns.num_experts
+    for layer in ns.layers:
+        c = M.rank_counts(ns.norms[layer], ns.scores[layer])
+        s_rank, n_rank = np.meshgrid(np.arange(1, e + 1), np.arange(1, e + 1), indexing="ij")
+        rows.append(pd.DataFrame({"layer": layer, "score_rank": s_rank.ravel(), "norm_rank": n_rank.ravel(),
+                                  "count": c.ravel()}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def summed_rank_counts(per_layer: pd.DataFrame) -> pd.DataFrame:
+    """The paper's Fig. 10 table: counts summed over layers, with each norm rank's diagonal share."""
+    total = per_layer.groupby(["norm_rank", "score_rank"], as_index=False)["count"].sum()
+    col = total.groupby("norm_rank")["count"].transform("sum")
+    total["share_of_norm_rank"] = total["count"] / col
+    return total
+
+
+def agreement_table(ns: NormsScores, k: int = 1, seed: int = 0, n_boot: int = 2000) -> pd.DataFrame:
+    """Top-1 score / top-k norm agreement per layer and pooled, with cluster-bootstrap intervals
+    over sequences (tokens of one sequence are not independent)."""
+    groups = ns.groups if len(np.unique(ns.groups)) > 1 else None
+    return M.agreement_by_layer(ns.norms, ns.scores, groups=groups, k=k, seed=seed, n_boot=n_boot)
+
+
+def token_bars_frame(ns: NormsScores, tr: Trace, layers: Sequence[int] | None = None) -> pd.DataFrame:
+    """Per token, layer and expert: output norm, gate score and whether the expert was chosen
+    (the paper's Fig. 4). Meant for the short input."""
+    labels = token_labels(tr)
+    rows = []
+    for layer in layers or ns.layers:
+        n, e = ns.norms[layer].shape
+        chosen = np.zeros((n, e), dtype=bool)
+        np.put_along_axis(chosen, ns.chosen[layer], True, axis=1)
+        rows.append(pd.DataFrame({
+            "layer": layer, "token_index": np.repeat(np.arange(n), e), "token": np.repeat(labels, e),
+            "expert": np.tile(np.arange(e), n), "norm": ns.norms[layer].ravel(),
+            "score": ns.scores[layer].ravel(), "chosen": chosen.ravel()}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def mean_norm_by_layer(ns: NormsScores) -> pd.DataFrame:
+    """Mean output norm per layer for chosen and not-chosen experts (norms grow with depth?)."""
+    rows = []
+    for layer in ns.layers:
+        n, e = ns.norms[layer].shape
+        chosen = np.zeros((n, e), dtype=bool)
+        np.put_along_axis(chosen, ns.chosen[layer], True, axis=1)
+        for flag, name in ((True, "chosen"), (False, "not chosen")):
+            rows.append({"layer": layer, "experts": name, "mean_norm": float(ns.norms[layer][chosen == flag].mean())})
+    return pd.DataFrame(rows)
+
+
+def activation_ratios(lm: Any, tr: Trace, dense_lm: Any | None = None, dense_tr: Trace | None = None,
+                      threshold: float = M.ACTIVE_THRESHOLD if hasattr(M, "ACTIVE_THRESHOLD") else 1e-3
+                      ) -> pd.DataFrame:
+    """Share of intermediate activations act(W_act x) with |value| > threshold, per layer and
+    expert (App. H). "F" rows come from the dense baseline's own forward pass."""
+    rows = []
+    for layer in tr.layers:
+        w = layer_weights(lm.model, layer)
+        if w.w_act is None:
+            continue
+        inter = expert_intermediates(w, tr.per_layer[layer].x)
+        r = M.activation_ratio(inter, threshold=threshold)
+        for e, v in enumerate(r.per_expert):
+            rows.append({"layer": layer, "expert": str(e), "ratio": float(v)})
+        if dense_lm is not None and dense_tr is not None and layer in dense_tr.per_layer:
+            dw = dense_mlp_weights(dense_lm.model, layer)
+            rf = M.activation_ratio(dense_intermediates(dw, dense_tr.per_layer[layer].x), threshold=threshold)
+            rows.append({"layer": layer, "expert": "F", "ratio": float(rf.overall)})
+    return pd.DataFrame(rows)
+
+
+def intermediate_frame(lm: Any, tr: Trace, layer: int, dense_lm: Any | None = None,
+                       dense_tr: Trace | None = None, max_neurons: int = 128) -> pd.DataFrame:
+    """act(W_act x) for every token, expert (and F) of one layer, first ``max_neurons`` neurons
+    (the paper's Fig. 12 heat map)."""
+    labels = token_labels(tr)
+    w = layer_weights(lm.model, layer)
+    inter = expert_intermediates(w, tr.per_layer[layer].x)[..., :max_neurons].float().cpu().numpy()
+    n, e, i = inter.shape
+    frames = [pd.DataFrame({"layer": layer, "token_index": np.repeat(np.arange(n), e * i),
+                            "token": np.repeat(labels, e * i),
+                            "expert": np.tile(np.repeat([str(k) for k in range(e)], i), n),
+                            "neuron": np.tile(np.arange(i), n * e), "value": inter.ravel()})]
+    if dense_lm is not None and dense_tr is not None and layer in dense_tr.per_layer:
+        dw = dense_mlp_weights(dense_lm.model, layer)
+        f = dense_intermediates(dw, dense_tr.per_layer[layer].x)[..., :max_neurons].float().cpu().numpy()
+        frames.append(pd.DataFrame({"layer": layer, "token_index": np.repeat(np.arange(n), i),
+                                    "token": np.repeat(labels, i), "expert": "F",
+                                    "neuron": np.tile(np.arange(i), n), "value": f.ravel()}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _outputs_with_extras(lm: Any, tr: Trace, layer: int, dense_lm: Any | None,
+                         dense_tr: Trace | None) -> tuple[torch.Tensor, list[str]]:
+    """[N, E(+F)(+SE), H] raw outputs of every expert, the F baseline and the shared expert."""
+    lt = tr.per_layer[layer]
+    w = layer_weights(lm.model, layer)
+    y = expert_outputs(w, lt.x).float()
+    labels = [str(e) for e in range(y.shape[1])]
+    extra = []
+    if dense_lm is not None and dense_tr is not None and layer in dense_tr.per_layer:
+        extra.append(dense_outputs(dense_mlp_weights(dense_lm.model, layer), dense_tr.per_layer[layer].x).float())
+        labels.append("F")
+    if w.shared is not None:
+        extra.append(dense_outputs(w.shared, lt.x).float())
+        labels.append("SE")
+    if extra:
+        y = torch.cat([y] + [t[:, None, :] for t in extra], dim=1)
+    return y, labels
+
+
+def token_output_similarity(lm: Any, tr: Trace, dense_lm: Any | None = None,
+                            dense_tr: Trace | None = None) -> pd.DataFrame:
+    """Cosine similarity between all experts' outputs (+F, +SE) for every token and layer
+    (the paper's Fig. 2, short input)."""
+    labels_tok = token_labels(tr)
+    frames = []
+    for layer in tr.layers:
+        y, labels = _outputs_with_extras(lm, tr, layer, dense_lm, dense_tr)
+        chosen = tr.per_layer[layer].topk_index.cpu().numpy()
+        k = len(labels)
+        for t in range(y.shape[0]):
+            sim = M.cosine_matrix(y[t].numpy())
+            frames.append(pd.DataFrame({
+                "layer": layer, "token_index": t, "token": labels_tok[t],
+                "chosen_text": ",".join(str(int(c)) for c in chosen[t]),
+                "expert_i": np.repeat(labels, k), "expert_j": np.tile(labels, k), "similarity": sim.ravel()}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def average_output_similarity(lm: Any, tr: Trace, dense_lm: Any | None = None,
+                              dense_tr: Trace | None = None) -> pd.DataFrame:
+    """Angular similarity between expert outputs averaged over all tokens (the paper's Fig. 3,
+    long input): per token 1 - arccos(cos)/pi, summed over tokens and divided by their count."""
+    frames = []
+    for layer in tr.layers:
+        y, labels = _outputs_with_extras(lm, tr, layer, dense_lm, dense_tr)
+        acc = np.zeros((len(labels), len(labels)))
+        for t in range(y.shape[0]):
+            acc += M.angular_similarity(M.cosine_matrix(y[t].numpy()))
+        acc /= y.shape[0]
+        k = len(labels)
+        frames.append(pd.DataFrame({"layer": layer, "expert_i": np.repeat(labels, k),
+                                    "expert_j": np.tile(labels, k), "similarity": acc.ravel()}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def routing_frame(tr: Trace) -> pd.DataFrame:
+    """One row per token, layer and chosen expert with its routing weight (App. I, Fig. 14)."""
+    labels = token_labels(tr)
+    frames = []
+    for layer in tr.layers:
+        lt = tr.per_layer[layer]
+        idx = lt.topk_index.cpu().numpy()
+        wt = lt.topk_weight.float().cpu().numpy()
+        n, k = idx.shape
+        frames.append(pd.DataFrame({"layer": layer, "token_index": np.repeat(np.arange(n), k),
+                                    "token": np.repeat(labels, k), "rank": np.tile(np.arange(1, k + 1), n),
+                                    "expert": idx.ravel(), "weight": wt.ravel(),
+                                    "sequence": np.repeat(tr.seq_index.cpu().numpy(), k)}))
+    return pd.concat(frames, ignore_index=True)
