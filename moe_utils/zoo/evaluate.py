@@ -1,0 +1,107 @@
+"""Held-out evaluation of the model organisms: loss, unigram baseline, expert load.
+
+Pure functions over token ids and models; no file I/O except the small loaders at the bottom.
+Losses are in nats per predicted token. A window is ``[<s>] + up to seq_len-1 text tokens``; every
+text token is predicted (from ``<s>`` and what precedes it), ``<s>`` itself is never a target.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+BOS_ID = 1
+
+
+def make_windows(docs_ids: Iterable[Sequence[int]], seq_len: int = 256, bos_id: int = BOS_ID) -> list[list[int]]:
+    """Cut each document's ids (without ``<s>``) into consecutive windows, each led by ``<s>``."""
+    out = []
+    step = seq_len - 1
+    for ids in docs_ids:
+        ids = list(ids)
+        for i in range(0, len(ids), step):
+            chunk = ids[i : i + step]
+            if len(chunk) >= 2:
+                out.append([bos_id] + chunk)
+    return out
+
+
+def encode_docs(tokenizer, texts: Iterable[str]) -> list[list[int]]:
+    """Token ids of each text without special tokens."""
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def targets_of(windows: Sequence[Sequence[int]]) -> np.ndarray:
+    """All predicted tokens of the windows (each window minus its leading ``<s>``), concatenated."""
+    if not windows:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate([np.asarray(w[1:], dtype=np.int64) for w in windows])
+
+
+@torch.no_grad()
+def model_nll(model, windows: Sequence[Sequence[int]]) -> float:
+    """Mean next-token cross-entropy (nats/token) of ``model`` over the windows, one pass each."""
+    model.eval()
+    total, count = 0.0, 0
+    for w in windows:
+        ids = torch.tensor([list(w)], dtype=torch.long)
+        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")
+        total += float(nll)
+        count += ids.shape[1] - 1
+    return total / max(count, 1)
+
+
+def unigram_counts(ids: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Token frequency counts (length ``vocab_size``)."""
+    return np.bincount(np.asarray(ids, dtype=np.int64), minlength=vocab_size)[:vocab_size]
+
+
+def unigram_nll(counts: np.ndarray, targets: np.ndarray, alpha: float = 1.0) -> float:
+    """Mean nats/token of an add-``alpha`` smoothed unigram model (fit on ``counts``) on ``targets``."""
+    counts = np.asarray(counts, dtype=np.float64)
+    logp = np.log(counts + alpha) - math.log(counts.sum() + alpha * len(counts))
+    return float(-logp[np.asarray(targets, dtype=np.int64)].mean())
+
+
+@torch.no_grad()
+def expert_load(model, windows: Sequence[Sequence[int]]) -> np.ndarray:
+    """Top-k selection counts ``[layers, experts]`` of a Mixtral-style model over the windows.
+
+    Uses the router logits the model returns with ``output_router_logits=True`` and takes the
+    top-k of each token, exactly the experts the forward pass used (no jitter in eval mode).
+    """
+    cfg = model.config
+    k = cfg.num_experts_per_tok
+    E = cfg.num_local_experts
+    counts = np.zeros((cfg.num_hidden_layers, E), dtype=np.int64)
+    model.eval()
+    for w in windows:
+        ids = torch.tensor([list(w)], dtype=torch.long)
+        out = model(input_ids=ids, use_cache=False, output_router_logits=True)
+        for layer, logits in enumerate(out.router_logits):
+            top = torch.topk(logits.float().reshape(-1, E), k, dim=-1).indices
+            counts[layer] += np.bincount(top.reshape(-1).numpy(), minlength=E)
+    return counts
+
+
+def perplexity(nll: float) -> float:
+    """exp of a mean nats/token loss."""
+    return float(math.exp(nll))
+
+
+def zoo_models_dir() -> Path:
+    """Package folder that holds the shipped models and the unigram counts."""
+    return Path(__file__).resolve().parent / "models"
+
+
+def load_unigram_counts(path: Path | None = None) -> np.ndarray:
+    """Shipped unigram counts of the training split (``models/unigram_counts.json``)."""
+    path = Path(path) if path is not None else zoo_models_dir() / "unigram_counts.json"
+    data = json.loads(Path(path).read_text())
+    return np.asarray(data["counts"], dtype=np.int64)
