@@ -41,6 +41,18 @@ class Study:
         return int(self.lm.num_experts) if hasattr(self.lm, "num_experts") else int(
             self.lm.spec.num_experts(self.lm.config))
 
+    @property
+    def weights_source(self) -> Any:
+        """Where weight-only analyses read from: the checkpoint folder (streamed one layer at a
+        time) when there is one, else the loaded model."""
+        return self.lm.path if self.lm.path is not None else self.lm.model
+
+    @property
+    def dense_weights_source(self) -> Any:
+        if self.dense is None:
+            return None
+        return self.dense.path if self.dense.path is not None else self.dense.model
+
     def describe(self) -> pd.DataFrame:
         """A one-row-per-fact description of the model, for the top of each page."""
         rows = [("model", self.lm.name), ("family", self.lm.spec.name),

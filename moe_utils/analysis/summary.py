@@ -1,0 +1,93 @@
+"""The book's summary page: gather every model's results files into verdict tables.
+
+Only results files are read; nothing is recomputed. Each observation has one headline quantity
+(chosen before looking at any result, see ``HEADLINES``); the detail table lists every summary
+number the pages wrote.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import altair as alt
+import pandas as pd
+
+from ..results import read_result
+
+HEADLINES = {
+    ("obs1_neurons_as_experts", "gate_act_advantage"): "1. neurons act like fine-grained experts",
+    ("obs2_router_norms", "top1_norm_agreement"): "2. the router prefers large output norms",
+    ("obs3_depth_diversity", "depth_pattern"): "3. diversity grows with depth, last layer excepted",
+}
+
+
+def collect(runs_dir: str | Path) -> pd.DataFrame:
+    """One row per (model, analysis, summary key) from every ``results/*.json`` under ``runs_dir``."""
+    rows = []
+    for path in sorted(Path(runs_dir).glob("*/results/*.json")):
+        res = read_result(path)
+        for key, entry in res.summary.items():
+            paper = entry.get("paper") or {}
+            rows.append({"model": res.model, "analysis": res.analysis, "quantity": key,
+                         "value": entry.get("value"), "ci_low": entry.get("ci_low"), "ci_high": entry.get("ci_high"),
+                         "baseline": entry.get("baseline"), "verdict": entry.get("verdict"),
+                         "note": entry.get("note", ""),
+                         "paper": "; ".join(f"{m}: {v:g}" for m, v in paper.items() if v is not None),
+                         "fingerprint": res.fingerprint, "file": str(path)})
+    return pd.DataFrame(rows)
+
+
+def _fmt(v: object, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    return f"{v:.{digits}f}" if isinstance(v, (int, float)) else str(v)
+
+
+def headline_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """The three headline quantities for every model."""
+    keys = pd.Series(list(zip(table.analysis, table.quantity)), index=table.index)
+    out = table[keys.isin(list(HEADLINES))].copy()
+    out["observation"] = [HEADLINES[k] for k in zip(out.analysis, out.quantity)]
+    return out
+
+
+def verdict_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Observations x models: effect size, 95% interval and verdict, with the paper's values."""
+    out = headline_rows(table)
+    out["effect (95% CI)"] = [f"{_fmt(v)} ({_fmt(lo)} to {_fmt(hi)})" if _fmt(lo) else _fmt(v)
+                              for v, lo, hi in zip(out.value, out.ci_low, out.ci_high)]
+    out["baseline"] = out.baseline.map(_fmt)
+    return out.set_index(["observation", "model"])[["quantity", "effect (95% CI)", "baseline", "verdict", "note",
+                                                     "paper"]].sort_index()
+
+
+def verdict_chart(table: pd.DataFrame) -> alt.Chart:
+    """A grid of verdicts: observation by model, coloured by verdict."""
+    out = headline_rows(table)
+    colors = alt.Scale(domain=["holds", "inconclusive", "does not hold"], range=["#2ca02c", "#bcbd22", "#d62728"])
+    base = alt.Chart(out).encode(x=alt.X("model:N", title=None, axis=alt.Axis(labelAngle=0)),
+                                 y=alt.Y("observation:N", title=None))
+    return (base.mark_rect().encode(color=alt.Color("verdict:N", scale=colors),
+                                    tooltip=["model", "observation", "verdict", alt.Tooltip("value:Q", format=".3f")])
+            + base.mark_text().encode(text="verdict:N")).properties(width=max(200, 180 * out.model.nunique()), height=150)
+
+
+def detail_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Every summary number with its interval, baseline, verdict and the paper's values."""
+    out = table.copy()
+    for col in ("value", "ci_low", "ci_high", "baseline"):
+        out[col] = out[col].map(_fmt)
+    return out.set_index(["analysis", "quantity", "model"])[["value", "ci_low", "ci_high", "baseline", "verdict",
+                                                             "paper", "note"]].sort_index()
+
+
+def narrative(table: pd.DataFrame) -> str:
+    """A short paragraph per model stating each verdict in words, generated from the numbers."""
+    out = headline_rows(table)
+    parts = []
+    for model, g in out.groupby("model"):
+        bits = [f"observation {row.observation.split('.')[0]} **{row.verdict}** ({row.quantity} = {_fmt(row.value)})"
+                for row in g.sort_values("observation").itertuples()]
+        parts.append(f"- **{model}**: " + "; ".join(bits) + ".")
+    return "\n".join(parts)
