@@ -35,3 +35,11 @@ class InputTooLongError(MoEUtilsError, ValueError):
 
 class OfflineError(MoEUtilsError, ConnectionError):
     """A resource would have to be downloaded and the machine is offline."""
+
+
+class ResultsFileError(MoEUtilsError, ValueError):
+    """A results file is missing, truncated, or does not follow the results schema."""
+
+
+class InputSpecError(MoEUtilsError, ValueError):
+    """An inputs spec names no known preset, readable file or dataset, or yields no text."""
