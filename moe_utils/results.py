@@ -1,0 +1,422 @@
+"""Tidy results files: one JSON file per (model, analysis), written atomically.
+
+Every analysis page writes its numbers to ``<results_dir>/<analysis>.json`` (``results_dir`` is
+one folder per model) and the summary page only reads these files.
+
+Schema ``moe-book-results/1``::
+
+    {
+      "schema": "moe-book-results/1",        # always the first key
+      "analysis": "obs2_router_norms",       # file name without .json; [A-Za-z0-9_.-]
+      "model": "zoo:tiny-moe-upcycled",      # the model id exactly as the user gave it
+      "fingerprint": "3f2a...",              # stable hash of config + weight files (the cache key)
+      "params": {...},                        # every parameter the numbers depend on
+      "created": "2026-11-29T10:00:00+00:00", # ISO 8601, UTC
+      "package_version": "0.1.0",            # moe_utils.__version__ that wrote the file
+      "tables": {                             # tidy tables: name -> list of records (one per row)
+        "rank_counts": [{"layer": 0, "score_rank": 1, "norm_rank": 1, "count": 12}, ...]
+      },
+      "summary": {                            # headline numbers: key -> entry
+        "top1_norm_agreement": {
+          "value": 0.61,                      # number (or null when undefined)
+          "ci_low": 0.55, "ci_high": 0.67,    # interval bounds or null
+          "baseline": 0.125,                  # what chance / a null model gives, or null
+          "verdict": "holds",                 # "holds" | "does not hold" | "inconclusive" | null
+          "paper": {"Mixtral 8x7B": 0.69},    # the paper's value per model, may be empty
+          "note": "cluster bootstrap over 10 sequences"
+        }
+      }
+    }
+
+NaN and infinities are stored as ``null``; numpy scalars and arrays become plain numbers and
+lists. A ``null`` verdict marks a descriptive number that is not a test of a claim.
+
+Writes go to a temporary file in the same folder, which is flushed, fsync'ed and then moved over
+the target with ``os.replace``, so a reader sees either the old file or the new one, never half a
+file. Readers validate the schema and raise ``ResultsFileError`` with a message saying what to do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import math
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import pandas as pd
+
+from .errors import ResultsFileError
+
+SCHEMA = "moe-book-results/1"
+VERDICTS = ("holds", "does not hold", "inconclusive")
+SUMMARY_FIELDS = ("value", "ci_low", "ci_high", "baseline", "verdict", "paper", "note")
+_TOP_FIELDS = ("schema", "analysis", "model", "fingerprint", "params", "created", "package_version", "tables", "summary")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+_PREFIX = '{"schema":"moe-book-results/'
+
+
+@dataclasses.dataclass
+class Result:
+    """A results file in memory; ``tables`` are DataFrames, ``summary`` entries are dicts."""
+
+    analysis: str
+    model: str
+    fingerprint: str
+    params: dict[str, Any]
+    created: str
+    package_version: str
+    tables: dict[str, pd.DataFrame]
+    summary: dict[str, dict[str, Any]]
+    path: Path | None = None
+
+    def value(self, key: str) -> Any:
+        """The ``value`` of one summary entry."""
+        return self.summary[key]["value"]
+
+    def summary_frame(self) -> pd.DataFrame:
+        """The summary as a tidy table, one row per key."""
+        rows = [{"key": k, **{f: e.get(f) for f in SUMMARY_FIELDS}} for k, e in self.summary.items()]
+        return pd.DataFrame(rows, columns=["key", *SUMMARY_FIELDS])
+
+
+def summary_entry(
+    value: Any,
+    ci_low: Any = None,
+    ci_high: Any = None,
+    baseline: Any = None,
+    verdict: str | None = "inconclusive",
+    paper: Mapping[str, Any] | None = None,
+    note: str = "",
+) -> dict[str, Any]:
+    """Build one summary entry with every schema field present."""
+    entry = {
+        "value": value,
+        "ci_low": ci_low,
+        "ci_high": ci_high,
+        "baseline": baseline,
+        "verdict": verdict,
+        "paper": dict(paper or {}),
+        "note": note,
+    }
+    _check_verdict(verdict, "summary_entry")
+    return entry
+
+
+def _check_verdict(verdict: Any, where: str) -> None:
+    if verdict is not None and verdict not in VERDICTS:
+        raise ValueError(f"{where}: verdict must be one of {VERDICTS} or None; got {verdict!r}")
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert numpy/pandas/Path values to plain JSON types; NaN and infinities become ``None``."""
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, (np.bool_,)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        items = sorted(obj, key=str) if isinstance(obj, (set, frozenset)) else obj
+        return [to_jsonable(v) for v in items]
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (pd.Timestamp, _dt.datetime, _dt.date)):
+        return obj.isoformat()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return to_jsonable(dataclasses.asdict(obj))
+    if obj is pd.NA or obj is pd.NaT:
+        return None
+    if hasattr(obj, "item") and callable(obj.item):  # torch / numpy 0-d values
+        return to_jsonable(obj.item())
+    raise TypeError(f"cannot store a value of type {type(obj).__name__} in a results file: {obj!r}")
+
+
+def _table_records(name: str, table: Any) -> list[dict[str, Any]]:
+    if isinstance(table, pd.DataFrame):
+        df = table
+        if not isinstance(df.index, pd.RangeIndex) or any(n is not None for n in df.index.names):
+            df = df.reset_index()
+        df = df.astype(object).where(pd.notna(df), None)
+        records = df.to_dict(orient="records")
+    elif isinstance(table, list):
+        records = table
+    else:
+        raise TypeError(f"table {name!r} must be a DataFrame or a list of records; got {type(table).__name__}")
+    out = to_jsonable(records)
+    if not all(isinstance(r, dict) for r in out):
+        raise TypeError(f"table {name!r}: every record must be a mapping of column -> value")
+    return out
+
+
+def _summary_entries(summary: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for key, entry in summary.items():
+        if isinstance(entry, Mapping):
+            unknown = set(entry) - set(SUMMARY_FIELDS)
+            if unknown:
+                raise ValueError(f"summary entry {key!r} has unknown fields {sorted(unknown)}; allowed: {SUMMARY_FIELDS}")
+            if "value" not in entry:
+                raise ValueError(f"summary entry {key!r} has no 'value'")
+            full = summary_entry(entry["value"])
+            full.update(entry)
+        else:
+            full = summary_entry(entry, verdict=None)
+        _check_verdict(full["verdict"], f"summary entry {key!r}")
+        full["paper"] = dict(full["paper"] or {})
+        full["note"] = "" if full["note"] is None else str(full["note"])
+        out[str(key)] = to_jsonable(full)
+    return out
+
+
+def _check_name(analysis: str) -> None:
+    if not isinstance(analysis, str) or not _NAME_RE.match(analysis):
+        raise ValueError(f"analysis name {analysis!r} must be non-empty and use only letters, digits, '_', '.', '-'")
+
+
+def result_path(results_dir: str | Path, analysis: str) -> Path:
+    """Where the results file of ``analysis`` lives inside ``results_dir``."""
+    _check_name(analysis)
+    return Path(results_dir) / f"{analysis}.json"
+
+
+def _package_version() -> str:
+    from . import __version__
+
+    return str(__version__)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable; not possible on every platform
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def write_result(
+    results_dir: str | Path,
+    analysis: str,
+    model: str,
+    fingerprint: str,
+    params: Mapping[str, Any],
+    tables: Mapping[str, pd.DataFrame | list],
+    summary: Mapping[str, Any],
+) -> Path:
+    """Validate and atomically write ``<results_dir>/<analysis>.json``; return its path.
+
+    A summary value may be a full entry (a dict with any of ``SUMMARY_FIELDS``, ``value``
+    required; missing fields are filled) or a bare number (stored with a ``null`` verdict).
+    """
+    path = result_path(results_dir, analysis)
+    doc = {
+        "schema": SCHEMA,
+        "analysis": analysis,
+        "model": str(model),
+        "fingerprint": str(fingerprint),
+        "params": to_jsonable(dict(params)),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "package_version": _package_version(),
+        "tables": {str(k): _table_records(str(k), v) for k, v in tables.items()},
+        "summary": _summary_entries(summary),
+    }
+    text = json.dumps(doc, indent=1, allow_nan=False, ensure_ascii=False)
+    _atomic_write_text(path, text + "\n")
+    return path
+
+
+def _invalid(path: Path, why: str) -> ResultsFileError:
+    return ResultsFileError(
+        f"{path} is not a valid results file ({why}). It may be half-written by an interrupted run or "
+        f"from another version: delete it and rerun the analysis that writes it."
+    )
+
+
+def _validate(doc: Any, path: Path) -> None:
+    if not isinstance(doc, dict):
+        raise _invalid(path, "the top level is not a JSON object")
+    if doc.get("schema") != SCHEMA:
+        raise _invalid(path, f"schema is {doc.get('schema')!r}, expected {SCHEMA!r}")
+    missing = [f for f in _TOP_FIELDS if f not in doc]
+    if missing:
+        raise _invalid(path, f"missing fields {missing}")
+    for f in ("analysis", "model", "fingerprint", "created", "package_version"):
+        if not isinstance(doc[f], str):
+            raise _invalid(path, f"field {f!r} must be a string")
+    if not isinstance(doc["params"], dict):
+        raise _invalid(path, "params must be an object")
+    if not isinstance(doc["tables"], dict) or not all(
+        isinstance(t, list) and all(isinstance(r, dict) for r in t) for t in doc["tables"].values()
+    ):
+        raise _invalid(path, "tables must map names to lists of records")
+    if not isinstance(doc["summary"], dict):
+        raise _invalid(path, "summary must be an object")
+    for key, entry in doc["summary"].items():
+        if not isinstance(entry, dict) or any(f not in entry for f in SUMMARY_FIELDS):
+            raise _invalid(path, f"summary entry {key!r} lacks some of {SUMMARY_FIELDS}")
+        if entry["verdict"] is not None and entry["verdict"] not in VERDICTS:
+            raise _invalid(path, f"summary entry {key!r} has verdict {entry['verdict']!r}")
+        if not isinstance(entry["paper"], dict):
+            raise _invalid(path, f"summary entry {key!r}: 'paper' must be an object")
+
+
+def _load_doc(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ResultsFileError(f"no results file at {path}: run the analysis that writes it first")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _invalid(path, f"it cannot be read: {exc}") from exc
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _invalid(path, f"it is not complete JSON, possibly truncated: {exc.msg} at character {exc.pos}") from exc
+    _validate(doc, path)
+    return doc
+
+
+def read_result(path_or_dir: str | Path, analysis: str | None = None) -> Result:
+    """Read and validate one results file: a path to the file, or a results folder plus ``analysis``."""
+    p = Path(path_or_dir)
+    if p.is_dir():
+        if analysis is None:
+            raise ValueError(f"{p} is a folder: also pass the analysis name to read")
+        p = result_path(p, analysis)
+    doc = _load_doc(p)
+    if analysis is not None and doc["analysis"] != analysis:
+        raise _invalid(p, f"it holds analysis {doc['analysis']!r}, not {analysis!r}")
+    return Result(
+        analysis=doc["analysis"],
+        model=doc["model"],
+        fingerprint=doc["fingerprint"],
+        params=doc["params"],
+        created=doc["created"],
+        package_version=doc["package_version"],
+        tables={k: pd.DataFrame.from_records(v) for k, v in doc["tables"].items()},
+        summary=doc["summary"],
+        path=p,
+    )
+
+
+def _looks_like_results(path: Path) -> bool:
+    """True when the file starts like a results file (the writer puts ``schema`` first)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(200).decode("utf-8", "replace")
+    except OSError:
+        return False
+    return "".join(head.split()).startswith(_PREFIX)
+
+
+def find_results(root: str | Path) -> pd.DataFrame:
+    """List every results file under ``root`` (recursively), valid or not, one row per file.
+
+    Columns: ``path, analysis, model, fingerprint, created, package_version, tables, n_summary,
+    valid, error``. Files that start like a results file but fail validation are listed with
+    ``valid=False`` and the reason in ``error``, so a broken run is visible rather than skipped.
+    """
+    cols = ["path", "analysis", "model", "fingerprint", "created", "package_version", "tables", "n_summary",
+            "valid", "error"]
+    rows = []
+    for path in sorted(Path(root).rglob("*.json")):
+        if path.name.startswith(".") or not _looks_like_results(path):
+            continue
+        try:
+            doc = _load_doc(path)
+        except ResultsFileError as exc:
+            rows.append({"path": str(path), "valid": False, "error": str(exc)})
+            continue
+        rows.append(
+            {
+                "path": str(path),
+                "analysis": doc["analysis"],
+                "model": doc["model"],
+                "fingerprint": doc["fingerprint"],
+                "created": doc["created"],
+                "package_version": doc["package_version"],
+                "tables": sorted(doc["tables"]),
+                "n_summary": len(doc["summary"]),
+                "valid": True,
+                "error": "",
+            }
+        )
+    return pd.DataFrame(rows, columns=cols)
+
+
+def summary_rows(root: str | Path) -> pd.DataFrame:
+    """Every summary entry of every valid results file under ``root``, one row per (file, key)."""
+    rows = []
+    for item in find_results(root).itertuples():
+        if not item.valid:
+            continue
+        res = read_result(item.path)
+        for key, e in res.summary.items():
+            rows.append({"model": res.model, "analysis": res.analysis, "key": key,
+                         **{f: e.get(f) for f in SUMMARY_FIELDS}, "path": item.path})
+    return pd.DataFrame(rows, columns=["model", "analysis", "key", *SUMMARY_FIELDS, "path"])
+
+
+def _same_params(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    norm = lambda d: json.dumps(to_jsonable(dict(d)), sort_keys=True)  # noqa: E731
+    return norm(a) == norm(b)
+
+
+def cached_result(
+    results_dir: str | Path,
+    analysis: str,
+    fingerprint: str,
+    params: Mapping[str, Any],
+    compute: Callable[[], tuple[Mapping[str, Any], Mapping[str, Any]]],
+    *,
+    model: str | None = None,
+    force: bool = False,
+) -> Result:
+    """Reuse ``<results_dir>/<analysis>.json`` if its fingerprint and params match, else recompute.
+
+    ``compute()`` returns ``(tables, summary)`` as accepted by ``write_result``. Params are compared
+    after JSON normalisation (tuples equal lists, numpy ints equal ints). An unreadable existing
+    file is replaced with a warning. ``model`` is recorded in a new file (defaults to the
+    fingerprint); ``force=True`` always recomputes.
+    """
+    path = result_path(results_dir, analysis)
+    if path.exists() and not force:
+        try:
+            old = read_result(path, analysis)
+        except ResultsFileError as exc:
+            warnings.warn(f"recomputing {analysis}: {exc}", stacklevel=2)
+        else:
+            if old.fingerprint == str(fingerprint) and _same_params(old.params, params):
+                return old
+    tables, summary = compute()
+    write_result(results_dir, analysis, fingerprint if model is None else model, fingerprint, params, tables, summary)
+    return read_result(path, analysis)
