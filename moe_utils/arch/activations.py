@@ -1,0 +1,96 @@
+"""Expert activation functions, resolvable by name.
+
+An expert computes ``W_down · glu(W_act x, W_up x)``. For ordinary gated MLPs
+``glu(g, u) = act(g) * u``; GPT-OSS clamps both halves and adds 1 to the up projection. Names
+may carry parameters, e.g. ``"gpt_oss_swiglu(alpha=1.702,limit=7.0)"``, so a trace stays
+self-describing.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def _gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def _relu2(x: Tensor) -> Tensor:
+    return torch.square(F.relu(x))
+
+
+def _quick_gelu(x: Tensor) -> Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+_PLAIN: dict[str, Callable[[Tensor], Tensor]] = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_new": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "quick_gelu": _quick_gelu,
+    "relu": F.relu,
+    "relu2": _relu2,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "identity": lambda x: x,
+}
+
+
+@dataclass(frozen=True)
+class Activation:
+    """A named activation: ``act`` acts on the gate pre-activation, ``glu`` combines gate and up."""
+
+    name: str
+    act: Callable[[Tensor], Tensor]
+    up_transform: Callable[[Tensor], Tensor] | None = None
+
+    def __call__(self, gate: Tensor) -> Tensor:
+        return self.act(gate)
+
+    def glu(self, gate: Tensor, up: Tensor) -> Tensor:
+        """Hidden state of a gated MLP from its gate and up pre-activations."""
+        if self.up_transform is not None:
+            up = self.up_transform(up)
+        return self.act(gate) * up
+
+
+def _gpt_oss(alpha: float, limit: float) -> Activation:
+    def act(gate: Tensor) -> Tensor:
+        gate = gate.clamp(max=limit)
+        return gate * torch.sigmoid(gate * alpha)
+
+    def up(u: Tensor) -> Tensor:
+        return u.clamp(min=-limit, max=limit) + 1
+
+    return Activation(f"gpt_oss_swiglu(alpha={alpha},limit={limit})", act, up)
+
+
+_PARAM_RE = re.compile(r"^(?P<base>[a-z0-9_]+)\((?P<args>[^)]*)\)$")
+
+
+def activation(name: str) -> Activation:
+    """Resolve an activation name (``"silu"``, ``"gelu"``, ``"gpt_oss_swiglu(alpha=..,limit=..)"``)."""
+    key = name.strip().lower()
+    if key in _PLAIN:
+        return Activation(key, _PLAIN[key])
+    match = _PARAM_RE.match(key)
+    if match and match["base"] == "gpt_oss_swiglu":
+        params = dict(part.split("=", 1) for part in match["args"].split(",") if part)
+        alpha = float(params.get("alpha", 1.702))
+        limit = float(params.get("limit", 7.0))
+        if not (math.isfinite(alpha) and limit > 0):
+            raise ValueError(f"bad gpt_oss_swiglu parameters in {name!r}")
+        return _gpt_oss(alpha, limit)
+    known = ", ".join(sorted(_PLAIN)) + ", gpt_oss_swiglu(alpha=..,limit=..)"
+    raise ValueError(f"unknown activation {name!r}; known: {known}. Add it to moe_utils/arch/activations.py")

@@ -1,0 +1,227 @@
+"""Find and read checkpoint weight files without building the model.
+
+``CheckpointReader`` opens a Hugging Face model folder (single ``model.safetensors``, sharded with
+``model.safetensors.index.json``, or several ``*.safetensors`` without an index) and hands out
+tensors by name. safetensors files are memory-mapped (``safe_open``): a tensor is read from disk
+only when it is used, so one layer at a time can be processed on a machine much smaller than the
+model. Pickle checkpoints (``.bin``/``.pt``) are refused unless ``allow_pickle=True``; then they
+are loaded with ``torch.load(weights_only=True, mmap=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from moe_utils.errors import CheckpointError, PickleRefusedError
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class WeightFiles:
+    """The weight files of a folder: their kind, paths, and the name->file map if indexed."""
+
+    folder: Path
+    kind: str                       # "safetensors" | "pickle"
+    files: tuple[Path, ...]
+    index: dict[str, str] | None    # tensor name -> file name (from *.index.json)
+
+    def sizes(self) -> list[tuple[str, int]]:
+        return [(f.name, f.stat().st_size) for f in self.files]
+
+
+def _read_index(path: Path) -> dict[str, str]:
+    try:
+        data = json.loads(path.read_text())
+        return dict(data["weight_map"])
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path} is not a valid shard index ({exc}); re-download it") from exc
+
+
+def _check_listed(folder: Path, index: dict[str, str], index_name: str) -> tuple[Path, ...]:
+    listed = sorted(set(index.values()))
+    missing = [name for name in listed if not (folder / name).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{folder} is incomplete: {index_name} lists {len(listed)} shard file(s) but "
+            f"{len(missing)} are missing: {', '.join(missing)}. Download the missing shard(s) "
+            "into the folder (or re-save the model).")
+    return tuple(folder / name for name in listed)
+
+
+def find_weight_files(folder: str | Path, allow_pickle: bool = False) -> WeightFiles:
+    """Locate the weight files of a model folder; safetensors are preferred over pickles."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a folder; pass a model folder containing "
+                              "config.json and *.safetensors files")
+    index_path = folder / SAFETENSORS_INDEX
+    if index_path.is_file():
+        index = _read_index(index_path)
+        return WeightFiles(folder, "safetensors", _check_listed(folder, index, SAFETENSORS_INDEX), index)
+    shards = tuple(sorted(folder.glob("*.safetensors")))
+    if shards:
+        return WeightFiles(folder, "safetensors", shards, None)
+    pickles = tuple(sorted(p for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES))
+    if pickles:
+        if not allow_pickle:
+            raise PickleRefusedError(
+                f"{folder} has only pickle weight files ({', '.join(p.name for p in pickles)}). "
+                "Loading a pickle can run arbitrary code, so it is refused by default. Convert the "
+                "checkpoint to safetensors, or pass allow_pickle=True if you trust its source "
+                "(it is then loaded with torch.load(weights_only=True)).")
+        pindex = folder / PICKLE_INDEX
+        if pindex.is_file():
+            index = _read_index(pindex)
+            return WeightFiles(folder, "pickle", _check_listed(folder, index, PICKLE_INDEX), index)
+        return WeightFiles(folder, "pickle", pickles, None)
+    raise CheckpointError(f"{folder} contains no weight files (*.safetensors, or *.bin/*.pt with "
+                          "allow_pickle=True); download the weights into it")
+
+
+class CheckpointReader:
+    """Name -> tensor access to a checkpoint folder, memory-mapped and lazy.
+
+    Use as a context manager or call :meth:`close`. :meth:`release` closes the open file maps
+    (tensors already returned stay valid) so a layer-by-layer scan does not keep the whole model
+    mapped.
+    """
+
+    def __init__(self, folder: str | Path, allow_pickle: bool = False):
+        self.files = find_weight_files(folder, allow_pickle=allow_pickle)
+        self.folder = self.files.folder
+        self._handles: dict[Path, object] = {}
+        self._pickles: dict[Path, dict[str, torch.Tensor]] = {}
+        self._where: dict[str, Path] | None = None
+        if self.files.index is not None:
+            self._where = {name: self.folder / fname for name, fname in self.files.index.items()}
+
+    # ---- context management ---------------------------------------------------------------
+    def __enter__(self) -> "CheckpointReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def release(self) -> None:
+        """Drop open memory maps; they are reopened on demand."""
+        self._handles.clear()
+        self._pickles.clear()
+
+    close = release
+
+    # ---- file access ----------------------------------------------------------------------
+    def _open(self, path: Path):
+        handle = self._handles.get(path)
+        if handle is None:
+            from safetensors import SafetensorError, safe_open
+
+            try:
+                handle = safe_open(str(path), framework="pt", device="cpu")
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise CheckpointError(f"cannot read {path.name} in {self.folder} ({exc}); the file "
+                                      "is truncated or corrupt: download it again") from exc
+            self._handles[path] = handle
+        return handle
+
+    def _load_pickle(self, path: Path) -> dict[str, torch.Tensor]:
+        state = self._pickles.get(path)
+        if state is None:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:  # noqa: BLE001 - any failure means an unreadable file
+                raise CheckpointError(f"cannot read {path.name} in {self.folder} ({exc}); the "
+                                      "file is truncated or not a weights-only state dict") from exc
+            self._pickles[path] = state
+        return state
+
+    def _keys_of(self, path: Path) -> Iterable[str]:
+        if self.files.kind == "pickle":
+            return self._load_pickle(path).keys()
+        return self._open(path).keys()
+
+    def _locate(self) -> dict[str, Path]:
+        if self._where is None:
+            where: dict[str, Path] = {}
+            for path in self.files.files:
+                for name in self._keys_of(path):
+                    where.setdefault(name, path)
+            self._where = where
+        return self._where
+
+    # ---- public API -----------------------------------------------------------------------
+    def names(self) -> list[str]:
+        """All tensor names in the checkpoint."""
+        return list(self._locate())
+
+    def has(self, name: str) -> bool:
+        return name in self._locate()
+
+    def file_of(self, name: str) -> Path:
+        """The file that holds ``name`` (CheckpointError if no file has it)."""
+        try:
+            return self._locate()[name]
+        except KeyError:
+            raise CheckpointError(f"tensor {name!r} is not in the checkpoint at {self.folder}; the "
+                                  "weights are partial or use a naming this family's spec does not "
+                                  "know") from None
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` (memory-mapped for safetensors; no copy is made here)."""
+        path = self.file_of(name)
+        if self.files.kind == "pickle":
+            state = self._load_pickle(path)
+            if name not in state:
+                raise CheckpointError(f"{path.name} should hold {name!r} according to the index "
+                                      "but does not; the shard is partial: download it again")
+            return state[name]
+        handle = self._open(path)
+        try:
+            return handle.get_tensor(name)
+        except Exception as exc:  # safetensors raises its own error type for absent names
+            raise CheckpointError(f"{path.name} should hold {name!r} according to the index but "
+                                  f"does not ({exc}); the shard is partial: download it again") from exc
+
+    def row_chunks(self, name: str, rows: int) -> Iterator[torch.Tensor]:
+        """Yield consecutive row blocks of tensor ``name`` (copies of at most ``rows`` rows)."""
+        path = self.file_of(name)
+        if self.files.kind == "pickle":
+            tensor = self.get(name)
+            for start in range(0, tensor.shape[0], rows):
+                yield tensor[start:start + rows]
+            return
+        handle = self._open(path)
+        piece = handle.get_slice(name)
+        total = piece.get_shape()[0]
+        for start in range(0, total, rows):
+            yield piece[start:min(start + rows, total)]
+
+    def part(self, name: str, index: tuple) -> torch.Tensor:
+        """``tensor[index]`` for basic slices, reading only the addressed bytes (a copy)."""
+        path = self.file_of(name)
+        if self.files.kind == "pickle":
+            return self.get(name)[index].clone()
+        return self._open(path).get_slice(name)[index]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        path = self.file_of(name)
+        if self.files.kind == "pickle":
+            return tuple(self.get(name).shape)
+        return tuple(self._open(path).get_slice(name).get_shape())
+
+
+def checkpoint_fingerprint(config: dict, files: WeightFiles | None) -> str:
+    """Short stable hash of config.json content plus weight file names and sizes."""
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    if files is not None:
+        for name, size in sorted(files.sizes()):
+            digest.update(f"{name}:{size}".encode())
+    return digest.hexdigest()[:16]

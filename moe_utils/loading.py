@@ -1,0 +1,237 @@
+"""Load a model by id: ``zoo:NAME``, ``random:FAMILY``, a local folder, or a hub id.
+
+Nothing from a checkpoint folder is executed unless ``trust_remote_code=True`` is passed, and
+pickle weights are refused unless ``allow_pickle=True``. Families whose code is not part of
+transformers (DeepSeekMoE, Grok-1) still work for weight analyses, which stream safetensors
+without building the model (:mod:`moe_utils.weights`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from moe_utils.arch import FamilySpec, get_spec, require_moe, spec_for_config, supported_families
+from moe_utils.arch.config import config_dict, read_config_json
+from moe_utils.checkpoint import checkpoint_fingerprint, find_weight_files
+from moe_utils.errors import (CheckpointError, MoEUtilsError, OfflineError,
+                              RemoteCodeRequiredError)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+@dataclass
+class ModelRef:
+    """Where a model id points: its kind, folder (if any) and, for random ids, the family."""
+
+    name: str
+    kind: Literal["zoo", "random", "local", "hub"]
+    path: Path | None = None
+    family: str | None = None
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for tracing, with everything the analyses need to know about it."""
+
+    model: nn.Module
+    tokenizer: Any
+    spec: FamilySpec
+    config: Any
+    name: str
+    path: Path | None
+    fingerprint: str
+    moe_layers: list[int] = field(default_factory=list)
+    is_moe: bool = True
+
+    @property
+    def config_dict(self) -> dict:
+        return config_dict(self.config)
+
+
+def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"float32"``/``"bfloat16"``/``"float16"`` (or a torch dtype) -> torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16") from None
+
+
+# ---- id resolution ---------------------------------------------------------------------------
+def _zoo_path(name: str) -> Path:
+    try:
+        from moe_utils.zoo import zoo_path
+    except ImportError as exc:
+        raise CheckpointError(f"zoo model {name!r} is not available: the moe_utils.zoo package is "
+                              f"missing from this installation ({exc}). Reinstall moe_utils, or "
+                              "pass a local model folder instead.") from exc
+    return Path(zoo_path(name))
+
+
+def resolve_model(model: str | Path, revision: str | None = None) -> ModelRef:
+    """Classify a model id; folders must exist, hub ids are fetched (or found in the local cache)."""
+    text = str(model)
+    if text.startswith("zoo:"):
+        return ModelRef(text, "zoo", _zoo_path(text[4:]))
+    if text.startswith("random:"):
+        family = text[len("random:"):]
+        get_spec(family)  # raises UnknownFamilyError with the list of families
+        return ModelRef(text, "random", None, family)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return ModelRef(text, "local", path.resolve())
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise CheckpointError(f"{text!r} is neither a model folder nor a hub id (org/name); pass a "
+                              "folder containing config.json and *.safetensors, 'zoo:NAME' or "
+                              "'random:FAMILY'")
+    return ModelRef(text, "hub", _hub_snapshot(text, revision))
+
+
+def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
+    """A local snapshot of a hub repo (config, safetensors, tokenizer; never code or pickles)."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True,
+                                      allow_patterns=patterns))
+    except Exception:  # noqa: BLE001 - not in the cache; try the network next
+        pass
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except Exception as exc:  # noqa: BLE001 - any hub failure means we cannot get the files
+        raise OfflineError(f"{repo_id!r} cannot be downloaded here ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''}). This machine has no "
+                           "access to the model hub: download the model elsewhere and pass its "
+                           "local folder instead.") from exc
+
+
+def resolve_folder(model: str | Path) -> Path:
+    """Folder holding a model's files (for streaming weights); random ids have none."""
+    ref = resolve_model(model)
+    if ref.path is None:
+        raise CheckpointError(f"{ref.name} has no files on disk; load it with load_model() and pass "
+                              "the LoadedModel instead")
+    return ref.path
+
+
+# ---- loading ---------------------------------------------------------------------------------
+def _needs_remote_code(cfg: dict, spec: FamilySpec) -> bool:
+    from transformers import CONFIG_MAPPING
+
+    model_type = cfg.get("model_type")
+    return (not spec.native) or "auto_map" in cfg or model_type not in CONFIG_MAPPING
+
+
+def _canonical_config(path: Path, cfg: dict, spec: FamilySpec, trust_remote_code: bool):
+    """AutoConfig of a folder, with aliased keys (e.g. ``num_experts_per_token``) made canonical."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if spec.is_moe and spec.native:
+        for keys, value_of in ((spec.keys.num_experts, spec.num_experts),
+                               (spec.keys.top_k, spec.top_k)):
+            canonical = next((k for k in keys if "." not in k and hasattr(config, k)), None)
+            value = value_of(cfg)
+            if canonical is not None and getattr(config, canonical, None) != value:
+                setattr(config, canonical, value)
+    return config
+
+
+def load_tokenizer(path: str | Path | None, trust_remote_code: bool = False):
+    """Tokenizer stored with a model folder, or None when the folder has none."""
+    if path is None:
+        from moe_utils.random_models import byte_tokenizer
+
+        return byte_tokenizer()
+    path = Path(path)
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def _set_experts_impl(model: nn.Module, impl: str | None) -> None:
+    can_set = getattr(type(model), "_can_set_experts_implementation", None)
+    if impl and callable(can_set) and can_set():
+        model.set_experts_implementation(impl)
+
+
+def load_model(model: str | Path, dtype: str | torch.dtype = "float32", device_map: Any = None,
+               revision: str | None = None, trust_remote_code: bool = False,
+               allow_pickle: bool = False, *, seed: int = 0, require_moe_model: bool = False,
+               experts_implementation: str | None = "grouped_mm") -> LoadedModel:
+    """Load ``model`` (see module docstring for accepted ids) in eval mode.
+
+    Dense models load too (``is_moe=False``) so they can serve as the dense baseline; pass
+    ``require_moe_model=True`` to refuse them. ``experts_implementation`` is applied where the
+    family supports it (``grouped_mm`` is fast on CPU; never use ``batched_mm`` there).
+    """
+    torch_dtype = as_dtype(dtype)
+    ref = resolve_model(model, revision)
+    if ref.kind == "random":
+        from moe_utils.random_models import byte_tokenizer, random_fingerprint, random_model
+
+        module, config = random_model(ref.family, seed=seed, dtype=torch_dtype)
+        spec = get_spec(ref.family)
+        fingerprint = random_fingerprint(ref.family, config, seed)
+        tokenizer = byte_tokenizer()
+        if device_map is not None:
+            module = _dispatch(module, device_map)
+        path = None
+    else:
+        path = ref.path
+        cfg = read_config_json(path)
+        spec = spec_for_config(cfg)
+        if _needs_remote_code(cfg, spec) and not trust_remote_code:
+            raise RemoteCodeRequiredError(
+                f"{ref.name} ({spec.name}) needs its publisher's Python code to run (its config "
+                f"{'has an auto_map' if 'auto_map' in cfg else 'names a model type transformers does not know'}). "
+                "Code from a checkpoint folder only runs if you opt in: pass "
+                "trust_remote_code=True if you trust its source. Weight-only analyses work without "
+                "it: moe_utils.weights.layer_weights(<folder>, layer) streams the safetensors.")
+        files = find_weight_files(path, allow_pickle=allow_pickle)
+        config = _canonical_config(path, cfg, spec, trust_remote_code)
+        from transformers import AutoModelForCausalLM
+
+        module = AutoModelForCausalLM.from_pretrained(
+            path, config=config, dtype=torch_dtype, device_map=device_map,
+            trust_remote_code=trust_remote_code, use_safetensors=files.kind == "safetensors")
+        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+        fingerprint = checkpoint_fingerprint(cfg, files)
+    _set_experts_impl(module, experts_implementation)
+    module.eval()
+    if require_moe_model:
+        require_moe(spec, f"loading {ref.name}")
+    return LoadedModel(model=module, tokenizer=tokenizer, spec=spec, config=module.config,
+                       name=ref.name, path=path, fingerprint=fingerprint,
+                       moe_layers=spec.moe_layers(module.config), is_moe=spec.is_moe)
+
+
+def _dispatch(module: nn.Module, device_map: Any) -> nn.Module:
+    """Place an in-memory model with accelerate (``"cpu"``, ``"auto"`` or an explicit map)."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    if isinstance(device_map, str):
+        device_map = {"": device_map} if device_map not in ("auto", "balanced", "sequential") \
+            else infer_auto_device_map(module)
+    return dispatch_model(module, device_map=device_map)
+
+
+def supported() -> str:
+    """One line listing the supported families (for error messages and docs)."""
+    return ", ".join(supported_families())
+
+
+__all__ = ["LoadedModel", "ModelRef", "as_dtype", "load_model", "load_tokenizer",
+           "resolve_folder", "resolve_model", "MoEUtilsError"]

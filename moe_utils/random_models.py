@@ -1,0 +1,86 @@
+"""Tiny random models of any registered family, plus a byte-level tokenizer; nothing downloaded.
+
+``random:FAMILY`` ids resolve here: the family spec's ``tiny_config`` is instantiated with its
+transformers config class and the model is initialised from a fixed seed, so the same id always
+gives the same weights. Used by tests and for trying notebooks without a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+
+from moe_utils.arch import FamilySpec, get_spec
+from moe_utils.errors import RemoteCodeRequiredError
+
+BYTE_SPECIALS = ("<s>", "</s>", "<pad>")
+
+
+def byte_tokenizer():
+    """A 259-token byte-level tokenizer (``<s>``=0 BOS, ``</s>``=1, ``<pad>``=2, then 256 bytes).
+
+    Built in memory with the ``tokenizers`` library and wrapped in ``PreTrainedTokenizerFast``;
+    any text round-trips exactly, and encoding adds ``<s>`` at the start.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {tok: i for i, tok in enumerate(BYTE_SPECIALS)}
+    vocab.update({ch: len(BYTE_SPECIALS) + i for i, ch in enumerate(alphabet)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+
+
+def random_config(spec: FamilySpec, **overrides: Any):
+    """The transformers config of a tiny ``spec`` model (``overrides`` replace tiny_config keys)."""
+    if spec.config_class is None or not spec.tiny_config:
+        raise RemoteCodeRequiredError(
+            f"{spec.name} models need their publisher's code, which is not part of transformers, "
+            "so no random test model can be built; use a local checkpoint folder (weight analyses "
+            "stream it without code) and pass trust_remote_code=True for forward passes.")
+    import transformers
+
+    cls = getattr(transformers, spec.config_class)
+    return cls(**{**dict(spec.tiny_config), **overrides})
+
+
+def random_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any):
+    """A tiny randomly initialised model of ``family`` (eval mode) and its config.
+
+    Correction-bias buffers (zeros at init) get small random values so the "bias picks, unbiased
+    score weighs" path of DeepSeek-V3-style routers is exercised.
+    """
+    from transformers import AutoModelForCausalLM
+
+    spec = get_spec(family)
+    config = random_config(spec, **overrides)
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+        bias_rel = spec.memory.moe.correction_bias if spec.memory.moe else None
+        if bias_rel:
+            for layer in spec.moe_layers(config):
+                name = spec.memory.layer_prefix.format(layer=layer) + bias_rel
+                buf = model.get_buffer(name)
+                buf.copy_(torch.randn(buf.shape, generator=torch.Generator().manual_seed(seed + layer)) * 0.05)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    model = model.to(dtype).eval()
+    return model, config
+
+
+def random_fingerprint(family: str, config, seed: int) -> str:
+    """Stable hash of a random model's family, config and seed."""
+    payload = json.dumps({"family": family, "seed": seed, "config": config.to_dict()},
+                         sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -1,0 +1,370 @@
+"""Canonical per-layer weights of MoE blocks and dense MLPs.
+
+Whatever the family stores (fused ``gate_up_proj [E,2I,H]``, transposed, interleaved with
+biases, DBRX's 2-D ``[E*I,H]``, or one nn.Linear per expert on disk), a layer comes out as a
+:class:`MoELayerWeights` with ``w_act/w_up [E,I,H]``, ``w_down [E,H,I]`` and router ``[E,H]``.
+
+Sources are either a loaded model (tensors are read from the module state on their own device)
+or a checkpoint folder (tensors are streamed from memory-mapped safetensors one layer at a time,
+without building the model). Both go through the same family spec, so a checkpoint and the
+model loaded from it give identical weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Protocol
+
+import torch
+from torch import nn
+
+from moe_utils.arch import FamilySpec, require_moe, spec_for_config
+from moe_utils.arch.config import config_dict, read_config_json
+from moe_utils.arch.spec import ExpertTensors, MLPTensors, WeightFormat
+from moe_utils.checkpoint import CheckpointReader
+from moe_utils.errors import CheckpointError, LayerIndexError, MoEUtilsError
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class DenseMLPWeights:
+    """A gated MLP: ``w_down · glu(w_act x, w_up x)``; w_act [I,H] (None if gate-less)."""
+
+    layer: int
+    w_act: Tensor | None
+    w_up: Tensor
+    w_down: Tensor
+    activation: str
+
+    @property
+    def hidden_size(self) -> int:
+        return self.w_up.shape[1]
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.w_up.shape[0]
+
+
+@dataclass
+class MoELayerWeights:
+    """All weights of one MoE block in canonical orientation (see module docstring)."""
+
+    layer: int
+    router: Tensor
+    w_act: Tensor | None
+    w_up: Tensor
+    w_down: Tensor
+    activation: str
+    router_bias: Tensor | None = None
+    score_correction_bias: Tensor | None = None
+    b_act: Tensor | None = None
+    b_up: Tensor | None = None
+    b_down: Tensor | None = None
+    shared: DenseMLPWeights | None = None
+    shared_gate: Tensor | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.w_up.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.w_up.shape[2]
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.w_up.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.w_up.device
+
+    def matrices(self) -> dict[str, Tensor]:
+        """The three expert matrices by their paper names (``act``/``up``/``down``)."""
+        out = {"up": self.w_up, "down": self.w_down}
+        if self.w_act is not None:
+            out = {"act": self.w_act, **out}
+        return out
+
+
+# ---- tensor sources ----------------------------------------------------------------------
+class TensorSource(Protocol):
+    config: dict
+    on_disk: bool
+
+    def has(self, name: str) -> bool: ...
+    def get(self, name: str) -> Tensor: ...
+
+
+class ModelSource:
+    """Tensors of a loaded nn.Module by state-dict name (no copies)."""
+
+    on_disk = False
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        cfg = getattr(model, "config", None)
+        if cfg is None:
+            raise MoEUtilsError(f"{type(model).__name__} has no .config; pass a transformers model "
+                                "or set model.config to its config dict")
+        self.config = config_dict(cfg)
+        self._tensors: dict[str, Tensor] = dict(model.named_parameters(remove_duplicate=False))
+        self._tensors.update(dict(model.named_buffers(remove_duplicate=False)))
+
+    def has(self, name: str) -> bool:
+        return name in self._tensors
+
+    def get(self, name: str) -> Tensor:
+        tensor = self._tensors[name].detach()
+        if tensor.device.type == "meta":
+            raise MoEUtilsError(f"{name} is offloaded (on the meta device); read weights from the "
+                                "checkpoint folder instead: layer_weights(<folder>, layer)")
+        return tensor
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].shape)
+
+    def part(self, name: str, index: tuple) -> Tensor:
+        """``tensor[index]`` (basic slicing) without touching the rest of the tensor."""
+        return self.get(name)[index]
+
+
+class FolderSource:
+    """Tensors streamed from a checkpoint folder (memory-mapped safetensors)."""
+
+    on_disk = True
+
+    def __init__(self, folder: Path, allow_pickle: bool = False):
+        self.config = read_config_json(folder)
+        self.reader = CheckpointReader(folder, allow_pickle=allow_pickle)
+
+    def has(self, name: str) -> bool:
+        return self.reader.has(name)
+
+    def get(self, name: str) -> Tensor:
+        return self.reader.get(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.reader.shape(name)
+
+    def part(self, name: str, index: tuple) -> Tensor:
+        """``tensor[index]`` read from disk (only the addressed bytes are copied)."""
+        return self.reader.part(name, index)
+
+    def release(self) -> None:
+        self.reader.release()
+
+
+def open_source(source: Any, allow_pickle: bool) -> tuple[TensorSource, FamilySpec]:
+    """Wrap a LoadedModel / nn.Module / folder / hub id as a tensor source with its spec."""
+    spec = getattr(source, "spec", None)
+    model = getattr(source, "model", None)
+    if isinstance(model, nn.Module) and isinstance(spec, FamilySpec):  # LoadedModel
+        return ModelSource(model), spec
+    if isinstance(source, nn.Module):
+        src = ModelSource(source)
+        return src, spec_for_config(src.config)
+    if isinstance(source, (str, Path)):
+        from moe_utils.loading import resolve_folder
+
+        folder = resolve_folder(source)
+        src = FolderSource(folder, allow_pickle=allow_pickle)
+        return src, spec_for_config(src.config)
+    raise TypeError(f"cannot read weights from {type(source).__name__}; pass a LoadedModel, an "
+                    "nn.Module, or a checkpoint folder")
+
+
+# ---- assembling canonical tensors ----------------------------------------------------------
+def tensor_name(fmt: WeightFormat, layer: int, rel: str) -> str:
+    return fmt.layer_prefix.format(layer=layer) + rel
+
+
+def pick_format(src: TensorSource, spec: FamilySpec, layer: int, want: str) -> WeightFormat:
+    """The first naming scheme of ``spec`` whose router (or dense MLP) tensor exists."""
+    tried = []
+    for fmt in spec.weight_formats(src.on_disk):
+        part = fmt.moe if want == "moe" else fmt.dense
+        if part is None:
+            continue
+        probe = part.router if want == "moe" else part.up
+        name = tensor_name(fmt, layer, probe)
+        if src.has(name):
+            return fmt
+        tried.append(name)
+    where = "checkpoint" if src.on_disk else "model"
+    raise CheckpointError(
+        f"layer {layer} of this {spec.name} {where} has none of the expected tensors "
+        f"({', '.join(tried) or 'no naming scheme for this part'}); the weights are partial or "
+        "use a naming the family spec does not know (add it to the spec's disk formats)")
+
+
+def _get(src: TensorSource, fmt: WeightFormat, layer: int, rel: str | None, dtype) -> Tensor | None:
+    if rel is None:
+        return None
+    name = tensor_name(fmt, layer, rel)
+    if not src.has(name):
+        raise CheckpointError(f"tensor {name!r} is missing from the {spec_kind(src)}; the "
+                              "checkpoint is partial (a shard or tensor is absent)")
+    return _convert(src.get(name), dtype, src.on_disk)
+
+
+def spec_kind(src: TensorSource) -> str:
+    return "checkpoint" if src.on_disk else "model"
+
+
+def _convert(t: Tensor, dtype, on_disk: bool) -> Tensor:
+    # Streamed tensors are views of a file map: always copy so they outlive the map.
+    return t.to(dtype=dtype, copy=on_disk)
+
+
+def _experts(src: TensorSource, fmt: WeightFormat, layer: int, ex: ExpertTensors, dtype,
+             num_experts: int) -> dict[str, Tensor | None]:
+    """Canonical expert tensors: w_act/w_up [E,I,H], w_down [E,H,I] (+ biases)."""
+    if ex.layout == "per_expert":
+        def stack(template: str | None) -> Tensor | None:
+            if template is None:
+                return None
+            first = _get(src, fmt, layer, template.format(e=0), dtype)
+            out = torch.empty((num_experts, *first.shape), dtype=first.dtype, device=first.device)
+            out[0] = first
+            for e in range(1, num_experts):
+                out[e] = _get(src, fmt, layer, template.format(e=e), dtype)
+            return out
+
+        return {"w_act": stack(ex.act), "w_up": stack(ex.up), "w_down": stack(ex.down),
+                "b_act": None, "b_up": None, "b_down": None}
+
+    b_act = b_up = None
+    if ex.gate_up is not None:
+        gate_up = _get(src, fmt, layer, ex.gate_up, dtype)
+        if ex.flat:
+            gate_up = gate_up.reshape(num_experts, -1, gate_up.shape[-1])
+        if ex.in_transposed:                       # [E,H,2I] -> [E,2I,H]
+            gate_up = gate_up.transpose(1, 2)
+        if ex.order == "interleaved":
+            w_act, w_up = gate_up[:, 0::2], gate_up[:, 1::2]
+        else:
+            half = gate_up.shape[1] // 2
+            w_act, w_up = gate_up[:, :half], gate_up[:, half:]
+        bias = _get(src, fmt, layer, ex.gate_up_bias, dtype)
+        if bias is not None:
+            b_act, b_up = ((bias[:, 0::2], bias[:, 1::2]) if ex.order == "interleaved"
+                           else (bias[:, :bias.shape[1] // 2], bias[:, bias.shape[1] // 2:]))
+    else:
+        w_act = _get(src, fmt, layer, ex.act, dtype)
+        w_up = _get(src, fmt, layer, ex.up, dtype)
+        if ex.flat:
+            w_act = None if w_act is None else w_act.reshape(num_experts, -1, w_act.shape[-1])
+            w_up = w_up.reshape(num_experts, -1, w_up.shape[-1])
+        if ex.in_transposed:
+            w_act = None if w_act is None else w_act.transpose(1, 2)
+            w_up = w_up.transpose(1, 2)
+    w_down = _get(src, fmt, layer, ex.down, dtype)
+    if ex.flat:
+        w_down = w_down.reshape(num_experts, -1, w_down.shape[-1])
+    if ex.down_transposed:                          # [E,I,H] -> [E,H,I]
+        w_down = w_down.transpose(1, 2)
+    b_down = _get(src, fmt, layer, ex.down_bias, dtype)
+
+    def tidy(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.contiguous()
+
+    return {"w_act": tidy(w_act), "w_up": tidy(w_up), "w_down": tidy(w_down),
+            "b_act": tidy(b_act), "b_up": tidy(b_up), "b_down": tidy(b_down)}
+
+
+def _mlp(src: TensorSource, fmt: WeightFormat, layer: int, names: MLPTensors, dtype,
+         activation: str) -> DenseMLPWeights:
+    return DenseMLPWeights(layer=layer, w_act=_get(src, fmt, layer, names.act, dtype),
+                           w_up=_get(src, fmt, layer, names.up, dtype),
+                           w_down=_get(src, fmt, layer, names.down, dtype), activation=activation)
+
+
+def check_layer(spec: FamilySpec, cfg: dict, layer: int, kind: str) -> None:
+    layers = spec.moe_layers(cfg) if kind == "moe" else spec.dense_layers(cfg)
+    if layer not in layers:
+        total = spec.num_layers(cfg)
+        other = spec.dense_layers(cfg) if kind == "moe" else spec.moe_layers(cfg)
+        raise LayerIndexError(
+            f"layer {layer} is not a {'MoE' if kind == 'moe' else 'dense-MLP'} layer of this "
+            f"{spec.name} model ({total} layers). Valid {'MoE' if kind == 'moe' else 'dense'} "
+            f"layers: {_ranges(layers) or 'none'}; {'dense' if kind == 'moe' else 'MoE'} layers: "
+            f"{_ranges(other) or 'none'}.")
+
+
+def _ranges(idx: list[int]) -> str:
+    """Compact ``0-3, 5, 7-9`` rendering of sorted indices."""
+    parts, start, prev = [], None, None
+    for i in idx:
+        if start is None:
+            start = prev = i
+        elif i == prev + 1:
+            prev = i
+        else:
+            parts.append(f"{start}-{prev}" if prev != start else f"{start}")
+            start = prev = i
+    if start is not None:
+        parts.append(f"{start}-{prev}" if prev != start else f"{start}")
+    return ", ".join(parts)
+
+
+def _layer_weights(src: TensorSource, spec: FamilySpec, layer: int, dtype) -> MoELayerWeights:
+    cfg = src.config
+    require_moe(spec, "reading expert weights")
+    check_layer(spec, cfg, layer, "moe")
+    fmt = pick_format(src, spec, layer, "moe")
+    moe = fmt.moe
+    act = spec.activation_name(cfg)
+    experts = _experts(src, fmt, layer, moe.experts, dtype, spec.num_experts(cfg))
+    shared = _mlp(src, fmt, layer, moe.shared, dtype, act) if moe.shared else None
+    return MoELayerWeights(
+        layer=layer,
+        router=_get(src, fmt, layer, moe.router, dtype),
+        activation=act,
+        router_bias=_get(src, fmt, layer, moe.router_bias, dtype),
+        score_correction_bias=_get(src, fmt, layer, moe.correction_bias, dtype),
+        shared=shared,
+        shared_gate=_get(src, fmt, layer, moe.shared_gate, dtype),
+        **experts,
+    )
+
+
+def layer_weights(source: Any, layer: int, dtype: torch.dtype = torch.float32,
+                  allow_pickle: bool = False) -> MoELayerWeights:
+    """Canonical weights of MoE layer ``layer`` from a loaded model or a checkpoint folder."""
+    src, spec = open_source(source, allow_pickle)
+    try:
+        return _layer_weights(src, spec, layer, dtype)
+    finally:
+        if isinstance(src, FolderSource):
+            src.release()
+
+
+def iter_layer_weights(source: Any, layers: Iterable[int] | None = None,
+                       dtype: torch.dtype = torch.float32,
+                       allow_pickle: bool = False) -> Iterator[MoELayerWeights]:
+    """Yield MoE layers one at a time (default: all MoE layers), releasing file maps in between."""
+    src, spec = open_source(source, allow_pickle)
+    require_moe(spec, "reading expert weights")
+    chosen = spec.moe_layers(src.config) if layers is None else list(layers)
+    for layer in chosen:
+        try:
+            yield _layer_weights(src, spec, layer, dtype)
+        finally:
+            if isinstance(src, FolderSource):
+                src.release()
+
+
+def dense_mlp_weights(source: Any, layer: int, dtype: torch.dtype = torch.float32,
+                      allow_pickle: bool = False) -> DenseMLPWeights:
+    """Weights of the dense MLP of ``layer`` (a dense model, or a dense layer of an MoE model)."""
+    src, spec = open_source(source, allow_pickle)
+    try:
+        check_layer(spec, src.config, layer, "dense")
+        fmt = pick_format(src, spec, layer, "dense")
+        return _mlp(src, fmt, layer, fmt.dense, dtype, spec.activation_name(src.config))
+    finally:
+        if isinstance(src, FolderSource):
+            src.release()
