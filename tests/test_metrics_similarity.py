@@ -58,6 +58,7 @@ def test_torch_bfloat16_input():
     w = torch.randn(4, 8, 6).to(torch.bfloat16)
     flat = w.float().reshape(4, -1).numpy()
     np.testing.assert_allclose(matrix_level_similarity(w), naive_cos_matrix(flat), atol=1e-6)
+    np.testing.assert_allclose(matrix_level_similarity(w, chunk_elements=20), naive_cos_matrix(flat), atol=1e-6)
 
 
 def test_angular_similarity_definition_and_diagonal():

@@ -1,7 +1,6 @@
 """Results files: round trip, schema validation, atomic writes, discovery and the cache."""
 
 import json
-import os
 
 import numpy as np
 import pandas as pd
