@@ -1,0 +1,68 @@
+# make book   set up, run every notebook on the embedded models, build the offline site
+# make test   set up, run the whole test suite
+# make lab    JupyterLab on notebooks/
+# make clean  remove build outputs (keeps .venv and node_modules; `make distclean` removes them)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+INSTALLED := $(VENV)/.moe-book-installed
+LAB_INSTALLED := $(VENV)/.moe-book-lab-installed
+VENDORED := book/_extra/vendor/.vendored
+VEGA_BUNDLE := book/_static/vega-bundle.js
+
+.PHONY: help setup vendor run build book test lab clean distclean
+
+help:
+	@sed -n 's/^# \(make .*\)/\1/p' Makefile
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, pinned, so that pip never resolves it to a multi-GB CUDA build on its own.
+$(INSTALLED): pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[book,test]'
+	touch $@
+
+$(VENDORED): package.json package-lock.json scripts/vendor.sh
+	npm ci --no-audit --no-fund --ignore-scripts
+	bash scripts/vendor.sh
+	touch $@
+
+$(VEGA_BUNDLE): $(INSTALLED)
+	$(BIN)/python -c "from moe_utils.render import write_vega_bundle; write_vega_bundle('$@')"
+
+vendor: $(VENDORED) $(VEGA_BUNDLE)
+
+setup: $(INSTALLED) vendor
+
+run: setup
+	$(BIN)/moe-book run
+
+build: setup
+	$(BIN)/moe-book build
+
+book: setup
+	$(BIN)/moe-book run
+	$(BIN)/moe-book build
+	@echo
+	@echo "The book is in _build/html. Open _build/html/index.html in a browser, or serve it:"
+	@echo "    python3 -m http.server -d _build/html     (then visit http://127.0.0.1:8000)"
+
+test: setup
+	$(BIN)/python -m pytest
+
+$(LAB_INSTALLED): $(INSTALLED)
+	$(PIP) install -q -c constraints.txt -e '.[lab]'
+	touch $@
+
+lab: $(LAB_INSTALLED)
+	$(BIN)/jupyter lab notebooks/
+
+clean:
+	rm -rf _build book/runs book/generated $(VEGA_BUNDLE) book/_extra/vendor .pytest_cache
+
+distclean: clean
+	rm -rf $(VENV) node_modules

@@ -1,0 +1,192 @@
+"""Build the static site from executed notebooks (``moe-book build``).
+
+The table of contents is generated from what exists in the runs folder, so the book never links
+to a page that was not run and never misses a model that was: the front pages (intro, method,
+book-level "front" notebooks such as the model organisms page), then one part per model with its
+observation notebooks, then the book-level "back" notebooks (the summary), any further
+``book/*.md`` pages, and the reproduce page last. The generated file goes to
+``book/generated/_toc.yml``; the committed ``_toc.yml`` lists only the hand-written pages, so
+``jupyter-book build .`` works even before any notebook has run.
+
+Jupyter Book 1 then builds with ``execute_notebooks: off`` (set in ``_config.yml``): the outputs
+papermill saved are published as they are. Notebooks whose run failed are left out with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from moe_utils.errors import MoEUtilsError
+from moe_utils.runner import BOOK_FOLDER, notebook_info
+
+Log = Callable[[str], None]
+
+PAGES_DIR = "book"
+ROOT_PAGE = "intro"
+FRONT_PAGES = ("method",)
+LAST_PAGE = "reproduce"
+GENERATED_TOC = Path("book/generated/_toc.yml")
+VEGA_BUNDLE = Path("book/_static/vega-bundle.js")
+VENDOR_DIR = Path("book/_extra/vendor")
+VENDOR_FILES = ("require.js", "ipywidgets/embed-amd.js", "mathjax/tex-mml-chtml.js")
+
+
+@dataclass
+class ModelRun:
+    """The executed per-model notebooks found in one model's folder."""
+
+    slug: str
+    model: str
+    notebooks: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class RunsIndex:
+    """What ``collect_runs`` found under a runs folder."""
+
+    models: list[ModelRun] = field(default_factory=list)
+    front: list[Path] = field(default_factory=list)
+    back: list[Path] = field(default_factory=list)
+    failed: list[Path] = field(default_factory=list)
+
+
+def _papermill_meta(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")).get("metadata", {}).get("papermill", {})
+
+
+def _model_order(slugs: list[str]) -> list[str]:
+    """Default models first (in the zoo's order), then the others alphabetically."""
+    try:
+        from moe_utils.runner import default_models, model_slug
+
+        preferred = [model_slug(m) for m in default_models()[0]]
+    except Exception:  # no zoo yet, or a broken one: fall back to plain sorting
+        preferred = []
+    rank = {slug: i for i, slug in enumerate(preferred)}
+    return sorted(slugs, key=lambda s: (rank.get(s, len(rank)), s))
+
+
+def collect_runs(runs_dir: str | Path) -> RunsIndex:
+    """Index the executed notebooks under ``runs_dir`` (one folder per model plus ``book/``)."""
+    runs_dir = Path(runs_dir)
+    index = RunsIndex()
+    if not runs_dir.is_dir():
+        return index
+    models: dict[str, ModelRun] = {}
+    for folder in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
+        for nb in sorted(folder.glob("*.ipynb")):
+            meta = _papermill_meta(nb)
+            if meta.get("exception"):
+                index.failed.append(nb)
+                continue
+            if folder.name == BOOK_FOLDER:
+                (index.front if notebook_info(nb).place == "front" else index.back).append(nb)
+                continue
+            model = meta.get("parameters", {}).get("model") or folder.name
+            models.setdefault(folder.name, ModelRun(folder.name, str(model))).notebooks.append(nb)
+    index.models = [models[s] for s in _model_order(list(models))]
+    return index
+
+
+def _doc(path: Path, root: Path) -> str:
+    """Sphinx document name of ``path`` relative to the book root, without suffix."""
+    return path.resolve().relative_to(root.resolve()).with_suffix("").as_posix()
+
+
+def make_toc(index: RunsIndex, root: str | Path) -> dict[str, Any]:
+    """The jb-book table of contents for ``index`` (paths relative to ``root``)."""
+    root = Path(root)
+    pages = root / PAGES_DIR
+    for name in (ROOT_PAGE, *FRONT_PAGES, LAST_PAGE):
+        if not (pages / f"{name}.md").exists():
+            raise MoEUtilsError(f"page {pages / name}.md is missing; it is part of every book")
+    known = {ROOT_PAGE, *FRONT_PAGES, LAST_PAGE}
+    extra_pages = sorted(p for p in pages.glob("*.md") if p.stem not in known)
+
+    front = [{"file": f"{PAGES_DIR}/{name}"} for name in FRONT_PAGES]
+    front += [{"file": _doc(nb, root)} for nb in index.front]
+    parts: list[dict[str, Any]] = [{"caption": "The paper and the method", "chapters": front}]
+    for run in index.models:
+        chapters = [{"file": _doc(nb, root)} for nb in run.notebooks]
+        parts.append({"caption": f"Model: {run.model}", "chapters": chapters})
+    back = [{"file": _doc(nb, root)} for nb in index.back]
+    back += [{"file": _doc(p, root)} for p in extra_pages]
+    back.append({"file": f"{PAGES_DIR}/{LAST_PAGE}"})
+    parts.append({"caption": "Summary and reproduction", "chapters": back})
+    return {"format": "jb-book", "root": f"{PAGES_DIR}/{ROOT_PAGE}", "parts": parts}
+
+
+def write_toc(toc: dict[str, Any], path: str | Path) -> Path:
+    """Write a table of contents as YAML (with a header saying it is generated)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = "# Generated by `moe-book build` from the executed notebooks; edits are overwritten.\n"
+    path.write_text(header + yaml.safe_dump(toc, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def check_assets(root: Path, log: Log) -> None:
+    """Write the vega bundle if missing; warn when the npm vendor files are missing."""
+    bundle = root / VEGA_BUNDLE
+    if not bundle.exists():
+        from moe_utils.render import write_vega_bundle
+
+        write_vega_bundle(bundle)
+        log(f"wrote {bundle}")
+    missing = [f for f in VENDOR_FILES if not (root / VENDOR_DIR / f).exists()]
+    if missing:
+        log(
+            f"WARNING: {', '.join(missing)} missing under {root / VENDOR_DIR}: widgets and math "
+            f"will not render offline. Run `make vendor` (needs npm) and build again."
+        )
+
+
+def build_book(
+    root: str | Path = ".",
+    runs_dir: str | Path = "book/runs",
+    build_dir: str | Path | None = None,
+    strict: bool = True,
+    log: Log = print,
+) -> Path:
+    """Generate the TOC from ``runs_dir`` and run ``jupyter-book build``; return the HTML folder.
+
+    ``runs_dir`` must lie inside ``root`` (Sphinx only reads documents under its source folder).
+    ``strict`` turns Sphinx warnings into errors (``-W --keep-going``).
+    """
+    root = Path(root).resolve()
+    if not (root / "_config.yml").exists():
+        raise MoEUtilsError(f"{root} has no _config.yml; run moe-book build from the repository root")
+    runs = (root / runs_dir).resolve() if not Path(runs_dir).is_absolute() else Path(runs_dir).resolve()
+    if not runs.is_relative_to(root):
+        raise MoEUtilsError(f"runs folder {runs} must be inside the book folder {root}")
+    index = collect_runs(runs)
+    for nb in index.failed:
+        log(f"WARNING: leaving out {nb.relative_to(root)}: its run failed (rerun it with moe-book run)")
+    if not index.models and not index.front and not index.back:
+        log(f"WARNING: no executed notebooks under {runs}; the book will have only its text pages")
+    toc = write_toc(make_toc(index, root), root / GENERATED_TOC)
+    check_assets(root, log)
+    build_dir = Path(build_dir).resolve() if build_dir is not None else root
+    cmd = [
+        sys.executable, "-c", "from jupyter_book.cli.main import main; main()",
+        "build", str(root), "--toc", str(toc), "--path-output", str(build_dir),
+    ]
+    if strict:
+        cmd += ["--warningiserror", "--keep-going"]
+    log(f"building: jupyter-book build {root} --toc {toc} --path-output {build_dir}")
+    proc = subprocess.run(cmd, cwd=root)
+    if proc.returncode != 0:
+        raise MoEUtilsError(
+            f"jupyter-book build failed (exit {proc.returncode}); the messages above say which page"
+        )
+    html = build_dir / "_build" / "html"
+    log(f"site built: open {html / 'index.html'}")
+    log(f"or serve it: python -m http.server -d {html}")
+    return html

@@ -1,0 +1,138 @@
+"""The ``moe-book`` command: run the notebooks, build the site, train the model zoo.
+
+    moe-book run [--model ID_OR_DIR] [--dense-baseline ID] [--notebooks NAME ...]
+                 [--out DIR] [-p NAME VALUE ...]
+    moe-book build [--out DIR] [--build-dir DIR] [--no-strict]
+    moe-book zoo train ...        (delegates to moe_utils.zoo.train)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from moe_utils import __version__
+from moe_utils.errors import MoEUtilsError
+
+DEFAULT_OUT = Path("book/runs")
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run",
+        help="execute the notebooks with papermill, one folder per model",
+        description=(
+            "Execute the notebooks with papermill. Without --model: every per-model notebook on "
+            "each embedded default model, then the book-level notebooks (model organisms, "
+            "summary). With --model: the per-model notebooks on that model only. Outputs go to "
+            "OUT/<model-slug>/<notebook>.ipynb, results to OUT/<model-slug>/results/."
+        ),
+    )
+    p.add_argument("--model", help="zoo:NAME, random:FAMILY, a hub id (org/Name) or a local folder")
+    p.add_argument("--dense-baseline", metavar="ID",
+                   help="dense model compared as 'F' (default: none with --model, the zoo's with no --model)")
+    p.add_argument("--notebooks", nargs="+", metavar="NAME",
+                   help="run only these notebooks (file name with or without .ipynb)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"runs folder (default {DEFAULT_OUT})")
+    p.add_argument("--notebooks-dir", type=Path, default=Path("notebooks"),
+                   help="folder of the source notebooks (default notebooks)")
+    p.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                   dest="parameters",
+                   help="extra notebook parameter; VALUE is read as a Python literal when it is one")
+
+
+def _add_build(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "build",
+        help="build the static Jupyter Book from the executed notebooks (no re-execution)",
+        description="Generate the table of contents from the runs folder and build the HTML site.",
+    )
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help=f"runs folder written by `moe-book run` (default {DEFAULT_OUT})")
+    p.add_argument("--root", type=Path, default=Path("."), help="book folder with _config.yml (default .)")
+    p.add_argument("--build-dir", type=Path, default=None,
+                   help="where _build/html goes (default: the book folder)")
+    p.add_argument("--no-strict", dest="strict", action="store_false",
+                   help="do not treat Sphinx warnings as errors")
+
+
+def _add_zoo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("zoo", help="the embedded model organisms")
+    zsub = p.add_subparsers(dest="zoo_command", metavar="COMMAND", required=True)
+    t = zsub.add_parser("train", help="train the model zoo (arguments go to moe_utils.zoo.train)",
+                        add_help=False)
+    t.add_argument("zoo_args", nargs=argparse.REMAINDER)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``moe-book`` (exposed for tests and ``--help``)."""
+    parser = argparse.ArgumentParser(
+        prog="moe-book",
+        description="Run the MoE notebooks on a model and publish them as an offline Jupyter Book.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_run(sub)
+    _add_build(sub)
+    _add_zoo(sub)
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from moe_utils.runner import RunRequest, parse_parameters, plan_request, run_jobs
+
+    req = RunRequest(
+        notebooks_dir=args.notebooks_dir, out=args.out, model=args.model,
+        dense_baseline=args.dense_baseline, notebooks=list(args.notebooks or []),
+        parameters=parse_parameters(args.parameters),
+    )
+    jobs = plan_request(req)
+    run_jobs(jobs)
+    if args.model is not None and not any(job.model is None for job in jobs):
+        print("book-level pages (summary) were not rerun; to include this model there: "
+              "moe-book run --notebooks summary")
+    return 0
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from moe_utils.bookbuild import build_book
+
+    root = args.root
+    runs = args.out if args.out.is_absolute() else (Path.cwd() / args.out)
+    build_book(root=root, runs_dir=runs, build_dir=args.build_dir, strict=args.strict)
+    return 0
+
+
+def _zoo_train(zoo_args: list[str]) -> int:
+    from moe_utils.zoo import train  # lazy: pulls in torch and the training code
+
+    result = train.main(zoo_args)
+    return int(result or 0)
+
+
+def _cmd_zoo(args: argparse.Namespace) -> int:
+    return _zoo_train(list(args.zoo_args))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv else ""
+    try:
+        if argv[:2] == ["zoo", "train"]:
+            # Everything after "zoo train" is the trainer's (argparse would claim its options).
+            command = "zoo train"
+            return _zoo_train(argv[2:])
+        args = build_parser().parse_args(argv)
+        command = args.command
+        handlers = {"run": _cmd_run, "build": _cmd_build, "zoo": _cmd_zoo}
+        return handlers[command](args)
+    except MoEUtilsError as exc:
+        print(f"moe-book {command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Altair output that works in a static, offline Jupyter Book.
+
+Altair's default renderer loads vega, vega-lite and vega-embed from a CDN, which a site read
+without network cannot reach. During a book build (``BOOK_BUILD=1`` in the kernel's
+environment) :func:`setup_altair` switches to a small "book" renderer: each chart becomes a
+``<div>`` plus one ``vegaEmbed(...)`` call, and the libraries come from ``_static/vega-bundle.js``,
+a file written once per build by :func:`write_vega_bundle` from the vl-convert package (so the
+JavaScript always matches the installed Altair's Vega-Lite version). Outside a book build,
+JupyterLab keeps Altair's own renderer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+BOOK_RENDERER = "book"
+"""Name under which the offline renderer is registered with ``alt.renderers``."""
+
+BOOK_BUILD_ENV = "BOOK_BUILD"
+"""Environment variable that ``moe-book run`` sets to ``1`` in the notebook kernel."""
+
+DEFAULT_EMBED_OPTIONS: dict[str, Any] = {
+    "renderer": "svg",
+    # Export buttons only: "open in editor" and "view source" links point at external sites.
+    "actions": {"export": True, "source": False, "compiled": False, "editor": False},
+}
+
+MISSING_LIBRARY_MESSAGE = (
+    "This chart needs _static/vega-bundle.js, which was not loaded. "
+    "Rebuild the book with `moe-book build`, which writes that file."
+)
+
+_SCRIPT = """<div id="{div_id}" class="moe-book-chart"></div>
+<script type="text/javascript">
+(function () {{
+  var spec = {spec};
+  var opt = {opt};
+  function fail(text) {{
+    var el = document.getElementById("{div_id}");
+    if (!el) {{ return; }}
+    var p = document.createElement("p");
+    p.style.color = "red";
+    p.textContent = text;
+    el.replaceChildren(p);
+  }}
+  function draw() {{
+    if (typeof window.vegaEmbed !== "function") {{
+      fail({missing});
+      return;
+    }}
+    window.vegaEmbed("#{div_id}", spec, opt).catch(function (err) {{
+      fail("Chart error: " + err);
+    }});
+  }}
+  if (typeof window.vegaEmbed === "function" || document.readyState === "complete") {{
+    draw();
+  }} else {{
+    window.addEventListener("load", draw);
+  }}
+}})();
+</script>"""
+
+
+def _script_json(value: Any) -> str:
+    """JSON text that is safe inside an HTML ``<script>`` element (no ``</script>`` breakout)."""
+    return json.dumps(value, sort_keys=True).replace("</", "<\\/").replace("<!--", "<\\!--")
+
+
+def book_chart_html(spec: dict, embed_options: dict | None = None, div_id: str | None = None) -> str:
+    """HTML for one Vega-Lite ``spec``: a ``<div>`` and a ``vegaEmbed`` call, no library code.
+
+    ``embed_options`` are merged over :data:`DEFAULT_EMBED_OPTIONS`. If ``window.vegaEmbed``
+    is missing when the page has loaded, the chart area shows a red explanation instead of
+    staying blank.
+    """
+    opt = {**DEFAULT_EMBED_OPTIONS, **(embed_options or {})}
+    div_id = div_id or f"moe-vega-{uuid.uuid4().hex}"
+    return _SCRIPT.format(
+        div_id=div_id,
+        spec=_script_json(spec),
+        opt=_script_json(opt),
+        missing=_script_json(MISSING_LIBRARY_MESSAGE),
+    )
+
+
+def book_renderer(spec: dict, embed_options: dict | None = None, **_: Any) -> dict[str, str]:
+    """Altair renderer function: returns a MIME bundle with the offline HTML and a text label."""
+    title = spec.get("title") if isinstance(spec.get("title"), str) else None
+    label = f"<Altair chart{': ' + title if title else ''}>"
+    return {"text/html": book_chart_html(spec, embed_options), "text/plain": label}
+
+
+def book_build_enabled(environ: dict[str, str] | None = None) -> bool:
+    """True when the environment asks for book output (``BOOK_BUILD`` set to 1/true/yes)."""
+    value = (os.environ if environ is None else environ).get(BOOK_BUILD_ENV, "")
+    return value.strip().lower() in {"1", "true", "yes"}
+
+
+def setup_altair(environ: dict[str, str] | None = None) -> str:
+    """Choose the Altair renderer for this kernel and return its name.
+
+    Registers the "book" renderer and enables it when ``BOOK_BUILD=1``; otherwise leaves
+    Altair's current renderer (the default one in a fresh kernel) untouched, so JupyterLab
+    works as usual. Call it once at the top of every notebook.
+    """
+    import altair as alt
+
+    alt.renderers.register(BOOK_RENDERER, book_renderer)
+    if book_build_enabled(environ):
+        alt.renderers.enable(BOOK_RENDERER)
+    return alt.renderers.active
+
+
+def _vegalite_minor(schema_version: str) -> str:
+    """'v6.4.1' -> '6.4' (the form vl-convert uses for its bundled Vega-Lite versions)."""
+    parts = schema_version.lstrip("v").split(".")
+    return ".".join(parts[:2])
+
+
+def vega_bundle_source() -> str:
+    """The vega/vega-lite/vega-embed bundle as one script that defines only ``window.vega*``.
+
+    vl-convert's bundle declares top-level ``const`` names that clash with Sphinx's own
+    scripts; wrapping it in a function keeps those names private. The Vega-Lite version
+    matches the installed Altair when vl-convert ships it.
+    """
+    import altair as alt
+    import vl_convert
+
+    wanted = _vegalite_minor(alt.SCHEMA_VERSION)
+    available = set(vl_convert.get_vegalite_versions())
+    bundle = vl_convert.javascript_bundle(vl_version=wanted if wanted in available else None)
+    return (
+        f"/* vega {vl_convert.get_vega_version()}, vega-embed {vl_convert.get_vega_embed_version()},"
+        f" vega-lite {wanted if wanted in available else 'latest'}; from vl-convert-python"
+        f" {vl_convert.__version__} */\n(function () {{\n{bundle}\n}})();\n"
+    )
+
+
+def write_vega_bundle(path: str | Path) -> Path:
+    """Write :func:`vega_bundle_source` to ``path`` (parents created, atomic replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(vega_bundle_source(), encoding="utf-8")
+    tmp.replace(path)
+    return path
