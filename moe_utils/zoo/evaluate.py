@@ -71,7 +71,8 @@ def unigram_nll(counts: np.ndarray, targets: np.ndarray, alpha: float = 1.0) -> 
 
 @torch.no_grad()
 def expert_load(model, windows: Sequence[Sequence[int]]) -> np.ndarray:
-    """Top-k selection counts ``[layers, experts]`` of a Mixtral-style model over the windows.
+    """Top-k selection counts ``[layers, experts]`` of a Mixtral-style model over the windows
+    (every position is counted, the leading ``<s>`` included).
 
     Uses the router logits the model returns with ``output_router_logits=True`` and takes the
     top-k of each token, exactly the experts the forward pass used (no jitter in eval mode).
@@ -98,6 +99,25 @@ def perplexity(nll: float) -> float:
 def zoo_models_dir() -> Path:
     """Package folder that holds the shipped models and the unigram counts."""
     return Path(__file__).resolve().parent / "models"
+
+
+def save_windows(path: Path, windows: Sequence[Sequence[int]]) -> None:
+    """Store windows compactly: concatenated uint16 ids plus lengths (``.npz``)."""
+    ids = np.concatenate([np.asarray(w, dtype=np.uint16) for w in windows])
+    np.savez_compressed(path, ids=ids, lengths=np.asarray([len(w) for w in windows], dtype=np.int32))
+
+
+def load_windows(path: Path | None = None, max_windows: int | None = None) -> list[list[int]]:
+    """Shipped held-out windows (``models/heldout_windows.npz``), optionally an evenly spaced subset."""
+    path = Path(path) if path is not None else zoo_models_dir() / "heldout_windows.npz"
+    with np.load(path) as z:
+        ids, lengths = z["ids"].astype(np.int64), z["lengths"]
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    windows = [ids[s : s + n].tolist() for s, n in zip(starts, lengths)]
+    if max_windows is not None and len(windows) > max_windows:
+        step = len(windows) / max_windows
+        windows = [windows[int(i * step)] for i in range(max_windows)]
+    return windows
 
 
 def load_unigram_counts(path: Path | None = None) -> np.ndarray:

@@ -172,7 +172,7 @@ def train_model(model, stream: np.ndarray, spec: TrainSpec, *, eval_windows=None
         x = sample_batch(stream, spec.batch_size, spec.seq_len, gen)
         out = model(input_ids=x, labels=x, use_cache=False)
         loss = out.loss
-        aux = float(out.aux_loss) if getattr(out, "aux_loss", None) is not None else 0.0
+        aux = float(out.aux_loss.detach()) if getattr(out, "aux_loss", None) is not None else 0.0
         loss.backward()
         gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip))
         opt.step()
@@ -181,8 +181,8 @@ def train_model(model, stream: np.ndarray, spec: TrainSpec, *, eval_windows=None
         step += 1
         bar.update(1)
         if step % LOG_EVERY == 0 or step == 1 or step == spec.steps:
-            rec = {"step": step, "tokens": step * spec.tokens_per_step, "loss": float(loss),
-                   "ce": float(loss) - coef * aux, "aux": aux, "lr": sched.get_last_lr()[0],
+            rec = {"step": step, "tokens": step * spec.tokens_per_step, "loss": float(loss.detach()),
+                   "ce": float(loss.detach()) - coef * aux, "aux": aux, "lr": sched.get_last_lr()[0],
                    "grad_norm": gnorm, "elapsed_s": elapsed0 + time.time() - t0}
             if eval_windows is not None and (step % CHECKPOINT_EVERY == 0 or step == spec.steps):
                 rec["heldout_ce"] = model_nll(model, eval_windows)
@@ -246,6 +246,9 @@ def prepare(out: Path, log=print) -> dict:
         meta["heldout_windows"] = len(windows)
         write_corpus_json(type(corpus)(corpus.train, corpus.heldout, meta), out / "corpus.json")
         marker.write_text(json.dumps({"sha256_all": corpus.meta["sha256_all"]}))
+    if not (out / "heldout_windows.npz").exists():
+        from moe_utils.zoo.evaluate import save_windows
+        save_windows(out / "heldout_windows.npz", json.loads((out / "heldout_windows.json").read_text()))
     paras, sources = select_paragraphs(corpus, load_tokenizer(out / "tokenizer"))
     write_long_heldout(out / "long_heldout.txt", paras, sources, corpus.meta)
     return json.loads((out / "corpus.json").read_text())
@@ -324,7 +327,7 @@ def install(out: Path, names: Sequence[str], force: bool, log=print) -> None:
         if (dest / name).exists():
             shutil.rmtree(dest / name)
         shutil.copytree(out / "models" / name, dest / name)
-    for f in ("corpus.json", "unigram_counts.json"):
+    for f in ("corpus.json", "unigram_counts.json", "heldout_windows.npz"):
         shutil.copy2(out / f, dest / f)
     for f in ("long_heldout.txt", "long_heldout.json"):
         shutil.copy2(out / f, dest.parent.parent / "inputs_data" / f)

@@ -1,0 +1,191 @@
+"""Model cards, loss-curve pictures and evaluation summaries of the trained organisms."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from moe_utils.zoo import PAPER_COUNTERPART
+from moe_utils.zoo.configs import TRAIN_SPECS
+
+STARTS_AFTER = {"tiny-moe-upcycled": "tiny-dense"}  # whose training tokens precede this model's
+
+
+def parameter_counts(config: dict) -> dict:
+    """Total and per-token active parameters from a config dict (tied embeddings counted once)."""
+    H, I, L, V = (config[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"))
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    hd = config.get("head_dim") or H // heads
+    attn = H * heads * hd * 2 + H * kv * hd * 2
+    norms = 2 * H
+    ffn = 3 * H * I
+    E = config.get("num_local_experts", 1)
+    k = config.get("num_experts_per_tok", 1)
+    router = H * E if "num_local_experts" in config else 0
+    emb = V * H * (1 if config.get("tie_word_embeddings", False) else 2)
+    total = L * (attn + norms + ffn * E + router) + H + emb
+    active = L * (attn + norms + ffn * k + router) + H + emb
+    return {"total": total, "active": active, "experts_total": L * ffn * E if E > 1 else 0,
+            "embedding": emb, "non_embedding_total": total - emb, "non_embedding_active": active - emb}
+
+
+def loss_chart(log: list[dict], title: str, offset_tokens: int = 0):
+    """Altair chart of training cross-entropy (and held-out points) against tokens seen."""
+    import altair as alt
+    import pandas as pd
+
+    rows = []
+    for r in log:
+        rows.append({"tokens": r["tokens"] + offset_tokens, "loss": r["ce"], "curve": "training (batch)"})
+        if "heldout_ce" in r:
+            rows.append({"tokens": r["tokens"] + offset_tokens, "loss": r["heldout_ce"], "curve": "held-out (24 windows)"})
+    df = pd.DataFrame(rows)
+    return alt.Chart(df, title=title).mark_line(point=alt.OverlayMarkDef(size=12)).encode(
+        x=alt.X("tokens:Q", title="training tokens"),
+        y=alt.Y("loss:Q", title="cross-entropy (nats/token)", scale=alt.Scale(zero=False)),
+        color=alt.Color("curve:N", title=None),
+    ).properties(width=420, height=220)
+
+
+def save_png(chart, path: Path) -> None:
+    """Render an Altair chart to a small PNG with vl-convert (no browser needed)."""
+    import vl_convert as vlc
+
+    Path(path).write_bytes(vlc.vegalite_to_png(chart.to_json(), scale=1.5))
+
+
+def evaluate_folder(folder: Path, windows: list[list[int]], counts: np.ndarray) -> dict:
+    """Held-out loss / perplexity (bf16 weights loaded in fp32), unigram baseline and expert load."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moe_utils.zoo.evaluate import expert_load, model_nll, perplexity, targets_of, unigram_nll
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    nll = model_nll(model, windows)
+    uni = unigram_nll(counts, targets_of(windows))
+    res = {"heldout_tokens": int(sum(len(w) - 1 for w in windows)), "heldout_windows": len(windows),
+           "heldout_loss": nll, "heldout_perplexity": perplexity(nll),
+           "unigram_loss": uni, "unigram_perplexity": perplexity(uni)}
+    if hasattr(model.config, "num_local_experts"):
+        load = expert_load(model, windows)
+        res["expert_load"] = load.tolist()
+        res["dead_experts"] = int((load == 0).sum())
+    return res
+
+
+def write_card(folder: Path, name: str, info: dict, ev: dict, corpus: dict, prev_info: dict | None) -> None:
+    """Write README.md (the model card) for one organism."""
+    cfg = json.loads((folder / "config.json").read_text())
+    pc = parameter_counts(cfg)
+    spec = info["train_spec"]
+    arch = cfg["architectures"][0]
+    moe = "num_local_experts" in cfg
+    lines = [
+        f"# {name}", "",
+        f"A model organism of `moe_utils`: a tiny `{arch}` trained on CPU on text that ships with CPython. "
+        f"In the book it stands in for **{PAPER_COUNTERPART[name]}**.", "",
+        "## Architecture", "",
+        f"- {cfg['num_hidden_layers']} layers, hidden size {cfg['hidden_size']}, "
+        f"{cfg['num_attention_heads']} attention heads / {cfg['num_key_value_heads']} key-value heads, "
+        f"RoPE, RMSNorm, SwiGLU FFN of width {cfg['intermediate_size']}, tied embeddings, "
+        f"vocabulary {cfg['vocab_size']}, context {cfg['max_position_embeddings']} tokens.",
+    ]
+    if moe:
+        lines.append(f"- Every layer is a Mixtral MoE block: {cfg['num_local_experts']} experts, top-"
+                     f"{cfg['num_experts_per_tok']} softmax routing (weights renormalised over the top-k), "
+                     f"expert width = dense FFN width {cfg['intermediate_size']} (as Mixtral 8x7B vs Mistral 7B).")
+    lines += [
+        f"- Parameters: {pc['total']:,} total, {pc['active']:,} active per token "
+        f"({pc['non_embedding_total']:,} / {pc['non_embedding_active']:,} without the {pc['embedding']:,} embedding parameters).",
+        "- Weights are stored in bfloat16 (`model.safetensors`) to keep the package small; training ran in float32. "
+        "Load with `dtype=torch.float32` for analysis.", "",
+        "## Training", "",
+    ]
+    if name == "tiny-moe-upcycled":
+        lines.append("- Upcycled from `tiny-dense` at the end of its training: every expert of layer *l* starts as an "
+                     "exact copy of `tiny-dense`'s FFN of layer *l* (gate_proj -> w1, up_proj -> w3, down_proj -> w2); "
+                     "attention, norms and embeddings are copied; the router is freshly initialised "
+                     "(normal, std 0.02). Then trained on with the router load-balancing loss.")
+    elif name == "tiny-moe-scratch":
+        lines.append("- Trained from random initialisation (seeded), same shape as `tiny-moe-upcycled`.")
+    else:
+        lines.append("- Trained from random initialisation (seeded). Its final weights seed `tiny-moe-upcycled`.")
+    own = spec["tokens"]
+    if prev_info is not None:
+        prev = prev_info["train_spec"]["tokens"]
+        lines.append(f"- Token budget: {prev:,} tokens as `tiny-dense` + {own:,} tokens as an MoE = {prev + own:,} "
+                     f"tokens in all (the same total as `tiny-moe-scratch`).")
+    else:
+        lines.append(f"- Token budget: {own:,} tokens ({spec['steps']} steps x {spec['batch_size']} sequences x "
+                     f"{spec['seq_len']} tokens).")
+    lines += [
+        f"- AdamW (betas {tuple(spec['betas'])}, weight decay {spec['weight_decay']} on matrices), peak learning rate "
+        f"{spec['lr']}, {spec['warmup_steps']} warm-up steps, cosine decay to {spec['min_lr_ratio']} x peak, "
+        f"gradient clipping {spec['grad_clip']}, seed {spec['seed']}, float32"
+        + (f", router aux loss coefficient {cfg['router_aux_loss_coef']}" if moe else "") + ".",
+        f"- Samples: `<s>` followed by {spec['seq_len'] - 1} tokens from a random offset of the training token stream "
+        "(documents joined by `</s>`).",
+        f"- Training time: {info['training_seconds'] / 60:.1f} min wall clock on a shared 2-core CPU "
+        f"({info['torch_threads']} torch thread(s), torch {info['torch_version']}).",
+        f"- Command: `{info.get('command', 'moe-book zoo train --models ' + name)}` (checkpoints are resumable "
+        "with `--resume`).", "",
+        "## Data", "",
+        f"- CPython {corpus['python_version']} documentation topics (`pydoc_data.topics`), standard-library docstrings "
+        f"(extracted with `ast`) and {corpus['source_per_mille'] / 10:.0f} % of standard-library source files "
+        "(sampled by hash); tests, IDLE and site-packages skipped.",
+        f"- Training split: {corpus['train']['total']['documents']:,} documents, "
+        f"{corpus['train']['total']['characters']:,} characters, {corpus['train_tokens']:,} tokens; held-out split "
+        f"(~{corpus['heldout_per_mille'] / 10:.0f} % of files by hash): {corpus['heldout']['total']['documents']} "
+        f"documents, {corpus['heldout_tokens']:,} tokens.",
+        f"- Corpus sha256: `{corpus['sha256_all']}` (train `{corpus['sha256_train'][:16]}...`, held-out "
+        f"`{corpus['sha256_heldout'][:16]}...`); see `corpus.json` next to the models.", "",
+        "## Evaluation (held-out split)", "",
+        f"| model | nats/token | perplexity |", "|---|---|---|",
+        f"| {name} | {ev['heldout_loss']:.3f} | {ev['heldout_perplexity']:.1f} |",
+        f"| add-one unigram (fit on the training split) | {ev['unigram_loss']:.3f} | {ev['unigram_perplexity']:.1f} |", "",
+        f"Measured on all {ev['heldout_windows']} held-out windows ({ev['heldout_tokens']:,} predicted tokens), "
+        "with the stored bfloat16 weights loaded in float32.",
+    ]
+    if moe:
+        load = np.asarray(ev["expert_load"])
+        share = load / load.sum(axis=1, keepdims=True)
+        lines += ["", f"Expert load on the held-out split: dead experts (never in a top-{cfg['num_experts_per_tok']}): "
+                  f"{ev['dead_experts']}; per-layer share of selections ranges from {share.min():.3f} to "
+                  f"{share.max():.3f} (uniform: {1 / load.shape[1]:.3f})."]
+    lines += [
+        "", "## Loss curve", "", "![loss curve](loss.png)", "",
+        "The curve as data: `training_log.json` (one record every 10 steps: batch loss, cross-entropy, aux loss, "
+        "learning rate, gradient norm, elapsed seconds; held-out cross-entropy on 24 windows every 100 steps).", "",
+        "## Limits", "",
+        "A model this small, trained for minutes on a few megabytes, writes plausible-looking Python and docstring "
+        "fragments, not correct programs or facts. It is an object of study for the book's measurements (router, "
+        "expert weights, expert outputs), not a language model to use.", "",
+    ]
+    (folder / "README.md").write_text("\n".join(lines))
+
+
+def finalize_model(out: Path, name: str, windows=None) -> dict:
+    """Evaluate a trained organism in ``out/models/name`` and write eval.json, loss.png and README.md."""
+    out = Path(out)
+    folder = out / "models" / name
+    info = json.loads((folder / "training_log.json").read_text())
+    corpus = json.loads((out / "corpus.json").read_text())
+    if windows is None:
+        windows = json.loads((out / "heldout_windows.json").read_text())
+    counts = np.asarray(json.loads((out / "unigram_counts.json").read_text())["counts"])
+    ev = evaluate_folder(folder, windows, counts)
+    (folder / "eval.json").write_text(json.dumps(ev, indent=1))
+    prev_info = None
+    offset = 0
+    if name in STARTS_AFTER:
+        prev_path = out / "models" / STARTS_AFTER[name] / "training_log.json"
+        if prev_path.exists():
+            prev_info = json.loads(prev_path.read_text())
+            offset = prev_info["train_spec"]["tokens"]
+    title = f"{name}" + (f" (continues after {offset:,} dense tokens)" if offset else "")
+    save_png(loss_chart(info["log"], title, offset), folder / "loss.png")
+    write_card(folder, name, info, ev, corpus, prev_info)
+    return ev

@@ -1,0 +1,147 @@
+"""Tables and charts of the model organisms page (``notebooks/organisms.ipynb``).
+
+Each function returns a DataFrame or an Altair chart computed from the shipped folders, so the
+notebook only calls them; numbers shown on the page are measured when it runs, not copied.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from moe_utils.zoo import PAPER_COUNTERPART, ZOO_MODELS, zoo_path
+from moe_utils.zoo.cards import STARTS_AFTER, parameter_counts
+
+
+def _training_info(name: str) -> dict:
+    return json.loads((zoo_path(name) / "training_log.json").read_text())
+
+
+def organisms_table(names: Sequence[str] = ZOO_MODELS) -> pd.DataFrame:
+    """One row per organism: architecture, size, training budget and time, paper counterpart."""
+    rows = []
+    for name in names:
+        cfg = json.loads((zoo_path(name) / "config.json").read_text())
+        info = _training_info(name)
+        pc = parameter_counts(cfg)
+        own = info["train_spec"]["tokens"]
+        before = _training_info(STARTS_AFTER[name])["train_spec"]["tokens"] if name in STARTS_AFTER else 0
+        rows.append({
+            "model": name,
+            "architecture": cfg["architectures"][0],
+            "layers": cfg["num_hidden_layers"],
+            "experts (top-k)": f"{cfg['num_local_experts']} (top-{cfg['num_experts_per_tok']})"
+            if "num_local_experts" in cfg else "dense FFN",
+            "params total": pc["total"],
+            "params active": pc["active"],
+            "training tokens": own + before,
+            "of which as this model": own,
+            "training minutes": round(info["training_seconds"] / 60, 1),
+            "stands in for": PAPER_COUNTERPART[name],
+        })
+    return pd.DataFrame(rows)
+
+
+def loss_curves(names: Sequence[str] = ZOO_MODELS) -> pd.DataFrame:
+    """Training and held-out cross-entropy against tokens, the upcycled curve offset by the dense tokens."""
+    rows = []
+    for name in names:
+        info = _training_info(name)
+        offset = _training_info(STARTS_AFTER[name])["train_spec"]["tokens"] if name in STARTS_AFTER else 0
+        for r in info["log"]:
+            rows.append({"model": name, "tokens": r["tokens"] + offset, "step": r["step"], "split": "training batch",
+                         "cross_entropy": r["ce"]})
+            if "heldout_ce" in r:
+                rows.append({"model": name, "tokens": r["tokens"] + offset, "step": r["step"],
+                             "split": "held-out sample", "cross_entropy": r["heldout_ce"]})
+    return pd.DataFrame(rows)
+
+
+def loss_curve_chart(df: pd.DataFrame):
+    """Altair line chart of ``loss_curves`` (one colour per model, dashed held-out points)."""
+    import altair as alt
+
+    base = alt.Chart(df).encode(
+        x=alt.X("tokens:Q", title="training tokens (upcycled: counted from the dense start)"),
+        y=alt.Y("cross_entropy:Q", title="cross-entropy (nats/token)", scale=alt.Scale(zero=False)),
+        color=alt.Color("model:N", sort=list(ZOO_MODELS)),
+        tooltip=["model", "split", "step", "tokens", alt.Tooltip("cross_entropy:Q", format=".3f")],
+    )
+    train = base.transform_filter(alt.datum.split == "training batch").mark_line(opacity=0.8)
+    held = base.transform_filter(alt.datum.split == "held-out sample").mark_point(filled=True, size=40)
+    return (train + held).properties(width=560, height=280,
+                                     title="Training loss (lines) and held-out loss on 24 windows (points)")
+
+
+def heldout_losses(names: Sequence[str] = ZOO_MODELS, max_windows: int | None = None) -> pd.DataFrame:
+    """Held-out nats/token of each organism and of the add-one unigram baseline, same tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moe_utils.zoo.evaluate import load_unigram_counts, load_windows, model_nll, targets_of, unigram_nll
+
+    windows = load_windows(max_windows=max_windows)
+    n_tokens = int(sum(len(w) - 1 for w in windows))
+    rows = [{"model": "unigram (add-one, training split)", "nats_per_token": unigram_nll(load_unigram_counts(), targets_of(windows))}]
+    for name in names:
+        model = AutoModelForCausalLM.from_pretrained(str(zoo_path(name)), dtype=torch.float32)
+        rows.append({"model": name, "nats_per_token": model_nll(model, windows)})
+    df = pd.DataFrame(rows)
+    df["perplexity"] = np.exp(df["nats_per_token"])
+    df["tokens"] = n_tokens
+    return df
+
+
+def expert_loads(names: Sequence[str], max_windows: int | None = None) -> pd.DataFrame:
+    """Share of top-k selections per (model, layer, expert) on the held-out windows."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moe_utils.zoo.evaluate import expert_load, load_windows
+
+    windows = load_windows(max_windows=max_windows)
+    rows = []
+    for name in names:
+        model = AutoModelForCausalLM.from_pretrained(str(zoo_path(name)), dtype=torch.float32)
+        load = expert_load(model, windows)
+        share = load / load.sum(axis=1, keepdims=True)
+        for layer in range(load.shape[0]):
+            for e in range(load.shape[1]):
+                rows.append({"model": name, "layer": layer, "expert": e, "selections": int(load[layer, e]),
+                             "share": float(share[layer, e])})
+    return pd.DataFrame(rows)
+
+
+def expert_load_chart(df: pd.DataFrame):
+    """Altair heatmap of ``expert_loads``: layers x experts, one panel per model."""
+    import altair as alt
+
+    E = int(df["expert"].max()) + 1
+    return alt.Chart(df).mark_rect().encode(
+        x=alt.X("expert:O"), y=alt.Y("layer:O", sort="descending"),
+        color=alt.Color("share:Q", title="share of top-k", scale=alt.Scale(scheme="viridis", domainMid=1 / E)),
+        tooltip=["model", "layer", "expert", "selections", alt.Tooltip("share:Q", format=".3f")],
+    ).properties(width=200, height=200).facet(column=alt.Column("model:N", title=None)).properties(
+        title=f"Expert load on held-out text (uniform = {1 / E:.3f})")
+
+
+def greedy_continuations(names: Sequence[str], prompt: str = "As an open source alternative to",
+                         new_tokens: int = 24) -> pd.DataFrame:
+    """Greedy continuation of ``prompt`` by each organism (deterministic)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rows = []
+    for name in names:
+        tok = AutoTokenizer.from_pretrained(str(zoo_path(name)))
+        model = AutoModelForCausalLM.from_pretrained(str(zoo_path(name)), dtype=torch.float32).eval()
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            for _ in range(new_tokens):
+                nxt = model(input_ids=ids, use_cache=False).logits[0, -1].argmax()
+                ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+        rows.append({"model": name, "continuation": tok.decode(ids[0], skip_special_tokens=True)[len(prompt):]})
+    return pd.DataFrame(rows)
