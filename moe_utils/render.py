@@ -67,7 +67,7 @@ _SCRIPT = """<div id="{div_id}" class="moe-book-chart"></div>
 
 def _script_json(value: Any) -> str:
     """JSON text that is safe inside an HTML ``<script>`` element (no ``</script>`` breakout)."""
-    return json.dumps(value, sort_keys=True).replace("</", "<\\/").replace("<!--", "<\\!--")
+    return json.dumps(value).replace("</", "<\\/").replace("<!--", "\\u003c!--")
 
 
 def book_chart_html(spec: dict, embed_options: dict | None = None, div_id: str | None = None) -> str:

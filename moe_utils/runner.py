@@ -108,15 +108,26 @@ def model_slug(model: str | os.PathLike[str]) -> str:
 
 
 def parse_value(text: str) -> Any:
-    """A ``-p`` value as papermill reads it: a Python literal if it is one, else the raw string.
+    """A ``-p`` value read the way papermill's own ``-p`` reads it, plus literal containers.
 
-    ``"30"`` -> 30, ``"0.5"`` -> 0.5, ``"False"`` -> False, ``"None"`` -> None,
-    ``"[0, 3]"`` -> [0, 3], ``"zoo:tiny-dense"`` -> "zoo:tiny-dense".
+    Like papermill: ``"True"``/``"False"``/``"None"`` -> bool/None, ``"30"`` -> 30,
+    ``"0.5"`` -> 0.5, anything else -> the string itself (``"zoo:tiny-dense"``). In addition a
+    Python list, tuple, dict or quoted string literal is parsed: ``"[0, 3]"`` -> [0, 3].
     """
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        return text
+    constants = {"True": True, "False": False, "None": None}
+    if text in constants:
+        return constants[text]
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if text.strip()[:1] in ("[", "(", "{", "'", '"'):
+        try:
+            return ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            pass
+    return text
 
 
 def parse_parameters(pairs: Iterable[Sequence[str]] | None) -> dict[str, Any]:
