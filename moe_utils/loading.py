@@ -170,12 +170,15 @@ def _set_experts_impl(model: nn.Module, impl: str | None) -> None:
 def load_model(model: str | Path, dtype: str | torch.dtype = "float32", device_map: Any = None,
                revision: str | None = None, trust_remote_code: bool = False,
                allow_pickle: bool = False, *, seed: int = 0, require_moe_model: bool = False,
-               experts_implementation: str | None = "grouped_mm") -> LoadedModel:
+               experts_implementation: str | None = "grouped_mm",
+               offload_folder: str | Path | None = None) -> LoadedModel:
     """Load ``model`` (see module docstring for accepted ids) in eval mode.
 
     Dense models load too (``is_moe=False``) so they can serve as the dense baseline; pass
     ``require_moe_model=True`` to refuse them. ``experts_implementation`` is applied where the
     family supports it (``grouped_mm`` is fast on CPU; never use ``batched_mm`` there).
+    ``device_map``/``offload_folder`` are passed to accelerate (a ``"disk"`` entry offloads
+    those modules; weight analyses then read the offloaded tensors from the checkpoint).
     """
     torch_dtype = as_dtype(dtype)
     ref = resolve_model(model, revision)
@@ -187,7 +190,7 @@ def load_model(model: str | Path, dtype: str | torch.dtype = "float32", device_m
         fingerprint = random_fingerprint(ref.family, config, seed)
         tokenizer = byte_tokenizer()
         if device_map is not None:
-            module = _dispatch(module, device_map)
+            module = _dispatch(module, device_map, offload_folder)
         path = None
     else:
         path = ref.path
@@ -206,7 +209,8 @@ def load_model(model: str | Path, dtype: str | torch.dtype = "float32", device_m
 
         module = AutoModelForCausalLM.from_pretrained(
             path, config=config, dtype=torch_dtype, device_map=device_map,
-            trust_remote_code=trust_remote_code, use_safetensors=files.kind == "safetensors")
+            trust_remote_code=trust_remote_code, use_safetensors=files.kind == "safetensors",
+            **({"offload_folder": str(offload_folder)} if offload_folder else {}))
         tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
         fingerprint = checkpoint_fingerprint(cfg, files)
     _set_experts_impl(module, experts_implementation)
@@ -218,14 +222,15 @@ def load_model(model: str | Path, dtype: str | torch.dtype = "float32", device_m
                        moe_layers=spec.moe_layers(module.config), is_moe=spec.is_moe)
 
 
-def _dispatch(module: nn.Module, device_map: Any) -> nn.Module:
+def _dispatch(module: nn.Module, device_map: Any, offload_folder: str | Path | None) -> nn.Module:
     """Place an in-memory model with accelerate (``"cpu"``, ``"auto"`` or an explicit map)."""
     from accelerate import dispatch_model, infer_auto_device_map
 
     if isinstance(device_map, str):
         device_map = {"": device_map} if device_map not in ("auto", "balanced", "sequential") \
             else infer_auto_device_map(module)
-    return dispatch_model(module, device_map=device_map)
+    kwargs = {"offload_dir": str(offload_folder)} if offload_folder else {}
+    return dispatch_model(module, device_map=device_map, main_device="cpu", **kwargs)
 
 
 def supported() -> str:

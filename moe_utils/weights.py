@@ -162,6 +162,10 @@ def open_source(source: Any, allow_pickle: bool) -> tuple[TensorSource, FamilySp
     spec = getattr(source, "spec", None)
     model = getattr(source, "model", None)
     if isinstance(model, nn.Module) and isinstance(spec, FamilySpec):  # LoadedModel
+        folder = getattr(source, "path", None)
+        if folder is not None and any(p.device.type == "meta" for p in model.parameters()):
+            # offloaded by accelerate: read the same tensors from the checkpoint instead
+            return FolderSource(Path(folder), allow_pickle=allow_pickle), spec
         return ModelSource(model), spec
     if isinstance(source, nn.Module):
         src = ModelSource(source)
@@ -287,9 +291,12 @@ def check_layer(spec: FamilySpec, cfg: dict, layer: int, kind: str) -> None:
     if layer not in layers:
         total = spec.num_layers(cfg)
         other = spec.dense_layers(cfg) if kind == "moe" else spec.moe_layers(cfg)
+        what = (f"layer {layer} does not exist: this {spec.name} model has {total} layers"
+                if not 0 <= layer < total else
+                f"layer {layer} is not a {'MoE' if kind == 'moe' else 'dense-MLP'} layer of this "
+                f"{spec.name} model ({total} layers)")
         raise LayerIndexError(
-            f"layer {layer} is not a {'MoE' if kind == 'moe' else 'dense-MLP'} layer of this "
-            f"{spec.name} model ({total} layers). Valid {'MoE' if kind == 'moe' else 'dense'} "
+            f"{what}. Valid {'MoE' if kind == 'moe' else 'dense'} "
             f"layers: {_ranges(layers) or 'none'}; {'dense' if kind == 'moe' else 'MoE'} layers: "
             f"{_ranges(other) or 'none'}.")
 

@@ -192,7 +192,8 @@ GPT_OSS = FamilySpec(
     config_class="GptOssConfig",
     tiny_config=dict(_TINY, head_dim=8, intermediate_size=24, num_hidden_layers=2,
                      num_local_experts=4, num_experts_per_tok=2,
-                     layer_types=["sliding_attention", "full_attention"], sliding_window=16),
+                     layer_types=["sliding_attention", "full_attention"], sliding_window=16,
+                     rope_parameters={"rope_type": "default", "rope_theta": 150000.0}),
 )
 
 PHIMOE = FamilySpec(
