@@ -229,7 +229,13 @@ def default_models() -> tuple[list[str], str | None]:
         raise MoEUtilsError(
             f"the embedded default models are not available ({exc}); pass --model ID_OR_DIR"
         ) from exc
-    return list(zoo.DEFAULT_MOE_MODELS), zoo.DEFAULT_DENSE_BASELINE
+    def as_id(name: str | None) -> str | None:
+        # The zoo lists bare names ("tiny-dense"); notebooks take model ids ("zoo:tiny-dense").
+        if name is not None and ":" not in name and name in zoo.ZOO_MODELS:
+            return f"zoo:{name}"
+        return name
+
+    return [as_id(m) for m in zoo.DEFAULT_MOE_MODELS], as_id(zoo.DEFAULT_DENSE_BASELINE)
 
 
 def plan_jobs(

@@ -230,3 +230,19 @@ def test_failing_notebook_is_reported_and_earlier_output_kept(tmp_path: Path, ca
     # Published notebooks carry paths relative to the repository root, not the machine's.
     assert partial.metadata.papermill.input_path == "nbs/obs2_boom.ipynb"
     assert partial.metadata.papermill.output_path == "runs/tiny/obs2_boom.ipynb"
+
+
+def test_default_models_are_zoo_ids(monkeypatch) -> None:
+    import sys
+    import types
+
+    fake = types.ModuleType("moe_utils.zoo")
+    fake.ZOO_MODELS = ("tiny-dense", "tiny-moe-upcycled", "tiny-moe-scratch")
+    fake.DEFAULT_MOE_MODELS = ("tiny-moe-upcycled", "zoo:tiny-moe-scratch", "org/Other")
+    fake.DEFAULT_DENSE_BASELINE = "tiny-dense"
+    monkeypatch.setitem(sys.modules, "moe_utils.zoo", fake)
+    import moe_utils
+
+    monkeypatch.setattr(moe_utils, "zoo", fake, raising=False)
+    assert runner.default_models() == (
+        ["zoo:tiny-moe-upcycled", "zoo:tiny-moe-scratch", "org/Other"], "zoo:tiny-dense")
