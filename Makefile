@@ -27,6 +27,7 @@ $(INSTALLED): pyproject.toml constraints.txt | $(BIN)/python
 	touch $@
 
 $(VENDORED): package.json package-lock.json scripts/vendor.sh
+	@command -v npm >/dev/null || { echo "npm is needed to copy the site's JavaScript (Debian: apt-get install npm)" >&2; exit 1; }
 	npm ci --no-audit --no-fund --ignore-scripts
 	bash scripts/vendor.sh
 	touch $@
