@@ -187,6 +187,7 @@ def build_book(
             f"jupyter-book build failed (exit {proc.returncode}); the messages above say which page"
         )
     html = build_dir / "_build" / "html"
-    log(f"site built: open {html / 'index.html'}")
-    log(f"or serve it: python -m http.server -d {html}")
+    shown = html.relative_to(Path.cwd()) if html.is_relative_to(Path.cwd()) else html
+    log(f"site built: open {shown / 'index.html'}")
+    log(f"or serve it: python3 -m http.server -d {shown}   (then visit http://127.0.0.1:8000)")
     return html

@@ -369,6 +369,9 @@ def execute_job(job: Job, root: Path | None = None) -> None:
             cwd=str(workdir),
             progress_bar=False,
             log_output=False,
+            # Quiet the kernel's own start-up warnings (errors still show); cell errors are
+            # reported through papermill.
+            extra_arguments=["--IPKernelApp.log_level=ERROR"],
         )
     except PapermillExecutionError as exc:
         error = NotebookRunError(
