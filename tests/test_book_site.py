@@ -160,6 +160,16 @@ def _require_chromium() -> None:
     pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium); browser check skipped")
 
 
+def test_missing_chromium_skips_locally_but_fails_in_ci(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", tmp_path / "no-chromium")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="missing in CI"):
+        _require_chromium()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="not installed"):
+        _require_chromium()
+
+
 @pytest.fixture()
 def served_site(built_book: dict):
     """The built site on a free 127.0.0.1 port, served from a background thread."""
