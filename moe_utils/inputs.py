@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -291,3 +291,35 @@ def load_inputs(spec: str, tokenizer: Any, max_tokens: int | None = None, add_bo
     res = _tokenize(texts, tokenizer, None if max_tokens is None else int(max_tokens), add_bos, spec)
     res.source = source
     return res
+
+
+def fit_context(inputs: Inputs, max_len: int, bos_id: int | None = None) -> Inputs:
+    """Split every sequence longer than ``max_len`` tokens into consecutive windows that fit.
+
+    A window after the first starts with ``bos_id`` (when given) so that each window looks like a
+    fresh sequence to the model, as each paper input paragraph did. Sequences that fit are kept
+    unchanged; ``note`` says how many were split.
+    """
+    if max_len < 2:
+        raise InputSpecError(f"max_len must be at least 2 tokens; got {max_len}")
+    out_seqs: list[list[int]] = []
+    out_texts: list[str] = []
+    split = 0
+    for seq, text in zip(inputs.sequences, inputs.texts):
+        if len(seq) <= max_len:
+            out_seqs.append(list(seq))
+            out_texts.append(text)
+            continue
+        split += 1
+        has_bos = bos_id is not None and seq and seq[0] == bos_id
+        body = seq[1:] if has_bos else list(seq)
+        step = max_len - 1 if has_bos else max_len
+        for start in range(0, len(body), step):
+            window = body[start:start + step]
+            out_seqs.append(([bos_id] if has_bos else []) + window)
+            out_texts.append(text if start == 0 else "")
+    if not split:
+        return inputs
+    note = (f"{split} sequence(s) longer than the model's context of {max_len} tokens were split into windows; "
+            + inputs.note).strip()
+    return replace(inputs, sequences=out_seqs, texts=out_texts, note=note)

@@ -16,6 +16,10 @@ import pandas as pd
 
 LAYER_POS = "layer_pos"
 
+# The builders embed their (deliberately small, tidy) data in the page; Altair's default cap of
+# 5,000 rows would reject a per-token heat map of a single layer.
+alt.data_transformers.disable_max_rows()
+
 
 def with_layer_position(df: pd.DataFrame, layer_field: str = "layer") -> pd.DataFrame:
     """Add a ``layer_pos`` column: the rank of each row's layer among the distinct layers."""

@@ -180,3 +180,18 @@ def test_hugging_face_tokenizer_gets_bos_prepended():
     inp = I.load_inputs("short", hf)
     assert inp.sequences[0][0] == hf.bos_token_id and inp.n_tokens == 7
     assert hf.convert_ids_to_tokens(inp.sequences[0][1:]) == I.SHORT_PROMPT.split()
+
+
+def test_fit_context_splits_long_sequences_into_windows_with_bos():
+    from moe_utils.inputs import Inputs, fit_context
+
+    seq = [1] + list(range(10, 30))          # BOS + 20 tokens
+    inp = Inputs(name="x", sequences=[seq, [1, 5, 6]], texts=["long", "short"])
+    out = fit_context(inp, max_len=8, bos_id=1)
+    assert all(len(s) <= 8 for s in out.sequences)
+    assert all(s[0] == 1 for s in out.sequences)
+    body = [t for s in out.sequences[:-1] for t in s[1:]]
+    assert body == list(range(10, 30))       # nothing lost, nothing repeated
+    assert out.sequences[-1] == [1, 5, 6]
+    assert "split" in out.note
+    assert fit_context(inp, max_len=64, bos_id=1) is inp

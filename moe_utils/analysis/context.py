@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from ..errors import NotMoEModelError
-from ..inputs import Inputs, load_inputs
+from ..inputs import Inputs, fit_context, load_inputs
 from ..loading import LoadedModel, load_model
 from ..results import write_result
 from ..trace import Trace, trace, trace_dense
@@ -38,8 +38,11 @@ class Study:
 
     @property
     def num_experts(self) -> int:
-        return int(self.lm.num_experts) if hasattr(self.lm, "num_experts") else int(
-            self.lm.spec.num_experts(self.lm.config))
+        return int(self.lm.spec.num_experts(self.lm.config_dict))
+
+    @property
+    def top_k(self) -> int:
+        return int(self.lm.spec.top_k(self.lm.config_dict))
 
     @property
     def weights_source(self) -> Any:
@@ -55,20 +58,25 @@ class Study:
 
     def describe(self) -> pd.DataFrame:
         """A one-row-per-fact description of the model, for the top of each page."""
-        rows = [("model", self.lm.name), ("family", self.lm.spec.name),
+        rows = [("model", self.lm.name), ("family (spec)", self.lm.spec.name),
                 ("MoE layers", f"{len(self.lm.moe_layers)} ({self.lm.moe_layers[0]}..{self.lm.moe_layers[-1]})"),
                 ("layers analysed", "all" if self.layers is None else str(self.layers)),
                 ("dense baseline (F)", self.dense.name if self.dense is not None else "none")]
-        for key in ("num_experts", "top_k", "hidden_size", "intermediate_size"):
-            value = getattr(self.lm, key, None)
-            if value is not None:
-                rows.append((key.replace("_", " "), value))
+        rows += [("experts per MoE layer", self.num_experts), ("experts chosen per token (top-k)", self.top_k),
+                 ("hidden size", self.lm.spec.hidden_size(self.lm.config_dict)),
+                 ("activation", self.lm.spec.activation_name(self.lm.config_dict))]
         rows.append(("fingerprint", self.lm.fingerprint))
         return pd.DataFrame(rows, columns=["", "value"]).set_index("")
 
     def inputs(self, spec: str, max_tokens: int | None = None) -> Inputs:
         """Tokenised inputs for a preset name, a text file or a dataset spec."""
-        return load_inputs(spec, self.lm.tokenizer, max_tokens=max_tokens)
+        loaded = load_inputs(spec, self.lm.tokenizer, max_tokens=max_tokens)
+        limit = self.lm.spec.max_positions(self.lm.config_dict)
+        if limit is not None:
+            loaded = fit_context(loaded, int(limit), self.lm.tokenizer.bos_token_id)
+            if loaded.note:
+                warnings.warn(loaded.note, stacklevel=2)
+        return loaded
 
     def trace(self, inputs: Inputs) -> Trace:
         """One ordinary forward pass per sequence, capturing every analysed MoE layer."""

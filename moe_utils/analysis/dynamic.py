@@ -114,8 +114,7 @@ def mean_norm_by_layer(ns: NormsScores) -> pd.DataFrame:
 
 
 def activation_ratios(lm: Any, tr: Trace, dense_lm: Any | None = None, dense_tr: Trace | None = None,
-                      threshold: float = M.ACTIVE_THRESHOLD if hasattr(M, "ACTIVE_THRESHOLD") else 1e-3
-                      ) -> pd.DataFrame:
+                      threshold: float = M.ACTIVE_THRESHOLD) -> pd.DataFrame:
     """Share of intermediate activations act(W_act x) with |value| > threshold, per layer and
     expert (App. H). "F" rows come from the dense baseline's own forward pass."""
     rows = []
@@ -184,12 +183,12 @@ def token_output_similarity(lm: Any, tr: Trace, dense_lm: Any | None = None,
         y, labels = _outputs_with_extras(lm, tr, layer, dense_lm, dense_tr)
         chosen = tr.per_layer[layer].topk_index.cpu().numpy()
         k = len(labels)
+        sims = M.token_similarity(y, angular=False)
         for t in range(y.shape[0]):
-            sim = M.cosine_matrix(y[t].numpy())
             frames.append(pd.DataFrame({
                 "layer": layer, "token_index": t, "token": labels_tok[t],
                 "chosen_text": ",".join(str(int(c)) for c in chosen[t]),
-                "expert_i": np.repeat(labels, k), "expert_j": np.tile(labels, k), "similarity": sim.ravel()}))
+                "expert_i": np.repeat(labels, k), "expert_j": np.tile(labels, k), "similarity": sims[t].ravel()}))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -200,10 +199,7 @@ def average_output_similarity(lm: Any, tr: Trace, dense_lm: Any | None = None,
     frames = []
     for layer in tr.layers:
         y, labels = _outputs_with_extras(lm, tr, layer, dense_lm, dense_tr)
-        acc = np.zeros((len(labels), len(labels)))
-        for t in range(y.shape[0]):
-            acc += M.angular_similarity(M.cosine_matrix(y[t].numpy()))
-        acc /= y.shape[0]
+        acc = M.mean_token_similarity(y, angular=True)
         k = len(labels)
         frames.append(pd.DataFrame({"layer": layer, "expert_i": np.repeat(labels, k),
                                     "expert_j": np.tile(labels, k), "similarity": acc.ravel()}))
