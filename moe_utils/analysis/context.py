@@ -17,7 +17,10 @@ import torch
 
 from ..errors import NotMoEModelError
 from ..inputs import Inputs, fit_context, load_inputs
-from ..loading import LoadedModel, load_model
+from ..arch import spec_for_config
+from ..arch.config import read_config_json
+from ..checkpoint import checkpoint_fingerprint, find_weight_files
+from ..loading import LoadedModel, load_model, resolve_model
 from ..results import write_result
 from ..trace import Trace, trace, trace_dense
 
@@ -96,6 +99,20 @@ class Study:
                             {**self.params, **(params or {})}, dict(tables), dict(summary))
 
 
+def checkpoint_only(model: str, revision: str | None = None, allow_pickle: bool = False) -> LoadedModel:
+    """Describe a checkpoint without building the model (``model`` attribute None), for analyses
+    that stream weights one layer at a time. ``random:`` ids have no checkpoint, so they are built."""
+    ref = resolve_model(model, revision)
+    if ref.path is None:
+        return load_model(model)
+    cfg = read_config_json(ref.path)
+    spec = spec_for_config(cfg)
+    files = find_weight_files(ref.path, allow_pickle=allow_pickle)
+    return LoadedModel(model=None, tokenizer=None, spec=spec, config=cfg, name=ref.name, path=ref.path,
+                       fingerprint=checkpoint_fingerprint(cfg, files), moe_layers=spec.moe_layers(cfg),
+                       is_moe=spec.is_moe)
+
+
 def _same_tokenizer(a: LoadedModel, b: LoadedModel) -> bool:
     probe = "As an open source alternative to\n    def forward(self, x):  # 1234"
     return a.tokenizer(probe)["input_ids"] == b.tokenizer(probe)["input_ids"]
@@ -103,24 +120,33 @@ def _same_tokenizer(a: LoadedModel, b: LoadedModel) -> bool:
 
 def open_study(model: str, dense_baseline: str | None = None, layers: Sequence[int] | None = None,
                dtype: str = "float32", device_map: Any = None, trust_remote_code: bool = False,
-               results_dir: str | Path | None = None, seed: int = 0, **params: Any) -> Study:
+               results_dir: str | Path | None = None, seed: int = 0, weights_only: bool = False,
+               **params: Any) -> Study:
     """Load the model under study (it must be an MoE) and, if given, its dense baseline.
 
-    The baseline is dropped with a warning when its tokenizer splits text differently, because
-    F outputs are compared token by token (the paper checks the same for Mistral and Mixtral).
+    ``weights_only`` skips building the models: weight analyses then stream the safetensors one
+    layer at a time, so even Mixtral 8x7B fits a machine with a few GB of memory. The baseline is
+    dropped with a warning when its tokenizer splits text differently, because F outputs are
+    compared token by token (the paper checks the same for Mistral and Mixtral).
     """
     torch.manual_seed(seed)
-    lm = load_model(model, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
+
+    def load(name: str) -> LoadedModel:
+        if weights_only:
+            return checkpoint_only(name)
+        return load_model(name, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
+
+    lm = load(model)
     if not lm.is_moe:
         raise NotMoEModelError(f"{model!r} is a dense model; the observation notebooks need a Mixture-of-Experts "
                                f"model. Pass a dense model as dense_baseline instead.")
     dense = None
     if dense_baseline:
-        dense = load_model(dense_baseline, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
+        dense = load(dense_baseline)
         if dense.is_moe:
             raise NotMoEModelError(f"dense_baseline {dense_baseline!r} is itself an MoE model; pass a dense model "
                                    f"(for Mixtral 8x7B that is Mistral 7B) or None.")
-        if not _same_tokenizer(lm, dense):
+        if not weights_only and not _same_tokenizer(lm, dense):
             warnings.warn(f"{dense_baseline!r} tokenizes text differently from {model!r}; the F baseline is "
                           f"left out of this page.", stacklevel=2)
             dense = None

@@ -1,0 +1,84 @@
+"""The observation notebooks, executed by papermill: stored clean, parameterised, and producing
+valid results files on the embedded organisms and on a random model of a second family
+(DeepSeek-V2: shared experts, a dense first layer)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from moe_utils.analysis import summary
+from moe_utils.results import VERDICTS, read_result
+
+NOTEBOOKS = sorted(Path(__file__).resolve().parents[1].joinpath("notebooks").glob("*.ipynb"))
+OBSERVATIONS = [p for p in NOTEBOOKS if p.stem.startswith("obs")]
+REQUIRED_PARAMETERS = {"model", "dense_baseline", "layers", "inputs", "max_tokens", "dtype", "device_map",
+                       "trust_remote_code", "seed", "results_dir"}
+
+
+def _moe_book(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moe_utils.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=1500)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebooks_are_stored_without_outputs(path: Path):
+    nb = nbformat.read(path, as_version=4)
+    assert not any(c.get("outputs") or c.get("execution_count") for c in nb.cells if c.cell_type == "code")
+    assert sum("parameters" in c.metadata.get("tags", []) for c in nb.cells) == 1
+
+
+@pytest.mark.parametrize("path", OBSERVATIONS, ids=[p.stem for p in OBSERVATIONS])
+def test_observation_notebooks_take_the_documented_parameters(path: Path):
+    nb = nbformat.read(path, as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    names = {line.split("=")[0].strip() for line in cell.source.splitlines() if "=" in line}
+    assert REQUIRED_PARAMETERS <= names
+
+
+def _check_results(folder: Path) -> dict[str, dict]:
+    found = {}
+    for nb in OBSERVATIONS:
+        res = read_result(folder / "results" / f"{nb.stem}.json")
+        for key, entry in res.summary.items():
+            assert entry["verdict"] in (*VERDICTS, None), (nb.stem, key, entry)
+        found[nb.stem] = res.summary
+    return found
+
+
+@pytest.mark.slow
+def test_observations_run_on_a_second_family_with_shared_experts(repo_root: Path, tmp_path: Path):
+    run = _moe_book("run", "--model", "random:deepseek_v2", "--notebooks", *[p.stem for p in OBSERVATIONS],
+                    "--out", str(tmp_path), cwd=repo_root)
+    assert run.returncode == 0, run.stdout + run.stderr
+    found = _check_results(tmp_path / "random-deepseek_v2")
+    assert 0.0 <= found["obs2_router_norms"]["top1_norm_agreement"]["value"] <= 1.0
+    sim = read_result(tmp_path / "random-deepseek_v2" / "results" / "obs1_neurons_as_experts.json").tables[
+        "weight_similarity"]
+    assert "SE" in set(sim.expert_i)                           # the shared expert joins the neuron-level maps
+    assert 0 not in set(sim.layer)                             # DeepSeek-V2's first layer is dense here
+
+
+@pytest.mark.slow
+def test_default_plan_runs_every_notebook_on_the_organisms(repo_root: Path, tmp_path: Path):
+    zoo = pytest.importorskip("moe_utils.zoo")
+    run = _moe_book("run", "--out", str(tmp_path), cwd=repo_root)
+    assert run.returncode == 0, run.stdout + run.stderr
+    for name in zoo.DEFAULT_MOE_MODELS:
+        found = _check_results(tmp_path / name)
+        obs2 = found["obs2_router_norms"]["top1_norm_agreement"]
+        assert obs2["ci_low"] <= obs2["value"] <= obs2["ci_high"]
+        executed = nbformat.read(tmp_path / name / "obs1_neurons_as_experts.ipynb", as_version=4)
+        injected = next(c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", []))
+        assert f'zoo:{zoo.DEFAULT_DENSE_BASELINE}' in injected.source
+    table = summary.collect(tmp_path)
+    verdicts = summary.verdict_table(table)
+    assert len(verdicts) == 3 * len(zoo.DEFAULT_MOE_MODELS)
+    assert (tmp_path / "book" / "summary.ipynb").exists()
+    meta = json.loads((tmp_path / "book" / "summary.ipynb").read_text())["metadata"]
+    assert "papermill" in meta
