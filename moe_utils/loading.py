@@ -77,8 +77,13 @@ def _zoo_path(name: str) -> Path:
     return Path(zoo_path(name))
 
 
-def resolve_model(model: str | Path, revision: str | None = None) -> ModelRef:
-    """Classify a model id; folders must exist, hub ids are fetched (or found in the local cache)."""
+def resolve_model(model: str | Path, revision: str | None = None,
+                  include_code: bool = False) -> ModelRef:
+    """Classify a model id; folders must exist, hub ids are fetched (or found in the local cache).
+
+    Hub downloads fetch config, safetensors and tokenizer files; Python files only when
+    ``include_code`` (i.e. the caller passed ``trust_remote_code=True``).
+    """
     text = str(model)
     if text.startswith("zoo:"):
         return ModelRef(text, "zoo", _zoo_path(text[4:]))
@@ -93,14 +98,16 @@ def resolve_model(model: str | Path, revision: str | None = None) -> ModelRef:
         raise CheckpointError(f"{text!r} is neither a model folder nor a hub id (org/name); pass a "
                               "folder containing config.json and *.safetensors, 'zoo:NAME' or "
                               "'random:FAMILY'")
-    return ModelRef(text, "hub", _hub_snapshot(text, revision))
+    return ModelRef(text, "hub", _hub_snapshot(text, revision, include_code))
 
 
-def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
-    """A local snapshot of a hub repo (config, safetensors, tokenizer; never code or pickles)."""
+def _hub_snapshot(repo_id: str, revision: str | None, include_code: bool = False) -> Path:
+    """A local snapshot of a hub repo (config, safetensors, tokenizer; code only if asked)."""
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+    if include_code:
+        patterns.append("*.py")
     try:
         return Path(snapshot_download(repo_id, revision=revision, local_files_only=True,
                                       allow_patterns=patterns))
@@ -109,10 +116,11 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as exc:  # noqa: BLE001 - any hub failure means we cannot get the files
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
         raise OfflineError(f"{repo_id!r} cannot be downloaded here ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0] if str(exc) else ''}). This machine has no "
-                           "access to the model hub: download the model elsewhere and pass its "
-                           "local folder instead.") from exc
+                           f"{first_line}) and is not in the local Hugging Face cache. If this "
+                           "machine is offline, download the model elsewhere and pass its local "
+                           "folder instead; otherwise check the id and revision.") from exc
 
 
 def resolve_folder(model: str | Path) -> Path:
@@ -171,7 +179,8 @@ def load_model(model: str | Path, dtype: str | torch.dtype = "float32", device_m
                revision: str | None = None, trust_remote_code: bool = False,
                allow_pickle: bool = False, *, seed: int = 0, require_moe_model: bool = False,
                experts_implementation: str | None = "grouped_mm",
-               offload_folder: str | Path | None = None) -> LoadedModel:
+               offload_folder: str | Path | None = None,
+               config_overrides: dict | None = None) -> LoadedModel:
     """Load ``model`` (see module docstring for accepted ids) in eval mode.
 
     Dense models load too (``is_moe=False``) so they can serve as the dense baseline; pass
@@ -179,13 +188,16 @@ def load_model(model: str | Path, dtype: str | torch.dtype = "float32", device_m
     family supports it (``grouped_mm`` is fast on CPU; never use ``batched_mm`` there).
     ``device_map``/``offload_folder`` are passed to accelerate (a ``"disk"`` entry offloads
     those modules; weight analyses then read the offloaded tensors from the checkpoint).
+    ``seed`` and ``config_overrides`` (e.g. ``{"num_hidden_layers": 8}``) apply to
+    ``random:`` ids only.
     """
     torch_dtype = as_dtype(dtype)
-    ref = resolve_model(model, revision)
+    ref = resolve_model(model, revision, include_code=trust_remote_code)
     if ref.kind == "random":
         from moe_utils.random_models import byte_tokenizer, random_fingerprint, random_model
 
-        module, config = random_model(ref.family, seed=seed, dtype=torch_dtype)
+        module, config = random_model(ref.family, seed=seed, dtype=torch_dtype,
+                                      **(config_overrides or {}))
         spec = get_spec(ref.family)
         fingerprint = random_fingerprint(ref.family, config, seed)
         tokenizer = byte_tokenizer()
@@ -193,6 +205,9 @@ def load_model(model: str | Path, dtype: str | torch.dtype = "float32", device_m
             module = _dispatch(module, device_map, offload_folder)
         path = None
     else:
+        if config_overrides:
+            raise ValueError("config_overrides only applies to random: ids; edit config.json of "
+                             f"{ref.name} instead")
         path = ref.path
         cfg = read_config_json(path)
         spec = spec_for_config(cfg)
