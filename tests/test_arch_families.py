@@ -24,6 +24,8 @@ EXPECTED_MOE_LAYERS = {
     "jamba": [1, 3],            # i % 2 == 1 of 4 layers
     "dbrx": [0, 1],
     "llama4": [1],              # interleave_moe_layer_step=2
+    "qwen3_next": [0, 1, 2, 3],
+    "hunyuan_v1_moe": [0, 1],
     "mistral": [],              # dense baseline
     "deepseek": None,           # weights-only (no tiny_config); see test_paper_configs
     "grok1": None,

@@ -307,6 +307,44 @@ LLAMA4 = FamilySpec(
                      interleave_moe_layer_step=2),
 )
 
+QWEN3_NEXT = FamilySpec(
+    name="qwen3_next",
+    model_types=("qwen3_next",),
+    architectures=("Qwen3NextForCausalLM",),
+    description="Qwen3-Next: hybrid linear/full attention, 512 experts + gated shared expert",
+    defaults={"norm_topk_prob": True, "decoder_sparse_step": 1},
+    keys=ConfigKeys(expert_intermediate=("moe_intermediate_size",)),
+    layer_rule=LayerRule("sparse_step"),
+    modules=QWEN2_MOE.modules,
+    memory=QWEN2_MOE.memory,
+    disk=QWEN2_MOE.disk,
+    routing=RoutingSpec("softmax_topk", renormalize_key="norm_topk_prob"),
+    config_class="Qwen3NextConfig",
+    tiny_config=dict(_TINY, head_dim=8, intermediate_size=48, moe_intermediate_size=24,
+                     shared_expert_intermediate_size=40, num_hidden_layers=4, num_experts=4,
+                     num_experts_per_tok=2, linear_num_key_heads=2, linear_num_value_heads=4,
+                     linear_key_head_dim=8, linear_value_head_dim=8,
+                     layer_types=["linear_attention", "full_attention"] * 2),
+)
+
+_HUNYUAN_SHARED = _mlp("mlp.shared_mlp")
+HUNYUAN_MOE = FamilySpec(
+    name="hunyuan_v1_moe",
+    model_types=("hunyuan_v1_moe",),
+    architectures=("HunYuanMoEV1ForCausalLM",),
+    description="Hunyuan-MoE: fp32 router gate.wg, softmax top-k renormalised, one shared MLP",
+    keys=ConfigKeys(top_k=("moe_topk", "num_experts_per_tok")),
+    modules=ModulePaths(router="gate", router_weight="wg.weight", shared="shared_mlp"),
+    memory=WeightFormat("memory", moe=MoETensors("mlp.gate.wg.weight", _under("mlp", _FUSED),
+                                                 shared=_HUNYUAN_SHARED)),
+    disk=(WeightFormat("original", moe=MoETensors("mlp.gate.wg.weight", _under("mlp", _PER_EXPERT),
+                                                  shared=_HUNYUAN_SHARED)),),
+    routing=RoutingSpec("softmax_topk", renormalize=True),
+    config_class="HunYuanMoEV1Config",
+    tiny_config=dict(_TINY, head_dim=8, intermediate_size=24, num_hidden_layers=2, num_experts=4,
+                     moe_topk=2),
+)
+
 # ---- weights-only families (publisher code, not in transformers) ---------------------------
 DEEPSEEK_MOE = FamilySpec(
     name="deepseek",
@@ -363,5 +401,5 @@ MISTRAL_DENSE = FamilySpec(
 
 FAMILIES: tuple[FamilySpec, ...] = (
     MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, DEEPSEEK_V2, DEEPSEEK_V3, GPT_OSS, PHIMOE, GRANITEMOE,
-    JAMBA, DBRX, LLAMA4, DEEPSEEK_MOE, GROK1, MISTRAL_DENSE,
+    JAMBA, DBRX, LLAMA4, QWEN3_NEXT, HUNYUAN_MOE, DEEPSEEK_MOE, GROK1, MISTRAL_DENSE,
 )

@@ -21,6 +21,19 @@ from typing import Any, Literal, Mapping
 
 from moe_utils.arch.config import first_of, get_path, is_missing
 
+def _scalar(value: Any, what: str) -> int:
+    """An int from a config value; per-layer lists are accepted when all entries agree."""
+    if isinstance(value, (list, tuple)):
+        distinct = set(value)
+        if len(distinct) != 1:
+            from moe_utils.errors import UnknownFamilyError
+
+            raise UnknownFamilyError(f"the config gives a different {what} per layer ({value}); "
+                                     "per-layer values are not supported yet")
+        value = distinct.pop()
+    return int(value)
+
+
 @dataclass(frozen=True)
 class ConfigKeys:
     """Config keys (aliases, highest priority first) for the numbers every family has."""
@@ -264,10 +277,11 @@ class FamilySpec:
         return int(self.value(cfg, self.keys.num_layers, "number of layers"))
 
     def num_experts(self, cfg: Mapping) -> int:
-        return int(self.value(cfg, self.keys.num_experts, "number of experts"))
+        return _scalar(self.value(cfg, self.keys.num_experts, "number of experts"),
+                       "number of experts")
 
     def top_k(self, cfg: Mapping) -> int:
-        return int(self.value(cfg, self.keys.top_k, "experts per token (top-k)"))
+        return _scalar(self.value(cfg, self.keys.top_k, "experts per token (top-k)"), "top-k")
 
     def hidden_size(self, cfg: Mapping) -> int:
         return int(self.value(cfg, self.keys.hidden_size, "hidden size"))
