@@ -160,13 +160,16 @@ class FolderSource:
 def open_source(source: Any, allow_pickle: bool) -> tuple[TensorSource, FamilySpec]:
     """Wrap a LoadedModel / nn.Module / folder / hub id as a tensor source with its spec."""
     spec = getattr(source, "spec", None)
-    model = getattr(source, "model", None)
-    if isinstance(model, nn.Module) and isinstance(spec, FamilySpec):  # LoadedModel
-        folder = getattr(source, "path", None)
-        if folder is not None and any(p.device.type == "meta" for p in model.parameters()):
-            # offloaded by accelerate: read the same tensors from the checkpoint instead
+    if isinstance(spec, FamilySpec) and hasattr(source, "model"):       # a LoadedModel
+        model, folder = source.model, getattr(source, "path", None)
+        offloaded = isinstance(model, nn.Module) and any(p.device.type == "meta" for p in model.parameters())
+        if folder is not None and (model is None or offloaded):
+            # not built (weights-only) or offloaded by accelerate: read the checkpoint instead
             return FolderSource(Path(folder), allow_pickle=allow_pickle), spec
-        return ModelSource(model), spec
+        if isinstance(model, nn.Module):
+            return ModelSource(model), spec
+        raise TypeError(f"{getattr(source, 'name', 'this model')} has neither a built model nor a "
+                        "checkpoint folder to read weights from")
     if isinstance(source, nn.Module):
         src = ModelSource(source)
         return src, spec_for_config(src.config)

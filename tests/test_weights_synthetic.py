@@ -131,3 +131,16 @@ def test_no_weights_at_all(tmp_path):
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no weight files"):
         dense_mlp_weights(tmp_path, 0)
+
+
+def test_loaded_model_without_module_streams_from_its_folder(tmp_path):
+    """A weights-only LoadedModel (model=None) reads its checkpoint with its own spec."""
+    from moe_utils.arch import get_spec
+    from moe_utils.loading import LoadedModel
+
+    t = synthetic_deepseekmoe(tmp_path)
+    cfg = read_config_json(tmp_path)
+    lm = LoadedModel(model=None, tokenizer=None, spec=get_spec("deepseek"), config=cfg, name="ds",
+                     path=tmp_path, fingerprint="x", moe_layers=[1, 2])
+    assert [w.layer for w in iter_layer_weights(lm)] == [1, 2]
+    assert torch.equal(layer_weights(lm, 1).router, t["model.layers.1.mlp.gate.weight"])
