@@ -16,7 +16,7 @@ import threading
 from functools import lru_cache
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 
@@ -191,20 +191,6 @@ class CheckpointReader:
         except Exception as exc:  # safetensors raises its own error type for absent names
             raise CheckpointError(f"{path.name} should hold {name!r} according to the index but "
                                   f"does not ({exc}); the shard is partial: download it again") from exc
-
-    def row_chunks(self, name: str, rows: int) -> Iterator[torch.Tensor]:
-        """Yield consecutive row blocks of tensor ``name`` (copies of at most ``rows`` rows)."""
-        path = self.file_of(name)
-        if self.files.kind == "pickle":
-            tensor = self.get(name)
-            for start in range(0, tensor.shape[0], rows):
-                yield tensor[start:start + rows]
-            return
-        handle = self._open(path)
-        piece = handle.get_slice(name)
-        total = piece.get_shape()[0]
-        for start in range(0, total, rows):
-            yield piece[start:min(start + rows, total)]
 
     def part(self, name: str, index: tuple) -> torch.Tensor:
         """``tensor[index]`` for basic slices, reading only the addressed bytes (a copy)."""

@@ -16,10 +16,6 @@ from moe_utils.weights import DenseMLPWeights, MoELayerWeights
 Tensor = torch.Tensor
 
 
-def _f32(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.float()
-
-
 def _bias(b: Tensor | None, e: int) -> Tensor | None:
     return None if b is None else b[e].float()
 

@@ -18,8 +18,7 @@ from torch import nn
 from moe_utils.arch import FamilySpec, get_spec, require_moe, spec_for_config, supported_families
 from moe_utils.arch.config import config_dict, read_config_json
 from moe_utils.checkpoint import checkpoint_fingerprint, find_weight_files
-from moe_utils.errors import (CheckpointError, MoEUtilsError, OfflineError,
-                              RemoteCodeRequiredError)
+from moe_utils.errors import CheckpointError, OfflineError, RemoteCodeRequiredError
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -254,4 +253,4 @@ def supported() -> str:
 
 
 __all__ = ["LoadedModel", "ModelRef", "as_dtype", "load_model", "load_tokenizer",
-           "resolve_folder", "resolve_model", "MoEUtilsError"]
+           "resolve_folder", "resolve_model"]

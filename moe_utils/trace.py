@@ -296,13 +296,16 @@ def _run(lm, seqs: list[Tensor], hooks: dict[int, Any], kind: str) -> Trace:
     try:
         with torch.inference_mode():
             for s, ids in enumerate(seqs):
+                before = {layer: len(h.store.get("x", [])) for layer, h in hooks.items()}
                 lm.model(input_ids=ids.unsqueeze(0).to(device), use_cache=False)
                 for layer, h in hooks.items():
-                    got = sum(t.shape[0] for t in h.store.get("x", [])[-1:])
-                    if got != ids.numel():
-                        raise MoEUtilsError(f"layer {layer}: hooks saw {got} tokens for sequence {s} "
-                                            f"of {ids.numel()} tokens; the block was called more "
-                                            "than once per forward pass")
+                    new = h.store.get("x", [])[before[layer]:]
+                    if len(new) != 1 or new[0].shape[0] != ids.numel():
+                        raise MoEUtilsError(
+                            f"layer {layer}: expected one call of the block with {ids.numel()} "
+                            f"tokens for sequence {s}, saw {len(new)} call(s) with "
+                            f"{[t.shape[0] for t in new]} tokens; the model does not run each "
+                            "block once per forward pass, so it cannot be traced this way")
     finally:
         for h in hooks.values():
             h.remove()
