@@ -14,7 +14,7 @@ from scipy.stats import linregress
 from moe_utils.analysis import dynamic, static, summary, verdicts
 from moe_utils.results import write_result
 from moe_utils.trace import trace
-from tests.tiny_models import sequences, tiny
+from tiny_models import sequences, tiny
 
 
 def _mixtral_expert_mats(lm, layer: int) -> dict[str, torch.Tensor]:

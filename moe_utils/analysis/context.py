@@ -48,16 +48,14 @@ class Study:
         return int(self.lm.spec.top_k(self.lm.config_dict))
 
     @property
-    def weights_source(self) -> Any:
-        """Where weight-only analyses read from: the checkpoint folder (streamed one layer at a
-        time) when there is one, else the loaded model."""
-        return self.lm.path if self.lm.path is not None else self.lm.model
+    def weights_source(self) -> LoadedModel:
+        """Where weight-only analyses read from: the loaded model, or (``weights_only``) its
+        checkpoint, streamed one layer at a time."""
+        return self.lm
 
     @property
-    def dense_weights_source(self) -> Any:
-        if self.dense is None:
-            return None
-        return self.dense.path if self.dense.path is not None else self.dense.model
+    def dense_weights_source(self) -> LoadedModel | None:
+        return self.dense
 
     def describe(self) -> pd.DataFrame:
         """A one-row-per-fact description of the model, for the top of each page."""

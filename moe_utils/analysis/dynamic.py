@@ -49,7 +49,7 @@ def norms_and_scores(lm: Any, tr: Trace, chunk_tokens: int = 1024) -> NormsScore
     norms, scores, chosen = {}, {}, {}
     for layer in tr.layers:
         lt = tr.per_layer[layer]
-        w = layer_weights(lm.model, layer)
+        w = layer_weights(lm, layer)
         y = expert_outputs(w, lt.x, chunk_tokens=chunk_tokens)
         norms[layer] = y.float().norm(dim=-1).cpu().numpy()
         scores[layer] = router_scores(lt).float().cpu().numpy()
@@ -119,7 +119,7 @@ def activation_ratios(lm: Any, tr: Trace, dense_lm: Any | None = None, dense_tr:
     expert (App. H). "F" rows come from the dense baseline's own forward pass."""
     rows = []
     for layer in tr.layers:
-        w = layer_weights(lm.model, layer)
+        w = layer_weights(lm, layer)
         if w.w_act is None:
             continue
         inter = expert_intermediates(w, tr.per_layer[layer].x)
@@ -127,7 +127,7 @@ def activation_ratios(lm: Any, tr: Trace, dense_lm: Any | None = None, dense_tr:
         for e, v in enumerate(r.per_expert):
             rows.append({"layer": layer, "expert": str(e), "ratio": float(v)})
         if dense_lm is not None and dense_tr is not None and layer in dense_tr.per_layer:
-            dw = dense_mlp_weights(dense_lm.model, layer)
+            dw = dense_mlp_weights(dense_lm, layer)
             rf = M.activation_ratio(dense_intermediates(dw, dense_tr.per_layer[layer].x), threshold=threshold)
             rows.append({"layer": layer, "expert": "F", "ratio": float(rf.overall)})
     return pd.DataFrame(rows)
@@ -138,7 +138,7 @@ def intermediate_frame(lm: Any, tr: Trace, layer: int, dense_lm: Any | None = No
     """act(W_act x) for every token, expert (and F) of one layer, first ``max_neurons`` neurons
     (the paper's Fig. 12 heat map)."""
     labels = token_labels(tr)
-    w = layer_weights(lm.model, layer)
+    w = layer_weights(lm, layer)
     inter = expert_intermediates(w, tr.per_layer[layer].x)[..., :max_neurons].float().cpu().numpy()
     n, e, i = inter.shape
     frames = [pd.DataFrame({"layer": layer, "token_index": np.repeat(np.arange(n), e * i),
@@ -146,7 +146,7 @@ def intermediate_frame(lm: Any, tr: Trace, layer: int, dense_lm: Any | None = No
                             "expert": np.tile(np.repeat([str(k) for k in range(e)], i), n),
                             "neuron": np.tile(np.arange(i), n * e), "value": inter.ravel()})]
     if dense_lm is not None and dense_tr is not None and layer in dense_tr.per_layer:
-        dw = dense_mlp_weights(dense_lm.model, layer)
+        dw = dense_mlp_weights(dense_lm, layer)
         f = dense_intermediates(dw, dense_tr.per_layer[layer].x)[..., :max_neurons].float().cpu().numpy()
         frames.append(pd.DataFrame({"layer": layer, "token_index": np.repeat(np.arange(n), i),
                                     "token": np.repeat(labels, i), "expert": "F",
@@ -158,12 +158,12 @@ def _outputs_with_extras(lm: Any, tr: Trace, layer: int, dense_lm: Any | None,
                          dense_tr: Trace | None) -> tuple[torch.Tensor, list[str]]:
     """[N, E(+F)(+SE), H] raw outputs of every expert, the F baseline and the shared expert."""
     lt = tr.per_layer[layer]
-    w = layer_weights(lm.model, layer)
+    w = layer_weights(lm, layer)
     y = expert_outputs(w, lt.x).float()
     labels = [str(e) for e in range(y.shape[1])]
     extra = []
     if dense_lm is not None and dense_tr is not None and layer in dense_tr.per_layer:
-        extra.append(dense_outputs(dense_mlp_weights(dense_lm.model, layer), dense_tr.per_layer[layer].x).float())
+        extra.append(dense_outputs(dense_mlp_weights(dense_lm, layer), dense_tr.per_layer[layer].x).float())
         labels.append("F")
     if w.shared is not None:
         extra.append(dense_outputs(w.shared, lt.x).float())
