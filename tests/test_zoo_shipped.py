@@ -12,9 +12,12 @@ from moe_utils.zoo import DEFAULT_DENSE_BASELINE, DEFAULT_MOE_MODELS, ZOO_MODELS
 from moe_utils.zoo.corpus import heldout_paragraphs
 from moe_utils.zoo.evaluate import encode_docs, expert_load, load_unigram_counts, make_windows, model_nll, targets_of, unigram_nll
 
-# Experts that never enter a top-2 on the ten shipped held-out paragraphs, per model (measured;
-# a change means the shipped weights or the routing code changed).
-EXPECTED_DEAD_EXPERTS = {"tiny-moe-upcycled": 0, "tiny-moe-scratch": 0}
+# Experts that never enter a top-2 on the ten shipped held-out paragraphs (~1,100 tokens), per
+# model, as measured on the shipped weights: upcycled (layer, expert) (1, 3), (2, 1), (3, 1);
+# scratch (3, 5), (6, 3). On the whole held-out split (147k tokens) the counts are 2 and 0: the
+# load-balancing loss (coefficient 0.01) over this short training left the load uneven, and a few
+# experts are chosen very rarely. A change here means the shipped weights or the routing changed.
+EXPECTED_DEAD_EXPERTS = {"tiny-moe-upcycled": 3, "tiny-moe-scratch": 2}
 MIN_MARGIN_NATS = 1.0  # every model must beat the unigram baseline by at least this much
 
 

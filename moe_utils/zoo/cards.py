@@ -11,6 +11,12 @@ from moe_utils.zoo import PAPER_COUNTERPART
 from moe_utils.zoo.configs import TRAIN_SPECS
 
 STARTS_AFTER = {"tiny-moe-upcycled": "tiny-dense"}  # whose training tokens precede this model's
+# How the shipped models were produced (two processes at once, one torch thread each).
+SHIPPED_COMMANDS = {
+    "tiny-dense": "python -m moe_utils.zoo.train --models tiny-dense tiny-moe-upcycled --out zoo-build --resume --threads 1",
+    "tiny-moe-upcycled": "python -m moe_utils.zoo.train --models tiny-dense tiny-moe-upcycled --out zoo-build --resume --threads 1",
+    "tiny-moe-scratch": "python -m moe_utils.zoo.train --models tiny-moe-scratch --out zoo-build --resume --threads 1",
+}
 
 
 def parameter_counts(config: dict) -> dict:
@@ -130,8 +136,9 @@ def write_card(folder: Path, name: str, info: dict, ev: dict, corpus: dict, prev
         "(documents joined by `</s>`).",
         f"- Training time: {info['training_seconds'] / 60:.1f} min wall clock on a shared 2-core CPU "
         f"({info['torch_threads']} torch thread(s), torch {info['torch_version']}).",
-        f"- Command: `{info.get('command', 'moe-book zoo train --models ' + name)}` (checkpoints are resumable "
-        "with `--resume`).", "",
+        f"- Command: `{info.get('command') or SHIPPED_COMMANDS.get(name, 'moe-book zoo train --models ' + name)}` "
+        "(`python -m moe_utils.zoo.train` is what `moe-book zoo train` runs; `tiny-moe-scratch` trained in a second "
+        "process at the same time as the other two; checkpoints are resumable with `--resume`).", "",
         "## Data", "",
         f"- CPython {corpus['python_version']} documentation topics (`pydoc_data.topics`), standard-library docstrings "
         f"(extracted with `ast`) and {corpus['source_per_mille'] / 10:.0f} % of standard-library source files "

@@ -270,7 +270,7 @@ def _save_model(model, folder: Path, tokenizer_dir: Path) -> None:
 
 
 def run_one(name: str, out: Path, *, resume: bool, force: bool, max_seconds: float | None, progress: bool,
-            log=print) -> bool:
+            log=print, command: str | None = None) -> bool:
     """Train one organism into ``out/models/name``; returns True when finished."""
     from transformers import AutoModelForCausalLM
 
@@ -309,7 +309,7 @@ def run_one(name: str, out: Path, *, resume: bool, force: bool, max_seconds: flo
     _save_model(model, final, out / "tokenizer")
     info = {"name": name, "train_spec": spec.as_dict(), "training_seconds": res["elapsed"],
             "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
-            "machine": platform.processor() or platform.machine(), "log": res["log"]}
+            "machine": platform.processor() or platform.machine(), "command": command, "log": res["log"]}
     (final / "training_log.json").write_text(json.dumps(info, indent=1))
     log(f"{name}: done in {res['elapsed']:.0f} s")
     return True
@@ -368,7 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in names:
             left = None if deadline is None else max(1.0, deadline - time.time())
             if not run_one(name, out, resume=args.resume, force=args.force, max_seconds=left,
-                           progress=not args.no_progress):
+                           progress=not args.no_progress,
+                           command="moe-book zoo train " + " ".join(argv if argv is not None else sys.argv[1:])):
                 return 3
     from moe_utils.zoo.cards import finalize_model
 
