@@ -120,3 +120,21 @@ def test_organisms_table_matches_the_models_and_equal_budgets():
     # the upcycled model's budget counts its dense pre-training: equal to the scratch model's
     assert table.loc["tiny-moe-upcycled", "training tokens"] == table.loc["tiny-moe-scratch", "training tokens"]
     assert table.loc["tiny-dense", "training tokens"] == table.loc["tiny-moe-upcycled", "of which as this model"]
+
+
+def test_corpus_and_long_preset_rebuild_identically_on_the_same_python(tokenizer, tmp_path):
+    """The shipped corpus hash and long preset are reproducible from this interpreter's stdlib."""
+    import sys
+
+    from moe_utils.zoo.corpus import build_corpus, long_heldout_path
+    from moe_utils.zoo.heldout import select_paragraphs, write_long_heldout
+
+    shipped = json.loads((zoo_path(DEFAULT_DENSE_BASELINE).parent / "corpus.json").read_text())
+    if sys.version.split()[0] != shipped["python_version"]:
+        pytest.skip(f"corpus was built with Python {shipped['python_version']}; the stdlib differs here")
+    corpus = build_corpus()
+    if corpus.meta["sha256_all"] != shipped["sha256_all"]:
+        pytest.skip("same Python version but a different standard library build (patched distribution)")
+    paras, sources = select_paragraphs(corpus, tokenizer)
+    write_long_heldout(tmp_path / "long.txt", paras, sources, corpus.meta)
+    assert (tmp_path / "long.txt").read_text() == long_heldout_path().read_text()

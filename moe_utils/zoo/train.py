@@ -377,7 +377,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if (out / "models" / name / "model.safetensors").exists():
             finalize_model(out, name)
     if args.install:
-        install(out, names, args.force)
+        try:
+            install(out, names, args.force)
+        except FileExistsError as err:
+            raise SystemExit(f"not installed: {err}") from None
     return 0
 
 
