@@ -1,7 +1,7 @@
 """Byte-level BPE tokenizer of the model organisms (trained with the ``tokenizers`` library).
 
 Vocabulary 4096: large enough that common English words and Python keywords are single tokens
-(about 3.5 characters per token on this corpus), small enough that the tied embedding matrix
+(about 3.3 characters per token on the held-out split), small enough that the tied embedding matrix
 (4096 x 128 = 0.5 M parameters) stays a minor share of each model. ``<s>`` is prepended by the
 post-processor, as in Llama/Mistral tokenizers, so the paper's short prompt
 ``<s> As an open source alternative to`` is reproduced by encoding the plain sentence.
