@@ -44,16 +44,23 @@ def targets_of(windows: Sequence[Sequence[int]]) -> np.ndarray:
 
 
 @torch.no_grad()
-def model_nll(model, windows: Sequence[Sequence[int]]) -> float:
-    """Mean next-token cross-entropy (nats/token) of ``model`` over the windows, one pass each."""
+@torch.no_grad()
+def model_nll(model, windows: Sequence[Sequence[int]], batch_size: int = 16) -> float:
+    """Mean next-token cross-entropy (nats/token) of ``model`` over the windows, one pass each
+    (windows of equal length are batched together)."""
     model.eval()
     total, count = 0.0, 0
+    by_length: dict[int, list[list[int]]] = {}
     for w in windows:
-        ids = torch.tensor([list(w)], dtype=torch.long)
-        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")
-        total += float(nll)
-        count += ids.shape[1] - 1
+        by_length.setdefault(len(w), []).append(list(w))
+    for group in by_length.values():
+        for start in range(0, len(group), batch_size):
+            ids = torch.tensor(group[start:start + batch_size], dtype=torch.long)
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                                    reduction="sum")
+            total += float(nll)
+            count += ids[:, 1:].numel()
     return total / max(count, 1)
 
 
@@ -70,7 +77,7 @@ def unigram_nll(counts: np.ndarray, targets: np.ndarray, alpha: float = 1.0) -> 
 
 
 @torch.no_grad()
-def expert_load(model, windows: Sequence[Sequence[int]]) -> np.ndarray:
+def expert_load(model, windows: Sequence[Sequence[int]], batch_size: int = 16) -> np.ndarray:
     """Top-k selection counts ``[layers, experts]`` of a Mixtral-style model over the windows
     (every position is counted, the leading ``<s>`` included).
 
@@ -82,12 +89,16 @@ def expert_load(model, windows: Sequence[Sequence[int]]) -> np.ndarray:
     E = cfg.num_local_experts
     counts = np.zeros((cfg.num_hidden_layers, E), dtype=np.int64)
     model.eval()
+    by_length: dict[int, list[list[int]]] = {}
     for w in windows:
-        ids = torch.tensor([list(w)], dtype=torch.long)
-        out = model(input_ids=ids, use_cache=False, output_router_logits=True)
-        for layer, logits in enumerate(out.router_logits):
-            top = torch.topk(logits.float().reshape(-1, E), k, dim=-1).indices
-            counts[layer] += np.bincount(top.reshape(-1).numpy(), minlength=E)
+        by_length.setdefault(len(w), []).append(list(w))
+    for group in by_length.values():
+        for start in range(0, len(group), batch_size):
+            ids = torch.tensor(group[start:start + batch_size], dtype=torch.long)
+            out = model(input_ids=ids, use_cache=False, output_router_logits=True)
+            for layer, logits in enumerate(out.router_logits):
+                top = torch.topk(logits.float().reshape(-1, E), k, dim=-1).indices
+                counts[layer] += np.bincount(top.reshape(-1).numpy(), minlength=E)
     return counts
 
 
