@@ -316,10 +316,13 @@ def tidy_file(path: Path, base: Path | None = None) -> None:
 
 @contextlib.contextmanager
 def kernel_environment() -> Iterator[None]:
-    """Environment for the notebook kernels: ``BOOK_BUILD=1`` and a ``python3`` kernel that is
-    this interpreter (a user-level ``python3`` kernelspec pointing elsewhere would miss moe_utils).
+    """Environment for the notebook kernels: ``BOOK_BUILD=1``, progress bars off (tqdm and
+    Hugging Face bars would be saved as widgets frozen mid-way into the static pages), and a
+    ``python3`` kernel that is this interpreter (a user-level ``python3`` kernelspec pointing
+    elsewhere would miss moe_utils).
     """
-    saved = {key: os.environ.get(key) for key in ("BOOK_BUILD", "JUPYTER_PATH")}
+    settings = {"BOOK_BUILD": "1", "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    saved = {key: os.environ.get(key) for key in (*settings, "JUPYTER_PATH")}
     with tempfile.TemporaryDirectory(prefix="moe-book-kernel-") as tmp:
         spec_dir = Path(tmp) / "kernels" / "python3"
         spec_dir.mkdir(parents=True)
@@ -329,7 +332,7 @@ def kernel_environment() -> Iterator[None]:
             "language": "python",
         }
         (spec_dir / "kernel.json").write_text(json.dumps(spec), encoding="utf-8")
-        os.environ["BOOK_BUILD"] = "1"
+        os.environ.update(settings)
         os.environ["JUPYTER_PATH"] = os.pathsep.join(p for p in (tmp, saved["JUPYTER_PATH"]) if p)
         try:
             yield
