@@ -289,3 +289,17 @@ def intermediate_heatmap(df: pd.DataFrame, *, title: str = "") -> alt.VConcatCha
         text="'token ' + datum.token").mark_text(align="left", fontSize=13, fontWeight="bold").encode(
         text="text:N").properties(height=16)
     return alt.vconcat(label.add_params(tok), chart, title=title)
+
+
+def grid_heatmap(df: pd.DataFrame, *, x: str, y: str, value: str, title: str = "", value_title: str | None = None,
+                 domain: tuple[float, float] | None = None, scheme: str = "viridis", cell: int = 22) -> alt.Chart:
+    """A plain heat map of ``value`` over two categorical axes (e.g. layer x expert), no slider."""
+    xs = list(dict.fromkeys(df[x].astype(str)))
+    ys = list(dict.fromkeys(df[y].astype(str)))
+    data = df.assign(**{x: df[x].astype(str), y: df[y].astype(str)})
+    scale = alt.Scale(scheme=scheme, domain=list(domain)) if domain else alt.Scale(scheme=scheme)
+    return alt.Chart(data).mark_rect().encode(
+        x=alt.X(f"{x}:N", sort=xs, title=x), y=alt.Y(f"{y}:N", sort=ys, title=y),
+        color=alt.Color(f"{value}:Q", scale=scale, title=value_title or value),
+        tooltip=[f"{x}:N", f"{y}:N", alt.Tooltip(f"{value}:Q", format=".4f")],
+    ).properties(title=title, width=max(160, cell * len(xs)), height=max(100, cell * len(ys)))

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 
 import pandas as pd
 import torch
+import transformers
 
 from ..errors import NotMoEModelError
 from ..inputs import Inputs, fit_context, load_inputs
@@ -128,6 +129,7 @@ def open_study(model: str, dense_baseline: str | None = None, layers: Sequence[i
     compared token by token (the paper checks the same for Mistral and Mixtral).
     """
     torch.manual_seed(seed)
+    transformers.logging.disable_progress_bar()
 
     def load(name: str) -> LoadedModel:
         if weights_only:

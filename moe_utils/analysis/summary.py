@@ -52,14 +52,20 @@ def headline_rows(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def _effect(value: object, low: object, high: object) -> str:
+    return f"{_fmt(value)} [{_fmt(low)}, {_fmt(high)}]" if _fmt(low) else _fmt(value)
+
+
 def verdict_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Observations x models: effect size, 95% interval and verdict, with the paper's values."""
+    """Observations x models: verdict, effect size and 95% interval, with the paper's values."""
     out = headline_rows(table)
-    out["effect (95% CI)"] = [f"{_fmt(v)} ({_fmt(lo)} to {_fmt(hi)})" if _fmt(lo) else _fmt(v)
-                              for v, lo, hi in zip(out.value, out.ci_low, out.ci_high)]
-    out["baseline"] = out.baseline.map(_fmt)
-    return out.set_index(["observation", "model"])[["quantity", "effect (95% CI)", "baseline", "verdict", "note",
-                                                     "paper"]].sort_index()
+    out["cell"] = [f"{v}: {_effect(x, lo, hi)}" for v, x, lo, hi in zip(out.verdict, out.value, out.ci_low, out.ci_high)]
+    wide = out.pivot(index="observation", columns="model", values="cell")
+    meta = out.groupby("observation").agg(quantity=("quantity", "first"), baseline=("baseline", "first"),
+                                          paper=("paper", "first"))
+    meta["baseline"] = meta["baseline"].map(_fmt)
+    meta = meta.rename(columns={"paper": "paper (its models)"})
+    return pd.concat([meta[["quantity", "baseline"]], wide, meta[["paper (its models)"]]], axis=1)
 
 
 def verdict_chart(table: pd.DataFrame) -> alt.Chart:
@@ -74,12 +80,13 @@ def verdict_chart(table: pd.DataFrame) -> alt.Chart:
 
 
 def detail_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Every summary number with its interval, baseline, verdict and the paper's values."""
+    """Every summary number per model (value [95% CI] and verdict), with the paper's values."""
     out = table.copy()
-    for col in ("value", "ci_low", "ci_high", "baseline"):
-        out[col] = out[col].map(_fmt)
-    return out.set_index(["analysis", "quantity", "model"])[["value", "ci_low", "ci_high", "baseline", "verdict",
-                                                             "paper", "note"]].sort_index()
+    out["cell"] = [_effect(x, lo, hi) + (f" ({v})" if isinstance(v, str) and v else "")
+                   for x, lo, hi, v in zip(out.value, out.ci_low, out.ci_high, out.verdict)]
+    wide = out.pivot(index=["analysis", "quantity"], columns="model", values="cell")
+    paper = out.groupby(["analysis", "quantity"])["paper"].first().rename("paper (its models)")
+    return pd.concat([wide, paper], axis=1)
 
 
 def narrative(table: pd.DataFrame) -> str:
