@@ -98,3 +98,21 @@ def narrative(table: pd.DataFrame) -> str:
                 for row in g.sort_values("observation").itertuples()]
         parts.append(f"- **{model}**: " + "; ".join(bits) + ".")
     return "\n".join(parts)
+
+
+def per_layer_across_models(runs_dir: str | Path, analysis: str, table: str, value: str,
+                            query: str | None = None, group: str = "layer") -> pd.DataFrame:
+    """One per-layer series per model, read from a table of each model's results file.
+
+    ``query`` filters the table first (pandas query syntax); values are averaged per layer.
+    """
+    frames = []
+    for path in sorted(Path(runs_dir).glob(f"*/results/{analysis}.json")):
+        res = read_result(path)
+        if table not in res.tables:
+            continue
+        t = res.tables[table]
+        if query:
+            t = t.query(query)
+        frames.append(t.groupby(group, as_index=False)[value].mean().assign(model=res.model))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[group, value, "model"])
