@@ -163,7 +163,7 @@ def build_book(
     root = Path(root).resolve()
     if not (root / "_config.yml").exists():
         raise MoEUtilsError(f"{root} has no _config.yml; run moe-book build from the repository root")
-    runs = (root / runs_dir).resolve() if not Path(runs_dir).is_absolute() else Path(runs_dir).resolve()
+    runs = (root / runs_dir).resolve()  # an absolute runs_dir stays as it is
     if not runs.is_relative_to(root):
         raise MoEUtilsError(f"runs folder {runs} must be inside the book folder {root}")
     index = collect_runs(runs)
