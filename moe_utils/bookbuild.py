@@ -15,6 +15,7 @@ papermill saved are published as they are. Notebooks whose run failed are left o
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -174,6 +175,9 @@ def build_book(
     toc = write_toc(make_toc(index, root), root / GENERATED_TOC)
     check_assets(root, log)
     build_dir = Path(build_dir).resolve() if build_dir is not None else root
+    # Sphinx builds incrementally: pages of models no longer under the runs folder would stay in
+    # the site, unlinked but published. Start the HTML output afresh (the doctree cache is kept).
+    shutil.rmtree(build_dir / "_build" / "html", ignore_errors=True)
     cmd = [
         sys.executable, "-c", "from jupyter_book.cli.main import main; main()",
         "build", str(root), "--toc", str(toc), "--path-output", str(build_dir),
