@@ -44,23 +44,28 @@ def targets_of(windows: Sequence[Sequence[int]]) -> np.ndarray:
 
 
 @torch.no_grad()
+def _batches(windows: Sequence[Sequence[int]], batch_size: int):
+    """Token windows as ``[B, T]`` tensors, windows of equal length batched together."""
+    by_length: dict[int, list[list[int]]] = {}
+    for w in windows:
+        by_length.setdefault(len(w), []).append(list(w))
+    for group in by_length.values():
+        for start in range(0, len(group), batch_size):
+            yield torch.tensor(group[start:start + batch_size], dtype=torch.long)
+
+
 @torch.no_grad()
 def model_nll(model, windows: Sequence[Sequence[int]], batch_size: int = 16) -> float:
     """Mean next-token cross-entropy (nats/token) of ``model`` over the windows, one pass each
     (windows of equal length are batched together)."""
     model.eval()
     total, count = 0.0, 0
-    by_length: dict[int, list[list[int]]] = {}
-    for w in windows:
-        by_length.setdefault(len(w), []).append(list(w))
-    for group in by_length.values():
-        for start in range(0, len(group), batch_size):
-            ids = torch.tensor(group[start:start + batch_size], dtype=torch.long)
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                                    reduction="sum")
-            total += float(nll)
-            count += ids[:, 1:].numel()
+    for ids in _batches(windows, batch_size):
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                                reduction="sum")
+        total += float(nll)
+        count += ids[:, 1:].numel()
     return total / max(count, 1)
 
 
@@ -89,16 +94,11 @@ def expert_load(model, windows: Sequence[Sequence[int]], batch_size: int = 16) -
     E = cfg.num_local_experts
     counts = np.zeros((cfg.num_hidden_layers, E), dtype=np.int64)
     model.eval()
-    by_length: dict[int, list[list[int]]] = {}
-    for w in windows:
-        by_length.setdefault(len(w), []).append(list(w))
-    for group in by_length.values():
-        for start in range(0, len(group), batch_size):
-            ids = torch.tensor(group[start:start + batch_size], dtype=torch.long)
-            out = model(input_ids=ids, use_cache=False, output_router_logits=True)
-            for layer, logits in enumerate(out.router_logits):
-                top = torch.topk(logits.float().reshape(-1, E), k, dim=-1).indices
-                counts[layer] += np.bincount(top.reshape(-1).numpy(), minlength=E)
+    for ids in _batches(windows, batch_size):
+        out = model(input_ids=ids, use_cache=False, output_router_logits=True)
+        for layer, logits in enumerate(out.router_logits):
+            top = torch.topk(logits.float().reshape(-1, E), k, dim=-1).indices
+            counts[layer] += np.bincount(top.reshape(-1).numpy(), minlength=E)
     return counts
 
 
