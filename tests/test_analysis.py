@@ -172,8 +172,12 @@ def test_summary_reads_results_files(tmp_path):
                                               "paper": {"Mixtral 8x7B": 0.69}, "note": ""}})
     table = summary.collect(tmp_path)
     v = summary.verdict_table(table)
-    assert v.loc[("2. the router prefers large output norms", "m-a"), "verdict"] == "holds"
-    assert v.loc[("2. the router prefers large output norms", "m-b"), "verdict"] == "does not hold"
-    assert "Mixtral 8x7B: 0.69" in v.loc[("2. the router prefers large output norms", "m-a"), "paper"]
+    obs2 = "2. the router prefers large output norms"
+    assert v.loc[obs2, "m-a"] == "holds: 0.600 [0.550, 0.650]"
+    assert v.loc[obs2, "m-b"].startswith("does not hold: 0.050")
+    assert v.loc[obs2, "baseline"] == "0.125"
+    assert "Mixtral 8x7B: 0.69" in v.loc[obs2, "paper (its models)"]
+    detail = summary.detail_table(table)
+    assert detail.loc[("obs2_router_norms", "top1_norm_agreement"), "m-a"].endswith("(holds)")
     assert "m-a" in summary.narrative(table)
     assert math.isclose(float(table[table.model == "m-b"].value.iloc[0]), 0.05)
