@@ -282,3 +282,14 @@ def test_page_renders_chart_and_slider_offline(built_book: dict, served_site: st
                  if urlparse(u).scheme not in ("data", "blob", "about")
                  and urlparse(u).hostname != "127.0.0.1"]
     assert not elsewhere, f"the page tried to reach other hosts: {elsewhere}"
+
+
+def test_rebuild_drops_pages_of_runs_that_are_gone(built_book: dict) -> None:
+    root, html = built_book["root"], built_book["html"]
+    ghost = html / "book" / "runs" / "removed-model" / "obs2_router_norms.html"
+    ghost.parent.mkdir(parents=True)
+    ghost.write_text("<html>a page from an earlier build</html>", encoding="utf-8")
+    build = _moe_book("build", cwd=root)
+    assert build.returncode == 0, build.stdout + build.stderr
+    assert not ghost.exists()
+    assert (html / "book" / "runs" / SLUG / f"{built_book['name']}.html").exists()
