@@ -208,7 +208,8 @@ class CheckpointReader:
         stop = threading.Event()
         if self.files.kind != "safetensors":
             return stop
-        ranges = sorted({(self.file_of(n), *safetensors_range(self.file_of(n), n)) for n in names})
+        paths = {n: self.file_of(n) for n in names}
+        ranges = sorted({(path, *safetensors_range(path, n)) for n, path in paths.items()})
 
         def run() -> None:
             buf = bytearray(block_mb * 2 ** 20)

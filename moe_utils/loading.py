@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from moe_utils.arch import FamilySpec, get_spec, require_moe, spec_for_config, supported_families
+from moe_utils.arch import FamilySpec, get_spec, require_moe, spec_for_config
 from moe_utils.arch.config import config_dict, read_config_json
 from moe_utils.checkpoint import checkpoint_fingerprint, find_weight_files
 from moe_utils.errors import CheckpointError, OfflineError, RemoteCodeRequiredError
@@ -245,11 +245,6 @@ def _dispatch(module: nn.Module, device_map: Any, offload_folder: str | Path | N
             else infer_auto_device_map(module)
     kwargs = {"offload_dir": str(offload_folder)} if offload_folder else {}
     return dispatch_model(module, device_map=device_map, main_device="cpu", **kwargs)
-
-
-def supported() -> str:
-    """One line listing the supported families (for error messages and docs)."""
-    return ", ".join(supported_families())
 
 
 __all__ = ["LoadedModel", "ModelRef", "as_dtype", "load_model", "load_tokenizer",

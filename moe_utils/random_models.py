@@ -61,6 +61,8 @@ def random_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32,
     """
     from transformers import AutoModelForCausalLM
 
+    from moe_utils.weights import tensor_name
+
     spec = get_spec(family)
     config = random_config(spec, **overrides)
     generator_state = torch.random.get_rng_state()
@@ -70,8 +72,7 @@ def random_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32,
         bias_rel = spec.memory.moe.correction_bias if spec.memory.moe else None
         if bias_rel:
             for layer in spec.moe_layers(config):
-                name = spec.memory.layer_prefix.format(layer=layer) + bias_rel
-                buf = model.get_buffer(name)
+                buf = model.get_buffer(tensor_name(spec.memory, layer, bias_rel))
                 buf.copy_(torch.randn(buf.shape, generator=torch.Generator().manual_seed(seed + layer)) * 0.05)
     finally:
         torch.random.set_rng_state(generator_state)

@@ -57,7 +57,7 @@ def route_params(spec: FamilySpec, config: Any) -> RouteParams:
             return spec.defaults.get(key, fallback)
         return got
 
-    renormalize = bool(value(rs.renormalize_key, rs.renormalize)) if rs.renormalize_key else rs.renormalize
+    renormalize = bool(value(rs.renormalize_key, rs.renormalize))
     norm_p = 1.0
     if rs.norm_p_key:
         raw_p = value(rs.norm_p_key, 1.0)

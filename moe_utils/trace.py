@@ -374,17 +374,28 @@ def _shared_output(weights: MoELayerWeights, x: Tensor) -> Tensor | None:
     return out
 
 
-def reconstruct_block_output(lt: LayerTrace, weights: MoELayerWeights,
-                             routing: RouteParams | None = None) -> Tensor:
-    """Block output rebuilt from the experts, the routing recomputed from the captured logits,
-    and the shared experts: [N,H] float32."""
+def _recompute_routing(lt: LayerTrace, weights: MoELayerWeights,
+                       routing: RouteParams | None) -> tuple[RouteParams, Tensor, Tensor]:
+    """``(params, top_k_weight, top_k_index)`` recomputed from the captured logits."""
     params = routing or lt.routing
     if params is None or lt.router_logits is None:
         raise MoEUtilsError(f"layer {lt.layer} trace has no routing information")
     weight, index = route(lt.router_logits, params, weights.score_correction_bias)
+    return params, weight, index
+
+
+def _rebuild(lt: LayerTrace, weights: MoELayerWeights, params: RouteParams, weight: Tensor,
+             index: Tensor) -> Tensor:
     out = apply_experts(weights, lt.x, index, weight, scale_input=params.scales_input)
     shared = _shared_output(weights, lt.x)
     return out if shared is None else out + shared
+
+
+def reconstruct_block_output(lt: LayerTrace, weights: MoELayerWeights,
+                             routing: RouteParams | None = None) -> Tensor:
+    """Block output rebuilt from the experts, the routing recomputed from the captured logits,
+    and the shared experts: [N,H] float32."""
+    return _rebuild(lt, weights, *_recompute_routing(lt, weights, routing))
 
 
 def _sorted_pairs(index: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -404,10 +415,10 @@ def verify_trace(lm, tr: Trace, layers: Sequence[int] | None = None,
     for layer in (layers if layers is not None else tr.layers):
         lt = tr[layer]
         weights = layer_weights(source if source is not None else lm, layer)
-        recon = reconstruct_block_output(lt, weights)
+        params, weight, index = _recompute_routing(lt, weights, None)
+        recon = _rebuild(lt, weights, params, weight, index)
         scale = lt.block_output.abs().max().clamp_min(torch.finfo(torch.float32).tiny)
         rel = float((recon - lt.block_output).abs().max() / scale)
-        weight, index = route(lt.router_logits, lt.routing, weights.score_correction_bias)
         idx_r, w_r = _sorted_pairs(index, weight)
         idx_c, w_c = _sorted_pairs(lt.topk_index, lt.topk_weight)
         equal = bool(torch.equal(idx_r, idx_c))

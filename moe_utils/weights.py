@@ -200,9 +200,8 @@ def pick_format(src: TensorSource, spec: FamilySpec, layer: int, want: str) -> W
         if src.has(name):
             return fmt
         tried.append(name)
-    where = "checkpoint" if src.on_disk else "model"
     raise CheckpointError(
-        f"layer {layer} of this {spec.name} {where} has none of the expected tensors "
+        f"layer {layer} of this {spec.name} {spec_kind(src)} has none of the expected tensors "
         f"({', '.join(tried) or 'no naming scheme for this part'}); the weights are partial or "
         "use a naming the family spec does not know (add it to the spec's disk formats)")
 

@@ -23,10 +23,7 @@ def config_dict(config: Any) -> dict:
         return read_config_json(Path(config))
     to_dict = getattr(config, "to_dict", None)
     if callable(to_dict):
-        out = to_dict()
-        # Some configs compute derived attributes (e.g. Llama4 ``moe_layers``) that to_dict keeps;
-        # attribute_map aliases are resolved by looking the canonical names up in the dict.
-        return out
+        return to_dict()
     raise TypeError(f"cannot read a model config from {type(config).__name__}; pass a dict, a "
                     "transformers PretrainedConfig or a checkpoint folder")
 
@@ -67,17 +64,6 @@ def first_of(cfg: Mapping, keys: Iterable[str], default: Any = _MISSING) -> Any:
         if value is not _MISSING:
             return value
     return default
-
-
-def require(cfg: Mapping, keys: Iterable[str], what: str, default: Any = _MISSING) -> Any:
-    """Like :func:`first_of` but raise a clear error when no alias is present and no default."""
-    value = first_of(cfg, keys, default)
-    if value is _MISSING:
-        from moe_utils.errors import CheckpointError
-
-        raise CheckpointError(f"config has no {what} (looked for {', '.join(keys)}); add one of these "
-                              "keys to config.json")
-    return value
 
 
 def is_missing(value: Any) -> bool:

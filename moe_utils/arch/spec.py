@@ -19,7 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
-from moe_utils.arch.config import first_of, get_path, is_missing
+from moe_utils.arch.config import config_dict, first_of, get_path, is_missing
+
 
 def _scalar(value: Any, what: str) -> int:
     """An int from a config value; per-layer lists are accepted when all entries agree."""
@@ -304,8 +305,6 @@ class FamilySpec:
     # ---- layer selection ------------------------------------------------------------------
     def moe_layers(self, config: Any) -> list[int]:
         """Indices of the MoE layers of a model with this config (dict or PretrainedConfig)."""
-        from moe_utils.arch.config import config_dict
-
         cfg = config_dict(config)
         if not self.is_moe:
             return []
@@ -314,8 +313,6 @@ class FamilySpec:
 
     def dense_layers(self, config: Any) -> list[int]:
         """Indices of layers whose feed-forward block is a dense MLP."""
-        from moe_utils.arch.config import config_dict
-
         cfg = config_dict(config)
         moe = set(self.moe_layers(cfg))
         return [i for i in range(self.num_layers(cfg)) if i not in moe]
