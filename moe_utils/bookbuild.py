@@ -20,14 +20,12 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
 from moe_utils.errors import MoEUtilsError
-from moe_utils.runner import BOOK_FOLDER, notebook_info
-
-Log = Callable[[str], None]
+from moe_utils.runner import BOOK_FOLDER, Log, default_models, model_slug, notebook_info
 
 PAGES_DIR = "book"
 ROOT_PAGE = "intro"
@@ -58,15 +56,9 @@ class RunsIndex:
     failed: list[Path] = field(default_factory=list)
 
 
-def _papermill_meta(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")).get("metadata", {}).get("papermill", {})
-
-
 def _model_order(slugs: list[str]) -> list[str]:
     """Default models first (in the zoo's order), then the others alphabetically."""
     try:
-        from moe_utils.runner import default_models, model_slug
-
         preferred = [model_slug(m) for m in default_models()[0]]
     except Exception:  # no zoo yet, or a broken one: fall back to plain sorting
         preferred = []
@@ -83,12 +75,14 @@ def collect_runs(runs_dir: str | Path) -> RunsIndex:
     models: dict[str, ModelRun] = {}
     for folder in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
         for nb in sorted(folder.glob("*.ipynb")):
-            meta = _papermill_meta(nb)
+            nb_meta = json.loads(nb.read_text(encoding="utf-8")).get("metadata", {})
+            meta = nb_meta.get("papermill", {})
             if meta.get("exception"):
                 index.failed.append(nb)
                 continue
             if folder.name == BOOK_FOLDER:
-                (index.front if notebook_info(nb).place == "front" else index.back).append(nb)
+                place = notebook_info(nb, nb_meta).place
+                (index.front if place == "front" else index.back).append(nb)
                 continue
             model = meta.get("parameters", {}).get("model") or folder.name
             models.setdefault(folder.name, ModelRun(folder.name, str(model))).notebooks.append(nb)

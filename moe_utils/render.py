@@ -132,11 +132,11 @@ def vega_bundle_source() -> str:
     import vl_convert
 
     wanted = _vegalite_minor(alt.SCHEMA_VERSION)
-    available = set(vl_convert.get_vegalite_versions())
-    bundle = vl_convert.javascript_bundle(vl_version=wanted if wanted in available else None)
+    version = wanted if wanted in vl_convert.get_vegalite_versions() else None
+    bundle = vl_convert.javascript_bundle(vl_version=version)
     return (
         f"/* vega {vl_convert.get_vega_version()}, vega-embed {vl_convert.get_vega_embed_version()},"
-        f" vega-lite {wanted if wanted in available else 'latest'}; from vl-convert-python"
+        f" vega-lite {version or 'latest'}; from vl-convert-python"
         f" {vl_convert.__version__} */\n(function () {{\n{bundle}\n}})();\n"
     )
 

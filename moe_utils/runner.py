@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import nbformat
 
 from moe_utils.errors import MoEUtilsError
+from moe_utils.render import BOOK_BUILD_ENV
 
 BOOK_FOLDER = "book"
 """Name of the run folder that holds the book-level notebooks (reserved: no model slug may use it)."""
@@ -162,10 +163,16 @@ class NotebookInfo:
         return self.path.stem
 
 
-def notebook_info(path: str | Path) -> NotebookInfo:
-    """Read a notebook's ``moe_book`` metadata, falling back to its file name."""
+def notebook_info(path: str | Path, metadata: dict[str, Any] | None = None) -> NotebookInfo:
+    """Read a notebook's ``moe_book`` metadata, falling back to its file name.
+
+    ``metadata`` is the notebook's top-level metadata when the caller has already parsed the
+    file (it is then not read again).
+    """
     path = Path(path)
-    meta = json.loads(path.read_text(encoding="utf-8")).get("metadata", {}).get(METADATA_KEY, {})
+    if metadata is None:
+        metadata = json.loads(path.read_text(encoding="utf-8")).get("metadata", {})
+    meta = metadata.get(METADATA_KEY, {})
     scope = meta.get("scope") or ("model" if path.stem.startswith("obs") else "book")
     place = meta.get("place") or ("front" if path.stem == "organisms" else "back")
     if scope not in ("model", "book") or place not in ("front", "back"):
@@ -321,7 +328,7 @@ def kernel_environment() -> Iterator[None]:
     ``python3`` kernel that is this interpreter (a user-level ``python3`` kernelspec pointing
     elsewhere would miss moe_utils).
     """
-    settings = {"BOOK_BUILD": "1", "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    settings = {BOOK_BUILD_ENV: "1", "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     saved = {key: os.environ.get(key) for key in (*settings, "JUPYTER_PATH")}
     with tempfile.TemporaryDirectory(prefix="moe-book-kernel-") as tmp:
         spec_dir = Path(tmp) / "kernels" / "python3"
@@ -387,7 +394,7 @@ def execute_job(job: Job, root: Path | None = None) -> None:
     else:
         error = None
     if job.output.exists():
-        tidy_file(job.output, root or Path.cwd())
+        tidy_file(job.output, root)
     if error is not None:
         raise error
 
