@@ -181,3 +181,23 @@ def test_summary_reads_results_files(tmp_path):
     assert detail.loc[("obs2_router_norms", "top1_norm_agreement"), "m-a"].endswith("(holds)")
     assert "m-a" in summary.narrative(table)
     assert math.isclose(float(table[table.model == "m-b"].value.iloc[0]), 0.05)
+
+
+def test_weight_report_reads_each_layer_once_and_matches_the_single_analyses(monkeypatch):
+    lm = tiny("mixtral")
+    reads = []
+    original = static.iter_layer_weights
+
+    def counting(source, layers=None, **kw):
+        for w in original(source, layers=layers, **kw):
+            reads.append(w.layer)
+            yield w
+
+    monkeypatch.setattr(static, "iter_layer_weights", counting)
+    report = static.weight_report(lm, seed=0)
+    assert reads == lm.moe_layers
+    pd.testing.assert_frame_equal(report["similarity"], static.weight_similarity(lm))
+    pd.testing.assert_frame_equal(report["gate_correlation"], static.gate_correlation(lm))
+    pd.testing.assert_frame_equal(report["reordering"], static.reordering(lm, seed=0))
+    assert len(report["gate_pairs"]) == len(lm.moe_layers) * 3 * 4 * 3 // 2   # 4 experts: 6 pairs
+    assert set(report["pca_matrix"].label) == {"0", "1", "2", "3"}

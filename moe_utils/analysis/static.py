@@ -62,6 +62,110 @@ def _pairs_frame(layer: int, matrix: str, level: str, labels: Sequence[str], sim
     })
 
 
+def _same_shape_dense(lm: LayerMatrices, m: str, stack: Any) -> Any | None:
+    """F's matrix ``m`` when it has the experts' shape (matrix-level comparisons need that)."""
+    f = lm.dense.get(m) if lm.dense else None
+    return f if f is not None and tuple(f.shape) == tuple(stack.shape[1:]) else None
+
+
+def _similarity_rows(lm: LayerMatrices) -> list[pd.DataFrame]:
+    labels = [str(i) for i in range(lm.num_experts)]
+    frames = []
+    for m, stack in lm.experts.items():
+        f = _same_shape_dense(lm, m, stack)
+        sim = M.matrix_level_similarity(stack, extra=f)
+        frames.append(_pairs_frame(lm.layer, m, "matrix", labels + (["F"] if f is not None else []), sim))
+        vecs = [M.neuron_average(stack, _KIND[m])]
+        nlabels = list(labels)
+        for tag, mats in (("F", lm.dense), ("SE", lm.shared)):
+            if mats and m in mats:
+                vecs.append(M.neuron_average(np.asarray(mats[m])[None], _KIND[m]))
+                nlabels.append(tag)
+        frames.append(_pairs_frame(lm.layer, m, "neuron", nlabels, M.cosine_matrix(np.concatenate(vecs))))
+    return frames
+
+
+def _gate_rows(lm: LayerMatrices) -> tuple[list[dict], list[dict]]:
+    """Per-matrix correlation rows and the expert-pair points behind them."""
+    x = M.gate_similarity(lm.router)
+    corr, points = [], []
+    for m, stack in lm.experts.items():
+        y = M.neuron_level_similarity(stack, _KIND[m])
+        res = M.gate_expert_correlation(x, y)
+        corr.append({"layer": lm.layer, "matrix": m, "r": float(res.r), "r2": float(res.r2),
+                     "n_pairs": lm.num_experts * (lm.num_experts - 1) // 2})
+        for i, j in combinations(range(lm.num_experts), 2):
+            points.append({"layer": lm.layer, "matrix": m, "pair": f"{j}-{i}",
+                           "gate_similarity": float(x[j, i]), "expert_similarity": float(y[j, i])})
+    return corr, points
+
+
+def _reorder_rows(lm: LayerMatrices, max_pairs: int | None, rng: np.random.Generator) -> list[dict]:
+    labels = [str(i) for i in range(lm.num_experts)]
+    rows = []
+    for m, stack in lm.experts.items():
+        mats = {lab: np.asarray(stack[i]) for i, lab in enumerate(labels)}
+        f = _same_shape_dense(lm, m, stack)
+        if f is not None:
+            mats["F"] = np.asarray(f)
+        pairs = list(combinations(list(mats), 2))
+        if max_pairs is not None and len(pairs) > max_pairs:
+            pick = rng.choice(len(pairs), size=max_pairs, replace=False)
+            pairs = [pairs[k] for k in sorted(pick)]
+        for a, b in pairs:
+            res = M.reorder_neurons(mats[a], mats[b], _KIND[m])
+            rows.append({"layer": lm.layer, "matrix": m, "expert_i": a, "expert_j": b,
+                         "sim_before": float(res.sim_before), "sim_after": float(res.sim_after),
+                         "gain": float(res.sim_after - res.sim_before), "tau": float(res.tau)})
+    return rows
+
+
+def _pca_rows(lm: LayerMatrices, level: str, max_neurons_per_expert: int, rng: np.random.Generator) -> list[dict]:
+    if level not in ("matrix", "neuron"):
+        raise ValueError(f"level must be 'matrix' or 'neuron'; got {level!r}")
+    rows = []
+    for m, stack in lm.experts.items():
+        f = _same_shape_dense(lm, m, stack)
+        if level == "matrix":
+            proj = M.matrix_pca(stack, extra=f)
+            keep = np.arange(len(proj.labels))
+        else:
+            proj = M.neuron_pca(stack, _KIND[m], extra=f)
+            labels = np.asarray(proj.labels)
+            keep = np.concatenate([
+                np.sort(rng.choice(np.flatnonzero(labels == lab),
+                                   size=min(max_neurons_per_expert, int((labels == lab).sum())),
+                                   replace=False))
+                for lab in dict.fromkeys(proj.labels)])
+        for idx in keep:
+            lab = proj.labels[idx]
+            rows.append({"layer": lm.layer, "matrix": m, "kind": "F (dense)" if lab == "F" else "expert",
+                         "label": lab, "pc1": float(proj.coords[idx, 0]), "pc2": float(proj.coords[idx, 1]),
+                         "explained": float(proj.explained_variance_ratio[:2].sum())})
+    return rows
+
+
+def weight_report(source: Any, layers: Sequence[int] | None = None, dense_baseline: Any | None = None,
+                  reorder_max_pairs: int | None = None, max_neurons_per_expert: int = 64,
+                  seed: int = 0) -> dict[str, pd.DataFrame]:
+    """Every weight analysis of observation 1 in one pass over the layers, so a streamed
+    checkpoint is read once: tables ``similarity``, ``gate_correlation``, ``gate_pairs``,
+    ``reordering``, ``pca_matrix`` and ``pca_neuron`` (see the single-analysis functions)."""
+    rng_reorder, rng_pca = np.random.default_rng(seed), np.random.default_rng(seed)
+    sim, corr, points, reorder, pca_m, pca_n = [], [], [], [], [], []
+    for lm in layer_matrices(source, layers, dense_baseline):
+        sim += _similarity_rows(lm)
+        c, p = _gate_rows(lm)
+        corr += c
+        points += p
+        reorder += _reorder_rows(lm, reorder_max_pairs, rng_reorder)
+        pca_m += _pca_rows(lm, "matrix", max_neurons_per_expert, rng_pca)
+        pca_n += _pca_rows(lm, "neuron", max_neurons_per_expert, rng_pca)
+    return {"similarity": pd.concat(sim, ignore_index=True), "gate_correlation": pd.DataFrame(corr),
+            "gate_pairs": pd.DataFrame(points), "reordering": pd.DataFrame(reorder),
+            "pca_matrix": pd.DataFrame(pca_m), "pca_neuron": pd.DataFrame(pca_n)}
+
+
 def weight_similarity(source: Any, layers: Sequence[int] | None = None,
                       dense_baseline: Any | None = None) -> pd.DataFrame:
     """Matrix-level and neuron-averaged cosine similarity between experts (+F, +SE), per layer.
@@ -70,23 +174,8 @@ def weight_similarity(source: Any, layers: Sequence[int] | None = None,
     the experts and F (when F has the experts' width). Neuron level (App. D) averages over the
     neuron axis, giving one H-vector per expert, so F and the shared expert always take part.
     """
-    frames = []
-    for lm in layer_matrices(source, layers, dense_baseline):
-        e = lm.num_experts
-        labels = [str(i) for i in range(e)]
-        for m, stack in lm.experts.items():
-            f = lm.dense.get(m) if lm.dense else None
-            f = f if f is not None and tuple(f.shape) == tuple(stack.shape[1:]) else None
-            sim = M.matrix_level_similarity(stack, extra=f)
-            frames.append(_pairs_frame(lm.layer, m, "matrix", labels + (["F"] if f is not None else []), sim))
-            vecs = [M.neuron_average(stack, _KIND[m])]
-            nlabels = list(labels)
-            for tag, mats in (("F", lm.dense), ("SE", lm.shared)):
-                if mats and m in mats:
-                    vecs.append(M.neuron_average(np.asarray(mats[m])[None], _KIND[m]))
-                    nlabels.append(tag)
-            frames.append(_pairs_frame(lm.layer, m, "neuron", nlabels, M.cosine_matrix(np.concatenate(vecs))))
-    return pd.concat(frames, ignore_index=True)
+    return pd.concat([f for lm in layer_matrices(source, layers, dense_baseline) for f in _similarity_rows(lm)],
+                     ignore_index=True)
 
 
 def offdiagonal_summary(sim: pd.DataFrame, groups: Sequence[str] = ("layer", "matrix", "level")) -> pd.DataFrame:
@@ -102,28 +191,7 @@ def offdiagonal_summary(sim: pd.DataFrame, groups: Sequence[str] = ("layer", "ma
 def gate_correlation(source: Any, layers: Sequence[int] | None = None) -> pd.DataFrame:
     """Per layer and matrix: Pearson r and r^2 between gate-row similarity and neuron-averaged
     expert similarity over the strictly lower triangle (paper Tables 3 and 5). F and SE excluded."""
-    rows = []
-    for lm in layer_matrices(source, layers):
-        x = M.gate_similarity(lm.router)
-        for m, stack in lm.experts.items():
-            y = M.neuron_level_similarity(stack, _KIND[m])
-            res = M.gate_expert_correlation(x, y)
-            rows.append({"layer": lm.layer, "matrix": m, "r": float(res.r), "r2": float(res.r2),
-                         "n_pairs": lm.num_experts * (lm.num_experts - 1) // 2})
-    return pd.DataFrame(rows)
-
-
-def gate_scatter(source: Any, layers: Sequence[int] | None = None) -> pd.DataFrame:
-    """The points behind :func:`gate_correlation`: one row per expert pair, layer and matrix."""
-    rows = []
-    for lm in layer_matrices(source, layers):
-        x = M.gate_similarity(lm.router)
-        for m, stack in lm.experts.items():
-            y = M.neuron_level_similarity(stack, _KIND[m])
-            for i, j in combinations(range(lm.num_experts), 2):
-                rows.append({"layer": lm.layer, "matrix": m, "pair": f"{j}-{i}",
-                             "gate_similarity": float(x[j, i]), "expert_similarity": float(y[j, i])})
-    return pd.DataFrame(rows)
+    return pd.DataFrame([row for lm in layer_matrices(source, layers) for row in _gate_rows(lm)[0]])
 
 
 def reordering(source: Any, layers: Sequence[int] | None = None, dense_baseline: Any | None = None,
@@ -135,55 +203,5 @@ def reordering(source: Any, layers: Sequence[int] | None = None, dense_baseline:
     permutation. ``max_pairs`` samples pairs (seeded) for models with many experts.
     """
     rng = np.random.default_rng(seed)
-    rows = []
-    for lm in layer_matrices(source, layers, dense_baseline):
-        labels = [str(i) for i in range(lm.num_experts)]
-        for m, stack in lm.experts.items():
-            mats = {lab: np.asarray(stack[i]) for i, lab in enumerate(labels)}
-            if lm.dense and m in lm.dense and tuple(lm.dense[m].shape) == tuple(stack.shape[1:]):
-                mats["F"] = np.asarray(lm.dense[m])
-            pairs = list(combinations(list(mats), 2))
-            if max_pairs is not None and len(pairs) > max_pairs:
-                pick = rng.choice(len(pairs), size=max_pairs, replace=False)
-                pairs = [pairs[k] for k in sorted(pick)]
-            for a, b in pairs:
-                res = M.reorder_neurons(mats[a], mats[b], _KIND[m])
-                rows.append({"layer": lm.layer, "matrix": m, "expert_i": a, "expert_j": b,
-                             "sim_before": float(res.sim_before), "sim_after": float(res.sim_after),
-                             "gain": float(res.sim_after - res.sim_before), "tau": float(res.tau)})
-    return pd.DataFrame(rows)
-
-
-def pca_projections(source: Any, layers: Sequence[int] | None = None, dense_baseline: Any | None = None,
-                    level: str = "matrix", max_neurons_per_expert: int = 64, seed: int = 0) -> pd.DataFrame:
-    """2-D PCA of expert matrices (level="matrix", App. C.1) or of neurons (level="neuron", App. C.2).
-
-    Features are standardised across the stacked rows before PCA, as in the paper's code. At
-    neuron level the PCA uses every neuron; a seeded sample of ``max_neurons_per_expert``
-    neurons per expert is returned to keep the chart readable.
-    """
-    if level not in ("matrix", "neuron"):
-        raise ValueError(f"level must be 'matrix' or 'neuron'; got {level!r}")
-    rng = np.random.default_rng(seed)
-    rows = []
-    for lm in layer_matrices(source, layers, dense_baseline):
-        for m, stack in lm.experts.items():
-            f = lm.dense.get(m) if lm.dense else None
-            f = f if f is not None and tuple(f.shape) == tuple(stack.shape[1:]) else None
-            if level == "matrix":
-                proj = M.matrix_pca(stack, extra=f)
-                keep = np.arange(len(proj.labels))
-            else:
-                proj = M.neuron_pca(stack, _KIND[m], extra=f)
-                labels = np.asarray(proj.labels)
-                keep = np.concatenate([
-                    np.sort(rng.choice(np.flatnonzero(labels == lab),
-                                       size=min(max_neurons_per_expert, int((labels == lab).sum())),
-                                       replace=False))
-                    for lab in dict.fromkeys(proj.labels)])
-            for idx in keep:
-                lab = proj.labels[idx]
-                rows.append({"layer": lm.layer, "matrix": m, "kind": "F (dense)" if lab == "F" else "expert",
-                             "label": lab, "pc1": float(proj.coords[idx, 0]), "pc2": float(proj.coords[idx, 1]),
-                             "explained": float(proj.explained_variance_ratio[:2].sum())})
-    return pd.DataFrame(rows)
+    return pd.DataFrame([row for lm in layer_matrices(source, layers, dense_baseline)
+                         for row in _reorder_rows(lm, max_pairs, rng)])
