@@ -47,7 +47,7 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import pandas as pd
@@ -338,6 +338,17 @@ def _looks_like_results(path: Path) -> bool:
     return "".join(head.split()).startswith(_PREFIX)
 
 
+def _scan_results(root: str | Path) -> Iterator[tuple[Path, dict[str, Any] | None, ResultsFileError | None]]:
+    """Each results-like file under ``root`` (sorted) with its validated document or the error."""
+    for path in sorted(Path(root).rglob("*.json")):
+        if path.name.startswith(".") or not _looks_like_results(path):
+            continue
+        try:
+            yield path, _load_doc(path), None
+        except ResultsFileError as exc:
+            yield path, None, exc
+
+
 def find_results(root: str | Path) -> pd.DataFrame:
     """List every results file under ``root`` (recursively), valid or not, one row per file.
 
@@ -348,12 +359,8 @@ def find_results(root: str | Path) -> pd.DataFrame:
     cols = ["path", "analysis", "model", "fingerprint", "created", "package_version", "tables", "n_summary",
             "valid", "error"]
     rows = []
-    for path in sorted(Path(root).rglob("*.json")):
-        if path.name.startswith(".") or not _looks_like_results(path):
-            continue
-        try:
-            doc = _load_doc(path)
-        except ResultsFileError as exc:
+    for path, doc, exc in _scan_results(root):
+        if exc is not None:
             rows.append({"path": str(path), "valid": False, "error": str(exc)})
             continue
         rows.append(
@@ -376,13 +383,12 @@ def find_results(root: str | Path) -> pd.DataFrame:
 def summary_rows(root: str | Path) -> pd.DataFrame:
     """Every summary entry of every valid results file under ``root``, one row per (file, key)."""
     rows = []
-    for item in find_results(root).itertuples():
-        if not item.valid:
+    for path, doc, exc in _scan_results(root):
+        if exc is not None:
             continue
-        res = read_result(item.path)
-        for key, e in res.summary.items():
-            rows.append({"model": res.model, "analysis": res.analysis, "key": key,
-                         **{f: e.get(f) for f in SUMMARY_FIELDS}, "path": item.path})
+        for key, e in doc["summary"].items():
+            rows.append({"model": doc["model"], "analysis": doc["analysis"], "key": key,
+                         **{f: e.get(f) for f in SUMMARY_FIELDS}, "path": str(path)})
     return pd.DataFrame(rows, columns=["model", "analysis", "key", *SUMMARY_FIELDS, "path"])
 
 

@@ -40,11 +40,6 @@ def to_numpy(x: ArrayLike, dtype: Any = np.float64) -> np.ndarray:
     return arr if dtype is None else arr.astype(dtype, copy=False)
 
 
-def n_rows(x: ArrayLike) -> int:
-    """Length of the first axis of a tensor or array without converting it."""
-    return int(x.shape[0])
-
-
 def flatten_rows(x: ArrayLike) -> ArrayLike:
     """Reshape ``[n, ...]`` to ``[n, prod(...)]`` without copying when the input is contiguous."""
     if _is_torch(x):

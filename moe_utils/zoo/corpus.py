@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from moe_utils.inputs import LONG_HELDOUT_FILE, SEPARATOR_LINE  # one definition for writer and reader
+
 SKIP_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "__pycache__", "dist-packages"})
 HELDOUT_PER_MILLE = 20  # ~2 % of documents are held out
 SOURCE_PER_MILLE = 500  # share of source files kept (training-time budget; docs/docstrings all kept)
-SEPARATOR_LINE = "---"
 
 
 @dataclass(frozen=True)
@@ -205,8 +206,8 @@ def write_corpus_json(corpus: Corpus, path: Path) -> None:
 
 
 def long_heldout_path() -> Path:
-    """Package path of the shipped long held-out input preset."""
-    return Path(__file__).resolve().parent.parent / "inputs_data" / "long_heldout.txt"
+    """Package path of the shipped long held-out input preset (the ``long`` input preset's file)."""
+    return LONG_HELDOUT_FILE
 
 
 def read_paragraphs(text: str) -> list[str]:
@@ -227,8 +228,3 @@ def read_paragraphs(text: str) -> list[str]:
 def heldout_paragraphs() -> list[str]:
     """The ten shipped held-out paragraphs (prose and code)."""
     return read_paragraphs(long_heldout_path().read_text(encoding="utf-8"))
-
-
-def heldout_text() -> str:
-    """The shipped long held-out input as one string (paragraphs joined by blank lines)."""
-    return "\n\n".join(heldout_paragraphs())
