@@ -39,9 +39,33 @@ def layer_slider(df: pd.DataFrame, name: str = "layer_slider", start: int | None
                      bind=alt.binding_range(min=0, max=max(n - 1, 0), step=1, name=label))
 
 
+def _caption(data: pd.DataFrame, predicates: Sequence[alt.Predicate], text: str,
+             **fields: str) -> alt.Chart:
+    """A one-line bold caption naming the current slider selection (e.g. "layer 7").
+
+    ``fields`` are aggregates of the filtered rows (``layer="min(layer)"``) that ``text``, a Vega
+    expression, refers to as ``datum.<name>``.
+    """
+    chart = alt.Chart(data)
+    for p in predicates:
+        chart = chart.transform_filter(p)
+    return chart.transform_aggregate(**fields).transform_calculate(text=text).mark_text(
+        align="left", fontSize=13, fontWeight="bold").encode(text="text:N").properties(height=16)
+
+
+def _layer_caption(data: pd.DataFrame, *predicates: alt.Predicate) -> alt.Chart:
+    return _caption(data, predicates, "'layer ' + datum.layer", layer="min(layer)")
+
+
 def _typed_fields(df: pd.DataFrame) -> list[str]:
     """Tooltip shorthands with explicit types, needed when the data sits on a facet's parent."""
     return [f"{c}:{'Q' if pd.api.types.is_numeric_dtype(df[c]) else 'N'}" for c in df.columns if c != LAYER_POS]
+
+
+def token_slider(n_tokens: int) -> alt.Parameter:
+    """A range-slider parameter over token indices 0..n_tokens-1."""
+    return alt.param(name="token_slider", value=0,
+                     bind=alt.binding_range(min=0, max=max(n_tokens - 1, 0), step=1, name="token "))
 
 
 def _layer_filter(param: alt.Parameter) -> alt.Predicate:
@@ -78,9 +102,7 @@ def similarity_heatmaps(df: pd.DataFrame, *, row_field: str = "expert_i", col_fi
         chart = base.facet(column=alt.Column(f"{facet_field}:N", sort=order, title=None))
     else:
         chart = base
-    layer_label = alt.Chart(data).transform_filter(_layer_filter(slider)).transform_aggregate(
-        layer="min(layer)").transform_calculate(text="'layer ' + datum.layer").mark_text(
-        align="left", fontSize=13, fontWeight="bold").encode(text="text:N").properties(height=16)
+    layer_label = _layer_caption(data, _layer_filter(slider))
     return _filtered_vconcat(layer_label, chart, slider, title)
 
 
@@ -138,9 +160,7 @@ def rank_count_heatmap_by_layer(df: pd.DataFrame, *, title: str = "") -> alt.VCo
         color=alt.Color("count:Q", scale=alt.Scale(scheme="blues"), title="count"),
         tooltip=["layer:O", "norm_rank:O", "score_rank:O", "count:Q"],
     ).transform_filter(_layer_filter(slider)).properties(width=size, height=size)
-    label = alt.Chart(data).transform_filter(_layer_filter(slider)).transform_aggregate(
-        layer="min(layer)").transform_calculate(text="'layer ' + datum.layer").mark_text(
-        align="left", fontSize=13, fontWeight="bold").encode(text="text:N").properties(height=16)
+    label = _layer_caption(data, _layer_filter(slider))
     return _filtered_vconcat(label, chart, slider, title)
 
 
@@ -154,8 +174,7 @@ def token_expert_bars(df: pd.DataFrame, *, value_fields: Sequence[str] = ("norm"
     data = with_layer_position(df)
     slider = layer_slider(data)
     n_tok = int(data["token_index"].max()) + 1
-    tok = alt.param(name="token_slider", value=0,
-                    bind=alt.binding_range(min=0, max=max(n_tok - 1, 0), step=1, name="token "))
+    tok = token_slider(n_tok)
     panels = []
     for field in value_fields:
         panels.append(alt.Chart(data).mark_bar().encode(
@@ -164,14 +183,12 @@ def token_expert_bars(df: pd.DataFrame, *, value_fields: Sequence[str] = ("norm"
             color=alt.condition(alt.datum.chosen, alt.value("#d62728"), alt.value("#7f7f7f")),
             tooltip=["layer:O", "token:N", "expert:O", alt.Tooltip(f"{field}:Q", format=".4f"), "chosen:N"],
         ).properties(width=260, height=180))
-    label = alt.Chart(data).mark_text(align="left", fontSize=13, fontWeight="bold").encode(
-        text="text:N").transform_aggregate(layer="min(layer)", token="min(token)").transform_calculate(
-        text="'layer ' + datum.layer + ', token ' + datum.token").properties(height=16)
     pred = alt.datum[LAYER_POS] == slider
     tok_pred = alt.datum.token_index == tok
+    label = _caption(data, [pred, tok_pred], "'layer ' + datum.layer + ', token ' + datum.token",
+                     layer="min(layer)", token="min(token)")
     row = alt.hconcat(*[p.transform_filter(pred).transform_filter(tok_pred) for p in panels])
-    return alt.vconcat(label.add_params(slider, tok).transform_filter(pred).transform_filter(tok_pred), row,
-                       title=title)
+    return alt.vconcat(label.add_params(slider, tok), row, title=title)
 
 
 def token_similarity_heatmaps(df: pd.DataFrame, *, title: str = "") -> alt.VConcatChart:
@@ -185,8 +202,7 @@ def token_similarity_heatmaps(df: pd.DataFrame, *, title: str = "") -> alt.VConc
     labels = list(dict.fromkeys(data["expert_i"]))
     slider = layer_slider(data)
     n_tok = int(data["token_index"].max()) + 1
-    tok = alt.param(name="token_slider", value=0,
-                    bind=alt.binding_range(min=0, max=max(n_tok - 1, 0), step=1, name="token "))
+    tok = token_slider(n_tok)
     size = max(140, 22 * len(labels))
     chart = alt.Chart(data).mark_rect().encode(
         x=alt.X("expert_j:N", sort=labels, title="expert"),
@@ -196,12 +212,10 @@ def token_similarity_heatmaps(df: pd.DataFrame, *, title: str = "") -> alt.VConc
     ).properties(width=size, height=size)
     pred = alt.datum[LAYER_POS] == slider
     tok_pred = alt.datum.token_index == tok
-    label = alt.Chart(data).mark_text(align="left", fontSize=13, fontWeight="bold").encode(
-        text="text:N").transform_aggregate(layer="min(layer)", token="min(token)", chosen="min(chosen_text)"
-    ).transform_calculate(text="'layer ' + datum.layer + ', token ' + datum.token + '  (chosen: ' + datum.chosen + ')'"
-    ).properties(height=16)
-    return alt.vconcat(label.add_params(slider, tok).transform_filter(pred).transform_filter(tok_pred),
-                       chart.transform_filter(pred).transform_filter(tok_pred),
+    label = _caption(data, [pred, tok_pred],
+                     "'layer ' + datum.layer + ', token ' + datum.token + '  (chosen: ' + datum.chosen + ')'",
+                     layer="min(layer)", token="min(token)", chosen="min(chosen_text)")
+    return alt.vconcat(label.add_params(slider, tok), chart.transform_filter(pred).transform_filter(tok_pred),
                        title=title)
 
 
@@ -223,9 +237,7 @@ def scatter_by_layer(df: pd.DataFrame, *, x: str, y: str, color: str | None = No
                                                       ).mark_line(color="black")) if with_fit else pts
     layered = layered.properties(width=240, height=220)
     body = layered.facet(column=alt.Column(f"{facet_field}:N", title=None), data=data) if facet_field else layered
-    label = alt.Chart(data).transform_filter(pred).transform_aggregate(layer="min(layer)").transform_calculate(
-        text="'layer ' + datum.layer").mark_text(align="left", fontSize=13, fontWeight="bold").encode(
-        text="text:N").properties(height=16)
+    label = _layer_caption(data, pred)
     return alt.vconcat(label.add_params(slider), body, title=title)
 
 
@@ -244,9 +256,7 @@ def routing_pattern(df: pd.DataFrame, *, title: str = "") -> alt.VConcatChart:
         color=alt.Color("weight:Q", scale=alt.Scale(scheme="oranges", domain=[0, 1]), title="gate weight"),
         tooltip=["layer:O", "token_index:O", "token:N", "expert:O", alt.Tooltip("weight:Q", format=".3f")],
     ).transform_filter(pred).properties(width=max(360, 9 * n_tok), height=180)
-    label = alt.Chart(data).transform_filter(pred).transform_aggregate(layer="min(layer)").transform_calculate(
-        text="'layer ' + datum.layer").mark_text(align="left", fontSize=13, fontWeight="bold").encode(
-        text="text:N").properties(height=16)
+    label = _layer_caption(data, pred)
     return alt.vconcat(label.add_params(slider), chart, title=title)
 
 
@@ -263,9 +273,7 @@ def pca_scatter(df: pd.DataFrame, *, title: str = "") -> alt.VConcatChart:
     text = pts.mark_text(dx=8, dy=-6, fontSize=10).encode(text="label:N")
     body = alt.layer(pts, text).facet(column=alt.Column("matrix:N", title=None), data=data).resolve_scale(
         x="independent", y="independent")
-    label = alt.Chart(data).transform_filter(pred).transform_aggregate(layer="min(layer)").transform_calculate(
-        text="'layer ' + datum.layer").mark_text(align="left", fontSize=13, fontWeight="bold").encode(
-        text="text:N").properties(height=16)
+    label = _layer_caption(data, pred)
     return alt.vconcat(label.add_params(slider), body, title=title)
 
 
@@ -273,8 +281,7 @@ def intermediate_heatmap(df: pd.DataFrame, *, title: str = "") -> alt.VConcatCha
     """act(W_act x) per expert (rows, plus "F") and neuron (columns) for one token at a time
     (the paper's Fig. 12). ``df`` columns: token_index, token, expert, neuron, value."""
     n_tok = int(df["token_index"].max()) + 1
-    tok = alt.param(name="token_slider", value=0,
-                    bind=alt.binding_range(min=0, max=max(n_tok - 1, 0), step=1, name="token "))
+    tok = token_slider(n_tok)
     pred = alt.datum.token_index == tok
     experts = list(dict.fromkeys(df["expert"].astype(str)))
     lim = float(df["value"].abs().quantile(0.99)) or 1.0
@@ -285,9 +292,7 @@ def intermediate_heatmap(df: pd.DataFrame, *, title: str = "") -> alt.VConcatCha
                         title="act(W_act x)"),
         tooltip=["token:N", "expert:N", "neuron:O", alt.Tooltip("value:Q", format=".4f")],
     ).properties(width=560, height=max(120, 16 * len(experts)))
-    label = alt.Chart(df).transform_filter(pred).transform_aggregate(token="min(token)").transform_calculate(
-        text="'token ' + datum.token").mark_text(align="left", fontSize=13, fontWeight="bold").encode(
-        text="text:N").properties(height=16)
+    label = _caption(df, [pred], "'token ' + datum.token", token="min(token)")
     return alt.vconcat(label.add_params(tok), chart, title=title)
 
 

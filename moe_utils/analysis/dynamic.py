@@ -37,6 +37,12 @@ class NormsScores:
     def num_experts(self) -> int:
         return int(next(iter(self.norms.values())).shape[1])
 
+    def chosen_mask(self, layer: int) -> np.ndarray:
+        """``[N, E]`` booleans: True where the router chose the expert for the token."""
+        mask = np.zeros(self.norms[layer].shape, dtype=bool)
+        np.put_along_axis(mask, self.chosen[layer], True, axis=1)
+        return mask
+
 
 def token_labels(tr: Trace) -> list[str]:
     """A readable label per token: position in its sequence and the token text."""
@@ -92,8 +98,7 @@ def token_bars_frame(ns: NormsScores, tr: Trace, layers: Sequence[int] | None = 
     rows = []
     for layer in layers or ns.layers:
         n, e = ns.norms[layer].shape
-        chosen = np.zeros((n, e), dtype=bool)
-        np.put_along_axis(chosen, ns.chosen[layer], True, axis=1)
+        chosen = ns.chosen_mask(layer)
         rows.append(pd.DataFrame({
             "layer": layer, "token_index": np.repeat(np.arange(n), e), "token": np.repeat(labels, e),
             "expert": np.tile(np.arange(e), n), "norm": ns.norms[layer].ravel(),
@@ -105,9 +110,7 @@ def mean_norm_by_layer(ns: NormsScores) -> pd.DataFrame:
     """Mean output norm per layer for chosen and not-chosen experts (norms grow with depth?)."""
     rows = []
     for layer in ns.layers:
-        n, e = ns.norms[layer].shape
-        chosen = np.zeros((n, e), dtype=bool)
-        np.put_along_axis(chosen, ns.chosen[layer], True, axis=1)
+        chosen = ns.chosen_mask(layer)
         for flag, name in ((True, "chosen"), (False, "not chosen")):
             rows.append({"layer": layer, "experts": name, "mean_norm": float(ns.norms[layer][chosen == flag].mean())})
     return pd.DataFrame(rows)
