@@ -89,3 +89,92 @@ TRAIN_SPECS = {
     "tiny-moe-upcycled": TrainSpec(steps=TOTAL_STEPS // 2, lr=1e-3, warmup_steps=30, seed=2),
     "tiny-moe-scratch": TrainSpec(steps=TOTAL_STEPS, lr=2e-3, warmup_steps=60, seed=3),
 }
+
+
+# Fine-grained organism (DeepSeekMoE's recipe at the organisms' scale): every MoE layer holds the
+# same 2,048 FFN neurons as tiny-moe-scratch (8 x 256), split into one shared expert of 128 neurons
+# (two fine experts' worth, as DeepSeekMoE 16B keeps 2 shared experts) and 30 routed experts of 64;
+# top-6 routed + the shared one gives 6 x 64 + 128 = 512 active neurons, as top-2 of 8 x 256 does.
+# The first layer is a dense FFN of 512 neurons, as wide as the active part of an MoE layer
+# (DeepSeekMoE 16B's dense first layer is likewise about as wide as its active experts).
+FINE_EXPERT_WIDTH = 64
+FINE_SHARED_WIDTH = 128
+FINE_NUM_EXPERTS = 30
+FINE_TOP_K = 6
+FINE_DENSE_LAYERS = (0,)
+FINE_DENSE_WIDTH = FINE_SHARED_WIDTH + FINE_TOP_K * FINE_EXPERT_WIDTH
+
+
+def fine_config(vocab_size: int = VOCAB_SIZE, **overrides):
+    """Qwen2-MoE-architecture config of ``tiny-moe-fine`` (shared expert, 30 narrow routed experts,
+    top-6, dense first layer); attention as in the other organisms (no q/k/v bias)."""
+    from transformers import Qwen2MoeConfig
+
+    kw = dict(
+        SHAPE,
+        vocab_size=vocab_size,
+        intermediate_size=FINE_DENSE_WIDTH,
+        moe_intermediate_size=FINE_EXPERT_WIDTH,
+        shared_expert_intermediate_size=FINE_SHARED_WIDTH,
+        num_experts=FINE_NUM_EXPERTS,
+        num_experts_per_tok=FINE_TOP_K,
+        norm_topk_prob=False,
+        decoder_sparse_step=1,
+        mlp_only_layers=list(FINE_DENSE_LAYERS),
+        qkv_bias=False,
+        use_sliding_window=False,
+        router_aux_loss_coef=ROUTER_AUX_LOSS_COEF,
+        output_router_logits=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    kw.update(overrides)
+    return Qwen2MoeConfig(**kw)
+
+
+def placement_config(dense_layer: int | None, vocab_size: int = VOCAB_SIZE, **overrides):
+    """Qwen3-MoE-architecture config of a dense-layer placement organism (Table 6 of the paper).
+
+    Smaller than the other organisms (see ``PLACEMENT_SHAPE``); every layer is MoE (8 experts,
+    top-2) except ``dense_layer``, whose dense FFN is ``top_k`` experts wide so that the active FFN
+    parameters per token are the same in every variant (the router's E x H weights aside).
+    """
+    from transformers import Qwen3MoeConfig
+
+    shape = dict(PLACEMENT_SHAPE)
+    expert_width = shape.pop("expert_width")
+    kw = dict(
+        shape,
+        vocab_size=vocab_size,
+        moe_intermediate_size=expert_width,
+        intermediate_size=TOP_K * expert_width,
+        num_experts=NUM_EXPERTS,
+        num_experts_per_tok=TOP_K,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[] if dense_layer is None else [int(dense_layer)],
+        router_aux_loss_coef=ROUTER_AUX_LOSS_COEF,
+        output_router_logits=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    kw.update(overrides)
+    return Qwen3MoeConfig(**kw)
+
+
+PLACEMENT_SHAPE = dict(
+    hidden_size=64,
+    expert_width=128,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=SEQ_LEN,
+    tie_word_embeddings=True,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    initializer_range=0.02,
+)
+PLACEMENT_STEPS = 400

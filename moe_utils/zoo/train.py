@@ -18,7 +18,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -68,6 +68,22 @@ def build_moe(seed: int, vocab_size: int = configs.VOCAB_SIZE, **overrides):
 
     torch.manual_seed(seed)
     return MixtralForCausalLM(configs.moe_config(vocab_size, **overrides))
+
+
+def build_fine(seed: int, vocab_size: int = configs.VOCAB_SIZE, **overrides):
+    """A freshly initialised ``tiny-moe-fine`` (Qwen2MoeForCausalLM) with a fixed seed."""
+    from transformers import Qwen2MoeForCausalLM
+
+    torch.manual_seed(seed)
+    return Qwen2MoeForCausalLM(configs.fine_config(vocab_size, **overrides))
+
+
+def build_placement(seed: int, dense_layer: int | None, vocab_size: int = configs.VOCAB_SIZE, **overrides):
+    """A freshly initialised dense-layer placement organism (Qwen3MoeForCausalLM) with a fixed seed."""
+    from transformers import Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    return Qwen3MoeForCausalLM(configs.placement_config(dense_layer, vocab_size, **overrides))
 
 
 @torch.no_grad()
@@ -142,11 +158,14 @@ def _save_checkpoint(path: Path, model, opt, sched, step: int, gen: torch.Genera
 
 def train_model(model, stream: np.ndarray, spec: TrainSpec, *, eval_windows=None, ckpt_path: Path | None = None,
                 resume: bool = False, max_seconds: float | None = None, desc: str = "train",
-                progress: bool = True) -> dict:
+                progress: bool = True, snapshot_steps: Sequence[int] = (),
+                on_snapshot: Callable[[int, Any], None] | None = None) -> dict:
     """Train ``model`` on random windows of ``stream``; returns ``{"log", "done", "elapsed"}``.
 
     The loss logged is the model's loss (cross-entropy + router aux loss for MoE) and, separately,
     the cross-entropy alone. Checkpoints every ``CHECKPOINT_EVERY`` steps when ``ckpt_path`` is set.
+    ``on_snapshot(step, model)`` is called after each step in ``snapshot_steps`` (0: before the
+    first step); it must not change the model.
     """
     from tqdm.auto import tqdm
     from moe_utils.zoo.evaluate import model_nll
@@ -167,6 +186,9 @@ def train_model(model, stream: np.ndarray, spec: TrainSpec, *, eval_windows=None
     coef = getattr(model.config, "router_aux_loss_coef", 0.0) if getattr(model.config, "output_router_logits", False) else 0.0
     t0 = time.time()
     bar = tqdm(total=spec.steps, initial=step, desc=desc, disable=not progress, mininterval=20)
+    snapshots = set(snapshot_steps)
+    if on_snapshot is not None and step == 0 and 0 in snapshots:
+        on_snapshot(0, model)
     model.train()
     while step < spec.steps:
         x = sample_batch(stream, spec.batch_size, spec.seq_len, gen)
@@ -189,6 +211,9 @@ def train_model(model, stream: np.ndarray, spec: TrainSpec, *, eval_windows=None
                 model.train()
             log.append(rec)
             bar.set_postfix(loss=f"{rec['ce']:.3f}")
+        if on_snapshot is not None and step in snapshots:
+            on_snapshot(step, model)
+            model.train()
         timeout = max_seconds is not None and time.time() - t0 > max_seconds
         if ckpt_path is not None and (step % CHECKPOINT_EVERY == 0 or step == spec.steps or timeout):
             _save_checkpoint(ckpt_path, model, opt, sched, step, gen, log, elapsed0 + time.time() - t0)

@@ -1,0 +1,126 @@
+"""The organism study's replicates: every training run of the controlled experiment, declared once.
+
+A replicate is one training run with its own seed (initialisation and data order): a dense model,
+an MoE upcycled from that seed's dense model, an MoE trained from scratch, the fine-grained MoE,
+or one variant of the dense-layer placement experiment (the paper's Table 6). Seed 0 of the
+dense / upcycled / scratch kinds are the shipped organisms (trained by ``moe-book zoo train``);
+``tiny-moe-fine`` ships seed 0 of the fine kind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from moe_utils.zoo import configs
+from moe_utils.zoo.configs import TrainSpec
+
+# Fractions of training at which the emergence snapshots are taken (0 = the initialisation).
+EMERGENCE_FRACTIONS = (0.0, 0.02, 0.05, 0.10, 0.25, 0.50, 1.0)
+SEED_STRIDE = 1000  # replicate r of a kind uses the shipped seed + r * SEED_STRIDE
+REPLICATE_SEEDS = (0, 1, 2)
+PLACEMENT_POSITIONS: tuple[int | None, ...] = (None, 0, 1, 2, 3, 4, 5)
+
+
+@dataclass(frozen=True)
+class Replicate:
+    """One training run of the study."""
+
+    name: str
+    kind: str  # dense | upcycled | scratch | fine | placement
+    seed_index: int
+    spec: TrainSpec
+    parent: str | None = None  # the replicate whose final weights this one starts from (upcycling)
+    dense_layer: int | None = None  # placement kind: index of the one dense FFN layer (None: all MoE)
+    snapshots: tuple[int, ...] = ()  # steps at which emergence snapshots are saved
+    shipped_as: str | None = None  # zoo name when this replicate's weights ship with the package
+    notes: str = ""
+
+    @property
+    def organism(self) -> str:
+        """The organism kind as the book names it."""
+        return {"dense": "tiny-dense", "upcycled": "tiny-moe-upcycled", "scratch": "tiny-moe-scratch",
+                "fine": "tiny-moe-fine", "placement": "placement"}[self.kind]
+
+    @property
+    def is_moe(self) -> bool:
+        return self.kind != "dense"
+
+    def build(self) -> Callable:
+        """The architecture builder of this kind (called with a seed)."""
+        from moe_utils.zoo import train
+
+        if self.kind == "dense":
+            return train.build_dense
+        if self.kind == "scratch":
+            return train.build_moe
+        if self.kind == "fine":
+            return train.build_fine
+        if self.kind == "placement":
+            return lambda seed: train.build_placement(seed, self.dense_layer)
+        raise ValueError(f"{self.kind} replicates are built from their parent, not from scratch")
+
+
+def _snapshot_steps(steps: int) -> tuple[int, ...]:
+    return tuple(sorted({round(f * steps) for f in EMERGENCE_FRACTIONS}))
+
+
+def _seeded(spec: TrainSpec, r: int) -> TrainSpec:
+    from dataclasses import replace
+
+    return replace(spec, seed=spec.seed + r * SEED_STRIDE)
+
+
+def _build_registry() -> dict[str, Replicate]:
+    reg: dict[str, Replicate] = {}
+    ts = configs.TRAIN_SPECS
+    fine_spec = TrainSpec(steps=configs.TOTAL_STEPS, lr=2e-3, warmup_steps=60, seed=4)
+    for r in REPLICATE_SEEDS:
+        shipped = r == 0
+        reg[f"dense-s{r}"] = Replicate(f"dense-s{r}", "dense", r, _seeded(ts["tiny-dense"], r),
+                                       shipped_as="tiny-dense" if shipped else None)
+        reg[f"upcycled-s{r}"] = Replicate(f"upcycled-s{r}", "upcycled", r, _seeded(ts["tiny-moe-upcycled"], r),
+                                          parent=f"dense-s{r}",
+                                          shipped_as="tiny-moe-upcycled" if shipped else None)
+        scratch = _seeded(ts["tiny-moe-scratch"], r)
+        reg[f"scratch-s{r}"] = Replicate(f"scratch-s{r}", "scratch", r, scratch,
+                                         snapshots=_snapshot_steps(scratch.steps) if r == 1 else (),
+                                         shipped_as="tiny-moe-scratch" if shipped else None)
+        fine = _seeded(fine_spec, r)
+        reg[f"fine-s{r}"] = Replicate(f"fine-s{r}", "fine", r, fine,
+                                      snapshots=_snapshot_steps(fine.steps) if r == 0 else (),
+                                      shipped_as="tiny-moe-fine" if shipped else None)
+    place_spec = TrainSpec(steps=configs.PLACEMENT_STEPS, lr=2e-3, warmup_steps=40, seed=5)
+    for pos in PLACEMENT_POSITIONS:
+        tag = "all-moe" if pos is None else f"dense{pos}"
+        for r in REPLICATE_SEEDS:
+            name = f"place-{tag}-s{r}"
+            reg[name] = Replicate(name, "placement", r, _seeded(place_spec, r), dense_layer=pos)
+    return reg
+
+
+REPLICATES: dict[str, Replicate] = _build_registry()
+# Training order when running everything: shipped-organism kinds first, placement last.
+STUDY_KINDS = ("dense", "upcycled", "scratch", "fine")
+
+
+def get(name: str) -> Replicate:
+    """The replicate called ``name``; a clear error listing the names otherwise."""
+    try:
+        return REPLICATES[name]
+    except KeyError:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(REPLICATES), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise KeyError(f"unknown replicate {name!r}{hint}; 'moe-book zoo study --list' lists them") from None
+
+
+def chain(name: str) -> list[Replicate]:
+    """The replicate and the ones it starts from, parents first."""
+    rep = get(name)
+    out = [rep]
+    while rep.parent is not None:
+        rep = get(rep.parent)
+        out.insert(0, rep)
+    return out

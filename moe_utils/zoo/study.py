@@ -1,0 +1,201 @@
+"""``moe-book zoo study``: train the study's replicates and write their results files.
+
+    moe-book zoo study --list
+    moe-book zoo study --run NAME [NAME ...] --out DIR [--threads 1] [--max-minutes M]
+    moe-book zoo study --measure NAME --out DIR     # results only, from an existing training
+
+Layout under ``DIR``::
+
+    prepared/                    corpus, tokenizer, token streams (shared by every replicate)
+    replicates/NAME/checkpoints/last.pt     resumable training state (model, optimizer, RNG)
+    replicates/NAME/snapshots/step-NNNNN/   emergence snapshots (bf16, Hugging Face folders)
+    replicates/NAME/model/                  the final model (bf16, like the shipped organisms)
+    replicates/NAME/training_log.json
+    replicates/NAME/results/*.json          results files (schema moe-book-results/1)
+
+Training uses one torch thread by default so that a rerun on the same machine type gives the same
+numbers; an interrupted run continues from its last checkpoint when started again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from moe_utils.zoo import replicates as R
+from moe_utils.zoo.replicates import Replicate
+
+EVAL_WINDOWS_DURING_TRAINING = 24
+
+
+def replicate_dir(out: Path, name: str) -> Path:
+    return Path(out) / "replicates" / name
+
+
+def snapshot_dir(out: Path, name: str, step: int) -> Path:
+    return replicate_dir(out, name) / "snapshots" / f"step-{step:05d}"
+
+
+def is_trained(out: Path, name: str) -> bool:
+    return (replicate_dir(out, name) / "model" / "model.safetensors").exists()
+
+
+def _save_copy(model, folder: Path, tokenizer_dir: Path) -> None:
+    """Save a bf16 copy of ``model`` (the live float32 model is left untouched)."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    m = copy.deepcopy(model).to(torch.bfloat16)
+    if hasattr(m.config, "output_router_logits"):
+        m.config.output_router_logits = False
+    m.config.use_cache = True
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    m.save_pretrained(str(tmp))
+    for f in tokenizer_dir.iterdir():
+        shutil.copy2(f, tmp / f.name)
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+
+
+def _initial_model(rep: Replicate, out: Path):
+    from moe_utils.zoo import configs, train
+
+    if rep.kind != "upcycled":
+        return rep.build()(rep.spec.seed)
+    parent = R.get(rep.parent)
+    ck = replicate_dir(out, parent.name) / "checkpoints" / "last.pt"
+    if not ck.exists():
+        raise FileNotFoundError(f"{rep.name} starts from {parent.name}, whose final checkpoint {ck} is missing; "
+                                f"run 'moe-book zoo study --run {parent.name} --out {out}' first")
+    dense = train.build_dense(parent.spec.seed)
+    dense.load_state_dict(torch.load(ck, map_location="cpu", weights_only=True)["model"])
+    return train.upcycle(dense, configs.moe_config(), rep.spec.seed)
+
+
+def train_replicate(rep: Replicate, out: Path, *, max_seconds: float | None = None, progress: bool = True,
+                    log=print) -> bool:
+    """Train one replicate (resuming from its checkpoint); returns True when finished."""
+    from moe_utils.zoo import train
+
+    folder = replicate_dir(out, rep.name)
+    if is_trained(out, rep.name):
+        log(f"{rep.name}: already trained in {folder}")
+        return True
+    prepared = Path(out) / "prepared"
+    stream = np.load(prepared / "train_ids.npy")
+    windows = json.loads((prepared / "heldout_windows.json").read_text())
+    eval_w = windows[:: max(1, len(windows) // EVAL_WINDOWS_DURING_TRAINING)][:EVAL_WINDOWS_DURING_TRAINING]
+    model = _initial_model(rep, out)
+    tok = prepared / "tokenizer"
+
+    def snapshot(step: int, m) -> None:
+        target = snapshot_dir(out, rep.name, step)
+        if not (target / "model.safetensors").exists():
+            _save_copy(m, target, tok)
+
+    res = train.train_model(model, stream, rep.spec, eval_windows=eval_w,
+                            ckpt_path=folder / "checkpoints" / "last.pt", resume=True, max_seconds=max_seconds,
+                            desc=rep.name, progress=progress, snapshot_steps=rep.snapshots, on_snapshot=snapshot)
+    if not res["done"]:
+        log(f"{rep.name}: stopped at the time limit after {res['elapsed']:.0f} s; run the same command to continue")
+        return False
+    _save_copy(model, folder / "model", tok)
+    info = {"name": rep.name, "kind": rep.kind, "organism": rep.organism, "seed_index": rep.seed_index,
+            "parent": rep.parent, "dense_layer": rep.dense_layer, "train_spec": rep.spec.as_dict(),
+            "training_seconds": res["elapsed"], "torch_threads": torch.get_num_threads(),
+            "torch_version": torch.__version__, "machine": platform.processor() or platform.machine(),
+            "snapshots": list(rep.snapshots), "log": res["log"]}
+    (folder / "training_log.json").write_text(json.dumps(info, indent=1))
+    log(f"{rep.name}: trained in {res['elapsed']:.0f} s")
+    return True
+
+
+def check_prepared(out: Path) -> None:
+    """Refuse a prepared corpus whose tokenizer differs from the shipped organisms' one."""
+    from moe_utils.zoo import zoo_dir
+
+    made = json.loads((Path(out) / "prepared" / "tokenizer" / "tokenizer.json").read_text())
+    shipped = json.loads((zoo_dir() / "tiny-dense" / "tokenizer.json").read_text())
+    if made != shipped:
+        raise SystemExit("the corpus built on this machine gives another tokenizer than the shipped organisms' "
+                         "(a different CPython version or build?); study results would not be comparable")
+
+
+def list_rows() -> list[dict]:
+    """One row per replicate with its recipe and, where a shipped training log exists, its cost."""
+    rows = []
+    for rep in R.REPLICATES.values():
+        rows.append({"name": rep.name, "kind": rep.kind, "seed": rep.spec.seed, "steps": rep.spec.steps,
+                     "tokens": rep.spec.tokens, "parent": rep.parent or "", "dense_layer": rep.dense_layer,
+                     "snapshots": len(rep.snapshots), "ships_as": rep.shipped_as or ""})
+    return rows
+
+
+def parse_args(argv: Sequence[str] | None):
+    p = argparse.ArgumentParser(prog="moe-book zoo study", description=__doc__.splitlines()[0])
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--list", action="store_true", help="list every replicate with its training cost")
+    g.add_argument("--run", nargs="+", metavar="NAME", help="train these replicates and write their results")
+    g.add_argument("--measure", nargs="+", metavar="NAME", help="write results of already trained replicates")
+    p.add_argument("--out", type=Path, default=Path("study-build"))
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 reproduces the shipped numbers)")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--train-only", action="store_true", help="train, but write no results yet")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``moe-book zoo study``."""
+    args = parse_args(argv)
+    if args.list:
+        from moe_utils.zoo import study_results
+
+        print(study_results.list_table(list_rows()).to_string(index=False))
+        return 0
+    names = args.run or args.measure
+    try:
+        chains = [R.chain(n) for n in names]
+    except KeyError as err:
+        print(f"moe-book zoo study: {err.args[0]}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    out = args.out.resolve()
+    deadline = time.time() + args.max_minutes * 60 if args.max_minutes else None
+    if args.run:
+        from moe_utils.zoo.train import prepare
+
+        prepare(out / "prepared")
+        check_prepared(out)
+        for ch in chains:
+            for rep in ch:
+                left = None if deadline is None else max(1.0, deadline - time.time())
+                if not train_replicate(rep, out, max_seconds=left, progress=not args.no_progress):
+                    return 3
+    if args.train_only:
+        return 0
+    from moe_utils.zoo import study_results
+
+    for ch in chains:
+        for rep in ch:
+            if not is_trained(out, rep.name):
+                print(f"moe-book zoo study: {rep.name} is not trained in {out}; use --run", file=sys.stderr)
+                return 2
+            study_results.write_replicate_results(rep, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
