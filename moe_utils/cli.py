@@ -4,6 +4,7 @@
                  [--out DIR] [-p NAME VALUE ...]
     moe-book build [--out DIR] [--build-dir DIR] [--no-strict]
     moe-book zoo train ...        (delegates to moe_utils.zoo.train)
+    moe-book zoo study ...        (delegates to moe_utils.zoo.study)
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ def _add_zoo(sub: argparse._SubParsersAction) -> None:
     t = zsub.add_parser("train", help="train the model zoo (arguments go to moe_utils.zoo.train)",
                         add_help=False)
     t.add_argument("zoo_args", nargs=argparse.REMAINDER)
+    st = zsub.add_parser("study", help="the organism study's replicates (arguments go to moe_utils.zoo.study)",
+                         add_help=False)
+    st.add_argument("zoo_args", nargs=argparse.REMAINDER)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,15 +109,19 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _zoo_train(zoo_args: list[str]) -> int:
-    from moe_utils.zoo import train  # lazy: pulls in torch and the training code
+def _zoo(command: str, zoo_args: list[str]) -> int:
+    # lazy: pulls in torch and the training code
+    if command == "study":
+        from moe_utils.zoo import study as module
+    else:
+        from moe_utils.zoo import train as module
 
-    result = train.main(zoo_args)
+    result = module.main(zoo_args)
     return int(result or 0)
 
 
 def _cmd_zoo(args: argparse.Namespace) -> int:
-    return _zoo_train(list(args.zoo_args))
+    return _zoo(args.zoo_command, list(args.zoo_args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -121,10 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else ""
     try:
-        if argv[:2] == ["zoo", "train"]:
-            # Everything after "zoo train" is the trainer's (argparse would claim its options).
-            command = "zoo train"
-            return _zoo_train(argv[2:])
+        if argv[:2] in (["zoo", "train"], ["zoo", "study"]):
+            # Everything after "zoo train/study" is the trainer's (argparse would claim its options).
+            command = " ".join(argv[:2])
+            return _zoo(argv[1], argv[2:])
         args = build_parser().parse_args(argv)
         command = args.command
         handlers = {"run": _cmd_run, "build": _cmd_build, "zoo": _cmd_zoo}

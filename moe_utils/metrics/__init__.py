@@ -62,7 +62,7 @@ from .similarity import (
     matrix_level_similarity,
     stack_with_reference,
 )
-from .stats import MeanCI, bootstrap_mean_ci, wilson_interval, z_value
+from .stats import MeanCI, bootstrap_mean_ci, bootstrap_ratio_ci, wilson_interval, z_value
 
 import types as _types
 

@@ -96,3 +96,28 @@ def bootstrap_mean_ci(
     alpha = (1.0 - confidence) / 2.0
     low, high = np.quantile(reps, [alpha, 1.0 - alpha])
     return MeanCI(est, float(low), float(high), n, n_groups, method)
+
+
+def bootstrap_ratio_ci(numerators: ArrayLike, denominators: ArrayLike, n_boot: int = 2000,
+                       confidence: float = 0.95, seed: int = 0) -> MeanCI:
+    """Percentile bootstrap interval of ``sum(numerators) / sum(denominators)`` resampling units.
+
+    For a loss pooled over tokens of many windows: the numerators are each window's summed loss,
+    the denominators its token count, and windows are resampled with replacement.
+    """
+    a = to_numpy(numerators).reshape(-1).astype(np.float64)
+    b = to_numpy(denominators).reshape(-1).astype(np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"numerators ({a.size}) and denominators ({b.size}) differ in length")
+    nan = float("nan")
+    if a.size == 0 or b.sum() == 0:
+        return MeanCI(nan, nan, nan, int(a.size), int(a.size), "bootstrap")
+    est = float(a.sum() / b.sum())
+    if a.size < 2:
+        return MeanCI(est, nan, nan, 1, 1, "bootstrap")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, a.size, size=(n_boot, a.size))
+    reps = a[idx].sum(axis=1) / b[idx].sum(axis=1)
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(reps, [alpha, 1.0 - alpha])
+    return MeanCI(est, float(low), float(high), int(a.size), int(a.size), "bootstrap")

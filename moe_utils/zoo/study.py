@@ -190,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     for ch in chains:
         for rep in ch:
-            if not is_trained(out, rep.name):
+            if not is_trained(out, rep.name) and not rep.shipped_as:
                 print(f"moe-book zoo study: {rep.name} is not trained in {out}; use --run", file=sys.stderr)
                 return 2
             study_results.write_replicate_results(rep, out)

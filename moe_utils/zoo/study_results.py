@@ -1,0 +1,225 @@
+"""The organism study's numbers: per-replicate results files and the book-level replication tables.
+
+Per replicate (``moe-book zoo study --run/--measure``) two results files are written:
+``study_replicate.json`` (tables ``verdicts``, ``heldout``, ``training``) and, for replicates with
+training snapshots, ``study_emergence.json`` (table ``emergence``). The shipped copies live in
+``moe_utils/zoo/study/NAME/``; :func:`replication_tables` turns them into ``replication.json``.
+
+Across-seed verdict rule (fixed before any replicate was measured):
+
+* observations 1 and 2: the across-seed effect is the mean of the per-seed effects with a 95%
+  Student-t interval over seeds. It **holds** when that interval lies above the baseline and
+  every seed's effect is above it; it **does not hold** when the interval lies at or below the
+  baseline and every seed's effect is at or below it; otherwise it is **inconclusive**;
+* observation 3 (a two-part pattern with no interval): **holds** when it holds in every seed,
+  **does not hold** when it fails in every seed, **inconclusive** otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from moe_utils.zoo import replicates as R
+from moe_utils.zoo.replicates import Replicate
+
+HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
+INPUTS = "long"  # the observation notebooks' default input
+STUDY_MODEL = "organism study"
+
+
+def shipped_study_dir() -> Path:
+    """Where the study's per-replicate results files ship inside the package."""
+    return Path(__file__).resolve().parent / "study"
+
+
+def model_folder(rep: Replicate, out: Path | None) -> Path:
+    """The trained weights of a replicate: its study folder, else the shipped organism."""
+    from moe_utils.zoo import zoo_path
+    from moe_utils.zoo.study import replicate_dir
+
+    if out is not None:
+        folder = replicate_dir(out, rep.name) / "model"
+        if (folder / "model.safetensors").exists():
+            return folder
+    if rep.shipped_as:
+        return zoo_path(rep.shipped_as)
+    raise FileNotFoundError(f"{rep.name} has no trained weights; train it with 'moe-book zoo study --run {rep.name}'")
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def _open(folder: Path):
+    import tempfile
+
+    from moe_utils.analysis.context import open_study
+
+    return open_study(str(folder), None, results_dir=Path(tempfile.gettempdir()) / "moe-book-study")
+
+
+def measure_model(folder: Path, seed: int = 0) -> tuple[list[dict], dict[str, float], Any]:
+    """Headline rows of observations 1-3 for the model in ``folder``, extras, and its long trace."""
+    from moe_utils.analysis import headlines as H
+    from moe_utils.analysis.context import checkpoint_only
+
+    study = _open(folder)
+    long_trace = study.trace(study.inputs(INPUTS))
+    o1 = H.observation1(checkpoint_only(str(folder)), None, seed=seed)
+    o2 = H.observation2(study.lm, long_trace, seed=seed)
+    o3, extra = H.observation3(study.lm, long_trace)
+    return [h.as_row() for h in (o1, o2, o3)], extra, long_trace
+
+
+def heldout(folder: Path) -> dict[str, float]:
+    """Held-out loss of the stored (bf16) weights on every held-out window, as the zoo cards report."""
+    from moe_utils.zoo.cards import evaluate_folder
+    from moe_utils.zoo.evaluate import load_unigram_counts, load_windows
+
+    ev = evaluate_folder(folder, load_windows(), load_unigram_counts())
+    return {k: ev[k] for k in ("heldout_loss", "heldout_perplexity", "heldout_tokens", "heldout_windows")}
+
+
+def _training_row(rep: Replicate, folder: Path) -> dict[str, Any]:
+    log_path = folder / "training_log.json"
+    info = json.loads(log_path.read_text()) if log_path.exists() else {}
+    return {"steps": rep.spec.steps, "tokens": rep.spec.tokens, "train_seed": rep.spec.seed,
+            "training_seconds": info.get("training_seconds"), "torch_threads": info.get("torch_threads"),
+            "torch_version": info.get("torch_version")}
+
+
+def write_replicate_results(rep: Replicate, out: Path, log=print) -> list[Path]:
+    """Measure a trained replicate (and its snapshots) and write its results files."""
+    from moe_utils.analysis import headlines as H
+    from moe_utils.results import write_result
+    from moe_utils.zoo.study import replicate_dir, snapshot_dir
+
+    folder = model_folder(rep, out)
+    rdir = replicate_dir(out, rep.name) / "results"
+    base = {"organism": rep.organism, "kind": rep.kind, "seed": rep.seed_index}
+    ho = heldout(folder)
+    paths = []
+    tables: dict[str, pd.DataFrame] = {"heldout": pd.DataFrame([{**base, **ho, "dense_layer": rep.dense_layer}])}
+    train_src = replicate_dir(out, rep.name) if (replicate_dir(out, rep.name) / "training_log.json").exists() else folder
+    tables["training"] = pd.DataFrame([{**base, **_training_row(rep, train_src)}])
+    final_trace = None
+    if rep.is_moe and rep.kind != "placement":
+        rows, extra, final_trace = measure_model(folder)
+        tables["verdicts"] = pd.DataFrame([{**base, **r} for r in rows])
+        tables["depth_details"] = pd.DataFrame([{**base, **extra}])
+    params = {"replicate": rep.name, "inputs": INPUTS, "train_spec": rep.spec.as_dict(), "weights": str(folder.name)}
+    summary = {"heldout_loss": {"value": ho["heldout_loss"], "ci_low": None, "ci_high": None, "baseline": None,
+                                "verdict": None, "paper": {}, "note": f"{ho['heldout_tokens']} held-out tokens"}}
+    paths.append(write_result(rdir, "study_replicate", rep.name, _fingerprint(folder), params, tables, summary))
+    if rep.snapshots:
+        rows = []
+        for step in rep.snapshots:
+            sdir = snapshot_dir(out, rep.name, step)
+            log(f"{rep.name}: measuring snapshot at step {step}")
+            hrows, extra, tr = measure_model(sdir)
+            vals = {"heldout_loss": heldout(sdir)["heldout_loss"],
+                    **{r["quantity"]: r["effect"] for r in hrows},
+                    "trend_rho": extra["trend_rho"], "mean_output_similarity": extra["mean_output_similarity"],
+                    "router_saturation": H.router_saturation(tr, final_trace)}
+            for q, v in vals.items():
+                rows.append({"organism": rep.organism, "seed": rep.seed_index, "step": step,
+                             "tokens_seen": step * rep.spec.tokens_per_step, "quantity": q, "value": v})
+        paths.append(write_result(rdir, "study_emergence", rep.name, _fingerprint(folder), params,
+                                  {"emergence": pd.DataFrame(rows)}, {}))
+    for p in paths:
+        log(f"wrote {p}")
+    return paths
+
+
+def _fingerprint(folder: Path) -> str:
+    from moe_utils.arch.config import read_config_json
+    from moe_utils.checkpoint import checkpoint_fingerprint, find_weight_files
+
+    return checkpoint_fingerprint(read_config_json(folder), find_weight_files(folder))
+
+
+# ----------------------------------------------------------------------------- collecting
+
+def load_shipped(root: Path | None = None) -> dict[str, dict[str, pd.DataFrame]]:
+    """Every shipped replicate's tables, by replicate name (replicates without results are absent)."""
+    from moe_utils.results import read_result
+
+    root = shipped_study_dir() if root is None else Path(root)
+    out: dict[str, dict[str, pd.DataFrame]] = {}
+    for path in sorted(root.glob("*/study_replicate.json")):
+        tables = dict(read_result(path).tables)
+        em = path.with_name("study_emergence.json")
+        if em.exists():
+            tables.update(read_result(em).tables)
+        out[path.parent.name] = tables
+    return out
+
+
+def _concat(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
+    frames = [f for f in frames if f is not None and len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and Student-t interval of the mean over independent replicates (NaN for n < 2)."""
+    v = np.asarray([x for x in values if x is not None and not math.isnan(x)], dtype=float)
+    if len(v) == 0:
+        return float("nan"), float("nan"), float("nan")
+    m = float(v.mean())
+    if len(v) < 2:
+        return m, float("nan"), float("nan")
+    half = float(stats.t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+    return m, m - half, m + half
+
+
+def across_seed_verdict(observation: int, effects: Sequence[float], verdicts: Sequence[str],
+                        baseline: float) -> tuple[str, float, float, float]:
+    """The module docstring's rule: (verdict, mean effect, ci_low, ci_high)."""
+    m, lo, hi = t_interval(effects)
+    if observation == 3:
+        v = HOLDS if all(x == HOLDS for x in verdicts) else FAILS if all(x == FAILS for x in verdicts) else INCONCLUSIVE
+        return v, m, lo, hi
+    e = np.asarray(effects, dtype=float)
+    if len(e) >= 2 and lo > baseline and (e > baseline).all():
+        return HOLDS, m, lo, hi
+    if len(e) >= 2 and hi <= baseline and (e <= baseline).all():
+        return FAILS, m, lo, hi
+    return INCONCLUSIVE, m, lo, hi
+
+
+def replication_tables(shipped: dict[str, dict[str, pd.DataFrame]]) -> dict[str, pd.DataFrame]:
+    """``verdicts``, ``emergence``, ``across_seeds`` and ``heldout`` tables of replication.json."""
+    verdicts = _concat(t.get("verdicts") for t in shipped.values())
+    emergence = _concat(t.get("emergence") for t in shipped.values())
+    held = _concat(t.get("heldout") for t in shipped.values())
+    training = _concat(t.get("training") for t in shipped.values())
+    rows = []
+    if len(verdicts):
+        for (org, obs), g in verdicts.groupby(["organism", "observation"]):
+            g = g.sort_values("seed")
+            v, m, lo, hi = across_seed_verdict(int(obs), g.effect.tolist(), g.verdict.tolist(), float(g.baseline.iloc[0]))
+            rows.append({"organism": org, "observation": int(obs), "quantity": g.quantity.iloc[0], "seeds": len(g),
+                         "mean_effect": m, "sd_effect": float(g.effect.std(ddof=1)) if len(g) > 1 else float("nan"),
+                         "ci_low": lo, "ci_high": hi, "baseline": float(g.baseline.iloc[0]),
+                         "seed_verdicts": ", ".join(g.verdict), "verdict": v})
+    return {"verdicts": verdicts, "emergence": emergence, "across_seeds": pd.DataFrame(rows),
+            "heldout": held, "training": training}
+
+
+def list_table(rows: list[dict], shipped: dict[str, dict[str, pd.DataFrame]] | None = None) -> pd.DataFrame:
+    """``zoo study --list``: the replicates with their measured training cost where results ship."""
+    shipped = load_shipped() if shipped is None else shipped
+    df = pd.DataFrame(rows)
+    cost = {}
+    for name, t in shipped.items():
+        tr = t.get("training")
+        if tr is not None and len(tr) and tr.training_seconds.iloc[0] is not None:
+            cost[name] = float(tr.training_seconds.iloc[0]) / 60
+    df["measured_minutes"] = df.name.map(lambda n: f"{cost[n]:.1f}" if n in cost else "")
+    df["dense_layer"] = df.dense_layer.map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else int(v))
+    return df

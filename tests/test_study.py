@@ -1,0 +1,134 @@
+"""The organism study: registry, across-seed rule, saturation, and a miniature replicate trained
+and measured end to end through ``moe-book zoo study``."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moe_utils.analysis.headlines import topk_overlap
+from moe_utils.zoo import configs
+from moe_utils.zoo import replicates as R
+from moe_utils.zoo import study_results as S
+
+
+def test_registry_has_three_seeds_of_every_kind_and_distinct_seeds() -> None:
+    for kind in ("dense", "upcycled", "scratch", "fine"):
+        reps = [r for r in R.REPLICATES.values() if r.kind == kind]
+        assert len(reps) >= 3
+        assert len({r.spec.seed for r in reps}) == len(reps)
+    assert R.get("upcycled-s2").parent == "dense-s2"
+    assert [r.name for r in R.chain("upcycled-s1")] == ["dense-s1", "upcycled-s1"]
+    shipped = {r.shipped_as for r in R.REPLICATES.values() if r.shipped_as}
+    assert shipped == {"tiny-dense", "tiny-moe-upcycled", "tiny-moe-scratch", "tiny-moe-fine"}
+    # the shipped seeds are the ones the shipped organisms were trained with
+    for name, spec in configs.TRAIN_SPECS.items():
+        rep = next(r for r in R.REPLICATES.values() if r.shipped_as == name)
+        assert rep.spec == spec
+    with pytest.raises(KeyError, match="did you mean 'fine-s1'"):
+        R.get("fine-s01")
+
+
+def test_placement_variants_cover_first_inner_and_last_layer() -> None:
+    layers = configs.PLACEMENT_SHAPE["num_hidden_layers"]
+    positions = {r.dense_layer for r in R.REPLICATES.values() if r.kind == "placement"}
+    assert {None, 0, layers - 1} <= positions
+    assert len(positions - {None, 0, layers - 1}) >= 3
+
+
+def test_fine_organism_matches_scratch_neurons_and_active_width() -> None:
+    fine, scratch = configs.fine_config(), configs.moe_config()
+    assert fine.num_experts >= 16 and fine.num_experts_per_tok >= 4 and fine.mlp_only_layers == [0]
+    per_layer = fine.shared_expert_intermediate_size + fine.num_experts * fine.moe_intermediate_size
+    assert per_layer == scratch.num_local_experts * scratch.intermediate_size
+    active = fine.shared_expert_intermediate_size + fine.num_experts_per_tok * fine.moe_intermediate_size
+    assert active == scratch.num_experts_per_tok * scratch.intermediate_size == fine.intermediate_size
+
+
+def test_topk_overlap_against_sets() -> None:
+    a = np.array([[0, 1], [2, 3], [4, 5]])
+    b = np.array([[1, 0], [2, 4], [6, 7]])
+    assert topk_overlap(a, b) == pytest.approx((2 + 1 + 0) / 6)
+
+
+def test_across_seed_rule() -> None:
+    v = S.across_seed_verdict
+    assert v(2, [0.3, 0.31, 0.29], ["holds"] * 3, 0.125)[0] == "holds"
+    assert v(2, [0.3, 0.1, 0.29], ["holds"] * 3, 0.125)[0] == "inconclusive"  # one seed below baseline
+    assert v(1, [-0.2, -0.21, -0.19], ["does not hold"] * 3, 0.0)[0] == "does not hold"
+    assert v(1, [0.5], ["holds"], 0.0)[0] == "inconclusive"  # one seed is never enough
+    assert v(3, [0.1, 2.0, 1.5], ["holds", "holds", "holds"], 0.0)[0] == "holds"
+    assert v(3, [0.1, 2.0, 1.5], ["holds", "inconclusive", "holds"], 0.0)[0] == "inconclusive"
+    m, lo, hi = S.t_interval([1.0, 2.0, 3.0])
+    half = 4.302652729911275 * 1.0 / math.sqrt(3)  # t(0.975, 2) * sd / sqrt(n)
+    assert (m, lo, hi) == pytest.approx((2.0, 2.0 - half, 2.0 + half))
+
+
+@pytest.mark.slow
+def test_miniature_replicate_trains_resumes_and_measures(tmp_path: Path, monkeypatch) -> None:
+    """A 6-step fine-grained replicate: interrupted after 3 steps, resumed, measured; a second
+    run from scratch gives the same held-out loss and verdict rows."""
+    from moe_utils.zoo import study
+
+    def mini(name: str) -> R.Replicate:
+        rep = R.REPLICATES["fine-s1"]
+        return replace(rep, name=name, spec=replace(rep.spec, steps=6, warmup_steps=2, batch_size=2, seq_len=32),
+                       snapshots=(0, 3, 6))
+
+    monkeypatch.setitem(R.REPLICATES, "mini-a", mini("mini-a"))
+    monkeypatch.setitem(R.REPLICATES, "mini-b", mini("mini-b"))
+    monkeypatch.setattr(study, "check_prepared", lambda out: None)
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    rng = np.random.default_rng(0)
+    np.save(prepared / "train_ids.npy", rng.integers(3, configs.VOCAB_SIZE, size=5000).astype(np.uint16))
+    windows = [[1] + rng.integers(3, configs.VOCAB_SIZE, size=31).tolist() for _ in range(4)]
+    (prepared / "heldout_windows.json").write_text(json.dumps(windows))
+    from moe_utils.zoo import zoo_path
+
+    tok = prepared / "tokenizer"
+    tok.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (tok / f).write_bytes((zoo_path("tiny-dense") / f).read_bytes())
+    monkeypatch.setattr("moe_utils.zoo.train.prepare", lambda out, log=print: {})
+    monkeypatch.setattr(S, "heldout", lambda folder: _heldout(folder, windows))
+
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # what the study uses: one thread is bitwise reproducible
+        # interrupted: a time limit of ~0 stops after the first checkpointed step
+        assert study.train_replicate(R.get("mini-a"), tmp_path, max_seconds=0.0, progress=False) is False
+        assert study.main(["--run", "mini-a", "--out", str(tmp_path), "--no-progress"]) == 0
+        assert study.main(["--run", "mini-b", "--out", str(tmp_path), "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    from moe_utils.results import read_result
+
+    a = read_result(tmp_path / "replicates" / "mini-a" / "results" / "study_replicate.json")
+    b = read_result(tmp_path / "replicates" / "mini-b" / "results" / "study_replicate.json")
+    assert a.tables["heldout"].heldout_loss.iloc[0] == pytest.approx(b.tables["heldout"].heldout_loss.iloc[0], abs=1e-6)
+    va, vb = a.tables["verdicts"], b.tables["verdicts"]
+    assert va.observation.tolist() == [1, 2, 3]
+    assert va[["effect", "verdict"]].equals(vb[["effect", "verdict"]])
+    em = read_result(tmp_path / "replicates" / "mini-a" / "results" / "study_emergence.json").tables["emergence"]
+    assert sorted(em.step.unique()) == [0, 3, 6]
+    sat = em[em.quantity == "router_saturation"].set_index("step").value
+    assert sat[6] == pytest.approx(1.0)  # the last snapshot is the final model
+
+
+def _heldout(folder: Path, windows) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moe_utils.zoo.evaluate import model_nll
+
+    m = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    nll = model_nll(m, windows)
+    return {"heldout_loss": nll, "heldout_perplexity": math.exp(nll), "heldout_tokens": 124, "heldout_windows": 4}
