@@ -308,3 +308,38 @@ def grid_heatmap(df: pd.DataFrame, *, x: str, y: str, value: str, title: str = "
         color=alt.Color(f"{value}:Q", scale=scale, title=value_title or value),
         tooltip=[f"{x}:N", f"{y}:N", alt.Tooltip(f"{value}:Q", format=".4f")],
     ).properties(title=title, width=max(160, cell * len(xs)), height=max(100, cell * len(ys)))
+
+
+def interval_points(df: pd.DataFrame, *, x: str, y: str, low: str, high: str, color: str | None = None,
+                    x_title: str | None = None, title: str = "", zero_rule: bool = True) -> alt.LayerChart:
+    """A point per row at ``x`` with its interval [``low``, ``high``], one row of the y axis per
+    ``y`` category, offset by ``color`` (e.g. one line per model); a rule marks x = 0."""
+    enc_color = alt.Color(f"{color}:N", title=color) if color else alt.value("#1f77b4")
+    offset = {"yOffset": alt.YOffset(f"{color}:N")} if color else {}
+    base = alt.Chart(df).encode(y=alt.Y(f"{y}:N", title=None), color=enc_color, **offset)
+    tooltip = [f"{y}:N"] + ([f"{color}:N"] if color else []) + [
+        alt.Tooltip(f"{c}:Q", format=".4f") for c in (x, low, high)]
+    layers = [base.mark_rule().encode(x=alt.X(f"{low}:Q", title=x_title or x, scale=alt.Scale(zero=False)),
+                                      x2=f"{high}:Q"),
+              base.mark_point(filled=True, size=60).encode(x=f"{x}:Q", tooltip=tooltip)]
+    if zero_rule and (df[low].min() < 0 < df[high].max() or df[x].min() <= 0):
+        layers.append(alt.Chart(pd.DataFrame({"zero": [0.0]})).mark_rule(strokeDash=[4, 4], color="gray")
+                      .encode(x="zero:Q"))
+    return alt.layer(*layers).properties(title=title, width=420, height=alt.Step(22))
+
+
+def interval_lines(df: pd.DataFrame, *, x: str, y: str, low: str, high: str, color: str | None = None,
+                   mark: str | None = None, x_title: str | None = None, y_title: str | None = None,
+                   title: str = "") -> alt.LayerChart:
+    """Lines of ``y`` against a quantitative ``x`` with an interval band per ``color`` group;
+    rows where the boolean column ``mark`` is true get a larger ringed point."""
+    enc_color = alt.Color(f"{color}:N", title=color) if color else alt.value("#1f77b4")
+    base = alt.Chart(df).encode(x=alt.X(f"{x}:Q", title=x_title or x, axis=alt.Axis(tickMinStep=1)), color=enc_color)
+    tooltip = [f"{x}:Q", alt.Tooltip(f"{y}:Q", format=".4f")] + ([f"{color}:N"] if color else [])
+    layers = [base.mark_area(opacity=0.2).encode(y=f"{low}:Q", y2=f"{high}:Q"),
+              base.mark_line(point=True).encode(y=alt.Y(f"{y}:Q", title=y_title or y, scale=alt.Scale(zero=False)),
+                                                tooltip=tooltip)]
+    if mark:
+        layers.append(alt.Chart(df[df[mark]]).mark_point(size=160, shape="circle", filled=False, strokeWidth=2)
+                      .encode(x=f"{x}:Q", y=f"{y}:Q", color=enc_color, tooltip=tooltip))
+    return alt.layer(*layers).properties(title=title, width=420, height=260)

@@ -75,13 +75,13 @@ def test_miniature_replicate_trains_resumes_and_measures(tmp_path: Path, monkeyp
     run from scratch gives the same held-out loss and verdict rows."""
     from moe_utils.zoo import study
 
-    def mini(name: str) -> R.Replicate:
+    def mini(name: str, snapshots: tuple[int, ...]) -> R.Replicate:
         rep = R.REPLICATES["fine-s1"]
         return replace(rep, name=name, spec=replace(rep.spec, steps=6, warmup_steps=2, batch_size=2, seq_len=32),
-                       snapshots=(0, 3, 6))
+                       snapshots=snapshots)
 
-    monkeypatch.setitem(R.REPLICATES, "mini-a", mini("mini-a"))
-    monkeypatch.setitem(R.REPLICATES, "mini-b", mini("mini-b"))
+    monkeypatch.setitem(R.REPLICATES, "mini-a", mini("mini-a", (0, 3, 6)))
+    monkeypatch.setitem(R.REPLICATES, "mini-b", mini("mini-b", ()))
     monkeypatch.setattr(study, "check_prepared", lambda out: None)
     prepared = tmp_path / "prepared"
     prepared.mkdir()

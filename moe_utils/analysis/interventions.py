@@ -33,6 +33,7 @@ from .. import metrics as M
 from ..expert_math import dense_outputs, expert_outputs
 from ..routing import route_params
 from ..weights import MoELayerWeights, layer_weights
+from .verdicts import versus_baseline
 
 ROUTING_POLICIES = ("learned", "norm", "random")
 ABLATIONS = ("top_score", "top_norm", "random")
@@ -207,43 +208,110 @@ def evaluate_policies(lm: Any, windows: Sequence[Sequence[int]], policies: Seque
     return out
 
 
-def intervention_tables(lm: Any, windows: Sequence[Sequence[int]], seed: int = 0,
-                        organism: str | None = None) -> dict[str, pd.DataFrame]:
-    """The ``routing``, ``ablation`` and ``topk_sweep`` tables for one model.
+def intervention_tables(lm: Any, windows: Sequence[Sequence[int]], sweep_windows: Sequence[Sequence[int]] | None = None,
+                        seed: int = 0, organism: str | None = None) -> dict[str, pd.DataFrame]:
+    """The ``routing``, ``ablation``, ``topk_sweep`` and ``per_window`` tables for one model.
 
-    Also returns ``own_forward``: the model's unmodified loss on the same windows, which the
+    ``sweep_windows`` (default: ``windows``) are the windows of the top-k sweep, which needs one
+    pass per k. ``own_forward`` holds the model's unmodified loss on ``windows``, which the
     ``learned`` policy must reproduce (a check that the intervention machinery is faithful).
     """
     name = organism or lm.name
     own_sums, counts = window_nll(lm.model, windows)
     params = route_params(lm.spec, lm.config_dict)
     E, k = params.num_experts, params.top_k
-    res = evaluate_policies(lm, windows, [Policy("learned", seed=seed), Policy("norm", seed=seed),
-                                          Policy("random", seed=seed)])
-    base = res["learned"][0]
+    policies = [Policy(kind, seed=seed) for kind in ROUTING_POLICIES]
+    if k >= 2:
+        policies += [Policy("ablate", remove=r, seed=seed) for r in ABLATIONS]
+    res = evaluate_policies(lm, windows, policies)
+    per_window = pd.concat([pd.DataFrame({"organism": name, "policy": label, "window": np.arange(len(c)),
+                                          "nll_sum": s, "tokens": c}) for label, (s, c) in res.items()],
+                           ignore_index=True)
     routing = []
     for label in ROUTING_POLICIES:
         s, c = res[label]
         pl = pooled_loss(s, c, seed=seed)
-        d = paired_difference(s, base, c, seed=seed)
+        d = contrast(per_window, label, "learned", seed=seed)
         routing.append({"organism": name, "policy": label, "nll": pl.nll, "ci_low": pl.ci_low, "ci_high": pl.ci_high,
                         "delta_nll": d.nll, "delta_ci_low": d.ci_low, "delta_ci_high": d.ci_high, "tokens": pl.tokens})
     abl = []
-    if k >= 2:
-        ab = evaluate_policies(lm, windows, [Policy("ablate", remove=r, seed=seed) for r in ABLATIONS])
-        for r in ABLATIONS:
-            s, c = ab[f"ablate {r}"]
-            d = paired_difference(s, base, c, seed=seed)
-            abl.append({"organism": name, "removed": r, "nll": float(s.sum() / c.sum()), "delta_nll": d.nll,
-                        "ci_low": d.ci_low, "ci_high": d.ci_high, "tokens": d.tokens})
+    for r in ABLATIONS if k >= 2 else ():
+        d = contrast(per_window, f"ablate {r}", "learned", seed=seed)
+        s, c = res[f"ablate {r}"]
+        abl.append({"organism": name, "removed": r, "nll": float(s.sum() / c.sum()), "delta_nll": d.nll,
+                    "ci_low": d.ci_low, "ci_high": d.ci_high, "tokens": d.tokens})
+    sweep_w = windows if sweep_windows is None else sweep_windows
+    sw = evaluate_policies(lm, sweep_w, [Policy("learned", k=kk, seed=seed) for kk in range(1, E + 1)])
     sweep = []
-    sw = evaluate_policies(lm, windows, [Policy("learned", k=kk, seed=seed) for kk in range(1, E + 1)])
     for kk in range(1, E + 1):
-        s, c = sw[f"learned k={kk}"]
-        pl = pooled_loss(s, c, seed=seed)
+        pl = pooled_loss(*sw[f"learned k={kk}"], seed=seed)
         sweep.append({"organism": name, "k": kk, "nll": pl.nll, "ci_low": pl.ci_low, "ci_high": pl.ci_high,
-                      "trained_k": kk == k})
-    own = pooled_loss(own_sums, counts, seed=seed)
+                      "trained_k": kk == k, "tokens": pl.tokens})
+    own = float(own_sums.sum() / counts.sum())
     return {"routing": pd.DataFrame(routing), "ablation": pd.DataFrame(abl), "topk_sweep": pd.DataFrame(sweep),
-            "own_forward": pd.DataFrame([{"organism": name, "nll": own.nll, "learned_policy_nll": routing[0]["nll"],
-                                          "abs_difference": abs(own.nll - routing[0]["nll"])}])}
+            "per_window": per_window,
+            "own_forward": pd.DataFrame([{"organism": name, "nll": own, "learned_policy_nll": routing[0]["nll"],
+                                          "abs_difference": abs(own - routing[0]["nll"])}])}
+
+
+def _sums(per_window: pd.DataFrame, policy: str) -> tuple[np.ndarray, np.ndarray]:
+    g = per_window[per_window.policy == policy].sort_values("window")
+    if g.empty:
+        raise KeyError(f"no per-window losses for policy {policy!r}")
+    return g.nll_sum.to_numpy(), g.tokens.to_numpy()
+
+
+def contrast(per_window: pd.DataFrame, a: str, b: str, seed: int = 0) -> PooledLoss:
+    """Pooled NLL of policy ``a`` minus policy ``b`` on the same windows, paired bootstrap interval."""
+    sa, c = _sums(per_window, a)
+    sb, _ = _sums(per_window, b)
+    return pooled_loss(sa - sb, c, seed=seed)
+
+
+def recovery(per_window: pd.DataFrame, candidate: str = "norm", learned: str = "learned",
+             floor: str = "random", seed: int = 0, n_boot: int = 2000) -> tuple[float, float, float]:
+    """Share of the learned router's gain over ``floor`` that ``candidate`` recovers:
+    (NLL_floor - NLL_candidate) / (NLL_floor - NLL_learned), with a paired bootstrap interval
+    over windows. 1 means as good as the learned router, 0 no better than the floor."""
+    s_c, n = _sums(per_window, candidate)
+    s_l, _ = _sums(per_window, learned)
+    s_f, _ = _sums(per_window, floor)
+
+    def ratio(idx: np.ndarray | slice) -> float:
+        f, c, l = s_f[idx].sum(), s_c[idx].sum(), s_l[idx].sum()
+        return float((f - c) / (f - l)) if f != l else float("nan")
+
+    est = ratio(slice(None))
+    rng = np.random.default_rng(seed)
+    reps = np.array([ratio(rng.integers(0, len(n), len(n))) for _ in range(n_boot)])
+    lo, hi = np.nanquantile(reps, [0.025, 0.975])
+    return est, float(lo), float(hi)
+
+
+# Verdict rules on the paper's advice, fixed before any intervention was run.
+NORM_RECOVERY_THRESHOLD = 0.5
+
+
+def norm_routing_verdict(per_window: pd.DataFrame, seed: int = 0) -> dict[str, Any]:
+    """"Norm-based routing is reasonable": routing by output norm recovers more than half of the
+    learned router's gain over random routing (whole interval above 0.5: holds; below: does not
+    hold; otherwise inconclusive). The note also says whether it matches the learned router."""
+    est, lo, hi = recovery(per_window, seed=seed)
+    verdict = versus_baseline(lo, hi, NORM_RECOVERY_THRESHOLD)
+    d = contrast(per_window, "norm", "learned", seed=seed)
+    worse = "worse than" if d.ci_low > 0 else "better than" if d.ci_high < 0 else "not distinguishable from"
+    return {"value": est, "ci_low": lo, "ci_high": hi, "baseline": NORM_RECOVERY_THRESHOLD, "verdict": verdict,
+            "note": f"share of the learned router's gain over random routing recovered by norm routing; norm routing "
+                    f"is {worse} the learned router (delta NLL {d.nll:+.3f} [{d.ci_low:+.3f}, {d.ci_high:+.3f}])"}
+
+
+def norm_causal_verdict(per_window: pd.DataFrame, seed: int = 0) -> dict[str, Any]:
+    """"Large norm matters beyond the score": removing the chosen expert with the largest output
+    norm costs more than removing the highest-scored one (paired interval above 0: holds; below
+    0: does not hold; otherwise inconclusive)."""
+    d = contrast(per_window, "ablate top_norm", "ablate top_score", seed=seed)
+    r = contrast(per_window, "ablate top_norm", "ablate random", seed=seed)
+    return {"value": d.nll, "ci_low": d.ci_low, "ci_high": d.ci_high, "baseline": 0.0,
+            "verdict": versus_baseline(d.ci_low, d.ci_high, 0.0),
+            "note": f"NLL(remove top-norm) - NLL(remove top-score); against removing a random chosen expert: "
+                    f"{r.nll:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]"}

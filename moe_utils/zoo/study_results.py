@@ -223,3 +223,56 @@ def list_table(rows: list[dict], shipped: dict[str, dict[str, pd.DataFrame]] | N
     df["measured_minutes"] = df.name.map(lambda n: f"{cost[n]:.1f}" if n in cost else "")
     df["dense_layer"] = df.dense_layer.map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else int(v))
     return df
+
+
+# ----------------------------------------------------------------------------- dense-layer placement
+
+def placement_table(shipped: dict[str, dict[str, pd.DataFrame]]) -> pd.DataFrame:
+    """One row per trained placement replicate: dense_layer (None: all MoE), seed, nll, ppl."""
+    rows = []
+    for name, t in shipped.items():
+        h = t.get("heldout")
+        if h is None or not len(h) or h.kind.iloc[0] != "placement":
+            continue
+        dl = h.dense_layer.iloc[0]
+        rows.append({"replicate": name, "dense_layer": None if dl is None or pd.isna(dl) else int(dl),
+                     "seed": int(h.seed.iloc[0]), "nll": float(h.heldout_loss.iloc[0]),
+                     "ppl": float(h.heldout_perplexity.iloc[0])})
+    return pd.DataFrame(rows, columns=["replicate", "dense_layer", "seed", "nll", "ppl"])
+
+
+def placement_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Per variant: seeds, mean NLL with a 95% t-interval over seeds, mean perplexity."""
+    rows = []
+    key = table.dense_layer.map(lambda v: -1 if v is None or pd.isna(v) else int(v))
+    for k, g in table.groupby(key):
+        m, lo, hi = t_interval(g.nll.tolist())
+        rows.append({"dense_layer": None if k == -1 else int(k), "seeds": len(g), "nll": m, "ci_low": lo,
+                     "ci_high": hi, "ppl": float(np.exp(m))})
+    return pd.DataFrame(rows)
+
+
+def placement_verdict(table: pd.DataFrame, num_layers: int) -> dict[str, Any]:
+    """The paper's Table 6 claim, as a rule fixed in advance: (a) loss rises as the one dense layer
+    moves deeper through the inner layers (Spearman rho > 0, p < 0.05, over every inner-position
+    replicate), and (b) a dense last layer costs less than a dense layer just before it (mean
+    paired-by-seed difference, 95% t-interval below 0). Both: holds; neither: does not hold;
+    one: inconclusive."""
+    last = num_layers - 1
+    t = table.dropna(subset=["dense_layer"])
+    inner = t[(t.dense_layer > 0) & (t.dense_layer < last)]
+    if inner.dense_layer.nunique() < 3 or last not in set(t.dense_layer) or last - 1 not in set(t.dense_layer):
+        return {"value": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "baseline": 0.0,
+                "verdict": None, "note": "not enough placement variants trained yet: no verdict"}
+    rho, p = stats.spearmanr(inner.dense_layer, inner.nll)
+    a = t[t.dense_layer == last].set_index("seed").nll
+    b = t[t.dense_layer == last - 1].set_index("seed").nll
+    both = a.index.intersection(b.index)
+    m, lo, hi = t_interval((a[both] - b[both]).tolist())
+    deeper_worse = bool(rho > 0 and p < 0.05)
+    last_better = bool(hi < 0)
+    verdict = HOLDS if deeper_worse and last_better else FAILS if not (deeper_worse or last_better) else INCONCLUSIVE
+    return {"value": float(rho), "ci_low": float("nan"), "ci_high": float("nan"), "baseline": 0.0, "verdict": verdict,
+            "note": f"inner positions: Spearman rho = {rho:.2f} (p = {p:.3g}){' - yes' if deeper_worse else ' - no'}; "
+                    f"last minus the one before, over {len(both)} seeds: {m:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+                    f"{' - lower' if last_better else ' - not lower'}"}
