@@ -132,3 +132,17 @@ def _heldout(folder: Path, windows) -> dict:
     m = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     nll = model_nll(m, windows)
     return {"heldout_loss": nll, "heldout_perplexity": math.exp(nll), "heldout_tokens": 124, "heldout_windows": 4}
+
+
+def test_parameter_counts_of_the_fine_and_placement_organisms() -> None:
+    from moe_utils.zoo import train
+    from moe_utils.zoo.cards import parameter_counts
+
+    tiny = dict(vocab_size=64)
+    for model in (train.build_fine(0, **tiny), train.build_placement(0, 2, **tiny), train.build_moe(0, **tiny)):
+        pc = parameter_counts(model.config.to_dict())
+        assert pc["total"] == sum(p.numel() for p in model.parameters())
+        experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+        assert pc["experts_total"] == experts
+        k, E = model.config.num_experts_per_tok, (getattr(model.config, "num_experts", None) or model.config.num_local_experts)
+        assert pc["active"] == pc["total"] - experts + experts * k // E

@@ -19,21 +19,55 @@ SHIPPED_COMMANDS = {
 }
 
 
+def ffn_layout(config: dict) -> list[dict]:
+    """Per layer: routed experts (count, width), experts per token, shared width and dense width.
+
+    Reads the organisms' two MoE spellings: Mixtral (``num_local_experts``, every layer MoE) and
+    Qwen2/Qwen3-MoE (``num_experts``, ``moe_intermediate_size``, a shared expert, ``mlp_only_layers``).
+    """
+    L, I = config["num_hidden_layers"], config["intermediate_size"]
+    if "moe_intermediate_size" in config:
+        E = config.get("num_experts") or config["num_local_experts"]
+        dense_layers = set(config.get("mlp_only_layers") or [])
+        out = []
+        for layer in range(L):
+            if layer in dense_layers:
+                out.append({"experts": 0, "width": 0, "top_k": 0, "shared": 0, "dense": I})
+            else:
+                out.append({"experts": E, "width": config["moe_intermediate_size"],
+                            "top_k": config["num_experts_per_tok"],
+                            "shared": config.get("shared_expert_intermediate_size") or 0, "dense": 0})
+        return out
+    if "num_local_experts" in config:
+        return [{"experts": config["num_local_experts"], "width": I, "top_k": config["num_experts_per_tok"],
+                 "shared": 0, "dense": 0} for _ in range(L)]
+    return [{"experts": 0, "width": 0, "top_k": 0, "shared": 0, "dense": I} for _ in range(L)]
+
+
 def parameter_counts(config: dict) -> dict:
     """Total and per-token active parameters from a config dict (tied embeddings counted once)."""
-    H, I, L, V = (config[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"))
+    H, V = config["hidden_size"], config["vocab_size"]
     heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
     hd = config.get("head_dim") or H // heads
     attn = H * heads * hd * 2 + H * kv * hd * 2
+    if config.get("qkv_bias") or config.get("attention_bias"):
+        attn += heads * hd + 2 * kv * hd
+    if config.get("model_type") == "qwen3_moe":
+        attn += 2 * hd  # q_norm and k_norm
     norms = 2 * H
-    ffn = 3 * H * I
-    E = config.get("num_local_experts", 1)
-    k = config.get("num_experts_per_tok", 1)
-    router = H * E if "num_local_experts" in config else 0
+    total = active = experts_total = 0
+    for lay in ffn_layout(config):
+        fixed = attn + norms + 3 * H * (lay["dense"] + lay["shared"])
+        if lay["experts"]:
+            fixed += H * lay["experts"] + (H if lay["shared"] else 0)  # router, shared-expert gate
+        routed = 3 * H * lay["width"]
+        total += fixed + routed * lay["experts"]
+        active += fixed + routed * lay["top_k"]
+        experts_total += routed * lay["experts"]
     emb = V * H * (1 if config.get("tie_word_embeddings", False) else 2)
-    total = L * (attn + norms + ffn * E + router) + H + emb
-    active = L * (attn + norms + ffn * k + router) + H + emb
-    return {"total": total, "active": active, "experts_total": L * ffn * E if E > 1 else 0,
+    total += H + emb
+    active += H + emb
+    return {"total": total, "active": active, "experts_total": experts_total,
             "embedding": emb, "non_embedding_total": total - emb, "non_embedding_active": active - emb}
 
 
@@ -75,7 +109,7 @@ def evaluate_folder(folder: Path, windows: list[list[int]], counts: np.ndarray) 
     res = {"heldout_tokens": int(sum(len(w) - 1 for w in windows)), "heldout_windows": len(windows),
            "heldout_loss": nll, "heldout_perplexity": perplexity(nll),
            "unigram_loss": uni, "unigram_perplexity": perplexity(uni)}
-    if hasattr(model.config, "num_local_experts"):
+    if hasattr(model.config, "num_local_experts") or getattr(model.config, "num_experts", None):
         load = expert_load(model, windows)
         res["expert_load"] = load.tolist()
         res["dead_experts"] = int((load == 0).sum())
@@ -88,7 +122,7 @@ def write_card(folder: Path, name: str, info: dict, ev: dict, corpus: dict, prev
     pc = parameter_counts(cfg)
     spec = info["train_spec"]
     arch = cfg["architectures"][0]
-    moe = "num_local_experts" in cfg
+    moe = "num_local_experts" in cfg or "num_experts" in cfg
     lines = [
         f"# {name}", "",
         f"A model organism of `moe_utils`: a tiny `{arch}` trained on CPU on text that ships with CPython. "
@@ -99,10 +133,19 @@ def write_card(folder: Path, name: str, info: dict, ev: dict, corpus: dict, prev
         f"RoPE, RMSNorm, SwiGLU FFN of width {cfg['intermediate_size']}, tied embeddings, "
         f"vocabulary {cfg['vocab_size']}, context {cfg['max_position_embeddings']} tokens.",
     ]
-    if moe:
+    if "num_local_experts" in cfg:
         lines.append(f"- Every layer is a Mixtral MoE block: {cfg['num_local_experts']} experts, top-"
                      f"{cfg['num_experts_per_tok']} softmax routing (weights renormalised over the top-k), "
                      f"expert width = dense FFN width {cfg['intermediate_size']} (as Mixtral 8x7B vs Mistral 7B).")
+    elif moe:
+        dense = cfg.get("mlp_only_layers") or []
+        lines.append(f"- Fine-grained MoE layers (Qwen2-MoE block): one shared expert of width "
+                     f"{cfg['shared_expert_intermediate_size']} behind a sigmoid gate plus {cfg['num_experts']} routed "
+                     f"experts of width {cfg['moe_intermediate_size']}, softmax top-{cfg['num_experts_per_tok']} "
+                     f"({'renormalised' if cfg.get('norm_topk_prob') else 'not renormalised'}); "
+                     f"{cfg['shared_expert_intermediate_size'] + cfg['num_experts'] * cfg['moe_intermediate_size']} FFN "
+                     f"neurons per MoE layer, as in tiny-moe-scratch. Dense layer(s) {dense}: a SwiGLU FFN of width "
+                     f"{cfg['intermediate_size']}, as wide as the active part of an MoE layer (as in DeepSeekMoE 16B).")
     lines += [
         f"- Parameters: {pc['total']:,} total, {pc['active']:,} active per token "
         f"({pc['non_embedding_total']:,} / {pc['non_embedding_active']:,} without the {pc['embedding']:,} embedding parameters).",
@@ -117,6 +160,9 @@ def write_card(folder: Path, name: str, info: dict, ev: dict, corpus: dict, prev
                      "(normal, std 0.02). Then trained on with the router load-balancing loss.")
     elif name == "tiny-moe-scratch":
         lines.append("- Trained from random initialisation (seeded), same shape as `tiny-moe-upcycled`.")
+    elif name == "tiny-moe-fine":
+        lines.append("- Trained from random initialisation (seeded) with the recipe and token budget of "
+                     "`tiny-moe-scratch`; seed 0 of the fine-grained kind of the organism study.")
     else:
         lines.append("- Trained from random initialisation (seeded). Its final weights seed `tiny-moe-upcycled`.")
     own = spec["tokens"]

@@ -83,16 +83,17 @@ def unigram_nll(counts: np.ndarray, targets: np.ndarray, alpha: float = 1.0) -> 
 
 @torch.no_grad()
 def expert_load(model, windows: Sequence[Sequence[int]], batch_size: int = 16) -> np.ndarray:
-    """Top-k selection counts ``[layers, experts]`` of a Mixtral-style model over the windows
-    (every position is counted, the leading ``<s>`` included).
+    """Top-k selection counts ``[MoE layers, experts]`` of an organism over the windows (every
+    position is counted, the leading ``<s>`` included); rows follow the MoE layers in order.
 
     Uses the router logits the model returns with ``output_router_logits=True`` and takes the
     top-k of each token, exactly the experts the forward pass used (no jitter in eval mode).
     """
     cfg = model.config
     k = cfg.num_experts_per_tok
-    E = cfg.num_local_experts
-    counts = np.zeros((cfg.num_hidden_layers, E), dtype=np.int64)
+    E = getattr(cfg, "num_local_experts", None) or cfg.num_experts
+    n_moe = cfg.num_hidden_layers - len(getattr(cfg, "mlp_only_layers", None) or [])
+    counts = np.zeros((n_moe, E), dtype=np.int64)
     model.eval()
     for ids in _batches(windows, batch_size):
         out = model(input_ids=ids, use_cache=False, output_router_logits=True)

@@ -20,6 +20,17 @@ def _training_info(name: str) -> dict:
     return json.loads((zoo_path(name) / "training_log.json").read_text())
 
 
+def _experts_label(cfg: dict) -> str:
+    if "num_local_experts" in cfg:
+        return f"{cfg['num_local_experts']} (top-{cfg['num_experts_per_tok']})"
+    if "num_experts" in cfg:
+        shared = cfg.get("shared_expert_intermediate_size") or 0
+        dense = cfg.get("mlp_only_layers") or []
+        return (f"{cfg['num_experts']} x {cfg['moe_intermediate_size']} (top-{cfg['num_experts_per_tok']})"
+                + (f" + shared {shared}" if shared else "") + (f"; dense layer {dense}" if dense else ""))
+    return "dense FFN"
+
+
 def organisms_table(names: Sequence[str] = ZOO_MODELS) -> pd.DataFrame:
     """One row per organism: architecture, size, training budget and time, paper counterpart."""
     rows = []
@@ -33,8 +44,7 @@ def organisms_table(names: Sequence[str] = ZOO_MODELS) -> pd.DataFrame:
             "model": name,
             "architecture": cfg["architectures"][0],
             "layers": cfg["num_hidden_layers"],
-            "experts (top-k)": f"{cfg['num_local_experts']} (top-{cfg['num_experts_per_tok']})"
-            if "num_local_experts" in cfg else "dense FFN",
+            "experts (top-k)": _experts_label(cfg),
             "params total": pc["total"],
             "params active": pc["active"],
             "training tokens": own + before,
@@ -108,10 +118,12 @@ def expert_loads(names: Sequence[str], max_windows: int | None = None) -> pd.Dat
         model = AutoModelForCausalLM.from_pretrained(str(zoo_path(name)), dtype=torch.float32)
         load = expert_load(model, windows)
         share = load / load.sum(axis=1, keepdims=True)
-        for layer in range(load.shape[0]):
+        dense = set(getattr(model.config, "mlp_only_layers", None) or [])
+        moe_layers = [l for l in range(model.config.num_hidden_layers) if l not in dense]
+        for row, layer in enumerate(moe_layers):
             for e in range(load.shape[1]):
-                rows.append({"model": name, "layer": layer, "expert": e, "selections": int(load[layer, e]),
-                             "share": float(share[layer, e])})
+                rows.append({"model": name, "layer": layer, "expert": e, "selections": int(load[row, e]),
+                             "share": float(share[row, e]), "uniform": 1 / load.shape[1]})
     return pd.DataFrame(rows)
 
 
@@ -119,13 +131,14 @@ def expert_load_chart(df: pd.DataFrame):
     """Altair heatmap of ``expert_loads``: layers x experts, one panel per model."""
     import altair as alt
 
-    E = int(df["expert"].max()) + 1
+    df = df.assign(load_vs_uniform=df["share"] / df["uniform"])
     return alt.Chart(df).mark_rect().encode(
         x=alt.X("expert:O"), y=alt.Y("layer:O", sort="descending"),
-        color=alt.Color("share:Q", title="share of top-k", scale=alt.Scale(scheme="viridis", domainMid=1 / E)),
-        tooltip=["model", "layer", "expert", "selections", alt.Tooltip("share:Q", format=".3f")],
-    ).properties(width=200, height=200).facet(column=alt.Column("model:N", title=None)).properties(
-        title=f"Expert load on held-out text (uniform = {1 / E:.3f})")
+        color=alt.Color("load_vs_uniform:Q", title="share / uniform", scale=alt.Scale(scheme="viridis", domainMid=1)),
+        tooltip=["model", "layer", "expert", "selections", alt.Tooltip("share:Q", format=".3f"),
+                 alt.Tooltip("uniform:Q", format=".3f")],
+    ).properties(width=200, height=200).facet(column=alt.Column("model:N", title=None)).resolve_scale(
+        x="independent").properties(title="Expert load on held-out text, relative to uniform use (1 = 1/E of the selections)")
 
 
 def greedy_continuations(names: Sequence[str], prompt: str = "As an open source alternative to",

@@ -133,6 +133,47 @@ def check_prepared(out: Path) -> None:
                          "(a different CPython version or build?); study results would not be comparable")
 
 
+def ship_results(rep: Replicate, out: Path, log=print) -> Path:
+    """Copy a replicate's results files into the package (``moe_utils/zoo/study/NAME``)."""
+    import shutil
+
+    from moe_utils.zoo.study_results import shipped_study_dir
+
+    src = replicate_dir(out, rep.name) / "results"
+    dest = shipped_study_dir() / rep.name
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in sorted(src.glob("study_*.json")):
+        shutil.copy2(f, dest / f.name)
+    log(f"shipped the results of {rep.name} into {dest}")
+    return dest
+
+
+def install_weights(rep: Replicate, out: Path, command: str, log=print) -> Path:
+    """Install a replicate's final weights as its shipped organism (card, evaluation, loss curve)."""
+    import shutil
+
+    from moe_utils.zoo.cards import finalize_model
+    from moe_utils.zoo.train import package_models_dir
+
+    if not rep.shipped_as:
+        raise ValueError(f"{rep.name} does not ship as an organism")
+    prepared = Path(out) / "prepared"
+    staged = prepared / "models" / rep.shipped_as
+    if staged.exists():
+        shutil.rmtree(staged)
+    shutil.copytree(replicate_dir(out, rep.name) / "model", staged)
+    info = json.loads((replicate_dir(out, rep.name) / "training_log.json").read_text())
+    info.update(name=rep.shipped_as, command=command)
+    (staged / "training_log.json").write_text(json.dumps(info, indent=1))
+    finalize_model(prepared, rep.shipped_as)
+    dest = package_models_dir() / rep.shipped_as
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(staged, dest)
+    log(f"installed {rep.name} as {dest}")
+    return dest
+
+
 def list_rows() -> list[dict]:
     """One row per replicate with its recipe and, where a shipped training log exists, its cost."""
     rows = []
@@ -154,6 +195,8 @@ def parse_args(argv: Sequence[str] | None):
     p.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--train-only", action="store_true", help="train, but write no results yet")
+    p.add_argument("--ship", action="store_true",
+                   help="copy the results into the package (and install shipped organisms' weights)")
     return p.parse_args(argv)
 
 
@@ -194,6 +237,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"moe-book zoo study: {rep.name} is not trained in {out}; use --run", file=sys.stderr)
                 return 2
             study_results.write_replicate_results(rep, out)
+            if args.ship:
+                ship_results(rep, out)
+                if rep.shipped_as and is_trained(out, rep.name):
+                    install_weights(rep, out, f"moe-book zoo study --run {rep.name} --out study-build --threads 1")
     return 0
 
 
