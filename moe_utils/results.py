@@ -60,6 +60,7 @@ SUMMARY_FIELDS = ("value", "ci_low", "ci_high", "baseline", "verdict", "paper", 
 _TOP_FIELDS = ("schema", "analysis", "model", "fingerprint", "params", "created", "package_version", "tables", "summary")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _PREFIX = '{"schema":"moe-book-results/'
+BOOK_LEVEL_MODEL = "organism study"  # the ``model`` of results that span many models (study, interventions)
 
 
 @dataclasses.dataclass

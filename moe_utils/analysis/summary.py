@@ -13,7 +13,7 @@ from pathlib import Path
 import altair as alt
 import pandas as pd
 
-from ..results import read_result
+from ..results import BOOK_LEVEL_MODEL, read_result
 
 HEADLINES = {
     ("obs1_neurons_as_experts", "gate_act_advantage"): "1. neurons act like fine-grained experts",
@@ -27,6 +27,8 @@ def collect(runs_dir: str | Path) -> pd.DataFrame:
     rows = []
     for path in sorted(Path(runs_dir).glob("*/results/*.json")):
         res = read_result(path)
+        if res.model == BOOK_LEVEL_MODEL:  # the study's and interventions' results have their own tables
+            continue
         for key, entry in res.summary.items():
             paper = entry.get("paper") or {}
             rows.append({"model": res.model, "analysis": res.analysis, "quantity": key,
@@ -116,3 +118,36 @@ def per_layer_across_models(runs_dir: str | Path, analysis: str, table: str, val
             t = t.query(query)
         frames.append(t.groupby(group, as_index=False)[value].mean().assign(model=res.model))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[group, value, "model"])
+
+
+def book_level_verdicts(results_dir: str | Path) -> pd.DataFrame:
+    """The across-seed verdicts (replication.json) and the verdicts on the paper's advice
+    (interventions.json) written by the book-level pages into ``results_dir``; empty when absent."""
+    rows = []
+    folder = Path(results_dir)
+    for name in ("replication", "interventions"):
+        path = folder / f"{name}.json"
+        if not path.exists():
+            continue
+        res = read_result(path)
+        for key, entry in res.summary.items():
+            rows.append({"page": name, "quantity": key, "value": entry.get("value"), "ci_low": entry.get("ci_low"),
+                         "ci_high": entry.get("ci_high"), "baseline": entry.get("baseline"),
+                         "verdict": entry.get("verdict"), "note": entry.get("note", "")})
+    return pd.DataFrame(rows, columns=["page", "quantity", "value", "ci_low", "ci_high", "baseline", "verdict", "note"])
+
+
+def single_vs_replicated(table: pd.DataFrame, book: pd.DataFrame) -> pd.DataFrame:
+    """Per organism and observation: the single-model verdict of its own page beside the
+    across-seed verdict of the replication page."""
+    heads = headline_rows(table)
+    rep = book[book.page == "replication"]
+    rows = []
+    for r in rep.itertuples():
+        obs, organism = r.quantity.split("_", 1)
+        n = int(obs[3:])
+        single = heads[(heads.model == f"zoo:{organism}") & heads.observation.str.startswith(f"{n}.")]
+        rows.append({"organism": organism, "observation": n,
+                     "single model (seed 0)": single.verdict.iloc[0] if len(single) else "",
+                     "across seeds": r.verdict, "seeds": r.note.split(":")[0], "mean effect": r.value})
+    return pd.DataFrame(rows)

@@ -31,7 +31,6 @@ from moe_utils.zoo.replicates import Replicate
 
 HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
 INPUTS = "long"  # the observation notebooks' default input
-STUDY_MODEL = "organism study"
 
 
 def shipped_study_dir() -> Path:
