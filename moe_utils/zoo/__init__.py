@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ZOO_MODELS: tuple[str, ...] = ("tiny-dense", "tiny-moe-upcycled", "tiny-moe-scratch")
-DEFAULT_MOE_MODELS: tuple[str, ...] = ("tiny-moe-upcycled", "tiny-moe-scratch")
+ZOO_MODELS: tuple[str, ...] = ("tiny-dense", "tiny-moe-upcycled", "tiny-moe-scratch", "tiny-moe-fine")
+DEFAULT_MOE_MODELS: tuple[str, ...] = ("tiny-moe-upcycled", "tiny-moe-scratch", "tiny-moe-fine")
 DEFAULT_DENSE_BASELINE = "tiny-dense"
 PAPER_COUNTERPART = {
     "tiny-dense": "Mistral 7B (dense)",
     "tiny-moe-upcycled": "Mixtral 8x7B (believed upcycled from Mistral 7B)",
-    "tiny-moe-scratch": "DeepSeekMoE / Grok-1 (trained from scratch)",
+    "tiny-moe-scratch": "Grok-1 (trained from scratch, experts as wide as the dense FFN)",
+    "tiny-moe-fine": "DeepSeekMoE 16B (fine-grained experts, shared experts, dense first layer)",
 }
 
 
