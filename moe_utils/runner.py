@@ -218,7 +218,7 @@ def discover_notebooks(notebooks_dir: str | Path) -> list[NotebookInfo]:
     """Every ``*.ipynb`` directly in ``notebooks_dir``, sorted by name."""
     folder = Path(notebooks_dir)
     if not folder.is_dir():
-        raise MoEUtilsError(
+        raise UsageError(
             f"notebook folder {folder} does not exist; run moe-book from the repository root "
             f"or pass --notebooks-dir"
         )
@@ -368,9 +368,13 @@ def check_request_parameters(notebooks: Sequence[NotebookInfo], values: dict[str
         check_parameters({k: v for k, v in values.items() if k in specs}, specs,
                          where=f"notebook(s) {names}")
     if isinstance(values.get("inputs"), str):
+        from moe_utils.errors import InputSpecError
         from moe_utils.inputs import check_inputs_spec
 
-        check_inputs_spec(values["inputs"])
+        try:
+            check_inputs_spec(values["inputs"])
+        except InputSpecError as exc:
+            raise UsageError(f"-p inputs: {exc}") from exc
     if dense_baseline and _looks_local(dense_baseline) and not Path(dense_baseline).expanduser().is_dir():
         raise UsageError(f"dense baseline folder {dense_baseline} does not exist")
     return {name: set(specs) for name, specs in per_notebook.items()}
@@ -595,6 +599,8 @@ def publish_stage(stage: Stage, root: Path | None) -> None:
     job = stage.job
     nb = nbformat.read(stage.notebook, as_version=4)
     _final_parameters(nb, job.parameters, job.output)
+    if job.model is not None:
+        nb.metadata.setdefault(METADATA_KEY, {})["model_label"] = model_label(job.model)
     nbformat.write(nb, stage.notebook)
     tidy_file(stage.notebook, root)
     _publish_results(stage.results, job.output.parent / RESULTS_FOLDER)
