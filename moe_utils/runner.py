@@ -481,9 +481,10 @@ def _run_papermill(job: Job, output: Path, parameters: dict[str, Any]) -> Notebo
             cwd=str(job.output.parent),
             progress_bar=False,
             log_output=False,
-            # Quiet the kernel's own start-up warnings (errors still show); cell errors are
-            # reported through papermill.
-            extra_arguments=["--IPKernelApp.log_level=ERROR"],
+            # Quiet the kernel's own log (start-up warnings, and the socket errors it logs when
+            # Ctrl-C shuts it down mid-cell); cell errors are reported through papermill, and a
+            # crashing kernel still writes to stderr.
+            extra_arguments=["--IPKernelApp.log_level=CRITICAL"],
         )
     except PapermillExecutionError as exc:
         return NotebookRunError(
