@@ -40,8 +40,12 @@ fail = False
 sleep = 0.0"""
 
 FAKE_BODY = """import time
+import warnings
 from pathlib import Path
+from moe_utils.render import setup_altair
 from moe_utils.results import write_result
+setup_altair()
+warnings.warn("a visible note")
 write_result(results_dir, "obs_fake", model, "fp", {"value": value}, {}, {"v": value})
 print("model:", model, "inputs:", inputs)
 time.sleep(sleep)
@@ -501,6 +505,8 @@ def test_published_notebooks_name_local_files_without_their_path(tmp_path: Path)
     (folder,) = [p for p in out.iterdir()]
     executed = (folder / "obs_fake.ipynb").read_text()
     assert str(tmp_path) not in executed                            # relative paths only
+    assert "UserWarning: a visible note" in executed                # warnings without their file
+    assert str(REPO) not in executed and "ipykernel_" not in executed
     injected = next(c for c in nbformat.reads(executed, as_version=4).cells
                     if "injected-parameters" in c.metadata.get("tags", []))
     assert 'inputs = "../../../private/prompts.txt"' in injected.source
