@@ -147,7 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"moe-book {command}: {exc}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        kept = "the previous site was kept" if command == "build" else "nothing was changed"
+        kept = ("the previous site was kept" if command == "build"
+                else "notebooks that had finished were kept and nothing else was changed")
         print(f"moe-book {command}: interrupted; {kept}", file=sys.stderr)
         return 130
     except UsageError as exc:

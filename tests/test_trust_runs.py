@@ -515,3 +515,15 @@ def test_published_notebooks_name_local_files_without_their_path(tmp_path: Path)
     from moe_utils.inputs import inputs_label, file_sha256
 
     assert inputs_label(str(text)) == f"prompts.txt (sha256 {file_sha256(text)})"
+
+
+def test_summary_keeps_two_checkpoints_with_one_name_apart(tmp_path: Path) -> None:
+    from moe_utils.analysis import summary
+    from moe_utils.results import write_result
+
+    for folder, fp, v in (("hf-aaaa0000", "1111111111111111", 0.25), ("hf-bbbb0000", "2222222222222222", 0.75)):
+        write_result(tmp_path / folder / "results", "obs2_router_norms", "hf", fp, {}, {},
+                     {"top1_norm_agreement": {"value": v, "verdict": "holds"}})
+    table = summary.collect(tmp_path)
+    assert sorted(table.model) == ["hf (11111111)", "hf (22222222)"]
+    assert dict(zip(table.model, table.value)) == {"hf (11111111)": 0.25, "hf (22222222)": 0.75}
