@@ -375,6 +375,13 @@ def check_request_parameters(notebooks: Sequence[NotebookInfo], values: dict[str
             check_inputs_spec(values["inputs"])
         except InputSpecError as exc:
             raise UsageError(f"-p inputs: {exc}") from exc
+    if isinstance(values.get("dtype"), str):
+        from moe_utils.loading import as_dtype  # imports torch: only when a dtype is given
+
+        try:
+            as_dtype(values["dtype"])
+        except ValueError as exc:
+            raise UsageError(f"-p dtype: {exc}") from exc
     if dense_baseline and _looks_local(dense_baseline) and not Path(dense_baseline).expanduser().is_dir():
         raise UsageError(f"dense baseline folder {dense_baseline} does not exist")
     return {name: set(specs) for name, specs in per_notebook.items()}

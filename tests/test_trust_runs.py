@@ -370,6 +370,8 @@ def test_revision_is_accepted_and_gets_its_own_folder(tmp_path: Path) -> None:
     (["-p", "max_tokens", "lots"], "parameter 'max_tokens' must be an int or None; got 'lots'"),
     (["-p", "trust_remote_code", "yes"], "parameter 'trust_remote_code' must be True or False"),
     (["-p", "inputs", "/no/such/file.txt"], "-p inputs: unknown inputs '/no/such/file.txt'"),
+    (["-p", "dtype", "float8"], "-p dtype: unknown dtype 'float8'"),
+    (["--dense-baseline", "/no/such/dense"], "dense baseline folder /no/such/dense does not exist"),
 ])
 def test_bad_parameters_exit_2_before_anything_runs(tmp_path: Path, capsys, args, message) -> None:
     out = tmp_path / "runs"
@@ -527,3 +529,28 @@ def test_summary_keeps_two_checkpoints_with_one_name_apart(tmp_path: Path) -> No
     table = summary.collect(tmp_path)
     assert sorted(table.model) == ["hf (11111111)", "hf (22222222)"]
     assert dict(zip(table.model, table.value)) == {"hf (11111111)": 0.25, "hf (22222222)": 0.75}
+
+
+@pytest.mark.slow
+def test_real_notebook_on_local_files_publishes_no_local_path(tmp_path: Path, hash_cache: Path) -> None:
+    model = _copy_zoo("tiny-moe-upcycled", tmp_path / "private" / "my-moe")
+    dense = _copy_zoo("tiny-dense", tmp_path / "private" / "my-dense")
+    text = tmp_path / "private" / "prompts.txt"
+    text.write_text("The model reads this paragraph.\n\nAnd then this one, a little longer than the first.\n")
+    out = tmp_path / "runs"
+    code = cli.main(["run", "--model", str(model), "--dense-baseline", str(dense), "--notebooks", "obs2_router_norms",
+                     "--notebooks-dir", str(REPO / "notebooks"), "--out", str(out), "-p", "inputs", str(text),
+                     "-p", "max_tokens", "48"])
+    assert code == 0
+    (folder,) = list(out.iterdir())
+    executed = (folder / "obs2_router_norms.ipynb").read_text()
+    assert str(tmp_path) not in executed and str(REPO) not in executed and "ipykernel_" not in executed
+    assert "my-moe" in executed and "my-dense" in executed
+    res = read_result(folder / "results" / "obs2_router_norms.json")
+    from moe_utils.inputs import file_sha256
+
+    assert res.model == "my-moe" and res.source["kind"] == "local"
+    assert res.params["inputs"] == f"prompts.txt (sha256 {file_sha256(text)})"
+    assert res.params["dense_baseline"] == "my-dense" and res.params["dense_used"] is True
+    assert str(tmp_path) not in (folder / "results" / "obs2_router_norms.json").read_text()
+    assert [m.model for m in bookbuild.collect_runs(out).models] == ["my-moe"]
