@@ -602,15 +602,23 @@ def _publish_results(staged: Path, final: Path) -> None:
         os.replace(path, target)
 
 
+def _finish_notebook(stage: Stage, output: Path, root: Path | None) -> None:
+    """Read the staged notebook once; show the final parameters, tag its cells for the book,
+    record where it lands and the model's label; write it back."""
+    job = stage.job
+    nb = nbformat.read(stage.notebook, as_version=4)
+    _final_parameters(nb, job.parameters, output)
+    if job.model is not None:
+        nb.metadata.setdefault(METADATA_KEY, {})["model_label"] = model_label(job.model)
+    tidy_parameters(nb)
+    _relative_paths_in_metadata(nb, root or Path.cwd())
+    nbformat.write(nb, stage.notebook)
+
+
 def publish_stage(stage: Stage, root: Path | None) -> None:
     """Land a successful run: results files first, then the notebook, each by an atomic rename."""
     job = stage.job
-    nb = nbformat.read(stage.notebook, as_version=4)
-    _final_parameters(nb, job.parameters, job.output)
-    if job.model is not None:
-        nb.metadata.setdefault(METADATA_KEY, {})["model_label"] = model_label(job.model)
-    nbformat.write(nb, stage.notebook)
-    tidy_file(stage.notebook, root)
+    _finish_notebook(stage, job.output, root)
     _publish_results(stage.results, job.output.parent / RESULTS_FOLDER)
     os.replace(stage.notebook, job.output)
     stale = failed_path(job.output)
@@ -624,10 +632,7 @@ def keep_failed(stage: Stage, root: Path | None) -> Path | None:
         return None
     target = failed_path(stage.job.output)
     try:
-        nb = nbformat.read(stage.notebook, as_version=4)
-        _final_parameters(nb, stage.job.parameters, target)
-        nbformat.write(nb, stage.notebook)
-        tidy_file(stage.notebook, root)
+        _finish_notebook(stage, target, root)
     except Exception:  # noqa: BLE001 - a half-written notebook is still kept as it is
         pass
     os.replace(stage.notebook, target)
