@@ -9,15 +9,20 @@ observation notebooks, then the book-level "back" notebooks (the summary), any f
 ``jupyter-book build .`` works even before any notebook has run.
 
 Jupyter Book 1 then builds with ``execute_notebooks: off`` (set in ``_config.yml``): the outputs
-papermill saved are published as they are. Notebooks whose run failed are left out with a warning.
+papermill saved are published as they are. Notebooks whose run failed (``NAME.failed.ipynb``, or
+a notebook whose papermill record shows an exception) are never published: they are left out with
+a warning. A notebook that cannot be read stops the build with its file named. The site is built
+into a temporary folder and replaces the previous ``_build/html`` only when the build succeeded.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +30,8 @@ from typing import Any
 import yaml
 
 from moe_utils.errors import MoEUtilsError
-from moe_utils.runner import BOOK_FOLDER, Log, default_models, model_slug, notebook_info
+from moe_utils.runner import (BOOK_FOLDER, FAILED_SUFFIX, METADATA_KEY, Log, default_models,
+                              model_label, model_slug, notebook_info)
 
 PAGES_DIR = "book"
 ROOT_PAGE = "intro"
@@ -66,26 +72,57 @@ def _model_order(slugs: list[str]) -> list[str]:
     return sorted(slugs, key=lambda s: (rank.get(s, len(rank)), s))
 
 
+def _read_metadata(nb: Path) -> dict[str, Any]:
+    """Top-level metadata of an executed notebook; a clear error naming the file otherwise."""
+    try:
+        doc = json.loads(nb.read_text(encoding="utf-8"))
+        if not isinstance(doc, dict) or not isinstance(doc.get("cells"), list):
+            raise ValueError("it is not a notebook (no list of cells)")
+        return doc.get("metadata", {}) or {}
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise MoEUtilsError(f"cannot read executed notebook {nb} ({exc}); it may be truncated. Rerun it "
+                            "with moe-book run, or delete it to leave it out of the book") from exc
+
+
+def _label(nb_meta: dict[str, Any], folder: Path) -> str:
+    """The model's name for the sidebar: recorded by the runner, else derived without local paths."""
+    label = nb_meta.get(METADATA_KEY, {}).get("model_label")
+    if label:
+        return str(label)
+    model = nb_meta.get("papermill", {}).get("parameters", {}).get("model")
+    return model_label(str(model)) if model else folder.name
+
+
 def collect_runs(runs_dir: str | Path) -> RunsIndex:
-    """Index the executed notebooks under ``runs_dir`` (one folder per model plus ``book/``)."""
+    """Index the executed notebooks under ``runs_dir`` (one folder per model plus ``book/``).
+
+    Failed runs (``*.failed.ipynb``, or an exception in papermill's record) and notebooks that
+    papermill never executed go to ``failed``; hidden files and folders (staging folders of runs
+    in progress) are ignored.
+    """
     runs_dir = Path(runs_dir)
     index = RunsIndex()
     if not runs_dir.is_dir():
         return index
     models: dict[str, ModelRun] = {}
-    for folder in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
+    folders = sorted(p for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for folder in folders:
         for nb in sorted(folder.glob("*.ipynb")):
-            nb_meta = json.loads(nb.read_text(encoding="utf-8")).get("metadata", {})
-            meta = nb_meta.get("papermill", {})
-            if meta.get("exception"):
+            if nb.name.startswith("."):
+                continue
+            if nb.name.endswith(FAILED_SUFFIX):
+                index.failed.append(nb)
+                continue
+            nb_meta = _read_metadata(nb)
+            meta = nb_meta.get("papermill")
+            if not meta or meta.get("exception"):
                 index.failed.append(nb)
                 continue
             if folder.name == BOOK_FOLDER:
                 place = notebook_info(nb, nb_meta).place
                 (index.front if place == "front" else index.back).append(nb)
                 continue
-            model = meta.get("parameters", {}).get("model") or folder.name
-            models.setdefault(folder.name, ModelRun(folder.name, str(model))).notebooks.append(nb)
+            models.setdefault(folder.name, ModelRun(folder.name, _label(nb_meta, folder))).notebooks.append(nb)
     index.models = [models[s] for s in _model_order(list(models))]
     return index
 
@@ -143,6 +180,39 @@ def check_assets(root: Path, log: Log) -> None:
         )
 
 
+def _staging_build_dir(build_dir: Path) -> Path:
+    """A fresh output folder for one build, seeded with the previous build's doctree cache.
+
+    Sphinx then rebuilds incrementally but writes every HTML page anew (none exist there yet), so
+    pages of models no longer in the runs folder do not linger in the new site.
+    """
+    (build_dir / "_build").mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".site-staging-", dir=build_dir / "_build"))
+    cache = build_dir / "_build" / ".doctrees"
+    if cache.is_dir():
+        shutil.copytree(cache, staging / "_build" / ".doctrees")
+    return staging
+
+
+def _swap_in(staging: Path, build_dir: Path) -> None:
+    """Replace ``_build/html`` (and the doctree cache) by the staged build's, by renames."""
+    new_html = staging / "_build" / "html"
+    if not (new_html / "index.html").is_file():
+        raise MoEUtilsError(f"the build wrote no {new_html / 'index.html'}; the previous site was kept")
+    final = build_dir / "_build"
+    html, old = final / "html", final / ".html-previous"
+    shutil.rmtree(old, ignore_errors=True)
+    if html.exists():
+        os.replace(html, old)
+    os.replace(new_html, html)
+    shutil.rmtree(old, ignore_errors=True)
+    for name in (".doctrees", "jupyter_execute"):
+        src = staging / "_build" / name
+        if src.is_dir():
+            shutil.rmtree(final / name, ignore_errors=True)
+            os.replace(src, final / name)
+
+
 def build_book(
     root: str | Path = ".",
     runs_dir: str | Path = "book/runs",
@@ -163,27 +233,31 @@ def build_book(
         raise MoEUtilsError(f"runs folder {runs} must be inside the book folder {root}")
     index = collect_runs(runs)
     for nb in index.failed:
-        log(f"WARNING: leaving out {nb.relative_to(root)}: its run failed (rerun it with moe-book run)")
+        log(f"WARNING: leaving out {nb.relative_to(root)}: its run failed or did not finish "
+            "(rerun it with moe-book run)")
     if not index.models and not index.front and not index.back:
         log(f"WARNING: no executed notebooks under {runs}; the book will have only its text pages")
     toc = write_toc(make_toc(index, root), root / GENERATED_TOC)
     check_assets(root, log)
     build_dir = Path(build_dir).resolve() if build_dir is not None else root
-    # Sphinx builds incrementally: pages of models no longer under the runs folder would stay in
-    # the site, unlinked but published. Start the HTML output afresh (the doctree cache is kept).
-    shutil.rmtree(build_dir / "_build" / "html", ignore_errors=True)
+    staging = _staging_build_dir(build_dir)
     cmd = [
         sys.executable, "-c", "from jupyter_book.cli.main import main; main()",
-        "build", str(root), "--toc", str(toc), "--path-output", str(build_dir),
+        "build", str(root), "--toc", str(toc), "--path-output", str(staging),
     ]
     if strict:
         cmd += ["--warningiserror", "--keep-going"]
     log(f"building: jupyter-book build {root} --toc {toc} --path-output {build_dir}")
-    proc = subprocess.run(cmd, cwd=root)
-    if proc.returncode != 0:
-        raise MoEUtilsError(
-            f"jupyter-book build failed (exit {proc.returncode}); the messages above say which page"
-        )
+    try:
+        proc = subprocess.run(cmd, cwd=root)
+        if proc.returncode != 0:
+            raise MoEUtilsError(
+                f"jupyter-book build failed (exit {proc.returncode}); the messages above say which page. "
+                f"The previous site in {build_dir / '_build' / 'html'} was kept."
+            )
+        _swap_in(staging, build_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     html = build_dir / "_build" / "html"
     shown = html.relative_to(Path.cwd()) if html.is_relative_to(Path.cwd()) else html
     log(f"site built: open {shown / 'index.html'}")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 import threading
 from functools import lru_cache
 from dataclasses import dataclass
@@ -251,10 +253,125 @@ def safetensors_range(path: Path, name: str) -> tuple[int, int]:
     return base + start, base + end
 
 
+_HEX64 = frozenset("0123456789abcdef")
+
+
+def hash_cache_path() -> Path:
+    """JSON file caching file hashes by (path, size, mtime): ``$MOE_UTILS_CACHE/file-hashes.json``
+    (default ``~/.cache/moe_utils``)."""
+    base = os.environ.get("MOE_UTILS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "moe_utils")
+    return Path(base) / "file-hashes.json"
+
+
+_HASHES: dict[str, str] = {}
+
+
+def _load_hash_cache() -> dict[str, str]:
+    try:
+        data = json.loads(hash_cache_path().read_text(encoding="utf-8"))
+        return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_hash_cache(entries: dict[str, str]) -> None:
+    path = hash_cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        merged = {**_load_hash_cache(), **entries}
+        fd, tmp = tempfile.mkstemp(prefix=".file-hashes.", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(merged, fh)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a cache only: a read-only home folder costs a rehash next time
+
+
+def _hub_blob_sha256(path: Path) -> str | None:
+    """The SHA-256 that names a Hugging Face cache blob (LFS files), read from the symlink."""
+    if not path.is_symlink():
+        return None
+    target = path.resolve()
+    name = target.name
+    if target.parent.name == "blobs" and len(name) == 64 and set(name) <= _HEX64:
+        return name
+    return None
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's content; cached by (absolute path, size, mtime) across processes.
+
+    A file of the Hugging Face cache is named by its hash already (its etag); that name is used
+    without reading the file.
+    """
+    path = Path(path)
+    blob = _hub_blob_sha256(path)
+    if blob is not None:
+        return blob
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    if key in _HASHES:
+        return _HASHES[key]
+    cached = _load_hash_cache().get(key)
+    if cached is None:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
+        cached = digest.hexdigest()
+        _save_hash_cache({key: cached})
+    _HASHES[key] = cached
+    return cached
+
+
+def hub_revision(folder: str | Path) -> str | None:
+    """The commit of a Hugging Face cache snapshot folder (``.../snapshots/<commit>``), else None."""
+    folder = Path(folder)
+    if folder.parent.name == "snapshots" and len(folder.name) == 40 and set(folder.name) <= _HEX64:
+        return folder.name
+    return None
+
+
+def verify_safetensors(files: WeightFiles) -> None:
+    """Check that every safetensors file has a readable header and all the bytes it announces.
+
+    A truncated download or a damaged file raises :class:`CheckpointError` naming the file,
+    before transformers would fail on it with a less helpful message. Reads only the headers.
+    """
+    if files.kind != "safetensors":
+        return
+    for path in files.files:
+        size = path.stat().st_size
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(8)
+                if len(head) < 8:
+                    raise ValueError("shorter than a safetensors header")
+                n = int.from_bytes(head, "little")
+                if n <= 0 or 8 + n > size:
+                    raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+                header = json.loads(fh.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
+            ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        except (ValueError, KeyError, TypeError, IndexError, OSError) as exc:
+            raise CheckpointError(f"weight file {path.name} in {files.folder} is corrupt ({exc}); "
+                                  "download it again or re-save the model") from exc
+        need = 8 + n + max(ends, default=0)
+        if size < need:
+            raise CheckpointError(f"weight file {path.name} in {files.folder} is truncated: it has "
+                                  f"{size} bytes but its header announces {need}. Download it again.")
+
+
 def checkpoint_fingerprint(config: dict, files: WeightFiles | None) -> str:
-    """Short stable hash of config.json content plus weight file names and sizes."""
+    """Short stable hash of config.json content plus each weight file's name and content hash.
+
+    Changing a single byte of any weight file changes it; content hashes are cached by
+    (path, size, mtime), so only new or modified files are read.
+    """
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     if files is not None:
-        for name, size in sorted(files.sizes()):
-            digest.update(f"{name}:{size}".encode())
+        for path in sorted(files.files, key=lambda p: p.name):
+            digest.update(f"{path.name}:{path.stat().st_size}:{file_sha256(path)}".encode())
     return digest.hexdigest()[:16]

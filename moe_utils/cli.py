@@ -1,7 +1,7 @@
 """The ``moe-book`` command: run the notebooks, build the site, train the model zoo.
 
     moe-book run [--model ID_OR_DIR] [--dense-baseline ID] [--notebooks NAME ...]
-                 [--out DIR] [-p NAME VALUE ...]
+                 [--out DIR] [--trust-remote-code] [--allow-pickle] [-p NAME VALUE ...]
     moe-book build [--out DIR] [--build-dir DIR] [--no-strict]
     moe-book zoo train ...        (delegates to moe_utils.zoo.train)
     moe-book zoo study ...        (delegates to moe_utils.zoo.study)
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from moe_utils import __version__
-from moe_utils.errors import MoEUtilsError
+from moe_utils.errors import MoEUtilsError, RunInterrupted, UsageError
 
 DEFAULT_OUT = Path("book/runs")
 
@@ -41,7 +41,14 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="folder of the source notebooks (default notebooks)")
     p.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"),
                    dest="parameters",
-                   help="extra notebook parameter; VALUE is read as a Python literal when it is one")
+                   help="extra notebook parameter; VALUE is read as a Python literal when it is one. "
+                        "Names and types are checked against the notebooks' parameters cells "
+                        "(e.g. -p layers '[0, 3]', -p revision COMMIT)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="same as -p trust_remote_code True: run the checkpoint publisher's Python code")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="same as -p allow_pickle True: load .bin/.pt weights (with torch.load "
+                        "weights_only=True) when the model has no safetensors")
 
 
 def _add_build(sub: argparse._SubParsersAction) -> None:
@@ -85,14 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from moe_utils.runner import RunRequest, parse_parameters, plan_request, run_jobs
+    from moe_utils.runner import RunRequest, check_output_folder, parse_parameters, plan_request, run_jobs
 
+    parameters = parse_parameters(args.parameters)
+    for flag, name in ((args.trust_remote_code, "trust_remote_code"), (args.allow_pickle, "allow_pickle")):
+        if flag:
+            if parameters.get(name, True) is not True:
+                raise UsageError(f"--{name.replace('_', '-')} contradicts -p {name} {parameters[name]!r}")
+            parameters[name] = True
     req = RunRequest(
         notebooks_dir=args.notebooks_dir, out=args.out, model=args.model,
         dense_baseline=args.dense_baseline, notebooks=list(args.notebooks or []),
-        parameters=parse_parameters(args.parameters),
+        parameters=parameters,
     )
     jobs = plan_request(req)
+    check_output_folder(args.out)
     run_jobs(jobs)
     if args.model is not None and not any(job.model is None for job in jobs):
         print("book-level pages (summary) were not rerun; to include this model there: "
@@ -137,6 +151,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = args.command
         handlers = {"run": _cmd_run, "build": _cmd_build, "zoo": _cmd_zoo}
         return handlers[command](args)
+    except RunInterrupted as exc:
+        print(f"moe-book {command}: {exc}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        kept = ("the previous site was kept" if command == "build"
+                else "notebooks that had finished were kept and nothing else was changed")
+        print(f"moe-book {command}: interrupted; {kept}", file=sys.stderr)
+        return 130
+    except UsageError as exc:
+        print(f"moe-book {command}: error: {exc}", file=sys.stderr)
+        return 2
     except MoEUtilsError as exc:
         print(f"moe-book {command}: error: {exc}", file=sys.stderr)
         return 1

@@ -43,3 +43,18 @@ class ResultsFileError(MoEUtilsError, ValueError):
 
 class InputSpecError(MoEUtilsError, ValueError):
     """An inputs spec names no known preset, readable file or dataset, or yields no text."""
+
+
+class UsageError(MoEUtilsError, ValueError):
+    """The command line or a notebook parameter is wrong (unknown name, wrong type, missing file).
+
+    ``moe-book`` exits with code 2 for these, before any model is loaded.
+    """
+
+
+class RunInterrupted(MoEUtilsError, KeyboardInterrupt):
+    """A run was stopped (Ctrl-C); the message says what was kept."""
+
+
+class OutputFolderError(MoEUtilsError, OSError):
+    """The output folder cannot be written (read-only, full, or not a folder)."""

@@ -255,6 +255,51 @@ def _hf_texts(spec: str) -> Iterator[str]:
             yield value
 
 
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (names an input file without its local path)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_inputs_spec(spec: Any) -> None:
+    """Validate an inputs spec without a tokenizer (before any model is loaded).
+
+    Presets and ``hf:`` specs are checked for form; a file must exist, be readable UTF-8 text
+    and hold at least one paragraph. Raises :class:`InputSpecError` naming the problem.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise InputSpecError(f"inputs must be a non-empty string; got {spec!r}: {_SPEC_HELP}")
+    if spec in PRESETS:
+        return
+    if spec.startswith("hf:"):
+        parse_hf_spec(spec)
+        return
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise InputSpecError(f"unknown inputs {spec!r} (no such preset or file): {_SPEC_HELP}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputSpecError(f"inputs file {path} is not UTF-8 text: {exc}") from exc
+    except OSError as exc:
+        raise InputSpecError(f"inputs file {path} cannot be read: {exc}") from exc
+    if not split_paragraphs(text):
+        raise InputSpecError(f"inputs file {path} holds no text")
+
+
+def inputs_label(spec: str) -> str:
+    """How pages and results name an inputs spec: a file by its name and SHA-256, not its path."""
+    path = Path(str(spec)).expanduser()
+    if spec in PRESETS or str(spec).startswith("hf:") or not path.is_file():
+        return str(spec)
+    return f"{path.name} (sha256 {file_sha256(path)})"
+
+
 def load_inputs(spec: str, tokenizer: Any, max_tokens: int | None = None, add_bos: bool = True) -> Inputs:
     """Tokenise the texts named by ``spec`` (see the module docstring) into one sequence each.
 
@@ -273,7 +318,7 @@ def load_inputs(spec: str, tokenizer: Any, max_tokens: int | None = None, add_bo
         source = "paper routing prompt (Lo et al., 2024, App. I)"
     elif spec == "long":
         texts = _read_long_preset()
-        source = str(LONG_HELDOUT_FILE)
+        source = f"package data {LONG_HELDOUT_FILE.name}"
     elif spec.startswith("hf:"):
         texts = _hf_texts(spec)
         source = spec
@@ -287,7 +332,7 @@ def load_inputs(spec: str, tokenizer: Any, max_tokens: int | None = None, add_bo
             raise InputSpecError(f"{path} is not UTF-8 text: {exc}") from exc
         if not texts:
             raise InputSpecError(f"{path} holds no text")
-        source = str(path)
+        source = inputs_label(spec)
     res = _tokenize(texts, tokenizer, None if max_tokens is None else int(max_tokens), add_bos, spec)
     res.source = source
     return res

@@ -17,7 +17,8 @@ from torch import nn
 
 from moe_utils.arch import FamilySpec, get_spec, require_moe, spec_for_config
 from moe_utils.arch.config import config_dict, read_config_json
-from moe_utils.checkpoint import checkpoint_fingerprint, find_weight_files
+from moe_utils.checkpoint import (checkpoint_fingerprint, find_weight_files, hub_revision,
+                                  verify_safetensors)
 from moe_utils.errors import CheckpointError, OfflineError, RemoteCodeRequiredError
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -34,6 +35,11 @@ class ModelRef:
     kind: Literal["zoo", "random", "local", "hub"]
     path: Path | None = None
     family: str | None = None
+    revision: str | None = None  # hub commit of the snapshot (or the revision asked for)
+
+    def source(self) -> dict[str, Any]:
+        """What results files record about where the model came from (no local path)."""
+        return {"kind": self.kind, "id": self.name, "revision": self.revision}
 
 
 @dataclass
@@ -49,6 +55,7 @@ class LoadedModel:
     fingerprint: str
     moe_layers: list[int] = field(default_factory=list)
     is_moe: bool = True
+    source: dict[str, Any] = field(default_factory=dict)
 
     @property
     def config_dict(self) -> dict:
@@ -92,12 +99,14 @@ def resolve_model(model: str | Path, revision: str | None = None,
         return ModelRef(text, "random", None, family)
     path = Path(text).expanduser()
     if path.is_dir():
-        return ModelRef(text, "local", path.resolve())
+        # Named by its folder name only: published pages and results carry no local path.
+        return ModelRef(path.resolve().name or text, "local", path.resolve())
     if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
         raise CheckpointError(f"{text!r} is neither a model folder nor a hub id (org/name); pass a "
                               "folder containing config.json and *.safetensors, 'zoo:NAME' or "
                               "'random:FAMILY'")
-    return ModelRef(text, "hub", _hub_snapshot(text, revision, include_code))
+    snapshot = _hub_snapshot(text, revision, include_code)
+    return ModelRef(text, "hub", snapshot, revision=hub_revision(snapshot) or revision)
 
 
 def _hub_snapshot(repo_id: str, revision: str | None, include_code: bool = False) -> Path:
@@ -218,6 +227,7 @@ def load_model(model: str | Path, dtype: str | torch.dtype = "float32", device_m
                 "trust_remote_code=True if you trust its source. Weight-only analyses work without "
                 "it: moe_utils.weights.layer_weights(<folder>, layer) streams the safetensors.")
         files = find_weight_files(path, allow_pickle=allow_pickle)
+        verify_safetensors(files)
         config = _canonical_config(path, cfg, spec, trust_remote_code)
         from transformers import AutoModelForCausalLM
 
@@ -233,7 +243,8 @@ def load_model(model: str | Path, dtype: str | torch.dtype = "float32", device_m
         require_moe(spec, f"loading {ref.name}")
     return LoadedModel(model=module, tokenizer=tokenizer, spec=spec, config=module.config,
                        name=ref.name, path=path, fingerprint=fingerprint,
-                       moe_layers=spec.moe_layers(module.config), is_moe=spec.is_moe)
+                       moe_layers=spec.moe_layers(module.config), is_moe=spec.is_moe,
+                       source=ref.source())
 
 
 def _dispatch(module: nn.Module, device_map: Any, offload_folder: str | Path | None) -> nn.Module:

@@ -100,18 +100,30 @@ def book_build_enabled(environ: dict[str, str] | None = None) -> bool:
     return value.strip().lower() in {"1", "true", "yes"}
 
 
+def format_warning_without_path(message: Warning | str, category: type[Warning], filename: str,
+                                lineno: int, line: str | None = None) -> str:
+    """``warnings.formatwarning`` for published pages: ``UserWarning: text``, without the file
+    name and line that Python puts first (an absolute path of this machine)."""
+    return f"{category.__name__}: {message}\n"
+
+
 def setup_altair(environ: dict[str, str] | None = None) -> str:
     """Choose the Altair renderer for this kernel and return its name.
 
     Registers the "book" renderer and enables it when ``BOOK_BUILD=1``; otherwise leaves
     Altair's current renderer (the default one in a fresh kernel) untouched, so JupyterLab
-    works as usual. Call it once at the top of every notebook.
+    works as usual. In a book build, warnings are also printed without the source file's path
+    (:func:`format_warning_without_path`), so the published pages name no local folder. Call it
+    once at the top of every notebook.
     """
+    import warnings
+
     import altair as alt
 
     alt.renderers.register(BOOK_RENDERER, book_renderer)
     if book_build_enabled(environ):
         alt.renderers.enable(BOOK_RENDERER)
+        warnings.formatwarning = format_warning_without_path
     return alt.renderers.active
 
 

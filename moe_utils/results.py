@@ -13,6 +13,13 @@ Schema ``moe-book-results/1``::
       "params": {...},                        # every parameter the numbers depend on
       "created": "2026-11-29T10:00:00+00:00", # ISO 8601, UTC
       "package_version": "0.1.0",            # moe_utils.__version__ that wrote the file
+      "source": {                             # optional: where the model came from
+        "kind": "hub",                        # "zoo" | "random" | "local" | "hub"
+        "id": "org/Name",                     # the id (a local folder by its name only)
+        "revision": "6f2c...",                # hub commit of the snapshot, or null
+        "fingerprint": "3f2a..."              # the content fingerprint again
+      },
+      "versions": {"moe_utils": "0.1.0", "torch": "2.9.0", ...},  # optional: packages used
       "tables": {                             # tidy tables: name -> list of records (one per row)
         "rank_counts": [{"layer": 0, "score_rank": 1, "norm_rank": 1, "count": 12}, ...]
       },
@@ -58,6 +65,7 @@ SCHEMA = "moe-book-results/1"
 VERDICTS = ("holds", "does not hold", "inconclusive")
 SUMMARY_FIELDS = ("value", "ci_low", "ci_high", "baseline", "verdict", "paper", "note")
 _TOP_FIELDS = ("schema", "analysis", "model", "fingerprint", "params", "created", "package_version", "tables", "summary")
+_OPTIONAL_FIELDS = ("source", "versions")  # written since they were added; older files lack them
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _PREFIX = '{"schema":"moe-book-results/'
 BOOK_LEVEL_MODEL = "organism study"  # the ``model`` of results that span many models (study, interventions)
@@ -76,6 +84,8 @@ class Result:
     tables: dict[str, pd.DataFrame]
     summary: dict[str, dict[str, Any]]
     path: Path | None = None
+    source: dict[str, Any] = dataclasses.field(default_factory=dict)
+    versions: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def value(self, key: str) -> Any:
         """The ``value`` of one summary entry."""
@@ -200,6 +210,19 @@ def _package_version() -> str:
     return str(__version__)
 
 
+def package_versions() -> dict[str, str]:
+    """Versions of moe_utils and of the libraries its numbers depend on (those installed)."""
+    from importlib import metadata
+
+    out = {"moe_utils": _package_version()}
+    for name in ("torch", "transformers", "safetensors", "numpy", "scipy", "pandas"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -233,8 +256,12 @@ def write_result(
     params: Mapping[str, Any],
     tables: Mapping[str, pd.DataFrame | list],
     summary: Mapping[str, Any],
+    source: Mapping[str, Any] | None = None,
 ) -> Path:
     """Validate and atomically write ``<results_dir>/<analysis>.json``; return its path.
+
+    ``source`` (kind, id, revision of the model) is recorded with the fingerprint; the versions of
+    the packages that computed the numbers are always recorded.
 
     A summary value may be a full entry (a dict with any of ``SUMMARY_FIELDS``, ``value``
     required; missing fields are filled) or a bare number (stored with a ``null`` verdict).
@@ -250,6 +277,8 @@ def write_result(
         "package_version": _package_version(),
         "tables": {str(k): _table_records(str(k), v) for k, v in tables.items()},
         "summary": _summary_entries(summary),
+        "source": {**to_jsonable(dict(source or {})), "fingerprint": str(fingerprint)},
+        "versions": package_versions(),
     }
     text = json.dumps(doc, indent=1, allow_nan=False, ensure_ascii=False)
     _atomic_write_text(path, text + "\n")
@@ -282,6 +311,9 @@ def _validate(doc: Any, path: Path) -> None:
         raise _invalid(path, "tables must map names to lists of records")
     if not isinstance(doc["summary"], dict):
         raise _invalid(path, "summary must be an object")
+    for f in ("source", "versions"):
+        if f in doc and not isinstance(doc[f], dict):
+            raise _invalid(path, f"{f} must be an object")
     for key, entry in doc["summary"].items():
         if not isinstance(entry, dict) or any(f not in entry for f in SUMMARY_FIELDS):
             raise _invalid(path, f"summary entry {key!r} lacks some of {SUMMARY_FIELDS}")
@@ -326,6 +358,8 @@ def read_result(path_or_dir: str | Path, analysis: str | None = None) -> Result:
         tables={k: pd.DataFrame.from_records(v) for k, v in doc["tables"].items()},
         summary=doc["summary"],
         path=p,
+        source=doc.get("source", {}),
+        versions=doc.get("versions", {}),
     )
 
 

@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import errno
+import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -35,7 +38,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import nbformat
 
-from moe_utils.errors import MoEUtilsError
+from moe_utils.errors import MoEUtilsError, OutputFolderError, RunInterrupted, UsageError
 from moe_utils.render import BOOK_BUILD_ENV
 
 BOOK_FOLDER = "book"
@@ -75,37 +78,61 @@ class NotebookRunError(MoEUtilsError, RuntimeError):
             cell += f": `{cell_first_line}`" if cell_first_line else ""
         super().__init__(
             f"{where} failed{cell}: {ename}: {evalue}\n"
-            f"The partly executed notebook is in {output}; open it to see the traceback, fix the "
-            f"cause and run again (notebooks that succeeded before it were kept)."
+            f"The partly executed notebook is kept as {output}; open it to see the traceback, fix "
+            f"the cause and run again. The previous {Path(notebook).stem} notebook and results of "
+            f"this model were left as they were, and so were notebooks that succeeded before it."
         )
 
 
 # --------------------------------------------------------------------------- names and values
 
 
-def model_slug(model: str | os.PathLike[str]) -> str:
-    """Folder name for a model id.
+def _looks_local(text: str) -> bool:
+    return text.startswith(("/", "./", "../", "~")) or Path(text).expanduser().is_dir()
+
+
+def _clean(slug: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", slug).strip("-.")
+
+
+def model_slug(model: str | os.PathLike[str], revision: str | None = None) -> str:
+    """Folder name for a model id (and hub revision); two different checkpoints never share one.
 
     ``zoo:tiny-moe-upcycled`` -> ``tiny-moe-upcycled``; ``random:mixtral`` -> ``random-mixtral``;
-    hub id ``org/Name`` -> ``org--Name``; an existing local folder -> its base name. Characters
-    outside ``[A-Za-z0-9._-]`` become ``-``.
+    hub id ``org/Name`` -> ``org--Name`` (``org--Name--rev-abc123`` with a revision); a local
+    folder -> its base name plus 8 hex digits of a hash of its absolute location, so ``a/hf`` and
+    ``b/hf`` get different folders. Characters outside ``[A-Za-z0-9._-]`` become ``-``.
     """
     text = os.fspath(model).strip()
     if not text:
         raise MoEUtilsError("empty model id: pass a zoo name (zoo:NAME), a hub id or a local folder")
-    looks_local = text.startswith(("/", "./", "../", "~")) or Path(text).expanduser().is_dir()
-    if looks_local:
-        slug = Path(text).expanduser().resolve().name
+    if _looks_local(text):
+        where = Path(text).expanduser().resolve()
+        digest = hashlib.sha256(os.fsencode(where)).hexdigest()[:8]
+        slug = f"{_clean(where.name) or 'model'}-{digest}"
     elif text.startswith("zoo:"):
         slug = text[len("zoo:"):]
     else:
         slug = text.replace("/", "--").replace(":", "-")
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", slug).strip("-.")
+    if revision:
+        slug += f"--rev-{_clean(str(revision))[:40]}"
+    slug = _clean(slug)
     if not slug:
         raise MoEUtilsError(f"cannot make a folder name from model id {text!r}")
     if slug == BOOK_FOLDER:
         slug = f"{BOOK_FOLDER}-model"
     return slug
+
+
+def model_label(model: str | os.PathLike[str]) -> str:
+    """How pages name a model: the id as given, but a local folder by its name only.
+
+    Published pages never show a local absolute path (``/home/me/ckpt/hf`` is shown as ``hf``).
+    """
+    text = os.fspath(model).strip()
+    if _looks_local(text):
+        return Path(text).expanduser().resolve().name or text
+    return text
 
 
 def parse_value(text: str) -> Any:
@@ -137,9 +164,9 @@ def parse_parameters(pairs: Iterable[Sequence[str]] | None) -> dict[str, Any]:
     for pair in pairs or ():
         name, value = pair
         if not name.isidentifier():
-            raise MoEUtilsError(f"parameter name {name!r} is not a Python identifier")
+            raise UsageError(f"parameter name {name!r} is not a Python identifier")
         if name in RESERVED_PARAMETERS:
-            raise MoEUtilsError(
+            raise UsageError(
                 f"-p {name} is set by moe-book itself; use --model / --dense-baseline / --out instead"
             )
         params[name] = parse_value(value)
@@ -171,7 +198,11 @@ def notebook_info(path: str | Path, metadata: dict[str, Any] | None = None) -> N
     """
     path = Path(path)
     if metadata is None:
-        metadata = json.loads(path.read_text(encoding="utf-8")).get("metadata", {})
+        try:
+            metadata = json.loads(path.read_text(encoding="utf-8")).get("metadata", {})
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+            raise MoEUtilsError(f"cannot read notebook {path}: {type(exc).__name__}: {exc}. "
+                                "Restore it (e.g. git checkout) or delete it.") from exc
     meta = metadata.get(METADATA_KEY, {})
     scope = meta.get("scope") or ("model" if path.stem.startswith("obs") else "book")
     place = meta.get("place") or ("front" if path.stem == "organisms" else "back")
@@ -187,7 +218,7 @@ def discover_notebooks(notebooks_dir: str | Path) -> list[NotebookInfo]:
     """Every ``*.ipynb`` directly in ``notebooks_dir``, sorted by name."""
     folder = Path(notebooks_dir)
     if not folder.is_dir():
-        raise MoEUtilsError(
+        raise UsageError(
             f"notebook folder {folder} does not exist; run moe-book from the repository root "
             f"or pass --notebooks-dir"
         )
@@ -203,7 +234,7 @@ def select_notebooks(available: Sequence[NotebookInfo], names: Sequence[str] | N
     for name in names:
         stem = Path(name).name.removesuffix(".ipynb")
         if stem not in by_name:
-            raise MoEUtilsError(
+            raise UsageError(
                 f"no notebook named {name!r}; available: {', '.join(sorted(by_name)) or '(none)'}"
             )
         chosen.append(by_name[stem])
@@ -245,6 +276,26 @@ def default_models() -> tuple[list[str], str | None]:
     return [as_id(m) for m in zoo.DEFAULT_MOE_MODELS], as_id(zoo.DEFAULT_DENSE_BASELINE)
 
 
+def _relative_to(path: Path, workdir: Path) -> str:
+    """``path`` written relative to ``workdir`` (the kernel's working directory), POSIX style."""
+    return Path(os.path.relpath(path.resolve(), workdir.resolve())).as_posix()
+
+
+def _local_paths_relative(params: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """Local model folders and input files given relative to the user's directory (or absolute)
+    rewritten relative to the kernel's working directory: they still resolve there, and the
+    executed notebook names no absolute path."""
+    out = dict(params)
+    for key in ("model", "dense_baseline"):
+        value = out.get(key)
+        if isinstance(value, str) and _looks_local(value):
+            out[key] = _relative_to(Path(value).expanduser(), workdir)
+    value = out.get("inputs")
+    if isinstance(value, str) and not value.startswith("hf:") and Path(value).expanduser().is_file():
+        out["inputs"] = _relative_to(Path(value).expanduser(), workdir)
+    return out
+
+
 def plan_jobs(
     notebooks: Sequence[NotebookInfo],
     models: Sequence[str],
@@ -252,31 +303,96 @@ def plan_jobs(
     out: str | Path,
     extra: dict[str, Any] | None = None,
     include_book: bool = True,
+    declared: dict[str, set[str]] | None = None,
 ) -> list[Job]:
     """Per-model notebooks for every model (in order), then book-level ones once.
 
-    Paths are injected relative to each output folder (the kernel's working directory).
+    Paths are injected relative to each output folder (the kernel's working directory). With
+    ``declared`` (notebook name -> its parameter names), a notebook only receives the extra
+    parameters it declares.
     """
     out = Path(out)
     extra = dict(extra or {})
+    revision = extra.get("revision")
     jobs: list[Job] = []
     slugs: dict[str, str] = {}
+
+    def extra_for(nb: NotebookInfo) -> dict[str, Any]:
+        if declared is None or nb.name not in declared:
+            return dict(extra)
+        return {k: v for k, v in extra.items() if k in declared[nb.name]}
+
     for model in models:
-        slug = model_slug(model)
+        slug = model_slug(model, revision if isinstance(revision, str) else None)
         if slug in slugs and slugs[slug] != model:
-            raise MoEUtilsError(f"models {slugs[slug]!r} and {model!r} would share folder {slug!r}")
+            raise UsageError(f"models {slugs[slug]!r} and {model!r} would share folder {slug!r}")
         slugs[slug] = model
         for nb in notebooks:
             if nb.scope == "model":
-                params = {**extra, "model": model, "dense_baseline": dense_baseline,
+                params = {**extra_for(nb), "model": model, "dense_baseline": dense_baseline,
                           "results_dir": RESULTS_FOLDER}
-                jobs.append(Job(nb, out / slug / f"{nb.name}.ipynb", params, model))
+                output = out / slug / f"{nb.name}.ipynb"
+                jobs.append(Job(nb, output, _local_paths_relative(params, output.parent), model))
     if include_book:
         for nb in notebooks:
             if nb.scope == "book":
-                params = {**extra, "runs_dir": "..", "results_dir": RESULTS_FOLDER}
-                jobs.append(Job(nb, out / BOOK_FOLDER / f"{nb.name}.ipynb", params))
+                params = {**extra_for(nb), "runs_dir": "..", "results_dir": RESULTS_FOLDER}
+                output = out / BOOK_FOLDER / f"{nb.name}.ipynb"
+                jobs.append(Job(nb, output, _local_paths_relative(params, output.parent)))
     return jobs
+
+
+# --------------------------------------------------------------------------- parameter checks
+
+
+def check_request_parameters(notebooks: Sequence[NotebookInfo], values: dict[str, Any],
+                             dense_baseline: str | None = None) -> dict[str, set[str]]:
+    """Check ``-p`` values against the notebooks' ``parameters`` cells, before anything runs.
+
+    A name must be declared by at least one of ``notebooks`` and its value must have the type
+    each declaring notebook gives it; an ``inputs`` file and a local ``dense_baseline`` folder
+    must exist. Raises :class:`UsageError`; returns notebook name -> declared parameter names.
+    """
+    from moe_utils.params import check_parameters, notebook_parameters
+
+    per_notebook = {nb.name: notebook_parameters(nb.path) for nb in notebooks}
+    union: dict[str, Any] = {}
+    for specs in per_notebook.values():
+        for name, spec in specs.items():
+            union.setdefault(name, spec)
+    settable = {k: v for k, v in union.items() if k not in RESERVED_PARAMETERS}
+    names = ", ".join(nb.name for nb in notebooks)
+    check_parameters({k: v for k, v in values.items() if k not in settable}, settable,
+                     where=f"notebook(s) {names}")
+    for specs in per_notebook.values():
+        check_parameters({k: v for k, v in values.items() if k in specs}, specs,
+                         where=f"notebook(s) {names}")
+    if isinstance(values.get("inputs"), str):
+        from moe_utils.errors import InputSpecError
+        from moe_utils.inputs import check_inputs_spec
+
+        try:
+            check_inputs_spec(values["inputs"])
+        except InputSpecError as exc:
+            raise UsageError(f"-p inputs: {exc}") from exc
+    if isinstance(values.get("dtype"), str):
+        from moe_utils.loading import as_dtype  # imports torch: only when a dtype is given
+
+        try:
+            as_dtype(values["dtype"])
+        except ValueError as exc:
+            raise UsageError(f"-p dtype: {exc}") from exc
+    if dense_baseline and _looks_local(dense_baseline) and not Path(dense_baseline).expanduser().is_dir():
+        raise UsageError(f"dense baseline folder {dense_baseline} does not exist")
+    return {name: set(specs) for name, specs in per_notebook.items()}
+
+
+def check_model_id(model: str) -> None:
+    """A model id that names a local folder must exist (checked before any notebook starts)."""
+    text = str(model).strip()
+    if text.startswith(("/", "./", "../", "~")) and not Path(text).expanduser().is_dir():
+        raise UsageError(f"model folder {text} does not exist; pass a folder holding config.json and "
+                         "*.safetensors, a hub id (org/Name), zoo:NAME or random:FAMILY")
 
 
 # --------------------------------------------------------------------------- execution
@@ -358,52 +474,237 @@ def _first_line(source: str | None) -> str | None:
     return None
 
 
-def execute_job(job: Job, root: Path | None = None) -> None:
-    """Run one job with papermill, tidy its output; raise :class:`NotebookRunError` on failure.
-
-    Must be called inside :func:`kernel_environment`. The output notebook is written even when
-    a cell fails (papermill saves the partial run), and is tidied in both cases.
-    """
+def _run_papermill(job: Job, output: Path, parameters: dict[str, Any]) -> NotebookRunError | None:
+    """Execute ``job`` into ``output`` with papermill; the error of a failed run, else None."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    workdir = job.output.parent
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / RESULTS_FOLDER).mkdir(exist_ok=True)
     try:
         papermill.execute_notebook(
             str(job.notebook.path),
-            str(job.output),
-            parameters=job.parameters,
+            str(output),
+            parameters=parameters,
             kernel_name="python3",
-            cwd=str(workdir),
+            cwd=str(job.output.parent),
             progress_bar=False,
             log_output=False,
-            # Quiet the kernel's own start-up warnings (errors still show); cell errors are
-            # reported through papermill.
-            extra_arguments=["--IPKernelApp.log_level=ERROR"],
+            # Quiet the kernel's own log (start-up warnings, and the socket errors it logs when
+            # Ctrl-C shuts it down mid-cell); cell errors are reported through papermill, and a
+            # crashing kernel still writes to stderr.
+            extra_arguments=["--IPKernelApp.log_level=CRITICAL"],
         )
     except PapermillExecutionError as exc:
-        error = NotebookRunError(
-            job.notebook.path.name, job.model, job.output, exc.ename, exc.evalue,
+        return NotebookRunError(
+            job.notebook.path.name, job.model, failed_path(job.output), exc.ename, exc.evalue,
             exc.cell_index, _first_line(exc.source), exc.exec_count,
         )
+    except OSError:
+        raise  # disk full, read-only folder: reported by run_jobs
     except Exception as exc:  # kernel died, missing kernel, unreadable notebook, ...
-        error = NotebookRunError(job.notebook.path.name, job.model, job.output,
-                                 type(exc).__name__, str(exc))
-    else:
-        error = None
-    if job.output.exists():
-        tidy_file(job.output, root)
-    if error is not None:
-        raise error
+        return NotebookRunError(job.notebook.path.name, job.model, failed_path(job.output),
+                                type(exc).__name__, str(exc))
+    return None
+
+
+def execute_job(job: Job, root: Path | None = None) -> None:
+    """Run one job transactionally; raise :class:`NotebookRunError` on failure.
+
+    Must be called inside :func:`kernel_environment`. See :func:`staged_run` for what happens to
+    the files; the output notebook is tidied (:func:`tidy_file`) before it lands.
+    """
+    with staged_run(job, root) as stage:
+        error = _run_papermill(job, stage.notebook, stage.parameters)
+        if error is not None:
+            stage.fail()
+            raise error
+
+
+# --------------------------------------------------------------------------- transactional runs
+
+STAGING_PREFIX = ".staging-"
+FAILED_SUFFIX = ".failed.ipynb"
+
+
+def failed_path(output: Path) -> Path:
+    """Where the notebook of a failed run of ``output`` is kept: ``<name>.failed.ipynb``."""
+    return output.with_name(output.stem + FAILED_SUFFIX)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_stages(workdir: Path, name: str) -> None:
+    """Staging folders of ``name`` left by a killed run (its process is gone) are removed."""
+    for stale in workdir.glob(f"{STAGING_PREFIX}{name}-*"):
+        try:
+            pid = int(stale.name.rsplit("-", 2)[-2])
+        except (ValueError, IndexError):
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _final_parameters(nb: nbformat.NotebookNode, parameters: dict[str, Any], output: Path) -> None:
+    """Show ``parameters`` (the final results folder, not the staging one) in the injected cell
+    and record ``output`` (where the notebook lands) as papermill's output path."""
+    from papermill.translators import translate_parameters
+
+    kernel = nb.metadata.get("kernelspec", {}).get("name", "python3")
+    language = nb.metadata.get("kernelspec", {}).get("language", "python")
+    for cell in nb.cells:
+        if "injected-parameters" in cell.get("metadata", {}).get("tags", []):
+            cell.source = translate_parameters(kernel, language, parameters, "Parameters")
+    if "papermill" in nb.metadata:
+        nb.metadata.papermill["parameters"] = parameters
+        nb.metadata.papermill["output_path"] = str(output)
+
+
+@dataclass
+class Stage:
+    """One staged run: the temporary notebook, the parameters the kernel gets, and the outcome."""
+
+    job: Job
+    folder: Path
+    parameters: dict[str, Any]
+    failed: bool = False
+
+    @property
+    def notebook(self) -> Path:
+        return self.folder / self.job.output.name
+
+    @property
+    def results(self) -> Path:
+        return self.folder / RESULTS_FOLDER
+
+    def fail(self) -> None:
+        """Mark the run as failed: nothing it wrote replaces the previous files."""
+        self.failed = True
+
+
+def _publish_results(staged: Path, final: Path) -> None:
+    """Move results files the run wrote or changed from ``staged`` into ``final`` (atomic each)."""
+    if not staged.is_dir():
+        return
+    final.mkdir(parents=True, exist_ok=True)
+    for path in sorted(staged.iterdir()):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        target = final / path.name
+        if target.is_file() and target.read_bytes() == path.read_bytes():
+            continue
+        os.replace(path, target)
+
+
+def _finish_notebook(stage: Stage, output: Path, root: Path | None) -> None:
+    """Read the staged notebook once; show the final parameters, tag its cells for the book,
+    record where it lands and the model's label; write it back."""
+    job = stage.job
+    nb = nbformat.read(stage.notebook, as_version=4)
+    _final_parameters(nb, job.parameters, output)
+    if job.model is not None:
+        nb.metadata.setdefault(METADATA_KEY, {})["model_label"] = model_label(job.model)
+    tidy_parameters(nb)
+    _relative_paths_in_metadata(nb, root or Path.cwd())
+    nbformat.write(nb, stage.notebook)
+
+
+def publish_stage(stage: Stage, root: Path | None) -> None:
+    """Land a successful run: results files first, then the notebook, each by an atomic rename."""
+    job = stage.job
+    _finish_notebook(stage, job.output, root)
+    _publish_results(stage.results, job.output.parent / RESULTS_FOLDER)
+    os.replace(stage.notebook, job.output)
+    stale = failed_path(job.output)
+    if stale.exists():
+        stale.unlink()
+
+
+def keep_failed(stage: Stage, root: Path | None) -> Path | None:
+    """Keep the partial notebook of a failed run as ``<name>.failed.ipynb``; drop its results."""
+    if not stage.notebook.exists():
+        return None
+    target = failed_path(stage.job.output)
+    try:
+        _finish_notebook(stage, target, root)
+    except Exception:  # noqa: BLE001 - a half-written notebook is still kept as it is
+        pass
+    os.replace(stage.notebook, target)
+    return target
+
+
+@contextlib.contextmanager
+def staged_run(job: Job, root: Path | None = None) -> Iterator[Stage]:
+    """Give a run a temporary notebook and results folder; publish them only on success.
+
+    The kernel works in the final folder but writes its notebook and results into a hidden
+    staging folder beside them (``.staging-<name>-<pid>-<random>``). When the body returns
+    without :meth:`Stage.fail`, the results files and then the notebook are moved into place.
+    On failure, Ctrl-C or any error the previous notebook and results stay byte for byte as they
+    were and the partial notebook is kept as ``<name>.failed.ipynb``; after SIGKILL only the
+    staging folder is left, and the next run of the notebook removes it.
+    """
+    workdir = job.output.parent
+    workdir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_stages(workdir, job.notebook.name)
+    folder = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{job.notebook.name}-{os.getpid()}-",
+                                   dir=workdir))
+    parameters = dict(job.parameters)
+    results_final = workdir / RESULTS_FOLDER
+    if "results_dir" in parameters:
+        parameters["results_dir"] = _relative_to(folder / RESULTS_FOLDER, workdir)
+    stage = Stage(job, folder, parameters)
+    (folder / RESULTS_FOLDER).mkdir()
+    if results_final.is_dir():  # readers (and caches) in the run see the current results
+        for path in results_final.iterdir():
+            if path.is_file() and not path.name.startswith("."):
+                shutil.copy2(path, stage.results / path.name)
+    try:
+        yield stage
+        if stage.failed:
+            keep_failed(stage, root)
+        else:
+            publish_stage(stage, root)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            keep_failed(stage, root)
+        raise
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def check_output_folder(out: Path) -> None:
+    """Fail early, naming the folder, when ``out`` cannot be created or written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".moe-book-write-test-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputFolderError(_disk_message(exc, out)) from exc
+
+
+def _disk_message(exc: OSError, where: Path | str) -> str:
+    reason = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
+              errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+              errno.EDQUOT: "the disk quota is exceeded"}.get(exc.errno, exc.strerror or str(exc))
+    return (f"cannot write to {exc.filename or where} ({reason}). Free some space or pass a "
+            f"writable folder with --out; the previous notebooks and results were kept as they were.")
 
 
 def run_jobs(jobs: Sequence[Job], log: Log = print, root: Path | None = None) -> list[Path]:
     """Execute ``jobs`` in order, logging progress; stop at the first failure.
 
-    Returns the written notebooks. On failure the exception propagates after logging; the
-    notebooks already written stay in place.
+    Returns the written notebooks. A failed job leaves the previous notebook and results of
+    that job as they were (see :func:`staged_run`); notebooks that succeeded before it stay.
+    Ctrl-C raises :class:`RunInterrupted` and a full or read-only disk
+    :class:`OutputFolderError`, each saying what was kept.
     """
     done: list[Path] = []
     with kernel_environment():
@@ -413,9 +714,21 @@ def run_jobs(jobs: Sequence[Job], log: Log = print, root: Path | None = None) ->
             t0 = time.perf_counter()
             try:
                 execute_job(job, root)
-            except NotebookRunError:
+            except NotebookRunError as exc:
                 log(f"[{i}/{len(jobs)}] {job.label} FAILED after {time.perf_counter() - t0:.1f} s")
+                if exc.ename == "KeyboardInterrupt":
+                    raise RunInterrupted(
+                        f"interrupted during {job.label}: its previous notebook and results were "
+                        f"kept; the partial notebook is in {exc.output}.") from exc
                 raise
+            except KeyboardInterrupt as exc:
+                kept = f"; the partial notebook is in {failed_path(job.output)}" \
+                    if failed_path(job.output).exists() else ""
+                raise RunInterrupted(
+                    f"interrupted during {job.label}: its previous notebook and results were kept"
+                    f"{kept}; {len(done)} notebook(s) finished before it.") from exc
+            except OSError as exc:
+                raise OutputFolderError(_disk_message(exc, job.output.parent)) from exc
             done.append(job.output)
             log(f"[{i}/{len(jobs)}] {job.label} done in {time.perf_counter() - t0:.1f} s")
         log(f"ran {len(jobs)} notebook(s) in {time.perf_counter() - start:.1f} s")
@@ -435,11 +748,13 @@ class RunRequest:
 
 
 def plan_request(req: RunRequest) -> list[Job]:
-    """Turn a :class:`RunRequest` into jobs.
+    """Turn a :class:`RunRequest` into jobs, after checking every parameter.
 
     Without a model: the default plan (every selected per-model notebook on each default MoE
     model with the default dense baseline, then the selected book-level notebooks). With a
     model: its per-model notebooks only, plus book-level notebooks that were named explicitly.
+    Unknown ``-p`` names, wrong types, a missing inputs file or model folder raise
+    :class:`UsageError` here, before any notebook (or model) is loaded.
     """
     available = discover_notebooks(req.notebooks_dir)
     chosen = select_notebooks(available, req.notebooks)
@@ -449,9 +764,12 @@ def plan_request(req: RunRequest) -> list[Job]:
             baseline = req.dense_baseline
         include_book = True
     else:
+        check_model_id(req.model)
         models, baseline = [req.model], req.dense_baseline
         include_book = bool(req.notebooks)
-    jobs = plan_jobs(chosen, models, baseline, req.out, req.parameters, include_book)
+    planned = [nb for nb in chosen if nb.scope == "model" or include_book]
+    declared = check_request_parameters(planned or chosen, req.parameters, baseline)
+    jobs = plan_jobs(chosen, models, baseline, req.out, req.parameters, include_book, declared)
     if not jobs:
-        raise MoEUtilsError(f"nothing to run: no matching notebooks in {req.notebooks_dir}")
+        raise UsageError(f"nothing to run: no matching notebooks in {req.notebooks_dir}")
     return jobs

@@ -53,7 +53,7 @@ def test_collect_runs(book: Path) -> None:
     assert [(m.slug, m.model) for m in index.models] == [
         ("tiny-moe-upcycled", "zoo:tiny-moe-upcycled"),
         ("mistralai--Mixtral-8x7B-v0.1", "mistralai/Mixtral-8x7B-v0.1"),
-        ("zebra", "/data/zebra"),
+        ("zebra", "zebra"),  # a local folder by its name: the sidebar shows no local path
     ]
     assert [p.name for p in index.models[0].notebooks] == ["obs1_weights.ipynb", "obs2_norms.ipynb"]
     assert [p.name for p in index.front] == ["organisms.ipynb", "zoo_training.ipynb"]
@@ -72,7 +72,7 @@ def test_make_toc_orders_front_models_back(book: Path) -> None:
         ("Model: zoo:tiny-moe-upcycled",
          ["book/runs/tiny-moe-upcycled/obs1_weights", "book/runs/tiny-moe-upcycled/obs2_norms"]),
         ("Model: mistralai/Mixtral-8x7B-v0.1", ["book/runs/mistralai--Mixtral-8x7B-v0.1/obs1_weights"]),
-        ("Model: /data/zebra", ["book/runs/zebra/obs1_weights"]),
+        ("Model: zebra", ["book/runs/zebra/obs1_weights"]),
         ("Summary and reproduction", ["book/runs/book/summary", "book/suggestions", "book/reproduce"]),
     ]
     # The file is a valid Jupyter Book TOC whose entries all exist.

@@ -57,13 +57,14 @@ def test_zoo_train_gets_every_argument(monkeypatch) -> None:
     assert received == [["--steps", "3", "--help-me", "tiny-moe-scratch"]]
 
 
-def test_errors_are_reported_with_exit_code_1(tmp_path: Path, capsys) -> None:
+def test_errors_are_reported_with_exit_codes(tmp_path: Path, capsys) -> None:
+    # Usage errors (wrong options or parameters) exit with 2, other errors with 1.
     missing = tmp_path / "no-notebooks-here"
-    assert cli.main(["run", "--model", "random:mixtral", "--notebooks-dir", str(missing)]) == 1
+    assert cli.main(["run", "--model", "random:mixtral", "--notebooks-dir", str(missing)]) == 2
     err = capsys.readouterr().err
     assert "moe-book run: error:" in err and str(missing) in err
 
-    assert cli.main(["run", "--model", "random:mixtral", "-p", "model", "x"]) == 1
+    assert cli.main(["run", "--model", "random:mixtral", "-p", "model", "x"]) == 2
     assert "use --model" in capsys.readouterr().err
 
     assert cli.main(["build", "--root", str(tmp_path)]) == 1

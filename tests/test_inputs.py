@@ -92,7 +92,7 @@ def test_user_file_blank_lines_and_separator_lines(tmp_path):
     assert I.split_paragraphs(sep.read_text()) == ["one\n\nstill one", "two"]
     tok = WithBos(word_tokenizer("first one here second third line still two"))
     inp = I.load_inputs(str(blank), tok)
-    assert inp.n_sequences == 3 and inp.name == str(blank) and inp.source == str(blank)
+    assert inp.n_sequences == 3 and inp.name == str(blank) and inp.source == f"{blank.name} (sha256 {I.file_sha256(blank)})"
 
 
 def test_truncation_keeps_whole_sequences_first(tmp_path):

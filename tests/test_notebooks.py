@@ -18,7 +18,7 @@ from moe_utils.results import VERDICTS, read_result
 NOTEBOOKS = sorted(Path(__file__).resolve().parents[1].joinpath("notebooks").glob("*.ipynb"))
 OBSERVATIONS = [p for p in NOTEBOOKS if p.stem.startswith("obs")]
 REQUIRED_PARAMETERS = {"model", "dense_baseline", "layers", "inputs", "max_tokens", "dtype", "device_map",
-                       "trust_remote_code", "seed", "results_dir"}
+                       "trust_remote_code", "allow_pickle", "revision", "seed", "results_dir"}
 
 
 def _moe_book(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -35,10 +35,12 @@ def test_notebooks_are_stored_without_outputs(path: Path):
 
 @pytest.mark.parametrize("path", OBSERVATIONS, ids=[p.stem for p in OBSERVATIONS])
 def test_observation_notebooks_take_the_documented_parameters(path: Path):
-    nb = nbformat.read(path, as_version=4)
-    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-    names = {line.split("=")[0].strip() for line in cell.source.splitlines() if "=" in line}
-    assert REQUIRED_PARAMETERS <= names
+    from moe_utils.params import notebook_parameters
+
+    declared = notebook_parameters(path)               # what papermill (and moe-book run) reads
+    assert REQUIRED_PARAMETERS <= set(declared)
+    assert declared["layers"].accepts([0, 3]) and not declared["layers"].accepts("34")
+    assert declared["dense_baseline"].accepts(None) and declared["allow_pickle"].accepts(True)
 
 
 def _check_results(folder: Path) -> dict[str, dict]:

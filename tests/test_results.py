@@ -47,7 +47,7 @@ def test_round_trip(tmp_path):
     assert R.read_result(path).analysis == "obs_x"
     doc = json.loads(path.read_text())
     assert list(doc)[0] == "schema" and doc["schema"] == R.SCHEMA
-    assert set(doc) == set(R._TOP_FIELDS)
+    assert set(doc) == set(R._TOP_FIELDS) | set(R._OPTIONAL_FIELDS)
 
 
 def test_indexed_frame_keeps_its_index(tmp_path):

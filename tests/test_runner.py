@@ -52,7 +52,6 @@ def write_notebook(path: Path, sources: list[str], metadata: dict | None = None,
         ("mistralai/Mixtral-8x7B-v0.1", "mistralai--Mixtral-8x7B-v0.1"),
         ("random:mixtral", "random-mixtral"),
         ("org/Name with space", "org--Name-with-space"),
-        ("/abs/path/to/My Model/", "My-Model"),
         ("zoo:book", "book-model"),
     ],
 )
@@ -60,13 +59,18 @@ def test_model_slug(model: str, slug: str) -> None:
     assert model_slug(model) == slug
 
 
-def test_model_slug_of_existing_relative_folder_is_its_name(tmp_path: Path, monkeypatch) -> None:
+def test_model_slug_of_existing_relative_folder_is_its_name_and_location(tmp_path: Path, monkeypatch) -> None:
+    import hashlib
+
     (tmp_path / "checkpoints" / "my-moe").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
+    where = (tmp_path / "checkpoints" / "my-moe").resolve()
+    expected = "my-moe-" + hashlib.sha256(os.fsencode(where)).hexdigest()[:8]
     # Without the folder this would read as a hub id and become "checkpoints--my-moe".
-    assert model_slug("checkpoints/my-moe") == "my-moe"
-    assert model_slug("./checkpoints/my-moe") == "my-moe"
+    assert model_slug("checkpoints/my-moe") == expected
+    assert model_slug("./checkpoints/my-moe") == expected == model_slug(str(where))
     assert model_slug("checkpoints/other") == "checkpoints--other"
+    assert model_slug("/abs/path/to/My Model/").startswith("My-Model-")
 
 
 def test_model_slug_rejects_empty() -> None:
@@ -154,7 +158,9 @@ def test_plan_jobs_runs_model_notebooks_per_model_then_book_once(tmp_path: Path)
     no_book = plan_jobs(_infos(tmp_path), ["zoo:a"], None, out, include_book=False)
     assert [j.notebook.name for j in no_book] == ["obs1", "obs2"]
     with pytest.raises(MoEUtilsError, match="share folder"):
-        plan_jobs(_infos(tmp_path), ["zoo:x", "/elsewhere/x"], None, out)
+        plan_jobs(_infos(tmp_path), ["zoo:org--x", "org/x"], None, out)
+    local = plan_jobs(_infos(tmp_path), ["zoo:x", "/elsewhere/x"], None, out, include_book=False)
+    assert local[0].output.parent.name == "x" != local[-1].output.parent.name
 
 
 def test_plan_request_default_plan_and_single_model(tmp_path: Path, monkeypatch) -> None:
@@ -234,7 +240,9 @@ def test_failing_notebook_is_reported_and_earlier_output_kept(tmp_path: Path, ca
     assert any("remove-cell" in c.metadata.get("tags", []) for c in partial.cells)
     # Published notebooks carry paths relative to the repository root, not the machine's.
     assert partial.metadata.papermill.input_path == "nbs/obs2_boom.ipynb"
-    assert partial.metadata.papermill.output_path == "runs/tiny/obs2_boom.ipynb"
+    assert partial.metadata.papermill.output_path == "runs/tiny/obs2_boom.failed.ipynb"
+    assert err.output == tmp_path / "runs" / "tiny" / "obs2_boom.failed.ipynb"
+    assert not (tmp_path / "runs" / "tiny" / "obs2_boom.ipynb").exists()
 
 
 def test_default_models_are_zoo_ids(monkeypatch) -> None:

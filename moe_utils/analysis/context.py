@@ -16,12 +16,12 @@ import pandas as pd
 import torch
 import transformers
 
-from ..errors import NotMoEModelError
-from ..inputs import Inputs, fit_context, load_inputs
+from ..errors import CheckpointError, NotMoEModelError, UsageError
+from ..inputs import Inputs, check_inputs_spec, fit_context, inputs_label, load_inputs
 from ..arch import spec_for_config
 from ..arch.config import read_config_json
-from ..checkpoint import checkpoint_fingerprint, find_weight_files
-from ..loading import LoadedModel, load_model, resolve_model
+from ..checkpoint import checkpoint_fingerprint, find_weight_files, verify_safetensors
+from ..loading import LoadedModel, load_model, load_tokenizer, resolve_model
 from ..results import write_result
 from ..trace import Trace, trace, trace_dense
 
@@ -35,6 +35,7 @@ class Study:
     results_dir: Path
     layers: list[int] | None
     params: dict[str, Any] = field(default_factory=dict)
+    dense_note: str = ""  # why the dense baseline was left out, when it was
 
     @property
     def name(self) -> str:
@@ -63,11 +64,14 @@ class Study:
         rows = [("model", self.lm.name), ("family (spec)", self.lm.spec.name),
                 ("MoE layers", f"{len(self.lm.moe_layers)} ({self.lm.moe_layers[0]}..{self.lm.moe_layers[-1]})"),
                 ("layers analysed", "all" if self.layers is None else str(self.layers)),
-                ("dense baseline (F)", self.dense.name if self.dense is not None else "none")]
+                ("dense baseline (F)", self.dense.name if self.dense is not None
+                 else (f"left out: {self.dense_note}" if self.dense_note else "none"))]
         rows += [("experts per MoE layer", self.num_experts), ("experts chosen per token (top-k)", self.top_k),
                  ("hidden size", self.lm.spec.hidden_size(self.lm.config_dict)),
                  ("activation", self.lm.spec.activation_name(self.lm.config_dict))]
         rows.append(("fingerprint", self.lm.fingerprint))
+        if self.lm.source.get("revision"):
+            rows.append(("hub revision", self.lm.source["revision"]))
         return pd.DataFrame(rows, columns=["", "value"]).set_index("")
 
     def inputs(self, spec: str, max_tokens: int | None = None) -> Inputs:
@@ -95,7 +99,8 @@ class Study:
              params: Mapping[str, Any] | None = None) -> Path:
         """Write this analysis's results file atomically and return its path."""
         return write_result(self.results_dir, analysis, self.lm.name, self.lm.fingerprint,
-                            {**self.params, **(params or {})}, dict(tables), dict(summary))
+                            {**self.params, **(params or {})}, dict(tables), dict(summary),
+                            source=self.lm.source)
 
 
 def checkpoint_only(model: str, revision: str | None = None, allow_pickle: bool = False) -> LoadedModel:
@@ -107,9 +112,35 @@ def checkpoint_only(model: str, revision: str | None = None, allow_pickle: bool 
     cfg = read_config_json(ref.path)
     spec = spec_for_config(cfg)
     files = find_weight_files(ref.path, allow_pickle=allow_pickle)
+    verify_safetensors(files)
     return LoadedModel(model=None, tokenizer=None, spec=spec, config=cfg, name=ref.name, path=ref.path,
                        fingerprint=checkpoint_fingerprint(cfg, files), moe_layers=spec.moe_layers(cfg),
-                       is_moe=spec.is_moe)
+                       is_moe=spec.is_moe, source=ref.source())
+
+
+def _check_layers(layers: Any) -> list[int] | None:
+    """``layers`` as a list of ints, or None; a string or a float is refused, not split."""
+    if layers is None:
+        return None
+    ok = isinstance(layers, (list, tuple)) and all(isinstance(l, int) and not isinstance(l, bool) for l in layers)
+    if not ok:
+        raise UsageError(f"layers must be a list of ints or None; got {layers!r} ({type(layers).__name__})")
+    return [int(l) for l in layers]
+
+
+def _baseline_mismatch(lm: LoadedModel, dense: LoadedModel, weights_only: bool) -> str:
+    """Why ``dense`` cannot serve as the F baseline of ``lm`` (empty when it can)."""
+    h_model = lm.spec.hidden_size(lm.config_dict)
+    h_dense = dense.spec.hidden_size(dense.config_dict)
+    if h_model != h_dense:
+        return (f"its hidden size is {h_dense}, the model's is {h_model}, so its FFN cannot be compared "
+                "with the experts")
+    if not weights_only:
+        if dense.tokenizer is None:
+            return "it has no tokenizer files, so its outputs cannot be matched token by token"
+        if not _same_tokenizer(lm, dense):
+            return "its tokenizer splits text differently, so its outputs cannot be matched token by token"
+    return ""
 
 
 def _same_tokenizer(a: LoadedModel, b: LoadedModel) -> bool:
@@ -120,45 +151,62 @@ def _same_tokenizer(a: LoadedModel, b: LoadedModel) -> bool:
 def open_study(model: str, dense_baseline: str | None = None, layers: Sequence[int] | None = None,
                dtype: str = "float32", device_map: Any = None, trust_remote_code: bool = False,
                results_dir: str | Path | None = None, seed: int = 0, weights_only: bool = False,
-               **params: Any) -> Study:
+               revision: str | None = None, allow_pickle: bool = False, **params: Any) -> Study:
     """Load the model under study (it must be an MoE) and, if given, its dense baseline.
 
     ``weights_only`` skips building the models: weight analyses then stream the safetensors one
     layer at a time, so even Mixtral 8x7B fits a machine with a few GB of memory. The baseline is
     dropped with a warning when its tokenizer splits text differently, because F outputs are
-    compared token by token (the paper checks the same for Mistral and Mixtral).
+    compared token by token (the paper checks the same for Mistral and Mixtral), or when its
+    hidden size differs; the page then says so in its description table. ``revision`` (a hub
+    branch, tag or commit) applies to ``model``; ``allow_pickle`` lets ``.bin``/``.pt`` weights
+    load with torch's ``weights_only``. ``layers`` and an ``inputs`` file are checked before any
+    model is loaded.
     """
+    chosen = _check_layers(layers)
+    if isinstance(params.get("inputs"), str):
+        check_inputs_spec(params["inputs"])
     torch.manual_seed(seed)
     transformers.logging.disable_progress_bar()
 
-    def load(name: str) -> LoadedModel:
+    def load(name: str, rev: str | None = None) -> LoadedModel:
         if weights_only:
-            return checkpoint_only(name)
-        return load_model(name, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
+            return checkpoint_only(name, rev, allow_pickle=allow_pickle)
+        return load_model(name, dtype=dtype, device_map=device_map, revision=rev,
+                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
 
-    lm = load(model)
+    lm = load(model, revision)
+    if not weights_only and lm.tokenizer is None:
+        raise CheckpointError(f"{lm.name} has no tokenizer files (tokenizer.json, tokenizer_config.json, "
+                              "tokenizer.model or vocab.json) in its folder; copy the tokenizer of the model "
+                              "it was trained from into that folder")
     if not lm.is_moe:
         raise NotMoEModelError(f"{model!r} is a dense model; the observation notebooks need a Mixture-of-Experts "
                                f"model. Pass a dense model as dense_baseline instead.")
     dense = None
+    dense_note = ""
+    dense_name = None
     if dense_baseline:
         dense = load(dense_baseline)
+        dense_name = dense.name
         if dense.is_moe:
             raise NotMoEModelError(f"dense_baseline {dense_baseline!r} is itself an MoE model; pass a dense model "
                                    f"(for Mixtral 8x7B that is Mistral 7B) or None.")
-        if not weights_only and not _same_tokenizer(lm, dense):
-            warnings.warn(f"{dense_baseline!r} tokenizes text differently from {model!r}; the F baseline is "
-                          f"left out of this page.", stacklevel=2)
+        why = _baseline_mismatch(lm, dense, weights_only)
+        if why:
+            dense_note = f"{dense.name}: {why}"
+            warnings.warn(f"the dense baseline {dense.name} is left out of this page: {why}.", stacklevel=2)
             dense = None
     if results_dir is None:
         from ..runner import model_slug
         results_dir = Path("results") / model_slug(model)
-    chosen = None if layers is None else [int(l) for l in layers]
     if chosen is not None:
         bad = [l for l in chosen if l not in lm.moe_layers]
         if bad:
             from ..errors import LayerIndexError
             raise LayerIndexError(f"layers {bad} are not MoE layers of {model!r}; its MoE layers are {lm.moe_layers}.")
-    run_params = {"model": model, "dense_baseline": dense_baseline, "layers": chosen, "dtype": dtype,
-                  "seed": seed, **params}
-    return Study(lm, dense, Path(results_dir), chosen, run_params)
+    if isinstance(params.get("inputs"), str):
+        params = {**params, "inputs": inputs_label(params["inputs"])}
+    run_params = {"model": lm.name, "dense_baseline": dense_name, "dense_used": dense is not None,
+                  "layers": chosen, "dtype": dtype, "seed": seed, "revision": lm.source.get("revision"), **params}
+    return Study(lm, dense, Path(results_dir), chosen, run_params, dense_note=dense_note)

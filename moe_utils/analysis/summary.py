@@ -37,7 +37,21 @@ def collect(runs_dir: str | Path) -> pd.DataFrame:
                          "note": entry.get("note", ""),
                          "paper": "; ".join(f"{m}: {v:g}" for m, v in paper.items() if v is not None),
                          "fingerprint": res.fingerprint, "file": str(path)})
-    return pd.DataFrame(rows)
+    return _distinct_model_names(pd.DataFrame(rows))
+
+
+def _distinct_model_names(table: pd.DataFrame) -> pd.DataFrame:
+    """Two checkpoints shown under one name (local folders ``a/hf`` and ``b/hf`` are both ``hf``)
+    get their fingerprint added, ``hf (3f2a1b0c)``, so their numbers are never merged."""
+    if table.empty:
+        return table
+    counts = table.groupby("model")["fingerprint"].nunique()
+    shared = set(counts[counts > 1].index)
+    if shared:
+        table = table.copy()
+        mask = table["model"].isin(shared)
+        table.loc[mask, "model"] = table.loc[mask, "model"] + " (" + table.loc[mask, "fingerprint"].str[:8] + ")"
+    return table
 
 
 def _fmt(v: object, digits: int = 3) -> str:

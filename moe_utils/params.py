@@ -1,0 +1,175 @@
+"""Notebook parameters as the notebooks declare them, and checks of user values against them.
+
+The names, types and defaults come from each notebook's cell tagged ``parameters`` (read with
+papermill's own inspector), so there is no second list to keep in sync. A line such as::
+
+    layers: "Optional[list[int]]" = None   # every MoE layer when None
+
+declares a type; without an annotation the type is that of the default value (``seed = 0`` is an
+int), and a ``None`` default accepts anything. Annotations understood: ``int``, ``float``,
+``str``, ``bool``, ``None``, ``Any``, ``dict``, ``list[X]``, ``tuple``, ``Optional[X]`` and
+``Union[X, Y, ...]``. A bool is not an int here and a string is never read as a list.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from moe_utils.errors import UsageError
+
+Check = Callable[[Any], bool]
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One declared parameter: name, type text (annotation or inferred), default text, help."""
+
+    name: str
+    type_text: str
+    default: str
+    help: str = ""
+
+    def accepts(self, value: Any) -> bool:
+        """True when ``value`` has the declared type."""
+        return type_check(self.type_text)(value)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+_SIMPLE: dict[str, Check] = {
+    "int": _is_int,
+    "float": lambda v: _is_int(v) or isinstance(v, float),
+    "str": lambda v: isinstance(v, str),
+    "bool": lambda v: isinstance(v, bool),
+    "None": lambda v: v is None,
+    "Any": lambda v: True,
+    "dict": lambda v: isinstance(v, dict),
+    "list": lambda v: isinstance(v, list),
+    "tuple": lambda v: isinstance(v, (list, tuple)),
+}
+
+
+def _checker(node: ast.AST, text: str) -> Check:
+    if isinstance(node, ast.Constant) and node.value is None:
+        return _SIMPLE["None"]
+    if isinstance(node, ast.Name) and node.id in _SIMPLE:
+        return _SIMPLE[node.id]
+    if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name):
+        inner = node.slice
+        args = list(inner.elts) if isinstance(inner, ast.Tuple) else [inner]
+        parts = [_checker(a, text) for a in args]
+        kind = node.value.id
+        if kind in ("list", "List") and len(parts) == 1:
+            item = parts[0]
+            return lambda v: isinstance(v, (list, tuple)) and all(item(x) for x in v)
+        if kind == "Optional" and len(parts) == 1:
+            item = parts[0]
+            return lambda v: v is None or item(v)
+        if kind == "Union":
+            return lambda v: any(p(v) for p in parts)
+    raise ValueError(f"unsupported parameter annotation {text!r}")
+
+
+def type_check(type_text: str) -> Check:
+    """A predicate for a type written as in a parameters cell (see the module docstring)."""
+    try:
+        node = ast.parse(type_text.strip(), mode="eval").body
+    except SyntaxError as exc:
+        raise ValueError(f"unsupported parameter annotation {type_text!r}") from exc
+    return _checker(node, type_text)
+
+
+def describe_type(type_text: str) -> str:
+    """Words for a type: ``Optional[list[int]]`` -> ``a list of ints or None``."""
+    words = {"int": "an int", "float": "a number", "str": "a string", "bool": "True or False",
+             "None": "None", "Any": "any value", "dict": "a dict", "list": "a list", "tuple": "a tuple"}
+
+    def say(node: ast.AST) -> str:
+        if isinstance(node, ast.Constant) and node.value is None:
+            return "None"
+        if isinstance(node, ast.Name):
+            return words.get(node.id, node.id)
+        if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name):
+            inner = node.slice
+            args = list(inner.elts) if isinstance(inner, ast.Tuple) else [inner]
+            if node.value.id in ("list", "List"):
+                item = say(args[0]).removeprefix("an ").removeprefix("a ")
+                return f"a list of {item}s"
+            return " or ".join(say(a) for a in args) + (" or None" if node.value.id == "Optional" else "")
+        return ast.unparse(node)
+
+    return say(ast.parse(type_text.strip(), mode="eval").body)
+
+
+def _inferred_type(default: str) -> str:
+    try:
+        value = ast.literal_eval(default)
+    except (ValueError, SyntaxError):
+        return "Any"
+    if value is None:
+        return "Any"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "str"
+    if isinstance(value, (list, tuple)):
+        kinds = {_inferred_type(repr(v)) for v in value}
+        return f"list[{kinds.pop()}]" if len(kinds) == 1 and "Any" not in kinds else "list"
+    if isinstance(value, dict):
+        return "dict"
+    return "Any"
+
+
+def notebook_parameters(path: str | Path) -> dict[str, ParamSpec]:
+    """The parameters declared in the ``parameters`` cell of the notebook at ``path``."""
+    from papermill.inspection import _infer_parameters
+    from papermill.iorw import load_notebook_node
+
+    path = Path(path)
+    try:
+        nb = load_notebook_node(str(path))
+    except Exception as exc:  # noqa: BLE001 - unreadable or not a notebook
+        raise UsageError(f"cannot read notebook {path}: {type(exc).__name__}: {exc}") from exc
+    specs = {}
+    for p in _infer_parameters(nb):
+        type_text = p.inferred_type_name if p.inferred_type_name not in ("None", "") else _inferred_type(p.default)
+        specs[p.name] = ParamSpec(p.name, type_text, p.default, p.help)
+    return specs
+
+
+def check_parameters(values: Mapping[str, Any], declared: Mapping[str, ParamSpec],
+                     where: str = "the notebooks") -> None:
+    """Raise :class:`UsageError` for a name not declared or a value of the wrong type.
+
+    The message for an unknown name lists the valid ones and the closest match; for a wrong
+    type it names the parameter, the expected type and the value received, on one line.
+    """
+    for name, value in values.items():
+        spec = declared.get(name)
+        if spec is None:
+            close = difflib.get_close_matches(name, list(declared), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise UsageError(f"unknown parameter {name!r} for {where}.{hint} Valid names: "
+                             f"{', '.join(sorted(declared))}")
+        if not spec.accepts(value):
+            raise UsageError(f"parameter {name!r} must be {describe_type(spec.type_text)}; got "
+                             f"{value!r} ({type(value).__name__})")
+
+
+def merged_parameters(paths: Iterable[str | Path]) -> dict[str, ParamSpec]:
+    """Parameters declared by any of the notebooks (the first declaration of a name wins)."""
+    out: dict[str, ParamSpec] = {}
+    for path in paths:
+        for name, spec in notebook_parameters(path).items():
+            out.setdefault(name, spec)
+    return out
