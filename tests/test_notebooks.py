@@ -86,3 +86,12 @@ def test_default_plan_runs_every_notebook_on_the_organisms(repo_root: Path, tmp_
     assert (tmp_path / "book" / "summary.ipynb").exists()
     meta = json.loads((tmp_path / "book" / "summary.ipynb").read_text())["metadata"]
     assert "papermill" in meta
+    for name, tables in (("replication", {"verdicts", "emergence", "across_seeds"}),
+                         ("interventions", {"routing", "ablation", "dense_placement", "topk_sweep"})):
+        res = read_result(tmp_path / "book" / "results" / f"{name}.json")
+        assert tables <= set(res.tables), (name, sorted(res.tables))
+    inter = read_result(tmp_path / "book" / "results" / "interventions.json").tables
+    assert set(inter["routing"].organism) == set(zoo.DEFAULT_MOE_MODELS)
+    assert set(inter["routing"].policy) == {"learned", "norm", "random"}
+    sweep = inter["topk_sweep"]
+    assert (sweep.groupby("organism").k.max() == sweep.groupby("organism").k.count()).all()  # k = 1..E

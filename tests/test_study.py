@@ -96,7 +96,7 @@ def test_miniature_replicate_trains_resumes_and_measures(tmp_path: Path, monkeyp
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (tok / f).write_bytes((zoo_path("tiny-dense") / f).read_bytes())
     monkeypatch.setattr("moe_utils.zoo.train.prepare", lambda out, log=print: {})
-    monkeypatch.setattr(S, "heldout", lambda folder: _heldout(folder, windows))
+    monkeypatch.setattr(S, "heldout", lambda folder, max_windows=None: _heldout(folder, windows))
 
     import torch
 

@@ -75,13 +75,22 @@ def measure_model(folder: Path, seed: int = 0) -> tuple[list[dict], dict[str, fl
     return [h.as_row() for h in (o1, o2, o3)], extra, long_trace
 
 
-def heldout(folder: Path) -> dict[str, float]:
-    """Held-out loss of the stored (bf16) weights on every held-out window, as the zoo cards report."""
-    from moe_utils.zoo.cards import evaluate_folder
-    from moe_utils.zoo.evaluate import load_unigram_counts, load_windows
+EMERGENCE_WINDOWS = 120  # held-out windows for snapshot losses (the organisms page's evenly spaced sample)
 
-    ev = evaluate_folder(folder, load_windows(), load_unigram_counts())
-    return {k: ev[k] for k in ("heldout_loss", "heldout_perplexity", "heldout_tokens", "heldout_windows")}
+
+def heldout(folder: Path, max_windows: int | None = None) -> dict[str, float]:
+    """Held-out loss of the stored (bf16) weights loaded in float32, on every held-out window (as the
+    zoo cards report) or on an evenly spaced sample of ``max_windows``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moe_utils.zoo.evaluate import load_windows, model_nll, perplexity
+
+    windows = load_windows(max_windows=max_windows)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    nll = model_nll(model, windows)
+    return {"heldout_loss": nll, "heldout_perplexity": perplexity(nll),
+            "heldout_tokens": int(sum(len(w) - 1 for w in windows)), "heldout_windows": len(windows)}
 
 
 def _training_row(rep: Replicate, folder: Path) -> dict[str, Any]:
@@ -121,7 +130,7 @@ def write_replicate_results(rep: Replicate, out: Path, log=print) -> list[Path]:
             sdir = snapshot_dir(out, rep.name, step)
             log(f"{rep.name}: measuring snapshot at step {step}")
             hrows, extra, tr = measure_model(sdir)
-            vals = {"heldout_loss": heldout(sdir)["heldout_loss"],
+            vals = {"heldout_loss_sample": heldout(sdir, EMERGENCE_WINDOWS)["heldout_loss"],
                     **{r["quantity"]: r["effect"] for r in hrows},
                     "trend_rho": extra["trend_rho"], "mean_output_similarity": extra["mean_output_similarity"],
                     "router_saturation": H.router_saturation(tr, final_trace)}
