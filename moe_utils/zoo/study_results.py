@@ -159,12 +159,15 @@ def load_shipped(root: Path | None = None) -> dict[str, dict[str, pd.DataFrame]]
 
     root = shipped_study_dir() if root is None else Path(root)
     out: dict[str, dict[str, pd.DataFrame]] = {}
-    for path in sorted(root.glob("*/study_replicate.json")):
+    # the shipped layout (NAME/study_*.json) or a study folder's (NAME/results/study_*.json)
+    paths = sorted(root.glob("*/study_replicate.json")) + sorted(root.glob("*/results/study_replicate.json"))
+    for path in paths:
         tables = dict(read_result(path).tables)
         em = path.with_name("study_emergence.json")
         if em.exists():
             tables.update(read_result(em).tables)
-        out[path.parent.name] = tables
+        name = path.parent.name if path.parent.name != "results" else path.parent.parent.name
+        out[name] = tables
     return out
 
 
