@@ -16,6 +16,7 @@ Schema ``moe-book-results/1``::
       "tables": {                             # tidy tables: name -> list of records (one per row)
         "rank_counts": [{"layer": 0, "score_rank": 1, "norm_rank": 1, "count": 12}, ...]
       },
+      "invalid": [],                          # optional; excluded non-finite tensors (see below)
       "summary": {                            # headline numbers: key -> entry
         "top1_norm_agreement": {
           "value": 0.61,                      # number (or null when undefined)
@@ -27,6 +28,11 @@ Schema ``moe-book-results/1``::
         }
       }
     }
+
+``invalid`` lists, one record each (``layer, expert, tensor, n_nan, n_inf``), the tensors with
+NaN or infinite values that a run left out because it was started with ``allow_invalid = True``.
+A file with a non-empty ``invalid`` describes a damaged model: its numbers exclude those experts.
+Files without the field (older ones) are valid.
 
 NaN and infinities are stored as ``null``; numpy scalars and arrays become plain numbers and
 lists. A ``null`` verdict marks a descriptive number that is not a test of a claim.
@@ -75,6 +81,12 @@ class Result:
     tables: dict[str, pd.DataFrame]
     summary: dict[str, dict[str, Any]]
     path: Path | None = None
+    invalid: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    @property
+    def is_invalid(self) -> bool:
+        """True when the run excluded non-finite weights (``allow_invalid``)."""
+        return bool(self.invalid)
 
     def value(self, key: str) -> Any:
         """The ``value`` of one summary entry."""
@@ -232,11 +244,13 @@ def write_result(
     params: Mapping[str, Any],
     tables: Mapping[str, pd.DataFrame | list],
     summary: Mapping[str, Any],
+    invalid: list[Mapping[str, Any]] | None = None,
 ) -> Path:
     """Validate and atomically write ``<results_dir>/<analysis>.json``; return its path.
 
     A summary value may be a full entry (a dict with any of ``SUMMARY_FIELDS``, ``value``
     required; missing fields are filled) or a bare number (stored with a ``null`` verdict).
+    ``invalid`` records the non-finite tensors the run excluded (empty: a valid run).
     """
     path = result_path(results_dir, analysis)
     doc = {
@@ -248,6 +262,7 @@ def write_result(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "package_version": _package_version(),
         "tables": {str(k): _table_records(str(k), v) for k, v in tables.items()},
+        "invalid": to_jsonable([dict(r) for r in (invalid or [])]),
         "summary": _summary_entries(summary),
     }
     text = json.dumps(doc, indent=1, allow_nan=False, ensure_ascii=False)
@@ -281,6 +296,8 @@ def _validate(doc: Any, path: Path) -> None:
         raise _invalid(path, "tables must map names to lists of records")
     if not isinstance(doc["summary"], dict):
         raise _invalid(path, "summary must be an object")
+    if not isinstance(doc.get("invalid", []), list) or not all(isinstance(r, dict) for r in doc.get("invalid", [])):
+        raise _invalid(path, "invalid must be a list of records")
     for key, entry in doc["summary"].items():
         if not isinstance(entry, dict) or any(f not in entry for f in SUMMARY_FIELDS):
             raise _invalid(path, f"summary entry {key!r} lacks some of {SUMMARY_FIELDS}")
@@ -325,6 +342,7 @@ def read_result(path_or_dir: str | Path, analysis: str | None = None) -> Result:
         tables={k: pd.DataFrame.from_records(v) for k, v in doc["tables"].items()},
         summary=doc["summary"],
         path=p,
+        invalid=list(doc.get("invalid", [])),
     )
 
 

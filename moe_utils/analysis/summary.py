@@ -32,7 +32,8 @@ def collect(runs_dir: str | Path) -> pd.DataFrame:
             rows.append({"model": res.model, "analysis": res.analysis, "quantity": key,
                          "value": entry.get("value"), "ci_low": entry.get("ci_low"), "ci_high": entry.get("ci_high"),
                          "baseline": entry.get("baseline"), "verdict": entry.get("verdict"),
-                         "note": entry.get("note", ""),
+                         "note": ("INVALID: non-finite weights were excluded; " if res.invalid else "")
+                                 + (entry.get("note") or ""),
                          "paper": "; ".join(f"{m}: {v:g}" for m, v in paper.items() if v is not None),
                          "fingerprint": res.fingerprint, "file": str(path)})
     return pd.DataFrame(rows)
