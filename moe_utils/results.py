@@ -64,6 +64,7 @@ SCHEMA = "moe-book-results/1"
 VERDICTS = ("holds", "does not hold", "inconclusive")
 SUMMARY_FIELDS = ("value", "ci_low", "ci_high", "baseline", "verdict", "paper", "note")
 _TOP_FIELDS = ("schema", "analysis", "model", "fingerprint", "params", "created", "package_version", "tables", "summary")
+_OPTIONAL_FIELDS = ("invalid",)  # absent in files written before it existed
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _PREFIX = '{"schema":"moe-book-results/'
 
