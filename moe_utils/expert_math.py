@@ -106,6 +106,7 @@ def dense_intermediates(weights: DenseMLPWeights, x: Tensor, chunk_tokens: int =
         for a, b in _chunks(x.shape[0], chunk_tokens):
             xc = x[a:b].to(gate_w.device, torch.float32)
             out[a:b] = act(F.linear(xc, gate_w.float())).cpu()
+    check_finite(out, weights.layer, None, "dense MLP act(W_act x) on the captured inputs")
     return out
 
 
@@ -120,4 +121,5 @@ def dense_outputs(weights: DenseMLPWeights, x: Tensor, chunk_tokens: int = 4096)
             up = F.linear(xc, weights.w_up.float())
             hidden = act(up) if weights.w_act is None else act.glu(F.linear(xc, weights.w_act.float()), up)
             out[a:b] = F.linear(hidden, weights.w_down.float()).cpu()
+    check_finite(out, weights.layer, None, "dense MLP output on the captured inputs")
     return out

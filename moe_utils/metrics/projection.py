@@ -2,8 +2,8 @@
 
 Method (as in the reference code): stack the items (whole flattened expert matrices, or single
 neurons), standardise each feature to zero mean and unit variance across the stacked items
-(sample standard deviation, ddof=1, as the reference code's ``(x - x.mean(0)) / x.std(0)`` in
-torch; a constant feature, or a single item, becomes 0), then
+(sample standard deviation, ddof=1, which is what the reference code uses; scikit-learn's
+``StandardScaler`` would use ddof=0; a constant feature, or a single item, becomes 0), then
 ``sklearn.decomposition.PCA(svd_solver="full")``. ddof only rescales every coordinate by
 ``sqrt((n-1)/n)``; explained-variance ratios do not depend on it.
 
