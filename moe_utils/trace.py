@@ -31,9 +31,8 @@ import torch.nn.functional as F
 
 from moe_utils.arch import FamilySpec, require_moe
 from moe_utils.arch.config import config_dict
-from moe_utils.errors import InputTooLongError, LayerIndexError, MoEUtilsError
+from moe_utils.errors import InputTooLongError, LayerIndexError, MoEUtilsError, NonFiniteError
 from moe_utils.finite import is_finite, nonfinite_counts
-from moe_utils.errors import NonFiniteError
 from moe_utils.expert_math import (apply_experts, dense_intermediates, dense_outputs,
                                    expert_intermediates, expert_outputs)
 from moe_utils.routing import RouteParams, route, route_params

@@ -375,8 +375,7 @@ def without_experts(w: MoELayerWeights, drop: set[int]) -> MoELayerWeights:
     """A copy of ``w`` without the experts whose original index is in ``drop``."""
     keep = [i for i, e in enumerate(w.ids) if e not in drop]
     if not keep:
-        raise NonFiniteError(w.layer, None, "every expert's weights", 0, 0,
-                             hint="; no expert of this layer is left to analyse")
+        raise ValueError(f"layer {w.layer}: cannot drop every expert ({sorted(drop)})")
     idx = torch.tensor(keep, dtype=torch.long, device=w.w_up.device)
     take = {attr: (None if getattr(w, attr) is None else getattr(w, attr).index_select(0, idx.to(getattr(w, attr).device)))
             for _, attr in _PER_EXPERT}
@@ -397,11 +396,16 @@ def screen_layer(w: MoELayerWeights, screen: ScreenedSource | None) -> MoELayerW
                              hint=f"{more}. Weight-only analyses can leave the offending experts out with the notebook "
                                   f"parameter allow_invalid = True (the page and its results are then marked "
                                   f"invalid); analyses that run the model cannot")
+    bad = {err.expert for err in found if isinstance(err.expert, int)}
+    if len(bad) == w.num_experts:
+        raise NonFiniteError(w.layer, None, "the weights of every expert", sum(e.n_nan for e in found),
+                             sum(e.n_inf for e in found), hint="; no expert of this layer is left to analyse, "
+                             "even with allow_invalid = True")
     for err in found:
         screen.record(err)
     if any(err.expert == "SE" for err in found):
         w = MoELayerWeights(**{**w.__dict__, "shared": None, "shared_gate": None})
-    return without_experts(w, {err.expert for err in found if isinstance(err.expert, int)})
+    return without_experts(w, bad) if bad else w
 
 
 def check_dense(d: DenseMLPWeights) -> DenseMLPWeights:

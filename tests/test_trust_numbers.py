@@ -276,3 +276,27 @@ def test_too_few_experts_give_undefined_gate_numbers(n_experts):
         "reordering": pd.DataFrame(columns=["expert_j", "tau"])})
     assert math.isnan(s["gate_r2_act"]["value"]) and math.isnan(s["gate_act_advantage"]["value"])
     assert s["gate_act_advantage"]["verdict"] == INCONCLUSIVE
+
+
+def test_allow_invalid_cannot_exclude_every_expert(tmp_path):
+    t = mixtral_tensors()
+    for e in range(E):
+        t[expert_key(0, e, "w3")][0, 0] = float("nan")
+    folder = write_mixtral(tmp_path / "ckpt", t)
+    with pytest.raises(NonFiniteError, match="every expert"):
+        layer_weights(ScreenedSource(folder), 0)
+
+
+def test_invalid_shared_expert_is_dropped_with_allow_invalid(tmp_path):
+    from tiny_models import deepseekmoe_config, synthetic_deepseekmoe
+    t = synthetic_deepseekmoe(tmp_path / "first")
+    t["model.layers.1.mlp.shared_experts.up_proj.weight"][0, 0] = float("inf")
+    folder = write_checkpoint(tmp_path / "ckpt", {"model.safetensors": t}, deepseekmoe_config())
+    with pytest.raises(NonFiniteError) as err:
+        layer_weights(folder, 1)
+    assert (err.value.layer, err.value.expert, err.value.tensor) == (1, "SE", "shared W_up")
+    screen = ScreenedSource(folder)
+    w = layer_weights(screen, 1)
+    assert w.shared is None and w.num_experts == 6 and screen.excluded[0]["expert"] == "SE"
+    sim = static.weight_similarity(ScreenedSource(folder), layers=[1, 2])
+    assert "SE" not in set(sim[sim.layer == 1].expert_i) and "SE" in set(sim[sim.layer == 2].expert_i)

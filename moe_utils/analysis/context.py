@@ -71,7 +71,7 @@ class Study:
         items = "; ".join(f"layer {r['layer']}, {'expert ' + str(r['expert']) if isinstance(r['expert'], int) else r['expert'] or 'dense MLP'}: "
                           f"{r['tensor']} ({r['n_nan']} NaN, {r['n_inf']} inf)" for r in self.excluded)
         return (f"**INVALID: this model's weights hold NaN or infinite values**, so the numbers on this page leave "
-                f"those experts out and do not describe the model as a whole (run with allow_invalid = True). "
+                f"those experts out and do not describe the model as a whole (this run set allow_invalid = True). "
                 f"Excluded: {items}.")
 
     def describe(self) -> pd.DataFrame:
