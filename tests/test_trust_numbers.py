@@ -22,7 +22,7 @@ import torch
 
 from moe_utils import metrics as M
 from moe_utils import paper
-from moe_utils.analysis import observations, static
+from moe_utils.analysis import observations, static, summary
 from moe_utils.analysis.context import open_study
 from moe_utils.errors import NonFiniteError
 from moe_utils.expert_gram import cosine_from_gram as torch_cosine_from_gram
@@ -143,7 +143,8 @@ def test_allow_invalid_excludes_the_expert_and_marks_the_results(tmp_path):
     t = mixtral_tensors()
     t[expert_key(1, 2, "w1")][0, 0] = float("nan")
     folder = write_mixtral(tmp_path / "ckpt", t)
-    study = open_study(str(folder), None, weights_only=True, results_dir=tmp_path / "res", allow_invalid=True)
+    study = open_study(str(folder), None, weights_only=True, results_dir=tmp_path / "runs" / "m" / "results",
+                       allow_invalid=True)
     report = static.weight_report(study.weights_source)
     sim = report["similarity"]
     assert "2" not in set(sim[sim.layer == 1].expert_i) and "2" in set(sim[sim.layer == 0].expert_i)
@@ -156,6 +157,8 @@ def test_allow_invalid_excludes_the_expert_and_marks_the_results(tmp_path):
     res = read_result(study.save("obs1_neurons_as_experts", tables, observations.obs1_summary(tables)))
     assert res.is_invalid and res.invalid[0]["expert"] == 2 and res.params["allow_invalid"] is True
     check_obs1(res)                                                          # still consistent with its tables
+    verdicts = summary.verdict_table(summary.collect(tmp_path / "runs"))     # the summary page says so too
+    assert verdicts[str(folder)].str.startswith("INVALID").all()
     # the excluded layer's numbers equal those of a checkpoint without that expert at all
     direct = ScreenedSource(folder)
     w = layer_weights(direct, 1)
