@@ -358,7 +358,7 @@ def nonfinite_experts(w: MoELayerWeights) -> list[NonFiniteError]:
     ids = w.ids
     for name, attr in _PER_EXPERT:
         t = getattr(w, attr)
-        if t is None:
+        if t is None or is_finite(t):                  # one pass over the tensor in the common case
             continue
         for e in range(w.num_experts):
             if not is_finite(t[e]):

@@ -303,3 +303,16 @@ def test_invalid_shared_expert_is_dropped_with_allow_invalid(tmp_path):
     assert w.shared is None and w.num_experts == 6 and screen.excluded[0]["expert"] == "SE"
     sim = static.weight_similarity(ScreenedSource(folder), layers=[1, 2])
     assert "SE" not in set(sim[sim.layer == 1].expert_i) and "SE" in set(sim[sim.layer == 2].expert_i)
+
+
+def test_finite_check_fast_path_is_exact():
+    from moe_utils.finite import is_finite
+    assert is_finite(torch.full((4, 4), 3e38))                  # finite entries whose sum overflows
+    assert is_finite(torch.zeros(0)) and is_finite(torch.arange(5))
+    for v in (float("nan"), float("inf"), float("-inf")):
+        t = torch.randn(5, 5)
+        t[2, 3] = v
+        assert not is_finite(t) and not is_finite(t.to(torch.bfloat16))
+    t = torch.randn(5)
+    t[0], t[1] = float("inf"), float("-inf")                    # opposite infinities: NaN sum
+    assert not is_finite(t)
