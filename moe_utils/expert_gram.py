@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from moe_utils.arch import require_moe
+from moe_utils.finite import check_finite
 from moe_utils.weights import FolderSource, check_layer, open_source, pick_format, tensor_name
 
 Tensor = torch.Tensor
@@ -108,7 +109,8 @@ def expert_grams(source: Any, layer: int, matrices: Iterable[str] = ("act", "up"
     ``matrices`` names the paper's three matrices: ``act`` (W_act / gate), ``up``, ``down``.
     ``chunk_mb`` bounds each float32 working buffer (E experts x rows x columns).
     ``prefetch`` reads the layer's bytes in a background thread so disk reads overlap with the
-    arithmetic (checkpoint folders only).
+    arithmetic (checkpoint folders only). A non-finite weight raises
+    :class:`~moe_utils.errors.NonFiniteError` naming the layer, expert and matrix.
     """
     src, spec = open_source(source, allow_pickle)
     require_moe(spec, "expert_grams")
@@ -136,6 +138,7 @@ def expert_grams(source: Any, layer: int, matrices: Iterable[str] = ("act", "up"
                         block = buffers[m][:, :(b - a) * cols[m]]
                         for e, view in enumerate(views):
                             block[e].view(b - a, cols[m]).copy_(view)  # convert while copying
+                            check_finite(block[e], layer, e, f"W_{m}")
                         g = _gram(block)
                         grams[m] = g if m not in grams else grams[m] + g
     finally:
@@ -147,8 +150,9 @@ def expert_grams(source: Any, layer: int, matrices: Iterable[str] = ("act", "up"
 
 
 def cosine_from_gram(gram: Tensor) -> Tensor:
-    """Cosine similarity matrix from a Gram matrix (zero-norm rows give similarity 0)."""
+    """Cosine similarity matrix from a Gram matrix. A zero-norm row has no direction, so its
+    similarities (its diagonal entry included) are undefined: NaN, never 0 or 1."""
     norms = gram.diagonal().clamp_min(0).sqrt()
     denom = norms[:, None] * norms[None, :]
     return torch.where(denom > 0, gram / denom.clamp_min(torch.finfo(gram.dtype).tiny),
-                       torch.zeros_like(gram))
+                       torch.full_like(gram, float("nan")))

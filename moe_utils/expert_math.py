@@ -1,6 +1,8 @@
 """Evaluate experts and dense MLPs from canonical weights, in float32, chunked over tokens.
 
 All functions compute on the device of the weights and return float32 tensors on the CPU.
+Per-expert outputs and activations that come out non-finite raise
+:class:`~moe_utils.errors.NonFiniteError` naming the layer and expert.
 Chunking over tokens (``chunk_tokens``) bounds the working memory to one chunk's
 intermediate activations; only the requested result is ever fully materialised.
 """
@@ -11,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_utils.arch import activation
+from moe_utils.finite import check_finite
 from moe_utils.weights import DenseMLPWeights, MoELayerWeights
 
 Tensor = torch.Tensor
@@ -52,6 +55,7 @@ def expert_outputs(weights: MoELayerWeights, x: Tensor, chunk_tokens: int = 1024
             xc = x[a:b].to(weights.device, torch.float32)
             for e in range(weights.num_experts):
                 out[a:b, e] = _expert_out(weights, xc, e).cpu()
+                check_finite(out[a:b, e], weights.layer, weights.ids[e], "expert output on the captured inputs")
     return out
 
 
@@ -65,6 +69,7 @@ def expert_intermediates(weights: MoELayerWeights, x: Tensor, chunk_tokens: int 
             xc = x[a:b].to(weights.device, torch.float32)
             for e in range(weights.num_experts):
                 out[a:b, e] = _expert_hidden(weights, xc, e, glu=False).cpu()
+                check_finite(out[a:b, e], weights.layer, weights.ids[e], "act(W_act x) on the captured inputs")
     return out
 
 
@@ -101,6 +106,7 @@ def dense_intermediates(weights: DenseMLPWeights, x: Tensor, chunk_tokens: int =
         for a, b in _chunks(x.shape[0], chunk_tokens):
             xc = x[a:b].to(gate_w.device, torch.float32)
             out[a:b] = act(F.linear(xc, gate_w.float())).cpu()
+    check_finite(out, weights.layer, None, "dense MLP act(W_act x) on the captured inputs")
     return out
 
 
@@ -115,4 +121,5 @@ def dense_outputs(weights: DenseMLPWeights, x: Tensor, chunk_tokens: int = 4096)
             up = F.linear(xc, weights.w_up.float())
             hidden = act(up) if weights.w_act is None else act.glu(F.linear(xc, weights.w_act.float()), up)
             out[a:b] = F.linear(hidden, weights.w_down.float()).cpu()
+    check_finite(out, weights.layer, None, "dense MLP output on the captured inputs")
     return out

@@ -23,6 +23,7 @@ Schema ``moe-book-results/1``::
       "tables": {                             # tidy tables: name -> list of records (one per row)
         "rank_counts": [{"layer": 0, "score_rank": 1, "norm_rank": 1, "count": 12}, ...]
       },
+      "invalid": [],                          # optional; excluded non-finite tensors (see below)
       "summary": {                            # headline numbers: key -> entry
         "top1_norm_agreement": {
           "value": 0.61,                      # number (or null when undefined)
@@ -34,6 +35,11 @@ Schema ``moe-book-results/1``::
         }
       }
     }
+
+``invalid`` lists, one record each (``layer, expert, tensor, n_nan, n_inf``), the tensors with
+NaN or infinite values that a run left out because it was started with ``allow_invalid = True``.
+A file with a non-empty ``invalid`` describes a damaged model: its numbers exclude those experts.
+Files without the field (older ones) are valid.
 
 NaN and infinities are stored as ``null``; numpy scalars and arrays become plain numbers and
 lists. A ``null`` verdict marks a descriptive number that is not a test of a claim.
@@ -65,7 +71,7 @@ SCHEMA = "moe-book-results/1"
 VERDICTS = ("holds", "does not hold", "inconclusive")
 SUMMARY_FIELDS = ("value", "ci_low", "ci_high", "baseline", "verdict", "paper", "note")
 _TOP_FIELDS = ("schema", "analysis", "model", "fingerprint", "params", "created", "package_version", "tables", "summary")
-_OPTIONAL_FIELDS = ("source", "versions")  # written since they were added; older files lack them
+_OPTIONAL_FIELDS = ("source", "versions", "invalid")  # absent in files written before they existed
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _PREFIX = '{"schema":"moe-book-results/'
 BOOK_LEVEL_MODEL = "organism study"  # the ``model`` of results that span many models (study, interventions)
@@ -86,6 +92,12 @@ class Result:
     path: Path | None = None
     source: dict[str, Any] = dataclasses.field(default_factory=dict)
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
+    invalid: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    @property
+    def is_invalid(self) -> bool:
+        """True when the run excluded non-finite weights (``allow_invalid``)."""
+        return bool(self.invalid)
 
     def value(self, key: str) -> Any:
         """The ``value`` of one summary entry."""
@@ -257,6 +269,7 @@ def write_result(
     tables: Mapping[str, pd.DataFrame | list],
     summary: Mapping[str, Any],
     source: Mapping[str, Any] | None = None,
+    invalid: list[Mapping[str, Any]] | None = None,
 ) -> Path:
     """Validate and atomically write ``<results_dir>/<analysis>.json``; return its path.
 
@@ -265,6 +278,7 @@ def write_result(
 
     A summary value may be a full entry (a dict with any of ``SUMMARY_FIELDS``, ``value``
     required; missing fields are filled) or a bare number (stored with a ``null`` verdict).
+    ``invalid`` records the non-finite tensors the run excluded (empty: a valid run).
     """
     path = result_path(results_dir, analysis)
     doc = {
@@ -276,6 +290,7 @@ def write_result(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "package_version": _package_version(),
         "tables": {str(k): _table_records(str(k), v) for k, v in tables.items()},
+        "invalid": to_jsonable([dict(r) for r in (invalid or [])]),
         "summary": _summary_entries(summary),
         "source": {**to_jsonable(dict(source or {})), "fingerprint": str(fingerprint)},
         "versions": package_versions(),
@@ -314,6 +329,8 @@ def _validate(doc: Any, path: Path) -> None:
     for f in ("source", "versions"):
         if f in doc and not isinstance(doc[f], dict):
             raise _invalid(path, f"{f} must be an object")
+    if not isinstance(doc.get("invalid", []), list) or not all(isinstance(r, dict) for r in doc.get("invalid", [])):
+        raise _invalid(path, "invalid must be a list of records")
     for key, entry in doc["summary"].items():
         if not isinstance(entry, dict) or any(f not in entry for f in SUMMARY_FIELDS):
             raise _invalid(path, f"summary entry {key!r} lacks some of {SUMMARY_FIELDS}")
@@ -360,6 +377,7 @@ def read_result(path_or_dir: str | Path, analysis: str | None = None) -> Result:
         path=p,
         source=doc.get("source", {}),
         versions=doc.get("versions", {}),
+        invalid=list(doc.get("invalid", [])),
     )
 
 

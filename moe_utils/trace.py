@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from moe_utils.arch import FamilySpec, require_moe
 from moe_utils.arch.config import config_dict
-from moe_utils.errors import InputTooLongError, LayerIndexError, MoEUtilsError
+from moe_utils.errors import InputTooLongError, LayerIndexError, MoEUtilsError, NonFiniteError
+from moe_utils.finite import is_finite, nonfinite_counts
 from moe_utils.expert_math import (apply_experts, dense_intermediates, dense_outputs,
                                    expert_intermediates, expert_outputs)
 from moe_utils.routing import RouteParams, route, route_params
@@ -318,6 +319,30 @@ def _run(lm, seqs: list[Tensor], hooks: dict[int, Any], kind: str) -> Trace:
                  fingerprint=lm.fingerprint, tokens=_decode(lm.tokenizer, token_ids), kind=kind)
 
 
+def check_trace_finite(lm, tr: Trace) -> Trace:
+    """Raise :class:`NonFiniteError` at the first traced layer whose captures hold NaN/inf.
+
+    Layers are checked in depth order (input, router logits, output); when the first bad one is
+    an MoE block, its weights are read first, so a non-finite expert is named as the cause.
+    """
+    for layer in sorted(tr.layers):
+        lt = tr.per_layer[layer]
+        block = "MoE block" if tr.kind == "moe" else "dense MLP"
+        for name, t in ((f"{block} input (hidden states)", lt.x), ("router logits", lt.router_logits),
+                        (f"{block} output", lt.block_output), ("shared-expert output", lt.shared_output)):
+            if t is None or is_finite(t):
+                continue
+            if tr.kind == "moe" and "input" not in name:
+                layer_weights(lm, layer)               # names the expert when its weights are the cause
+            expert = None
+            if name == "router logits":
+                expert = int((~torch.isfinite(t)).any(dim=0).nonzero()[0, 0])
+            raise NonFiniteError(layer, expert, name, *nonfinite_counts(t),
+                                 hint="; values that are not finite at a layer's input come from an earlier "
+                                      "layer or the embeddings")
+    return tr
+
+
 def trace(lm, sequences: Any, layers: Sequence[int] | None = None) -> Trace:
     """Capture every MoE layer (or ``layers``) over ``sequences``, one forward pass per sequence.
 
@@ -339,7 +364,7 @@ def trace(lm, sequences: Any, layers: Sequence[int] | None = None) -> Trace:
         for h in hooks.values():
             h.remove()
         raise
-    return _run(lm, seqs, hooks, "moe")
+    return check_trace_finite(lm, _run(lm, seqs, hooks, "moe"))
 
 
 def trace_dense(lm, sequences: Any, layers: Sequence[int] | None = None) -> Trace:
@@ -350,7 +375,7 @@ def trace_dense(lm, sequences: Any, layers: Sequence[int] | None = None) -> Trac
     _check_lengths(lm, seqs)
     hidden = lm.spec.hidden_size(cfg)
     hooks = {layer: _DenseHooks(lm, layer, hidden) for layer in chosen}
-    return _run(lm, seqs, hooks, "dense")
+    return check_trace_finite(lm, _run(lm, seqs, hooks, "dense"))
 
 
 # ---- reconstruction and verification -----------------------------------------------------------

@@ -23,7 +23,8 @@ from moe_utils.arch import FamilySpec, require_moe, spec_for_config
 from moe_utils.arch.config import config_dict, read_config_json
 from moe_utils.arch.spec import ExpertTensors, MLPTensors, WeightFormat
 from moe_utils.checkpoint import CheckpointReader
-from moe_utils.errors import CheckpointError, LayerIndexError, MoEUtilsError
+from moe_utils.errors import CheckpointError, LayerIndexError, MoEUtilsError, NonFiniteError
+from moe_utils.finite import ScreenedSource, check_finite, is_finite, nonfinite_counts, unwrap
 
 Tensor = torch.Tensor
 
@@ -64,10 +65,16 @@ class MoELayerWeights:
     b_down: Tensor | None = None
     shared: DenseMLPWeights | None = None
     shared_gate: Tensor | None = None
+    expert_ids: list[int] | None = None  # original indices when invalid experts were excluded
 
     @property
     def num_experts(self) -> int:
         return self.w_up.shape[0]
+
+    @property
+    def ids(self) -> list[int]:
+        """The original index of each expert held (0..E-1 unless some were excluded)."""
+        return list(range(self.num_experts)) if self.expert_ids is None else list(self.expert_ids)
 
     @property
     def hidden_size(self) -> int:
@@ -340,12 +347,85 @@ def _layer_weights(src: TensorSource, spec: FamilySpec, layer: int, dtype) -> Mo
     )
 
 
+_PER_EXPERT = (("router row", "router"), ("router bias", "router_bias"),
+               ("score correction bias", "score_correction_bias"), ("W_act", "w_act"), ("W_up", "w_up"),
+               ("W_down", "w_down"), ("b_act", "b_act"), ("b_up", "b_up"), ("b_down", "b_down"))
+
+
+def nonfinite_experts(w: MoELayerWeights) -> list[NonFiniteError]:
+    """One error per (expert, tensor) of ``w`` holding NaN or infinity; the shared expert is "SE"."""
+    found = []
+    ids = w.ids
+    for name, attr in _PER_EXPERT:
+        t = getattr(w, attr)
+        if t is None or is_finite(t):                  # one pass over the tensor in the common case
+            continue
+        for e in range(w.num_experts):
+            if not is_finite(t[e]):
+                found.append(NonFiniteError(w.layer, ids[e], name, *nonfinite_counts(t[e])))
+    parts = [("shared W_act", w.shared.w_act), ("shared W_up", w.shared.w_up), ("shared W_down", w.shared.w_down)] \
+        if w.shared is not None else []
+    for name, t in parts + [("shared-expert gate", w.shared_gate)]:
+        if t is not None and not is_finite(t):
+            found.append(NonFiniteError(w.layer, "SE", name, *nonfinite_counts(t)))
+    return found
+
+
+def without_experts(w: MoELayerWeights, drop: set[int]) -> MoELayerWeights:
+    """A copy of ``w`` without the experts whose original index is in ``drop``."""
+    keep = [i for i, e in enumerate(w.ids) if e not in drop]
+    if not keep:
+        raise ValueError(f"layer {w.layer}: cannot drop every expert ({sorted(drop)})")
+    idx = torch.tensor(keep, dtype=torch.long, device=w.w_up.device)
+    take = {attr: (None if getattr(w, attr) is None else getattr(w, attr).index_select(0, idx.to(getattr(w, attr).device)))
+            for _, attr in _PER_EXPERT}
+    out = MoELayerWeights(**{**w.__dict__, **take})
+    out.expert_ids = [w.ids[i] for i in keep]
+    return out
+
+
+def screen_layer(w: MoELayerWeights, screen: ScreenedSource | None) -> MoELayerWeights:
+    """Raise on non-finite weights, or (with a screen) exclude and record the offending experts."""
+    found = nonfinite_experts(w)
+    if not found:
+        return w
+    if screen is None:
+        err = found[0]
+        more = f"; {len(found) - 1} more tensor(s) of this layer are non-finite too" if len(found) > 1 else ""
+        raise NonFiniteError(err.layer, err.expert, err.tensor, err.n_nan, err.n_inf,
+                             hint=f"{more}. Weight-only analyses can leave the offending experts out with the notebook "
+                                  f"parameter allow_invalid = True (the page and its results are then marked "
+                                  f"invalid); analyses that run the model cannot")
+    bad = {err.expert for err in found if isinstance(err.expert, int)}
+    if len(bad) == w.num_experts:
+        raise NonFiniteError(w.layer, None, "the weights of every expert", sum(e.n_nan for e in found),
+                             sum(e.n_inf for e in found), hint="; no expert of this layer is left to analyse, "
+                             "even with allow_invalid = True")
+    for err in found:
+        screen.record(err)
+    if any(err.expert == "SE" for err in found):
+        w = MoELayerWeights(**{**w.__dict__, "shared": None, "shared_gate": None})
+    return without_experts(w, bad) if bad else w
+
+
+def check_dense(d: DenseMLPWeights) -> DenseMLPWeights:
+    """Raise :class:`NonFiniteError` if a dense MLP's weights are not finite."""
+    for name, t in (("W_act", d.w_act), ("W_up", d.w_up), ("W_down", d.w_down)):
+        check_finite(t, d.layer, None, f"dense MLP {name}")
+    return d
+
+
 def layer_weights(source: Any, layer: int, dtype: torch.dtype = torch.float32,
                   allow_pickle: bool = False) -> MoELayerWeights:
-    """Canonical weights of MoE layer ``layer`` from a loaded model or a checkpoint folder."""
+    """Canonical weights of MoE layer ``layer`` from a loaded model or a checkpoint folder.
+
+    Non-finite weights raise :class:`NonFiniteError`, unless ``source`` is a
+    :class:`~moe_utils.finite.ScreenedSource` (the offending experts are then left out).
+    """
+    source, screen = unwrap(source)
     src, spec = open_source(source, allow_pickle)
     try:
-        return _layer_weights(src, spec, layer, dtype)
+        return screen_layer(_layer_weights(src, spec, layer, dtype), screen)
     finally:
         if isinstance(src, FolderSource):
             src.release()
@@ -354,13 +434,15 @@ def layer_weights(source: Any, layer: int, dtype: torch.dtype = torch.float32,
 def iter_layer_weights(source: Any, layers: Iterable[int] | None = None,
                        dtype: torch.dtype = torch.float32,
                        allow_pickle: bool = False) -> Iterator[MoELayerWeights]:
-    """Yield MoE layers one at a time (default: all MoE layers), releasing file maps in between."""
+    """Yield MoE layers one at a time (default: all MoE layers), releasing file maps in between.
+    Non-finite weights are handled as in :func:`layer_weights`."""
+    source, screen = unwrap(source)
     src, spec = open_source(source, allow_pickle)
     require_moe(spec, "reading expert weights")
     chosen = spec.moe_layers(src.config) if layers is None else list(layers)
     for layer in chosen:
         try:
-            yield _layer_weights(src, spec, layer, dtype)
+            yield screen_layer(_layer_weights(src, spec, layer, dtype), screen)
         finally:
             if isinstance(src, FolderSource):
                 src.release()
@@ -368,12 +450,13 @@ def iter_layer_weights(source: Any, layers: Iterable[int] | None = None,
 
 def dense_mlp_weights(source: Any, layer: int, dtype: torch.dtype = torch.float32,
                       allow_pickle: bool = False) -> DenseMLPWeights:
-    """Weights of the dense MLP of ``layer`` (a dense model, or a dense layer of an MoE model)."""
-    src, spec = open_source(source, allow_pickle)
+    """Weights of the dense MLP of ``layer`` (a dense model, or a dense layer of an MoE model).
+    Non-finite weights raise :class:`NonFiniteError`."""
+    src, spec = open_source(unwrap(source)[0], allow_pickle)
     try:
         check_layer(spec, src.config, layer, "dense")
         fmt = pick_format(src, spec, layer, "dense")
-        return _mlp(src, fmt, layer, fmt.dense, dtype, spec.activation_name(src.config))
+        return check_dense(_mlp(src, fmt, layer, fmt.dense, dtype, spec.activation_name(src.config)))
     finally:
         if isinstance(src, FolderSource):
             src.release()

@@ -11,7 +11,7 @@ def naive_standardize(x):
     for j in range(x.shape[1]):
         col = x[:, j]
         m = sum(col) / len(col)
-        sd = (sum((v - m) ** 2 for v in col) / len(col)) ** 0.5
+        sd = (sum((v - m) ** 2 for v in col) / (len(col) - 1)) ** 0.5  # sample std, as the paper's code
         out[:, j] = 0.0 if sd == 0 else (col - m) / sd
     return out
 

@@ -23,7 +23,7 @@ def naive_cos(u, v):
     nu = math.sqrt(sum(x * x for x in u))
     nv = math.sqrt(sum(x * x for x in v))
     if nu == 0 or nv == 0:
-        return 0.0
+        return float("nan")  # a zero vector has no direction
     return sum(a * b for a, b in zip(u, v)) / (nu * nv)
 
 
@@ -44,11 +44,11 @@ def test_cosine_matrix_chunking_does_not_change_result():
     np.testing.assert_allclose(cosine_matrix(v, chunk_elements=7), cosine_matrix(v), atol=1e-12)
 
 
-def test_zero_vectors_give_zero_not_nan():
+def test_zero_vectors_give_nan_not_zero():
     v = np.array([[1.0, 2.0, 0.0], [0.0, 0.0, 0.0], [3.0, -1.0, 2.0]])
     c = cosine_matrix(v)
-    assert not np.isnan(c).any()
-    assert np.all(c[1] == 0) and np.all(c[:, 1] == 0)
+    assert np.isnan(c[1]).all() and np.isnan(c[:, 1]).all()
+    assert not np.isnan(np.delete(np.delete(c, 1, 0), 1, 1)).any()
     assert c[0, 0] == 1.0 and c[2, 2] == 1.0
     np.testing.assert_allclose(c[0, 2], naive_cos(v[0], v[2]))
 
@@ -79,9 +79,9 @@ def test_angular_similarity_never_nan_on_rounding_errors():
     assert not np.isnan(ang).any()
     assert ang[0, 1] == pytest.approx(0.0)
     assert np.all(np.diag(ang) == 1.0)
-    # a zero vector: cosine 0 everywhere, angular 0.5 off the diagonal, diagonal forced to 1
+    # a zero vector: undefined everywhere, its diagonal included; the other diagonal stays 1
     a = angular_similarity(cosine_matrix(np.array([[0.0, 0.0], [1.0, 0.0]])))
-    assert a[0, 1] == pytest.approx(0.5) and a[0, 0] == 1.0
+    assert np.isnan(a[0]).all() and np.isnan(a[:, 0]).all() and a[1, 1] == 1.0
 
 
 def test_angular_similarity_batched_diagonals():
@@ -130,6 +130,6 @@ def test_cosine_between_and_cosine():
     cb = cosine_between(a, b)
     for i in range(3):
         for j in range(4):
-            assert cb[i, j] == pytest.approx(naive_cos(a[i], b[j]), abs=1e-12)
+            assert cb[i, j] == pytest.approx(naive_cos(a[i], b[j]), abs=1e-12, nan_ok=True)
     assert cosine(a, a * 3) == pytest.approx(1.0)
-    assert cosine(a, np.zeros_like(a)) == 0.0
+    assert math.isnan(cosine(a, np.zeros_like(a)))

@@ -14,6 +14,7 @@ import pytest
 
 from moe_utils.analysis import summary
 from moe_utils.results import VERDICTS, read_result
+from summary_checks import CHECKS
 
 NOTEBOOKS = sorted(Path(__file__).resolve().parents[1].joinpath("notebooks").glob("*.ipynb"))
 OBSERVATIONS = [p for p in NOTEBOOKS if p.stem.startswith("obs")]
@@ -73,6 +74,8 @@ def test_default_plan_runs_every_notebook_on_the_organisms(repo_root: Path, tmp_
     assert run.returncode == 0, run.stdout + run.stderr
     for name in zoo.DEFAULT_MOE_MODELS:
         found = _check_results(tmp_path / name)
+        for nb in OBSERVATIONS:               # every summary number recomputed from its own tables
+            CHECKS[nb.stem](read_result(tmp_path / name / "results" / f"{nb.stem}.json"))
         obs2 = found["obs2_router_norms"]["top1_norm_agreement"]
         assert obs2["ci_low"] <= obs2["value"] <= obs2["ci_high"]
         executed = nbformat.read(tmp_path / name / "obs1_neurons_as_experts.ipynb", as_version=4)

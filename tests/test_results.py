@@ -48,6 +48,7 @@ def test_round_trip(tmp_path):
     doc = json.loads(path.read_text())
     assert list(doc)[0] == "schema" and doc["schema"] == R.SCHEMA
     assert set(doc) == set(R._TOP_FIELDS) | set(R._OPTIONAL_FIELDS)
+    assert doc["invalid"] == [] and not res.is_invalid
 
 
 def test_indexed_frame_keeps_its_index(tmp_path):

@@ -17,6 +17,7 @@ import torch
 import transformers
 
 from ..errors import CheckpointError, NotMoEModelError, UsageError
+from ..finite import ScreenedSource
 from ..inputs import Inputs, check_inputs_spec, fit_context, inputs_label, load_inputs
 from ..arch import spec_for_config
 from ..arch.config import read_config_json
@@ -36,6 +37,8 @@ class Study:
     layers: list[int] | None
     params: dict[str, Any] = field(default_factory=dict)
     dense_note: str = ""  # why the dense baseline was left out, when it was
+    allow_invalid: bool = False
+    excluded: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -52,12 +55,25 @@ class Study:
     @property
     def weights_source(self) -> LoadedModel:
         """Where weight-only analyses read from: the loaded model, or (``weights_only``) its
-        checkpoint, streamed one layer at a time."""
-        return self.lm
+        checkpoint, streamed one layer at a time. With ``allow_invalid`` experts with non-finite
+        weights are excluded (and listed in ``excluded``) instead of stopping the run."""
+        return ScreenedSource(self.lm, self.excluded) if self.allow_invalid else self.lm
 
     @property
-    def dense_weights_source(self) -> LoadedModel | None:
-        return self.dense
+    def dense_weights_source(self) -> Any:
+        if self.dense is None or not self.allow_invalid:
+            return self.dense
+        return ScreenedSource(self.dense, self.excluded)
+
+    def validity_note(self) -> str:
+        """Markdown for the page: empty for a valid run, else which tensors were excluded."""
+        if not self.excluded:
+            return ""
+        items = "; ".join(f"layer {r['layer']}, {'expert ' + str(r['expert']) if isinstance(r['expert'], int) else r['expert'] or 'dense MLP'}: "
+                          f"{r['tensor']} ({r['n_nan']} NaN, {r['n_inf']} inf)" for r in self.excluded)
+        return (f"**INVALID: this model's weights hold NaN or infinite values**, so the numbers on this page leave "
+                f"those experts out and do not describe the model as a whole (this run set allow_invalid = True). "
+                f"Excluded: {items}.")
 
     def describe(self) -> pd.DataFrame:
         """A one-row-per-fact description of the model, for the top of each page."""
@@ -100,7 +116,7 @@ class Study:
         """Write this analysis's results file atomically and return its path."""
         return write_result(self.results_dir, analysis, self.lm.name, self.lm.fingerprint,
                             {**self.params, **(params or {})}, dict(tables), dict(summary),
-                            source=self.lm.source)
+                            source=self.lm.source, invalid=self.excluded)
 
 
 def checkpoint_only(model: str, revision: str | None = None, allow_pickle: bool = False) -> LoadedModel:
@@ -151,7 +167,8 @@ def _same_tokenizer(a: LoadedModel, b: LoadedModel) -> bool:
 def open_study(model: str, dense_baseline: str | None = None, layers: Sequence[int] | None = None,
                dtype: str = "float32", device_map: Any = None, trust_remote_code: bool = False,
                results_dir: str | Path | None = None, seed: int = 0, weights_only: bool = False,
-               revision: str | None = None, allow_pickle: bool = False, **params: Any) -> Study:
+               revision: str | None = None, allow_pickle: bool = False, allow_invalid: bool = False,
+               **params: Any) -> Study:
     """Load the model under study (it must be an MoE) and, if given, its dense baseline.
 
     ``weights_only`` skips building the models: weight analyses then stream the safetensors one
@@ -162,6 +179,11 @@ def open_study(model: str, dense_baseline: str | None = None, layers: Sequence[i
     branch, tag or commit) applies to ``model``; ``allow_pickle`` lets ``.bin``/``.pt`` weights
     load with torch's ``weights_only``. ``layers`` and an ``inputs`` file are checked before any
     model is loaded.
+
+    Non-finite weights or activations stop the run (:class:`~moe_utils.errors.NonFiniteError`).
+    ``allow_invalid`` lets weight-only analyses (``study.weights_source``) exclude the offending
+    experts instead; the results file then lists them under ``invalid`` and
+    ``study.validity_note()`` says so on the page. Forward passes always stop.
     """
     chosen = _check_layers(layers)
     if isinstance(params.get("inputs"), str):
@@ -209,4 +231,7 @@ def open_study(model: str, dense_baseline: str | None = None, layers: Sequence[i
         params = {**params, "inputs": inputs_label(params["inputs"])}
     run_params = {"model": lm.name, "dense_baseline": dense_name, "dense_used": dense is not None,
                   "layers": chosen, "dtype": dtype, "seed": seed, "revision": lm.source.get("revision"), **params}
-    return Study(lm, dense, Path(results_dir), chosen, run_params, dense_note=dense_note)
+    if allow_invalid:
+        run_params["allow_invalid"] = True
+    return Study(lm, dense, Path(results_dir), chosen, run_params, dense_note=dense_note,
+                 allow_invalid=bool(allow_invalid))

@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 
 from .. import metrics as M
+from ..errors import NonFiniteError
+from ..finite import unwrap
 from ..weights import DenseMLPWeights, MoELayerWeights, dense_mlp_weights, iter_layer_weights
 
 MATRICES = ("W_act", "W_up", "W_down")
@@ -32,10 +34,16 @@ class LayerMatrices:
     dense: dict[str, Any] | None       # matrix name -> [I, H] / [H, I] of the F baseline
     shared: dict[str, Any] | None      # matrix name -> shared expert matrix
     router: Any                        # [E, H]
+    ids: list[int] | None = None       # original expert indices (some may have been excluded)
 
     @property
     def num_experts(self) -> int:
         return int(self.router.shape[0])
+
+    @property
+    def labels(self) -> list[str]:
+        """Expert labels: the original expert indices as strings."""
+        return [str(i) for i in (self.ids if self.ids is not None else range(self.num_experts))]
 
 
 def _matrices(w: MoELayerWeights | DenseMLPWeights) -> dict[str, Any]:
@@ -44,13 +52,23 @@ def _matrices(w: MoELayerWeights | DenseMLPWeights) -> dict[str, Any]:
 
 def layer_matrices(source: Any, layers: Sequence[int] | None = None,
                    dense_baseline: Any | None = None) -> Iterable[LayerMatrices]:
-    """Yield each analysed MoE layer's matrices, one layer in memory at a time."""
+    """Yield each analysed MoE layer's matrices, one layer in memory at a time.
+
+    Non-finite weights raise, unless the sources are ``ScreenedSource``s: excluded experts (and an
+    invalid F) are then left out and recorded on the screen.
+    """
     for w in iter_layer_weights(source, layers=layers):
         dense = None
         if dense_baseline is not None:
-            dense = _matrices(dense_mlp_weights(dense_baseline, w.layer))
+            try:
+                dense = _matrices(dense_mlp_weights(dense_baseline, w.layer))
+            except NonFiniteError as err:
+                screen = unwrap(dense_baseline)[1]
+                if screen is None:
+                    raise
+                screen.record(err)
         shared = _matrices(w.shared) if w.shared is not None else None
-        yield LayerMatrices(w.layer, _matrices(w), dense, shared, w.router)
+        yield LayerMatrices(w.layer, _matrices(w), dense, shared, w.router, w.ids)
 
 
 def _pairs_frame(layer: int, matrix: str, level: str, labels: Sequence[str], sim: np.ndarray) -> pd.DataFrame:
@@ -69,7 +87,7 @@ def _same_shape_dense(lm: LayerMatrices, m: str, stack: Any) -> Any | None:
 
 
 def _similarity_rows(lm: LayerMatrices) -> list[pd.DataFrame]:
-    labels = [str(i) for i in range(lm.num_experts)]
+    labels = lm.labels
     frames = []
     for m, stack in lm.experts.items():
         f = _same_shape_dense(lm, m, stack)
@@ -91,17 +109,17 @@ def _gate_rows(lm: LayerMatrices) -> tuple[list[dict], list[dict]]:
     corr, points = [], []
     for m, stack in lm.experts.items():
         y = M.neuron_level_similarity(stack, _KIND[m])
-        res = M.gate_expert_correlation(x, y)
+        res = M.gate_expert_regression(x, y)
         corr.append({"layer": lm.layer, "matrix": m, "r": float(res.r), "r2": float(res.r2),
-                     "n_pairs": lm.num_experts * (lm.num_experts - 1) // 2})
+                     "n_pairs": res.n_pairs})
         for i, j in combinations(range(lm.num_experts), 2):
-            points.append({"layer": lm.layer, "matrix": m, "pair": f"{j}-{i}",
+            points.append({"layer": lm.layer, "matrix": m, "pair": f"{lm.labels[j]}-{lm.labels[i]}",
                            "gate_similarity": float(x[j, i]), "expert_similarity": float(y[j, i])})
     return corr, points
 
 
 def _reorder_rows(lm: LayerMatrices, max_pairs: int | None, rng: np.random.Generator) -> list[dict]:
-    labels = [str(i) for i in range(lm.num_experts)]
+    labels = lm.labels
     rows = []
     for m, stack in lm.experts.items():
         mats = {lab: np.asarray(stack[i]) for i, lab in enumerate(labels)}
@@ -139,6 +157,7 @@ def _pca_rows(lm: LayerMatrices, level: str, max_neurons_per_expert: int, rng: n
                 for lab in dict.fromkeys(proj.labels)])
         for idx in keep:
             lab = proj.labels[idx]
+            lab = lm.labels[int(lab)] if lab.isdigit() else lab
             rows.append({"layer": lm.layer, "matrix": m, "kind": "F (dense)" if lab == "F" else "expert",
                          "label": lab, "pc1": float(proj.coords[idx, 0]), "pc2": float(proj.coords[idx, 1]),
                          "explained": float(proj.explained_variance_ratio[:2].sum())})

@@ -34,7 +34,8 @@ def collect(runs_dir: str | Path) -> pd.DataFrame:
             rows.append({"model": res.model, "analysis": res.analysis, "quantity": key,
                          "value": entry.get("value"), "ci_low": entry.get("ci_low"), "ci_high": entry.get("ci_high"),
                          "baseline": entry.get("baseline"), "verdict": entry.get("verdict"),
-                         "note": entry.get("note", ""),
+                         "note": ("INVALID: non-finite weights were excluded; " if res.invalid else "")
+                                 + (entry.get("note") or ""), "invalid": res.is_invalid,
                          "paper": "; ".join(f"{m}: {v:g}" for m, v in paper.items() if v is not None),
                          "fingerprint": res.fingerprint, "file": str(path)})
     return _distinct_model_names(pd.DataFrame(rows))
@@ -75,7 +76,8 @@ def _effect(value: object, low: object, high: object) -> str:
 def verdict_table(table: pd.DataFrame) -> pd.DataFrame:
     """Observations x models: verdict, effect size and 95% interval, with the paper's values."""
     out = headline_rows(table)
-    out["cell"] = [f"{v}: {_effect(x, lo, hi)}" for v, x, lo, hi in zip(out.verdict, out.value, out.ci_low, out.ci_high)]
+    out["cell"] = [f"{'INVALID (experts with NaN/inf weights excluded) ' if bad else ''}{v}: {_effect(x, lo, hi)}"
+                   for v, x, lo, hi, bad in zip(out.verdict, out.value, out.ci_low, out.ci_high, out.invalid)]
     wide = out.pivot(index="observation", columns="model", values="cell")
     meta = out.groupby("observation").agg(quantity=("quantity", "first"), baseline=("baseline", "first"),
                                           paper=("paper", "first"))
@@ -98,8 +100,8 @@ def verdict_chart(table: pd.DataFrame) -> alt.Chart:
 def detail_table(table: pd.DataFrame) -> pd.DataFrame:
     """Every summary number per model (value [95% CI] and verdict), with the paper's values."""
     out = table.copy()
-    out["cell"] = [_effect(x, lo, hi) + (f" ({v})" if isinstance(v, str) and v else "")
-                   for x, lo, hi, v in zip(out.value, out.ci_low, out.ci_high, out.verdict)]
+    out["cell"] = [_effect(x, lo, hi) + (f" ({v})" if isinstance(v, str) and v else "") + (" INVALID" if bad else "")
+                   for x, lo, hi, v, bad in zip(out.value, out.ci_low, out.ci_high, out.verdict, out.invalid)]
     wide = out.pivot(index=["analysis", "quantity"], columns="model", values="cell")
     paper = out.groupby(["analysis", "quantity"])["paper"].first().rename("paper (its models)")
     return pd.concat([wide, paper], axis=1)

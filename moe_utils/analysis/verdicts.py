@@ -10,7 +10,9 @@ The rules are deliberately simple and stated in full, so a reader can check them
 * the depth pattern of observation 3 has two parts, a decline with depth before the last layer
   (Spearman rho < 0 with p < 0.05) and a last layer that rises above the layer before it by more
   than the spread of the preceding layers (z > 1 and delta > 0). Both: holds; neither: does not
-  hold; one of the two: inconclusive (the note says which part held).
+  hold; one of the two: inconclusive (the note says which part held). A part that cannot be
+  measured (too few layers: rho needs 3 layers before the last, z needs 2) is undefined, and an
+  undefined part never supports "does not hold": the verdict is then at best inconclusive.
 """
 
 from __future__ import annotations
@@ -49,7 +51,9 @@ def depth_pattern(per_layer: dict[int, float]) -> dict[str, Any]:
     o = M.last_layer_outlier(per_layer)
     declines = (not math.isnan(o.trend_rho)) and o.trend_rho < 0 and o.trend_p < 0.05
     last_up = (not math.isnan(o.z)) and o.z > 1 and o.delta_previous > 0
-    verdict = HOLDS if declines and last_up else FAILS if not (declines or last_up) else INCONCLUSIVE
+    measured = not (math.isnan(o.trend_rho) or math.isnan(o.z))
+    verdict = (HOLDS if declines and last_up else FAILS if measured and not (declines or last_up)
+               else INCONCLUSIVE)
     parts = []
     parts.append(f"decline before the last layer: rho = {o.trend_rho:.2f} (p = {o.trend_p:.3g})"
                  + (" - yes" if declines else " - no"))

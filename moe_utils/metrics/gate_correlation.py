@@ -59,13 +59,16 @@ class GateRegression:
 def gate_expert_regression(gate_sim: ArrayLike, expert_sim: ArrayLike) -> GateRegression:
     """Regress the lower-triangle gate similarities on the expert similarities (``linregress``).
 
-    With fewer than 3 pairs (E < 3) or a constant side, r is undefined and every field is NaN
-    (``n_pairs`` is still reported). The regression direction does not change r.
+    Pairs with an undefined similarity (NaN: a zero-norm router row or expert) are left out and
+    ``n_pairs`` counts the pairs used. With fewer than 3 pairs (E < 3) or a constant side, r is
+    undefined and every other field is NaN. The regression direction does not change r.
     """
     x = lower_triangle(expert_sim)
     y = lower_triangle(gate_sim)
     if x.shape != y.shape:
         raise ValueError(f"gate map has {y.size} pairs but expert map has {x.size}")
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
     n = int(x.size)
     nan = float("nan")
     if n < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:

@@ -135,7 +135,8 @@ def reorder_neurons(a: ArrayLike, b: ArrayLike, neuron_axis: int | str) -> Reord
     if na.shape != nb.shape:
         raise ValueError(f"the two matrices differ in shape: {na.shape} vs {nb.shape}")
     sim = cosine_between(na, nb)
-    rows, perm = linear_sum_assignment(sim, maximize=True)
+    # a zero neuron has no direction (NaN cosine); it counts as matching nothing in the assignment
+    rows, perm = linear_sum_assignment(np.nan_to_num(sim, nan=0.0), maximize=True)
     perm = perm[np.argsort(rows)].astype(np.int64)
     if len(perm) > 1:
         kt = kendalltau(perm, np.arange(len(perm)))

@@ -21,14 +21,16 @@ def _cos_batch(x: np.ndarray) -> np.ndarray:
     xn = x / np.where(nrm > 0, nrm, 1.0)[..., None]
     cos = np.clip(np.einsum("neh,nfh->nef", xn, xn), -1.0, 1.0)
     idx = np.arange(x.shape[1])
-    cos[:, idx, idx] = (nrm > 0).astype(np.float64)
+    cos[:, idx, idx] = 1.0
+    zero = nrm == 0                                   # [n, E]: undefined direction
+    cos[zero[:, :, None] | zero[:, None, :]] = np.nan
     return cos
 
 
 def token_similarity(outputs: ArrayLike, angular: bool = False, chunk_tokens: int = 256) -> np.ndarray:
     """Per-token similarity between experts: ``[N, E, H]`` -> ``[N, E, E]`` (cosine or angular).
 
-    Zero output vectors give cosine 0; the angular diagonal is exactly 1 (see ``similarity``).
+    A zero output vector has undefined similarity (NaN); the diagonal is exactly 1 otherwise.
     """
     if len(outputs.shape) != 3:
         raise ValueError(f"expected outputs of shape [N, E, H]; got {tuple(outputs.shape)}")
@@ -45,6 +47,7 @@ def mean_token_similarity(outputs: ArrayLike, angular: bool = True, chunk_tokens
     """Average per-token similarity map over all N tokens -> ``[E, E]`` (angular by default, as Fig. 3).
 
     Pass the tokens of all sequences concatenated (BOS tokens included, as the reference code does).
+    A pair with a zero output on any token is undefined (NaN), never silently averaged as 0.
     """
     n = int(outputs.shape[0])
     if n == 0:

@@ -2,8 +2,10 @@
 
 Method (as in the reference code): stack the items (whole flattened expert matrices, or single
 neurons), standardise each feature to zero mean and unit variance across the stacked items
-(population std, ddof=0, as ``sklearn.preprocessing.StandardScaler``; a constant feature becomes
-0), then ``sklearn.decomposition.PCA(svd_solver="full")``.
+(sample standard deviation, ddof=1, which is what the reference code uses; scikit-learn's
+``StandardScaler`` would use ddof=0; a constant feature, or a single item, becomes 0), then
+``sklearn.decomposition.PCA(svd_solver="full")``. ddof only rescales every coordinate by
+``sqrt((n-1)/n)``; explained-variance ratios do not depend on it.
 
 For very large inputs the same projection is computed exactly from an ``n x n`` Gram matrix
 (few items, many features: flattened Mixtral matrices) or a ``d x d`` covariance matrix (many
@@ -43,11 +45,16 @@ class Projection:
 
 
 def standardize(x: ArrayLike) -> np.ndarray:
-    """Z-score each column across rows (ddof=0); constant columns become 0."""
+    """Z-score each column across rows (sample std, ddof=1); constant columns become 0."""
     a = to_numpy(x)
     mean = a.mean(axis=0)
-    std = a.std(axis=0)
+    std = _sample_std(a)
     return (a - mean) / np.where(std > 0, std, 1.0)
+
+
+def _sample_std(c: np.ndarray) -> np.ndarray:
+    """Column standard deviations with ddof=1 (0 for a single row, so it is left unscaled)."""
+    return c.std(axis=0, ddof=1) if c.shape[0] > 1 else np.zeros(c.shape[1])
 
 
 def _fix_signs(coords: np.ndarray) -> np.ndarray:
@@ -66,7 +73,7 @@ def _column_stats(blocks: list, d: int, standardize_: bool) -> tuple[np.ndarray,
     for s in range(0, d, step):
         c = np.concatenate([to_numpy(b[:, s : s + step]) for b in blocks], axis=0)
         means[s : s + step] = c.mean(axis=0)
-        sd = c.std(axis=0) if standardize_ else np.ones(c.shape[1])
+        sd = _sample_std(c) if standardize_ else np.ones(c.shape[1])
         scales[s : s + step] = np.where(sd > 0, sd, 1.0)
     return means, scales
 
@@ -80,7 +87,7 @@ def _pca_gram(blocks: list, k: int, standardize_: bool) -> tuple[np.ndarray, np.
         c = np.concatenate([to_numpy(b[:, s : s + step]) for b in blocks], axis=0)
         c = c - c.mean(axis=0)
         if standardize_:
-            sd = c.std(axis=0)
+            sd = _sample_std(c)
             c = c / np.where(sd > 0, sd, 1.0)
         g += c @ c.T
     vals, vecs = np.linalg.eigh(g)

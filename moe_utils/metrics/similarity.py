@@ -2,11 +2,12 @@
 
 Conventions used everywhere in ``moe_utils.metrics``:
 
-* A zero vector has cosine similarity **0** with every vector, itself included, so a matrix never
-  contains NaN. The diagonal of a cosine matrix is exactly 1 for non-zero rows and 0 for zero rows.
+* A zero vector has no direction, so its cosine similarity with every vector, itself included, is
+  **undefined: NaN** (never 0 or 1, which would read as "unrelated" or "identical"). Pages show
+  such cells as missing, with a note. The diagonal is exactly 1 for non-zero rows.
 * Angular similarity is ``1 - arccos(cos) / pi`` (paper Eq. 2) with ``cos`` clipped to [-1, 1]
   first, so rounding errors never produce NaN; its diagonal is set to exactly 1 (as the reference
-  code does), including for zero rows.
+  code does) except for zero rows, which stay NaN.
 * Gram matrices are accumulated in float64 over chunks of the feature axis, so flattened expert
   matrices with tens of millions of entries (Mixtral: 14336 x 4096) are compared without ever
   materialising a float64 copy of the whole stack.
@@ -50,15 +51,15 @@ def gram_matrix(blocks: Sequence[ArrayLike], chunk_elements: int = CHUNK_ELEMENT
 
 
 def cosine_from_gram(g: np.ndarray) -> np.ndarray:
-    """Turn a Gram matrix into cosine similarities (zero rows -> 0, diagonal 1 for non-zero rows)."""
+    """Turn a Gram matrix into cosine similarities (zero rows -> NaN, diagonal 1 for non-zero rows)."""
     g = np.asarray(g, dtype=np.float64)
     sq = np.clip(np.diag(g), 0.0, None)
     norms = np.sqrt(sq)
     denom = np.outer(norms, norms)
     with np.errstate(divide="ignore", invalid="ignore"):
-        cos = np.where(denom > 0, g / np.where(denom > 0, denom, 1.0), 0.0)
+        cos = np.where(denom > 0, g / np.where(denom > 0, denom, 1.0), np.nan)
     cos = np.clip(cos, -1.0, 1.0)
-    np.fill_diagonal(cos, (norms > 0).astype(np.float64))
+    np.fill_diagonal(cos, np.where(norms > 0, 1.0, np.nan))
     return cos
 
 
@@ -75,7 +76,7 @@ def cosine_matrix(v: ArrayLike, chunk_elements: int = CHUNK_ELEMENTS) -> np.ndar
 def cosine_between(a: ArrayLike, b: ArrayLike) -> np.ndarray:
     """Cosine similarity of every row of ``a`` [n, d] with every row of ``b`` [m, d] -> [n, m].
 
-    Zero rows give 0. Computed in float64 (the result is dense, so this is meant for moderate n, m).
+    Zero rows give NaN (undefined). Computed in float64 (the result is dense, so this is meant for moderate n, m).
     """
     a = to_numpy(flatten_rows(a))
     b = to_numpy(flatten_rows(b))
@@ -83,11 +84,14 @@ def cosine_between(a: ArrayLike, b: ArrayLike) -> np.ndarray:
     nb = np.linalg.norm(b, axis=1)
     an = a / np.where(na > 0, na, 1.0)[:, None]
     bn = b / np.where(nb > 0, nb, 1.0)[:, None]
-    return np.clip(an @ bn.T, -1.0, 1.0)
+    cos = np.clip(an @ bn.T, -1.0, 1.0)
+    cos[na == 0, :] = np.nan
+    cos[:, nb == 0] = np.nan
+    return cos
 
 
 def cosine(a: ArrayLike, b: ArrayLike) -> float:
-    """Cosine similarity of two tensors of the same size, both flattened (0 if either is zero)."""
+    """Cosine similarity of two tensors of the same size, both flattened (NaN if either is zero)."""
     ra, rb = _as_row(a), _as_row(b)
     if int(ra.shape[1]) != int(rb.shape[1]):
         raise ValueError(f"cosine needs two tensors of the same size; got {int(ra.shape[1])} and {int(rb.shape[1])}")
@@ -95,16 +99,16 @@ def cosine(a: ArrayLike, b: ArrayLike) -> float:
 
 
 def angular_similarity(cos: ArrayLike, set_diagonal: bool = True) -> np.ndarray:
-    """``1 - arccos(clip(cos, -1, 1)) / pi`` (paper Eq. 2), in [0, 1], never NaN.
+    """``1 - arccos(clip(cos, -1, 1)) / pi`` (paper Eq. 2), in [0, 1]; NaN only where ``cos`` is NaN.
 
     ``cos`` may be a square matrix or a stack ``[..., n, n]``; with ``set_diagonal`` the diagonal of
-    the last two axes is set to exactly 1, as the reference code does.
+    the last two axes is set to exactly 1, as the reference code does (undefined entries stay NaN).
     """
     c = np.clip(to_numpy(cos), -1.0, 1.0)
     ang = 1.0 - np.arccos(c) / np.pi
     if set_diagonal and ang.ndim >= 2 and ang.shape[-1] == ang.shape[-2]:
         idx = np.arange(ang.shape[-1])
-        ang[..., idx, idx] = 1.0
+        ang[..., idx, idx] = np.where(np.isnan(ang[..., idx, idx]), np.nan, 1.0)
     return ang
 
 
