@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from .. import metrics as M
 from . import dynamic, static
+from .observations import gate_act_differences, output_similarity_by_layer
 from .verdicts import depth_pattern, mean_difference, versus_baseline
 
 OBSERVATIONS = {1: "gate_act_advantage", 2: "top1_norm_agreement", 3: "depth_pattern"}
@@ -37,19 +37,14 @@ class Headline:
         return asdict(self)
 
 
-def gate_r2_per_layer(weights_source: Any, layers: Any = None):
-    """Per-layer r^2 of gate similarity against each expert matrix (a layer x matrix table)."""
-    gate = static.gate_correlation(weights_source, layers)
-    return gate.pivot(index="layer", columns="matrix", values="r2")
-
-
 def observation1(weights_source: Any, layers: Any = None, seed: int = 0) -> Headline:
     """Mean over layers of r^2(W_act) - max(r^2(W_up), r^2(W_down)), bootstrap CI over layers."""
-    wide = gate_r2_per_layer(weights_source, layers)
-    diff = wide["W_act"] - wide[["W_up", "W_down"]].max(axis=1)
+    gate = static.gate_correlation(weights_source, layers)
+    diff = gate_act_differences(gate)
     v = mean_difference(diff.to_numpy(), seed=seed)
+    r2_act = gate[gate.matrix == "W_act"].r2.mean()
     return Headline(1, OBSERVATIONS[1], float(v["value"]), float(v["ci_low"]), float(v["ci_high"]), 0.0,
-                    str(v["verdict"]), f"mean r2(W_act) = {wide['W_act'].mean():.3f} over {len(wide)} layers")
+                    str(v["verdict"]), f"mean r2(W_act) = {r2_act:.3f} over {len(diff)} layers")
 
 
 def observation2(lm: Any, long_trace: Any, seed: int = 0) -> Headline:
@@ -62,21 +57,9 @@ def observation2(lm: Any, long_trace: Any, seed: int = 0) -> Headline:
                     float(pooled.baseline), verdict, f"{int(pooled.n)} (token, layer) pairs")
 
 
-def output_similarity_by_layer(lm: Any, long_trace: Any) -> dict[int, float]:
-    """Mean angular similarity between distinct routed experts' outputs, per MoE layer (Fig. 3)."""
-    avg = dynamic.average_output_similarity(lm, long_trace)
-    out = {}
-    for layer, g in avg.groupby("layer"):
-        m = g.pivot(index="expert_i", columns="expert_j", values="similarity")
-        labels = sorted((c for c in m.columns if str(c).isdigit()), key=int)
-        block = m.loc[labels, labels].to_numpy()
-        out[int(layer)] = float(M.per_layer_summary({0: block}).mean_offdiag.iloc[0])
-    return out
-
-
 def observation3(lm: Any, long_trace: Any) -> tuple[Headline, dict[str, float]]:
     """The two-part depth verdict on long-input output similarity; also returns rho and z."""
-    by_layer = output_similarity_by_layer(lm, long_trace)
+    by_layer = output_similarity_by_layer(dynamic.average_output_similarity(lm, long_trace))
     d = depth_pattern(by_layer)
     extra = {"trend_rho": float(d["trend_rho"]), "trend_p": float(d["trend_p"]), "last_layer_z": float(d["value"]),
              "delta_previous": float(d["delta_previous"]),
