@@ -21,13 +21,15 @@ SHAPE = dict(
 NUM_EXPERTS = 8
 TOP_K = 2
 ROUTER_AUX_LOSS_COEF = 0.01
+SPECIAL_TOKENS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+MOE_TRAINING = dict(router_aux_loss_coef=ROUTER_AUX_LOSS_COEF, output_router_logits=True, **SPECIAL_TOKENS)
 
 
 def dense_config(vocab_size: int = VOCAB_SIZE, **overrides):
     """Mistral-architecture config of ``tiny-dense`` (the dense "F" baseline)."""
     from transformers import MistralConfig
 
-    kw = dict(SHAPE, vocab_size=vocab_size, sliding_window=None, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    kw = dict(SHAPE, vocab_size=vocab_size, sliding_window=None, **SPECIAL_TOKENS)
     kw.update(overrides)
     return MistralConfig(**kw)
 
@@ -42,12 +44,8 @@ def moe_config(vocab_size: int = VOCAB_SIZE, **overrides):
         sliding_window=None,
         num_local_experts=NUM_EXPERTS,
         num_experts_per_tok=TOP_K,
-        router_aux_loss_coef=ROUTER_AUX_LOSS_COEF,
-        output_router_logits=True,
         router_jitter_noise=0.0,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
+        **MOE_TRAINING,
     )
     kw.update(overrides)
     return MixtralConfig(**kw)
@@ -123,11 +121,7 @@ def fine_config(vocab_size: int = VOCAB_SIZE, **overrides):
         mlp_only_layers=list(FINE_DENSE_LAYERS),
         qkv_bias=False,
         use_sliding_window=False,
-        router_aux_loss_coef=ROUTER_AUX_LOSS_COEF,
-        output_router_logits=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
+        **MOE_TRAINING,
     )
     kw.update(overrides)
     return Qwen2MoeConfig(**kw)
@@ -142,39 +136,22 @@ def placement_config(dense_layer: int | None, vocab_size: int = VOCAB_SIZE, **ov
     """
     from transformers import Qwen3MoeConfig
 
-    shape = dict(PLACEMENT_SHAPE)
-    expert_width = shape.pop("expert_width")
     kw = dict(
-        shape,
+        PLACEMENT_SHAPE,
         vocab_size=vocab_size,
-        moe_intermediate_size=expert_width,
-        intermediate_size=TOP_K * expert_width,
+        moe_intermediate_size=PLACEMENT_EXPERT_WIDTH,
+        intermediate_size=TOP_K * PLACEMENT_EXPERT_WIDTH,
         num_experts=NUM_EXPERTS,
         num_experts_per_tok=TOP_K,
         norm_topk_prob=True,
         decoder_sparse_step=1,
         mlp_only_layers=[] if dense_layer is None else [int(dense_layer)],
-        router_aux_loss_coef=ROUTER_AUX_LOSS_COEF,
-        output_router_logits=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
+        **MOE_TRAINING,
     )
     kw.update(overrides)
     return Qwen3MoeConfig(**kw)
 
 
-PLACEMENT_SHAPE = dict(
-    hidden_size=64,
-    expert_width=128,
-    num_hidden_layers=6,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=SEQ_LEN,
-    tie_word_embeddings=True,
-    rms_norm_eps=1e-5,
-    rope_theta=10000.0,
-    initializer_range=0.02,
-)
+PLACEMENT_SHAPE = dict(SHAPE, hidden_size=64, num_hidden_layers=6, head_dim=16)
+PLACEMENT_EXPERT_WIDTH = 128
 PLACEMENT_STEPS = 400
