@@ -182,9 +182,11 @@ def write_card(folder: Path, name: str, info: dict, ev: dict, corpus: dict, prev
         "(documents joined by `</s>`).",
         f"- Training time: {info['training_seconds'] / 60:.1f} min wall clock on a shared 2-core CPU "
         f"({info['torch_threads']} torch thread(s), torch {info['torch_version']}).",
-        f"- Command: `{info.get('command') or SHIPPED_COMMANDS.get(name, 'moe-book zoo train --models ' + name)}` "
-        "(`python -m moe_utils.zoo.train` is what `moe-book zoo train` runs; `tiny-moe-scratch` trained in a second "
-        "process at the same time as the other two; checkpoints are resumable with `--resume`).", "",
+        (f"- Command: `{info['command']}` (the organism study; resumable: the same command continues an "
+         "interrupted run)." if "zoo study" in (info.get("command") or "") else
+         f"- Command: `{info.get('command') or SHIPPED_COMMANDS.get(name, 'moe-book zoo train --models ' + name)}` "
+         "(`python -m moe_utils.zoo.train` is what `moe-book zoo train` runs; `tiny-moe-scratch` trained in a second "
+         "process at the same time as the other two; checkpoints are resumable with `--resume`)."), "",
         "## Data", "",
         f"- CPython {corpus['python_version']} documentation topics (`pydoc_data.topics`), standard-library docstrings "
         f"(extracted with `ast`) and {corpus['source_per_mille'] / 10:.0f} % of standard-library source files "
