@@ -144,7 +144,9 @@ class FolderSource:
         return self.reader.has(name)
 
     def get(self, name: str) -> Tensor:
-        return self.reader.get(name)
+        """A private copy read with plain file reads: the file is never mapped, so a layer held
+        in memory costs its own bytes once (not once more for mapped pages)."""
+        return self.reader.read(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.reader.shape(name)
@@ -221,8 +223,9 @@ def spec_kind(src: TensorSource) -> str:
 
 
 def _convert(t: Tensor, dtype, on_disk: bool) -> Tensor:
-    # Streamed tensors are views of a file map: always copy so they outlive the map.
-    return t.to(dtype=dtype, copy=on_disk)
+    """``t`` in ``dtype`` (``None``: as stored). Streamed tensors are already private copies, and a
+    loaded model's tensors are returned as they are when no conversion is asked for."""
+    return t if dtype is None or t.dtype == dtype else t.to(dtype=dtype)
 
 
 def _experts(src: TensorSource, fmt: WeightFormat, layer: int, ex: ExpertTensors, dtype,
@@ -340,9 +343,12 @@ def _layer_weights(src: TensorSource, spec: FamilySpec, layer: int, dtype) -> Mo
     )
 
 
-def layer_weights(source: Any, layer: int, dtype: torch.dtype = torch.float32,
+def layer_weights(source: Any, layer: int, dtype: torch.dtype | None = torch.float32,
                   allow_pickle: bool = False) -> MoELayerWeights:
-    """Canonical weights of MoE layer ``layer`` from a loaded model or a checkpoint folder."""
+    """Canonical weights of MoE layer ``layer`` from a loaded model or a checkpoint folder.
+
+    ``dtype=None`` keeps the stored dtype (no copy of a loaded model's tensors, and one bf16 copy
+    of a streamed layer instead of a float32 one)."""
     src, spec = open_source(source, allow_pickle)
     try:
         return _layer_weights(src, spec, layer, dtype)
@@ -352,7 +358,7 @@ def layer_weights(source: Any, layer: int, dtype: torch.dtype = torch.float32,
 
 
 def iter_layer_weights(source: Any, layers: Iterable[int] | None = None,
-                       dtype: torch.dtype = torch.float32,
+                       dtype: torch.dtype | None = torch.float32,
                        allow_pickle: bool = False) -> Iterator[MoELayerWeights]:
     """Yield MoE layers one at a time (default: all MoE layers), releasing file maps in between."""
     src, spec = open_source(source, allow_pickle)
@@ -366,7 +372,7 @@ def iter_layer_weights(source: Any, layers: Iterable[int] | None = None,
                 src.release()
 
 
-def dense_mlp_weights(source: Any, layer: int, dtype: torch.dtype = torch.float32,
+def dense_mlp_weights(source: Any, layer: int, dtype: torch.dtype | None = torch.float32,
                       allow_pickle: bool = False) -> DenseMLPWeights:
     """Weights of the dense MLP of ``layer`` (a dense model, or a dense layer of an MoE model)."""
     src, spec = open_source(source, allow_pickle)

@@ -5,11 +5,15 @@ neurons), standardise each feature to zero mean and unit variance across the sta
 (population std, ddof=0, as ``sklearn.preprocessing.StandardScaler``; a constant feature becomes
 0), then ``sklearn.decomposition.PCA(svd_solver="full")``.
 
-For very large inputs the same projection is computed exactly from an ``n x n`` Gram matrix
-(few items, many features: flattened Mixtral matrices) or a ``d x d`` covariance matrix (many
-items, few features: every neuron of every expert), accumulated in float64 chunks. All methods
-apply one sign convention, so their coordinates agree: each component is flipped so that its
-largest-magnitude coordinate is positive.
+For very large inputs the same projection is computed from an ``n x n`` Gram matrix (few
+items, many features: flattened Mixtral matrices; exact, :func:`flattened_grams` accumulates it
+in one pass over bounded blocks, never a dense float64 copy), a ``d x d`` covariance matrix
+(exact, ``2 n d^2`` flops), or, for every neuron of every expert (``8 x 14336`` neurons of 4096
+features), a streamed randomized SVD (:func:`randomized_neuron_pca`: Halko, Martinsson and
+Tropp's range finder with power iterations over float32 blocks, ``(2 q + 2)`` passes of
+``2 n d l`` flops; its accuracy against the full SVD is tested). All methods apply one sign
+convention, so their coordinates agree: each component is flipped so that its largest-magnitude
+coordinate is positive.
 
 The paper transposes W_down before flattening; PCA does not depend on the order of features, so
 the flattened layout is used as is.
@@ -23,9 +27,10 @@ from typing import Literal, Sequence
 import numpy as np
 
 from ._arrays import ArrayLike, flatten_rows, to_numpy
+from .blocks import BLOCK_ELEMENTS, block_size, neuron_count, neuron_rows
 from .neurons import neuron_vectors, resolve_neuron_axis
 
-PCAMethod = Literal["auto", "sklearn", "gram", "covariance"]
+PCAMethod = Literal["auto", "sklearn", "gram", "covariance", "randomized"]
 #: Inputs with more elements than this use the Gram/covariance route under ``method="auto"``.
 SKLEARN_MAX_ELEMENTS = 50_000_000
 _CHUNK = 8 * 1024 * 1024
@@ -83,11 +88,137 @@ def _pca_gram(blocks: list, k: int, standardize_: bool) -> tuple[np.ndarray, np.
             sd = c.std(axis=0)
             c = c / np.where(sd > 0, sd, 1.0)
         g += c @ c.T
+    return pca_from_gram(g, k)
+
+
+def pca_from_gram(g: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Coordinates, explained variance and ratio of the top ``k`` components from the Gram
+    matrix ``Z Z^T`` of the (column-centred, optionally standardised) items ``Z``."""
+    g = np.asarray(g, dtype=np.float64)
+    n = g.shape[0]
     vals, vecs = np.linalg.eigh(g)
     order = np.argsort(vals)[::-1][:k]
     lam = np.clip(vals[order], 0.0, None)
     coords = vecs[:, order] * np.sqrt(lam)
     total = float(np.trace(g))
+    ratio = lam / total if total > 0 else np.zeros_like(lam)
+    return coords, lam / max(n - 1, 1), ratio
+
+
+def flattened_grams(matrices: Sequence[ArrayLike], axis: int = 0, standardize: bool = True,
+                    block_elements: int = BLOCK_ELEMENTS) -> tuple[np.ndarray, np.ndarray]:
+    """One pass over same-shaped matrices: the Gram matrix of the flattened matrices
+    (``<W_i, W_j>``, for cosine similarity) and the Gram matrix of the flattened matrices after
+    centring (and, with ``standardize``, scaling) every element position across the items (for
+    matrix-level PCA, :func:`pca_from_gram`). Both float64 ``[n, n]``.
+
+    Blocks of neurons (``axis``: the neuron axis of one matrix) at the same positions of every
+    matrix are converted together, so the working memory is a few ``block_elements``.
+    """
+    mats = list(matrices)
+    if not mats:
+        raise ValueError("flattened_grams needs at least one matrix")
+    shape = tuple(mats[0].shape)
+    if len(shape) != 2 or any(tuple(m.shape) != shape for m in mats):
+        raise ValueError(f"flattened_grams needs same-shaped 2-D matrices; got {[tuple(m.shape) for m in mats]}")
+    n = len(mats)
+    total = neuron_count(mats[0], axis)
+    step = block_size(shape[1 - axis], n, block_elements)
+    raw, std = np.zeros((n, n)), np.zeros((n, n))
+    for a in range(0, total, step):
+        b = min(total, a + step)
+        c = np.stack([neuron_rows(m, axis, a, b).reshape(-1) for m in mats]).astype(np.float64)
+        raw += c @ c.T
+        c -= c.mean(axis=0)
+        if standardize:
+            sd = np.sqrt((c * c).mean(axis=0))
+            c /= np.where(sd > 0, sd, 1.0)
+        std += c @ c.T
+    return raw, std
+
+
+def _orth(y: np.ndarray) -> np.ndarray:
+    q, _ = np.linalg.qr(y)
+    return q
+
+
+def randomized_neuron_pca(sources: Sequence[tuple[ArrayLike, int]], k: int = 2, standardize: bool = True,
+                          oversample: int = 10, power_iterations: int = 2, seed: int = 0,
+                          block_elements: int = BLOCK_ELEMENTS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Streamed randomized PCA of the neurons of several matrices, rows in source order.
+
+    ``sources`` are ``(matrix, neuron_axis)`` pairs (axis 0: rows are neurons, axis 1: columns).
+    The standardised data ``Z`` (``n`` neurons x ``d`` features) is never formed: every pass
+    walks float32 neuron blocks, centres and scales them, and multiplies by a thin ``d x l`` or
+    ``n x l`` matrix (``l = k + oversample``). Pass 1 gathers the feature means and variances
+    (shifted by the first block's mean, for accuracy) together with the sketch ``Y = Z Omega``;
+    each of the ``power_iterations`` adds two passes; a last pass gives ``B = Q^T Z``, whose small
+    SVD yields the components. Returns ``(coords [n, k], explained variance, ratio)`` like the
+    exact methods (ratio = component variance / total variance of ``Z``).
+    """
+    srcs = [(m, int(ax)) for m, ax in sources]
+    d = int(srcs[0][0].shape[1 - srcs[0][1]])
+    if any(int(m.shape[1 - ax]) != d for m, ax in srcs):
+        raise ValueError("all sources must have neurons of the same length")
+    counts = [neuron_count(m, ax) for m, ax in srcs]
+    n = sum(counts)
+    if not 1 <= k <= min(n, d):
+        raise ValueError(f"n_components must be between 1 and min(neurons, features) = {min(n, d)}; got {k}")
+    step = block_size(d, 1, block_elements)
+
+    def blocks():
+        row = 0
+        for (m, ax), cnt in zip(srcs, counts):
+            for a in range(0, cnt, step):
+                b = min(cnt, a + step)
+                yield row + a, neuron_rows(m, ax, a, b)
+            row += cnt
+
+    rng = np.random.default_rng(seed)
+    ell = int(min(k + max(0, oversample), n, d))
+    omega = rng.standard_normal((d, ell)).astype(np.float32)
+    shift, s1, s2 = None, np.zeros(d), np.zeros(d)
+    y = np.empty((n, ell))
+    for r, x in blocks():
+        if shift is None:
+            shift = x.mean(axis=0, dtype=np.float64).astype(np.float32)
+        x -= shift
+        s1 += x.sum(axis=0, dtype=np.float64)
+        s2 += np.einsum("ij,ij->j", x, x, dtype=np.float64)
+        y[r:r + len(x)] = x @ omega
+    dmean = s1 / n
+    var = np.clip(s2 / n - dmean ** 2, 0.0, None)
+    sd = np.sqrt(var)
+    scale = np.where(sd > 0, sd, 1.0) if standardize else np.ones(d)
+    y -= (dmean.astype(np.float32) @ omega)[None, :]      # Y = (X - mu) Omega = Z diag(scale) Omega
+    mu32 = (shift.astype(np.float64) + dmean).astype(np.float32)
+    inv32 = (1.0 / scale).astype(np.float32)
+    total = float(n * np.sum(var / scale ** 2))
+
+    def z_times(m: np.ndarray) -> np.ndarray:          # Z @ m, m [d, ell] -> [n, ell]
+        m32 = m.astype(np.float32)
+        out = np.empty((n, m.shape[1]))
+        for r, x in blocks():
+            x -= mu32
+            x *= inv32
+            out[r:r + len(x)] = x @ m32
+        return out
+
+    def zt_times(q: np.ndarray) -> np.ndarray:         # Z^T @ q, q [n, ell] -> [d, ell]
+        acc = np.zeros((d, q.shape[1]))
+        for r, x in blocks():
+            x -= mu32
+            x *= inv32
+            acc += x.T @ q[r:r + len(x)].astype(np.float32)
+        return acc
+
+    for _ in range(max(0, int(power_iterations))):
+        y = z_times(_orth(zt_times(_orth(y))))
+    q = _orth(y)
+    b = zt_times(q).T                                   # [ell, d]
+    ub, s, _ = np.linalg.svd(b, full_matrices=False)
+    coords = q @ (ub[:, :k] * s[:k])
+    lam = s[:k] ** 2
     ratio = lam / total if total > 0 else np.zeros_like(lam)
     return coords, lam / max(n - 1, 1), ratio
 
@@ -136,7 +267,7 @@ def pca_projection(
     """Project the rows of ``x`` ([n, d], or a list of row blocks sharing d) onto the top components.
 
     ``method="auto"`` uses scikit-learn (``svd_solver="full"``) up to ``SKLEARN_MAX_ELEMENTS``
-    elements, otherwise the exact Gram (n <= d) or covariance (n > d) route.
+    elements, otherwise the exact Gram route (n <= d) or the streamed randomized SVD (n > d).
     """
     blocks = [flatten_rows(b) for b in (x if isinstance(x, (list, tuple)) else [x])]
     d = int(blocks[0].shape[1])
@@ -147,10 +278,12 @@ def pca_projection(
     if not 1 <= k <= min(n, d):
         raise ValueError(f"n_components must be between 1 and min(rows, features) = {min(n, d)}; got {k}")
     if method == "auto":
-        method = "sklearn" if n * d <= SKLEARN_MAX_ELEMENTS else ("gram" if n <= d else "covariance")
-    fn = {"sklearn": _pca_sklearn, "gram": _pca_gram, "covariance": _pca_covariance}.get(method)
+        method = "sklearn" if n * d <= SKLEARN_MAX_ELEMENTS else ("gram" if n <= d else "randomized")
+    fn = {"sklearn": _pca_sklearn, "gram": _pca_gram, "covariance": _pca_covariance,
+          "randomized": lambda bl, kk, st: randomized_neuron_pca([(b_, 0) for b_ in bl], kk, st)}.get(method)
     if fn is None:
-        raise ValueError(f"unknown PCA method {method!r}; use 'auto', 'sklearn', 'gram' or 'covariance'")
+        raise ValueError(f"unknown PCA method {method!r}; use 'auto', 'sklearn', 'gram', 'covariance' "
+                         "or 'randomized'")
     coords, var, ratio = fn(blocks, k, standardize)
     lab = [str(v) for v in labels] if labels is not None else [str(i) for i in range(n)]
     if len(lab) != n:
@@ -165,13 +298,31 @@ def matrix_pca(
     standardize: bool = True,
     method: PCAMethod = "auto",
 ) -> Projection:
-    """Matrix-level PCA (Fig. 6): one point per expert (flattened ``[E, a, b]``), plus "F" if given."""
+    """Matrix-level PCA (Fig. 6): one point per expert (flattened ``[E, a, b]``), plus "F" if given.
+
+    Large stacks (``method="auto"`` above ``SKLEARN_MAX_ELEMENTS``, or ``"gram"``) go through
+    :func:`flattened_grams`: one pass of bounded blocks, no dense float64 copy."""
+    n_items = int(w.shape[0]) + (extra is not None)
+    size = int(np.prod(w.shape[1:]))
+    if (method == "gram" or (method == "auto" and n_items * size > SKLEARN_MAX_ELEMENTS)) and len(w.shape) == 3:
+        mats = [w[e] for e in range(int(w.shape[0]))] + ([extra] if extra is not None else [])
+        return matrix_pca_from_gram(flattened_grams(mats, 0, standardize)[1], n_components,
+                                    [str(e) for e in range(int(w.shape[0]))] + (["F"] if extra is not None else []))
     blocks = [flatten_rows(w)]
     labels = [str(e) for e in range(int(w.shape[0]))]
     if extra is not None:
         blocks.append(extra.reshape(1, -1))
         labels.append("F")
     return pca_projection(blocks, standardize, n_components, method, labels)
+
+
+def matrix_pca_from_gram(gram: np.ndarray, n_components: int, labels: Sequence[str]) -> Projection:
+    """Matrix-level PCA from the standardised Gram matrix of :func:`flattened_grams`."""
+    n = int(np.asarray(gram).shape[0])
+    if not 1 <= n_components <= n:
+        raise ValueError(f"n_components must be between 1 and the number of matrices ({n}); got {n_components}")
+    coords, var, ratio = pca_from_gram(gram, int(n_components))
+    return Projection(_fix_signs(coords), ratio, var, "gram", [str(v) for v in labels])
 
 
 def neuron_pca(
@@ -181,12 +332,26 @@ def neuron_pca(
     n_components: int = 2,
     standardize: bool = True,
     method: PCAMethod = "auto",
+    power_iterations: int = 2,
+    seed: int = 0,
 ) -> Projection:
     """Neuron-level PCA (Fig. 7): one point per neuron of every expert (plus "F"'s neurons).
 
     ``labels`` give each row's expert (``"0"``.., ``"F"``); rows are ordered expert by expert.
+    Above ``SKLEARN_MAX_ELEMENTS`` (``method="auto"``) the streamed randomized SVD is used, with
+    ``power_iterations`` and ``seed`` (:func:`randomized_neuron_pca`).
     """
     axis2 = resolve_neuron_axis(neuron_axis, 3) - 1 if isinstance(neuron_axis, str) else int(neuron_axis) - 1
+    n_exp = int(w.shape[0])
+    n_rows = n_exp * int(w.shape[1 + axis2]) + (int(extra.shape[axis2]) if extra is not None else 0)
+    d = int(w.shape[2 - axis2])
+    if method == "randomized" or (method == "auto" and n_rows * d > SKLEARN_MAX_ELEMENTS and n_rows > d):
+        sources = [(w[e], axis2) for e in range(n_exp)] + ([(extra, axis2)] if extra is not None else [])
+        labels = [str(e) for e in range(n_exp) for _ in range(int(w.shape[1 + axis2]))]
+        labels += ["F"] * (int(extra.shape[axis2]) if extra is not None else 0)
+        coords, var, ratio = randomized_neuron_pca(sources, int(n_components), standardize,
+                                                   power_iterations=power_iterations, seed=seed)
+        return Projection(_fix_signs(coords), ratio, var, "randomized", labels)
     blocks, labels = [], []
     for e in range(int(w.shape[0])):
         nv = neuron_vectors(w[e], axis2)
