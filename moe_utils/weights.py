@@ -278,7 +278,11 @@ def _experts(src: TensorSource, fmt: WeightFormat, layer: int, ex: ExpertTensors
     b_down = _get(src, fmt, layer, ex.down_bias, dtype)
 
     def tidy(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.contiguous()
+        # Each expert's matrix must be one dense block; a half of a fused [E, 2I, H] tensor
+        # already is, so it stays a view (no copy of two thirds of the layer).
+        if t is None or t.dim() < 2 or t[0].is_contiguous():
+            return t
+        return t.contiguous()
 
     return {"w_act": tidy(w_act), "w_up": tidy(w_up), "w_down": tidy(w_down),
             "b_act": tidy(b_act), "b_up": tidy(b_up), "b_down": tidy(b_down)}
