@@ -119,7 +119,8 @@ def cold_read(files: list[Path]) -> float:
 
 def measured(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> dict:
     """Run ``cmd`` in a fresh child (its stderr passes through: progress bars) and return its
-    wall seconds, the peak RSS of it and its descendants, and its last stdout line parsed as JSON
+    wall seconds, CPU seconds, the peak RSS of it and its descendants, the load average at its
+    end (other work on the machine slows the wall time), and its last stdout line parsed as JSON
     when it is JSON."""
     probe = [sys.executable, __file__, "--run", json.dumps(cmd)]
     out = subprocess.run(probe, stdout=subprocess.PIPE, text=True, check=True, cwd=cwd,
@@ -131,7 +132,8 @@ def _run_and_report(cmd: list[str]) -> None:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    peak, cpu = usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout)
         raise SystemExit(f"{cmd[:4]} failed with exit code {proc.returncode}")
@@ -140,7 +142,8 @@ def _run_and_report(cmd: list[str]) -> None:
         payload = json.loads(last)
     except json.JSONDecodeError:
         payload = {}
-    print(json.dumps({"seconds": seconds, "peak_rss": peak, "child": payload}))
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "peak_rss": peak, "child": payload,
+                      "load_average": os.getloadavg()[0]}))
 
 
 def child_peak() -> int:

@@ -55,12 +55,30 @@ def _reorder_child(folder: str, pairs: int, workers: int | None) -> None:
     from moe_utils.analysis import static
     from moe_utils.analysis.context import open_study
 
+    from scipy.optimize import linear_sum_assignment
+
+    from moe_utils.analysis.parallel import default_workers
+    from moe_utils.metrics.neurons import _all_rows, _cosine_cost, _unit
+    from moe_utils.weights import layer_weights
+
     study = open_study(folder, None, weights_only=True)
+    # one pair by its parts, in this process (all cores): the cosine matrix, then the assignment
+    w = layer_weights(study.weights_source, 0, dtype=None)
+    a, b = _unit(_all_rows(w.w_up[0], 0)), _unit(_all_rows(w.w_up[1], 0))
     t0 = time.perf_counter()
-    rows = static.reordering(study.weights_source, study.layers, max_pairs=pairs, seed=0, workers=workers)
+    cost = _cosine_cost(a, b, negate=True)
+    t_cos = time.perf_counter() - t0
+    linear_sum_assignment(cost)
+    t_lsa = time.perf_counter() - t0 - t_cos
+    del w, a, b, cost
+    shape = (int(study.lm.config["intermediate_size"]), int(study.lm.config["hidden_size"]))
+    n_workers = workers or default_workers(8 * shape[0] ** 2 + 16 * shape[0] * shape[1])
+    t0 = time.perf_counter()
+    rows = static.reordering(study.weights_source, study.layers, max_pairs=pairs, seed=0, workers=n_workers)
     seconds = time.perf_counter() - t0
-    print(json.dumps({"seconds": seconds, "pairs": len(rows), "peak_rss": child_peak(),
-                      "mean_tau": float(rows.tau.mean())}))
+    print(json.dumps({"seconds": seconds, "pairs": len(rows), "workers": n_workers, "peak_rss": child_peak(),
+                      "mean_tau": float(rows.tau.mean()),
+                      "single_pair": {"cosine_s": t_cos, "assignment_s": t_lsa}}))
 
 
 def main() -> None:
@@ -99,6 +117,7 @@ def main() -> None:
         evict(files)
         w = measured(me + ["--child", "weights", str(folder)], env=env)
         out["weights"] = {"seconds": w["child"]["seconds"], "process_seconds": w["seconds"],
+                          "cpu_seconds": w.get("cpu_seconds"), "load_average": w.get("load_average"),
                           "peak_rss": w["peak_rss"], "neuron_pca_explained": w["child"]["neuron_pca_explained"]}
         print(f"weight_report without reordering (cold): {w['child']['seconds']:.1f} s = "
               f"{w['child']['seconds'] / out['cold_read_s']:.1f}x the cold read; peak RSS "
@@ -110,7 +129,8 @@ def main() -> None:
                    "obs1_neurons_as_experts", "--out", str(base / "runs"), "-p", "dtype", "bfloat16",
                    "-p", "reorder_max_pairs", "0"]
             nb = measured(cmd, env=env, cwd=ROOT)
-            out["notebook"] = {"seconds": nb["seconds"], "peak_rss": nb["peak_rss"]}
+            out["notebook"] = {"seconds": nb["seconds"], "cpu_seconds": nb.get("cpu_seconds"),
+                               "load_average": nb.get("load_average"), "peak_rss": nb["peak_rss"]}
             print(f"moe-book run obs1 (cold, reorder_max_pairs 0): {nb['seconds']:.1f} s = "
                   f"{nb['seconds'] / out['cold_read_s']:.1f}x the cold read; peak RSS "
                   f"{nb['peak_rss'] / 1e9:.2f} GB = {nb['peak_rss'] / layer_bytes:.2f}x the layer", flush=True)
@@ -120,12 +140,16 @@ def main() -> None:
             pairs = r["child"]["pairs"]
             per_pair = r["child"]["seconds"] / pairs
             per_layer = per_pair * 3 * (E * (E - 1) // 2 + E)
-            out["reordering"] = {"pairs": pairs, "workers": args.workers, "seconds": r["child"]["seconds"],
+            out["reordering"] = {"pairs": pairs, "workers": r["child"]["workers"], "seconds": r["child"]["seconds"],
+                                 "single_pair": r["child"]["single_pair"], "load_average": r.get("load_average"),
                                  "seconds_per_pair": per_pair, "peak_rss": r["peak_rss"],
                                  "projected_seconds_per_layer": per_layer,
                                  "projected_hours_paper_layers": per_layer * PAPER_REORDERED_LAYERS / 3600}
+            sp = r["child"]["single_pair"]
+            print(f"one pair alone: cosine matrix {sp['cosine_s']:.1f} s (float32, blocked), assignment "
+                  f"{sp['assignment_s']:.1f} s", flush=True)
             print(f"reordering: {pairs} pairs in {r['child']['seconds']:.0f} s = {per_pair:.1f} s per pair "
-                  f"(workers: {args.workers or 'default'}); a layer (108 pairs with F) ~ {per_layer / 60:.0f} min; "
+                  f"({r['child']['workers']} workers); a layer (108 pairs with F) ~ {per_layer / 60:.0f} min; "
                   f"the paper's {PAPER_REORDERED_LAYERS} layers ~ {per_layer * PAPER_REORDERED_LAYERS / 3600:.1f} h; "
                   f"peak RSS of the largest process {r['peak_rss'] / 1e9:.2f} GB", flush=True)
     finally:

@@ -10,7 +10,7 @@ items, many features: flattened Mixtral matrices; exact, :func:`flattened_grams`
 in one pass over bounded blocks, never a dense float64 copy), a ``d x d`` covariance matrix
 (exact, ``2 n d^2`` flops), or, for every neuron of every expert (``8 x 14336`` neurons of 4096
 features), a streamed randomized SVD (:func:`randomized_neuron_pca`: Halko, Martinsson and
-Tropp's range finder with power iterations over float32 blocks, ``(2 q + 2)`` passes of
+Tropp's range finder with ``q`` power iterations over float32 blocks, ``(2 q + 2)`` passes of
 ``2 n d l`` flops; its accuracy against the full SVD is tested). All methods apply one sign
 convention, so their coordinates agree: each component is flipped so that its largest-magnitude
 coordinate is positive.
@@ -26,7 +26,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-from ._arrays import ArrayLike, flatten_rows, to_numpy
+from ._arrays import ArrayLike, _is_torch, flatten_rows, to_numpy
 from .blocks import BLOCK_ELEMENTS, block_size, neuron_count, neuron_rows
 from .neurons import neuron_vectors, resolve_neuron_axis
 
@@ -113,27 +113,48 @@ def flattened_grams(matrices: Sequence[ArrayLike], axis: int = 0, standardize: b
     matrix-level PCA, :func:`pca_from_gram`). Both float64 ``[n, n]``.
 
     Blocks of neurons (``axis``: the neuron axis of one matrix) at the same positions of every
-    matrix are converted together, so the working memory is a few ``block_elements``.
+    matrix are copied into one reused ``[n, block]`` buffer (float32; float64 for float64 inputs)
+    and processed in place, so the working memory is a few ``block_elements``. Each block's
+    products are taken in the buffer's precision and accumulated over blocks in float64 (for
+    float32 the error of a cosine stays near float32 rounding, ~1e-7).
     """
+    import torch
+
     mats = list(matrices)
     if not mats:
         raise ValueError("flattened_grams needs at least one matrix")
     shape = tuple(mats[0].shape)
     if len(shape) != 2 or any(tuple(m.shape) != shape for m in mats):
         raise ValueError(f"flattened_grams needs same-shaped 2-D matrices; got {[tuple(m.shape) for m in mats]}")
-    n = len(mats)
-    total = neuron_count(mats[0], axis)
-    step = block_size(shape[1 - axis], n, block_elements)
+    if axis not in (0, 1):
+        raise ValueError(f"the neuron axis of one matrix is 0 or 1; got {axis}")
+    tens = [m.detach().cpu() if _is_torch(m) else torch.from_numpy(np.asarray(m)) for m in mats]
+    wide = all(t.dtype == torch.float64 for t in tens)
+    n, width = len(tens), shape[1 - axis]
+    total = shape[axis]
+    step = block_size(width, n, block_elements)
+    buf = torch.empty((n, step * width), dtype=torch.float64 if wide else torch.float32)
     raw, std = np.zeros((n, n)), np.zeros((n, n))
-    for a in range(0, total, step):
-        b = min(total, a + step)
-        c = np.stack([neuron_rows(m, axis, a, b).reshape(-1) for m in mats]).astype(np.float64)
-        raw += c @ c.T
-        c -= c.mean(axis=0)
-        if standardize:
-            sd = np.sqrt((c * c).mean(axis=0))
-            c /= np.where(sd > 0, sd, 1.0)
-        std += c @ c.T
+    with torch.no_grad():
+        for a in range(0, total, step):
+            b = min(total, a + step)
+            c = buf[:, :(b - a) * width]
+            for i, t in enumerate(tens):
+                c[i].view(b - a, width).copy_(t[a:b] if axis == 0 else t[:, a:b].T)
+            cn = c.numpy()
+            raw += cn @ cn.T
+            # per-position mean and spread over the n items, row by row (reductions across the
+            # short item axis are slow in torch)
+            mean = c[0].clone()
+            for i in range(1, n):
+                mean += c[i]
+            c -= mean.div_(n)
+            if standardize:
+                ss = torch.zeros_like(mean)
+                for i in range(n):
+                    ss.addcmul_(c[i], c[i])
+                c *= ss.masked_fill_(ss == 0, n).div_(n).rsqrt_()   # constant positions: scale 1
+            std += cn @ cn.T
     return raw, std
 
 
@@ -143,18 +164,22 @@ def _orth(y: np.ndarray) -> np.ndarray:
 
 
 def randomized_neuron_pca(sources: Sequence[tuple[ArrayLike, int]], k: int = 2, standardize: bool = True,
-                          oversample: int = 10, power_iterations: int = 2, seed: int = 0,
+                          oversample: int = 10, power_iterations: int = 1, seed: int = 0,
                           block_elements: int = BLOCK_ELEMENTS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Streamed randomized PCA of the neurons of several matrices, rows in source order.
 
     ``sources`` are ``(matrix, neuron_axis)`` pairs (axis 0: rows are neurons, axis 1: columns).
-    The standardised data ``Z`` (``n`` neurons x ``d`` features) is never formed: every pass
-    walks float32 neuron blocks, centres and scales them, and multiplies by a thin ``d x l`` or
-    ``n x l`` matrix (``l = k + oversample``). Pass 1 gathers the feature means and variances
-    (shifted by the first block's mean, for accuracy) together with the sketch ``Y = Z Omega``;
-    each of the ``power_iterations`` adds two passes; a last pass gives ``B = Q^T Z``, whose small
-    SVD yields the components. Returns ``(coords [n, k], explained variance, ratio)`` like the
-    exact methods (ratio = component variance / total variance of ``Z``).
+    The standardised data ``Z = (X - 1 mu^T) D`` (``n`` neurons x ``d`` features, ``D`` the
+    inverse standard deviations) is never formed: every pass converts float32 neuron blocks of
+    ``X`` once and multiplies them by a thin ``d x l`` or ``n x l`` matrix (``l = k +
+    oversample``), the centring and scaling being applied to the thin factors instead
+    (``Z M = X (D M) - 1 (mu^T D M)``, ``Z^T Q = D (X^T Q - mu 1^T Q)``). Pass 1 gathers the
+    feature means and variances with the sketch ``Y = (X - 1 mu^T) Omega``; each of the
+    ``power_iterations`` adds two passes; a last pass gives ``B = Q^T Z``, whose small SVD
+    yields the components. float32 products lose accuracy only when a feature's mean is many
+    orders of magnitude larger than its spread (not the case for weights). Returns ``(coords
+    [n, k], explained variance, ratio)`` like the exact methods (ratio = component variance /
+    total variance of ``Z``).
     """
     srcs = [(m, int(ax)) for m, ax in sources]
     d = int(srcs[0][0].shape[1 - srcs[0][1]])
@@ -177,40 +202,34 @@ def randomized_neuron_pca(sources: Sequence[tuple[ArrayLike, int]], k: int = 2, 
     rng = np.random.default_rng(seed)
     ell = int(min(k + max(0, oversample), n, d))
     omega = rng.standard_normal((d, ell)).astype(np.float32)
-    shift, s1, s2 = None, np.zeros(d), np.zeros(d)
+    s1, s2 = np.zeros(d), np.zeros(d)
     y = np.empty((n, ell))
     for r, x in blocks():
-        if shift is None:
-            shift = x.mean(axis=0, dtype=np.float64).astype(np.float32)
-        x -= shift
-        s1 += x.sum(axis=0, dtype=np.float64)
-        s2 += np.einsum("ij,ij->j", x, x, dtype=np.float64)
+        s1 += x.sum(axis=0)
+        s2 += np.einsum("ij,ij->j", x, x)
         y[r:r + len(x)] = x @ omega
-    dmean = s1 / n
-    var = np.clip(s2 / n - dmean ** 2, 0.0, None)
+    mu = s1 / n
+    var = np.clip(s2 / n - mu ** 2, 0.0, None)
     sd = np.sqrt(var)
     scale = np.where(sd > 0, sd, 1.0) if standardize else np.ones(d)
-    y -= (dmean.astype(np.float32) @ omega)[None, :]      # Y = (X - mu) Omega = Z diag(scale) Omega
-    mu32 = (shift.astype(np.float64) + dmean).astype(np.float32)
-    inv32 = (1.0 / scale).astype(np.float32)
+    y -= (mu @ omega)[None, :]                  # Y = (X - 1 mu^T) Omega = Z diag(scale) Omega
+    inv = 1.0 / scale
     total = float(n * np.sum(var / scale ** 2))
 
     def z_times(m: np.ndarray) -> np.ndarray:          # Z @ m, m [d, ell] -> [n, ell]
-        m32 = m.astype(np.float32)
+        dm = inv[:, None] * m
+        off = mu @ dm
+        dm32 = dm.astype(np.float32)
         out = np.empty((n, m.shape[1]))
         for r, x in blocks():
-            x -= mu32
-            x *= inv32
-            out[r:r + len(x)] = x @ m32
-        return out
+            out[r:r + len(x)] = x @ dm32
+        return out - off[None, :]
 
     def zt_times(q: np.ndarray) -> np.ndarray:         # Z^T @ q, q [n, ell] -> [d, ell]
         acc = np.zeros((d, q.shape[1]))
         for r, x in blocks():
-            x -= mu32
-            x *= inv32
             acc += x.T @ q[r:r + len(x)].astype(np.float32)
-        return acc
+        return inv[:, None] * (acc - mu[:, None] * q.sum(axis=0)[None, :])
 
     for _ in range(max(0, int(power_iterations))):
         y = z_times(_orth(zt_times(_orth(y))))
@@ -332,7 +351,7 @@ def neuron_pca(
     n_components: int = 2,
     standardize: bool = True,
     method: PCAMethod = "auto",
-    power_iterations: int = 2,
+    power_iterations: int = 1,
     seed: int = 0,
 ) -> Projection:
     """Neuron-level PCA (Fig. 7): one point per neuron of every expert (plus "F"'s neurons).
