@@ -209,8 +209,25 @@ class CheckpointReader:
         dtype = _ST_DTYPES.get(entry["dtype"]) if entry else None
         if dtype is None:
             return self.get(name).clone()
+        return self.read_into(name, torch.empty(tuple(entry["shape"]), dtype=dtype))
+
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Read tensor ``name`` straight into the contiguous CPU tensor ``out`` (same dtype and
+        shape; e.g. one expert's slot of a stacked layer), with plain file reads; returns ``out``.
+        Falls back to copying from :meth:`read` when the bytes cannot be read directly."""
+        path = self.file_of(name)
+        entry = None
+        if self.files.kind == "safetensors":
+            self._open(path)
+            base, header = _header(path, path.stat().st_mtime_ns)
+            entry = header.get(name)
+        direct = (entry is not None and _ST_DTYPES.get(entry["dtype"]) == out.dtype
+                  and tuple(entry["shape"]) == tuple(out.shape) and out.is_contiguous()
+                  and out.device.type == "cpu")
+        if not direct:
+            out.copy_(self.read(name) if entry is None or _ST_DTYPES.get(entry["dtype"]) else self.get(name))
+            return out
         start, end = entry["data_offsets"]
-        out = torch.empty(tuple(entry["shape"]), dtype=dtype)
         if end > start:
             view = memoryview(out.view(-1).view(torch.uint8).numpy())
             if len(view) != end - start:

@@ -238,8 +238,13 @@ def _experts(src: TensorSource, fmt: WeightFormat, layer: int, ex: ExpertTensors
             first = _get(src, fmt, layer, template.format(e=0), dtype)
             out = torch.empty((num_experts, *first.shape), dtype=first.dtype, device=first.device)
             out[0] = first
+            del first
             for e in range(1, num_experts):
-                out[e] = _get(src, fmt, layer, template.format(e=e), dtype)
+                name = tensor_name(fmt, layer, template.format(e=e))
+                if isinstance(src, FolderSource) and src.has(name) and src.reader.files.kind == "safetensors":
+                    src.reader.read_into(name, out[e])          # straight into its slot, no second copy
+                else:
+                    out[e] = _get(src, fmt, layer, template.format(e=e), dtype)
             return out
 
         return {"w_act": stack(ex.act), "w_up": stack(ex.up), "w_down": stack(ex.down),
