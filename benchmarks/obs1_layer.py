@@ -88,6 +88,10 @@ def main() -> None:
     parser.add_argument("--reorder-pairs", type=int, default=1, help="pairs per matrix to time (0: skip)")
     parser.add_argument("--workers", type=int, default=None, help="reordering processes (default: the cores)")
     parser.add_argument("--skip-notebook", action="store_true", help="do not run the notebook end to end")
+    parser.add_argument("--write-only", type=Path, default=None,
+                        help="only write the checkpoint into this folder (a later run can --reuse it)")
+    parser.add_argument("--reuse", type=Path, default=None,
+                        help="measure a checkpoint written by --write-only (deleted afterwards)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -100,7 +104,12 @@ def main() -> None:
 
     E, H, I = WIDTHS[args.width]
     layer_bytes = 3 * E * H * I * 2
-    base = Path(tempfile.mkdtemp(prefix=f"moe-obs1-{args.width}-", dir=args.dir))
+    if args.write_only is not None:
+        t0 = time.perf_counter()
+        write_expert_layer(args.write_only / f"synthetic-{args.width}-layer", E, H, I)
+        print(f"wrote {args.write_only} in {time.perf_counter() - t0:.0f} s")
+        return
+    base = args.reuse or Path(tempfile.mkdtemp(prefix=f"moe-obs1-{args.width}-", dir=args.dir))
     folder = base / f"synthetic-{args.width}-layer"
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     me = [sys.executable, str(Path(__file__).resolve())]
@@ -108,8 +117,8 @@ def main() -> None:
            "layer_bytes": layer_bytes}
     try:
         t0 = time.perf_counter()
-        files = write_expert_layer(folder, E, H, I)
-        print(f"wrote one {args.width}-width layer ({layer_bytes / 1e9:.2f} GB of experts) in "
+        files = [folder / "model.safetensors"] if args.reuse else write_expert_layer(folder, E, H, I)
+        print(f"{'reused' if args.reuse else 'wrote'} one {args.width}-width layer ({layer_bytes / 1e9:.2f} GB of experts) in "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
         out["cold_read_s"] = cold_read(files)
         print(f"cold read: {out['cold_read_s']:.2f} s ({layer_bytes / out['cold_read_s'] / 1e9:.2f} GB/s)", flush=True)

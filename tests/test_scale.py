@@ -254,3 +254,26 @@ def test_relay_copies_appended_text(tmp_path):
             f.flush()
         time.sleep(0.1)
     assert "layer 0: 1/2" in out.getvalue()
+
+
+@pytest.mark.slow
+def test_book_runs_show_progress_on_the_terminal_not_in_the_page(tmp_path, capfd):
+    import nbformat
+
+    from moe_utils.runner import discover_notebooks, plan_jobs, run_jobs
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell('model = "zoo:x"\nresults_dir = "results"', metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("from moe_utils.progress import progress\n"
+                                          "for _ in progress(range(4), desc='demo-pass', unit='layer'):\n"
+                                          "    pass\nprint('cell done')")]
+    (tmp_path / "nbs").mkdir()
+    nbformat.write(nb, tmp_path / "nbs" / "obs9_bars.ipynb")
+    jobs = plan_jobs(discover_notebooks(tmp_path / "nbs"), ["zoo:tiny"], None, tmp_path / "runs")
+    run_jobs(jobs, log=print, root=tmp_path)
+    saved = nbformat.read(tmp_path / "runs" / "tiny" / "obs9_bars.ipynb", as_version=4)
+    outputs = json.dumps([c.get("outputs", []) for c in saved.cells])
+    assert "cell done" in outputs and "demo-pass" not in outputs
+    err = capfd.readouterr().err
+    assert "demo-pass" in err and "4/4" in err
