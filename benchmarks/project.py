@@ -21,13 +21,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def measured_rates() -> Measured:
     obs1 = json.loads((RESULTS / "obs1_mixtral.json").read_text())
-    dyn = json.loads((RESULTS / "dynamic_mixtral.json").read_text())
+    dyn_path = RESULTS / "dynamic_mixtral.json"
+    dyn = json.loads(dyn_path.read_text()) if dyn_path.exists() else {"weight_bytes": 0, "notebooks": {}}
     r = obs1["reordering"]
     weights = dyn["weight_bytes"]
     return Measured(
         obs1_seconds_per_expert_byte=obs1["weights"]["seconds"] / obs1["layer_bytes"],
         obs1_peak_over_layer=obs1["weights"]["peak_rss"] / obs1["layer_bytes"],
-        pair_seconds=r["single_pair"]["cosine_s"] + r["single_pair"]["assignment_s"],
+        pair_seconds=r["seconds_per_pair"],
         pair_width=(obs1["intermediate"], obs1["hidden"]),
         workers=int(r["workers"]),
         dynamic_seconds_per_layer={k: v["seconds"] for k, v in dyn["notebooks"].items()},
@@ -36,13 +37,13 @@ def measured_rates() -> Measured:
 
 
 def table(rows: list[dict]) -> str:
-    head = "| model | notebook | CPU hours | CPU peak memory | GPU memory (weights + activations) | how |\n" \
+    head = "| model | notebook | CPU hours (wall) | CPU peak memory | GPU memory (weights + activations) | how |\n" \
            "|---|---|---|---|---|---|\n"
     body = ""
     for r in rows:
         gpu = "-" if r["gpu_memory_gb"] is None else f"{r['gpu_memory_gb']:.0f} GB"
-        hours = r["cpu_hours"]
-        body += (f"| {r['model']} | {r['notebook']} | {hours:.2f} | {r['cpu_peak_gb']:.1f} GB | {gpu} | "
+        hours = "not measured" if r["cpu_hours"] is None else f"{r['cpu_hours']:.2f}"
+        body += (f"| {r['model']} | {r['notebook']} | {hours} | {r['cpu_peak_gb']:.1f} GB | {gpu} | "
                  f"{r['note']} |\n")
     return head + body
 

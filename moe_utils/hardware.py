@@ -90,11 +90,12 @@ class Measured:
 
     obs1_seconds_per_expert_byte: float      # weight_report without reordering, cold
     obs1_peak_over_layer: float              # its peak RSS / one layer's expert bytes
-    pair_seconds: float                      # one reordered pair at the reference width
+    pair_seconds: float                      # seconds per reordered pair at the reference width (throughput)
     pair_width: tuple[int, int]              # (I, H) of that pair
-    workers: int                             # processes the pairs were spread over
+    workers: int                             # processes the pairs were spread over (for memory)
     dynamic_seconds_per_layer: dict[str, float]   # notebook -> seconds for one layer at the reference width
     dynamic_excess_bytes: dict[str, float]   # notebook -> peak RSS minus the weights, at the reference width
+    # (notebooks missing from these two: CPU time not projected, CPU memory = weights + activations)
     reference: tuple[int, int, int] = (8, 4096, 14336)   # (E, H, I) of the dynamic benchmark
 
 
@@ -115,7 +116,7 @@ def project(shape: ModelShape, m: Measured) -> list[dict]:
     pairs = shape.reorder_pairs_per_layer(with_dense=dense is not None) * shape.reordered_layers
     worker_bytes = 8 * i * i + 16 * i * h
     rows.append({"model": shape.name, "notebook": f"obs1 reordering ({shape.reordered_layers} layers)",
-                 "cpu_hours": pair * pairs / m.workers / 3600,
+                 "cpu_hours": pair * pairs / 3600,
                  "cpu_peak_gb": (layer_bytes + m.workers * worker_bytes) / 1e9, "gpu_memory_gb": None,
                  "note": f"{pairs} pairs, {pair:.0f} s each, {m.workers} workers of "
                          f"{worker_bytes / 1e9:.1f} GB"})
@@ -125,10 +126,13 @@ def project(shape: ModelShape, m: Measured) -> list[dict]:
                    + tokens * (shape.experts + 2) * h * 4              # all experts' outputs of one layer
                    + tokens * i * 4 * 2                                # one expert's hidden state
                    + tokens * tokens * shape.heads * 2)                # eager attention scores of one layer
-    for name, seconds in m.dynamic_seconds_per_layer.items():
+    for name in ("obs2_router_norms", "obs3_depth_diversity"):
+        seconds = m.dynamic_seconds_per_layer.get(name)
+        excess = m.dynamic_excess_bytes.get(name, activations)
         rows.append({"model": shape.name, "notebook": name,
-                     "cpu_hours": seconds * scale * shape.moe_layers / 3600,
-                     "cpu_peak_gb": (shape.weight_bytes() + m.dynamic_excess_bytes[name] * scale) / 1e9,
+                     "cpu_hours": None if seconds is None else seconds * scale * shape.moe_layers / 3600,
+                     "cpu_peak_gb": (shape.weight_bytes() + excess * (scale if name in m.dynamic_excess_bytes else 1))
+                     / 1e9,
                      "gpu_memory_gb": (shape.weight_bytes() + activations) / 1e9,
                      "note": "whole model in memory (or offloaded); all experts on every token"})
     return rows
