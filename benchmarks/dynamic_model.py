@@ -50,6 +50,7 @@ def main() -> None:
                                       "peak_rss_over_weights": r["peak_rss"] / weight_bytes}
             print(f"{name}: {r['seconds']:.0f} s; peak RSS {r['peak_rss'] / 1e9:.2f} GB = "
                   f"{r['peak_rss'] / weight_bytes:.2f}x the weights", flush=True)
+            save_results("dynamic_mixtral", out)          # after each notebook, in case a later one is stopped
     finally:
         shutil.rmtree(base, ignore_errors=True)
     path = save_results("dynamic_mixtral", out)
