@@ -12,7 +12,9 @@ random Mixtral with >= 8 layers and checks they give the same expert outputs.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,10 +23,13 @@ from moe_utils.loading import load_model
 from moe_utils.trace import expert_outputs, trace
 from moe_utils.weights import layer_weights
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _synthetic import machine, save_results  # noqa: E402
+
 
 def single_pass(lm, seqs) -> dict[int, torch.Tensor]:
     tr = trace(lm, seqs)
-    return {layer: expert_outputs(layer_weights(lm, layer), tr[layer].x) for layer in tr.layers}
+    return {layer: expert_outputs(layer_weights(lm, layer, dtype=None), tr[layer].x) for layer in tr.layers}
 
 
 def rerun_per_layer(lm, seqs) -> dict[int, torch.Tensor]:
@@ -90,6 +95,10 @@ def main() -> None:
     print(f"re-run per layer ({args.layers} forwards/sequence, top-k=E at one layer): {r:.3f} s")
     print(f"speed-up: {r / s:.2f}x")
     print(f"max relative difference of all-expert outputs between methods: {worst:.2e}")
+    path = save_results("trace_vs_rerun", {"machine": machine(), "layers": args.layers, "tokens": n,
+                                           "single_pass_s": s, "rerun_s": r, "speedup": r / s,
+                                           "max_rel_difference": worst})
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -194,6 +194,58 @@ class CheckpointReader:
             raise CheckpointError(f"{path.name} should hold {name!r} according to the index but "
                                   f"does not ({exc}); the shard is partial: download it again") from exc
 
+    def read(self, name: str) -> torch.Tensor:
+        """A private copy of tensor ``name`` read with ordinary file reads (no memory map).
+
+        Unlike :meth:`get`, the file's pages are never mapped into the process, so holding the
+        result costs its own bytes only (a mapped-and-copied tensor counts twice in the resident
+        set until the map is released). Pickle files and dtypes without a torch equivalent fall
+        back to a copy of :meth:`get`.
+        """
+        path = self.file_of(name)
+        if self.files.kind != "safetensors":
+            return self.get(name).clone()
+        self._open(path)             # validates the header against the file size (maps, touches nothing)
+        base, header = _header(path, path.stat().st_mtime_ns)
+        entry = header.get(name)
+        dtype = _ST_DTYPES.get(entry["dtype"]) if entry else None
+        if dtype is None:
+            return self.get(name).clone()
+        return self.read_into(name, torch.empty(tuple(entry["shape"]), dtype=dtype))
+
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Read tensor ``name`` straight into the contiguous CPU tensor ``out`` (same dtype and
+        shape; e.g. one expert's slot of a stacked layer), with plain file reads; returns ``out``.
+        Falls back to copying from :meth:`read` when the bytes cannot be read directly."""
+        path = self.file_of(name)
+        entry = None
+        if self.files.kind == "safetensors":
+            self._open(path)
+            base, header = _header(path, path.stat().st_mtime_ns)
+            entry = header.get(name)
+        direct = (entry is not None and _ST_DTYPES.get(entry["dtype"]) == out.dtype
+                  and tuple(entry["shape"]) == tuple(out.shape) and out.is_contiguous()
+                  and out.device.type == "cpu")
+        if not direct:
+            out.copy_(self.read(name) if entry is None or _ST_DTYPES.get(entry["dtype"]) else self.get(name))
+            return out
+        start, end = entry["data_offsets"]
+        if end > start:
+            view = memoryview(out.view(-1).view(torch.uint8).numpy())
+            if len(view) != end - start:
+                raise CheckpointError(f"{path.name}: tensor {name!r} has {end - start} bytes but its "
+                                      f"shape and dtype need {len(view)}; the file is corrupt")
+            with open(path, "rb", buffering=0) as f:
+                f.seek(base + start)
+                got = 0
+                while got < len(view):
+                    n = f.readinto(view[got:])
+                    if not n:
+                        raise CheckpointError(f"{path.name} ends inside tensor {name!r}; the file is "
+                                              "truncated: download it again")
+                    got += n
+        return out
+
     def part(self, name: str, index: tuple) -> torch.Tensor:
         """``tensor[index]`` for basic slices, reading only the addressed bytes (a copy)."""
         path = self.file_of(name)
@@ -237,6 +289,11 @@ class CheckpointReader:
         if self.files.kind == "pickle":
             return tuple(self.get(name).shape)
         return tuple(self._open(path).get_slice(name).get_shape())
+
+
+_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+              "U8": torch.uint8, "BOOL": torch.bool}
 
 
 @lru_cache(maxsize=64)

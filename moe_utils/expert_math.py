@@ -9,6 +9,8 @@ intermediate activations; only the requested result is ever fully materialised.
 
 from __future__ import annotations
 
+from typing import Iterator, Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -59,18 +61,33 @@ def expert_outputs(weights: MoELayerWeights, x: Tensor, chunk_tokens: int = 1024
     return out
 
 
-def expert_intermediates(weights: MoELayerWeights, x: Tensor, chunk_tokens: int = 1024) -> Tensor:
-    """Every expert's activation act(W_act x) on every token: [N,E,I] (float32, CPU)."""
+def expert_intermediates(weights: MoELayerWeights, x: Tensor, chunk_tokens: int = 1024,
+                         experts: Sequence[int] | None = None, max_neurons: int | None = None) -> Tensor:
+    """Activations act(W_act x) on every token: [N, len(experts), I'] (float32, CPU).
+
+    ``experts`` (default: all) and ``max_neurons`` (default: all I, else the first ones) bound the
+    result; only one chunk x one expert of full width exists at a time otherwise. At Mixtral width
+    all experts on 1,100 tokens would be 0.5 GB, so callers that reduce over neurons ask for one
+    expert at a time (:func:`iter_expert_intermediates`).
+    """
     x = x.reshape(-1, weights.hidden_size)
-    out = torch.empty(x.shape[0], weights.num_experts, weights.intermediate_size,
-                      dtype=torch.float32)
+    chosen = list(range(weights.num_experts)) if experts is None else [int(e) for e in experts]
+    width = weights.intermediate_size if max_neurons is None else min(int(max_neurons), weights.intermediate_size)
+    out = torch.empty(x.shape[0], len(chosen), width, dtype=torch.float32)
     with torch.no_grad():
         for a, b in _chunks(x.shape[0], chunk_tokens):
             xc = x[a:b].to(weights.device, torch.float32)
-            for e in range(weights.num_experts):
-                out[a:b, e] = _expert_hidden(weights, xc, e, glu=False).cpu()
-                check_finite(out[a:b, e], weights.layer, weights.ids[e], "act(W_act x) on the captured inputs")
+            for slot, e in enumerate(chosen):
+                out[a:b, slot] = _expert_hidden(weights, xc, e, glu=False)[:, :width].cpu()
+                check_finite(out[a:b, slot], weights.layer, weights.ids[e], "act(W_act x) on the captured inputs")
     return out
+
+
+def iter_expert_intermediates(weights: MoELayerWeights, x: Tensor,
+                              chunk_tokens: int = 1024) -> Iterator[tuple[int, Tensor]]:
+    """``(expert, act(W_act x) [N, I])`` one expert at a time (float32, CPU)."""
+    for e in range(weights.num_experts):
+        yield e, expert_intermediates(weights, x, chunk_tokens, experts=[e])[:, 0]
 
 
 def apply_experts(weights: MoELayerWeights, x: Tensor, index: Tensor, weight: Tensor,

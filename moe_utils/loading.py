@@ -231,10 +231,15 @@ def load_model(model: str | Path, dtype: str | torch.dtype = "float32", device_m
         config = _canonical_config(path, cfg, spec, trust_remote_code)
         from transformers import AutoModelForCausalLM
 
-        module = AutoModelForCausalLM.from_pretrained(
-            path, config=config, dtype=torch_dtype, device_map=device_map,
-            trust_remote_code=trust_remote_code, use_safetensors=files.kind == "safetensors",
-            **({"offload_folder": str(offload_folder)} if offload_folder else {}))
+        from moe_utils.memory import shedding_file_pages
+
+        # converted tensors (fused experts) would otherwise sit in memory twice: as the new
+        # tensor and as touched pages of the file map
+        with shedding_file_pages(files.files):
+            module = AutoModelForCausalLM.from_pretrained(
+                path, config=config, dtype=torch_dtype, device_map=device_map,
+                trust_remote_code=trust_remote_code, use_safetensors=files.kind == "safetensors",
+                **({"offload_folder": str(offload_folder)} if offload_folder else {}))
         tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
         fingerprint = checkpoint_fingerprint(cfg, files)
     _set_experts_impl(module, experts_implementation)

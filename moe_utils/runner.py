@@ -442,11 +442,16 @@ def kernel_environment() -> Iterator[None]:
     """Environment for the notebook kernels: ``BOOK_BUILD=1``, progress bars off (tqdm and
     Hugging Face bars would be saved as widgets frozen mid-way into the static pages), and a
     ``python3`` kernel that is this interpreter (a user-level ``python3`` kernelspec pointing
-    elsewhere would miss moe_utils).
+    elsewhere would miss moe_utils). The package's own progress bars (per layer, per reordered
+    pair) go to a log file named by ``MOE_BOOK_PROGRESS``, relayed to this process's stderr.
     """
+    from moe_utils.progress import PROGRESS_ENV, relay
+
     settings = {BOOK_BUILD_ENV: "1", "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-    saved = {key: os.environ.get(key) for key in (*settings, "JUPYTER_PATH")}
-    with tempfile.TemporaryDirectory(prefix="moe-book-kernel-") as tmp:
+    saved = {key: os.environ.get(key) for key in (*settings, "JUPYTER_PATH", PROGRESS_ENV)}
+    with tempfile.TemporaryDirectory(prefix="moe-book-kernel-") as tmp, \
+            relay(Path(tmp) / "progress.log"):
+        settings[PROGRESS_ENV] = str(Path(tmp) / "progress.log")
         spec_dir = Path(tmp) / "kernels" / "python3"
         spec_dir.mkdir(parents=True)
         spec = {

@@ -439,7 +439,7 @@ def verify_trace(lm, tr: Trace, layers: Sequence[int] | None = None,
     checks = []
     for layer in (layers if layers is not None else tr.layers):
         lt = tr[layer]
-        weights = layer_weights(source if source is not None else lm, layer)
+        weights = layer_weights(source if source is not None else lm, layer, dtype=None)
         params, weight, index = _recompute_routing(lt, weights, None)
         recon = _rebuild(lt, weights, params, weight, index)
         scale = lt.block_output.abs().max().clamp_min(torch.finfo(torch.float32).tiny)

@@ -151,7 +151,9 @@ class FolderSource:
         return self.reader.has(name)
 
     def get(self, name: str) -> Tensor:
-        return self.reader.get(name)
+        """A private copy read with plain file reads: the file is never mapped, so a layer held
+        in memory costs its own bytes once (not once more for mapped pages)."""
+        return self.reader.read(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.reader.shape(name)
@@ -228,8 +230,9 @@ def spec_kind(src: TensorSource) -> str:
 
 
 def _convert(t: Tensor, dtype, on_disk: bool) -> Tensor:
-    # Streamed tensors are views of a file map: always copy so they outlive the map.
-    return t.to(dtype=dtype, copy=on_disk)
+    """``t`` in ``dtype`` (``None``: as stored). Streamed tensors are already private copies, and a
+    loaded model's tensors are returned as they are when no conversion is asked for."""
+    return t if dtype is None or t.dtype == dtype else t.to(dtype=dtype)
 
 
 def _experts(src: TensorSource, fmt: WeightFormat, layer: int, ex: ExpertTensors, dtype,
@@ -242,8 +245,13 @@ def _experts(src: TensorSource, fmt: WeightFormat, layer: int, ex: ExpertTensors
             first = _get(src, fmt, layer, template.format(e=0), dtype)
             out = torch.empty((num_experts, *first.shape), dtype=first.dtype, device=first.device)
             out[0] = first
+            del first
             for e in range(1, num_experts):
-                out[e] = _get(src, fmt, layer, template.format(e=e), dtype)
+                name = tensor_name(fmt, layer, template.format(e=e))
+                if isinstance(src, FolderSource) and src.has(name) and src.reader.files.kind == "safetensors":
+                    src.reader.read_into(name, out[e])          # straight into its slot, no second copy
+                else:
+                    out[e] = _get(src, fmt, layer, template.format(e=e), dtype)
             return out
 
         return {"w_act": stack(ex.act), "w_up": stack(ex.up), "w_down": stack(ex.down),
@@ -282,7 +290,11 @@ def _experts(src: TensorSource, fmt: WeightFormat, layer: int, ex: ExpertTensors
     b_down = _get(src, fmt, layer, ex.down_bias, dtype)
 
     def tidy(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.contiguous()
+        # Each expert's matrix must be one dense block; a half of a fused [E, 2I, H] tensor
+        # already is, so it stays a view (no copy of two thirds of the layer).
+        if t is None or t.dim() < 2 or t[0].is_contiguous():
+            return t
+        return t.contiguous()
 
     return {"w_act": tidy(w_act), "w_up": tidy(w_up), "w_down": tidy(w_down),
             "b_act": tidy(b_act), "b_up": tidy(b_up), "b_down": tidy(b_down)}
@@ -415,9 +427,12 @@ def check_dense(d: DenseMLPWeights) -> DenseMLPWeights:
     return d
 
 
-def layer_weights(source: Any, layer: int, dtype: torch.dtype = torch.float32,
+def layer_weights(source: Any, layer: int, dtype: torch.dtype | None = torch.float32,
                   allow_pickle: bool = False) -> MoELayerWeights:
     """Canonical weights of MoE layer ``layer`` from a loaded model or a checkpoint folder.
+
+    ``dtype=None`` keeps the stored dtype (no copy of a loaded model's tensors, and one bf16 copy
+    of a streamed layer instead of a float32 one).
 
     Non-finite weights raise :class:`NonFiniteError`, unless ``source`` is a
     :class:`~moe_utils.finite.ScreenedSource` (the offending experts are then left out).
@@ -432,7 +447,7 @@ def layer_weights(source: Any, layer: int, dtype: torch.dtype = torch.float32,
 
 
 def iter_layer_weights(source: Any, layers: Iterable[int] | None = None,
-                       dtype: torch.dtype = torch.float32,
+                       dtype: torch.dtype | None = torch.float32,
                        allow_pickle: bool = False) -> Iterator[MoELayerWeights]:
     """Yield MoE layers one at a time (default: all MoE layers), releasing file maps in between.
     Non-finite weights are handled as in :func:`layer_weights`."""
@@ -448,7 +463,7 @@ def iter_layer_weights(source: Any, layers: Iterable[int] | None = None,
                 src.release()
 
 
-def dense_mlp_weights(source: Any, layer: int, dtype: torch.dtype = torch.float32,
+def dense_mlp_weights(source: Any, layer: int, dtype: torch.dtype | None = torch.float32,
                       allow_pickle: bool = False) -> DenseMLPWeights:
     """Weights of the dense MLP of ``layer`` (a dense model, or a dense layer of an MoE model).
     Non-finite weights raise :class:`NonFiniteError`."""

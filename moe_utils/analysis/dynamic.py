@@ -2,7 +2,10 @@
 
 Each function takes a :class:`~moe_utils.loading.LoadedModel` and a :class:`~moe_utils.trace.Trace`
 from one ordinary forward pass, evaluates every expert on each MoE block's captured input, and
-returns numpy arrays or tidy DataFrames. Nothing here re-runs the model.
+returns numpy arrays or tidy DataFrames. Nothing here re-runs the model. Weights are used in
+the model's own dtype (no float32 copy of a layer; each expert is widened on the fly), and the
+all-expert evaluations are chunked over tokens and experts, so no ``[N, E, I]`` float32 tensor
+of all experts is ever built.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import pandas as pd
 import torch
 
 from .. import metrics as M
+from ..expert_math import iter_expert_intermediates
+from ..progress import progress
 from ..trace import (Trace, dense_intermediates, dense_outputs, expert_intermediates, expert_outputs,
                      router_scores)
 from ..weights import dense_mlp_weights, layer_weights
@@ -53,9 +58,9 @@ def norms_and_scores(lm: Any, tr: Trace, chunk_tokens: int = 1024) -> NormsScore
     """L2 norm of every expert's output on each MoE block's real input, and the router's softmax
     scores over all experts (the paper's "gate scores", Sec. 5.2)."""
     norms, scores, chosen = {}, {}, {}
-    for layer in tr.layers:
+    for layer in progress(tr.layers, desc="expert output norms", unit="layer"):
         lt = tr.per_layer[layer]
-        w = layer_weights(lm, layer)
+        w = layer_weights(lm, layer, dtype=None)
         y = expert_outputs(w, lt.x, chunk_tokens=chunk_tokens)
         norms[layer] = y.float().norm(dim=-1).cpu().numpy()
         scores[layer] = router_scores(lt).float().cpu().numpy()
@@ -121,16 +126,15 @@ def activation_ratios(lm: Any, tr: Trace, dense_lm: Any | None = None, dense_tr:
     """Share of intermediate activations act(W_act x) with |value| > threshold, per layer and
     expert (App. H). "F" rows come from the dense baseline's own forward pass."""
     rows = []
-    for layer in tr.layers:
-        w = layer_weights(lm, layer)
+    for layer in progress(tr.layers, desc="activation ratios", unit="layer"):
+        w = layer_weights(lm, layer, dtype=None)
         if w.w_act is None:
             continue
-        inter = expert_intermediates(w, tr.per_layer[layer].x)
-        r = M.activation_ratio(inter, threshold=threshold)
-        for e, v in enumerate(r.per_expert):
-            rows.append({"layer": layer, "expert": str(e), "ratio": float(v)})
+        for e, inter in iter_expert_intermediates(w, tr.per_layer[layer].x):
+            r = M.activation_ratio(inter, threshold=threshold)
+            rows.append({"layer": layer, "expert": str(e), "ratio": float(r.overall)})
         if dense_lm is not None and dense_tr is not None and layer in dense_tr.per_layer:
-            dw = dense_mlp_weights(dense_lm, layer)
+            dw = dense_mlp_weights(dense_lm, layer, dtype=None)
             rf = M.activation_ratio(dense_intermediates(dw, dense_tr.per_layer[layer].x), threshold=threshold)
             rows.append({"layer": layer, "expert": "F", "ratio": float(rf.overall)})
     return pd.DataFrame(rows)
@@ -141,15 +145,15 @@ def intermediate_frame(lm: Any, tr: Trace, layer: int, dense_lm: Any | None = No
     """act(W_act x) for every token, expert (and F) of one layer, first ``max_neurons`` neurons
     (the paper's Fig. 12 heat map)."""
     labels = token_labels(tr)
-    w = layer_weights(lm, layer)
-    inter = expert_intermediates(w, tr.per_layer[layer].x)[..., :max_neurons].float().cpu().numpy()
+    w = layer_weights(lm, layer, dtype=None)
+    inter = expert_intermediates(w, tr.per_layer[layer].x, max_neurons=max_neurons).numpy()
     n, e, i = inter.shape
     frames = [pd.DataFrame({"layer": layer, "token_index": np.repeat(np.arange(n), e * i),
                             "token": np.repeat(labels, e * i),
                             "expert": np.tile(np.repeat([str(k) for k in range(e)], i), n),
                             "neuron": np.tile(np.arange(i), n * e), "value": inter.ravel()})]
     if dense_lm is not None and dense_tr is not None and layer in dense_tr.per_layer:
-        dw = dense_mlp_weights(dense_lm, layer)
+        dw = dense_mlp_weights(dense_lm, layer, dtype=None)
         f = dense_intermediates(dw, dense_tr.per_layer[layer].x)[..., :max_neurons].float().cpu().numpy()
         frames.append(pd.DataFrame({"layer": layer, "token_index": np.repeat(np.arange(n), i),
                                     "token": np.repeat(labels, i), "expert": "F",
@@ -161,12 +165,13 @@ def _outputs_with_extras(lm: Any, tr: Trace, layer: int, dense_lm: Any | None,
                          dense_tr: Trace | None) -> tuple[torch.Tensor, list[str]]:
     """[N, E(+F)(+SE), H] raw outputs of every expert, the F baseline and the shared expert."""
     lt = tr.per_layer[layer]
-    w = layer_weights(lm, layer)
+    w = layer_weights(lm, layer, dtype=None)
     y = expert_outputs(w, lt.x).float()
     labels = [str(e) for e in range(y.shape[1])]
     extra = []
     if dense_lm is not None and dense_tr is not None and layer in dense_tr.per_layer:
-        extra.append(dense_outputs(dense_mlp_weights(dense_lm, layer), dense_tr.per_layer[layer].x).float())
+        extra.append(dense_outputs(dense_mlp_weights(dense_lm, layer, dtype=None),
+                                   dense_tr.per_layer[layer].x).float())
         labels.append("F")
     if w.shared is not None:
         extra.append(dense_outputs(w.shared, lt.x).float())
@@ -182,7 +187,7 @@ def token_output_similarity(lm: Any, tr: Trace, dense_lm: Any | None = None,
     (the paper's Fig. 2, short input)."""
     labels_tok = token_labels(tr)
     frames = []
-    for layer in tr.layers:
+    for layer in progress(tr.layers, desc="per-token output similarity", unit="layer"):
         y, labels = _outputs_with_extras(lm, tr, layer, dense_lm, dense_tr)
         chosen = tr.per_layer[layer].topk_index.cpu().numpy()
         k = len(labels)
@@ -200,7 +205,7 @@ def average_output_similarity(lm: Any, tr: Trace, dense_lm: Any | None = None,
     """Angular similarity between expert outputs averaged over all tokens (the paper's Fig. 3,
     long input): per token 1 - arccos(cos)/pi, summed over tokens and divided by their count."""
     frames = []
-    for layer in tr.layers:
+    for layer in progress(tr.layers, desc="mean output similarity", unit="layer"):
         y, labels = _outputs_with_extras(lm, tr, layer, dense_lm, dense_tr)
         acc = M.mean_token_similarity(y, angular=True)
         k = len(labels)

@@ -1,7 +1,11 @@
 """Weight-only analyses (observation 1 and the weight half of observation 3).
 
-They read one MoE layer's canonical weights at a time (from a loaded model, or streamed from
-safetensors without building the model) and return tidy DataFrames. Expert labels are the
+They read one MoE layer's canonical weights at a time, in the stored dtype (from a loaded model
+without copying, or streamed from safetensors without building the model: one private copy of
+the layer, never a float32 one), and return tidy DataFrames. Every metric walks the matrices in
+bounded float32 blocks (:mod:`moe_utils.metrics.blocks`), so the working memory on top of the
+layer is a few hundred MB at Mixtral width, and each matrix is read once for the matrix-level
+similarity, the matrix-level PCA and the neuron averages together. Expert labels are the
 expert indices as strings; "F" is the dense baseline's FFN of the same layer index and "SE" the
 shared expert(s), which only enter comparisons where their shapes allow (neuron averaging).
 """
@@ -18,7 +22,11 @@ import pandas as pd
 from .. import metrics as M
 from ..errors import NonFiniteError
 from ..finite import unwrap
+from ..metrics.projection import flattened_grams, matrix_pca_from_gram
+from ..metrics.neurons import resolve_neuron_axis
+from ..progress import progress
 from ..weights import DenseMLPWeights, MoELayerWeights, dense_mlp_weights, iter_layer_weights
+from .parallel import run_jobs
 
 MATRICES = ("W_act", "W_up", "W_down")
 _ATTR = {"W_act": "w_act", "W_up": "w_up", "W_down": "w_down"}
@@ -52,16 +60,16 @@ def _matrices(w: MoELayerWeights | DenseMLPWeights) -> dict[str, Any]:
 
 def layer_matrices(source: Any, layers: Sequence[int] | None = None,
                    dense_baseline: Any | None = None) -> Iterable[LayerMatrices]:
-    """Yield each analysed MoE layer's matrices, one layer in memory at a time.
+    """Yield each analysed MoE layer's matrices (stored dtype), one layer in memory at a time.
 
     Non-finite weights raise, unless the sources are ``ScreenedSource``s: excluded experts (and an
     invalid F) are then left out and recorded on the screen.
     """
-    for w in iter_layer_weights(source, layers=layers):
+    for w in iter_layer_weights(source, layers=layers, dtype=None):
         dense = None
         if dense_baseline is not None:
             try:
-                dense = _matrices(dense_mlp_weights(dense_baseline, w.layer))
+                dense = _matrices(dense_mlp_weights(dense_baseline, w.layer, dtype=None))
             except NonFiniteError as err:
                 screen = unwrap(dense_baseline)[1]
                 if screen is None:
@@ -86,29 +94,56 @@ def _same_shape_dense(lm: LayerMatrices, m: str, stack: Any) -> Any | None:
     return f if f is not None and tuple(f.shape) == tuple(stack.shape[1:]) else None
 
 
-def _similarity_rows(lm: LayerMatrices) -> list[pd.DataFrame]:
+@dataclass
+class MatrixStats:
+    """What one pass over one expert matrix kind gives: Gram matrices of the flattened experts
+    (+F when same-shaped), raw and standardised per element, and the neuron averages."""
+
+    labels: list[str]              # items of the Gram matrices
+    gram: np.ndarray               # <W_i, W_j>
+    std_gram: np.ndarray           # Gram of the per-element standardised items (matrix-level PCA)
+    averages: np.ndarray           # [E, H] neuron-averaged experts
+    extra_averages: dict[str, np.ndarray]   # "F" / "SE" neuron averages
+
+
+def matrix_stats(lm: LayerMatrices, m: str) -> MatrixStats:
+    """One read of matrix kind ``m`` of a layer (see :class:`MatrixStats`)."""
+    stack = lm.experts[m]
+    f = _same_shape_dense(lm, m, stack)
+    axis = resolve_neuron_axis(_KIND[m], 2)
+    items = [stack[e] for e in range(lm.num_experts)] + ([f] if f is not None else [])
+    gram, std_gram = flattened_grams(items, axis, standardize=True)
+    extra = {}
+    for tag, mats in (("F", lm.dense), ("SE", lm.shared)):
+        if mats and m in mats:
+            extra[tag] = M.neuron_average(mats[m], _KIND[m])
+    labels = lm.labels + (["F"] if f is not None else [])
+    return MatrixStats(labels, gram, std_gram, M.neuron_average(stack, _KIND[m]), extra)
+
+
+def _layer_stats(lm: LayerMatrices) -> dict[str, MatrixStats]:
+    return {m: matrix_stats(lm, m) for m in lm.experts}
+
+
+def _similarity_rows(lm: LayerMatrices, stats: dict[str, MatrixStats] | None = None) -> list[pd.DataFrame]:
+    stats = stats or _layer_stats(lm)
     labels = lm.labels
     frames = []
-    for m, stack in lm.experts.items():
-        f = _same_shape_dense(lm, m, stack)
-        sim = M.matrix_level_similarity(stack, extra=f)
-        frames.append(_pairs_frame(lm.layer, m, "matrix", labels + (["F"] if f is not None else []), sim))
-        vecs = [M.neuron_average(stack, _KIND[m])]
-        nlabels = list(labels)
-        for tag, mats in (("F", lm.dense), ("SE", lm.shared)):
-            if mats and m in mats:
-                vecs.append(M.neuron_average(np.asarray(mats[m])[None], _KIND[m]))
-                nlabels.append(tag)
+    for m, st in stats.items():
+        frames.append(_pairs_frame(lm.layer, m, "matrix", st.labels, M.cosine_from_gram(st.gram)))
+        vecs = [st.averages] + [v[None] for v in st.extra_averages.values()]
+        nlabels = labels + list(st.extra_averages)
         frames.append(_pairs_frame(lm.layer, m, "neuron", nlabels, M.cosine_matrix(np.concatenate(vecs))))
     return frames
 
 
-def _gate_rows(lm: LayerMatrices) -> tuple[list[dict], list[dict]]:
+def _gate_rows(lm: LayerMatrices, stats: dict[str, MatrixStats] | None = None) -> tuple[list[dict], list[dict]]:
     """Per-matrix correlation rows and the expert-pair points behind them."""
     x = M.gate_similarity(lm.router)
     corr, points = [], []
     for m, stack in lm.experts.items():
-        y = M.neuron_level_similarity(stack, _KIND[m])
+        y = (M.cosine_matrix(stats[m].averages) if stats is not None
+             else M.neuron_level_similarity(stack, _KIND[m]))
         res = M.gate_expert_regression(x, y)
         corr.append({"layer": lm.layer, "matrix": m, "r": float(res.r), "r2": float(res.r2),
                      "n_pairs": res.n_pairs})
@@ -118,37 +153,55 @@ def _gate_rows(lm: LayerMatrices) -> tuple[list[dict], list[dict]]:
     return corr, points
 
 
-def _reorder_rows(lm: LayerMatrices, max_pairs: int | None, rng: np.random.Generator) -> list[dict]:
+REORDER_COLUMNS = ["layer", "matrix", "expert_i", "expert_j", "sim_before", "sim_after", "gain", "tau"]
+
+
+def _reorder_rows(lm: LayerMatrices, max_pairs: int | None, rng: np.random.Generator,
+                  workers: int | None = None) -> list[dict]:
+    """Reorder the chosen pairs of every matrix of one layer, spread over ``workers`` processes."""
     labels = lm.labels
-    rows = []
+    jobs, mats = [], {}
     for m, stack in lm.experts.items():
-        mats = {lab: np.asarray(stack[i]) for i, lab in enumerate(labels)}
+        mats[m] = {lab: stack[i] for i, lab in enumerate(labels)}
         f = _same_shape_dense(lm, m, stack)
         if f is not None:
-            mats["F"] = np.asarray(f)
-        pairs = list(combinations(list(mats), 2))
+            mats[m]["F"] = f
+        pairs = list(combinations(list(mats[m]), 2))
         if max_pairs is not None and len(pairs) > max_pairs:
             pick = rng.choice(len(pairs), size=max_pairs, replace=False)
             pairs = [pairs[k] for k in sorted(pick)]
-        for a, b in pairs:
-            res = M.reorder_neurons(mats[a], mats[b], _KIND[m])
-            rows.append({"layer": lm.layer, "matrix": m, "expert_i": a, "expert_j": b,
-                         "sim_before": float(res.sim_before), "sim_after": float(res.sim_after),
-                         "gain": float(res.sim_after - res.sim_before), "tau": float(res.tau)})
-    return rows
+        jobs += [(m, a, b) for a, b in pairs]
+    if not jobs:
+        return []
+    shape = tuple(next(iter(lm.experts.values())).shape[1:])
+    n_neurons, width = max(shape), min(shape)
+    job_bytes = 8 * n_neurons ** 2 + 16 * n_neurons * width     # cost matrix + two float32 copies
+
+    def reorder(job: tuple[str, str, str]) -> M.ReorderResult:
+        m, a, b = job
+        return M.reorder_neurons(mats[m][a], mats[m][b], _KIND[m])
+
+    results = run_jobs(reorder, jobs, workers=workers, desc=f"layer {lm.layer}: reordering",
+                       unit="pair", job_bytes=job_bytes)
+    return [{"layer": lm.layer, "matrix": m, "expert_i": a, "expert_j": b,
+             "sim_before": float(res.sim_before), "sim_after": float(res.sim_after),
+             "gain": float(res.sim_after - res.sim_before), "tau": float(res.tau)}
+            for (m, a, b), res in zip(jobs, results)]
 
 
-def _pca_rows(lm: LayerMatrices, level: str, max_neurons_per_expert: int, rng: np.random.Generator) -> list[dict]:
+def _pca_rows(lm: LayerMatrices, level: str, max_neurons_per_expert: int, rng: np.random.Generator,
+              stats: dict[str, MatrixStats] | None = None, seed: int = 0) -> list[dict]:
     if level not in ("matrix", "neuron"):
         raise ValueError(f"level must be 'matrix' or 'neuron'; got {level!r}")
     rows = []
     for m, stack in lm.experts.items():
         f = _same_shape_dense(lm, m, stack)
         if level == "matrix":
-            proj = M.matrix_pca(stack, extra=f)
+            proj = (matrix_pca_from_gram(stats[m].std_gram, 2, stats[m].labels) if stats is not None
+                    else M.matrix_pca(stack, extra=f))
             keep = np.arange(len(proj.labels))
         else:
-            proj = M.neuron_pca(stack, _KIND[m], extra=f)
+            proj = M.neuron_pca(stack, _KIND[m], extra=f, seed=seed)
             labels = np.asarray(proj.labels)
             keep = np.concatenate([
                 np.sort(rng.choice(np.flatnonzero(labels == lab),
@@ -157,7 +210,8 @@ def _pca_rows(lm: LayerMatrices, level: str, max_neurons_per_expert: int, rng: n
                 for lab in dict.fromkeys(proj.labels)])
         for idx in keep:
             lab = proj.labels[idx]
-            lab = lm.labels[int(lab)] if lab.isdigit() else lab
+            if lab.isdigit() and not (level == "matrix" and stats is not None):  # positional -> original id
+                lab = lm.labels[int(lab)]
             rows.append({"layer": lm.layer, "matrix": m, "kind": "F (dense)" if lab == "F" else "expert",
                          "label": lab, "pc1": float(proj.coords[idx, 0]), "pc2": float(proj.coords[idx, 1]),
                          "explained": float(proj.explained_variance_ratio[:2].sum())})
@@ -166,22 +220,34 @@ def _pca_rows(lm: LayerMatrices, level: str, max_neurons_per_expert: int, rng: n
 
 def weight_report(source: Any, layers: Sequence[int] | None = None, dense_baseline: Any | None = None,
                   reorder_max_pairs: int | None = None, max_neurons_per_expert: int = 64,
-                  seed: int = 0) -> dict[str, pd.DataFrame]:
+                  seed: int = 0, workers: int | None = None) -> dict[str, pd.DataFrame]:
     """Every weight analysis of observation 1 in one pass over the layers, so a streamed
     checkpoint is read once: tables ``similarity``, ``gate_correlation``, ``gate_pairs``,
-    ``reordering``, ``pca_matrix`` and ``pca_neuron`` (see the single-analysis functions)."""
+    ``reordering``, ``pca_matrix`` and ``pca_neuron`` (see the single-analysis functions).
+
+    ``reorder_max_pairs=0`` skips the reordering (its table is then empty); ``workers`` is the
+    number of processes the reordering pairs are spread over (default: the cores, fewer if their
+    memory would not fit). Progress per layer and per pair goes to :func:`moe_utils.progress.progress`.
+    """
     rng_reorder, rng_pca = np.random.default_rng(seed), np.random.default_rng(seed)
     sim, corr, points, reorder, pca_m, pca_n = [], [], [], [], [], []
-    for lm in layer_matrices(source, layers, dense_baseline):
-        sim += _similarity_rows(lm)
-        c, p = _gate_rows(lm)
-        corr += c
-        points += p
-        reorder += _reorder_rows(lm, reorder_max_pairs, rng_reorder)
-        pca_m += _pca_rows(lm, "matrix", max_neurons_per_expert, rng_pca)
-        pca_n += _pca_rows(lm, "neuron", max_neurons_per_expert, rng_pca)
+    bar = progress(total=len(layers) if layers is not None else None, desc="weights", unit="layer")
+    try:
+        for lm in layer_matrices(source, layers, dense_baseline):
+            bar.set_description_str(f"weights: layer {lm.layer}")
+            stats = _layer_stats(lm)
+            sim += _similarity_rows(lm, stats)
+            c, p = _gate_rows(lm, stats)
+            corr += c
+            points += p
+            pca_m += _pca_rows(lm, "matrix", max_neurons_per_expert, rng_pca, stats)
+            pca_n += _pca_rows(lm, "neuron", max_neurons_per_expert, rng_pca, seed=seed)
+            reorder += _reorder_rows(lm, reorder_max_pairs, rng_reorder, workers)
+            bar.update(1)
+    finally:
+        bar.close()
     return {"similarity": pd.concat(sim, ignore_index=True), "gate_correlation": pd.DataFrame(corr),
-            "gate_pairs": pd.DataFrame(points), "reordering": pd.DataFrame(reorder),
+            "gate_pairs": pd.DataFrame(points), "reordering": pd.DataFrame(reorder, columns=REORDER_COLUMNS),
             "pca_matrix": pd.DataFrame(pca_m), "pca_neuron": pd.DataFrame(pca_n)}
 
 
@@ -214,7 +280,7 @@ def gate_correlation(source: Any, layers: Sequence[int] | None = None) -> pd.Dat
 
 
 def reordering(source: Any, layers: Sequence[int] | None = None, dense_baseline: Any | None = None,
-               max_pairs: int | None = None, seed: int = 0) -> pd.DataFrame:
+               max_pairs: int | None = None, seed: int = 0, workers: int | None = None) -> pd.DataFrame:
     """Neuron reordering by linear assignment for expert pairs (paper Table 2).
 
     For every pair (and each matrix separately) the neurons of the second matrix are permuted to
@@ -223,4 +289,4 @@ def reordering(source: Any, layers: Sequence[int] | None = None, dense_baseline:
     """
     rng = np.random.default_rng(seed)
     return pd.DataFrame([row for lm in layer_matrices(source, layers, dense_baseline)
-                         for row in _reorder_rows(lm, max_pairs, rng)])
+                         for row in _reorder_rows(lm, max_pairs, rng, workers)], columns=REORDER_COLUMNS)

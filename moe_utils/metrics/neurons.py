@@ -12,9 +12,12 @@ given. For a stack ``[E, I, H]`` / ``[E, H, I]`` the kinds map to axis 1 / 2; fo
   (``torch.mean(W, dim=0)`` for up/act and ``dim=1`` for down in the reference code).
 * **Reordering** (Table 2): for an expert pair (j, k) and one matrix, the I x I neuron cosine matrix
   is solved as a linear assignment maximising total similarity (Jonker-Volgenant,
-  ``scipy.optimize.linear_sum_assignment(maximize=True)``); expert k's neurons are permuted, the
+  ``scipy.optimize.linear_sum_assignment``); expert k's neurons are permuted, the
   cosine of the flattened matrices is recomputed, and Kendall's tau between the permutation and
-  the identity order 0..I-1 is reported.
+  the identity order 0..I-1 is reported. The cosine matrix is computed in float32 (unit neuron
+  vectors, blocks of rows) straight into the float64 cost matrix the solver works on, negated so
+  the solver needs no copy of its own (minimising ``-cos`` is what ``maximize=True`` does);
+  the before/after similarities are float64 sums.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from scipy.optimize import linear_sum_assignment
 from scipy.stats import kendalltau
 
 from ._arrays import ArrayLike, to_numpy
-from .similarity import cosine, cosine_between, cosine_matrix
+from .blocks import BLOCK_ELEMENTS, block_size, neuron_blocks, neuron_rows
+from .similarity import cosine_between, cosine_matrix
 
 _ROW_KINDS = {"up", "act", "w_up", "w_act", "gate", "w_gate", "gate_proj", "up_proj"}
 _COL_KINDS = {"down", "w_down", "down_proj"}
@@ -78,7 +82,16 @@ def neuron_average(w: ArrayLike, neuron_axis: int | str) -> np.ndarray:
         raise ValueError(f"expected [E, I, H] / [E, H, I] or one matrix; got shape {tuple(w.shape)}")
     if axis == 0:
         raise ValueError("axis 0 of a stack is the expert axis, not a neuron axis")
-    return np.stack([to_numpy(w[e]).mean(axis=axis - 1) for e in range(int(w.shape[0]))])
+    return np.stack([_block_mean(w[e], axis - 1) for e in range(int(w.shape[0]))])
+
+
+def _block_mean(matrix: ArrayLike, axis: int) -> np.ndarray:
+    """Mean of one matrix over its neuron ``axis`` in float64, from bounded float32 blocks."""
+    total = None
+    for _, x in neuron_blocks(matrix, axis):
+        part = x.sum(axis=0, dtype=np.float64)
+        total = part if total is None else total + part
+    return total / int(matrix.shape[axis])
 
 
 def neuron_level_similarity(
@@ -100,8 +113,57 @@ def neuron_level_similarity(
 
 
 def neuron_cosine_matrix(a: ArrayLike, b: ArrayLike, neuron_axis: int | str) -> np.ndarray:
-    """``[I, I]`` cosine similarity between every neuron of matrix ``a`` and every neuron of ``b``."""
-    return cosine_between(neuron_vectors(a, neuron_axis), neuron_vectors(b, neuron_axis))
+    """``[I, I]`` cosine similarity between every neuron of matrix ``a`` and every neuron of ``b``
+    (float32 products in blocks of rows, returned as float64)."""
+    axis = resolve_neuron_axis(neuron_axis, 2)
+    return _cosine_cost(_unit(_all_rows(a, axis)), _unit(_all_rows(b, axis)), negate=False)
+
+
+def _all_rows(matrix: ArrayLike, axis: int) -> np.ndarray:
+    """Every neuron of one matrix as rows (float32; float64 inputs stay float64)."""
+    if len(matrix.shape) != 2:
+        raise ValueError(f"expected one expert matrix (2 dims); got shape {tuple(matrix.shape)}")
+    return neuron_rows(matrix, axis, 0, int(matrix.shape[axis]))
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero), in place."""
+    x /= np.where((n := _row_norms(x)) > 0, n, 1.0).astype(x.dtype)[:, None]
+    return x
+
+
+def _row_norms(x: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+
+
+def _cosine_cost(an: np.ndarray, bn: np.ndarray, negate: bool,
+                 block_elements: int = BLOCK_ELEMENTS) -> np.ndarray:
+    """``an @ bn.T`` (clipped to [-1, 1], negated if asked) into a float64 matrix, by row blocks."""
+    out = np.empty((an.shape[0], bn.shape[0]), dtype=np.float64)
+    step = block_size(bn.shape[0], 1, block_elements)
+    for r in range(0, an.shape[0], step):
+        block = out[r:r + step]
+        block[...] = an[r:r + step] @ bn.T
+        np.clip(block, -1.0, 1.0, out=block)
+        if negate:
+            np.negative(block, out=block)
+    return out
+
+
+def _row_dot(a: np.ndarray, b: np.ndarray, perm: np.ndarray | None = None,
+             weights: np.ndarray | None = None) -> float:
+    """``sum_i w_i <a_i, b_perm(i)>`` in float64 (``w_i = 1`` by default), by blocks."""
+    total, step = 0.0, block_size(a.shape[1])
+    for r in range(0, a.shape[0], step):
+        bb = b[r:r + step] if perm is None else b[perm[r:r + step]]
+        per_row = np.einsum("ij,ij->i", a[r:r + step], bb, dtype=np.float64)
+        total += float(per_row.sum() if weights is None else per_row @ weights[r:r + step])
+    return total
+
+
+def _flat_cosine(dot: float, na2: float, nb2: float) -> float:
+    denom = np.sqrt(na2) * np.sqrt(nb2)
+    return float(np.clip(dot / denom, -1.0, 1.0)) if denom > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -130,14 +192,20 @@ def reorder_neurons(a: ArrayLike, b: ArrayLike, neuron_axis: int | str) -> Reord
     ``a`` and ``b`` are single expert matrices of the same kind and shape. Similarities are cosines
     of the whole flattened matrices.
     """
-    na = neuron_vectors(a, neuron_axis)
-    nb = neuron_vectors(b, neuron_axis)
+    axis = resolve_neuron_axis(neuron_axis, 2)
+    na = _all_rows(a, axis)
+    nb = _all_rows(b, axis)
     if na.shape != nb.shape:
         raise ValueError(f"the two matrices differ in shape: {na.shape} vs {nb.shape}")
-    sim = cosine_between(na, nb)
-    # a zero neuron has no direction (NaN cosine); it counts as matching nothing in the assignment
-    rows, perm = linear_sum_assignment(np.nan_to_num(sim, nan=0.0), maximize=True)
+    na2, nb2, dot_before = _row_dot(na, na), _row_dot(nb, nb), _row_dot(na, nb)
+    norm_a, norm_b = _row_norms(na), _row_norms(nb)
+    # a zero neuron has no direction: it stays a zero row, so it matches nothing (cosine 0)
+    cost = _cosine_cost(_unit(na), _unit(nb), negate=True)
+    rows, perm = linear_sum_assignment(cost)
+    del cost
     perm = perm[np.argsort(rows)].astype(np.int64)
+    # <a_i, b_perm(i)> = |a_i| |b_perm(i)| <unit a_i, unit b_perm(i)>
+    dot_after = _row_dot(na, nb, perm, norm_a * norm_b[perm])
     if len(perm) > 1:
         kt = kendalltau(perm, np.arange(len(perm)))
         tau, p = float(kt.statistic), float(kt.pvalue)
@@ -147,8 +215,8 @@ def reorder_neurons(a: ArrayLike, b: ArrayLike, neuron_axis: int | str) -> Reord
         perm=perm,
         tau=tau,
         tau_pvalue=p,
-        sim_before=cosine(na, nb),
-        sim_after=cosine(na, nb[perm]),
+        sim_before=_flat_cosine(dot_before, na2, nb2),
+        sim_after=_flat_cosine(dot_after, na2, nb2),
     )
 
 

@@ -7,11 +7,15 @@ neurons), standardise each feature to zero mean and unit variance across the sta
 ``sklearn.decomposition.PCA(svd_solver="full")``. ddof only rescales every coordinate by
 ``sqrt((n-1)/n)``; explained-variance ratios do not depend on it.
 
-For very large inputs the same projection is computed exactly from an ``n x n`` Gram matrix
-(few items, many features: flattened Mixtral matrices) or a ``d x d`` covariance matrix (many
-items, few features: every neuron of every expert), accumulated in float64 chunks. All methods
-apply one sign convention, so their coordinates agree: each component is flipped so that its
-largest-magnitude coordinate is positive.
+For very large inputs the same projection is computed from an ``n x n`` Gram matrix (few
+items, many features: flattened Mixtral matrices; exact, :func:`flattened_grams` accumulates it
+in one pass over bounded blocks, never a dense float64 copy), a ``d x d`` covariance matrix
+(exact, ``2 n d^2`` flops), or, for every neuron of every expert (``8 x 14336`` neurons of 4096
+features), a streamed randomized SVD (:func:`randomized_neuron_pca`: Halko, Martinsson and
+Tropp's range finder with ``q`` power iterations over float32 blocks, ``(2 q + 2)`` passes of
+``2 n d l`` flops; its accuracy against the full SVD is tested). All methods apply one sign
+convention, so their coordinates agree: each component is flipped so that its largest-magnitude
+coordinate is positive.
 
 The paper transposes W_down before flattening; PCA does not depend on the order of features, so
 the flattened layout is used as is.
@@ -24,10 +28,11 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-from ._arrays import ArrayLike, flatten_rows, to_numpy
+from ._arrays import ArrayLike, _is_torch, flatten_rows, to_numpy
+from .blocks import BLOCK_ELEMENTS, block_size, neuron_count, neuron_rows
 from .neurons import neuron_vectors, resolve_neuron_axis
 
-PCAMethod = Literal["auto", "sklearn", "gram", "covariance"]
+PCAMethod = Literal["auto", "sklearn", "gram", "covariance", "randomized"]
 #: Inputs with more elements than this use the Gram/covariance route under ``method="auto"``.
 SKLEARN_MAX_ELEMENTS = 50_000_000
 _CHUNK = 8 * 1024 * 1024
@@ -90,11 +95,156 @@ def _pca_gram(blocks: list, k: int, standardize_: bool) -> tuple[np.ndarray, np.
             sd = _sample_std(c)
             c = c / np.where(sd > 0, sd, 1.0)
         g += c @ c.T
+    return pca_from_gram(g, k)
+
+
+def pca_from_gram(g: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Coordinates, explained variance and ratio of the top ``k`` components from the Gram
+    matrix ``Z Z^T`` of the (column-centred, optionally standardised) items ``Z``."""
+    g = np.asarray(g, dtype=np.float64)
+    n = g.shape[0]
     vals, vecs = np.linalg.eigh(g)
     order = np.argsort(vals)[::-1][:k]
     lam = np.clip(vals[order], 0.0, None)
     coords = vecs[:, order] * np.sqrt(lam)
     total = float(np.trace(g))
+    ratio = lam / total if total > 0 else np.zeros_like(lam)
+    return coords, lam / max(n - 1, 1), ratio
+
+
+def flattened_grams(matrices: Sequence[ArrayLike], axis: int = 0, standardize: bool = True,
+                    block_elements: int = BLOCK_ELEMENTS) -> tuple[np.ndarray, np.ndarray]:
+    """One pass over same-shaped matrices: the Gram matrix of the flattened matrices
+    (``<W_i, W_j>``, for cosine similarity) and the Gram matrix of the flattened matrices after
+    centring (and, with ``standardize``, scaling) every element position across the items (for
+    matrix-level PCA, :func:`pca_from_gram`). Both float64 ``[n, n]``.
+
+    Blocks of neurons (``axis``: the neuron axis of one matrix) at the same positions of every
+    matrix are copied into one reused ``[n, block]`` buffer (float32; float64 for float64 inputs)
+    and processed in place, so the working memory is a few ``block_elements``. Each block's
+    products are taken in the buffer's precision and accumulated over blocks in float64 (for
+    float32 the error of a cosine stays near float32 rounding, ~1e-7).
+    """
+    import torch
+
+    mats = list(matrices)
+    if not mats:
+        raise ValueError("flattened_grams needs at least one matrix")
+    shape = tuple(mats[0].shape)
+    if len(shape) != 2 or any(tuple(m.shape) != shape for m in mats):
+        raise ValueError(f"flattened_grams needs same-shaped 2-D matrices; got {[tuple(m.shape) for m in mats]}")
+    if axis not in (0, 1):
+        raise ValueError(f"the neuron axis of one matrix is 0 or 1; got {axis}")
+    tens = [m.detach().cpu() if _is_torch(m) else torch.from_numpy(np.asarray(m)) for m in mats]
+    wide = all(t.dtype == torch.float64 for t in tens)
+    n, width = len(tens), shape[1 - axis]
+    total = shape[axis]
+    step = block_size(width, n, block_elements)
+    buf = torch.empty((n, step * width), dtype=torch.float64 if wide else torch.float32)
+    raw, std = np.zeros((n, n)), np.zeros((n, n))
+    with torch.no_grad():
+        for a in range(0, total, step):
+            b = min(total, a + step)
+            c = buf[:, :(b - a) * width]
+            for i, t in enumerate(tens):
+                c[i].view(b - a, width).copy_(t[a:b] if axis == 0 else t[:, a:b].T)
+            cn = c.numpy()
+            raw += cn @ cn.T
+            # per-position mean and spread over the n items, row by row (reductions across the
+            # short item axis are slow in torch)
+            mean = c[0].clone()
+            for i in range(1, n):
+                mean += c[i]
+            c -= mean.div_(n)
+            if standardize:
+                ss = torch.zeros_like(mean)
+                for i in range(n):
+                    ss.addcmul_(c[i], c[i])
+                c *= ss.masked_fill_(ss == 0, n).div_(n).rsqrt_()   # constant positions: scale 1
+            std += cn @ cn.T
+    return raw, std
+
+
+def _orth(y: np.ndarray) -> np.ndarray:
+    q, _ = np.linalg.qr(y)
+    return q
+
+
+def randomized_neuron_pca(sources: Sequence[tuple[ArrayLike, int]], k: int = 2, standardize: bool = True,
+                          oversample: int = 10, power_iterations: int = 1, seed: int = 0,
+                          block_elements: int = BLOCK_ELEMENTS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Streamed randomized PCA of the neurons of several matrices, rows in source order.
+
+    ``sources`` are ``(matrix, neuron_axis)`` pairs (axis 0: rows are neurons, axis 1: columns).
+    The standardised data ``Z = (X - 1 mu^T) D`` (``n`` neurons x ``d`` features, ``D`` the
+    inverse standard deviations) is never formed: every pass converts float32 neuron blocks of
+    ``X`` once and multiplies them by a thin ``d x l`` or ``n x l`` matrix (``l = k +
+    oversample``), the centring and scaling being applied to the thin factors instead
+    (``Z M = X (D M) - 1 (mu^T D M)``, ``Z^T Q = D (X^T Q - mu 1^T Q)``). Pass 1 gathers the
+    feature means and variances with the sketch ``Y = (X - 1 mu^T) Omega``; each of the
+    ``power_iterations`` adds two passes; a last pass gives ``B = Q^T Z``, whose small SVD
+    yields the components. float32 products lose accuracy only when a feature's mean is many
+    orders of magnitude larger than its spread (not the case for weights). Returns ``(coords
+    [n, k], explained variance, ratio)`` like the exact methods (ratio = component variance /
+    total variance of ``Z``).
+    """
+    srcs = [(m, int(ax)) for m, ax in sources]
+    d = int(srcs[0][0].shape[1 - srcs[0][1]])
+    if any(int(m.shape[1 - ax]) != d for m, ax in srcs):
+        raise ValueError("all sources must have neurons of the same length")
+    counts = [neuron_count(m, ax) for m, ax in srcs]
+    n = sum(counts)
+    if not 1 <= k <= min(n, d):
+        raise ValueError(f"n_components must be between 1 and min(neurons, features) = {min(n, d)}; got {k}")
+    step = block_size(d, 1, block_elements)
+
+    def blocks():
+        row = 0
+        for (m, ax), cnt in zip(srcs, counts):
+            for a in range(0, cnt, step):
+                b = min(cnt, a + step)
+                yield row + a, neuron_rows(m, ax, a, b)
+            row += cnt
+
+    rng = np.random.default_rng(seed)
+    ell = int(min(k + max(0, oversample), n, d))
+    omega = rng.standard_normal((d, ell)).astype(np.float32)
+    s1, s2 = np.zeros(d), np.zeros(d)
+    y = np.empty((n, ell))
+    for r, x in blocks():
+        s1 += x.sum(axis=0)
+        s2 += np.einsum("ij,ij->j", x, x)
+        y[r:r + len(x)] = x @ omega
+    mu = s1 / n
+    var = np.clip(s2 / n - mu ** 2, 0.0, None)
+    sd = np.sqrt(var)
+    scale = np.where(sd > 0, sd, 1.0) if standardize else np.ones(d)
+    y -= (mu @ omega)[None, :]                  # Y = (X - 1 mu^T) Omega = Z diag(scale) Omega
+    inv = 1.0 / scale
+    total = float(n * np.sum(var / scale ** 2))
+
+    def z_times(m: np.ndarray) -> np.ndarray:          # Z @ m, m [d, ell] -> [n, ell]
+        dm = inv[:, None] * m
+        off = mu @ dm
+        dm32 = dm.astype(np.float32)
+        out = np.empty((n, m.shape[1]))
+        for r, x in blocks():
+            out[r:r + len(x)] = x @ dm32
+        return out - off[None, :]
+
+    def zt_times(q: np.ndarray) -> np.ndarray:         # Z^T @ q, q [n, ell] -> [d, ell]
+        acc = np.zeros((d, q.shape[1]))
+        for r, x in blocks():
+            acc += x.T @ q[r:r + len(x)].astype(np.float32)
+        return inv[:, None] * (acc - mu[:, None] * q.sum(axis=0)[None, :])
+
+    for _ in range(max(0, int(power_iterations))):
+        y = z_times(_orth(zt_times(_orth(y))))
+    q = _orth(y)
+    b = zt_times(q).T                                   # [ell, d]
+    ub, s, _ = np.linalg.svd(b, full_matrices=False)
+    coords = q @ (ub[:, :k] * s[:k])
+    lam = s[:k] ** 2
     ratio = lam / total if total > 0 else np.zeros_like(lam)
     return coords, lam / max(n - 1, 1), ratio
 
@@ -143,7 +293,7 @@ def pca_projection(
     """Project the rows of ``x`` ([n, d], or a list of row blocks sharing d) onto the top components.
 
     ``method="auto"`` uses scikit-learn (``svd_solver="full"``) up to ``SKLEARN_MAX_ELEMENTS``
-    elements, otherwise the exact Gram (n <= d) or covariance (n > d) route.
+    elements, otherwise the exact Gram route (n <= d) or the streamed randomized SVD (n > d).
     """
     blocks = [flatten_rows(b) for b in (x if isinstance(x, (list, tuple)) else [x])]
     d = int(blocks[0].shape[1])
@@ -154,10 +304,12 @@ def pca_projection(
     if not 1 <= k <= min(n, d):
         raise ValueError(f"n_components must be between 1 and min(rows, features) = {min(n, d)}; got {k}")
     if method == "auto":
-        method = "sklearn" if n * d <= SKLEARN_MAX_ELEMENTS else ("gram" if n <= d else "covariance")
-    fn = {"sklearn": _pca_sklearn, "gram": _pca_gram, "covariance": _pca_covariance}.get(method)
+        method = "sklearn" if n * d <= SKLEARN_MAX_ELEMENTS else ("gram" if n <= d else "randomized")
+    fn = {"sklearn": _pca_sklearn, "gram": _pca_gram, "covariance": _pca_covariance,
+          "randomized": lambda bl, kk, st: randomized_neuron_pca([(b_, 0) for b_ in bl], kk, st)}.get(method)
     if fn is None:
-        raise ValueError(f"unknown PCA method {method!r}; use 'auto', 'sklearn', 'gram' or 'covariance'")
+        raise ValueError(f"unknown PCA method {method!r}; use 'auto', 'sklearn', 'gram', 'covariance' "
+                         "or 'randomized'")
     coords, var, ratio = fn(blocks, k, standardize)
     lab = [str(v) for v in labels] if labels is not None else [str(i) for i in range(n)]
     if len(lab) != n:
@@ -172,13 +324,31 @@ def matrix_pca(
     standardize: bool = True,
     method: PCAMethod = "auto",
 ) -> Projection:
-    """Matrix-level PCA (Fig. 6): one point per expert (flattened ``[E, a, b]``), plus "F" if given."""
+    """Matrix-level PCA (Fig. 6): one point per expert (flattened ``[E, a, b]``), plus "F" if given.
+
+    Large stacks (``method="auto"`` above ``SKLEARN_MAX_ELEMENTS``, or ``"gram"``) go through
+    :func:`flattened_grams`: one pass of bounded blocks, no dense float64 copy."""
+    n_items = int(w.shape[0]) + (extra is not None)
+    size = int(np.prod(w.shape[1:]))
+    if (method == "gram" or (method == "auto" and n_items * size > SKLEARN_MAX_ELEMENTS)) and len(w.shape) == 3:
+        mats = [w[e] for e in range(int(w.shape[0]))] + ([extra] if extra is not None else [])
+        return matrix_pca_from_gram(flattened_grams(mats, 0, standardize)[1], n_components,
+                                    [str(e) for e in range(int(w.shape[0]))] + (["F"] if extra is not None else []))
     blocks = [flatten_rows(w)]
     labels = [str(e) for e in range(int(w.shape[0]))]
     if extra is not None:
         blocks.append(extra.reshape(1, -1))
         labels.append("F")
     return pca_projection(blocks, standardize, n_components, method, labels)
+
+
+def matrix_pca_from_gram(gram: np.ndarray, n_components: int, labels: Sequence[str]) -> Projection:
+    """Matrix-level PCA from the standardised Gram matrix of :func:`flattened_grams`."""
+    n = int(np.asarray(gram).shape[0])
+    if not 1 <= n_components <= n:
+        raise ValueError(f"n_components must be between 1 and the number of matrices ({n}); got {n_components}")
+    coords, var, ratio = pca_from_gram(gram, int(n_components))
+    return Projection(_fix_signs(coords), ratio, var, "gram", [str(v) for v in labels])
 
 
 def neuron_pca(
@@ -188,12 +358,26 @@ def neuron_pca(
     n_components: int = 2,
     standardize: bool = True,
     method: PCAMethod = "auto",
+    power_iterations: int = 1,
+    seed: int = 0,
 ) -> Projection:
     """Neuron-level PCA (Fig. 7): one point per neuron of every expert (plus "F"'s neurons).
 
     ``labels`` give each row's expert (``"0"``.., ``"F"``); rows are ordered expert by expert.
+    Above ``SKLEARN_MAX_ELEMENTS`` (``method="auto"``) the streamed randomized SVD is used, with
+    ``power_iterations`` and ``seed`` (:func:`randomized_neuron_pca`).
     """
     axis2 = resolve_neuron_axis(neuron_axis, 3) - 1 if isinstance(neuron_axis, str) else int(neuron_axis) - 1
+    n_exp = int(w.shape[0])
+    n_rows = n_exp * int(w.shape[1 + axis2]) + (int(extra.shape[axis2]) if extra is not None else 0)
+    d = int(w.shape[2 - axis2])
+    if method == "randomized" or (method == "auto" and n_rows * d > SKLEARN_MAX_ELEMENTS and n_rows > d):
+        sources = [(w[e], axis2) for e in range(n_exp)] + ([(extra, axis2)] if extra is not None else [])
+        labels = [str(e) for e in range(n_exp) for _ in range(int(w.shape[1 + axis2]))]
+        labels += ["F"] * (int(extra.shape[axis2]) if extra is not None else 0)
+        coords, var, ratio = randomized_neuron_pca(sources, int(n_components), standardize,
+                                                   power_iterations=power_iterations, seed=seed)
+        return Projection(_fix_signs(coords), ratio, var, "randomized", labels)
     blocks, labels = [], []
     for e in range(int(w.shape[0])):
         nv = neuron_vectors(w[e], axis2)

@@ -1,0 +1,279 @@
+"""Small-scale correctness of the real-width code paths: randomized neuron PCA against the full SVD,
+one-pass Gram matrices and blocked cosines against naive computations, reordering against the
+plain float64 algorithm, workers=2 against workers=1, chunked expert evaluation against the whole
+tensor, file reads against the memory map, and progress bars kept out of cell outputs."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment
+from scipy.stats import kendalltau
+from sklearn.decomposition import PCA
+
+from moe_utils import metrics as M
+from moe_utils.analysis import static
+from moe_utils.checkpoint import CheckpointReader
+from moe_utils.expert_math import expert_intermediates, iter_expert_intermediates
+from moe_utils.metrics.neurons import neuron_cosine_matrix, reorder_neurons
+from moe_utils.metrics.projection import flattened_grams, matrix_pca_from_gram, neuron_pca, randomized_neuron_pca
+from moe_utils.progress import PROGRESS_ENV, progress, relay
+from moe_utils.weights import layer_weights
+from tiny_models import tiny
+
+
+def structured_stack(rng, e=4, i=300, h=48, rank=3, mean=2.0):
+    """Experts whose neurons lie near a shared low-rank subspace (a decaying spectrum), with an offset."""
+    basis = rng.normal(size=(rank, h)) * np.array([6.0, 3.0, 1.5][:rank])[:, None]
+    return np.stack([rng.normal(size=(i, rank)) @ basis + 0.4 * rng.normal(size=(i, h)) + mean for _ in range(e)])
+
+
+def full_svd_pca(x, k):
+    z = (x - x.mean(axis=0)) / np.where(x.std(axis=0) > 0, x.std(axis=0), 1.0)
+    pca = PCA(n_components=k, svd_solver="full").fit(z)
+    return pca.explained_variance_ratio_, pca.components_
+
+
+def subspace_sine(a, b):
+    """Largest principal-angle sine between the row spaces of a [k, d] and b [k, d]."""
+    qa, _ = np.linalg.qr(a.T)
+    qb, _ = np.linalg.qr(b.T)
+    s = np.linalg.svd(qa.T @ qb, compute_uv=False)
+    return float(np.sqrt(max(0.0, 1.0 - s.min() ** 2)))
+
+
+@pytest.mark.parametrize("kind", ["up", "down"])
+@pytest.mark.parametrize("as_bf16", [False, True])
+def test_randomized_neuron_pca_matches_full_svd(kind, as_bf16):
+    rng = np.random.default_rng(0)
+    w = structured_stack(rng)
+    if kind == "down":
+        w = np.ascontiguousarray(np.transpose(w, (0, 2, 1)))
+    stack = torch.tensor(w).to(torch.bfloat16) if as_bf16 else w
+    rows = np.concatenate([np.asarray(torch.as_tensor(stack[e]).double()) if as_bf16 else stack[e]
+                           for e in range(w.shape[0])], axis=0 if kind == "up" else 1)
+    rows = rows if kind == "up" else rows.T
+    ratio, comps = full_svd_pca(rows, 2)
+    proj = neuron_pca(stack, kind, method="randomized", power_iterations=2)
+    assert proj.method == "randomized" and proj.coords.shape == (rows.shape[0], 2)
+    np.testing.assert_allclose(proj.explained_variance_ratio, ratio, rtol=1e-4)
+    # principal subspace: regress the randomized coordinates on the standardised data
+    z = (rows - rows.mean(0)) / np.where(rows.std(0) > 0, rows.std(0), 1.0)
+    dirs = np.linalg.lstsq(z, proj.coords, rcond=None)[0].T
+    assert subspace_sine(dirs, comps) < 1e-3
+    # coordinates equal sklearn's up to the shared sign convention
+    exact = M.pca_projection(rows, method="sklearn")
+    np.testing.assert_allclose(proj.coords, exact.coords, atol=1e-3 * np.abs(exact.coords).max())
+
+
+def test_randomized_pca_without_power_iterations_is_worse_but_close():
+    rng = np.random.default_rng(1)
+    w = structured_stack(rng, rank=3)
+    rows = w.reshape(-1, w.shape[-1])
+    ratio, _ = full_svd_pca(rows, 2)
+    r0 = randomized_neuron_pca([(w[e], 0) for e in range(len(w))], 2, power_iterations=0)[2]
+    r2 = randomized_neuron_pca([(w[e], 0) for e in range(len(w))], 2, power_iterations=2)[2]
+    assert np.abs(r2 - ratio).max() <= np.abs(r0 - ratio).max()
+    np.testing.assert_allclose(r0, ratio, rtol=0.05)
+
+
+def test_randomized_pca_small_blocks_equal_one_block():
+    rng = np.random.default_rng(2)
+    w = structured_stack(rng, e=3, i=100, h=20)
+    sources = [(w[e], 0) for e in range(3)]
+    one = randomized_neuron_pca(sources, 2)
+    many = randomized_neuron_pca(sources, 2, block_elements=7 * 20)
+    # the same up to float32 rounding of the thin products (the feature shift is taken per first block)
+    np.testing.assert_allclose(many[0], one[0], rtol=1e-5, atol=1e-6 * np.abs(one[0]).max())
+    np.testing.assert_allclose(many[2], one[2], rtol=1e-6)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_flattened_grams_match_naive(axis):
+    rng = np.random.default_rng(3)
+    mats = [rng.normal(size=(30, 11)) + 0.5 * e for e in range(5)]
+    mats[2][:, 3] = mats[0][:, 3]          # some equal elements, never a constant column
+    raw, std = flattened_grams(mats, axis, block_elements=4 * 11)   # many blocks
+    flat = np.stack([m.reshape(-1) for m in mats])
+    np.testing.assert_allclose(raw, flat @ flat.T, rtol=1e-12)
+    z = (flat - flat.mean(0)) / np.where(flat.std(0) > 0, flat.std(0), 1.0)
+    np.testing.assert_allclose(std, z @ z.T, rtol=1e-10, atol=1e-9)
+    proj = matrix_pca_from_gram(std, 2, [str(i) for i in range(5)])
+    ref = M.pca_projection(flat, method="sklearn")
+    np.testing.assert_allclose(proj.coords, ref.coords, rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(proj.explained_variance_ratio, ref.explained_variance_ratio, rtol=1e-10)
+
+
+def test_matrix_pca_large_route_needs_no_float64_copy():
+    rng = np.random.default_rng(4)
+    w = torch.tensor(structured_stack(rng, e=4, i=64, h=16)).to(torch.bfloat16)
+    gram_route = M.matrix_pca(w, method="gram")
+    exact = M.matrix_pca(w.double(), method="sklearn")
+    np.testing.assert_allclose(gram_route.coords, exact.coords, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["up", "down"])
+def test_blocked_cosine_matches_naive(kind):
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=(70, 9)), rng.normal(size=(70, 9))
+    a[4] = 0.0
+    if kind == "down":
+        a, b = a.T.copy(), b.T.copy()
+    got = neuron_cosine_matrix(torch.tensor(a, dtype=torch.float32), torch.tensor(b, dtype=torch.float32), kind)
+    na, nb = (a, b) if kind == "up" else (a.T, b.T)
+    ref = M.cosine_between(na, nb)
+    np.testing.assert_allclose(got, ref, atol=1e-6)
+    assert (got[4] == 0).all()
+
+
+def _old_reorder(a: np.ndarray, b: np.ndarray):
+    """The float64 algorithm the project used before: full cosine matrix, maximize=True."""
+    sim = M.cosine_between(a, b)
+    rows, perm = linear_sum_assignment(sim, maximize=True)
+    perm = perm[np.argsort(rows)]
+    return perm, kendalltau(perm, np.arange(len(perm))).statistic, M.cosine(a, b), M.cosine(a, b[perm])
+
+
+@pytest.mark.parametrize("kind", ["up", "down"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_reordering_identical_to_the_float64_algorithm(kind, dtype):
+    rng = np.random.default_rng(6)
+    a = rng.normal(size=(80, 24))
+    b = a[rng.permutation(80)] * 0.8 + 0.6 * rng.normal(size=(80, 24))
+    ta, tb = torch.tensor(a).to(dtype), torch.tensor(b).to(dtype)
+    if kind == "down":
+        ta, tb = ta.T.contiguous(), tb.T.contiguous()
+    res = reorder_neurons(ta, tb, kind)
+    na, nb = (ta, tb) if kind == "up" else (ta.T, tb.T)
+    perm, tau, before, after = _old_reorder(na.double().numpy(), nb.double().numpy())
+    np.testing.assert_array_equal(res.perm, perm)
+    assert res.tau == pytest.approx(tau, abs=1e-12)
+    assert res.sim_before == pytest.approx(before, abs=1e-12 if dtype != torch.float32 else 1e-7)
+    assert res.sim_after == pytest.approx(after, abs=1e-6)
+
+
+def test_reordering_does_not_modify_its_inputs():
+    rng = np.random.default_rng(7)
+    a, b = rng.normal(size=(20, 6)), rng.normal(size=(20, 6))
+    a0, b0 = a.copy(), b.copy()
+    reorder_neurons(a, b, "up")
+    neuron_pca(np.stack([a, b]), "up", method="randomized")
+    np.testing.assert_array_equal(a, a0)
+    np.testing.assert_array_equal(b, b0)
+
+
+def test_reordering_workers_two_equal_one(tmp_path):
+    model = tiny("mixtral")
+    one = static.reordering(model, max_pairs=3, seed=1, workers=1)
+    two = static.reordering(model, max_pairs=3, seed=1, workers=2)
+    assert len(one) == 3 * 3 * len(model.moe_layers)     # 3 pairs of each of the 3 matrices per layer
+    assert one.equals(two)
+
+
+def test_reorder_max_pairs_zero_skips():
+    report = static.weight_report(tiny("mixtral"), reorder_max_pairs=0)
+    assert report["reordering"].empty and list(report["reordering"].columns) == static.REORDER_COLUMNS
+    assert not report["similarity"].empty
+
+
+def test_weight_report_stats_equal_the_single_metrics():
+    model = tiny("mixtral")
+    report = static.weight_report(model, reorder_max_pairs=0)
+    layer = model.moe_layers[0]
+    w = layer_weights(model, layer)
+    sim = report["similarity"]
+    got = sim[(sim.layer == layer) & (sim.matrix == "W_up") & (sim.level == "matrix")].similarity.to_numpy()
+    np.testing.assert_allclose(got.reshape(w.num_experts, -1), M.matrix_level_similarity(w.w_up), atol=1e-6)
+    pm = report["pca_matrix"]
+    ref = M.matrix_pca(w.w_up, method="sklearn")
+    np.testing.assert_allclose(pm[(pm.layer == layer) & (pm.matrix == "W_up")][["pc1", "pc2"]].to_numpy(),
+                               ref.coords, atol=1e-4 * np.abs(ref.coords).max())
+
+
+def test_chunked_intermediates_equal_the_whole_tensor():
+    model = tiny("mixtral")
+    w = layer_weights(model, model.moe_layers[0])
+    x = torch.randn(37, w.hidden_size)
+    full = expert_intermediates(w, x, chunk_tokens=8)
+    for e, inter in iter_expert_intermediates(w, x, chunk_tokens=5):
+        torch.testing.assert_close(inter, full[:, e])
+    torch.testing.assert_close(expert_intermediates(w, x, max_neurons=3), full[..., :3])
+    torch.testing.assert_close(expert_intermediates(w, x, experts=[2, 0]), full[:, [2, 0]])
+
+
+def test_activation_ratios_per_expert_equal_the_whole_tensor():
+    from moe_utils.analysis import dynamic
+    model = tiny("mixtral")
+
+    layer = model.moe_layers[0]
+
+    class Lt:
+        x = torch.randn(29, model.config.hidden_size)
+
+    class Tr:
+        layers = [layer]
+        per_layer = {layer: Lt()}
+
+    got = dynamic.activation_ratios(model, Tr())
+    ref = M.activation_ratio(expert_intermediates(layer_weights(model, layer), Lt.x)).per_expert
+    np.testing.assert_allclose(got.ratio.to_numpy(), ref, rtol=1e-12)
+
+
+def test_file_reads_equal_the_memory_map(tmp_path):
+    from safetensors.torch import save_file
+
+    tensors = {"a": torch.randn(5, 7).to(torch.bfloat16), "b": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+               "c": torch.randn(3)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    reader = CheckpointReader(tmp_path)
+    for name, t in tensors.items():
+        got = reader.read(name)
+        assert got.dtype == t.dtype and torch.equal(got, t) and torch.equal(got, reader.get(name))
+
+
+def test_progress_goes_to_the_named_file(tmp_path, monkeypatch):
+    log = tmp_path / "progress.log"
+    monkeypatch.setenv(PROGRESS_ENV, str(log))
+    monkeypatch.setenv("TQDM_DISABLE", "1")          # book runs switch other bars off
+    for _ in progress(range(3), desc="layers"):
+        pass
+    text = log.read_text()
+    assert "layers" in text and "3/3" in text
+
+
+def test_relay_copies_appended_text(tmp_path):
+    log, out = tmp_path / "p.log", io.StringIO()
+    with relay(log, out, interval=0.01):
+        with open(log, "a") as f:
+            f.write("layer 0: 1/2\r")
+            f.flush()
+        time.sleep(0.1)
+    assert "layer 0: 1/2" in out.getvalue()
+
+
+@pytest.mark.slow
+def test_book_runs_show_progress_on_the_terminal_not_in_the_page(tmp_path, capfd):
+    import nbformat
+
+    from moe_utils.runner import discover_notebooks, plan_jobs, run_jobs
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell('model = "zoo:x"\nresults_dir = "results"', metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("from moe_utils.progress import progress\n"
+                                          "for _ in progress(range(4), desc='demo-pass', unit='layer'):\n"
+                                          "    pass\nprint('cell done')")]
+    (tmp_path / "nbs").mkdir()
+    nbformat.write(nb, tmp_path / "nbs" / "obs9_bars.ipynb")
+    jobs = plan_jobs(discover_notebooks(tmp_path / "nbs"), ["zoo:tiny"], None, tmp_path / "runs")
+    run_jobs(jobs, log=print, root=tmp_path)
+    saved = nbformat.read(tmp_path / "runs" / "tiny" / "obs9_bars.ipynb", as_version=4)
+    outputs = json.dumps([c.get("outputs", []) for c in saved.cells])
+    assert "cell done" in outputs and "demo-pass" not in outputs
+    err = capfd.readouterr().err
+    assert "demo-pass" in err and "4/4" in err
