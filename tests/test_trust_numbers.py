@@ -158,7 +158,7 @@ def test_allow_invalid_excludes_the_expert_and_marks_the_results(tmp_path):
     assert res.is_invalid and res.invalid[0]["expert"] == 2 and res.params["allow_invalid"] is True
     check_obs1(res)                                                          # still consistent with its tables
     verdicts = summary.verdict_table(summary.collect(tmp_path / "runs"))     # the summary page says so too
-    assert verdicts[str(folder)].str.startswith("INVALID").all()
+    assert verdicts[study.name].str.startswith("INVALID").all()
     # the excluded layer's numbers equal those of a checkpoint without that expert at all
     direct = ScreenedSource(folder)
     w = layer_weights(direct, 1)

@@ -114,9 +114,15 @@ def neuron_level_similarity(
 
 def neuron_cosine_matrix(a: ArrayLike, b: ArrayLike, neuron_axis: int | str) -> np.ndarray:
     """``[I, I]`` cosine similarity between every neuron of matrix ``a`` and every neuron of ``b``
-    (float32 products in blocks of rows, returned as float64)."""
+    (float32 products in blocks of rows, returned as float64). A zero neuron has no direction:
+    its row (or column) is NaN, as in :func:`cosine_between`."""
     axis = resolve_neuron_axis(neuron_axis, 2)
-    return _cosine_cost(_unit(_all_rows(a, axis)), _unit(_all_rows(b, axis)), negate=False)
+    ra, rb = _all_rows(a, axis), _all_rows(b, axis)
+    zero_a, zero_b = _row_norms(ra) == 0, _row_norms(rb) == 0
+    out = _cosine_cost(_unit(ra), _unit(rb), negate=False)
+    out[zero_a, :] = np.nan
+    out[:, zero_b] = np.nan
+    return out
 
 
 def _all_rows(matrix: ArrayLike, axis: int) -> np.ndarray:

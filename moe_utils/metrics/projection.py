@@ -160,7 +160,8 @@ def flattened_grams(matrices: Sequence[ArrayLike], axis: int = 0, standardize: b
                 ss = torch.zeros_like(mean)
                 for i in range(n):
                     ss.addcmul_(c[i], c[i])
-                c *= ss.masked_fill_(ss == 0, n).div_(n).rsqrt_()   # constant positions: scale 1
+                dof = max(n - 1, 1)                                  # sample std (ddof=1), as standardize()
+                c *= ss.masked_fill_(ss == 0, dof).div_(dof).rsqrt_()   # constant positions: scale 1
             std += cn @ cn.T
     return raw, std
 
@@ -217,7 +218,7 @@ def randomized_neuron_pca(sources: Sequence[tuple[ArrayLike, int]], k: int = 2, 
         y[r:r + len(x)] = x @ omega
     mu = s1 / n
     var = np.clip(s2 / n - mu ** 2, 0.0, None)
-    sd = np.sqrt(var)
+    sd = np.sqrt(var * n / max(n - 1, 1))        # sample std (ddof=1), as standardize()
     scale = np.where(sd > 0, sd, 1.0) if standardize else np.ones(d)
     y -= (mu @ omega)[None, :]                  # Y = (X - 1 mu^T) Omega = Z diag(scale) Omega
     inv = 1.0 / scale
