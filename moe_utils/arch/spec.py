@@ -217,11 +217,15 @@ class RoutingSpec:
                             optional renormalisation -> x scale;
       ``topk_sigmoid_input`` top-k of the logits, weight = sigmoid(logit), applied to the expert
                             *input* (Llama4);
-      ``sparsemixer``       PhiMoE's eval-mode sparsemixer (top-2).
+      ``sparsemixer``       PhiMoE's eval-mode sparsemixer (top-2);
+      ``sqrtsoftplus_topk`` like ``sigmoid_topk`` with sqrt(softplus(logit)) scores (DeepSeek-V4).
+
+    With ``softmax_topk`` a correction bias, when the layer has one, shifts the choice only
+    (ERNIE-4.5). ``scale`` is the constant factor used when ``scale_key`` is absent.
     """
 
     method: Literal["softmax_topk", "topk_softmax", "sigmoid_topk", "topk_sigmoid_input",
-                    "sparsemixer"]
+                    "sparsemixer", "sqrtsoftplus_topk"]
     renormalize: bool = False
     renormalize_key: str | None = None
     norm_p_key: str | None = None
@@ -232,6 +236,7 @@ class RoutingSpec:
     topk_group_key: str = "topk_group"
     jitter_key: str | None = None
     renorm_eps: float = 0.0
+    scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -257,6 +262,8 @@ class FamilySpec:
     capture: RouterCapture = field(default_factory=RouterCapture)
     config_class: str | None = None
     tiny_config: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    derived: bool = False
+    quirks: tuple[str, ...] = ()
 
     # ---- config reading -------------------------------------------------------------------
     def value(self, cfg: Mapping, keys: tuple[str, ...], what: str, required: bool = True) -> Any:
