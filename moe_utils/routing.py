@@ -35,6 +35,8 @@ class RouteParams:
     topk_group: int = 1
     jitter_eps: float = 0.0
     renorm_eps: float = 0.0
+    routed_output_scale: float = 1.0
+    shared_output_scale: float = 1.0
 
     @property
     def scales_input(self) -> bool:
@@ -84,6 +86,8 @@ def route_params(spec: FamilySpec, config: Any) -> RouteParams:
         topk_group=topk_group,
         jitter_eps=float(value(rs.jitter_key, 0.0)),
         renorm_eps=rs.renorm_eps,
+        routed_output_scale=rs.routed_output_scale,
+        shared_output_scale=rs.shared_output_scale,
     )
 
 

@@ -273,7 +273,17 @@ def _fit_experts(model: nn.Module, layer_prefix: str, blk: _Block, layer: int, c
             idx = index.clone()
             idx[:, 0] = e
             idx[:, 1:] = (e + 1 + torch.arange(top_k - 1)) % num_experts
-            refs.append(blk.experts(x, idx, weight).float())
+            try:
+                out = blk.experts(x, idx, weight)
+            except TypeError as exc:
+                raise DerivationError(
+                    f"{type(blk.experts).__name__} is not called as experts(hidden_states, "
+                    f"top_k_index, top_k_weights) ({exc}); its experts cannot be evaluated one by "
+                    "one from outside the block") from exc
+            if not isinstance(out, Tensor):
+                raise DerivationError(f"{type(blk.experts).__name__} returns "
+                                      f"{type(out).__name__}, not the combined expert output")
+            refs.append(out.float())
     if getattr(blk.experts, "has_post_expert_norm", False):
         raise DerivationError("each expert's output passes through its own norm "
                               "(has_post_expert_norm); expert outputs cannot be computed from the "
@@ -455,9 +465,24 @@ def _disk_format(model: nn.Module, memory: WeightFormat, layer: int, num_experts
 
     router_name = find(src.get(prefix + moe.router), "router weight")
     layer_prefix, router_rel = rel(router_name)
-    act = template(canon["w_act"], "gate projection")
-    up = template(canon["w_up"], "up projection")
-    down = template(canon["w_down"], "down projection")
+    try:
+        experts = ExpertTensors("per_expert", act=template(canon["w_act"], "gate projection"),
+                                up=template(canon["w_up"], "up projection"),
+                                down=template(canon["w_down"], "down projection"))
+    except DerivationError as per_expert_error:
+        # fused on disk too, under other names (e.g. Granite's input_linear/output_linear)
+        ex = moe.experts
+        if ex.layout != "fused":
+            raise
+        names = {}
+        for attr in ("gate_up", "act", "up", "down", "gate_up_bias", "down_bias"):
+            value = getattr(ex, attr)
+            if value is not None:
+                try:
+                    names[attr] = rel(find(src.get(prefix + value), f"fused {attr} tensor"))[1]
+                except DerivationError:
+                    raise per_expert_error from None
+        experts = replace(ex, **names)
     optional = {}
     for key in ("correction_bias", "router_bias", "shared_gate"):
         value = getattr(moe, key)
@@ -469,8 +494,7 @@ def _disk_format(model: nn.Module, memory: WeightFormat, layer: int, num_experts
     dense = memory.dense
     _ = mem_names
     return WeightFormat("original", layer_prefix=layer_prefix, moe=MoETensors(
-        router_rel, ExpertTensors("per_expert", act=act, up=up, down=down), shared=shared,
-        **optional), dense=dense)
+        router_rel, experts, shared=shared, **optional), dense=dense)
 
 
 def _fused_names(ex: ExpertTensors) -> list[str]:
@@ -639,8 +663,17 @@ def _derive(cfg: dict, tiny: bool | None) -> FamilySpec:
         derived=True,
         quirks=quirks,
     )
-    _accept(replace(spec, defaults={_LOCAL_LAYERS: list(tiny_moe), _E_KEY: num_experts,
-                                    _K_KEY: top_k}), model, small)
+    tiny_spec = replace(spec, defaults={_LOCAL_LAYERS: list(tiny_moe), _E_KEY: num_experts,
+                                        _K_KEY: top_k})
+    a, b = _fit_output_scales(tiny_spec, model, small)
+    if (a, b) != (1.0, 1.0):
+        routing = replace(routing, routed_output_scale=a, shared_output_scale=b)
+        extra = (f"the block scales its routed output by {a:g}"
+                 + (f" and its shared-expert output by {b:g}" if blk.shared_names else "")
+                 + " after the experts ran",)
+        spec = replace(spec, routing=routing, quirks=spec.quirks + extra)
+        tiny_spec = replace(tiny_spec, routing=routing)
+    _accept(tiny_spec, model, small)
     return spec
 
 
@@ -729,20 +762,55 @@ def _describe(routing: RoutingSpec, bias: str | None) -> str:
     return ", ".join(parts)
 
 
-def _accept(spec: FamilySpec, model: nn.Module, config) -> None:
-    """Refuse ``spec`` unless the trace rebuilds every MoE block of ``model`` (<= 1e-5)."""
+def _tiny_lm(spec: FamilySpec, model: nn.Module, config):
     from moe_utils.loading import LoadedModel
     from moe_utils.random_models import byte_tokenizer
+
+    return LoadedModel(model=model, tokenizer=byte_tokenizer(), spec=spec, config=config,
+                       name=f"derived:{spec.name}", path=None, fingerprint="derived",
+                       moe_layers=moe_layer_indices(model, int(config.num_hidden_layers))[1])
+
+
+def _probe_sequences(seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [[0] + torch.randint(3, 259, (n,), generator=g).tolist() for n in (13, 6)]
+
+
+def _nice(value: float) -> float:
+    return float(f"{value:.6g}")
+
+
+def _fit_output_scales(spec: FamilySpec, model: nn.Module, config) -> tuple[float, float]:
+    """Constant factors (routed, shared) with block output = a*routed + b*shared, least squares.
+
+    Cohere2-MoE can average routed and shared outputs (0.5, 0.5); some blocks apply the routed
+    scaling factor after the experts instead of to the weights."""
+    from moe_utils.expert_math import apply_experts
+    from moe_utils.trace import _recompute_routing, _shared_output, trace
+    from moe_utils.weights import layer_weights
+
+    lm = _tiny_lm(spec, model, config)
+    layer = lm.moe_layers[0]
+    lt = trace(lm, _probe_sequences(4), layers=[layer])[layer]
+    w = layer_weights(lm, layer)
+    params, weight, index = _recompute_routing(lt, w, None)
+    routed = apply_experts(w, lt.x, index, weight, scale_input=params.scales_input).reshape(-1)
+    shared = _shared_output(w, lt.x)
+    y = lt.block_output.reshape(-1).double()
+    if shared is None:
+        a = float((routed.double() @ y) / (routed.double() @ routed.double()).clamp_min(1e-30))
+        return _nice(a), 1.0
+    cols = torch.stack([routed.double(), shared.reshape(-1).double()], dim=1)
+    a, b = torch.linalg.lstsq(cols, y.unsqueeze(1)).solution.reshape(-1).tolist()
+    return _nice(a), _nice(b)
+
+
+def _accept(spec: FamilySpec, model: nn.Module, config) -> None:
+    """Refuse ``spec`` unless the trace rebuilds every MoE block of ``model`` (<= 1e-5)."""
     from moe_utils.trace import trace, verify_trace
 
-    lm = LoadedModel(model=model, tokenizer=byte_tokenizer(), spec=spec, config=config,
-                     name=f"derived:{spec.name}", path=None, fingerprint="derived",
-                     moe_layers=spec.moe_layers(config))
-    if spec.moe_layers(config) != moe_layer_indices(model, int(config.num_hidden_layers))[1]:
-        lm.moe_layers = moe_layer_indices(model, int(config.num_hidden_layers))[1]
-    g = torch.Generator().manual_seed(3)
-    seqs = [[0] + torch.randint(3, 259, (n,), generator=g).tolist() for n in (13, 6)]
-    checks = verify_trace(lm, trace(lm, seqs, layers=lm.moe_layers))
+    lm = _tiny_lm(spec, model, config)
+    checks = verify_trace(lm, trace(lm, _probe_sequences(3), layers=lm.moe_layers))
     bad = [c for c in checks if not (c.max_rel_error <= TOLERANCE and c.indices_equal)]
     if bad:
         worst = max(bad, key=lambda c: c.max_rel_error)
@@ -750,7 +818,8 @@ def _accept(spec: FamilySpec, model: nn.Module, config) -> None:
             f"{spec.name}: the derived spec does not rebuild the MoE block output (layer "
             f"{worst.layer}: relative error {worst.max_rel_error:.2e}, top-k sets "
             f"{'equal' if worst.indices_equal else 'different'}); the block adds something the "
-            "routed experts, shared experts and their gate do not explain")
+            "routed experts, shared experts and their gate do not explain (e.g. a norm after "
+            "the experts)")
 
 
 def rebuild_errors(lm) -> dict[int, float]:

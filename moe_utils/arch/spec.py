@@ -222,6 +222,8 @@ class RoutingSpec:
 
     With ``softmax_topk`` a correction bias, when the layer has one, shifts the choice only
     (ERNIE-4.5). ``scale`` is the constant factor used when ``scale_key`` is absent.
+    ``routed_output_scale``/``shared_output_scale`` multiply the block's routed and shared parts
+    after the experts ran (Cohere2-MoE's "average" of routed and shared output is 0.5/0.5).
     """
 
     method: Literal["softmax_topk", "topk_softmax", "sigmoid_topk", "topk_sigmoid_input",
@@ -237,6 +239,8 @@ class RoutingSpec:
     jitter_key: str | None = None
     renorm_eps: float = 0.0
     scale: float = 1.0
+    routed_output_scale: float = 1.0
+    shared_output_scale: float = 1.0
 
 
 @dataclass(frozen=True)
