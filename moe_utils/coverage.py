@@ -187,23 +187,59 @@ def family_row(entry: CatalogueEntry, notebooks: bool = False, out: Path | None 
     return row
 
 
+def _row_in_subprocess(entry: CatalogueEntry, notebooks: bool, timeout: float) -> FamilyRow:
+    """One family checked in a fresh interpreter (memory is returned after every family)."""
+    cmd = [sys.executable, "-m", "moe_utils.coverage", "--row", entry.model_type]
+    if notebooks:
+        cmd.append("--notebooks")
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        line = next((l for l in reversed(proc.stdout.splitlines()) if l.startswith("{")), None)
+        if line is not None:
+            return FamilyRow(**json.loads(line))
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        why = f"checking the family crashed (exit {proc.returncode}): {tail[:300]}"
+    except subprocess.TimeoutExpired:
+        why = f"checking the family took longer than {timeout:.0f} s"
+    return FamilyRow(entry.model_type, entry.package, entry.config_class, reason=why)
+
+
 def coverage(families: Iterable[str] | None = None, notebooks: bool = False,
-             log: Callable[[str], None] = print) -> dict:
-    """The coverage matrix as a JSON-ready dict (rows plus versions and date)."""
+             log: Callable[[str], None] = print, workers: int = 1,
+             timeout: float = 1800) -> dict:
+    """The coverage matrix as a JSON-ready dict (rows plus versions and date).
+
+    With ``workers > 1`` families are checked in parallel subprocesses.
+    """
     import transformers
+    from concurrent.futures import ThreadPoolExecutor
 
     wanted = set(families) if families is not None else None
-    rows = []
-    for entry in catalogue():
-        if wanted is not None and entry.model_type not in wanted and entry.package not in wanted:
-            continue
-        row = family_row(entry, notebooks=notebooks)
+    entries = [e for e in catalogue()
+               if wanted is None or e.model_type in wanted or e.package in wanted]
+
+    def one(entry: CatalogueEntry) -> FamilyRow:
+        row = (_row_in_subprocess(entry, notebooks, timeout) if workers > 1
+               else family_row(entry, notebooks=notebooks))
         status = "ok" if (row.passes if notebooks else row.trace_ok) else "FAIL"
         log(f"{row.family:24s} {row.spec:12s} {status:4s} {row.seconds:6.1f}s {row.reason or ''}")
-        rows.append(asdict(row))
+        return row
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        rows = list(pool.map(one, entries))
     return {"transformers": transformers.__version__, "torch": torch.__version__,
             "date": _dt.date.today().isoformat(), "notebooks": notebooks, "tolerance": TOLERANCE,
-            "rows": rows}
+            "rows": [asdict(r) for r in rows]}
+
+
+def merge(old: dict, new: dict) -> dict:
+    """``old`` with the rows of ``new`` replacing those of the same family (catalogue order)."""
+    by_family = {r["family"]: r for r in old.get("rows", [])}
+    by_family.update({r["family"]: r for r in new["rows"]})
+    order = [e.model_type for e in catalogue()]
+    rows = sorted(by_family.values(), key=lambda r: order.index(r["family"])
+                  if r["family"] in order else len(order))
+    return {**old, **{k: v for k, v in new.items() if k != "rows"}, "rows": rows}
 
 
 def summary_counts(data: dict) -> dict[str, int]:
@@ -278,19 +314,28 @@ def write(data: dict, root: Path = Path(".")) -> tuple[Path, Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``moe-book coverage [--notebooks] [--families A B ...] [--root DIR]``."""
+    """``moe-book coverage [--notebooks] [--families A B ...] [--workers N] [--root DIR]``."""
     import argparse
 
     p = argparse.ArgumentParser(prog="moe-book coverage", description=__doc__.split("\n\n")[0])
     p.add_argument("--notebooks", action="store_true",
-                   help="also run every per-model notebook (slow: about a minute per family)")
-    p.add_argument("--families", nargs="+", metavar="NAME", help="only these families")
+                   help="also run every per-model notebook (slow: a minute or two per family)")
+    p.add_argument("--families", nargs="+", metavar="NAME",
+                   help="only these families (their rows replace those in the existing data file)")
+    p.add_argument("--workers", type=int, default=1, help="families checked in parallel")
     p.add_argument("--root", type=Path, default=Path("."), help="book root (default .)")
+    p.add_argument("--row", metavar="NAME", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    data = coverage(args.families, notebooks=args.notebooks)
-    if args.families is None:
-        paths = write(data, args.root)
-        print(f"wrote {paths[0]} and {paths[1]}")
+    if args.row:
+        entry = next(e for e in catalogue() if e.model_type == args.row)
+        print(json.dumps(asdict(family_row(entry, notebooks=args.notebooks))))
+        return 0
+    data = coverage(args.families, notebooks=args.notebooks, workers=args.workers)
+    existing = args.root / DATA_FILE
+    if args.families is not None and existing.is_file():
+        data = merge(json.loads(existing.read_text()), data)
+    paths = write(data, args.root)
+    print(f"wrote {paths[0]} and {paths[1]}")
     counts = summary_counts(data)
     print(f"{counts['listed']} families listed, {counts['trace_ok']} rebuilt within "
           f"{TOLERANCE:g}, {counts['pass']} pass both analyses")

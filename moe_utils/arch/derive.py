@@ -51,7 +51,7 @@ from moe_utils.errors import UnknownFamilyError
 Tensor = torch.Tensor
 TOLERANCE = 1e-5
 _LOCAL_LAYERS = "_derived_moe_layers"
-_E_KEY, _K_KEY = "_derived_num_experts", "_derived_top_k"
+_E_KEY, _K_KEY, _N_KEY = "_derived_num_experts", "_derived_top_k", "_derived_num_layers"
 _MLP_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
 
 
@@ -139,12 +139,21 @@ class _Block:
     shared_gate: str | None
 
 
-def _linear_mlp(mod: nn.Module) -> tuple[str, str, str] | None:
+def _linear_mlp(mod: nn.Module) -> tuple[str | None, str, str] | None:
+    """Names of the (gate, up, down) Linear children of an MLP; gate None for gate-less MLPs."""
     children = dict(mod.named_children())
     for act, up, down in _MLP_NAMES:
         if all(isinstance(children.get(n), nn.Linear) for n in (act, up, down)):
             return act, up, down
+    for _, up, down in _MLP_NAMES:
+        if all(isinstance(children.get(n), nn.Linear) for n in (up, down)) and \
+                sum(isinstance(c, nn.Linear) for c in children.values()) == 2:
+            return None, up, down
     return None
+
+
+def _weight_names(prefix: str, mlp: tuple[str | None, str, str]) -> MLPTensors:
+    return MLPTensors(*(None if n is None else f"{prefix}.{n}.weight" for n in mlp))
 
 
 def _block(layer: nn.Module, num_experts: int, hidden: int) -> _Block:
@@ -162,7 +171,7 @@ def _block(layer: nn.Module, num_experts: int, hidden: int) -> _Block:
         mlp = _linear_mlp(child)
         if mlp is not None and "shared" in name:
             shared = name
-            shared_names = MLPTensors(*(f"{block_path}.{name}.{n}.weight" for n in mlp))
+            shared_names = _weight_names(f"{block_path}.{name}", mlp)
             continue
         if isinstance(child, nn.Linear) and child.out_features == 1 and "shared" in name:
             shared_gate = name
@@ -202,7 +211,7 @@ def _layout_candidates(experts: nn.Module, prefix: str, num_experts: int) -> lis
         if mlp is None:
             raise DerivationError(f"the experts module {type(experts).__name__} holds neither fused "
                                   "3-D tensors nor per-expert gate/up/down Linear layers")
-        act, up, down = (f"{prefix}.{{e}}.{n}.weight" for n in mlp)
+        act, up, down = (None if n is None else f"{prefix}.{{e}}.{n}.weight" for n in mlp)
         return [ExpertTensors("per_expert", act=act, up=up, down=down)]
     three_d = {n: p for n, p in params.items() if p.dim() == 3 and p.shape[0] == num_experts}
     down_name = next((n for n in three_d if "down" in n or n in ("w2", "output_linear", "fc2")), None)
@@ -630,21 +639,30 @@ def _derive(cfg: dict, tiny: bool | None) -> FamilySpec:
         f"{blk.block}.{blk.router}.{blk.router_weight}", layout, router_bias=blk.router_bias,
         correction_bias=bias_name, shared=blk.shared_names, shared_gate=blk.shared_gate),
         dense=dense_names)
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        disk = _disk_format(model, memory, first, num_experts, Path(tmp))
-    types = {str(t) for t in (getattr(real, "layer_types", None) or [])}
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            disk = _disk_format(model, memory, first, num_experts, Path(tmp))
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    types = {str(t) for t in (_attr(real, "layer_types") or [])}
     quirks = _quirks(cfg, routing, [i for i in range(real_layers) if i not in real_moe], types,
-                     mla=getattr(real, "kv_lora_rank", None) is not None, bias=bias_name is not None,
+                     mla=_attr(real, "kv_lora_rank") is not None, bias=bias_name is not None,
                      shared=blk.shared_names is not None)
     spec = FamilySpec(
         name=model_type,
         model_types=(model_type,),
         architectures=(),
         description=f"derived from transformers' {type(model).__name__}: {_describe(routing, bias_name)}",
-        keys=ConfigKeys(num_experts=(_E_KEY,), top_k=(_K_KEY,)),
+        keys=ConfigKeys(num_experts=(_E_KEY,), top_k=(_K_KEY,),
+                        num_layers=ConfigKeys().num_layers + (_N_KEY,)),
         defaults={_LOCAL_LAYERS: list(real_moe), _E_KEY: _real_num_experts(real, cfg, num_experts),
-                  _K_KEY: _top_k(real, cfg)},
+                  _K_KEY: _top_k(real, cfg), _N_KEY: real_layers},
         layer_rule=LayerRule("listed", list_key=_LOCAL_LAYERS),
         modules=ModulePaths(layers=layer_path, block=blk.block, router=blk.router,
                             router_weight=blk.router_weight, experts="experts",
@@ -664,7 +682,7 @@ def _derive(cfg: dict, tiny: bool | None) -> FamilySpec:
         quirks=quirks,
     )
     tiny_spec = replace(spec, defaults={_LOCAL_LAYERS: list(tiny_moe), _E_KEY: num_experts,
-                                        _K_KEY: top_k})
+                                        _K_KEY: top_k, _N_KEY: num_layers})
     a, b = _fit_output_scales(tiny_spec, model, small)
     if (a, b) != (1.0, 1.0):
         routing = replace(routing, routed_output_scale=a, shared_output_scale=b)
@@ -711,6 +729,14 @@ def spec_for_unknown(cfg: dict) -> FamilySpec:
     return derive_spec(cfg)
 
 
+def _attr(config, name: str) -> Any:
+    """A config attribute, or None (also for per-layer attributes with no global value)."""
+    try:
+        return getattr(config, name, None)
+    except Exception:  # noqa: BLE001 - e.g. AmbiguousGlobalPerLayerAttributeError
+        return None
+
+
 def _count_experts(experts: nn.Module) -> int:
     if isinstance(experts, nn.ModuleList):
         return len(experts)
@@ -719,7 +745,7 @@ def _count_experts(experts: nn.Module) -> int:
 
 def _top_k(config, cfg: dict) -> int:
     for key in ("num_experts_per_tok", "moe_topk", "moe_k", "num_experts_per_token", "moe_top_k"):
-        value = getattr(config, key, None)
+        value = _attr(config, key)
         if isinstance(value, int):
             return value
     raise DerivationError("the config names no number of experts per token "
@@ -728,7 +754,7 @@ def _top_k(config, cfg: dict) -> int:
 
 def _real_num_experts(real, cfg: dict, tiny_value: int) -> int:
     for key in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"):
-        value = getattr(real, key, None)
+        value = _attr(real, key)
         if isinstance(value, int):
             return value
     return tiny_value
@@ -744,7 +770,7 @@ def _dense(layers: nn.ModuleList, dense_layers: list[int], block: str) -> tuple[
                 continue
             mlp = _linear_mlp(mod)
             if mlp is not None:
-                return name, MLPTensors(*(f"{name}.{n}.weight" for n in mlp))
+                return name, _weight_names(name, mlp)
     return None, None
 
 
