@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,7 @@ WEIGHTS_NOTEBOOKS = ("obs1_neurons_as_experts",)
 DYNAMIC_NOTEBOOKS = ("obs2_router_norms", "obs3_depth_diversity")
 DATA_FILE = Path("book/coverage.json")
 PAGE_FILE = Path("book/coverage.md")
+NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 
 
 @dataclass
@@ -127,8 +129,6 @@ def trace_check(row: FamilyRow, name: str) -> FamilyRow:
             return row
     except Exception as exc:  # noqa: BLE001 - every failure is a row of the matrix
         row.reason = _first_line(exc)
-        if row.spec == "derived" and "spec" not in locals():
-            row.spec = "none"
         return row
     try:
         from transformers.utils import logging as hf_logging
@@ -143,11 +143,20 @@ def trace_check(row: FamilyRow, name: str) -> FamilyRow:
     return row
 
 
+def _env() -> dict[str, str]:
+    """Environment of the checking subprocesses: one thread each (tiny models run fastest so, and
+    parallel families do not oversubscribe the cores)."""
+    env = dict(os.environ)
+    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(key, "1")
+    return env
+
+
 def _run_notebooks(name: str, notebooks: Sequence[str], out: Path, timeout: float) -> tuple[bool, str]:
     cmd = [sys.executable, "-m", "moe_utils.cli", "run", "--model", f"random:{name}",
-           "--out", str(out), "--notebooks", *notebooks]
+           "--out", str(out), "--notebooks-dir", str(NOTEBOOKS_DIR), "--notebooks", *notebooks]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
     except subprocess.TimeoutExpired:
         return False, f"notebooks took longer than {timeout:.0f} s"
     if proc.returncode == 0:
@@ -193,7 +202,7 @@ def _row_in_subprocess(entry: CatalogueEntry, notebooks: bool, timeout: float) -
     if notebooks:
         cmd.append("--notebooks")
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
         line = next((l for l in reversed(proc.stdout.splitlines()) if l.startswith("{")), None)
         if line is not None:
             return FamilyRow(**json.loads(line))

@@ -591,8 +591,15 @@ def _derive(cfg: dict, tiny: bool | None) -> FamilySpec:
     cls = config_class_for(model_type)
     clean = {k: v for k, v in cfg.items() if k not in ("architectures", "transformers_version",
                                                       "model_type", "auto_map")}
+    defaults = cls()
+    for key, value in clean.items():  # JSON turns tuples into lists; validators may insist
+        if isinstance(value, list) and isinstance(_attr(defaults, key), tuple):
+            clean[key] = tuple(value)
     try:
-        real = cls(**clean)
+        try:  # from_dict decodes what to_dict encodes (e.g. infinities)
+            real = cls.from_dict(clean)
+        except Exception:  # noqa: BLE001
+            real = cls(**clean)
     except Exception as exc:  # noqa: BLE001 - the config class's own validation
         raise DerivationError(f"{cls.__name__} refuses this config ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
