@@ -37,6 +37,9 @@ DYNAMIC_NOTEBOOKS = ("obs2_router_norms", "obs3_depth_diversity")
 DATA_FILE = Path("book/coverage.json")
 PAGE_FILE = Path("book/coverage.md")
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+# Tokens of the notebooks' default inputs used per family (the checks are about running every
+# analysis on the family, not about the numbers of a random model).
+MAX_TOKENS = 512
 
 
 @dataclass
@@ -152,9 +155,12 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run_notebooks(name: str, notebooks: Sequence[str], out: Path, timeout: float) -> tuple[bool, str]:
+def _run_notebooks(name: str, notebooks: Sequence[str], out: Path, timeout: float,
+                   max_tokens: int | None = MAX_TOKENS) -> tuple[bool, str]:
     cmd = [sys.executable, "-m", "moe_utils.cli", "run", "--model", f"random:{name}",
            "--out", str(out), "--notebooks-dir", str(NOTEBOOKS_DIR), "--notebooks", *notebooks]
+    if max_tokens is not None:
+        cmd += ["-p", "max_tokens", str(int(max_tokens))]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
     except subprocess.TimeoutExpired:
@@ -214,31 +220,44 @@ def _row_in_subprocess(entry: CatalogueEntry, notebooks: bool, timeout: float) -
 
 
 def coverage(families: Iterable[str] | None = None, notebooks: bool = False,
-             log: Callable[[str], None] = print, workers: int = 1,
-             timeout: float = 1800) -> dict:
+             log: Callable[[str], None] = print, workers: int = 1, timeout: float = 1800,
+             skip: Iterable[str] = (), on_row: Callable[[dict], None] | None = None) -> dict:
     """The coverage matrix as a JSON-ready dict (rows plus versions and date).
 
-    With ``workers > 1`` families are checked in parallel subprocesses.
+    With ``workers > 1`` families are checked in parallel subprocesses; ``skip`` leaves
+    families out; ``on_row`` sees every finished row (used to save progress).
     """
-    import transformers
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     wanted = set(families) if families is not None else None
+    skipped = set(skip)
     entries = [e for e in catalogue()
-               if wanted is None or e.model_type in wanted or e.package in wanted]
+               if (wanted is None or e.model_type in wanted or e.package in wanted)
+               and e.model_type not in skipped]
+    lock = threading.Lock()
 
     def one(entry: CatalogueEntry) -> FamilyRow:
         row = (_row_in_subprocess(entry, notebooks, timeout) if workers > 1
                else family_row(entry, notebooks=notebooks))
         status = "ok" if (row.passes if notebooks else row.trace_ok) else "FAIL"
-        log(f"{row.family:24s} {row.spec:12s} {status:4s} {row.seconds:6.1f}s {row.reason or ''}")
+        with lock:
+            log(f"{row.family:24s} {row.spec:12s} {status:4s} {row.seconds:6.1f}s {row.reason or ''}")
+            if on_row is not None:
+                on_row(asdict(row))
         return row
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         rows = list(pool.map(one, entries))
+    return {**_header(notebooks), "rows": [asdict(r) for r in rows]}
+
+
+def _header(notebooks: bool) -> dict:
+    import transformers
+
     return {"transformers": transformers.__version__, "torch": torch.__version__,
             "date": _dt.date.today().isoformat(), "notebooks": notebooks, "tolerance": TOLERANCE,
-            "rows": [asdict(r) for r in rows]}
+            "max_tokens": MAX_TOKENS if notebooks else None}
 
 
 def merge(old: dict, new: dict) -> dict:
@@ -289,7 +308,9 @@ def render_page(data: dict) -> str:
         "(traced forward passes); *disk* says whether the checkpoint saved with per-expert "
         "names and with fused names (`save_original_format=False`) streams the same weights as "
         "the model holds, without building it. Regenerate with `make test-families` "
-        "(or `moe-book coverage --notebooks`).",
+        "(or `moe-book coverage --notebooks`)"
+        + (f"; the notebooks ran on the first {data['max_tokens']} tokens of their default inputs."
+           if data.get("max_tokens") else "."),
         "",
         "| family | transformers package | spec | weights | dynamic | disk | largest rebuild error | reason when not |",
         "|---|---|---|---|---|---|---|---|",
@@ -333,16 +354,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="only these families (their rows replace those in the existing data file)")
     p.add_argument("--workers", type=int, default=1, help="families checked in parallel")
     p.add_argument("--root", type=Path, default=Path("."), help="book root (default .)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows already in the data file and check the other families")
     p.add_argument("--row", metavar="NAME", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.row:
         entry = next(e for e in catalogue() if e.model_type == args.row)
         print(json.dumps(asdict(family_row(entry, notebooks=args.notebooks))))
         return 0
-    data = coverage(args.families, notebooks=args.notebooks, workers=args.workers)
     existing = args.root / DATA_FILE
-    if args.families is not None and existing.is_file():
-        data = merge(json.loads(existing.read_text()), data)
+    partial = args.families is not None or args.resume
+    old = json.loads(existing.read_text()) if partial and existing.is_file() else {"rows": []}
+    done = [r["family"] for r in old["rows"] if r.get("weights_ok") is not None or
+            not args.notebooks] if args.resume else []
+
+    def save(row: dict) -> None:  # progress is kept if the run is interrupted
+        nonlocal old
+        old = merge(old, {**_header(args.notebooks), "rows": [row]})
+        write(old, args.root)
+
+    data = merge(old, coverage(args.families, notebooks=args.notebooks, workers=args.workers,
+                               skip=done, on_row=save))
     paths = write(data, args.root)
     print(f"wrote {paths[0]} and {paths[1]}")
     counts = summary_counts(data)
