@@ -37,6 +37,7 @@ class RouteParams:
     renorm_eps: float = 0.0
     routed_output_scale: float = 1.0
     shared_output_scale: float = 1.0
+    bias_on_logits: bool = False
 
     @property
     def scales_input(self) -> bool:
@@ -88,6 +89,7 @@ def route_params(spec: FamilySpec, config: Any) -> RouteParams:
         renorm_eps=rs.renorm_eps,
         routed_output_scale=rs.routed_output_scale,
         shared_output_scale=rs.shared_output_scale,
+        bias_on_logits=rs.bias_on_logits,
     )
 
 
@@ -157,8 +159,9 @@ def route(logits: Tensor, params: RouteParams,
     if params.method in ("sigmoid_topk", "sqrtsoftplus_topk"):
         scores = (torch.sigmoid(logits) if params.method == "sigmoid_topk"
                   else torch.sqrt(torch.nn.functional.softplus(logits)))
+        base = logits if params.bias_on_logits else scores   # Kolibri adds it to the logits
         choice = scores if correction_bias is None else \
-            scores + correction_bias.float().reshape(-1).to(scores.device)
+            base + correction_bias.float().reshape(-1).to(scores.device)
         if params.group:
             choice = choice.masked_fill(~_group_mask(choice, params), float("-inf"))
         index = torch.topk(choice, k, dim=-1).indices

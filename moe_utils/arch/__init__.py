@@ -37,7 +37,7 @@ def get_spec(name: str) -> FamilySpec:
     entry = entry_for(name)
     if entry is None or entry.excluded:
         why = f" ({entry.excluded})" if entry is not None and entry.excluded else ""
-        raise UnknownFamilyError(f"no family spec named {name!r}{why}; hand-written specs: "
+        raise UnknownFamilyError(f"no family spec named {name!r}{why}; known families (hand-written): "
                                  f"{', '.join(SPECS)}; specs are also derived for the MoE families "
                                  "of the installed transformers (see the coverage page). "
                                  f"{_HOW_TO_ADD}")

@@ -101,13 +101,20 @@ def _skeleton(config) -> nn.Module:
 
 # ---- structure ---------------------------------------------------------------------------------
 def _layers(model: nn.Module, num_layers: int) -> tuple[str, nn.ModuleList]:
-    found = [(name, mod) for name, mod in model.named_modules()
-             if isinstance(mod, nn.ModuleList) and len(mod) == num_layers and name]
-    found.sort(key=lambda item: (not item[0].endswith(("layers", "blocks", "h")), item[0].count(".")))
-    if not found:
+    """The decoder layers: the ModuleList of ``num_layers`` entries, else the longest list
+    named ``layers``/``blocks`` (LongCat-Flash counts two sub-layers per decoder layer)."""
+    lists = [(name, mod) for name, mod in model.named_modules()
+             if isinstance(mod, nn.ModuleList) and name]
+    exact = [(n, m) for n, m in lists if len(m) == num_layers]
+    exact.sort(key=lambda item: (not item[0].endswith(("layers", "blocks", "h")), item[0].count(".")))
+    if exact:
+        return exact[0]
+    named = sorted(((n, m) for n, m in lists if n.endswith(("layers", "blocks"))),
+                   key=lambda item: (-len(item[1]), item[0].count(".")))
+    if not named:
         raise DerivationError(f"no list of {num_layers} decoder layers found in "
                               f"{type(model).__name__}")
-    return found[0]
+    return named[0]
 
 
 def _experts_in(layer: nn.Module) -> tuple[str, nn.Module] | None:
@@ -213,6 +220,12 @@ def _layout_candidates(experts: nn.Module, prefix: str, num_experts: int) -> lis
                                   "3-D tensors nor per-expert gate/up/down Linear layers")
         act, up, down = (None if n is None else f"{prefix}.{{e}}.{n}.weight" for n in mlp)
         return [ExpertTensors("per_expert", act=act, up=up, down=down)]
+    leading = {n: p.shape[0] for n, p in params.items() if p.dim() == 3}
+    if len(set(leading.values())) > 1:
+        raise DerivationError(
+            f"the expert tensors hold different numbers of experts ({leading}): the extra ones "
+            "are zero-computation (null) experts the router can pick, which have no weights to "
+            "analyse; such families are refused")
     three_d = {n: p for n, p in params.items() if p.dim() == 3 and p.shape[0] == num_experts}
     down_name = next((n for n in three_d if "down" in n or n in ("w2", "output_linear", "fc2")), None)
     in_names = [n for n in three_d if n != down_name]
@@ -380,12 +393,16 @@ def _fit_routing(cap: dict, cfg: dict, num_experts: int, top_k: int,
             _routing_candidates(cfg, num_experts, top_k), bias_options):
         if bias is not None and params.method == "topk_softmax":
             continue
-        w, i = route(logits, params, bias)
-        if _matches(w, i, weight, index):
-            spec = RoutingSpec(params.method, renormalize=params.renormalize, scale=params.scale,
-                               group=params.group, n_group_key=group_key or "n_group",
-                               renorm_eps=params.renorm_eps)
-            return spec, bias_name
+        on_logits = (False, True) if bias is not None and params.method == "sigmoid_topk" else (False,)
+        for bias_on_logits in on_logits:
+            params = replace(params, bias_on_logits=bias_on_logits)
+            w, i = route(logits, params, bias)
+            if _matches(w, i, weight, index):
+                spec = RoutingSpec(params.method, renormalize=params.renormalize,
+                                   scale=params.scale, group=params.group,
+                                   n_group_key=group_key or "n_group",
+                                   renorm_eps=params.renorm_eps, bias_on_logits=bias_on_logits)
+                return spec, bias_name
     raise DerivationError(
         "no candidate routing function (softmax/sigmoid/sqrt-softplus scores, top-k before or "
         "after normalisation, group-limited top-k, renormalised or not, scaling factors "
@@ -609,8 +626,8 @@ def _derive(cfg: dict, tiny: bool | None) -> FamilySpec:
         raise DerivationError(f"no tiny {cls.__name__} could be made for the checks "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
     model = build_model(small)
-    num_layers = int(small.num_hidden_layers)
-    layer_path, layers = _layers(model, num_layers)
+    layer_path, layers = _layers(model, int(small.num_hidden_layers))
+    num_layers = len(layers)
     _, tiny_moe = moe_layer_indices(model, num_layers)
     if not tiny_moe:
         raise DerivationError(f"{model_type}: no decoder layer of the tiny model has an experts "
@@ -618,8 +635,9 @@ def _derive(cfg: dict, tiny: bool | None) -> FamilySpec:
     if tiny:
         real, real_moe, real_layers = small, tiny_moe, num_layers
     else:
-        real_layers = int(real.num_hidden_layers)
-        _, real_moe = moe_layer_indices(_skeleton(real), real_layers)
+        skeleton = _skeleton(real)
+        real_layers = len(_layers(skeleton, int(real.num_hidden_layers))[1])
+        _, real_moe = moe_layer_indices(skeleton, real_layers)
     hidden = int(small.hidden_size)
     first = tiny_moe[0]
     experts = _experts_in(layers[first])[1]
@@ -667,7 +685,7 @@ def _derive(cfg: dict, tiny: bool | None) -> FamilySpec:
         architectures=(),
         description=f"derived from transformers' {type(model).__name__}: {_describe(routing, bias_name)}",
         keys=ConfigKeys(num_experts=(_E_KEY,), top_k=(_K_KEY,),
-                        num_layers=ConfigKeys().num_layers + (_N_KEY,)),
+                        num_layers=(_N_KEY,)),
         defaults={_LOCAL_LAYERS: list(real_moe), _E_KEY: _real_num_experts(real, cfg, num_experts),
                   _K_KEY: _top_k(real, cfg), _N_KEY: real_layers},
         layer_rule=LayerRule("listed", list_key=_LOCAL_LAYERS),
@@ -751,7 +769,8 @@ def _count_experts(experts: nn.Module) -> int:
 
 
 def _top_k(config, cfg: dict) -> int:
-    for key in ("num_experts_per_tok", "moe_topk", "moe_k", "num_experts_per_token", "moe_top_k"):
+    for key in ("num_experts_per_tok", "moe_topk", "moe_k", "num_experts_per_token", "moe_top_k",
+                "top_k_experts"):
         value = _attr(config, key)
         if isinstance(value, int):
             return value
@@ -801,7 +820,8 @@ def _tiny_lm(spec: FamilySpec, model: nn.Module, config):
 
     return LoadedModel(model=model, tokenizer=byte_tokenizer(), spec=spec, config=config,
                        name=f"derived:{spec.name}", path=None, fingerprint="derived",
-                       moe_layers=moe_layer_indices(model, int(config.num_hidden_layers))[1])
+                       moe_layers=moe_layer_indices(
+                           model, len(_layers(model, int(config.num_hidden_layers))[1]))[1])
 
 
 def _probe_sequences(seed: int) -> list[list[int]]:

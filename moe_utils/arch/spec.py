@@ -224,6 +224,7 @@ class RoutingSpec:
     (ERNIE-4.5). ``scale`` is the constant factor used when ``scale_key`` is absent.
     ``routed_output_scale``/``shared_output_scale`` multiply the block's routed and shared parts
     after the experts ran (Cohere2-MoE's "average" of routed and shared output is 0.5/0.5).
+    ``bias_on_logits``: the correction bias is added to the logits, not to the sigmoid scores.
     """
 
     method: Literal["softmax_topk", "topk_softmax", "sigmoid_topk", "topk_sigmoid_input",
@@ -241,6 +242,7 @@ class RoutingSpec:
     scale: float = 1.0
     routed_output_scale: float = 1.0
     shared_output_scale: float = 1.0
+    bias_on_logits: bool = False
 
 
 @dataclass(frozen=True)

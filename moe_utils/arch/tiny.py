@@ -35,7 +35,8 @@ _SIZES: dict[str, Any] = {
 }
 # Experts and top-k: enough experts for group routing (2 groups of 4), top-2.
 _EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-_TOPK_KEYS = ("num_experts_per_tok", "moe_topk", "moe_k", "num_experts_per_token", "moe_top_k")
+_TOPK_KEYS = ("num_experts_per_tok", "moe_topk", "moe_k", "num_experts_per_token", "moe_top_k",
+              "top_k_experts")
 _LORA_KEYS = ("q_lora_rank",)
 
 # Values a family's config validator insists on, beyond the generic sizes (with the reason).
@@ -43,6 +44,10 @@ _FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
     # layer_types / mlp_layer_types default to None and the model indexes them per layer.
     "lfm2_moe": {"num_hidden_layers": 4, "layer_types": ["conv", "full_attention"] * 2},
     "deepseek_ocr2_text": {"mlp_layer_types": ["dense", "sparse"]},
+    # the MoE block is off by default (the dense Gemma 4 models); the MoE variants switch it on
+    "gemma4_text": {"enable_moe_block": True},
+    # num_hidden_layers is derived: two sub-layers per decoder layer
+    "longcat_flash": {"num_layers": 2, "zero_expert_num": 2},
     # sliding_window defaults to None but its sliding-attention layers require one.
     "step3p5": {"sliding_window": 16},
     # DbrxConfig() defaults cannot build a model: attn_config lacks rope_theta and clip_qkv=None
