@@ -156,7 +156,7 @@ def _env() -> dict[str, str]:
 
 
 def _run_notebooks(name: str, notebooks: Sequence[str], out: Path, timeout: float,
-                   max_tokens: int | None = MAX_TOKENS) -> tuple[bool, str]:
+                   max_tokens: int | None = MAX_TOKENS) -> tuple[bool, str, str]:
     cmd = [sys.executable, "-m", "moe_utils.cli", "run", "--model", f"random:{name}",
            "--out", str(out), "--notebooks-dir", str(NOTEBOOKS_DIR), "--notebooks", *notebooks]
     if max_tokens is not None:
@@ -164,23 +164,35 @@ def _run_notebooks(name: str, notebooks: Sequence[str], out: Path, timeout: floa
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
     except subprocess.TimeoutExpired:
-        return False, f"notebooks took longer than {timeout:.0f} s"
+        return False, f"notebooks took longer than {timeout:.0f} s", ""
     if proc.returncode == 0:
-        return True, ""
+        return True, "", proc.stdout
     lines = [l for l in (proc.stderr + proc.stdout).splitlines() if l.strip()]
     errors = [l for l in lines if "Error" in l or "error" in l]
-    return False, (errors[-1] if errors else (lines[-1] if lines else f"exit {proc.returncode}"))[:400]
+    why = (errors[-1] if errors else (lines[-1] if lines else f"exit {proc.returncode}"))[:400]
+    return False, why, proc.stdout
 
 
-def notebook_check(row: FamilyRow, name: str, out: Path, timeout: float = 600) -> FamilyRow:
-    """Fill the notebook columns: observation 1 (weights) and observations 2-3 (dynamic)."""
-    ok, why = _run_notebooks(name, WEIGHTS_NOTEBOOKS, out, timeout)
-    row.weights_ok = ok
-    reasons = [] if ok else [f"weights notebook: {why}"]
-    ok, why = _run_notebooks(name, DYNAMIC_NOTEBOOKS, out, timeout)
-    row.dynamic_ok = ok
-    if not ok:
-        reasons.append(f"dynamic notebooks: {why}")
+def notebook_check(row: FamilyRow, name: str, out: Path, timeout: float = 900) -> FamilyRow:
+    """Fill the notebook columns: observation 1 (weights) and observations 2-3 (dynamic).
+
+    All three run in one ``moe-book run``; it stops at the first failing notebook, so after a
+    failure of the weights notebook the dynamic ones are run on their own."""
+    ok, why, log = _run_notebooks(name, WEIGHTS_NOTEBOOKS + DYNAMIC_NOTEBOOKS, out, timeout)
+    reasons = []
+    if ok:
+        row.weights_ok = row.dynamic_ok = True
+    else:
+        row.weights_ok = all(f"/{nb} done in" in log for nb in WEIGHTS_NOTEBOOKS)
+        if row.weights_ok:
+            row.dynamic_ok = False
+            reasons.append(f"dynamic notebooks: {why}")
+        else:
+            reasons.append(f"weights notebook: {why}")
+            ok, why, _ = _run_notebooks(name, DYNAMIC_NOTEBOOKS, out, timeout)
+            row.dynamic_ok = ok
+            if not ok:
+                reasons.append(f"dynamic notebooks: {why}")
     if reasons:
         row.reason = "; ".join([r for r in [row.reason] if r] + reasons)
     return row

@@ -590,13 +590,97 @@ def derive_spec(config: Any, *, tiny: bool | None = None) -> FamilySpec:
     """The derived spec of a config (dict or PretrainedConfig); cached per config content.
 
     ``tiny=True`` means ``config`` is already tiny (built directly); otherwise its sizes are
-    shrunk for the checks and its layer pattern is read from the meta-device skeleton.
+    shrunk for the checks and its layer pattern is read from the meta-device skeleton. Accepted
+    specs are also kept as JSON in the cache folder (see :func:`cache_dir`), keyed by the config,
+    the transformers version and this code, so each notebook kernel does not derive again.
     """
     cfg = config_dict(config)
-    key = _cfg_key(cfg)
+    key = _cfg_key({"config": cfg, "tiny": bool(tiny), "code": _code_version()})
     if key not in _CACHE:
-        _CACHE[key] = _derive(cfg, tiny)
+        spec = _read_cached(key)
+        if spec is None:
+            spec = _derive(cfg, tiny)
+            _write_cached(key, spec)
+        _CACHE[key] = spec
     return _CACHE[key]
+
+
+# ---- JSON cache of accepted specs ------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _code_version() -> str:
+    import transformers
+
+    here = Path(__file__).resolve().parent
+    parts = [transformers.__version__, torch.__version__]
+    for path in (here / "derive.py", here / "tiny.py", here / "spec.py", here.parent / "routing.py"):
+        parts.append(hashlib.sha256(path.read_bytes()).hexdigest())
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    """Where accepted derived specs are kept (``$MOE_UTILS_CACHE`` or ``~/.cache/moe_utils``)."""
+    import os
+
+    root = os.environ.get("MOE_UTILS_CACHE") or Path.home() / ".cache" / "moe_utils"
+    return Path(root) / "derived_specs"
+
+
+def spec_to_json(spec: FamilySpec) -> str:
+    """A derived spec as JSON (plain data, read back by :func:`spec_from_json`)."""
+    from dataclasses import asdict
+
+    return json.dumps(asdict(spec), sort_keys=True)
+
+
+def _mlp_tensors(d: dict | None) -> MLPTensors | None:
+    return None if d is None else MLPTensors(**d)
+
+
+def _weight_format(d: dict) -> WeightFormat:
+    moe = d.get("moe")
+    if moe is not None:
+        moe = MoETensors(**{**moe, "experts": ExpertTensors(**moe["experts"]),
+                            "shared": _mlp_tensors(moe.get("shared"))})
+    return WeightFormat(d["name"], d["layer_prefix"], moe, _mlp_tensors(d.get("dense")))
+
+
+def spec_from_json(text: str) -> FamilySpec:
+    """Inverse of :func:`spec_to_json`."""
+    d = json.loads(text)
+    routing = d.get("routing")
+    if routing is not None:
+        routing = RoutingSpec(**{**routing, "group_when": None if routing.get("group_when") is None
+                                 else tuple(routing["group_when"])})
+    return FamilySpec(**{
+        **d,
+        "model_types": tuple(d["model_types"]), "architectures": tuple(d["architectures"]),
+        "detect_keys": tuple(d["detect_keys"]), "activation_keys": tuple(d["activation_keys"]),
+        "quirks": tuple(d["quirks"]),
+        "keys": ConfigKeys(**{k: tuple(v) for k, v in d["keys"].items()}),
+        "layer_rule": LayerRule(**d["layer_rule"]), "modules": ModulePaths(**d["modules"]),
+        "memory": _weight_format(d["memory"]),
+        "disk": tuple(_weight_format(f) for f in d["disk"]),
+        "routing": routing, "capture": RouterCapture(**d["capture"]),
+    })
+
+
+def _read_cached(key: str) -> FamilySpec | None:
+    path = cache_dir() / f"{key}.json"
+    try:
+        return spec_from_json(path.read_text())
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def _write_cached(key: str, spec: FamilySpec) -> None:
+    try:
+        folder = cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{key}.{id(spec)}.tmp"
+        tmp.write_text(spec_to_json(spec))
+        tmp.replace(folder / f"{key}.json")
+    except OSError:
+        pass  # a read-only home: derive again next time
 
 
 def _derive(cfg: dict, tiny: bool | None) -> FamilySpec:
