@@ -46,6 +46,8 @@ _FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
     "deepseek_ocr2_text": {"mlp_layer_types": ["dense", "sparse"]},
     # the MoE block is off by default (the dense Gemma 4 models); the MoE variants switch it on
     "gemma4_text": {"enable_moe_block": True},
+    # the model hard-codes its multimodal rotary sections (8, 12, 12): head width 128
+    "glm4v_moe_text": {"hidden_size": 256, "num_attention_heads": 2, "num_key_value_heads": 1},
     # num_hidden_layers is derived: two sub-layers per decoder layer
     "longcat_flash": {"num_layers": 2, "zero_expert_num": 2},
     # sliding_window defaults to None but its sliding-attention layers require one.
@@ -130,6 +132,15 @@ def tiny_config_dict(config_class, base: Mapping[str, Any] | None = None,
                 out[key] = _resample(value, n)
     if "mlp_only_layers" in known and source.get("mlp_only_layers"):
         out["mlp_only_layers"] = [i for i in source["mlp_only_layers"] if i < n][:1]
+    rope = source.get("rope_parameters")
+    if isinstance(rope, dict) and rope.get("mrope_section"):
+        # multimodal rotary sections must add up to half the rotary width
+        head_dim = out.get("head_dim") or out["hidden_size"] // out["num_attention_heads"]
+        target = int(head_dim * float(rope.get("partial_rotary_factor", 1.0))) // 2
+        sections = list(rope["mrope_section"])
+        scaled = [max(1, round(v * target / sum(sections))) for v in sections]
+        scaled[-1] += target - sum(scaled)
+        out["rope_parameters"] = {**rope, "mrope_section": scaled}
     model_type = getattr(config_class, "model_type", "")
     out.update(_FAMILY_OVERRIDES.get(model_type, {}))
     return out
