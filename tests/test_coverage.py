@@ -164,7 +164,8 @@ def test_never_seen_family_runs_every_notebook(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "moe_utils.cli", "run", "--model",
                            "random:glm4_moe", "--out", str(tmp_path), "--notebooks-dir",
-                           str(REPO / "notebooks")], capture_output=True, text=True, env=env,
+                           str(REPO / "notebooks"), "-p", "max_tokens", "512"],
+                          capture_output=True, text=True, env=env,
                           cwd=REPO, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     written = sorted(p.stem for p in (tmp_path / "random-glm4_moe").glob("*.ipynb"))
