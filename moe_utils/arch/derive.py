@@ -80,17 +80,33 @@ def build_model(config, seed: int = 0) -> nn.Module:
         torch.manual_seed(seed)
         for auto in (AutoModelForCausalLM, AutoModel):
             try:
-                return auto.from_config(config).float().eval()
+                return _fill_zero_moe_weights(auto.from_config(config).float().eval(), seed)
             except ValueError:
                 continue
         module = importlib.import_module(type(config).__module__.replace("configuration_", "modeling_"))
         base = type(config).__name__[:-len("Config")]
         for suffix in ("ForCausalLM", "Model"):
             if hasattr(module, base + suffix):
-                return getattr(module, base + suffix)(config).float().eval()
+                model = getattr(module, base + suffix)(config).float().eval()
+                return _fill_zero_moe_weights(model, seed)
     finally:
         torch.random.set_rng_state(state)
     raise DerivationError(f"transformers has no model class for {type(config).__name__}")
+
+
+def _fill_zero_moe_weights(model: nn.Module, seed: int) -> nn.Module:
+    """Some families initialise router or expert weights to zero (e.g. AFMoE's router); a random
+    model with equal router logits everywhere cannot tell routing functions apart, so such
+    weight matrices get small random values (seeded)."""
+    g = torch.Generator().manual_seed(seed + 17)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.device.type == "meta" or param.dim() < 2:
+                continue
+            if any(part in name for part in ("experts", "router", ".gate.")) and \
+                    not bool(param.any()):
+                param.copy_(torch.randn(param.shape, generator=g) * 0.02)
+    return model
 
 
 def _skeleton(config) -> nn.Module:
