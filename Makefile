@@ -1,5 +1,6 @@
 # make book   set up, run every notebook on the embedded models, build the offline site
 # make test   set up, run the whole test suite
+# make test-families  every MoE family of the installed transformers: regenerate the coverage page (slow)
 # make lab    JupyterLab on notebooks/
 # make clean  remove build outputs (keeps .venv and node_modules; `make distclean` removes them)
 SHELL := /bin/bash
@@ -12,7 +13,7 @@ LAB_INSTALLED := $(VENV)/.moe-book-lab-installed
 VENDORED := book/_extra/vendor/.vendored
 VEGA_BUNDLE := book/_static/vega-bundle.js
 
-.PHONY: help setup vendor run build book test lab clean distclean
+.PHONY: help setup vendor run build book test test-families lab clean distclean
 
 help:
 	@sed -n 's/^# \(make .*\)/\1/p' Makefile
@@ -54,6 +55,12 @@ book: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# Every family, every per-model notebook (about an hour on two cores), then the checks on all of
+# them; writes book/coverage.json and book/coverage.md.
+test-families: setup
+	OMP_NUM_THREADS=1 $(BIN)/moe-book coverage --notebooks --workers 2
+	MOE_BOOK_ALL_FAMILIES=1 $(BIN)/python -m pytest tests/test_coverage.py
 
 $(LAB_INSTALLED): $(INSTALLED)
 	$(PIP) install -q -c constraints.txt -e '.[lab]'

@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_build(sub)
     _add_zoo(sub)
+    sub.add_parser("coverage", add_help=False,
+                   help="check every MoE family of the installed transformers and write the "
+                        "coverage page (arguments go to moe_utils.coverage)").add_argument(
+        "coverage_args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -143,6 +147,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else ""
     try:
+        if argv[:1] == ["coverage"]:
+            command = "coverage"
+            from moe_utils.coverage import main as coverage_main
+
+            return coverage_main(argv[1:])
         if argv[:2] in (["zoo", "train"], ["zoo", "study"]):
             # Everything after "zoo train/study" is the trainer's (argparse would claim its options).
             command = " ".join(argv[:2])

@@ -207,6 +207,10 @@ def load_model(model: str | Path, dtype: str | torch.dtype = "float32", device_m
         module, config = random_model(ref.family, seed=seed, dtype=torch_dtype,
                                       **(config_overrides or {}))
         spec = get_spec(ref.family)
+        if spec.derived and config_overrides:  # derived specs hold their config's layer pattern
+            from moe_utils.arch.derive import derive_spec
+
+            spec = derive_spec(config, tiny=True)
         fingerprint = random_fingerprint(ref.family, config, seed)
         tokenizer = byte_tokenizer()
         if device_map is not None:

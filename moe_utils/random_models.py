@@ -49,7 +49,11 @@ def random_config(spec: FamilySpec, **overrides: Any):
             "stream it without code) and pass trust_remote_code=True for forward passes.")
     import transformers
 
-    cls = getattr(transformers, spec.config_class)
+    cls = getattr(transformers, spec.config_class, None)
+    if cls is None:
+        from moe_utils.arch.derive import config_class_for
+
+        cls = config_class_for(spec.model_types[0])
     return cls(**{**dict(spec.tiny_config), **overrides})
 
 
@@ -59,8 +63,7 @@ def random_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32,
     Correction-bias buffers (zeros at init) get small random values so the "bias picks, unbiased
     score weighs" path of DeepSeek-V3-style routers is exercised.
     """
-    from transformers import AutoModelForCausalLM
-
+    from moe_utils.arch.derive import build_model
     from moe_utils.weights import tensor_name
 
     spec = get_spec(family)
@@ -68,11 +71,13 @@ def random_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32,
     generator_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)
+        model = build_model(config, seed=seed)
         bias_rel = spec.memory.moe.correction_bias if spec.memory.moe else None
         if bias_rel:
+            tensors = dict(model.named_parameters())
+            tensors.update(dict(model.named_buffers()))
             for layer in spec.moe_layers(config):
-                buf = model.get_buffer(tensor_name(spec.memory, layer, bias_rel))
+                buf = tensors[tensor_name(spec.memory, layer, bias_rel)].data
                 buf.copy_(torch.randn(buf.shape, generator=torch.Generator().manual_seed(seed + layer)) * 0.05)
     finally:
         torch.random.set_rng_state(generator_state)

@@ -24,7 +24,7 @@ class RouteParams:
     """Concrete routing parameters of one model (see RoutingSpec for the methods)."""
 
     method: Literal["softmax_topk", "topk_softmax", "sigmoid_topk", "topk_sigmoid_input",
-                    "sparsemixer"]
+                    "sparsemixer", "sqrtsoftplus_topk"]
     num_experts: int
     top_k: int
     renormalize: bool = False
@@ -35,6 +35,9 @@ class RouteParams:
     topk_group: int = 1
     jitter_eps: float = 0.0
     renorm_eps: float = 0.0
+    routed_output_scale: float = 1.0
+    shared_output_scale: float = 1.0
+    bias_on_logits: bool = False
 
     @property
     def scales_input(self) -> bool:
@@ -78,12 +81,15 @@ def route_params(spec: FamilySpec, config: Any) -> RouteParams:
         top_k=spec.top_k(cfg),
         renormalize=renormalize,
         norm_p=norm_p,
-        scale=float(value(rs.scale_key, 1.0)),
+        scale=float(value(rs.scale_key, rs.scale)),
         group=group,
         n_group=n_group,
         topk_group=topk_group,
         jitter_eps=float(value(rs.jitter_key, 0.0)),
         renorm_eps=rs.renorm_eps,
+        routed_output_scale=rs.routed_output_scale,
+        shared_output_scale=rs.shared_output_scale,
+        bias_on_logits=rs.bias_on_logits,
     )
 
 
@@ -136,7 +142,12 @@ def route(logits: Tensor, params: RouteParams,
         scores = torch.softmax(logits, dim=-1)
         if params.group:
             scores = scores.masked_fill(~_group_mask(scores, params), 0.0)
-        weight, index = torch.topk(scores, k, dim=-1)
+        if correction_bias is not None:   # ERNIE-4.5: the bias shifts the choice only
+            choice = scores + correction_bias.float().reshape(-1).to(scores.device)
+            index = torch.topk(choice, k, dim=-1).indices
+            weight = scores.gather(1, index)
+        else:
+            weight, index = torch.topk(scores, k, dim=-1)
         if params.renormalize:
             denom = weight.norm(p=params.norm_p, dim=-1, keepdim=True) if params.norm_p != 1.0 \
                 else weight.sum(dim=-1, keepdim=True)
@@ -145,9 +156,12 @@ def route(logits: Tensor, params: RouteParams,
     if params.method == "topk_softmax":
         top, index = torch.topk(logits, k, dim=-1)
         return torch.softmax(top, dim=-1), index
-    if params.method == "sigmoid_topk":
-        scores = torch.sigmoid(logits)
-        choice = scores if correction_bias is None else scores + correction_bias.float().to(scores.device)
+    if params.method in ("sigmoid_topk", "sqrtsoftplus_topk"):
+        scores = (torch.sigmoid(logits) if params.method == "sigmoid_topk"
+                  else torch.sqrt(torch.nn.functional.softplus(logits)))
+        base = logits if params.bias_on_logits else scores   # Kolibri adds it to the logits
+        choice = scores if correction_bias is None else \
+            base + correction_bias.float().reshape(-1).to(scores.device)
         if params.group:
             choice = choice.masked_fill(~_group_mask(choice, params), float("-inf"))
         index = torch.topk(choice, k, dim=-1).indices

@@ -412,7 +412,11 @@ def _recompute_routing(lt: LayerTrace, weights: MoELayerWeights,
 def _rebuild(lt: LayerTrace, weights: MoELayerWeights, params: RouteParams, weight: Tensor,
              index: Tensor) -> Tensor:
     out = apply_experts(weights, lt.x, index, weight, scale_input=params.scales_input)
+    if params.routed_output_scale != 1.0:
+        out = out * params.routed_output_scale
     shared = _shared_output(weights, lt.x)
+    if shared is not None and params.shared_output_scale != 1.0:
+        shared = shared * params.shared_output_scale
     return out if shared is None else out + shared
 
 

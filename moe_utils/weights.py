@@ -197,6 +197,13 @@ def tensor_name(fmt: WeightFormat, layer: int, rel: str) -> str:
     return fmt.layer_prefix.format(layer=layer) + rel
 
 
+def _first_expert_tensor(ex: ExpertTensors) -> str:
+    """Name of one expert tensor, so a scheme sharing its router name with another (fused vs
+    per-expert on disk) is told apart by its experts."""
+    name = ex.down if ex.layout == "fused" else ex.down.format(e=0)
+    return name
+
+
 def pick_format(src: TensorSource, spec: FamilySpec, layer: int, want: str) -> WeightFormat:
     """The first naming scheme of ``spec`` whose router (or dense MLP) tensor exists."""
     tried = []
@@ -204,11 +211,11 @@ def pick_format(src: TensorSource, spec: FamilySpec, layer: int, want: str) -> W
         part = fmt.moe if want == "moe" else fmt.dense
         if part is None:
             continue
-        probe = part.router if want == "moe" else part.up
-        name = tensor_name(fmt, layer, probe)
-        if src.has(name):
+        probes = [part.router, _first_expert_tensor(part.experts)] if want == "moe" else [part.up]
+        names = [tensor_name(fmt, layer, p) for p in probes]
+        if all(src.has(name) for name in names):
             return fmt
-        tried.append(name)
+        tried.append(" + ".join(names))
     raise CheckpointError(
         f"layer {layer} of this {spec.name} {spec_kind(src)} has none of the expected tensors "
         f"({', '.join(tried) or 'no naming scheme for this part'}); the weights are partial or "

@@ -110,3 +110,40 @@ def test_route_params_from_config_keys():
     assert not route_params(dbrx, cfg).renormalize
     cfg["ffn_config"]["moe_normalize_expert_weights"] = 2
     assert route_params(dbrx, cfg).renormalize and route_params(dbrx, cfg).norm_p == 2.0
+
+
+def _naive_biased_choice(logits, bias, k, score, bias_on_logits=False, renorm=True):
+    """Per-token loop: choose by (score or logit) + bias, weigh by the unbiased score."""
+    out_w, out_i = [], []
+    for row in logits.tolist():
+        s = [score(v) for v in row]
+        base = row if bias_on_logits else s
+        chosen = sorted(range(len(row)), key=lambda e: -(base[e] + float(bias[e])))[:k]
+        w = [s[e] for e in chosen]
+        if renorm:
+            w = [v / sum(w) for v in w]
+        out_w.append(w)
+        out_i.append(chosen)
+    return torch.tensor(out_w), torch.tensor(out_i)
+
+
+@pytest.mark.parametrize("method,bias_on_logits", [("softmax_topk", False), ("sigmoid_topk", True),
+                                                   ("sqrtsoftplus_topk", False)])
+def test_choice_only_bias_variants_against_naive_loop(method, bias_on_logits):
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(12, 8, generator=g)
+    bias = torch.randn(8, generator=g) * 0.3
+    if method == "softmax_topk":
+        probs = torch.softmax(logits, -1)
+        want_w, want_i = _naive_biased_choice(torch.log(probs), bias, 2, math.exp)
+    else:
+        score = ((lambda v: 1 / (1 + math.exp(-v))) if method == "sigmoid_topk"
+                 else (lambda v: math.sqrt(math.log1p(math.exp(v)))))
+        want_w, want_i = _naive_biased_choice(logits, bias, 2, score, bias_on_logits)
+    params = RouteParams(method, num_experts=8, top_k=2, renormalize=True,
+                         bias_on_logits=bias_on_logits)
+    w, i = route(logits, params, bias)
+    order, want_order = i.argsort(-1), want_i.argsort(-1)
+    assert torch.equal(i.gather(1, order), want_i.gather(1, want_order))
+    torch.testing.assert_close(w.gather(1, order), want_w.float().gather(1, want_order),
+                               rtol=1e-5, atol=1e-6)

@@ -85,6 +85,10 @@ class Study:
         rows += [("experts per MoE layer", self.num_experts), ("experts chosen per token (top-k)", self.top_k),
                  ("hidden size", self.lm.spec.hidden_size(self.lm.config_dict)),
                  ("activation", self.lm.spec.activation_name(self.lm.config_dict))]
+        spec = self.lm.spec
+        rows.append(("family spec", "derived from the model transformers builds (see the coverage "
+                                    "page)" if spec.derived else "hand-written"))
+        rows += [(f"how to read ({i})", quirk) for i, quirk in enumerate(spec.quirks, 1)]
         rows.append(("fingerprint", self.lm.fingerprint))
         if self.lm.source.get("revision"):
             rows.append(("hub revision", self.lm.source["revision"]))

@@ -28,12 +28,22 @@ def supported_families(moe_only: bool = False) -> list[str]:
 
 
 def get_spec(name: str) -> FamilySpec:
-    """The spec registered under ``name`` (e.g. ``"mixtral"``)."""
-    try:
+    """The spec registered under ``name`` (e.g. ``"mixtral"``), else one derived for the
+    transformers MoE family of that model_type (e.g. ``"glm4_moe"``)."""
+    if name in SPECS:
         return SPECS[name]
-    except KeyError:
-        raise UnknownFamilyError(f"no family spec named {name!r}; known families: "
-                                 f"{', '.join(SPECS)}. {_HOW_TO_ADD}") from None
+    from moe_utils.arch.catalogue import entry_for
+
+    entry = entry_for(name)
+    if entry is None or entry.excluded:
+        why = f" ({entry.excluded})" if entry is not None and entry.excluded else ""
+        raise UnknownFamilyError(f"no family spec named {name!r}{why}; known families (hand-written): "
+                                 f"{', '.join(SPECS)}; specs are also derived for the MoE families "
+                                 "of the installed transformers (see the coverage page). "
+                                 f"{_HOW_TO_ADD}")
+    from moe_utils.arch.derive import derive_family
+
+    return derive_family(entry.model_type)
 
 
 def spec_for_config(config: Any) -> FamilySpec:
@@ -53,8 +63,16 @@ def spec_for_config(config: Any) -> FamilySpec:
     described = f"model_type {model_type!r}" if model_type else "no model_type"
     if architectures:
         described += f", architectures {list(architectures)}"
-    raise UnknownFamilyError(f"no family spec matches this config ({described}). Supported: "
-                             f"{', '.join(SPECS)}. {_HOW_TO_ADD}")
+    why = "it has no model_type"
+    if model_type:
+        from moe_utils.arch.derive import spec_for_unknown
+
+        try:
+            return spec_for_unknown(cfg)
+        except UnknownFamilyError as exc:
+            why = f"deriving one from transformers failed: {exc}"
+    raise UnknownFamilyError(f"no hand-written family spec matches this config ({described}) and "
+                             f"{why}. Hand-written: {', '.join(SPECS)}. {_HOW_TO_ADD}")
 
 
 def require_moe(spec: FamilySpec, what: str = "this analysis") -> FamilySpec:

@@ -37,9 +37,16 @@ def read_config_json(folder: Path) -> dict:
         raise CheckpointError(f"{folder} has no config.json; a model folder needs config.json next to "
                               "its weight files (save a model with save_pretrained to get one)")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(), object_hook=_decode_special)
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path} is not valid JSON ({exc}); fix or re-download the file") from exc
+
+
+def _decode_special(obj: dict) -> Any:
+    """transformers writes non-finite floats as ``{"__float__": "Infinity"}``; read them back."""
+    if len(obj) == 1 and "__float__" in obj:
+        return float(obj["__float__"])
+    return obj
 
 
 def get_path(cfg: Mapping, key: str, default: Any = _MISSING) -> Any:

@@ -62,6 +62,7 @@ MIXTRAL = FamilySpec(
 
 QWEN2_MOE = FamilySpec(
     name="qwen2_moe",
+    quirks=("a shared expert behind a sigmoid gate runs on every token and is added to the routed output", "with norm_topk_prob false the chosen softmax weights do not sum to 1"),
     model_types=("qwen2_moe",),
     architectures=("Qwen2MoeForCausalLM",),
     description="Qwen1.5/Qwen2-MoE: fine-grained experts + one shared expert behind a sigmoid gate",
@@ -125,6 +126,7 @@ _MLA = dict(kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=
 
 DEEPSEEK_V2 = FamilySpec(
     name="deepseek_v2",
+    quirks=("the chosen softmax weights are not renormalised (and are multiplied by routed_scaling_factor), so they do not sum to 1", "the first first_k_dense_replace layers are dense and are skipped"),
     model_types=("deepseek_v2",),
     architectures=("DeepseekV2ForCausalLM",),
     description="DeepSeek-V2(-Lite): softmax, greedy or group-limited top-k, not renormalised, "
@@ -146,6 +148,7 @@ DEEPSEEK_V2 = FamilySpec(
 
 DEEPSEEK_V3 = FamilySpec(
     name="deepseek_v3",
+    quirks=("router scores are sigmoids, not a softmax: the paper's gate-score columns are a softmax over the router logits, which is not what picks experts", "a bias-based balancing term (e_score_correction_bias) shifts which experts are chosen, but not their weights", "group-limited routing: experts are first restricted to the best groups", "the chosen weights are multiplied by routed_scaling_factor, so they need not sum to 1", "the first first_k_dense_replace layers are dense and are skipped"),
     model_types=("deepseek_v3",),
     architectures=("DeepseekV3ForCausalLM",),
     description="DeepSeek-V3/R1: sigmoid scores, correction bias used for the choice only, "
@@ -178,6 +181,7 @@ _GPT_OSS_EXPERTS = ExpertTensors("fused", gate_up="mlp.experts.gate_up_proj",
                                  down_bias="mlp.experts.down_proj_bias")
 GPT_OSS = FamilySpec(
     name="gpt_oss",
+    quirks=("the router has a bias, included in the router logits",),
     model_types=("gpt_oss",),
     architectures=("GptOssForCausalLM",),
     description="GPT-OSS: router with bias, top-k of logits then softmax over k, clamped SwiGLU "
@@ -198,6 +202,7 @@ GPT_OSS = FamilySpec(
 
 PHIMOE = FamilySpec(
     name="phimoe",
+    quirks=("sparsemixer routing: each of the two weights is a softmax over a masked set of logits, so they do not sum to 1",),
     model_types=("phimoe",),
     architectures=("PhimoeForCausalLM",),
     description="Phi-3.5-MoE: 16 experts, sparsemixer top-2 routing",
@@ -236,6 +241,7 @@ GRANITEMOE = FamilySpec(
 _JAMBA_DENSE = _mlp("feed_forward")
 JAMBA = FamilySpec(
     name="jamba",
+    quirks=("hybrid stack: Mamba and attention layers; MoE every expert_layer_period-th layer, the others are dense and skipped", "the chosen softmax weights are not renormalised, so they do not sum to 1"),
     model_types=("jamba",),
     architectures=("JambaForCausalLM",),
     description="Jamba: Mamba/attention hybrid, MoE every expert_layer_period-th layer, softmax "
@@ -283,6 +289,7 @@ DBRX = FamilySpec(
 
 LLAMA4 = FamilySpec(
     name="llama4",
+    quirks=("the sigmoid routing weight scales the expert input, not its output", "MoE layers interleave with dense layers, which are skipped"),
     model_types=("llama4_text",),
     architectures=("Llama4ForCausalLM",),
     description="Llama 4 (text): top-k of logits, sigmoid weight scales the expert input, "
@@ -309,6 +316,7 @@ LLAMA4 = FamilySpec(
 
 QWEN3_NEXT = FamilySpec(
     name="qwen3_next",
+    quirks=("hybrid stack: linear-attention (Gated DeltaNet) and full-attention layers", "a shared expert behind a sigmoid gate runs on every token and is added to the routed output"),
     model_types=("qwen3_next",),
     architectures=("Qwen3NextForCausalLM",),
     description="Qwen3-Next: hybrid linear/full attention, 512 experts + gated shared expert",
@@ -399,6 +407,16 @@ MISTRAL_DENSE = FamilySpec(
     tiny_config=dict(_TINY, intermediate_size=48, num_hidden_layers=2),
 )
 
+# Families of the installed transformers without a spec here get a derived one
+# (moe_utils/arch/derive.py). The specs above stay hand-written where derivation cannot work or
+# where public checkpoints need more than transformers shows:
+#   dbrx          its MoE sizes are nested in ffn_config (no top-level experts-per-token key)
+#   phimoe        sparsemixer routing is not one of the candidate routing functions
+#   llama4        the experts run densely on router-scaled inputs, not experts(x, index, weights)
+#   deepseek, grok1  publisher code, not part of transformers (weights-only analyses)
+#   mistral       the dense baseline (no experts to derive)
+#   the others    they pin the public checkpoints' on-disk names and config defaults (tested
+#                 against them); the coverage page shows that derivation agrees with them.
 FAMILIES: tuple[FamilySpec, ...] = (
     MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, DEEPSEEK_V2, DEEPSEEK_V3, GPT_OSS, PHIMOE, GRANITEMOE,
     JAMBA, DBRX, LLAMA4, QWEN3_NEXT, HUNYUAN_MOE, DEEPSEEK_MOE, GROK1, MISTRAL_DENSE,

@@ -217,11 +217,18 @@ class RoutingSpec:
                             optional renormalisation -> x scale;
       ``topk_sigmoid_input`` top-k of the logits, weight = sigmoid(logit), applied to the expert
                             *input* (Llama4);
-      ``sparsemixer``       PhiMoE's eval-mode sparsemixer (top-2).
+      ``sparsemixer``       PhiMoE's eval-mode sparsemixer (top-2);
+      ``sqrtsoftplus_topk`` like ``sigmoid_topk`` with sqrt(softplus(logit)) scores (DeepSeek-V4).
+
+    With ``softmax_topk`` a correction bias, when the layer has one, shifts the choice only
+    (ERNIE-4.5). ``scale`` is the constant factor used when ``scale_key`` is absent.
+    ``routed_output_scale``/``shared_output_scale`` multiply the block's routed and shared parts
+    after the experts ran (Cohere2-MoE's "average" of routed and shared output is 0.5/0.5).
+    ``bias_on_logits``: the correction bias is added to the logits, not to the sigmoid scores.
     """
 
     method: Literal["softmax_topk", "topk_softmax", "sigmoid_topk", "topk_sigmoid_input",
-                    "sparsemixer"]
+                    "sparsemixer", "sqrtsoftplus_topk"]
     renormalize: bool = False
     renormalize_key: str | None = None
     norm_p_key: str | None = None
@@ -232,6 +239,10 @@ class RoutingSpec:
     topk_group_key: str = "topk_group"
     jitter_key: str | None = None
     renorm_eps: float = 0.0
+    scale: float = 1.0
+    routed_output_scale: float = 1.0
+    shared_output_scale: float = 1.0
+    bias_on_logits: bool = False
 
 
 @dataclass(frozen=True)
@@ -257,6 +268,8 @@ class FamilySpec:
     capture: RouterCapture = field(default_factory=RouterCapture)
     config_class: str | None = None
     tiny_config: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    derived: bool = False
+    quirks: tuple[str, ...] = ()
 
     # ---- config reading -------------------------------------------------------------------
     def value(self, cfg: Mapping, keys: tuple[str, ...], what: str, required: bool = True) -> Any:

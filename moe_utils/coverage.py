@@ -1,0 +1,399 @@
+"""Coverage matrix: which MoE families of the installed transformers the book runs on.
+
+For every family of :func:`moe_utils.arch.catalogue.catalogue` a tiny random model is built from
+its config class (``random:FAMILY``) and checked at two levels:
+
+* **trace level** (cheap): the family spec (hand-written or derived) is found, one traced
+  forward pass rebuilds every MoE block's output from the experts (largest relative error,
+  identical top-k sets), and the checkpoint saved both ways (per-expert original names and
+  fused names) streams the same weights as the model holds;
+* **notebook level** (expensive): every per-model notebook runs through ``moe-book run``; the
+  weights analysis is observation 1, the dynamic analyses are observations 2 and 3.
+
+``moe-book coverage`` (or ``make test-families``) writes the matrix to ``book/coverage.json``
+and renders it as the book page ``book/coverage.md``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from moe_utils.arch.catalogue import CatalogueEntry, catalogue
+
+TOLERANCE = 1e-5
+WEIGHTS_NOTEBOOKS = ("obs1_neurons_as_experts",)
+DYNAMIC_NOTEBOOKS = ("obs2_router_norms", "obs3_depth_diversity")
+DATA_FILE = Path("book/coverage.json")
+PAGE_FILE = Path("book/coverage.md")
+NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+# Tokens of the notebooks' default inputs used per family (the checks are about running every
+# analysis on the family, not about the numbers of a random model).
+MAX_TOKENS = 512
+
+
+@dataclass
+class FamilyRow:
+    """One row of the coverage matrix."""
+
+    family: str
+    package: str
+    config_class: str
+    spec: str = "none"                 # "hand-written", "derived" or "none"
+    spec_name: str | None = None
+    trace_ok: bool = False
+    rebuild_error: float | None = None
+    disk_ok: bool | None = None
+    weights_ok: bool | None = None     # None: notebooks not run
+    dynamic_ok: bool | None = None
+    quirks: list[str] = field(default_factory=list)
+    routing: str | None = None
+    reason: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def passes(self) -> bool:
+        """Both analyses ran and every MoE block was rebuilt within the tolerance."""
+        return bool(self.trace_ok and self.weights_ok and self.dynamic_ok and
+                    self.rebuild_error is not None and self.rebuild_error <= TOLERANCE)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:400]
+
+
+def spec_kind(family: str) -> tuple[str, object]:
+    """``("hand-written" | "derived", spec)`` of a ``random:`` family name."""
+    from moe_utils.arch import SPECS, get_spec
+
+    for spec in SPECS.values():
+        if family == spec.name or family in spec.model_types:
+            return "hand-written", spec
+    return "derived", get_spec(family)
+
+
+def random_name(entry: CatalogueEntry) -> str:
+    """The ``random:`` name for an entry (the hand-written spec's name where there is one)."""
+    from moe_utils.arch import SPECS
+
+    for spec in SPECS.values():
+        if entry.model_type in spec.model_types and spec.tiny_config:
+            return spec.name
+    return entry.model_type
+
+
+def _disk_check(lm, folder_root: Path) -> None:
+    """Weights streamed from both on-disk spellings equal the model's own, for every MoE layer."""
+    from moe_utils.weights import layer_weights
+
+    for fused in (False, True):
+        folder = folder_root / ("fused" if fused else "original")
+        lm.model.save_pretrained(folder, **({"save_original_format": False} if fused else {}))
+        for layer in lm.moe_layers:
+            want, got = layer_weights(lm, layer), layer_weights(folder, layer)
+            for name in ("router", "w_act", "w_up", "w_down", "score_correction_bias",
+                         "router_bias", "shared_gate"):
+                a, b = getattr(want, name), getattr(got, name)
+                if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
+                    spelling = "fused" if fused else "per-expert"
+                    raise AssertionError(f"{name} of layer {layer} read from the {spelling} "
+                                         "checkpoint differs from the model's")
+
+
+def trace_check(row: FamilyRow, name: str) -> FamilyRow:
+    """Fill the trace-level columns of ``row`` for ``random:name``."""
+    from moe_utils.arch.derive import rebuild_errors
+    from moe_utils.loading import load_model
+
+    try:
+        row.spec, spec = spec_kind(name)
+        row.spec_name = spec.name
+        row.quirks = list(getattr(spec, "quirks", ()))
+        row.routing = spec.description
+        lm = load_model(f"random:{name}")
+        errors = rebuild_errors(lm)
+        row.rebuild_error = max(errors.values())
+        row.trace_ok = row.rebuild_error <= TOLERANCE
+        if not row.trace_ok:
+            worst = max(errors, key=errors.get)
+            row.reason = (f"layer {worst} rebuilt with relative error {errors[worst]:.2e}"
+                          if errors[worst] != float("inf") else f"layer {worst}: top-k sets differ")
+            return row
+    except Exception as exc:  # noqa: BLE001 - every failure is a row of the matrix
+        row.reason = _first_line(exc)
+        return row
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        with tempfile.TemporaryDirectory() as tmp:
+            _disk_check(lm, Path(tmp))
+        row.disk_ok = True
+    except Exception as exc:  # noqa: BLE001
+        row.disk_ok = False
+        row.reason = f"on-disk weights: {_first_line(exc)}"
+    return row
+
+
+def _env() -> dict[str, str]:
+    """Environment of the checking subprocesses: one thread each (tiny models run fastest so, and
+    parallel families do not oversubscribe the cores)."""
+    env = dict(os.environ)
+    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(key, "1")
+    return env
+
+
+def _run_notebooks(name: str, notebooks: Sequence[str], out: Path, timeout: float,
+                   max_tokens: int | None = MAX_TOKENS) -> tuple[bool, str, str]:
+    cmd = [sys.executable, "-m", "moe_utils.cli", "run", "--model", f"random:{name}",
+           "--out", str(out), "--notebooks-dir", str(NOTEBOOKS_DIR), "--notebooks", *notebooks]
+    if max_tokens is not None:
+        cmd += ["-p", "max_tokens", str(int(max_tokens))]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+    except subprocess.TimeoutExpired:
+        return False, f"notebooks took longer than {timeout:.0f} s", ""
+    if proc.returncode == 0:
+        return True, "", proc.stdout
+    lines = [l for l in (proc.stderr + proc.stdout).splitlines() if l.strip()]
+    errors = [l for l in lines if "Error" in l or "error" in l]
+    why = (errors[-1] if errors else (lines[-1] if lines else f"exit {proc.returncode}"))[:400]
+    return False, why, proc.stdout
+
+
+def notebook_check(row: FamilyRow, name: str, out: Path, timeout: float = 900) -> FamilyRow:
+    """Fill the notebook columns: observation 1 (weights) and observations 2-3 (dynamic).
+
+    All three run in one ``moe-book run``; it stops at the first failing notebook, so after a
+    failure of the weights notebook the dynamic ones are run on their own."""
+    ok, why, log = _run_notebooks(name, WEIGHTS_NOTEBOOKS + DYNAMIC_NOTEBOOKS, out, timeout)
+    reasons = []
+    if ok:
+        row.weights_ok = row.dynamic_ok = True
+    else:
+        row.weights_ok = all(f"/{nb} done in" in log for nb in WEIGHTS_NOTEBOOKS)
+        if row.weights_ok:
+            row.dynamic_ok = False
+            reasons.append(f"dynamic notebooks: {why}")
+        else:
+            reasons.append(f"weights notebook: {why}")
+            ok, why, _ = _run_notebooks(name, DYNAMIC_NOTEBOOKS, out, timeout)
+            row.dynamic_ok = ok
+            if not ok:
+                reasons.append(f"dynamic notebooks: {why}")
+    if reasons:
+        row.reason = "; ".join([r for r in [row.reason] if r] + reasons)
+    return row
+
+
+def family_row(entry: CatalogueEntry, notebooks: bool = False, out: Path | None = None) -> FamilyRow:
+    """The coverage row of one catalogue entry."""
+    start = time.perf_counter()
+    row = FamilyRow(entry.model_type, entry.package, entry.config_class)
+    if entry.excluded:
+        row.reason = f"not covered: {entry.excluded}"
+        return row
+    name = random_name(entry)
+    trace_check(row, name)
+    if notebooks and row.trace_ok:
+        with tempfile.TemporaryDirectory() as tmp:
+            notebook_check(row, name, Path(out) if out else Path(tmp))
+    row.seconds = round(time.perf_counter() - start, 1)
+    return row
+
+
+def _row_in_subprocess(entry: CatalogueEntry, notebooks: bool, timeout: float) -> FamilyRow:
+    """One family checked in a fresh interpreter (memory is returned after every family)."""
+    cmd = [sys.executable, "-m", "moe_utils.coverage", "--row", entry.model_type]
+    if notebooks:
+        cmd.append("--notebooks")
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+        line = next((l for l in reversed(proc.stdout.splitlines()) if l.startswith("{")), None)
+        if line is not None:
+            return FamilyRow(**json.loads(line))
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        why = f"checking the family crashed (exit {proc.returncode}): {tail[:300]}"
+    except subprocess.TimeoutExpired:
+        why = f"checking the family took longer than {timeout:.0f} s"
+    return FamilyRow(entry.model_type, entry.package, entry.config_class, reason=why)
+
+
+def coverage(families: Iterable[str] | None = None, notebooks: bool = False,
+             log: Callable[[str], None] = print, workers: int = 1, timeout: float = 1800,
+             skip: Iterable[str] = (), on_row: Callable[[dict], None] | None = None) -> dict:
+    """The coverage matrix as a JSON-ready dict (rows plus versions and date).
+
+    With ``workers > 1`` families are checked in parallel subprocesses; ``skip`` leaves
+    families out; ``on_row`` sees every finished row (used to save progress).
+    """
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    wanted = set(families) if families is not None else None
+    skipped = set(skip)
+    entries = [e for e in catalogue()
+               if (wanted is None or e.model_type in wanted or e.package in wanted)
+               and e.model_type not in skipped]
+    lock = threading.Lock()
+
+    def one(entry: CatalogueEntry) -> FamilyRow:
+        row = (_row_in_subprocess(entry, notebooks, timeout) if workers > 1
+               else family_row(entry, notebooks=notebooks))
+        status = "ok" if (row.passes if notebooks else row.trace_ok) else "FAIL"
+        with lock:
+            log(f"{row.family:24s} {row.spec:12s} {status:4s} {row.seconds:6.1f}s {row.reason or ''}")
+            if on_row is not None:
+                on_row(asdict(row))
+        return row
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        rows = list(pool.map(one, entries))
+    return {**_header(notebooks), "rows": [asdict(r) for r in rows]}
+
+
+def _header(notebooks: bool) -> dict:
+    import transformers
+
+    return {"transformers": transformers.__version__, "torch": torch.__version__,
+            "date": _dt.date.today().isoformat(), "notebooks": notebooks, "tolerance": TOLERANCE,
+            "max_tokens": MAX_TOKENS if notebooks else None}
+
+
+def merge(old: dict, new: dict) -> dict:
+    """``old`` with the rows of ``new`` replacing those of the same family (catalogue order)."""
+    by_family = {r["family"]: r for r in old.get("rows", [])}
+    by_family.update({r["family"]: r for r in new["rows"]})
+    order = [e.model_type for e in catalogue()]
+    rows = sorted(by_family.values(), key=lambda r: order.index(r["family"])
+                  if r["family"] in order else len(order))
+    return {**old, **{k: v for k, v in new.items() if k != "rows"}, "rows": rows}
+
+
+def summary_counts(data: dict) -> dict[str, int]:
+    """Listed families, families passing both analyses, derived / hand-written specs."""
+    rows = [FamilyRow(**r) for r in data["rows"]]
+    return {"listed": len(rows), "covered": sum(1 for r in rows if r.spec != "none"),
+            "pass": sum(1 for r in rows if r.passes),
+            "trace_ok": sum(1 for r in rows if r.trace_ok),
+            "derived": sum(1 for r in rows if r.spec == "derived" and r.trace_ok),
+            "hand_written": sum(1 for r in rows if r.spec == "hand-written")}
+
+
+def _mark(value: bool | None) -> str:
+    return "–" if value is None else ("✓" if value else "✗")
+
+
+def render_page(data: dict) -> str:
+    """The coverage page (Markdown) for a coverage matrix."""
+    counts = summary_counts(data)
+    lines = [
+        "# Model coverage",
+        "",
+        f"Every decoder Mixture-of-Experts family of the installed transformers "
+        f"({data['transformers']}, torch {data['torch']}), checked on {data['date']} with a tiny "
+        "random model built from the family's own config class. "
+        f"**{counts['listed']} families are listed; {counts['pass']} pass both analyses** "
+        f"(every notebook ran through `moe-book run` and every MoE block was rebuilt from its "
+        f"experts with relative error at most {data['tolerance']:g}).",
+        "",
+        "A family without a hand-written spec gets a *derived* one: the router, the experts' "
+        "fused or per-expert tensors, shared experts and their gate, dense layers, the MoE layer "
+        "pattern, the activation and the routing function are found from the model transformers "
+        "builds, and the routing function is the one candidate that reproduces the top-k experts "
+        "and weights of the model's own forward pass. A derived spec is accepted only when the "
+        "single-pass trace rebuilds every MoE block's output; otherwise the reason is listed.",
+        "",
+        "Columns: *weights* is observation 1 (weight analyses), *dynamic* observations 2 and 3 "
+        "(traced forward passes); *disk* says whether the checkpoint saved with per-expert "
+        "names and with fused names (`save_original_format=False`) streams the same weights as "
+        "the model holds, without building it. Regenerate with `make test-families` "
+        "(or `moe-book coverage --notebooks`)"
+        + (f"; the notebooks ran on the first {data['max_tokens']} tokens of their default inputs."
+           if data.get("max_tokens") else "."),
+        "",
+        "| family | transformers package | spec | weights | dynamic | disk | largest rebuild error | reason when not |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        err = "" if r["rebuild_error"] is None else f"{r['rebuild_error']:.1e}"
+        reason = (r["reason"] or "").replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| `{r['family']}` | {r['package']} | {r['spec']} | {_mark(r['weights_ok'])} | "
+                     f"{_mark(r['dynamic_ok'])} | {_mark(r['disk_ok'])} | {err} | {reason} |")
+    lines += ["", "## How each family routes, and what to keep in mind", "",
+              "Quirks that change how a number on a model's pages reads (hybrid stacks, "
+              "sigmoid routers with bias-based balancing, group-limited routing, chosen weights "
+              "that do not sum to 1) are repeated on that model's pages.", ""]
+    for r in data["rows"]:
+        if r["spec"] == "none" or not r.get("routing"):
+            continue
+        lines.append(f"**`{r['family']}`** ({r['spec']}): {r['routing']}.")
+        for q in r.get("quirks") or []:
+            lines.append(f"- {q}")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write(data: dict, root: Path = Path(".")) -> tuple[Path, Path]:
+    """Write the data file and the page under ``root``."""
+    data_path, page_path = root / DATA_FILE, root / PAGE_FILE
+    data_path.parent.mkdir(parents=True, exist_ok=True)
+    data_path.write_text(json.dumps(data, indent=1) + "\n")
+    page_path.write_text(render_page(data))
+    return data_path, page_path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``moe-book coverage [--notebooks] [--families A B ...] [--workers N] [--root DIR]``."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="moe-book coverage", description=__doc__.split("\n\n")[0])
+    p.add_argument("--notebooks", action="store_true",
+                   help="also run every per-model notebook (slow: a minute or two per family)")
+    p.add_argument("--families", nargs="+", metavar="NAME",
+                   help="only these families (their rows replace those in the existing data file)")
+    p.add_argument("--workers", type=int, default=1, help="families checked in parallel")
+    p.add_argument("--root", type=Path, default=Path("."), help="book root (default .)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows already in the data file and check the other families")
+    p.add_argument("--row", metavar="NAME", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.row:
+        entry = next(e for e in catalogue() if e.model_type == args.row)
+        print(json.dumps(asdict(family_row(entry, notebooks=args.notebooks))))
+        return 0
+    existing = args.root / DATA_FILE
+    partial = args.families is not None or args.resume
+    old = json.loads(existing.read_text()) if partial and existing.is_file() else {"rows": []}
+    done = [r["family"] for r in old["rows"] if r.get("weights_ok") is not None or
+            not args.notebooks] if args.resume else []
+
+    def save(row: dict) -> None:  # progress is kept if the run is interrupted
+        nonlocal old
+        old = merge(old, {**_header(args.notebooks), "rows": [row]})
+        write(old, args.root)
+
+    data = merge(old, coverage(args.families, notebooks=args.notebooks, workers=args.workers,
+                               skip=done, on_row=save))
+    paths = write(data, args.root)
+    print(f"wrote {paths[0]} and {paths[1]}")
+    counts = summary_counts(data)
+    print(f"{counts['listed']} families listed, {counts['trace_ok']} rebuilt within "
+          f"{TOLERANCE:g}, {counts['pass']} pass both analyses")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
