@@ -62,6 +62,7 @@ def test_across_seed_rule() -> None:
     assert v(2, [0.3, 0.1, 0.29], ["holds"] * 3, 0.125)[0] == "inconclusive"  # one seed below baseline
     assert v(1, [-0.2, -0.21, -0.19], ["does not hold"] * 3, 0.0)[0] == "does not hold"
     assert v(1, [0.5], ["holds"], 0.0)[0] == "inconclusive"  # one seed is never enough
+    assert v(1, [0.5, 0.51], ["holds", "holds"], 0.0)[0] == "inconclusive"  # nor are two
     assert v(3, [0.1, 2.0, 1.5], ["holds", "holds", "holds"], 0.0)[0] == "holds"
     assert v(3, [0.1, 2.0, 1.5], ["holds", "inconclusive", "holds"], 0.0)[0] == "inconclusive"
     m, lo, hi = S.t_interval([1.0, 2.0, 3.0])

@@ -12,7 +12,9 @@ Across-seed verdict rule (fixed before any replicate was measured):
   every seed's effect is above it; it **does not hold** when the interval lies at or below the
   baseline and every seed's effect is at or below it; otherwise it is **inconclusive**;
 * observation 3 (a two-part pattern with no interval): **holds** when it holds in every seed,
-  **does not hold** when it fails in every seed, **inconclusive** otherwise.
+  **does not hold** when it fails in every seed, **inconclusive** otherwise;
+* fewer than ``MIN_SEEDS`` (3) measured seeds give **inconclusive** whatever the effects: the
+  t-interval of two seeds reflects only how far apart two runs happened to fall.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from moe_utils.zoo import replicates as R
 from moe_utils.zoo.replicates import Replicate
 
 HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
+MIN_SEEDS = 3
 INPUTS = "long"  # the observation notebooks' default input
 
 
@@ -192,13 +195,15 @@ def across_seed_verdict(observation: int, effects: Sequence[float], verdicts: Se
                         baseline: float) -> tuple[str, float, float, float]:
     """The module docstring's rule: (verdict, mean effect, ci_low, ci_high)."""
     m, lo, hi = t_interval(effects)
+    if len(effects) < MIN_SEEDS:
+        return INCONCLUSIVE, m, lo, hi
     if observation == 3:
         v = HOLDS if all(x == HOLDS for x in verdicts) else FAILS if all(x == FAILS for x in verdicts) else INCONCLUSIVE
         return v, m, lo, hi
     e = np.asarray(effects, dtype=float)
-    if len(e) >= 2 and lo > baseline and (e > baseline).all():
+    if lo > baseline and (e > baseline).all():
         return HOLDS, m, lo, hi
-    if len(e) >= 2 and hi <= baseline and (e <= baseline).all():
+    if hi <= baseline and (e <= baseline).all():
         return FAILS, m, lo, hi
     return INCONCLUSIVE, m, lo, hi
 
