@@ -140,3 +140,15 @@ def dense_outputs(weights: DenseMLPWeights, x: Tensor, chunk_tokens: int = 4096)
             out[a:b] = F.linear(hidden, weights.w_down.float()).cpu()
     check_finite(out, weights.layer, None, "dense MLP output on the captured inputs")
     return out
+
+
+def shared_expert_output(weights: MoELayerWeights, x: Tensor) -> Tensor | None:
+    """The shared experts' contribution to the block output [N,H] (after a sigmoid gate when the
+    family has one, as Qwen2-MoE); None when the layer has no shared expert."""
+    if weights.shared is None:
+        return None
+    out = dense_outputs(weights.shared, x)
+    if weights.shared_gate is not None:
+        out = torch.sigmoid(x.float() @ weights.shared_gate.float().cpu().T) * out
+    return out
+

@@ -34,7 +34,7 @@ from moe_utils.arch.config import config_dict
 from moe_utils.errors import InputTooLongError, LayerIndexError, MoEUtilsError, NonFiniteError
 from moe_utils.finite import is_finite, nonfinite_counts
 from moe_utils.expert_math import (apply_experts, dense_intermediates, dense_outputs,
-                                   expert_intermediates, expert_outputs)
+                                   expert_intermediates, expert_outputs, shared_expert_output)
 from moe_utils.routing import RouteParams, route, route_params
 from moe_utils.weights import MoELayerWeights, layer_weights
 
@@ -390,15 +390,6 @@ class LayerCheck:
     routing_source: str
 
 
-def _shared_output(weights: MoELayerWeights, x: Tensor) -> Tensor | None:
-    if weights.shared is None:
-        return None
-    out = dense_outputs(weights.shared, x)
-    if weights.shared_gate is not None:
-        out = torch.sigmoid(x.float() @ weights.shared_gate.float().cpu().T) * out
-    return out
-
-
 def _recompute_routing(lt: LayerTrace, weights: MoELayerWeights,
                        routing: RouteParams | None) -> tuple[RouteParams, Tensor, Tensor]:
     """``(params, top_k_weight, top_k_index)`` recomputed from the captured logits."""
@@ -414,7 +405,7 @@ def _rebuild(lt: LayerTrace, weights: MoELayerWeights, params: RouteParams, weig
     out = apply_experts(weights, lt.x, index, weight, scale_input=params.scales_input)
     if params.routed_output_scale != 1.0:
         out = out * params.routed_output_scale
-    shared = _shared_output(weights, lt.x)
+    shared = shared_expert_output(weights, lt.x)
     if shared is not None and params.shared_output_scale != 1.0:
         shared = shared * params.shared_output_scale
     return out if shared is None else out + shared

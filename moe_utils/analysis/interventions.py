@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .. import metrics as M
-from ..expert_math import dense_outputs, expert_outputs
+from ..expert_math import expert_outputs, shared_expert_output
 from ..routing import route_params
 from ..weights import MoELayerWeights, layer_weights
 from .verdicts import versus_baseline
@@ -102,15 +102,6 @@ def select(policy: Policy, probs: Tensor, norms: Tensor, top_k: int, renormalize
     raise ValueError(f"unknown policy {policy.kind!r}")
 
 
-def _shared(w: MoELayerWeights, x: Tensor) -> Tensor | None:
-    if w.shared is None:
-        return None
-    out = dense_outputs(w.shared, x)
-    if w.shared_gate is not None:
-        out = torch.sigmoid(x @ w.shared_gate.float().T) * out
-    return out
-
-
 def _policy_forward(w: MoELayerWeights, top_k: int, renormalize: bool, policy: Policy, gen: torch.Generator):
     router = w.router.float()
     bias = None if w.router_bias is None else w.router_bias.float()
@@ -123,7 +114,7 @@ def _policy_forward(w: MoELayerWeights, top_k: int, renormalize: bool, policy: P
         y = expert_outputs(w, x)  # [N,E,H]
         index, weight = select(policy, probs, y.norm(dim=-1), top_k, renormalize, gen)
         out = (y.gather(1, index.unsqueeze(-1).expand(-1, -1, y.shape[-1])) * weight.unsqueeze(-1)).sum(dim=1)
-        shared = _shared(w, x)
+        shared = shared_expert_output(w, x)
         if shared is not None:
             out = out + shared
         return out.to(dtype).reshape(shape)
