@@ -19,6 +19,8 @@ import threading
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from moe_utils.background import beside
+
 MADV_PAGEOUT = 21
 
 
@@ -60,17 +62,13 @@ def release_file_pages(files: Iterable[str | Path]) -> int:
 def shedding_file_pages(files: Iterable[str | Path], interval: float = 0.2) -> Iterator[None]:
     """Page out mapped pages of ``files`` periodically while the block runs, and once after."""
     files = list(files)
-    stop = threading.Event()
 
-    def loop() -> None:
+    def loop(stop: threading.Event) -> None:
         while not stop.wait(interval):
             release_file_pages(files)
 
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
     try:
-        yield
+        with beside(loop):
+            yield
     finally:
-        stop.set()
-        thread.join(timeout=5)
         release_file_pages(files)

@@ -18,6 +18,8 @@ from typing import IO, Any, Iterable, Iterator
 from tqdm.auto import tqdm as _auto_tqdm
 from tqdm.std import tqdm as _std_tqdm
 
+from moe_utils.background import beside
+
 PROGRESS_ENV = "MOE_BOOK_PROGRESS"
 
 
@@ -50,9 +52,8 @@ def relay(path: Path, stream: IO[str] | None = None, interval: float = 0.5) -> I
     out = stream if stream is not None else sys.stderr
     path = Path(path)
     path.touch()
-    stop = threading.Event()
 
-    def pump() -> None:
+    def pump(stop: threading.Event) -> None:
         with open(path, encoding="utf-8", errors="replace") as f:
             while True:
                 chunk = f.read()
@@ -64,10 +65,5 @@ def relay(path: Path, stream: IO[str] | None = None, interval: float = 0.5) -> I
                 else:
                     stop.wait(interval)
 
-    thread = threading.Thread(target=pump, daemon=True)
-    thread.start()
-    try:
+    with beside(pump):
         yield
-    finally:
-        stop.set()
-        thread.join(timeout=5)
