@@ -21,7 +21,7 @@ from torch import nn
 
 from moe_utils.arch import FamilySpec, require_moe, spec_for_config
 from moe_utils.arch.config import config_dict, read_config_json
-from moe_utils.arch.spec import ExpertTensors, MLPTensors, WeightFormat
+from moe_utils.arch.spec import ExpertTensors, MLPTensors, MoETensors, WeightFormat
 from moe_utils.checkpoint import CheckpointReader
 from moe_utils.errors import CheckpointError, LayerIndexError, MoEUtilsError, NonFiniteError
 from moe_utils.finite import ScreenedSource, check_finite, is_finite, nonfinite_counts, unwrap
@@ -204,6 +204,16 @@ def _first_expert_tensor(ex: ExpertTensors) -> str:
     return name
 
 
+def _probe_names(moe: MoETensors) -> list[str]:
+    """The tensors whose presence identifies a naming scheme of an MoE block: the router, one
+    expert tensor and every optional part (shared expert, its gate, biases), so that two schemes
+    sharing router and expert names (fused vs original on-disk spellings) are told apart by the
+    parts they name differently."""
+    shared = () if moe.shared is None else (moe.shared.act, moe.shared.up, moe.shared.down)
+    return [n for n in (moe.router, _first_expert_tensor(moe.experts), moe.router_bias,
+                        moe.correction_bias, moe.shared_gate, *shared) if n]
+
+
 def pick_format(src: TensorSource, spec: FamilySpec, layer: int, want: str) -> WeightFormat:
     """The first naming scheme of ``spec`` whose router (or dense MLP) tensor exists."""
     tried = []
@@ -211,7 +221,7 @@ def pick_format(src: TensorSource, spec: FamilySpec, layer: int, want: str) -> W
         part = fmt.moe if want == "moe" else fmt.dense
         if part is None:
             continue
-        probes = [part.router, _first_expert_tensor(part.experts)] if want == "moe" else [part.up]
+        probes = _probe_names(part) if want == "moe" else [part.up]
         names = [tensor_name(fmt, layer, p) for p in probes]
         if all(src.has(name) for name in names):
             return fmt

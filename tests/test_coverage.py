@@ -28,9 +28,11 @@ from moe_utils.trace import trace, verify_trace
 # choice-only bias (ernie4_5_moe), routed/shared average (cohere2_moe), block-level bias
 # (minimax_m2), group-limited routing (bailing_hybrid), Mamba hybrid with gate-less relu^2
 # experts (nemotron_h), a multimodal model's text decoder (qwen3_vl_moe_text), fused experts
-# under other names on disk (granitemoeshared).
+# under other names on disk (granitemoeshared), a shared expert whose gate projection is renamed
+# by the original on-disk spelling only (hy_v4), a per-layer dense/sparse list (deepseek_ocr2_text).
 SAMPLE = ["glm4_moe", "qwen3_5_moe_text", "ernie4_5_moe", "cohere2_moe", "minimax_m2",
-          "bailing_hybrid", "nemotron_h", "qwen3_vl_moe_text", "granitemoeshared"]
+          "bailing_hybrid", "nemotron_h", "qwen3_vl_moe_text", "granitemoeshared", "hy_v4",
+          "deepseek_ocr2_text"]
 ALL = [e.model_type for e in catalogue() if not e.excluded]
 FAMILIES = ALL if os.environ.get("MOE_BOOK_ALL_FAMILIES") else SAMPLE
 REPO = Path(__file__).resolve().parents[1]

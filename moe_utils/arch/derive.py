@@ -938,8 +938,8 @@ def _fit_output_scales(spec: FamilySpec, model: nn.Module, config) -> tuple[floa
 
     Cohere2-MoE can average routed and shared outputs (0.5, 0.5); some blocks apply the routed
     scaling factor after the experts instead of to the weights."""
-    from moe_utils.expert_math import apply_experts
-    from moe_utils.trace import _recompute_routing, _shared_output, trace
+    from moe_utils.expert_math import apply_experts, shared_expert_output
+    from moe_utils.trace import _recompute_routing, trace
     from moe_utils.weights import layer_weights
 
     lm = _tiny_lm(spec, model, config)
@@ -948,7 +948,7 @@ def _fit_output_scales(spec: FamilySpec, model: nn.Module, config) -> tuple[floa
     w = layer_weights(lm, layer)
     params, weight, index = _recompute_routing(lt, w, None)
     routed = apply_experts(w, lt.x, index, weight, scale_input=params.scales_input).reshape(-1)
-    shared = _shared_output(w, lt.x)
+    shared = shared_expert_output(w, lt.x)
     y = lt.block_output.reshape(-1).double()
     if shared is None:
         a = float((routed.double() @ y) / (routed.double() @ routed.double()).clamp_min(1e-30))

@@ -71,7 +71,8 @@ def _resample(values: list, n: int) -> list:
     if len(distinct) <= 1:
         return [values[0]] * n
     # keep the original order of the first n entries, then force in the kinds that are missing
-    out = list(values[:n])
+    out = list(values[:n]) if n <= len(values) else \
+        [values[i * len(values) // n] for i in range(n)]  # stretched to a deeper stack
     missing = [k for k in distinct if k not in {str(v) for v in out}]
     for slot, kind in zip(range(n - 1, -1, -1), missing):
         out[slot] = by_str[kind]
@@ -142,7 +143,10 @@ def tiny_config_dict(config_class, base: Mapping[str, Any] | None = None,
         scaled[-1] += target - sum(scaled)
         out["rope_parameters"] = {**rope, "mrope_section": scaled}
     model_type = getattr(config_class, "model_type", "")
-    out.update(_FAMILY_OVERRIDES.get(model_type, {}))
+    for key, value in _FAMILY_OVERRIDES.get(model_type, {}).items():
+        if isinstance(value, list) and key != "num_hidden_layers" and len(value) != out.get("num_hidden_layers", n):
+            value = _resample(value, out.get("num_hidden_layers", n))  # per-layer list, other depth
+        out[key] = value
     return out
 
 
