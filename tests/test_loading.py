@@ -8,11 +8,11 @@ import sys
 import pytest
 import torch
 
-from moe_utils.errors import (CheckpointError, NotMoEModelError, OfflineError, PickleRefusedError,
+from moe_utils.core.errors import (CheckpointError, NotMoEModelError, OfflineError, PickleRefusedError,
                               RemoteCodeRequiredError, UnknownFamilyError)
-from moe_utils.loading import load_model, resolve_model
-from moe_utils.trace import trace
-from moe_utils.weights import layer_weights
+from moe_utils.models.loading import load_model, resolve_model
+from moe_utils.engine.trace import trace
+from moe_utils.models.weights import layer_weights
 from tiny_models import save, sequences, synthetic_deepseekmoe, synthetic_grok, tiny
 
 

@@ -1,4 +1,4 @@
-"""moe_utils.runner: names, parameters, notebook discovery, planning, tidying, failures."""
+"""moe_utils.publish.runner: names, parameters, notebook discovery, planning, tidying, failures."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import nbformat
 import pytest
 from papermill.cli import _resolve_type as papermill_resolve
 
-from moe_utils import runner
-from moe_utils.errors import MoEUtilsError
-from moe_utils.runner import (
+from moe_utils.publish import runner
+from moe_utils.core.errors import MoEUtilsError
+from moe_utils.publish.runner import (
     Job,
     NotebookInfo,
     NotebookRunError,

@@ -13,7 +13,7 @@ from moe_utils.arch.config import config_dict, first_of, get_path
 from moe_utils.arch.families import FAMILIES
 from moe_utils.arch.spec import (ConfigKeys, ExpertTensors, FamilySpec, LayerRule, MLPTensors,
                                  ModulePaths, MoETensors, RouterCapture, RoutingSpec, WeightFormat)
-from moe_utils.errors import NotMoEModelError, UnknownFamilyError
+from moe_utils.core.errors import NotMoEModelError, UnknownFamilyError
 
 SPECS: dict[str, FamilySpec] = {spec.name: spec for spec in FAMILIES}
 
@@ -41,7 +41,7 @@ def get_spec(name: str) -> FamilySpec:
                                  f"{', '.join(SPECS)}; specs are also derived for the MoE families "
                                  "of the installed transformers (see the coverage page). "
                                  f"{_HOW_TO_ADD}")
-    from moe_utils.arch.derive import derive_family
+    from moe_utils.models.derive import derive_family
 
     return derive_family(entry.model_type)
 
@@ -65,7 +65,7 @@ def spec_for_config(config: Any) -> FamilySpec:
         described += f", architectures {list(architectures)}"
     why = "it has no model_type"
     if model_type:
-        from moe_utils.arch.derive import spec_for_unknown
+        from moe_utils.models.derive import spec_for_unknown
 
         try:
             return spec_for_unknown(cfg)

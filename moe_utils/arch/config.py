@@ -30,7 +30,7 @@ def config_dict(config: Any) -> dict:
 
 def read_config_json(folder: Path) -> dict:
     """Parse ``folder/config.json``; raise CheckpointError if it is missing or not JSON."""
-    from moe_utils.errors import CheckpointError
+    from moe_utils.core.errors import CheckpointError
 
     path = Path(folder) / "config.json"
     if not path.is_file():

@@ -27,7 +27,7 @@ def _scalar(value: Any, what: str) -> int:
     if isinstance(value, (list, tuple)):
         distinct = set(value)
         if len(distinct) != 1:
-            from moe_utils.errors import UnknownFamilyError
+            from moe_utils.core.errors import UnknownFamilyError
 
             raise UnknownFamilyError(f"the config gives a different {what} per layer ({value}); "
                                      "per-layer values are not supported yet")
@@ -206,7 +206,7 @@ class RouterCapture:
 
 @dataclass(frozen=True)
 class RoutingSpec:
-    """The routing function, with config keys for its parameters (resolved by moe_utils.routing).
+    """The routing function, with config keys for its parameters (resolved by moe_utils.engine.routing).
 
     ``method``:
       ``softmax_topk``      softmax over E -> top-k (optionally group-limited) -> optional
@@ -281,7 +281,7 @@ class FamilySpec:
                     return self.defaults[key]
             if not required:
                 return None
-            from moe_utils.errors import CheckpointError
+            from moe_utils.core.errors import CheckpointError
 
             raise CheckpointError(f"{self.name} config has no {what} (looked for "
                                   f"{', '.join(keys)}); add one of these keys to config.json")

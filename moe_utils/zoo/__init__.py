@@ -29,7 +29,7 @@ def zoo_path(name: str) -> Path:
     Accepts ``"tiny-dense"`` or ``"zoo:tiny-dense"``. Raises ``CheckpointError`` (a
     ``FileNotFoundError``) listing the known names when the name is unknown or the files are missing.
     """
-    from moe_utils.errors import CheckpointError
+    from moe_utils.core.errors import CheckpointError
 
     key = name[4:] if name.startswith("zoo:") else name
     if key not in ZOO_MODELS:

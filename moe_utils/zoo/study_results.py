@@ -107,7 +107,7 @@ def _training_row(rep: Replicate, folder: Path) -> dict[str, Any]:
 def write_replicate_results(rep: Replicate, out: Path, log=print) -> list[Path]:
     """Measure a trained replicate (and its snapshots) and write its results files."""
     from moe_utils.analysis import headlines as H
-    from moe_utils.results import write_result
+    from moe_utils.analysis.results import write_result
     from moe_utils.zoo.study import replicate_dir, snapshot_dir
 
     folder = model_folder(rep, out)
@@ -149,7 +149,7 @@ def write_replicate_results(rep: Replicate, out: Path, log=print) -> list[Path]:
 
 def _fingerprint(folder: Path) -> str:
     from moe_utils.arch.config import read_config_json
-    from moe_utils.checkpoint import checkpoint_fingerprint, find_weight_files
+    from moe_utils.models.checkpoint import checkpoint_fingerprint, find_weight_files
 
     return checkpoint_fingerprint(read_config_json(folder), find_weight_files(folder))
 
@@ -158,7 +158,7 @@ def _fingerprint(folder: Path) -> str:
 
 def load_shipped(root: Path | None = None) -> dict[str, dict[str, pd.DataFrame]]:
     """Every shipped replicate's tables, by replicate name (replicates without results are absent)."""
-    from moe_utils.results import read_result
+    from moe_utils.analysis.results import read_result
 
     root = shipped_study_dir() if root is None else Path(root)
     out: dict[str, dict[str, pd.DataFrame]] = {}

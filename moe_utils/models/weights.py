@@ -22,9 +22,9 @@ from torch import nn
 from moe_utils.arch import FamilySpec, require_moe, spec_for_config
 from moe_utils.arch.config import config_dict, read_config_json
 from moe_utils.arch.spec import ExpertTensors, MLPTensors, WeightFormat
-from moe_utils.checkpoint import CheckpointReader
-from moe_utils.errors import CheckpointError, LayerIndexError, MoEUtilsError, NonFiniteError
-from moe_utils.finite import ScreenedSource, check_finite, is_finite, nonfinite_counts, unwrap
+from moe_utils.models.checkpoint import CheckpointReader
+from moe_utils.core.errors import CheckpointError, LayerIndexError, MoEUtilsError, NonFiniteError
+from moe_utils.core.finite import ScreenedSource, check_finite, is_finite, nonfinite_counts, unwrap
 
 Tensor = torch.Tensor
 
@@ -183,7 +183,7 @@ def open_source(source: Any, allow_pickle: bool) -> tuple[TensorSource, FamilySp
         src = ModelSource(source)
         return src, spec_for_config(src.config)
     if isinstance(source, (str, Path)):
-        from moe_utils.loading import resolve_folder
+        from moe_utils.models.loading import resolve_folder
 
         folder = resolve_folder(source)
         src = FolderSource(folder, allow_pickle=allow_pickle)
@@ -442,7 +442,7 @@ def layer_weights(source: Any, layer: int, dtype: torch.dtype | None = torch.flo
     of a streamed layer instead of a float32 one).
 
     Non-finite weights raise :class:`NonFiniteError`, unless ``source`` is a
-    :class:`~moe_utils.finite.ScreenedSource` (the offending experts are then left out).
+    :class:`~moe_utils.core.finite.ScreenedSource` (the offending experts are then left out).
     """
     source, screen = unwrap(source)
     src, spec = open_source(source, allow_pickle)

@@ -22,7 +22,7 @@ from typing import Iterable
 
 import torch
 
-from moe_utils.errors import CheckpointError, PickleRefusedError
+from moe_utils.core.errors import CheckpointError, PickleRefusedError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"

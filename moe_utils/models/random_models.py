@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from moe_utils.arch import FamilySpec, get_spec
-from moe_utils.errors import RemoteCodeRequiredError
+from moe_utils.core.errors import RemoteCodeRequiredError
 
 BYTE_SPECIALS = ("<s>", "</s>", "<pad>")
 
@@ -51,7 +51,7 @@ def random_config(spec: FamilySpec, **overrides: Any):
 
     cls = getattr(transformers, spec.config_class, None)
     if cls is None:
-        from moe_utils.arch.derive import config_class_for
+        from moe_utils.models.derive import config_class_for
 
         cls = config_class_for(spec.model_types[0])
     return cls(**{**dict(spec.tiny_config), **overrides})
@@ -63,8 +63,8 @@ def random_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32,
     Correction-bias buffers (zeros at init) get small random values so the "bias picks, unbiased
     score weighs" path of DeepSeek-V3-style routers is exercised.
     """
-    from moe_utils.arch.derive import build_model
-    from moe_utils.weights import tensor_name
+    from moe_utils.models.derive import build_model
+    from moe_utils.models.weights import tensor_name
 
     spec = get_spec(family)
     config = random_config(spec, **overrides)

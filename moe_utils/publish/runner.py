@@ -14,7 +14,7 @@ the book, "back": after them). Without that key, names starting with ``obs`` are
 anything else is book-level; ``organisms`` goes to the front, the rest to the back.
 
 Every notebook runs with ``BOOK_BUILD=1`` in its kernel's environment (so charts use the offline
-renderer of :mod:`moe_utils.render`), its working directory set to the folder it is written to,
+renderer of :mod:`moe_utils.publish.render`), its working directory set to the folder it is written to,
 and paths injected relative to that folder, so the executed notebooks carry no machine-specific
 paths and still work when opened where they lie.
 """
@@ -38,8 +38,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import nbformat
 
-from moe_utils.errors import MoEUtilsError, OutputFolderError, RunInterrupted, UsageError
-from moe_utils.render import BOOK_BUILD_ENV
+from moe_utils.core.errors import MoEUtilsError, OutputFolderError, RunInterrupted, UsageError
+from moe_utils.publish.render import BOOK_BUILD_ENV
 
 BOOK_FOLDER = "book"
 """Name of the run folder that holds the book-level notebooks (reserved: no model slug may use it)."""
@@ -353,7 +353,7 @@ def check_request_parameters(notebooks: Sequence[NotebookInfo], values: dict[str
     each declaring notebook gives it; an ``inputs`` file and a local ``dense_baseline`` folder
     must exist. Raises :class:`UsageError`; returns notebook name -> declared parameter names.
     """
-    from moe_utils.params import check_parameters, notebook_parameters
+    from moe_utils.publish.params import check_parameters, notebook_parameters
 
     per_notebook = {nb.name: notebook_parameters(nb.path) for nb in notebooks}
     union: dict[str, Any] = {}
@@ -368,15 +368,15 @@ def check_request_parameters(notebooks: Sequence[NotebookInfo], values: dict[str
         check_parameters({k: v for k, v in values.items() if k in specs}, specs,
                          where=f"notebook(s) {names}")
     if isinstance(values.get("inputs"), str):
-        from moe_utils.errors import InputSpecError
-        from moe_utils.inputs import check_inputs_spec
+        from moe_utils.core.errors import InputSpecError
+        from moe_utils.engine.inputs import check_inputs_spec
 
         try:
             check_inputs_spec(values["inputs"])
         except InputSpecError as exc:
             raise UsageError(f"-p inputs: {exc}") from exc
     if isinstance(values.get("dtype"), str):
-        from moe_utils.loading import as_dtype  # imports torch: only when a dtype is given
+        from moe_utils.models.loading import as_dtype  # imports torch: only when a dtype is given
 
         try:
             as_dtype(values["dtype"])
@@ -445,7 +445,7 @@ def kernel_environment() -> Iterator[None]:
     elsewhere would miss moe_utils). The package's own progress bars (per layer, per reordered
     pair) go to a log file named by ``MOE_BOOK_PROGRESS``, relayed to this process's stderr.
     """
-    from moe_utils.progress import PROGRESS_ENV, relay
+    from moe_utils.core.progress import PROGRESS_ENV, relay
 
     settings = {BOOK_BUILD_ENV: "1", "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     saved = {key: os.environ.get(key) for key in (*settings, "JUPYTER_PATH", PROGRESS_ENV)}

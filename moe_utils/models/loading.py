@@ -3,7 +3,7 @@
 Nothing from a checkpoint folder is executed unless ``trust_remote_code=True`` is passed, and
 pickle weights are refused unless ``allow_pickle=True``. Families whose code is not part of
 transformers (DeepSeekMoE, Grok-1) still work for weight analyses, which stream safetensors
-without building the model (:mod:`moe_utils.weights`).
+without building the model (:mod:`moe_utils.models.weights`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from torch import nn
 
 from moe_utils.arch import FamilySpec, get_spec, require_moe, spec_for_config
 from moe_utils.arch.config import config_dict, read_config_json
-from moe_utils.checkpoint import (checkpoint_fingerprint, find_weight_files, hub_revision,
+from moe_utils.models.checkpoint import (checkpoint_fingerprint, find_weight_files, hub_revision,
                                   verify_safetensors)
-from moe_utils.errors import CheckpointError, OfflineError, RemoteCodeRequiredError
+from moe_utils.core.errors import CheckpointError, OfflineError, RemoteCodeRequiredError
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -166,7 +166,7 @@ def _canonical_config(path: Path, cfg: dict, spec: FamilySpec, trust_remote_code
 def load_tokenizer(path: str | Path | None, trust_remote_code: bool = False):
     """Tokenizer stored with a model folder, or None when the folder has none."""
     if path is None:
-        from moe_utils.random_models import byte_tokenizer
+        from moe_utils.models.random_models import byte_tokenizer
 
         return byte_tokenizer()
     path = Path(path)
@@ -202,13 +202,13 @@ def load_model(model: str | Path, dtype: str | torch.dtype = "float32", device_m
     torch_dtype = as_dtype(dtype)
     ref = resolve_model(model, revision, include_code=trust_remote_code)
     if ref.kind == "random":
-        from moe_utils.random_models import byte_tokenizer, random_fingerprint, random_model
+        from moe_utils.models.random_models import byte_tokenizer, random_fingerprint, random_model
 
         module, config = random_model(ref.family, seed=seed, dtype=torch_dtype,
                                       **(config_overrides or {}))
         spec = get_spec(ref.family)
         if spec.derived and config_overrides:  # derived specs hold their config's layer pattern
-            from moe_utils.arch.derive import derive_spec
+            from moe_utils.models.derive import derive_spec
 
             spec = derive_spec(config, tiny=True)
         fingerprint = random_fingerprint(ref.family, config, seed)
@@ -229,13 +229,13 @@ def load_model(model: str | Path, dtype: str | torch.dtype = "float32", device_m
                 f"{'has an auto_map' if 'auto_map' in cfg else 'names a model type transformers does not know'}). "
                 "Code from a checkpoint folder only runs if you opt in: pass "
                 "trust_remote_code=True if you trust its source. Weight-only analyses work without "
-                "it: moe_utils.weights.layer_weights(<folder>, layer) streams the safetensors.")
+                "it: moe_utils.models.weights.layer_weights(<folder>, layer) streams the safetensors.")
         files = find_weight_files(path, allow_pickle=allow_pickle)
         verify_safetensors(files)
         config = _canonical_config(path, cfg, spec, trust_remote_code)
         from transformers import AutoModelForCausalLM
 
-        from moe_utils.memory import shedding_file_pages
+        from moe_utils.core.memory import shedding_file_pages
 
         # converted tensors (fused experts) would otherwise sit in memory twice: as the new
         # tensor and as touched pages of the file map

@@ -29,8 +29,8 @@ from typing import Any
 
 import yaml
 
-from moe_utils.errors import MoEUtilsError
-from moe_utils.runner import (BOOK_FOLDER, FAILED_SUFFIX, METADATA_KEY, Log, default_models,
+from moe_utils.core.errors import MoEUtilsError
+from moe_utils.publish.runner import (BOOK_FOLDER, FAILED_SUFFIX, METADATA_KEY, Log, default_models,
                               model_label, model_slug, notebook_info)
 
 PAGES_DIR = "book"
@@ -168,7 +168,7 @@ def check_assets(root: Path, log: Log) -> None:
     """Write the vega bundle if missing; warn when the npm vendor files are missing."""
     bundle = root / VEGA_BUNDLE
     if not bundle.exists():
-        from moe_utils.render import write_vega_bundle
+        from moe_utils.publish.render import write_vega_bundle
 
         write_vega_bundle(bundle)
         log(f"wrote {bundle}")

@@ -46,7 +46,7 @@ from moe_utils.arch.activations import _PLAIN, activation
 from moe_utils.arch.config import config_dict
 from moe_utils.arch.spec import (ConfigKeys, ExpertTensors, FamilySpec, LayerRule, MLPTensors,
                                  ModulePaths, MoETensors, RouterCapture, RoutingSpec, WeightFormat)
-from moe_utils.errors import UnknownFamilyError
+from moe_utils.core.errors import UnknownFamilyError
 
 Tensor = torch.Tensor
 TOLERANCE = 1e-5
@@ -297,8 +297,8 @@ def _known_activation(name: str) -> bool:
 def _fit_experts(model: nn.Module, layer_prefix: str, blk: _Block, layer: int, config,
                  num_experts: int, top_k: int, hidden: int) -> tuple[ExpertTensors, str]:
     """Expert tensor layout and activation that reproduce the experts module's own output."""
-    from moe_utils.weights import ModelSource, _experts, MoELayerWeights
-    from moe_utils.expert_math import _expert_out
+    from moe_utils.models.weights import ModelSource, _experts, MoELayerWeights
+    from moe_utils.engine.expert_math import _expert_out
 
     src = ModelSource(model)
     x = torch.randn(11, hidden, generator=torch.Generator().manual_seed(1))
@@ -370,7 +370,7 @@ def _group_key(cfg: dict) -> str | None:
 
 
 def _routing_candidates(cfg: dict, num_experts: int, top_k: int):
-    from moe_utils.routing import RouteParams
+    from moe_utils.engine.routing import RouteParams
 
     group_key = _group_key(cfg)
     groups = [None] + (["top2_sum", "max"] if group_key else [])
@@ -397,7 +397,7 @@ def _matches(weight: Tensor, index: Tensor, want_w: Tensor, want_i: Tensor) -> b
 
 def _fit_routing(cap: dict, cfg: dict, num_experts: int, top_k: int,
                  biases: dict[str, Tensor]) -> tuple[RoutingSpec, str | None]:
-    from moe_utils.routing import route
+    from moe_utils.engine.routing import route
 
     logits, index, weight = cap["logits"], cap["index"], cap["weight"]
     if logits.shape[-1] != num_experts:
@@ -466,7 +466,7 @@ def _disk_format(model: nn.Module, memory: WeightFormat, layer: int, num_experts
     """The naming ``save_pretrained`` writes, matched by value to the in-memory tensors."""
     from safetensors import safe_open
 
-    from moe_utils.weights import ModelSource, _experts
+    from moe_utils.models.weights import ModelSource, _experts
 
     saved: dict[str, Tensor] = {}
     for path in sorted(folder.glob("*.safetensors")):
@@ -626,9 +626,10 @@ def derive_spec(config: Any, *, tiny: bool | None = None) -> FamilySpec:
 def _code_version() -> str:
     import transformers
 
-    here = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]
     parts = [transformers.__version__, torch.__version__]
-    for path in (here / "derive.py", here / "tiny.py", here / "spec.py", here.parent / "routing.py"):
+    for path in (package / "models" / "derive.py", package / "arch" / "tiny.py",
+                 package / "arch" / "spec.py", package / "engine" / "routing.py"):
         parts.append(hashlib.sha256(path.read_bytes()).hexdigest())
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
@@ -915,8 +916,8 @@ def _describe(routing: RoutingSpec, bias: str | None) -> str:
 
 
 def _tiny_lm(spec: FamilySpec, model: nn.Module, config):
-    from moe_utils.loading import LoadedModel
-    from moe_utils.random_models import byte_tokenizer
+    from moe_utils.models.loading import LoadedModel
+    from moe_utils.models.random_models import byte_tokenizer
 
     return LoadedModel(model=model, tokenizer=byte_tokenizer(), spec=spec, config=config,
                        name=f"derived:{spec.name}", path=None, fingerprint="derived",
@@ -938,9 +939,9 @@ def _fit_output_scales(spec: FamilySpec, model: nn.Module, config) -> tuple[floa
 
     Cohere2-MoE can average routed and shared outputs (0.5, 0.5); some blocks apply the routed
     scaling factor after the experts instead of to the weights."""
-    from moe_utils.expert_math import apply_experts
-    from moe_utils.trace import _recompute_routing, _shared_output, trace
-    from moe_utils.weights import layer_weights
+    from moe_utils.engine.expert_math import apply_experts
+    from moe_utils.engine.trace import _recompute_routing, _shared_output, trace
+    from moe_utils.models.weights import layer_weights
 
     lm = _tiny_lm(spec, model, config)
     layer = lm.moe_layers[0]
@@ -960,7 +961,7 @@ def _fit_output_scales(spec: FamilySpec, model: nn.Module, config) -> tuple[floa
 
 def _accept(spec: FamilySpec, model: nn.Module, config) -> None:
     """Refuse ``spec`` unless the trace rebuilds every MoE block of ``model`` (<= 1e-5)."""
-    from moe_utils.trace import trace, verify_trace
+    from moe_utils.engine.trace import trace, verify_trace
 
     lm = _tiny_lm(spec, model, config)
     checks = verify_trace(lm, trace(lm, _probe_sequences(3), layers=lm.moe_layers))
@@ -977,7 +978,7 @@ def _accept(spec: FamilySpec, model: nn.Module, config) -> None:
 
 def rebuild_errors(lm) -> dict[int, float]:
     """Largest relative rebuild error per MoE layer of a loaded model (for coverage reports)."""
-    from moe_utils.trace import trace, verify_trace
+    from moe_utils.engine.trace import trace, verify_trace
 
     g = torch.Generator().manual_seed(5)
     seqs = [[0] + torch.randint(3, 259, (n,), generator=g).tolist() for n in (17, 9)]
