@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_utils.models.loading import load_model
-from moe_utils.engine.trace import expert_outputs, trace
+from moe_utils.models.trace import expert_outputs, trace
 from moe_utils.models.weights import layer_weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -13,7 +13,7 @@ from scipy.stats import linregress
 
 from moe_utils.analysis import dynamic, static, summary, verdicts
 from moe_utils.analysis.results import write_result
-from moe_utils.engine.trace import trace
+from moe_utils.models.trace import trace
 from tiny_models import sequences, tiny
 
 

@@ -21,7 +21,7 @@ from moe_utils.arch.catalogue import catalogue
 from moe_utils.models.derive import DerivationError, derive_family, derive_spec
 from moe_utils.core.errors import UnknownFamilyError
 from moe_utils.models.loading import load_model
-from moe_utils.engine.trace import trace, verify_trace
+from moe_utils.models.trace import trace, verify_trace
 
 # One derived family per quirk: sigmoid + correction bias + shared expert + dense layer
 # (glm4_moe), hybrid linear attention + gated shared expert (qwen3_5_moe_text), softmax with a

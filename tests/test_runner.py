@@ -246,16 +246,12 @@ def test_failing_notebook_is_reported_and_earlier_output_kept(tmp_path: Path, ca
 
 
 def test_default_models_are_zoo_ids(monkeypatch) -> None:
-    import sys
     import types
 
     fake = types.ModuleType("moe_utils.zoo")
     fake.ZOO_MODELS = ("tiny-dense", "tiny-moe-upcycled", "tiny-moe-scratch")
     fake.DEFAULT_MOE_MODELS = ("tiny-moe-upcycled", "zoo:tiny-moe-scratch", "org/Other")
     fake.DEFAULT_DENSE_BASELINE = "tiny-dense"
-    monkeypatch.setitem(sys.modules, "moe_utils.zoo", fake)
-    import moe_utils
-
-    monkeypatch.setattr(moe_utils, "zoo", fake, raising=False)
+    monkeypatch.setattr(runner, "zoo", fake)
     assert runner.default_models() == (
         ["zoo:tiny-moe-upcycled", "zoo:tiny-moe-scratch", "org/Other"], "zoo:tiny-dense")

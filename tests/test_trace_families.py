@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_utils.core.errors import InputTooLongError, LayerIndexError, NotMoEModelError
-from moe_utils.engine.trace import (expert_intermediates, expert_outputs, router_scores, trace,
+from moe_utils.models.trace import (expert_intermediates, expert_outputs, router_scores, trace,
                              trace_dense, verify_trace)
 from moe_utils.models.weights import dense_mlp_weights, layer_weights
 from moe_utils.engine.expert_math import dense_outputs

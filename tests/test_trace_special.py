@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from moe_utils.models.loading import load_model
-from moe_utils.engine.trace import trace, verify_trace
+from moe_utils.models.trace import trace, verify_trace
 from moe_utils.models.weights import layer_weights
 from tiny_models import remote_style_loaded, save, sequences, tiny
 

@@ -25,12 +25,12 @@ from moe_utils.analysis import paper
 from moe_utils.analysis import observations, static, summary
 from moe_utils.analysis.context import open_study
 from moe_utils.core.errors import NonFiniteError
-from moe_utils.engine.expert_gram import cosine_from_gram as torch_cosine_from_gram
-from moe_utils.engine.expert_gram import expert_grams
+from moe_utils.models.expert_gram import cosine_from_gram as torch_cosine_from_gram
+from moe_utils.models.expert_gram import expert_grams
 from moe_utils.engine.expert_math import expert_outputs
 from moe_utils.core.finite import ScreenedSource
 from moe_utils.analysis.results import read_result
-from moe_utils.engine.trace import trace
+from moe_utils.models.trace import trace
 from moe_utils.models.weights import iter_layer_weights, layer_weights
 
 from summary_checks import INCONCLUSIVE, check_obs1, check_obs2, check_obs3, naive_mean, naive_table3

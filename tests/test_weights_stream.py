@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_utils.engine.expert_gram import cosine_from_gram, expert_grams
+from moe_utils.models.expert_gram import cosine_from_gram, expert_grams
 from moe_utils.models.weights import dense_mlp_weights, iter_layer_weights, layer_weights
 from tiny_models import NATIVE_MOE, save, tiny
 

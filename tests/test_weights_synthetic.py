@@ -10,7 +10,7 @@ import torch
 from moe_utils.arch import spec_for_config
 from moe_utils.arch.config import read_config_json
 from moe_utils.core.errors import CheckpointError, LayerIndexError, NotMoEModelError, PickleRefusedError
-from moe_utils.engine.expert_gram import expert_grams
+from moe_utils.models.expert_gram import expert_grams
 from moe_utils.models.weights import dense_mlp_weights, iter_layer_weights, layer_weights
 from tiny_models import synthetic_deepseekmoe, synthetic_grok, synthetic_mistral, synthetic_mixtral
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from moe_utils.arch import activation
 from moe_utils.core.finite import check_finite
-from moe_utils.models.weights import DenseMLPWeights, MoELayerWeights
+from moe_utils.engine.canonical import DenseMLPWeights, MoELayerWeights
 
 Tensor = torch.Tensor
 
