@@ -26,8 +26,10 @@ ZOO_MODELS: tuple[str, ...] = ("tiny-dense", "tiny-moe-upcycled", "tiny-moe-scra
 
 
 def cache_dir() -> Path:
-    """The package's cache folder: ``$MOE_UTILS_CACHE``, else ``~/.cache/moe_utils``."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "moe_utils")
+    """The package's cache folder: ``$MOE_UTILS_CACHE``, else ``moe_utils`` in ``$XDG_CACHE_HOME``
+    (default ``~/.cache``). Read when called, so a changed environment takes effect."""
+    return Path(os.environ.get(CACHE_ENV)
+                or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moe_utils")
 
 
 def zoo_dir() -> Path:
