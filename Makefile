@@ -34,7 +34,7 @@ $(VENDORED): package.json package-lock.json scripts/vendor.sh
 	touch $@
 
 $(VEGA_BUNDLE): $(INSTALLED)
-	$(BIN)/python -c "from moe_utils.render import write_vega_bundle; write_vega_bundle('$@')"
+	$(BIN)/python -c "from moe_utils.publish.render import write_vega_bundle; write_vega_bundle('$@')"
 
 vendor: $(VENDORED) $(VEGA_BUNDLE)
 

@@ -43,7 +43,7 @@ def main() -> None:
         print(f"wrote a one-layer Mixtral-width model ({weight_bytes / 1e9:.2f} GB bf16) in "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
         for name in args.notebooks:
-            cmd = [sys.executable, "-m", "moe_utils.cli", "run", "--model", str(folder), "--notebooks", name,
+            cmd = [sys.executable, "-m", "moe_utils.publish.cli", "run", "--model", str(folder), "--notebooks", name,
                    "--out", str(base / "runs"), "-p", "dtype", "bfloat16"]
             r = measured(cmd, env=env, cwd=ROOT)
             out["notebooks"][name] = {"seconds": r["seconds"], "peak_rss": r["peak_rss"],

@@ -59,7 +59,7 @@ def _reorder_child(folder: str, pairs: int, workers: int | None) -> None:
 
     from moe_utils.analysis.parallel import default_workers
     from moe_utils.metrics.neurons import _all_rows, _cosine_cost, _unit
-    from moe_utils.weights import layer_weights
+    from moe_utils.models.weights import layer_weights
 
     study = open_study(folder, None, weights_only=True)
     # one pair by its parts, in this process (all cores): the cosine matrix, then the assignment
@@ -134,7 +134,7 @@ def main() -> None:
 
         if not args.skip_notebook:
             evict(files)
-            cmd = [sys.executable, "-m", "moe_utils.cli", "run", "--model", str(folder), "--notebooks",
+            cmd = [sys.executable, "-m", "moe_utils.publish.cli", "run", "--model", str(folder), "--notebooks",
                    "obs1_neurons_as_experts", "--out", str(base / "runs"), "-p", "dtype", "bfloat16",
                    "-p", "reorder_max_pairs", "0"]
             nb = measured(cmd, env=env, cwd=ROOT)

@@ -2,7 +2,7 @@
 
 Reads ``benchmarks/results/obs1_mixtral.json`` and ``benchmarks/results/dynamic_mixtral.json``
 (written by ``obs1_layer.py`` and ``dynamic_model.py``), scales them with
-:func:`moe_utils.hardware.project` and prints Markdown tables.
+:func:`moe_utils.core.hardware.project` and prints Markdown tables.
 
     python benchmarks/project.py
 """
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from moe_utils.hardware import PAPER_MODEL_SHAPES, Measured, project  # noqa: E402
+from moe_utils.core.hardware import PAPER_MODEL_SHAPES, Measured, project  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from moe_utils.loading import load_model
-from moe_utils.trace import expert_outputs, trace
-from moe_utils.weights import layer_weights
+from moe_utils.models.loading import load_model
+from moe_utils.models.trace import expert_outputs, trace
+from moe_utils.models.weights import layer_weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _synthetic import machine, save_results  # noqa: E402

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from moe_utils import paper
+from moe_utils.analysis import paper
 from moe_utils.analysis.verdicts import FAILS, HOLDS, INCONCLUSIVE
 
 CHECKS = {}

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from scipy.stats import linregress
 
 from moe_utils.analysis import dynamic, static, summary, verdicts
-from moe_utils.results import write_result
-from moe_utils.trace import trace
+from moe_utils.analysis.results import write_result
+from moe_utils.models.trace import trace
 from tiny_models import sequences, tiny
 
 
@@ -58,7 +58,7 @@ def test_dense_baseline_appears_as_F_when_widths_match():
     class FakeDense:  # a dense "F" whose FFN equals expert 0 of the same layer
         pass
 
-    from moe_utils.weights import DenseMLPWeights
+    from moe_utils.models.weights import DenseMLPWeights
 
     def fake_dense_weights(source, layer, dtype=torch.float32):
         m = _mixtral_expert_mats(lm, layer)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moe_utils.arch import SPECS, get_spec, spec_for_config, supported_families
-from moe_utils.errors import UnknownFamilyError
+from moe_utils.core.errors import UnknownFamilyError
 from tiny_models import NATIVE_MOE, tiny
 
 # One line per family: the MoE layers of its tiny test config (worked out from the config by hand).

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moe_utils.arch import get_spec
-from moe_utils.routing import RouteParams, route, route_params
+from moe_utils.engine.routing import RouteParams, route, route_params
 from tiny_models import NATIVE_MOE, tiny
 
 

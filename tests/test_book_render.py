@@ -1,4 +1,4 @@
-"""moe_utils.render: the offline "book" Altair renderer and the vega bundle."""
+"""moe_utils.publish.render: the offline "book" Altair renderer and the vega bundle."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import altair as alt
 import pandas as pd
 import pytest
 
-from moe_utils.render import (
+from moe_utils.publish.render import (
     BOOK_RENDERER,
     DEFAULT_EMBED_OPTIONS,
     MISSING_LIBRARY_MESSAGE,

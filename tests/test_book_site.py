@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 import nbformat
 import pytest
 
-from moe_utils.render import MISSING_LIBRARY_MESSAGE
+from moe_utils.publish.render import MISSING_LIBRARY_MESSAGE
 
 MODEL = "random:mixtral"
 SLUG = "random-mixtral"
@@ -36,7 +36,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 def _moe_book(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "moe_utils.cli", *args],
+        [sys.executable, "-m", "moe_utils.publish.cli", *args],
         cwd=cwd, capture_output=True, text=True, timeout=1200,
     )
 

@@ -1,4 +1,4 @@
-"""moe_utils.bookbuild: the table of contents generated from a runs folder."""
+"""moe_utils.publish.bookbuild: the table of contents generated from a runs folder."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import nbformat
 import pytest
 from sphinx_external_toc.parsing import parse_toc_yaml
 
-from moe_utils import runner
-from moe_utils.bookbuild import GENERATED_TOC, PAGES_DIR, ROOT_PAGE, collect_runs, make_toc, write_toc
-from moe_utils.errors import MoEUtilsError
+from moe_utils.publish import runner
+from moe_utils.publish.bookbuild import GENERATED_TOC, PAGES_DIR, ROOT_PAGE, collect_runs, make_toc, write_toc
+from moe_utils.core.errors import MoEUtilsError
 
 
 def executed(path: Path, model: str | None = None, failed: bool = False, meta: dict | None = None) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from moe_utils import cli
+from moe_utils.publish import cli
 
 
 def test_help_lists_every_command(capsys) -> None:

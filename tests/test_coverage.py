@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_utils import coverage
+from moe_utils.publish import coverage
 from moe_utils.arch import get_spec, spec_for_config
 from moe_utils.arch.catalogue import catalogue
-from moe_utils.arch.derive import DerivationError, derive_family, derive_spec
-from moe_utils.errors import UnknownFamilyError
-from moe_utils.loading import load_model
-from moe_utils.trace import trace, verify_trace
+from moe_utils.models.derive import DerivationError, derive_family, derive_spec
+from moe_utils.core.errors import UnknownFamilyError
+from moe_utils.models.loading import load_model
+from moe_utils.models.trace import trace, verify_trace
 
 # One derived family per quirk: sigmoid + correction bias + shared expert + dense layer
 # (glm4_moe), hybrid linear attention + gated shared expert (qwen3_5_moe_text), softmax with a
@@ -98,7 +98,7 @@ def test_real_config_layer_pattern_comes_from_the_skeleton():
     assert spec.derived
     assert spec.moe_layers(cfg) == [3, 4, 5, 6]
     assert spec.num_experts(cfg) == 16 and spec.top_k(cfg) == 4
-    from moe_utils.routing import route_params
+    from moe_utils.engine.routing import route_params
 
     params = route_params(spec, cfg)
     assert (params.n_group, params.topk_group) == (4, 2)
@@ -164,7 +164,7 @@ def test_never_seen_family_runs_every_notebook(tmp_path):
     """A family with no hand-written spec, built from its transformers config class, runs
     through every per-model notebook with moe-book run."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "moe_utils.cli", "run", "--model",
+    proc = subprocess.run([sys.executable, "-m", "moe_utils.publish.cli", "run", "--model",
                            "random:glm4_moe", "--out", str(tmp_path), "--notebooks-dir",
                            str(REPO / "notebooks"), "-p", "max_tokens", "512"],
                           capture_output=True, text=True, env=env,

@@ -1,8 +1,8 @@
-"""moe_utils.hardware: the paper models' shapes give their published parameter counts."""
+"""moe_utils.core.hardware: the paper models' shapes give their published parameter counts."""
 
 import pytest
 
-from moe_utils.hardware import MISTRAL_7B, PAPER_MODEL_SHAPES, Measured, project
+from moe_utils.core.hardware import MISTRAL_7B, PAPER_MODEL_SHAPES, Measured, project
 
 
 @pytest.mark.parametrize("name, billions", [("Mixtral 8x7B", 46.7), ("Mixtral 8x22B", 140.6),

@@ -7,8 +7,8 @@ import types
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from moe_utils import inputs as I
-from moe_utils.errors import InputSpecError, OfflineError
+from moe_utils.engine import inputs as I
+from moe_utils.core.errors import InputSpecError, OfflineError
 
 WORD_RE = re.compile(r"\w+|[^\w\s]+")  # what the Whitespace pre-tokenizer splits on
 
@@ -183,7 +183,7 @@ def test_hugging_face_tokenizer_gets_bos_prepended():
 
 
 def test_fit_context_splits_long_sequences_into_windows_with_bos():
-    from moe_utils.inputs import Inputs, fit_context
+    from moe_utils.engine.inputs import Inputs, fit_context
 
     seq = [1] + list(range(10, 30))          # BOS + 20 tokens
     inp = Inputs(name="x", sequences=[seq, [1, 5, 6]], texts=["long", "short"])

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
 
-from moe_utils.errors import (CheckpointError, NotMoEModelError, OfflineError, PickleRefusedError,
+from moe_utils.core import paths
+from moe_utils.core.errors import (CheckpointError, NotMoEModelError, OfflineError, PickleRefusedError,
                               RemoteCodeRequiredError, UnknownFamilyError)
-from moe_utils.loading import load_model, resolve_model
-from moe_utils.trace import trace
-from moe_utils.weights import layer_weights
+from moe_utils.models.loading import load_model, resolve_model
+from moe_utils.models.trace import trace
+from moe_utils.models.weights import layer_weights
 from tiny_models import save, sequences, synthetic_deepseekmoe, synthetic_grok, tiny
 
 
@@ -145,7 +145,7 @@ def test_not_a_folder_or_id(tmp_path):
         load_model(empty)
 
 
-def test_zoo_ids(monkeypatch):
-    monkeypatch.setitem(sys.modules, "moe_utils.zoo", None)        # simulate a missing zoo package
-    with pytest.raises(CheckpointError, match="moe_utils.zoo"):
+def test_zoo_ids(monkeypatch, tmp_path):
+    monkeypatch.setattr(paths, "ZOO_MODELS_DIR", tmp_path)        # simulate missing model files
+    with pytest.raises(CheckpointError, match="'tiny-moe-upcycled' is not installed"):
         resolve_model("zoo:tiny-moe-upcycled")

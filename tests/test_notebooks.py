@@ -13,7 +13,7 @@ import nbformat
 import pytest
 
 from moe_utils.analysis import summary
-from moe_utils.results import VERDICTS, read_result
+from moe_utils.analysis.results import VERDICTS, read_result
 from summary_checks import CHECKS
 
 NOTEBOOKS = sorted(Path(__file__).resolve().parents[1].joinpath("notebooks").glob("*.ipynb"))
@@ -23,7 +23,7 @@ REQUIRED_PARAMETERS = {"model", "dense_baseline", "layers", "inputs", "max_token
 
 
 def _moe_book(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "moe_utils.cli", *args], cwd=cwd, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "moe_utils.publish.cli", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=1500)
 
 
@@ -36,7 +36,7 @@ def test_notebooks_are_stored_without_outputs(path: Path):
 
 @pytest.mark.parametrize("path", OBSERVATIONS, ids=[p.stem for p in OBSERVATIONS])
 def test_observation_notebooks_take_the_documented_parameters(path: Path):
-    from moe_utils.params import notebook_parameters
+    from moe_utils.publish.params import notebook_parameters
 
     declared = notebook_parameters(path)               # what papermill (and moe-book run) reads
     assert REQUIRED_PARAMETERS <= set(declared)

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moe_utils import results as R
-from moe_utils.errors import ResultsFileError
+from moe_utils.analysis import results as R
+from moe_utils.core.errors import ResultsFileError
 
 
 def sample_tables():

@@ -1,4 +1,4 @@
-"""moe_utils.runner: names, parameters, notebook discovery, planning, tidying, failures."""
+"""moe_utils.publish.runner: names, parameters, notebook discovery, planning, tidying, failures."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import nbformat
 import pytest
 from papermill.cli import _resolve_type as papermill_resolve
 
-from moe_utils import runner
-from moe_utils.errors import MoEUtilsError
-from moe_utils.runner import (
+from moe_utils.publish import runner
+from moe_utils.core.errors import MoEUtilsError
+from moe_utils.publish.runner import (
     Job,
     NotebookInfo,
     NotebookRunError,
@@ -246,16 +246,12 @@ def test_failing_notebook_is_reported_and_earlier_output_kept(tmp_path: Path, ca
 
 
 def test_default_models_are_zoo_ids(monkeypatch) -> None:
-    import sys
     import types
 
     fake = types.ModuleType("moe_utils.zoo")
     fake.ZOO_MODELS = ("tiny-dense", "tiny-moe-upcycled", "tiny-moe-scratch")
     fake.DEFAULT_MOE_MODELS = ("tiny-moe-upcycled", "zoo:tiny-moe-scratch", "org/Other")
     fake.DEFAULT_DENSE_BASELINE = "tiny-dense"
-    monkeypatch.setitem(sys.modules, "moe_utils.zoo", fake)
-    import moe_utils
-
-    monkeypatch.setattr(moe_utils, "zoo", fake, raising=False)
+    monkeypatch.setattr(runner, "zoo", fake)
     assert runner.default_models() == (
         ["zoo:tiny-moe-upcycled", "zoo:tiny-moe-scratch", "org/Other"], "zoo:tiny-dense")

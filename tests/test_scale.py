@@ -18,12 +18,12 @@ from sklearn.decomposition import PCA
 
 from moe_utils import metrics as M
 from moe_utils.analysis import static
-from moe_utils.checkpoint import CheckpointReader
-from moe_utils.expert_math import expert_intermediates, iter_expert_intermediates
+from moe_utils.models.checkpoint import CheckpointReader
+from moe_utils.engine.expert_math import expert_intermediates, iter_expert_intermediates
 from moe_utils.metrics.neurons import neuron_cosine_matrix, reorder_neurons
 from moe_utils.metrics.projection import flattened_grams, matrix_pca_from_gram, neuron_pca, randomized_neuron_pca
-from moe_utils.progress import PROGRESS_ENV, progress, relay
-from moe_utils.weights import layer_weights
+from moe_utils.core.progress import PROGRESS_ENV, progress, relay
+from moe_utils.models.weights import layer_weights
 from tiny_models import tiny
 
 
@@ -260,12 +260,12 @@ def test_relay_copies_appended_text(tmp_path):
 def test_book_runs_show_progress_on_the_terminal_not_in_the_page(tmp_path, capfd):
     import nbformat
 
-    from moe_utils.runner import discover_notebooks, plan_jobs, run_jobs
+    from moe_utils.publish.runner import discover_notebooks, plan_jobs, run_jobs
 
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.cells = [nbformat.v4.new_code_cell('model = "zoo:x"\nresults_dir = "results"', metadata={"tags": ["parameters"]}),
-                nbformat.v4.new_code_cell("from moe_utils.progress import progress\n"
+                nbformat.v4.new_code_cell("from moe_utils.core.progress import progress\n"
                                           "for _ in progress(range(4), desc='demo-pass', unit='layer'):\n"
                                           "    pass\nprint('cell done')")]
     (tmp_path / "nbs").mkdir()

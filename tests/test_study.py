@@ -110,7 +110,7 @@ def test_miniature_replicate_trains_resumes_and_measures(tmp_path: Path, monkeyp
         assert study.main(["--run", "mini-b", "--out", str(tmp_path), "--no-progress"]) == 0
     finally:
         torch.set_num_threads(threads)
-    from moe_utils.results import read_result
+    from moe_utils.analysis.results import read_result
 
     a = read_result(tmp_path / "replicates" / "mini-a" / "results" / "study_replicate.json")
     b = read_result(tmp_path / "replicates" / "mini-b" / "results" / "study_replicate.json")

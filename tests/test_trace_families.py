@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_utils.errors import InputTooLongError, LayerIndexError, NotMoEModelError
-from moe_utils.trace import (expert_intermediates, expert_outputs, router_scores, trace,
+from moe_utils.core.errors import InputTooLongError, LayerIndexError, NotMoEModelError
+from moe_utils.models.trace import (expert_intermediates, expert_outputs, router_scores, trace,
                              trace_dense, verify_trace)
-from moe_utils.weights import dense_mlp_weights, layer_weights
-from moe_utils.expert_math import dense_outputs
+from moe_utils.models.weights import dense_mlp_weights, layer_weights
+from moe_utils.engine.expert_math import dense_outputs
 from tiny_models import NATIVE_MOE, save, sequences, tiny
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from moe_utils.loading import load_model
-from moe_utils.trace import trace, verify_trace
-from moe_utils.weights import layer_weights
+from moe_utils.models.loading import load_model
+from moe_utils.models.trace import trace, verify_trace
+from moe_utils.models.weights import layer_weights
 from tiny_models import remote_style_loaded, save, sequences, tiny
 
 

@@ -21,17 +21,17 @@ import pytest
 import torch
 
 from moe_utils import metrics as M
-from moe_utils import paper
+from moe_utils.analysis import paper
 from moe_utils.analysis import observations, static, summary
 from moe_utils.analysis.context import open_study
-from moe_utils.errors import NonFiniteError
-from moe_utils.expert_gram import cosine_from_gram as torch_cosine_from_gram
-from moe_utils.expert_gram import expert_grams
-from moe_utils.expert_math import expert_outputs
-from moe_utils.finite import ScreenedSource
-from moe_utils.results import read_result
-from moe_utils.trace import trace
-from moe_utils.weights import iter_layer_weights, layer_weights
+from moe_utils.core.errors import NonFiniteError
+from moe_utils.models.expert_gram import cosine_from_gram as torch_cosine_from_gram
+from moe_utils.models.expert_gram import expert_grams
+from moe_utils.engine.expert_math import expert_outputs
+from moe_utils.core.finite import ScreenedSource
+from moe_utils.analysis.results import read_result
+from moe_utils.models.trace import trace
+from moe_utils.models.weights import iter_layer_weights, layer_weights
 
 from summary_checks import INCONCLUSIVE, check_obs1, check_obs2, check_obs3, naive_mean, naive_table3
 from tiny_models import write_checkpoint
@@ -99,7 +99,7 @@ def test_obs1_summary_recomputed_from_its_results_file(tmp_path):
 def observation_runs(tmp_path_factory, repo_root):
     """The three observation notebooks run once on a random tiny Mixtral (the notebook code path)."""
     out = tmp_path_factory.mktemp("runs")
-    run = subprocess.run([sys.executable, "-m", "moe_utils.cli", "run", "--model", "random:mixtral", "--notebooks",
+    run = subprocess.run([sys.executable, "-m", "moe_utils.publish.cli", "run", "--model", "random:mixtral", "--notebooks",
                           "obs1_neurons_as_experts", "obs2_router_norms", "obs3_depth_diversity", "--out", str(out)],
                          cwd=repo_root, capture_output=True, text=True, timeout=1500)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -169,7 +169,7 @@ def test_allow_invalid_excludes_the_expert_and_marks_the_results(tmp_path):
 
 def _poisoned_model(experts):
     """A fresh random tiny Mixtral whose first MoE layer has a NaN in W_act of ``experts``."""
-    from moe_utils.loading import load_model
+    from moe_utils.models.loading import load_model
     lm = load_model("random:mixtral", seed=0)
     layer = lm.moe_layers[0]
     name, param = next((n, p) for n, p in lm.model.named_parameters()
@@ -203,7 +203,7 @@ def test_nan_expert_stops_the_notebook_run_and_allow_invalid_marks_the_page(tmp_
     t = mixtral_tensors()
     t[expert_key(0, 4, "w2")][1, 1] = float("nan")              # W_down of expert 4, layer 0
     folder = write_mixtral(tmp_path / "nan-mixtral", t)
-    cmd = [sys.executable, "-m", "moe_utils.cli", "run", "--model", str(folder), "--notebooks",
+    cmd = [sys.executable, "-m", "moe_utils.publish.cli", "run", "--model", str(folder), "--notebooks",
            "obs1_neurons_as_experts", "--out", str(tmp_path / "out")]
     run = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=900)
     assert run.returncode != 0
@@ -307,7 +307,7 @@ def test_invalid_shared_expert_is_dropped_with_allow_invalid(tmp_path):
 
 
 def test_finite_check_fast_path_is_exact():
-    from moe_utils.finite import is_finite
+    from moe_utils.core.finite import is_finite
     assert is_finite(torch.full((4, 4), 3e38))                  # finite entries whose sum overflows
     assert is_finite(torch.zeros(0)) and is_finite(torch.arange(5))
     for v in (float("nan"), float("inf"), float("-inf")):

@@ -1,8 +1,8 @@
 """What happens when a run goes wrong: one test per case of the book's "What happens when..." table.
 
-Most cases go through the public command line (``moe_utils.cli.main`` in-process, or a
+Most cases go through the public command line (``moe_utils.publish.cli.main`` in-process, or a
 ``moe-book`` subprocess where a signal must hit it). Small stand-in notebooks keep them fast: they
-declare their parameters like the real ones and write a results file with ``moe_utils.results``.
+declare their parameters like the real ones and write a results file with ``moe_utils.analysis.results``.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ import nbformat
 import pytest
 import torch
 
-from moe_utils import bookbuild, checkpoint, cli, runner
+from moe_utils.publish import bookbuild, cli, runner
+from moe_utils.models import checkpoint
 from moe_utils.analysis.context import checkpoint_only, open_study
-from moe_utils.errors import CheckpointError, InputSpecError, PickleRefusedError, UsageError
-from moe_utils.loading import load_model
-from moe_utils.results import read_result
+from moe_utils.core.errors import CheckpointError, InputSpecError, PickleRefusedError, UsageError
+from moe_utils.models.loading import load_model
+from moe_utils.analysis.results import read_result
 from tiny_models import synthetic_mistral, synthetic_mixtral, tiny
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,8 +43,8 @@ sleep = 0.0"""
 FAKE_BODY = """import time
 import warnings
 from pathlib import Path
-from moe_utils.render import setup_altair
-from moe_utils.results import write_result
+from moe_utils.publish.render import setup_altair
+from moe_utils.analysis.results import write_result
 setup_altair()
 warnings.warn("a visible note")
 write_result(results_dir, "obs_fake", model, "fp", {"value": value}, {}, {"v": value})
@@ -127,7 +128,7 @@ def test_failed_run_keeps_previous_notebook_and_results(first_run, capsys) -> No
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "sigkill"])
 def test_interrupted_run_keeps_previous_files(first_run, sig) -> None:
     nbs, out, before = first_run
-    cmd = [sys.executable, "-m", "moe_utils.cli", "run", "--model", "zoo:fake", "--notebooks-dir", str(nbs),
+    cmd = [sys.executable, "-m", "moe_utils.publish.cli", "run", "--model", "zoo:fake", "--notebooks-dir", str(nbs),
            "--out", str(out), "-p", "value", "2", "-p", "sleep", "60"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
@@ -514,14 +515,14 @@ def test_published_notebooks_name_local_files_without_their_path(tmp_path: Path)
     assert 'inputs = "../../../private/prompts.txt"' in injected.source
     index = bookbuild.collect_runs(out)
     assert [m.model for m in index.models] == ["my-moe"]             # the sidebar caption
-    from moe_utils.inputs import inputs_label, file_sha256
+    from moe_utils.engine.inputs import inputs_label, file_sha256
 
     assert inputs_label(str(text)) == f"prompts.txt (sha256 {file_sha256(text)})"
 
 
 def test_summary_keeps_two_checkpoints_with_one_name_apart(tmp_path: Path) -> None:
     from moe_utils.analysis import summary
-    from moe_utils.results import write_result
+    from moe_utils.analysis.results import write_result
 
     for folder, fp, v in (("hf-aaaa0000", "1111111111111111", 0.25), ("hf-bbbb0000", "2222222222222222", 0.75)):
         write_result(tmp_path / folder / "results", "obs2_router_norms", "hf", fp, {}, {},
@@ -547,7 +548,7 @@ def test_real_notebook_on_local_files_publishes_no_local_path(tmp_path: Path, ha
     assert str(tmp_path) not in executed and str(REPO) not in executed and "ipykernel_" not in executed
     assert "my-moe" in executed and "my-dense" in executed
     res = read_result(folder / "results" / "obs2_router_norms.json")
-    from moe_utils.inputs import file_sha256
+    from moe_utils.engine.inputs import file_sha256
 
     assert res.model == "my-moe" and res.source["kind"] == "local"
     assert res.params["inputs"] == f"prompts.txt (sha256 {file_sha256(text)})"

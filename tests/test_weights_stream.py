@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_utils.expert_gram import cosine_from_gram, expert_grams
-from moe_utils.weights import dense_mlp_weights, iter_layer_weights, layer_weights
+from moe_utils.models.expert_gram import cosine_from_gram, expert_grams
+from moe_utils.models.weights import dense_mlp_weights, iter_layer_weights, layer_weights
 from tiny_models import NATIVE_MOE, save, tiny
 
 FIELDS = ("router", "w_act", "w_up", "w_down", "b_act", "b_up", "b_down", "router_bias",
@@ -63,7 +63,7 @@ def test_fused_names_on_disk(saved):
 
 def test_canonical_orientation_against_expert_module():
     """Independent check of the layout: run the model's experts module on one expert at a time."""
-    from moe_utils.expert_math import expert_outputs
+    from moe_utils.engine.expert_math import expert_outputs
 
     for family in ("mixtral", "gpt_oss", "llama4"):
         lm = tiny(family)

@@ -9,9 +9,9 @@ import torch
 
 from moe_utils.arch import spec_for_config
 from moe_utils.arch.config import read_config_json
-from moe_utils.errors import CheckpointError, LayerIndexError, NotMoEModelError, PickleRefusedError
-from moe_utils.expert_gram import expert_grams
-from moe_utils.weights import dense_mlp_weights, iter_layer_weights, layer_weights
+from moe_utils.core.errors import CheckpointError, LayerIndexError, NotMoEModelError, PickleRefusedError
+from moe_utils.models.expert_gram import expert_grams
+from moe_utils.models.weights import dense_mlp_weights, iter_layer_weights, layer_weights
 from tiny_models import synthetic_deepseekmoe, synthetic_grok, synthetic_mistral, synthetic_mixtral
 
 
@@ -136,7 +136,7 @@ def test_no_weights_at_all(tmp_path):
 def test_loaded_model_without_module_streams_from_its_folder(tmp_path):
     """A weights-only LoadedModel (model=None) reads its checkpoint with its own spec."""
     from moe_utils.arch import get_spec
-    from moe_utils.loading import LoadedModel
+    from moe_utils.models.loading import LoadedModel
 
     t = synthetic_deepseekmoe(tmp_path)
     cfg = read_config_json(tmp_path)

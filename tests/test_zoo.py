@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from moe_utils.errors import CheckpointError
+from moe_utils.core.errors import CheckpointError
 from moe_utils.zoo import ZOO_MODELS, zoo_path
 from moe_utils.zoo.cards import parameter_counts
 from moe_utils.zoo.configs import TrainSpec

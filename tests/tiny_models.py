@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from moe_utils.arch import SPECS
-from moe_utils.loading import LoadedModel, load_model
+from moe_utils.models.loading import LoadedModel, load_model
 
 NATIVE_MOE = [name for name, s in SPECS.items() if s.is_moe and s.native and s.tiny_config]
 

@@ -16,15 +16,16 @@ import pandas as pd
 import torch
 import transformers
 
-from ..errors import CheckpointError, NotMoEModelError, UsageError
-from ..finite import ScreenedSource
-from ..inputs import Inputs, check_inputs_spec, fit_context, inputs_label, load_inputs
+from ..core.errors import CheckpointError, LayerIndexError, NotMoEModelError, UsageError
+from ..core.finite import ScreenedSource
+from ..core.names import model_slug
+from ..engine.inputs import Inputs, check_inputs_spec, fit_context, inputs_label, load_inputs
 from ..arch import spec_for_config
 from ..arch.config import read_config_json
-from ..checkpoint import checkpoint_fingerprint, find_weight_files, verify_safetensors
-from ..loading import LoadedModel, load_model, load_tokenizer, resolve_model
-from ..results import write_result
-from ..trace import Trace, trace, trace_dense
+from ..models.checkpoint import checkpoint_fingerprint, find_weight_files, verify_safetensors
+from ..models.loading import LoadedModel, load_model, load_tokenizer, resolve_model
+from ..analysis.results import write_result
+from ..models.trace import Trace, trace, trace_dense
 
 
 @dataclass
@@ -184,7 +185,7 @@ def open_study(model: str, dense_baseline: str | None = None, layers: Sequence[i
     load with torch's ``weights_only``. ``layers`` and an ``inputs`` file are checked before any
     model is loaded.
 
-    Non-finite weights or activations stop the run (:class:`~moe_utils.errors.NonFiniteError`).
+    Non-finite weights or activations stop the run (:class:`~moe_utils.core.errors.NonFiniteError`).
     ``allow_invalid`` lets weight-only analyses (``study.weights_source``) exclude the offending
     experts instead; the results file then lists them under ``invalid`` and
     ``study.validity_note()`` says so on the page. Forward passes always stop.
@@ -224,12 +225,10 @@ def open_study(model: str, dense_baseline: str | None = None, layers: Sequence[i
             warnings.warn(f"the dense baseline {dense.name} is left out of this page: {why}.", stacklevel=2)
             dense = None
     if results_dir is None:
-        from ..runner import model_slug
         results_dir = Path("results") / model_slug(model)
     if chosen is not None:
         bad = [l for l in chosen if l not in lm.moe_layers]
         if bad:
-            from ..errors import LayerIndexError
             raise LayerIndexError(f"layers {bad} are not MoE layers of {model!r}; its MoE layers are {lm.moe_layers}.")
     if isinstance(params.get("inputs"), str):
         params = {**params, "inputs": inputs_label(params["inputs"])}

@@ -1,6 +1,6 @@
 """Analyses that need a forward pass on text (observations 2 and 3).
 
-Each function takes a :class:`~moe_utils.loading.LoadedModel` and a :class:`~moe_utils.trace.Trace`
+Each function takes a :class:`~moe_utils.models.loading.LoadedModel` and a :class:`~moe_utils.models.trace.Trace`
 from one ordinary forward pass, evaluates every expert on each MoE block's captured input, and
 returns numpy arrays or tidy DataFrames. Nothing here re-runs the model. Weights are used in
 the model's own dtype (no float32 copy of a layer; each expert is widened on the fly), and the
@@ -18,11 +18,11 @@ import pandas as pd
 import torch
 
 from .. import metrics as M
-from ..expert_math import iter_expert_intermediates
-from ..progress import progress
-from ..trace import (Trace, dense_intermediates, dense_outputs, expert_intermediates, expert_outputs,
+from ..engine.expert_math import iter_expert_intermediates
+from ..core.progress import progress
+from ..models.trace import (Trace, dense_intermediates, dense_outputs, expert_intermediates, expert_outputs,
                      router_scores)
-from ..weights import dense_mlp_weights, layer_weights
+from ..models.weights import dense_mlp_weights, layer_weights
 
 
 @dataclass

@@ -30,9 +30,9 @@ import torch
 from torch import Tensor
 
 from .. import metrics as M
-from ..expert_math import expert_outputs, shared_expert_output
-from ..routing import route_params
-from ..weights import MoELayerWeights, layer_weights
+from ..engine.expert_math import expert_outputs, shared_expert_output
+from ..engine.routing import route_params
+from ..models.weights import MoELayerWeights, layer_weights
 from .verdicts import versus_baseline
 
 ROUTING_POLICIES = ("learned", "norm", "random")

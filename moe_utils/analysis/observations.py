@@ -3,7 +3,7 @@
 Every observation notebook calls one function here with the same tables it writes to its results
 file, so a results file's ``summary`` can always be recomputed from its ``tables`` (the tests do
 exactly that with independent code). Each function returns ``{key: entry}`` as accepted by
-``moe_utils.results.write_result``.
+``moe_utils.analysis.results.write_result``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .. import metrics as M
-from .. import paper
+from . import paper
 from .verdicts import depth_pattern, mean_difference, versus_baseline
 
 NAN = float("nan")

@@ -16,7 +16,7 @@ import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any, Callable, Sequence
 
-from ..progress import progress
+from ..core.progress import progress
 
 _JOB: tuple[Callable[[Any], Any], Sequence[Any]] | None = None
 

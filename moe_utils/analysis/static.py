@@ -20,12 +20,12 @@ import numpy as np
 import pandas as pd
 
 from .. import metrics as M
-from ..errors import NonFiniteError
-from ..finite import unwrap
+from ..core.errors import NonFiniteError
+from ..core.finite import unwrap
 from ..metrics.projection import flattened_grams, matrix_pca_from_gram
 from ..metrics.neurons import resolve_neuron_axis
-from ..progress import progress
-from ..weights import DenseMLPWeights, MoELayerWeights, dense_mlp_weights, iter_layer_weights
+from ..core.progress import progress
+from ..models.weights import DenseMLPWeights, MoELayerWeights, dense_mlp_weights, iter_layer_weights
 from .parallel import run_jobs
 
 MATRICES = ("W_act", "W_up", "W_down")
@@ -227,7 +227,7 @@ def weight_report(source: Any, layers: Sequence[int] | None = None, dense_baseli
 
     ``reorder_max_pairs=0`` skips the reordering (its table is then empty); ``workers`` is the
     number of processes the reordering pairs are spread over (default: the cores, fewer if their
-    memory would not fit). Progress per layer and per pair goes to :func:`moe_utils.progress.progress`.
+    memory would not fit). Progress per layer and per pair goes to :func:`moe_utils.core.progress.progress`.
     """
     rng_reorder, rng_pca = np.random.default_rng(seed), np.random.default_rng(seed)
     sim, corr, points, reorder, pca_m, pca_n = [], [], [], [], [], []

@@ -13,7 +13,7 @@ from pathlib import Path
 import altair as alt
 import pandas as pd
 
-from ..results import BOOK_LEVEL_MODEL, read_result
+from ..analysis.results import BOOK_LEVEL_MODEL, read_result
 
 HEADLINES = {
     ("obs1_neurons_as_experts", "gate_act_advantage"): "1. neurons act like fine-grained experts",

@@ -2,20 +2,52 @@
 
 ``spec_for_config(config)`` finds the family of a config (by ``architectures``, then
 ``model_type``, then characteristic keys for configs without a model_type such as Grok-1).
+
+A family of the installed transformers without a hand-written spec gets a derived one. Deriving
+runs the engine on a tiny model of the family (:mod:`moe_utils.models.derive`), which sits above
+this layer, so this module does not import it: importing :mod:`moe_utils.models` registers it here
+(:func:`register_derivation`), and the lookups below call what was registered.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from moe_utils.arch.activations import Activation, activation
+from moe_utils.arch.catalogue import entry_for
 from moe_utils.arch.config import config_dict, first_of, get_path
 from moe_utils.arch.families import FAMILIES
 from moe_utils.arch.spec import (ConfigKeys, ExpertTensors, FamilySpec, LayerRule, MLPTensors,
                                  ModulePaths, MoETensors, RouterCapture, RoutingSpec, WeightFormat)
-from moe_utils.errors import NotMoEModelError, UnknownFamilyError
+from moe_utils.core.errors import NotMoEModelError, UnknownFamilyError
 
 SPECS: dict[str, FamilySpec] = {spec.name: spec for spec in FAMILIES}
+
+
+@dataclass(frozen=True)
+class Derivation:
+    """How specs are derived for families without a hand-written one."""
+
+    family: Callable[[str], FamilySpec]        # model_type -> the spec of its tiny config
+    config: Callable[[dict], FamilySpec]       # a config no hand-written spec matches -> its spec
+    tiny_config: Callable[[Any], FamilySpec]   # an already tiny config (built directly) -> its spec
+
+
+_registered: list[Derivation] = []
+
+
+def register_derivation(derivation: Derivation) -> None:
+    """Use ``derivation`` for families without a hand-written spec (done by moe_utils.models)."""
+    _registered[:] = [derivation]
+
+
+def derivation() -> Derivation:
+    """The registered :class:`Derivation`; raises UnknownFamilyError when none is."""
+    if not _registered:
+        raise UnknownFamilyError("specs of families without a hand-written spec are derived by "
+                                 "moe_utils.models, which is not imported yet; import it first")
+    return _registered[0]
 
 _HOW_TO_ADD = ("To add a family, write a FamilySpec in moe_utils/arch/families.py (copy the closest "
                "one, e.g. MIXTRAL), append it to FAMILIES at the end of that file, and add its "
@@ -32,8 +64,6 @@ def get_spec(name: str) -> FamilySpec:
     transformers MoE family of that model_type (e.g. ``"glm4_moe"``)."""
     if name in SPECS:
         return SPECS[name]
-    from moe_utils.arch.catalogue import entry_for
-
     entry = entry_for(name)
     if entry is None or entry.excluded:
         why = f" ({entry.excluded})" if entry is not None and entry.excluded else ""
@@ -41,9 +71,7 @@ def get_spec(name: str) -> FamilySpec:
                                  f"{', '.join(SPECS)}; specs are also derived for the MoE families "
                                  "of the installed transformers (see the coverage page). "
                                  f"{_HOW_TO_ADD}")
-    from moe_utils.arch.derive import derive_family
-
-    return derive_family(entry.model_type)
+    return derivation().family(entry.model_type)
 
 
 def spec_for_config(config: Any) -> FamilySpec:
@@ -65,10 +93,8 @@ def spec_for_config(config: Any) -> FamilySpec:
         described += f", architectures {list(architectures)}"
     why = "it has no model_type"
     if model_type:
-        from moe_utils.arch.derive import spec_for_unknown
-
         try:
-            return spec_for_unknown(cfg)
+            return derivation().config(cfg)
         except UnknownFamilyError as exc:
             why = f"deriving one from transformers failed: {exc}"
     raise UnknownFamilyError(f"no hand-written family spec matches this config ({described}) and "
@@ -88,6 +114,6 @@ def require_moe(spec: FamilySpec, what: str = "this analysis") -> FamilySpec:
 __all__ = [
     "Activation", "ConfigKeys", "ExpertTensors", "FamilySpec", "LayerRule", "MLPTensors",
     "ModulePaths", "MoETensors", "RouterCapture", "RoutingSpec", "SPECS", "WeightFormat",
-    "activation", "config_dict", "first_of", "get_spec", "require_moe", "spec_for_config",
-    "supported_families",
+    "Derivation", "activation", "config_dict", "derivation", "first_of", "get_spec",
+    "register_derivation", "require_moe", "spec_for_config", "supported_families",
 ]

@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from moe_utils.core.errors import CheckpointError
+
 _MISSING = object()
 
 
@@ -30,8 +32,6 @@ def config_dict(config: Any) -> dict:
 
 def read_config_json(folder: Path) -> dict:
     """Parse ``folder/config.json``; raise CheckpointError if it is missing or not JSON."""
-    from moe_utils.errors import CheckpointError
-
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{folder} has no config.json; a model folder needs config.json next to "

@@ -408,7 +408,7 @@ MISTRAL_DENSE = FamilySpec(
 )
 
 # Families of the installed transformers without a spec here get a derived one
-# (moe_utils/arch/derive.py). The specs above stay hand-written where derivation cannot work or
+# (moe_utils/models/derive.py). The specs above stay hand-written where derivation cannot work or
 # where public checkpoints need more than transformers shows:
 #   dbrx          its MoE sizes are nested in ffn_config (no top-level experts-per-token key)
 #   phimoe        sparsemixer routing is not one of the candidate routing functions

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
 from moe_utils.arch.config import config_dict, first_of, get_path, is_missing
+from moe_utils.core.errors import CheckpointError, UnknownFamilyError
 
 
 def _scalar(value: Any, what: str) -> int:
@@ -27,8 +28,6 @@ def _scalar(value: Any, what: str) -> int:
     if isinstance(value, (list, tuple)):
         distinct = set(value)
         if len(distinct) != 1:
-            from moe_utils.errors import UnknownFamilyError
-
             raise UnknownFamilyError(f"the config gives a different {what} per layer ({value}); "
                                      "per-layer values are not supported yet")
         value = distinct.pop()
@@ -206,7 +205,7 @@ class RouterCapture:
 
 @dataclass(frozen=True)
 class RoutingSpec:
-    """The routing function, with config keys for its parameters (resolved by moe_utils.routing).
+    """The routing function, with config keys for its parameters (resolved by moe_utils.engine.routing).
 
     ``method``:
       ``softmax_topk``      softmax over E -> top-k (optionally group-limited) -> optional
@@ -281,8 +280,6 @@ class FamilySpec:
                     return self.defaults[key]
             if not required:
                 return None
-            from moe_utils.errors import CheckpointError
-
             raise CheckpointError(f"{self.name} config has no {what} (looked for "
                                   f"{', '.join(keys)}); add one of these keys to config.json")
         return value

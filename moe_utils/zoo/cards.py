@@ -9,6 +9,7 @@ import numpy as np
 
 from moe_utils.zoo import PAPER_COUNTERPART
 from moe_utils.zoo.configs import TRAIN_SPECS
+from moe_utils.zoo.evaluate import expert_load, model_nll, perplexity, targets_of, unigram_nll
 
 STARTS_AFTER = {"tiny-moe-upcycled": "tiny-dense"}  # whose training tokens precede this model's
 # How the shipped models were produced (two processes at once, one torch thread each).
@@ -100,8 +101,6 @@ def evaluate_folder(folder: Path, windows: list[list[int]], counts: np.ndarray) 
     """Held-out loss / perplexity (bf16 weights loaded in fp32), unigram baseline and expert load."""
     import torch
     from transformers import AutoModelForCausalLM
-
-    from moe_utils.zoo.evaluate import expert_load, model_nll, perplexity, targets_of, unigram_nll
 
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     nll = model_nll(model, windows)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from moe_utils.inputs import LONG_HELDOUT_FILE, SEPARATOR_LINE  # one definition for writer and reader
+from moe_utils.engine.inputs import LONG_HELDOUT_FILE, SEPARATOR_LINE  # one definition for writer and reader
 
 SKIP_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "__pycache__", "dist-packages"})
 HELDOUT_PER_MILLE = 20  # ~2 % of documents are held out

@@ -15,6 +15,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from moe_utils.core.paths import ZOO_MODELS_DIR
+
 BOS_ID = 1
 
 
@@ -108,11 +110,6 @@ def perplexity(nll: float) -> float:
     return float(math.exp(nll))
 
 
-def zoo_models_dir() -> Path:
-    """Package folder that holds the shipped models and the unigram counts."""
-    return Path(__file__).resolve().parent / "models"
-
-
 def save_windows(path: Path, windows: Sequence[Sequence[int]]) -> None:
     """Store windows compactly: concatenated uint16 ids plus lengths (``.npz``)."""
     ids = np.concatenate([np.asarray(w, dtype=np.uint16) for w in windows])
@@ -121,7 +118,7 @@ def save_windows(path: Path, windows: Sequence[Sequence[int]]) -> None:
 
 def load_windows(path: Path | None = None, max_windows: int | None = None) -> list[list[int]]:
     """Shipped held-out windows (``models/heldout_windows.npz``), optionally an evenly spaced subset."""
-    path = Path(path) if path is not None else zoo_models_dir() / "heldout_windows.npz"
+    path = Path(path) if path is not None else ZOO_MODELS_DIR / "heldout_windows.npz"
     with np.load(path) as z:
         ids, lengths = z["ids"].astype(np.int64), z["lengths"]
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
@@ -134,6 +131,6 @@ def load_windows(path: Path | None = None, max_windows: int | None = None) -> li
 
 def load_unigram_counts(path: Path | None = None) -> np.ndarray:
     """Shipped unigram counts of the training split (``models/unigram_counts.json``)."""
-    path = Path(path) if path is not None else zoo_models_dir() / "unigram_counts.json"
+    path = Path(path) if path is not None else ZOO_MODELS_DIR / "unigram_counts.json"
     data = json.loads(Path(path).read_text())
     return np.asarray(data["counts"], dtype=np.int64)

@@ -10,9 +10,10 @@ dense / upcycled / scratch kinds are the shipped organisms (trained by ``moe-boo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
-from moe_utils.zoo import configs
+from moe_utils.zoo import configs, train
 from moe_utils.zoo.configs import TrainSpec
 
 # Fractions of training at which the emergence snapshots are taken (0 = the initialisation).
@@ -48,8 +49,6 @@ class Replicate:
 
     def build(self) -> Callable:
         """The architecture builder of this kind (called with a seed)."""
-        from moe_utils.zoo import train
-
         if self.kind == "dense":
             return train.build_dense
         if self.kind == "scratch":
@@ -124,3 +123,13 @@ def chain(name: str) -> list[Replicate]:
         rep = get(rep.parent)
         out.insert(0, rep)
     return out
+
+
+def replicate_dir(out: Path, name: str) -> Path:
+    """The folder of one replicate in a study output folder."""
+    return Path(out) / "replicates" / name
+
+
+def snapshot_dir(out: Path, name: str, step: int) -> Path:
+    """The folder of one training snapshot of a replicate."""
+    return replicate_dir(out, name) / "snapshots" / f"step-{step:05d}"

@@ -14,6 +14,8 @@ import pandas as pd
 
 from moe_utils.zoo import PAPER_COUNTERPART, ZOO_MODELS, zoo_path
 from moe_utils.zoo.cards import STARTS_AFTER, parameter_counts
+from moe_utils.zoo.evaluate import (expert_load, load_unigram_counts, load_windows, model_nll, targets_of,
+                                    unigram_nll)
 
 
 def _training_info(name: str) -> dict:
@@ -91,8 +93,6 @@ def heldout_losses(names: Sequence[str] = ZOO_MODELS, max_windows: int | None = 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from moe_utils.zoo.evaluate import load_unigram_counts, load_windows, model_nll, targets_of, unigram_nll
-
     windows = load_windows(max_windows=max_windows)
     n_tokens = int(sum(len(w) - 1 for w in windows))
     rows = [{"model": "unigram (add-one, training split)", "nats_per_token": unigram_nll(load_unigram_counts(), targets_of(windows))}]
@@ -109,8 +109,6 @@ def expert_loads(names: Sequence[str], max_windows: int | None = None) -> pd.Dat
     """Share of top-k selections per (model, layer, expert) on the held-out windows."""
     import torch
     from transformers import AutoModelForCausalLM
-
-    from moe_utils.zoo.evaluate import expert_load, load_windows
 
     windows = load_windows(max_windows=max_windows)
     rows = []

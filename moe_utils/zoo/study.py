@@ -31,18 +31,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from moe_utils.core.paths import ZOO_MODELS_DIR, ZOO_STUDY_DIR
+from moe_utils.zoo import configs, study_results, train
 from moe_utils.zoo import replicates as R
-from moe_utils.zoo.replicates import Replicate
+from moe_utils.zoo.cards import finalize_model
+from moe_utils.zoo.replicates import Replicate, replicate_dir, snapshot_dir
 
 EVAL_WINDOWS_DURING_TRAINING = 24
-
-
-def replicate_dir(out: Path, name: str) -> Path:
-    return Path(out) / "replicates" / name
-
-
-def snapshot_dir(out: Path, name: str, step: int) -> Path:
-    return replicate_dir(out, name) / "snapshots" / f"step-{step:05d}"
 
 
 def is_trained(out: Path, name: str) -> bool:
@@ -70,8 +65,6 @@ def _save_copy(model, folder: Path, tokenizer_dir: Path) -> None:
 
 
 def _initial_model(rep: Replicate, out: Path):
-    from moe_utils.zoo import configs, train
-
     if rep.kind != "upcycled":
         return rep.build()(rep.spec.seed)
     parent = R.get(rep.parent)
@@ -87,8 +80,6 @@ def _initial_model(rep: Replicate, out: Path):
 def train_replicate(rep: Replicate, out: Path, *, max_seconds: float | None = None, progress: bool = True,
                     log=print) -> bool:
     """Train one replicate (resuming from its checkpoint); returns True when finished."""
-    from moe_utils.zoo import train
-
     folder = replicate_dir(out, rep.name)
     if is_trained(out, rep.name):
         log(f"{rep.name}: already trained in {folder}")
@@ -124,10 +115,8 @@ def train_replicate(rep: Replicate, out: Path, *, max_seconds: float | None = No
 
 def check_prepared(out: Path) -> None:
     """Refuse a prepared corpus whose tokenizer differs from the shipped organisms' one."""
-    from moe_utils.zoo import zoo_dir
-
     made = json.loads((Path(out) / "prepared" / "tokenizer" / "tokenizer.json").read_text())
-    shipped = json.loads((zoo_dir() / "tiny-dense" / "tokenizer.json").read_text())
+    shipped = json.loads((ZOO_MODELS_DIR / "tiny-dense" / "tokenizer.json").read_text())
     if made != shipped:
         raise SystemExit("the corpus built on this machine gives another tokenizer than the shipped organisms' "
                          "(a different CPython version or build?); study results would not be comparable")
@@ -137,10 +126,8 @@ def ship_results(rep: Replicate, out: Path, log=print) -> Path:
     """Copy a replicate's results files into the package (``moe_utils/zoo/study/NAME``)."""
     import shutil
 
-    from moe_utils.zoo.study_results import shipped_study_dir
-
     src = replicate_dir(out, rep.name) / "results"
-    dest = shipped_study_dir() / rep.name
+    dest = ZOO_STUDY_DIR / rep.name
     dest.mkdir(parents=True, exist_ok=True)
     for f in sorted(src.glob("study_*.json")):
         shutil.copy2(f, dest / f.name)
@@ -151,9 +138,6 @@ def ship_results(rep: Replicate, out: Path, log=print) -> Path:
 def install_weights(rep: Replicate, out: Path, command: str, log=print) -> Path:
     """Install a replicate's final weights as its shipped organism (card, evaluation, loss curve)."""
     import shutil
-
-    from moe_utils.zoo.cards import finalize_model
-    from moe_utils.zoo.train import package_models_dir
 
     if not rep.shipped_as:
         raise ValueError(f"{rep.name} does not ship as an organism")
@@ -166,7 +150,7 @@ def install_weights(rep: Replicate, out: Path, command: str, log=print) -> Path:
     info.update(name=rep.shipped_as, command=command)
     (staged / "training_log.json").write_text(json.dumps(info, indent=1))
     finalize_model(prepared, rep.shipped_as)
-    dest = package_models_dir() / rep.shipped_as
+    dest = ZOO_MODELS_DIR / rep.shipped_as
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(staged, dest)
@@ -204,8 +188,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``moe-book zoo study``."""
     args = parse_args(argv)
     if args.list:
-        from moe_utils.zoo import study_results
-
         print(study_results.list_table(list_rows()).to_string(index=False))
         return 0
     names = args.run or args.measure
@@ -218,9 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out.resolve()
     deadline = time.time() + args.max_minutes * 60 if args.max_minutes else None
     if args.run:
-        from moe_utils.zoo.train import prepare
-
-        prepare(out / "prepared")
+        train.prepare(out / "prepared")
         check_prepared(out)
         for ch in chains:
             for rep in ch:
@@ -229,8 +209,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                     return 3
     if args.train_only:
         return 0
-    from moe_utils.zoo import study_results
-
     for ch in chains:
         for rep in ch:
             if not is_trained(out, rep.name) and not rep.shipped_as:

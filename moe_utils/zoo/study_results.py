@@ -28,24 +28,23 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from moe_utils.analysis import headlines as H
+from moe_utils.analysis.context import checkpoint_only, open_study
+from moe_utils.analysis.results import read_result, write_result
+from moe_utils.arch.config import read_config_json
+from moe_utils.core.paths import ZOO_STUDY_DIR, zoo_path
+from moe_utils.models.checkpoint import checkpoint_fingerprint, find_weight_files
 from moe_utils.zoo import replicates as R
-from moe_utils.zoo.replicates import Replicate
+from moe_utils.zoo.evaluate import load_windows, model_nll, perplexity
+from moe_utils.zoo.replicates import Replicate, replicate_dir, snapshot_dir
 
 HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
 MIN_SEEDS = 3
 INPUTS = "long"  # the observation notebooks' default input
 
 
-def shipped_study_dir() -> Path:
-    """Where the study's per-replicate results files ship inside the package."""
-    return Path(__file__).resolve().parent / "study"
-
-
 def model_folder(rep: Replicate, out: Path | None) -> Path:
     """The trained weights of a replicate: its study folder, else the shipped organism."""
-    from moe_utils.zoo import zoo_path
-    from moe_utils.zoo.study import replicate_dir
-
     if out is not None:
         folder = replicate_dir(out, rep.name) / "model"
         if (folder / "model.safetensors").exists():
@@ -60,16 +59,11 @@ def model_folder(rep: Replicate, out: Path | None) -> Path:
 def _open(folder: Path):
     import tempfile
 
-    from moe_utils.analysis.context import open_study
-
     return open_study(str(folder), None, results_dir=Path(tempfile.gettempdir()) / "moe-book-study")
 
 
 def measure_model(folder: Path, seed: int = 0) -> tuple[list[dict], dict[str, float], Any]:
     """Headline rows of observations 1-3 for the model in ``folder``, extras, and its long trace."""
-    from moe_utils.analysis import headlines as H
-    from moe_utils.analysis.context import checkpoint_only
-
     study = _open(folder)
     long_trace = study.trace(study.inputs(INPUTS))
     o1 = H.observation1(checkpoint_only(str(folder)), None, seed=seed)
@@ -86,8 +80,6 @@ def heldout(folder: Path, max_windows: int | None = None) -> dict[str, float]:
     zoo cards report) or on an evenly spaced sample of ``max_windows``."""
     import torch
     from transformers import AutoModelForCausalLM
-
-    from moe_utils.zoo.evaluate import load_windows, model_nll, perplexity
 
     windows = load_windows(max_windows=max_windows)
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
@@ -106,10 +98,6 @@ def _training_row(rep: Replicate, folder: Path) -> dict[str, Any]:
 
 def write_replicate_results(rep: Replicate, out: Path, log=print) -> list[Path]:
     """Measure a trained replicate (and its snapshots) and write its results files."""
-    from moe_utils.analysis import headlines as H
-    from moe_utils.results import write_result
-    from moe_utils.zoo.study import replicate_dir, snapshot_dir
-
     folder = model_folder(rep, out)
     rdir = replicate_dir(out, rep.name) / "results"
     base = {"organism": rep.organism, "kind": rep.kind, "seed": rep.seed_index}
@@ -148,9 +136,6 @@ def write_replicate_results(rep: Replicate, out: Path, log=print) -> list[Path]:
 
 
 def _fingerprint(folder: Path) -> str:
-    from moe_utils.arch.config import read_config_json
-    from moe_utils.checkpoint import checkpoint_fingerprint, find_weight_files
-
     return checkpoint_fingerprint(read_config_json(folder), find_weight_files(folder))
 
 
@@ -158,9 +143,7 @@ def _fingerprint(folder: Path) -> str:
 
 def load_shipped(root: Path | None = None) -> dict[str, dict[str, pd.DataFrame]]:
     """Every shipped replicate's tables, by replicate name (replicates without results are absent)."""
-    from moe_utils.results import read_result
-
-    root = shipped_study_dir() if root is None else Path(root)
+    root = ZOO_STUDY_DIR if root is None else Path(root)
     out: dict[str, dict[str, pd.DataFrame]] = {}
     # the shipped layout (NAME/study_*.json) or a study folder's (NAME/results/study_*.json)
     paths = sorted(root.glob("*/study_replicate.json")) + sorted(root.glob("*/results/study_replicate.json"))

@@ -23,8 +23,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from moe_utils.core.paths import ZOO_MODELS_DIR
 from moe_utils.zoo import configs
+from moe_utils.zoo.cards import finalize_model
 from moe_utils.zoo.configs import TrainSpec
+from moe_utils.zoo.corpus import build_corpus, write_corpus_json
+from moe_utils.zoo.evaluate import encode_docs, make_windows, model_nll, save_windows, unigram_counts
+from moe_utils.zoo.heldout import select_paragraphs, write_long_heldout
+from moe_utils.zoo.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
 MODEL_ORDER = ("tiny-dense", "tiny-moe-upcycled", "tiny-moe-scratch")
 EVAL_WINDOWS_DURING_TRAINING = 24
@@ -168,8 +174,6 @@ def train_model(model, stream: np.ndarray, spec: TrainSpec, *, eval_windows=None
     first step); it must not change the model.
     """
     from tqdm.auto import tqdm
-    from moe_utils.zoo.evaluate import model_nll
-
     opt = make_optimizer(model, spec)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(spec))
     gen = torch.Generator().manual_seed(spec.seed)
@@ -227,21 +231,11 @@ def train_model(model, stream: np.ndarray, spec: TrainSpec, *, eval_windows=None
 
 # ----------------------------------------------------------------------------- pipeline
 
-def package_models_dir() -> Path:
-    """The shipped models folder inside the installed package."""
-    return Path(__file__).resolve().parent / "models"
-
-
 def prepare(out: Path, log=print) -> dict:
     """Corpus, tokenizer, token streams, unigram counts and long held-out preset under ``out``.
 
     Cached: if ``out/prepared.json`` matches the current corpus hash, the files are reused.
     """
-    from moe_utils.zoo.corpus import build_corpus, write_corpus_json
-    from moe_utils.zoo.evaluate import encode_docs, make_windows, unigram_counts
-    from moe_utils.zoo.heldout import select_paragraphs, write_long_heldout
-    from moe_utils.zoo.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
-
     out.mkdir(parents=True, exist_ok=True)
     log("building corpus ...")
     corpus = build_corpus()
@@ -272,7 +266,6 @@ def prepare(out: Path, log=print) -> dict:
         write_corpus_json(type(corpus)(corpus.train, corpus.heldout, meta), out / "corpus.json")
         marker.write_text(json.dumps({"sha256_all": corpus.meta["sha256_all"]}))
     if not (out / "heldout_windows.npz").exists():
-        from moe_utils.zoo.evaluate import save_windows
         save_windows(out / "heldout_windows.npz", json.loads((out / "heldout_windows.json").read_text()))
     paras, sources = select_paragraphs(corpus, load_tokenizer(out / "tokenizer"))
     write_long_heldout(out / "long_heldout.txt", paras, sources, corpus.meta)
@@ -342,7 +335,7 @@ def run_one(name: str, out: Path, *, resume: bool, force: bool, max_seconds: flo
 
 def install(out: Path, names: Sequence[str], force: bool, log=print) -> None:
     """Copy trained models, corpus.json, unigram counts and the long preset into the package."""
-    dest = package_models_dir()
+    dest = ZOO_MODELS_DIR
     for name in names:
         target = dest / name
         if (target / "model.safetensors").exists() and not force:
@@ -378,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``moe-book zoo train``."""
     args = parse_args(argv)
     out = args.out.resolve()
-    if out == package_models_dir() or package_models_dir() in out.parents:
+    if out == ZOO_MODELS_DIR or ZOO_MODELS_DIR in out.parents:
         if not args.force:
             raise SystemExit(f"--out {out} is inside the package's shipped models; "
                              "use a working folder (default ./zoo-build) or pass --force")
@@ -396,8 +389,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                            progress=not args.no_progress,
                            command="moe-book zoo train " + " ".join(argv if argv is not None else sys.argv[1:])):
                 return 3
-    from moe_utils.zoo.cards import finalize_model
-
     for name in names:
         if (out / "models" / name / "model.safetensors").exists():
             finalize_model(out, name)

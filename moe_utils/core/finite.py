@@ -1,9 +1,9 @@
 """Checks that the weights and activations an analysis uses are finite.
 
 A NaN or infinity in one expert silently turns similarities into 0, ranks into noise and verdicts
-into "holds", so every place that reads weights (``weights.py``, ``expert_gram.py``) or produces
-activations (``trace.py``, ``expert_math.py``) checks them and raises
-:class:`~moe_utils.errors.NonFiniteError` naming the layer, the expert and the tensor.
+into "holds", so every place that reads weights (``models/weights.py``, ``models/expert_gram.py``)
+or produces activations (``models/trace.py``, ``engine/expert_math.py``) checks them and raises
+:class:`~moe_utils.core.errors.NonFiniteError` naming the layer, the expert and the tensor.
 
 A :class:`ScreenedSource` wraps a weights source to opt in to the other behaviour for weight-only
 analyses: experts with non-finite weights are left out of the layer (and recorded in

@@ -18,7 +18,7 @@ from typing import IO, Any, Iterable, Iterator
 from tqdm.auto import tqdm as _auto_tqdm
 from tqdm.std import tqdm as _std_tqdm
 
-from moe_utils.background import beside
+from moe_utils.core.background import beside
 
 PROGRESS_ENV = "MOE_BOOK_PROGRESS"
 

@@ -65,7 +65,8 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 import pandas as pd
 
-from .errors import ResultsFileError
+from moe_utils import __version__
+from moe_utils.core.errors import ResultsFileError
 
 SCHEMA = "moe-book-results/1"
 VERDICTS = ("holds", "does not hold", "inconclusive")
@@ -217,8 +218,6 @@ def result_path(results_dir: str | Path, analysis: str) -> Path:
 
 
 def _package_version() -> str:
-    from . import __version__
-
     return str(__version__)
 
 

@@ -29,14 +29,18 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from moe_utils.arch import SPECS, get_spec
 from moe_utils.arch.catalogue import CatalogueEntry, catalogue
+from moe_utils.models.derive import rebuild_errors
+from moe_utils.models.loading import load_model
+from moe_utils.models.weights import layer_weights
 
 TOLERANCE = 1e-5
 WEIGHTS_NOTEBOOKS = ("obs1_neurons_as_experts",)
 DYNAMIC_NOTEBOOKS = ("obs2_router_norms", "obs3_depth_diversity")
 DATA_FILE = Path("book/coverage.json")
 PAGE_FILE = Path("book/coverage.md")
-NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 # Tokens of the notebooks' default inputs used per family (the checks are about running every
 # analysis on the family, not about the numbers of a random model).
 MAX_TOKENS = 512
@@ -75,8 +79,6 @@ def _first_line(exc: BaseException) -> str:
 
 def spec_kind(family: str) -> tuple[str, object]:
     """``("hand-written" | "derived", spec)`` of a ``random:`` family name."""
-    from moe_utils.arch import SPECS, get_spec
-
     for spec in SPECS.values():
         if family == spec.name or family in spec.model_types:
             return "hand-written", spec
@@ -85,8 +87,6 @@ def spec_kind(family: str) -> tuple[str, object]:
 
 def random_name(entry: CatalogueEntry) -> str:
     """The ``random:`` name for an entry (the hand-written spec's name where there is one)."""
-    from moe_utils.arch import SPECS
-
     for spec in SPECS.values():
         if entry.model_type in spec.model_types and spec.tiny_config:
             return spec.name
@@ -95,8 +95,6 @@ def random_name(entry: CatalogueEntry) -> str:
 
 def _disk_check(lm, folder_root: Path) -> None:
     """Weights streamed from both on-disk spellings equal the model's own, for every MoE layer."""
-    from moe_utils.weights import layer_weights
-
     for fused in (False, True):
         folder = folder_root / ("fused" if fused else "original")
         lm.model.save_pretrained(folder, **({"save_original_format": False} if fused else {}))
@@ -113,9 +111,6 @@ def _disk_check(lm, folder_root: Path) -> None:
 
 def trace_check(row: FamilyRow, name: str) -> FamilyRow:
     """Fill the trace-level columns of ``row`` for ``random:name``."""
-    from moe_utils.arch.derive import rebuild_errors
-    from moe_utils.loading import load_model
-
     try:
         row.spec, spec = spec_kind(name)
         row.spec_name = spec.name
@@ -157,7 +152,7 @@ def _env() -> dict[str, str]:
 
 def _run_notebooks(name: str, notebooks: Sequence[str], out: Path, timeout: float,
                    max_tokens: int | None = MAX_TOKENS) -> tuple[bool, str, str]:
-    cmd = [sys.executable, "-m", "moe_utils.cli", "run", "--model", f"random:{name}",
+    cmd = [sys.executable, "-m", "moe_utils.publish.cli", "run", "--model", f"random:{name}",
            "--out", str(out), "--notebooks-dir", str(NOTEBOOKS_DIR), "--notebooks", *notebooks]
     if max_tokens is not None:
         cmd += ["-p", "max_tokens", str(int(max_tokens))]
@@ -216,7 +211,7 @@ def family_row(entry: CatalogueEntry, notebooks: bool = False, out: Path | None 
 
 def _row_in_subprocess(entry: CatalogueEntry, notebooks: bool, timeout: float) -> FamilyRow:
     """One family checked in a fresh interpreter (memory is returned after every family)."""
-    cmd = [sys.executable, "-m", "moe_utils.coverage", "--row", entry.model_type]
+    cmd = [sys.executable, "-m", "moe_utils.publish.coverage", "--row", entry.model_type]
     if notebooks:
         cmd.append("--notebooks")
     try:

@@ -13,6 +13,10 @@ class UnknownFamilyError(MoEUtilsError, ValueError):
     """No declarative family spec matches the checkpoint's config."""
 
 
+class DerivationError(UnknownFamilyError):
+    """A family spec could not be derived (the message says which part did not match)."""
+
+
 class CheckpointError(MoEUtilsError, FileNotFoundError):
     """Weight files are missing, partial or inconsistent with their index."""
 

@@ -8,13 +8,16 @@ gives the same weights. Used by tests and for trying notebooks without a real ch
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from typing import Any
 
 import torch
+from torch import nn
 
 from moe_utils.arch import FamilySpec, get_spec
-from moe_utils.errors import RemoteCodeRequiredError
+from moe_utils.core.errors import DerivationError, RemoteCodeRequiredError, UnknownFamilyError
+from moe_utils.models.weights import tensor_name
 
 BYTE_SPECIALS = ("<s>", "</s>", "<pad>")
 
@@ -40,6 +43,55 @@ def byte_tokenizer():
                                    pad_token="<pad>")
 
 
+def config_class_for(model_type: str):
+    """The transformers config class registered for ``model_type``."""
+    from transformers import CONFIG_MAPPING
+
+    try:
+        return CONFIG_MAPPING[model_type]
+    except KeyError:
+        raise UnknownFamilyError(f"model_type {model_type!r} is not part of the installed "
+                                 "transformers, so no spec can be derived for it") from None
+
+
+def build_model(config, seed: int = 0) -> nn.Module:
+    """A randomly initialised model for ``config`` (causal LM, else the bare decoder), eval, fp32."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        for auto in (AutoModelForCausalLM, AutoModel):
+            try:
+                return _fill_zero_moe_weights(auto.from_config(config).float().eval(), seed)
+            except ValueError:
+                continue
+        module = importlib.import_module(type(config).__module__.replace("configuration_", "modeling_"))
+        base = type(config).__name__[:-len("Config")]
+        for suffix in ("ForCausalLM", "Model"):
+            if hasattr(module, base + suffix):
+                model = getattr(module, base + suffix)(config).float().eval()
+                return _fill_zero_moe_weights(model, seed)
+    finally:
+        torch.random.set_rng_state(state)
+    raise DerivationError(f"transformers has no model class for {type(config).__name__}")
+
+
+def _fill_zero_moe_weights(model: nn.Module, seed: int) -> nn.Module:
+    """Some families initialise router or expert weights to zero (e.g. AFMoE's router); a random
+    model with equal router logits everywhere cannot tell routing functions apart, so such
+    weight matrices get small random values (seeded)."""
+    g = torch.Generator().manual_seed(seed + 17)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.device.type == "meta" or param.dim() < 2:
+                continue
+            if any(part in name for part in ("experts", "router", ".gate.")) and \
+                    not bool(param.any()):
+                param.copy_(torch.randn(param.shape, generator=g) * 0.02)
+    return model
+
+
 def random_config(spec: FamilySpec, **overrides: Any):
     """The transformers config of a tiny ``spec`` model (``overrides`` replace tiny_config keys)."""
     if spec.config_class is None or not spec.tiny_config:
@@ -51,8 +103,6 @@ def random_config(spec: FamilySpec, **overrides: Any):
 
     cls = getattr(transformers, spec.config_class, None)
     if cls is None:
-        from moe_utils.arch.derive import config_class_for
-
         cls = config_class_for(spec.model_types[0])
     return cls(**{**dict(spec.tiny_config), **overrides})
 
@@ -63,9 +113,6 @@ def random_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32,
     Correction-bias buffers (zeros at init) get small random values so the "bias picks, unbiased
     score weighs" path of DeepSeek-V3-style routers is exercised.
     """
-    from moe_utils.arch.derive import build_model
-    from moe_utils.weights import tensor_name
-
     spec = get_spec(family)
     config = random_config(spec, **overrides)
     generator_state = torch.random.get_rng_state()

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
 import itertools
 import json
 import re
@@ -42,71 +41,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_utils.arch import Derivation
 from moe_utils.arch.activations import _PLAIN, activation
+from moe_utils.arch.catalogue import multimodal_parent
 from moe_utils.arch.config import config_dict
 from moe_utils.arch.spec import (ConfigKeys, ExpertTensors, FamilySpec, LayerRule, MLPTensors,
                                  ModulePaths, MoETensors, RouterCapture, RoutingSpec, WeightFormat)
-from moe_utils.errors import UnknownFamilyError
+from moe_utils.arch.tiny import tiny_config, tiny_config_dict
+from moe_utils.core import paths
+from moe_utils.core.errors import DerivationError, UnknownFamilyError
+from moe_utils.engine.canonical import MoELayerWeights
+from moe_utils.engine.expert_math import _expert_out, apply_experts, shared_expert_output
+from moe_utils.engine.routing import RouteParams, route
+from moe_utils.models.loading import LoadedModel
+from moe_utils.models.random_models import build_model, byte_tokenizer, config_class_for
+from moe_utils.models.trace import _recompute_routing, trace, verify_trace
+from moe_utils.models.weights import ModelSource, _experts, layer_weights
 
 Tensor = torch.Tensor
 TOLERANCE = 1e-5
 _LOCAL_LAYERS = "_derived_moe_layers"
 _E_KEY, _K_KEY, _N_KEY = "_derived_num_experts", "_derived_top_k", "_derived_num_layers"
 _MLP_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
-
-
-class DerivationError(UnknownFamilyError):
-    """A family spec could not be derived (the message says which part did not match)."""
-
-
-# ---- building models ---------------------------------------------------------------------------
-def config_class_for(model_type: str):
-    """The transformers config class registered for ``model_type``."""
-    from transformers import CONFIG_MAPPING
-
-    try:
-        return CONFIG_MAPPING[model_type]
-    except KeyError:
-        raise UnknownFamilyError(f"model_type {model_type!r} is not part of the installed "
-                                 "transformers, so no spec can be derived for it") from None
-
-
-def build_model(config, seed: int = 0) -> nn.Module:
-    """A randomly initialised model for ``config`` (causal LM, else the bare decoder), eval, fp32."""
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        for auto in (AutoModelForCausalLM, AutoModel):
-            try:
-                return _fill_zero_moe_weights(auto.from_config(config).float().eval(), seed)
-            except ValueError:
-                continue
-        module = importlib.import_module(type(config).__module__.replace("configuration_", "modeling_"))
-        base = type(config).__name__[:-len("Config")]
-        for suffix in ("ForCausalLM", "Model"):
-            if hasattr(module, base + suffix):
-                model = getattr(module, base + suffix)(config).float().eval()
-                return _fill_zero_moe_weights(model, seed)
-    finally:
-        torch.random.set_rng_state(state)
-    raise DerivationError(f"transformers has no model class for {type(config).__name__}")
-
-
-def _fill_zero_moe_weights(model: nn.Module, seed: int) -> nn.Module:
-    """Some families initialise router or expert weights to zero (e.g. AFMoE's router); a random
-    model with equal router logits everywhere cannot tell routing functions apart, so such
-    weight matrices get small random values (seeded)."""
-    g = torch.Generator().manual_seed(seed + 17)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.device.type == "meta" or param.dim() < 2:
-                continue
-            if any(part in name for part in ("experts", "router", ".gate.")) and \
-                    not bool(param.any()):
-                param.copy_(torch.randn(param.shape, generator=g) * 0.02)
-    return model
 
 
 def _skeleton(config) -> nn.Module:
@@ -297,9 +253,6 @@ def _known_activation(name: str) -> bool:
 def _fit_experts(model: nn.Module, layer_prefix: str, blk: _Block, layer: int, config,
                  num_experts: int, top_k: int, hidden: int) -> tuple[ExpertTensors, str]:
     """Expert tensor layout and activation that reproduce the experts module's own output."""
-    from moe_utils.weights import ModelSource, _experts, MoELayerWeights
-    from moe_utils.expert_math import _expert_out
-
     src = ModelSource(model)
     x = torch.randn(11, hidden, generator=torch.Generator().manual_seed(1))
     index = torch.zeros(11, top_k, dtype=torch.long)
@@ -370,8 +323,6 @@ def _group_key(cfg: dict) -> str | None:
 
 
 def _routing_candidates(cfg: dict, num_experts: int, top_k: int):
-    from moe_utils.routing import RouteParams
-
     group_key = _group_key(cfg)
     groups = [None] + (["top2_sum", "max"] if group_key else [])
     n_group = int(cfg[group_key]) if group_key else 1
@@ -397,8 +348,6 @@ def _matches(weight: Tensor, index: Tensor, want_w: Tensor, want_i: Tensor) -> b
 
 def _fit_routing(cap: dict, cfg: dict, num_experts: int, top_k: int,
                  biases: dict[str, Tensor]) -> tuple[RoutingSpec, str | None]:
-    from moe_utils.routing import route
-
     logits, index, weight = cap["logits"], cap["index"], cap["weight"]
     if logits.shape[-1] != num_experts:
         raise DerivationError(f"the router scores {logits.shape[-1]} choices for {num_experts} "
@@ -465,8 +414,6 @@ def _disk_format(model: nn.Module, memory: WeightFormat, layer: int, num_experts
                  folder: Path) -> WeightFormat | None:
     """The naming ``save_pretrained`` writes, matched by value to the in-memory tensors."""
     from safetensors import safe_open
-
-    from moe_utils.weights import ModelSource, _experts
 
     saved: dict[str, Tensor] = {}
     for path in sorted(folder.glob("*.safetensors")):
@@ -626,19 +573,17 @@ def derive_spec(config: Any, *, tiny: bool | None = None) -> FamilySpec:
 def _code_version() -> str:
     import transformers
 
-    here = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]
     parts = [transformers.__version__, torch.__version__]
-    for path in (here / "derive.py", here / "tiny.py", here / "spec.py", here.parent / "routing.py"):
+    for path in (package / "models" / "derive.py", package / "arch" / "tiny.py",
+                 package / "arch" / "spec.py", package / "engine" / "routing.py"):
         parts.append(hashlib.sha256(path.read_bytes()).hexdigest())
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 def cache_dir() -> Path:
-    """Where accepted derived specs are kept (``$MOE_UTILS_CACHE`` or ``~/.cache/moe_utils``)."""
-    import os
-
-    root = os.environ.get("MOE_UTILS_CACHE") or Path.home() / ".cache" / "moe_utils"
-    return Path(root) / "derived_specs"
+    """Where accepted derived specs are kept (``derived_specs`` in the package cache folder)."""
+    return paths.cache_dir() / "derived_specs"
 
 
 def spec_to_json(spec: FamilySpec) -> str:
@@ -700,8 +645,6 @@ def _write_cached(key: str, spec: FamilySpec) -> None:
 
 
 def _derive(cfg: dict, tiny: bool | None) -> FamilySpec:
-    from moe_utils.arch.tiny import tiny_config
-
     model_type = cfg.get("model_type")
     if not model_type:
         raise UnknownFamilyError("the config has no model_type, so no spec can be derived")
@@ -823,8 +766,6 @@ def _derive(cfg: dict, tiny: bool | None) -> FamilySpec:
 @functools.lru_cache(maxsize=None)
 def derive_family(model_type: str) -> FamilySpec:
     """The derived spec of ``model_type``'s tiny config (what ``random:MODEL_TYPE`` builds)."""
-    from moe_utils.arch.tiny import tiny_config_dict
-
     cls = config_class_for(model_type)
     kwargs = tiny_config_dict(cls)
     try:
@@ -838,8 +779,6 @@ def derive_family(model_type: str) -> FamilySpec:
 def spec_for_unknown(cfg: dict) -> FamilySpec:
     """Derive a spec for a config no hand-written spec matches, or explain why not."""
     from transformers import CONFIG_MAPPING
-
-    from moe_utils.arch.catalogue import multimodal_parent
 
     model_type = cfg.get("model_type")
     if model_type not in CONFIG_MAPPING:
@@ -915,9 +854,6 @@ def _describe(routing: RoutingSpec, bias: str | None) -> str:
 
 
 def _tiny_lm(spec: FamilySpec, model: nn.Module, config):
-    from moe_utils.loading import LoadedModel
-    from moe_utils.random_models import byte_tokenizer
-
     return LoadedModel(model=model, tokenizer=byte_tokenizer(), spec=spec, config=config,
                        name=f"derived:{spec.name}", path=None, fingerprint="derived",
                        moe_layers=moe_layer_indices(
@@ -938,10 +874,6 @@ def _fit_output_scales(spec: FamilySpec, model: nn.Module, config) -> tuple[floa
 
     Cohere2-MoE can average routed and shared outputs (0.5, 0.5); some blocks apply the routed
     scaling factor after the experts instead of to the weights."""
-    from moe_utils.expert_math import apply_experts, shared_expert_output
-    from moe_utils.trace import _recompute_routing, trace
-    from moe_utils.weights import layer_weights
-
     lm = _tiny_lm(spec, model, config)
     layer = lm.moe_layers[0]
     lt = trace(lm, _probe_sequences(4), layers=[layer])[layer]
@@ -960,8 +892,6 @@ def _fit_output_scales(spec: FamilySpec, model: nn.Module, config) -> tuple[floa
 
 def _accept(spec: FamilySpec, model: nn.Module, config) -> None:
     """Refuse ``spec`` unless the trace rebuilds every MoE block of ``model`` (<= 1e-5)."""
-    from moe_utils.trace import trace, verify_trace
-
     lm = _tiny_lm(spec, model, config)
     checks = verify_trace(lm, trace(lm, _probe_sequences(3), layers=lm.moe_layers))
     bad = [c for c in checks if not (c.max_rel_error <= TOLERANCE and c.indices_equal)]
@@ -977,14 +907,15 @@ def _accept(spec: FamilySpec, model: nn.Module, config) -> None:
 
 def rebuild_errors(lm) -> dict[int, float]:
     """Largest relative rebuild error per MoE layer of a loaded model (for coverage reports)."""
-    from moe_utils.trace import trace, verify_trace
-
     g = torch.Generator().manual_seed(5)
     seqs = [[0] + torch.randint(3, 259, (n,), generator=g).tolist() for n in (17, 9)]
     return {c.layer: (c.max_rel_error if c.indices_equal else float("inf"))
             for c in verify_trace(lm, trace(lm, seqs))}
 
 
-__all__ = ["DerivationError", "TOLERANCE", "build_model", "config_class_for", "derive_family",
-           "derive_spec", "spec_for_unknown",
-           "moe_layer_indices", "rebuild_errors"]
+# What moe_utils.models registers with arch, so that arch's lookups find derived specs too.
+DERIVATION = Derivation(family=derive_family, config=spec_for_unknown,
+                        tiny_config=functools.partial(derive_spec, tiny=True))
+
+__all__ = ["DERIVATION", "DerivationError", "TOLERANCE", "derive_family", "derive_spec",
+           "spec_for_unknown", "moe_layer_indices", "rebuild_errors"]

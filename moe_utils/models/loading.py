@@ -3,43 +3,30 @@
 Nothing from a checkpoint folder is executed unless ``trust_remote_code=True`` is passed, and
 pickle weights are refused unless ``allow_pickle=True``. Families whose code is not part of
 transformers (DeepSeekMoE, Grok-1) still work for weight analyses, which stream safetensors
-without building the model (:mod:`moe_utils.weights`).
+without building the model (:mod:`moe_utils.models.weights`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
-from moe_utils.arch import FamilySpec, get_spec, require_moe, spec_for_config
+from moe_utils.arch import FamilySpec, derivation, get_spec, require_moe, spec_for_config
 from moe_utils.arch.config import config_dict, read_config_json
-from moe_utils.checkpoint import (checkpoint_fingerprint, find_weight_files, hub_revision,
-                                  verify_safetensors)
-from moe_utils.errors import CheckpointError, OfflineError, RemoteCodeRequiredError
+from moe_utils.core.errors import RemoteCodeRequiredError
+from moe_utils.core.memory import shedding_file_pages
+from moe_utils.models.checkpoint import checkpoint_fingerprint, find_weight_files, verify_safetensors
+from moe_utils.models.ids import ModelRef, resolve_folder, resolve_model
+from moe_utils.models.random_models import byte_tokenizer, random_fingerprint, random_model
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
-
-@dataclass
-class ModelRef:
-    """Where a model id points: its kind, folder (if any) and, for random ids, the family."""
-
-    name: str
-    kind: Literal["zoo", "random", "local", "hub"]
-    path: Path | None = None
-    family: str | None = None
-    revision: str | None = None  # hub commit of the snapshot (or the revision asked for)
-
-    def source(self) -> dict[str, Any]:
-        """What results files record about where the model came from (no local path)."""
-        return {"kind": self.kind, "id": self.name, "revision": self.revision}
 
 
 @dataclass
@@ -72,74 +59,6 @@ def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16") from None
 
 
-# ---- id resolution ---------------------------------------------------------------------------
-def _zoo_path(name: str) -> Path:
-    try:
-        from moe_utils.zoo import zoo_path
-    except ImportError as exc:
-        raise CheckpointError(f"zoo model {name!r} is not available: the moe_utils.zoo package is "
-                              f"missing from this installation ({exc}). Reinstall moe_utils, or "
-                              "pass a local model folder instead.") from exc
-    return Path(zoo_path(name))
-
-
-def resolve_model(model: str | Path, revision: str | None = None,
-                  include_code: bool = False) -> ModelRef:
-    """Classify a model id; folders must exist, hub ids are fetched (or found in the local cache).
-
-    Hub downloads fetch config, safetensors and tokenizer files; Python files only when
-    ``include_code`` (i.e. the caller passed ``trust_remote_code=True``).
-    """
-    text = str(model)
-    if text.startswith("zoo:"):
-        return ModelRef(text, "zoo", _zoo_path(text[4:]))
-    if text.startswith("random:"):
-        family = text[len("random:"):]
-        get_spec(family)  # raises UnknownFamilyError with the list of families
-        return ModelRef(text, "random", None, family)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        # Named by its folder name only: published pages and results carry no local path.
-        return ModelRef(path.resolve().name or text, "local", path.resolve())
-    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
-        raise CheckpointError(f"{text!r} is neither a model folder nor a hub id (org/name); pass a "
-                              "folder containing config.json and *.safetensors, 'zoo:NAME' or "
-                              "'random:FAMILY'")
-    snapshot = _hub_snapshot(text, revision, include_code)
-    return ModelRef(text, "hub", snapshot, revision=hub_revision(snapshot) or revision)
-
-
-def _hub_snapshot(repo_id: str, revision: str | None, include_code: bool = False) -> Path:
-    """A local snapshot of a hub repo (config, safetensors, tokenizer; code only if asked)."""
-    from huggingface_hub import snapshot_download
-
-    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
-    if include_code:
-        patterns.append("*.py")
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True,
-                                      allow_patterns=patterns))
-    except Exception:  # noqa: BLE001 - not in the cache; try the network next
-        pass
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-    except Exception as exc:  # noqa: BLE001 - any hub failure means we cannot get the files
-        first_line = str(exc).splitlines()[0] if str(exc) else ""
-        raise OfflineError(f"{repo_id!r} cannot be downloaded here ({type(exc).__name__}: "
-                           f"{first_line}) and is not in the local Hugging Face cache. If this "
-                           "machine is offline, download the model elsewhere and pass its local "
-                           "folder instead; otherwise check the id and revision.") from exc
-
-
-def resolve_folder(model: str | Path) -> Path:
-    """Folder holding a model's files (for streaming weights); random ids have none."""
-    ref = resolve_model(model)
-    if ref.path is None:
-        raise CheckpointError(f"{ref.name} has no files on disk; load it with load_model() and pass "
-                              "the LoadedModel instead")
-    return ref.path
-
-
 # ---- loading ---------------------------------------------------------------------------------
 def _needs_remote_code(cfg: dict, spec: FamilySpec) -> bool:
     from transformers import CONFIG_MAPPING
@@ -166,8 +85,6 @@ def _canonical_config(path: Path, cfg: dict, spec: FamilySpec, trust_remote_code
 def load_tokenizer(path: str | Path | None, trust_remote_code: bool = False):
     """Tokenizer stored with a model folder, or None when the folder has none."""
     if path is None:
-        from moe_utils.random_models import byte_tokenizer
-
         return byte_tokenizer()
     path = Path(path)
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
@@ -202,15 +119,11 @@ def load_model(model: str | Path, dtype: str | torch.dtype = "float32", device_m
     torch_dtype = as_dtype(dtype)
     ref = resolve_model(model, revision, include_code=trust_remote_code)
     if ref.kind == "random":
-        from moe_utils.random_models import byte_tokenizer, random_fingerprint, random_model
-
         module, config = random_model(ref.family, seed=seed, dtype=torch_dtype,
                                       **(config_overrides or {}))
         spec = get_spec(ref.family)
         if spec.derived and config_overrides:  # derived specs hold their config's layer pattern
-            from moe_utils.arch.derive import derive_spec
-
-            spec = derive_spec(config, tiny=True)
+            spec = derivation().tiny_config(config)
         fingerprint = random_fingerprint(ref.family, config, seed)
         tokenizer = byte_tokenizer()
         if device_map is not None:
@@ -229,13 +142,11 @@ def load_model(model: str | Path, dtype: str | torch.dtype = "float32", device_m
                 f"{'has an auto_map' if 'auto_map' in cfg else 'names a model type transformers does not know'}). "
                 "Code from a checkpoint folder only runs if you opt in: pass "
                 "trust_remote_code=True if you trust its source. Weight-only analyses work without "
-                "it: moe_utils.weights.layer_weights(<folder>, layer) streams the safetensors.")
+                "it: moe_utils.models.weights.layer_weights(<folder>, layer) streams the safetensors.")
         files = find_weight_files(path, allow_pickle=allow_pickle)
         verify_safetensors(files)
         config = _canonical_config(path, cfg, spec, trust_remote_code)
         from transformers import AutoModelForCausalLM
-
-        from moe_utils.memory import shedding_file_pages
 
         # converted tensors (fused experts) would otherwise sit in memory twice: as the new
         # tensor and as touched pages of the file map

@@ -22,7 +22,8 @@ from typing import Iterable
 
 import torch
 
-from moe_utils.errors import CheckpointError, PickleRefusedError
+from moe_utils.core import paths
+from moe_utils.core.errors import CheckpointError, PickleRefusedError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -314,11 +315,9 @@ _HEX64 = frozenset("0123456789abcdef")
 
 
 def hash_cache_path() -> Path:
-    """JSON file caching file hashes by (path, size, mtime): ``$MOE_UTILS_CACHE/file-hashes.json``
-    (default ``~/.cache/moe_utils``)."""
-    base = os.environ.get("MOE_UTILS_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "moe_utils")
-    return Path(base) / "file-hashes.json"
+    """JSON file caching file hashes by (path, size, mtime): ``file-hashes.json`` in the package
+    cache folder (:func:`moe_utils.core.paths.cache_dir`)."""
+    return paths.cache_dir() / "file-hashes.json"
 
 
 _HASHES: dict[str, str] = {}

@@ -15,8 +15,8 @@ from typing import Any, Callable, Iterable
 import torch
 
 from moe_utils.arch import require_moe
-from moe_utils.finite import check_finite
-from moe_utils.weights import FolderSource, check_layer, open_source, pick_format, tensor_name
+from moe_utils.core.finite import check_finite
+from moe_utils.models.weights import FolderSource, check_layer, open_source, pick_format, tensor_name
 
 Tensor = torch.Tensor
 # A reader maps a row range [a, b) to {matrix: list of E tensors, each [b-a, cols]}.
@@ -110,7 +110,7 @@ def expert_grams(source: Any, layer: int, matrices: Iterable[str] = ("act", "up"
     ``chunk_mb`` bounds each float32 working buffer (E experts x rows x columns).
     ``prefetch`` reads the layer's bytes in a background thread so disk reads overlap with the
     arithmetic (checkpoint folders only). A non-finite weight raises
-    :class:`~moe_utils.errors.NonFiniteError` naming the layer, expert and matrix.
+    :class:`~moe_utils.core.errors.NonFiniteError` naming the layer, expert and matrix.
     """
     src, spec = open_source(source, allow_pickle)
     require_moe(spec, "expert_grams")

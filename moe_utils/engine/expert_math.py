@@ -2,7 +2,7 @@
 
 All functions compute on the device of the weights and return float32 tensors on the CPU.
 Per-expert outputs and activations that come out non-finite raise
-:class:`~moe_utils.errors.NonFiniteError` naming the layer and expert.
+:class:`~moe_utils.core.errors.NonFiniteError` naming the layer and expert.
 Chunking over tokens (``chunk_tokens``) bounds the working memory to one chunk's
 intermediate activations; only the requested result is ever fully materialised.
 """
@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from moe_utils.arch import activation
-from moe_utils.finite import check_finite
-from moe_utils.weights import DenseMLPWeights, MoELayerWeights
+from moe_utils.core.finite import check_finite
+from moe_utils.engine.canonical import DenseMLPWeights, MoELayerWeights
 
 Tensor = torch.Tensor
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from moe_utils.errors import UsageError
+from moe_utils.core.errors import UsageError
 
 Check = Callable[[Any], bool]
 

@@ -31,12 +31,12 @@ import torch.nn.functional as F
 
 from moe_utils.arch import FamilySpec, require_moe
 from moe_utils.arch.config import config_dict
-from moe_utils.errors import InputTooLongError, LayerIndexError, MoEUtilsError, NonFiniteError
-from moe_utils.finite import is_finite, nonfinite_counts
-from moe_utils.expert_math import (apply_experts, dense_intermediates, dense_outputs,
+from moe_utils.core.errors import InputTooLongError, LayerIndexError, MoEUtilsError, NonFiniteError
+from moe_utils.core.finite import is_finite, nonfinite_counts
+from moe_utils.engine.expert_math import (apply_experts, dense_intermediates, dense_outputs,
                                    expert_intermediates, expert_outputs, shared_expert_output)
-from moe_utils.routing import RouteParams, route, route_params
-from moe_utils.weights import MoELayerWeights, layer_weights
+from moe_utils.engine.routing import RouteParams, route, route_params
+from moe_utils.models.weights import MoELayerWeights, layer_weights
 
 Tensor = torch.Tensor
 

@@ -12,7 +12,6 @@ model loaded from it give identical weights.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol
 
@@ -22,78 +21,13 @@ from torch import nn
 from moe_utils.arch import FamilySpec, require_moe, spec_for_config
 from moe_utils.arch.config import config_dict, read_config_json
 from moe_utils.arch.spec import ExpertTensors, MLPTensors, MoETensors, WeightFormat
-from moe_utils.checkpoint import CheckpointReader
-from moe_utils.errors import CheckpointError, LayerIndexError, MoEUtilsError, NonFiniteError
-from moe_utils.finite import ScreenedSource, check_finite, is_finite, nonfinite_counts, unwrap
+from moe_utils.models.checkpoint import CheckpointReader
+from moe_utils.core.errors import CheckpointError, LayerIndexError, MoEUtilsError, NonFiniteError
+from moe_utils.core.finite import ScreenedSource, check_finite, is_finite, nonfinite_counts, unwrap
+from moe_utils.engine.canonical import DenseMLPWeights, MoELayerWeights
+from moe_utils.models.ids import resolve_folder
 
 Tensor = torch.Tensor
-
-
-@dataclass
-class DenseMLPWeights:
-    """A gated MLP: ``w_down · glu(w_act x, w_up x)``; w_act [I,H] (None if gate-less)."""
-
-    layer: int
-    w_act: Tensor | None
-    w_up: Tensor
-    w_down: Tensor
-    activation: str
-
-    @property
-    def hidden_size(self) -> int:
-        return self.w_up.shape[1]
-
-    @property
-    def intermediate_size(self) -> int:
-        return self.w_up.shape[0]
-
-
-@dataclass
-class MoELayerWeights:
-    """All weights of one MoE block in canonical orientation (see module docstring)."""
-
-    layer: int
-    router: Tensor
-    w_act: Tensor | None
-    w_up: Tensor
-    w_down: Tensor
-    activation: str
-    router_bias: Tensor | None = None
-    score_correction_bias: Tensor | None = None
-    b_act: Tensor | None = None
-    b_up: Tensor | None = None
-    b_down: Tensor | None = None
-    shared: DenseMLPWeights | None = None
-    shared_gate: Tensor | None = None
-    expert_ids: list[int] | None = None  # original indices when invalid experts were excluded
-
-    @property
-    def num_experts(self) -> int:
-        return self.w_up.shape[0]
-
-    @property
-    def ids(self) -> list[int]:
-        """The original index of each expert held (0..E-1 unless some were excluded)."""
-        return list(range(self.num_experts)) if self.expert_ids is None else list(self.expert_ids)
-
-    @property
-    def hidden_size(self) -> int:
-        return self.w_up.shape[2]
-
-    @property
-    def intermediate_size(self) -> int:
-        return self.w_up.shape[1]
-
-    @property
-    def device(self) -> torch.device:
-        return self.w_up.device
-
-    def matrices(self) -> dict[str, Tensor]:
-        """The three expert matrices by their paper names (``act``/``up``/``down``)."""
-        out = {"up": self.w_up, "down": self.w_down}
-        if self.w_act is not None:
-            out = {"act": self.w_act, **out}
-        return out
 
 
 # ---- tensor sources ----------------------------------------------------------------------
@@ -183,8 +117,6 @@ def open_source(source: Any, allow_pickle: bool) -> tuple[TensorSource, FamilySp
         src = ModelSource(source)
         return src, spec_for_config(src.config)
     if isinstance(source, (str, Path)):
-        from moe_utils.loading import resolve_folder
-
         folder = resolve_folder(source)
         src = FolderSource(folder, allow_pickle=allow_pickle)
         return src, spec_for_config(src.config)
@@ -452,7 +384,7 @@ def layer_weights(source: Any, layer: int, dtype: torch.dtype | None = torch.flo
     of a streamed layer instead of a float32 one).
 
     Non-finite weights raise :class:`NonFiniteError`, unless ``source`` is a
-    :class:`~moe_utils.finite.ScreenedSource` (the offending experts are then left out).
+    :class:`~moe_utils.core.finite.ScreenedSource` (the offending experts are then left out).
     """
     source, screen = unwrap(source)
     src, spec = open_source(source, allow_pickle)

@@ -14,7 +14,7 @@ the book, "back": after them). Without that key, names starting with ``obs`` are
 anything else is book-level; ``organisms`` goes to the front, the rest to the back.
 
 Every notebook runs with ``BOOK_BUILD=1`` in its kernel's environment (so charts use the offline
-renderer of :mod:`moe_utils.render`), its working directory set to the folder it is written to,
+renderer of :mod:`moe_utils.publish.render`), its working directory set to the folder it is written to,
 and paths injected relative to that folder, so the executed notebooks carry no machine-specific
 paths and still work when opened where they lie.
 """
@@ -24,10 +24,8 @@ from __future__ import annotations
 import ast
 import contextlib
 import errno
-import hashlib
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -38,11 +36,15 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import nbformat
 
-from moe_utils.errors import MoEUtilsError, OutputFolderError, RunInterrupted, UsageError
-from moe_utils.render import BOOK_BUILD_ENV
+from moe_utils import zoo
+from moe_utils.core.errors import InputSpecError, MoEUtilsError, OutputFolderError, RunInterrupted, UsageError
+from moe_utils.core.names import looks_local, model_label, model_slug
+from moe_utils.core.paths import BOOK_FOLDER
+from moe_utils.core.progress import PROGRESS_ENV, relay
+from moe_utils.engine.inputs import check_inputs_spec
+from moe_utils.publish.params import check_parameters, notebook_parameters
+from moe_utils.publish.render import BOOK_BUILD_ENV
 
-BOOK_FOLDER = "book"
-"""Name of the run folder that holds the book-level notebooks (reserved: no model slug may use it)."""
 
 RESULTS_FOLDER = "results"
 METADATA_KEY = "moe_book"
@@ -85,54 +87,6 @@ class NotebookRunError(MoEUtilsError, RuntimeError):
 
 
 # --------------------------------------------------------------------------- names and values
-
-
-def _looks_local(text: str) -> bool:
-    return text.startswith(("/", "./", "../", "~")) or Path(text).expanduser().is_dir()
-
-
-def _clean(slug: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", slug).strip("-.")
-
-
-def model_slug(model: str | os.PathLike[str], revision: str | None = None) -> str:
-    """Folder name for a model id (and hub revision); two different checkpoints never share one.
-
-    ``zoo:tiny-moe-upcycled`` -> ``tiny-moe-upcycled``; ``random:mixtral`` -> ``random-mixtral``;
-    hub id ``org/Name`` -> ``org--Name`` (``org--Name--rev-abc123`` with a revision); a local
-    folder -> its base name plus 8 hex digits of a hash of its absolute location, so ``a/hf`` and
-    ``b/hf`` get different folders. Characters outside ``[A-Za-z0-9._-]`` become ``-``.
-    """
-    text = os.fspath(model).strip()
-    if not text:
-        raise MoEUtilsError("empty model id: pass a zoo name (zoo:NAME), a hub id or a local folder")
-    if _looks_local(text):
-        where = Path(text).expanduser().resolve()
-        digest = hashlib.sha256(os.fsencode(where)).hexdigest()[:8]
-        slug = f"{_clean(where.name) or 'model'}-{digest}"
-    elif text.startswith("zoo:"):
-        slug = text[len("zoo:"):]
-    else:
-        slug = text.replace("/", "--").replace(":", "-")
-    if revision:
-        slug += f"--rev-{_clean(str(revision))[:40]}"
-    slug = _clean(slug)
-    if not slug:
-        raise MoEUtilsError(f"cannot make a folder name from model id {text!r}")
-    if slug == BOOK_FOLDER:
-        slug = f"{BOOK_FOLDER}-model"
-    return slug
-
-
-def model_label(model: str | os.PathLike[str]) -> str:
-    """How pages name a model: the id as given, but a local folder by its name only.
-
-    Published pages never show a local absolute path (``/home/me/ckpt/hf`` is shown as ``hf``).
-    """
-    text = os.fspath(model).strip()
-    if _looks_local(text):
-        return Path(text).expanduser().resolve().name or text
-    return text
 
 
 def parse_value(text: str) -> Any:
@@ -261,12 +215,7 @@ class Job:
 
 def default_models() -> tuple[list[str], str | None]:
     """The embedded default MoE models and dense baseline from :mod:`moe_utils.zoo`."""
-    try:
-        from moe_utils import zoo
-    except ImportError as exc:  # the zoo package is optional at import time of this module
-        raise MoEUtilsError(
-            f"the embedded default models are not available ({exc}); pass --model ID_OR_DIR"
-        ) from exc
+
     def as_id(name: str | None) -> str | None:
         # The zoo lists bare names ("tiny-dense"); notebooks take model ids ("zoo:tiny-dense").
         if name is not None and ":" not in name and name in zoo.ZOO_MODELS:
@@ -288,7 +237,7 @@ def _local_paths_relative(params: dict[str, Any], workdir: Path) -> dict[str, An
     out = dict(params)
     for key in ("model", "dense_baseline"):
         value = out.get(key)
-        if isinstance(value, str) and _looks_local(value):
+        if isinstance(value, str) and looks_local(value):
             out[key] = _relative_to(Path(value).expanduser(), workdir)
     value = out.get("inputs")
     if isinstance(value, str) and not value.startswith("hf:") and Path(value).expanduser().is_file():
@@ -353,8 +302,6 @@ def check_request_parameters(notebooks: Sequence[NotebookInfo], values: dict[str
     each declaring notebook gives it; an ``inputs`` file and a local ``dense_baseline`` folder
     must exist. Raises :class:`UsageError`; returns notebook name -> declared parameter names.
     """
-    from moe_utils.params import check_parameters, notebook_parameters
-
     per_notebook = {nb.name: notebook_parameters(nb.path) for nb in notebooks}
     union: dict[str, Any] = {}
     for specs in per_notebook.values():
@@ -368,21 +315,18 @@ def check_request_parameters(notebooks: Sequence[NotebookInfo], values: dict[str
         check_parameters({k: v for k, v in values.items() if k in specs}, specs,
                          where=f"notebook(s) {names}")
     if isinstance(values.get("inputs"), str):
-        from moe_utils.errors import InputSpecError
-        from moe_utils.inputs import check_inputs_spec
-
         try:
             check_inputs_spec(values["inputs"])
         except InputSpecError as exc:
             raise UsageError(f"-p inputs: {exc}") from exc
     if isinstance(values.get("dtype"), str):
-        from moe_utils.loading import as_dtype  # imports torch: only when a dtype is given
+        from moe_utils.models.loading import as_dtype  # imports torch: only when a dtype is given
 
         try:
             as_dtype(values["dtype"])
         except ValueError as exc:
             raise UsageError(f"-p dtype: {exc}") from exc
-    if dense_baseline and _looks_local(dense_baseline) and not Path(dense_baseline).expanduser().is_dir():
+    if dense_baseline and looks_local(dense_baseline) and not Path(dense_baseline).expanduser().is_dir():
         raise UsageError(f"dense baseline folder {dense_baseline} does not exist")
     return {name: set(specs) for name, specs in per_notebook.items()}
 
@@ -445,8 +389,6 @@ def kernel_environment() -> Iterator[None]:
     elsewhere would miss moe_utils). The package's own progress bars (per layer, per reordered
     pair) go to a log file named by ``MOE_BOOK_PROGRESS``, relayed to this process's stderr.
     """
-    from moe_utils.progress import PROGRESS_ENV, relay
-
     settings = {BOOK_BUILD_ENV: "1", "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     saved = {key: os.environ.get(key) for key in (*settings, "JUPYTER_PATH", PROGRESS_ENV)}
     with tempfile.TemporaryDirectory(prefix="moe-book-kernel-") as tmp, \

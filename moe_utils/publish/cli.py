@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Sequence
 
 from moe_utils import __version__
-from moe_utils.errors import MoEUtilsError, RunInterrupted, UsageError
+from moe_utils.core.errors import MoEUtilsError, RunInterrupted, UsageError
+from moe_utils.publish.bookbuild import build_book
+from moe_utils.publish.runner import RunRequest, check_output_folder, parse_parameters, plan_request, run_jobs
 
 DEFAULT_OUT = Path("book/runs")
 
@@ -90,14 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_zoo(sub)
     sub.add_parser("coverage", add_help=False,
                    help="check every MoE family of the installed transformers and write the "
-                        "coverage page (arguments go to moe_utils.coverage)").add_argument(
+                        "coverage page (arguments go to moe_utils.publish.coverage)").add_argument(
         "coverage_args", nargs=argparse.REMAINDER)
     return parser
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from moe_utils.runner import RunRequest, check_output_folder, parse_parameters, plan_request, run_jobs
-
     parameters = parse_parameters(args.parameters)
     for flag, name in ((args.trust_remote_code, "trust_remote_code"), (args.allow_pickle, "allow_pickle")):
         if flag:
@@ -119,8 +119,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from moe_utils.bookbuild import build_book
-
     root = args.root
     runs = args.out if args.out.is_absolute() else (Path.cwd() / args.out)
     build_book(root=root, runs_dir=runs, build_dir=args.build_dir, strict=args.strict)
@@ -149,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if argv[:1] == ["coverage"]:
             command = "coverage"
-            from moe_utils.coverage import main as coverage_main
+            from moe_utils.publish.coverage import main as coverage_main  # lazy: builds models (torch)
 
             return coverage_main(argv[1:])
         if argv[:2] in (["zoo", "train"], ["zoo", "study"]):

@@ -29,9 +29,11 @@ from typing import Any
 
 import yaml
 
-from moe_utils.errors import MoEUtilsError
-from moe_utils.runner import (BOOK_FOLDER, FAILED_SUFFIX, METADATA_KEY, Log, default_models,
-                              model_label, model_slug, notebook_info)
+from moe_utils.core.errors import MoEUtilsError
+from moe_utils.core.names import model_label, model_slug
+from moe_utils.publish.render import write_vega_bundle
+from moe_utils.publish.runner import (BOOK_FOLDER, FAILED_SUFFIX, METADATA_KEY, Log, default_models,
+                                      notebook_info)
 
 PAGES_DIR = "book"
 ROOT_PAGE = "intro"
@@ -168,8 +170,6 @@ def check_assets(root: Path, log: Log) -> None:
     """Write the vega bundle if missing; warn when the npm vendor files are missing."""
     bundle = root / VEGA_BUNDLE
     if not bundle.exists():
-        from moe_utils.render import write_vega_bundle
-
         write_vega_bundle(bundle)
         log(f"wrote {bundle}")
     missing = [f for f in VENDOR_FILES if not (root / VENDOR_DIR / f).exists()]

@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from moe_utils.background import beside
+from moe_utils.core.background import beside
 
 MADV_PAGEOUT = 21
 

@@ -31,7 +31,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from .errors import InputSpecError, OfflineError
+from moe_utils.core.errors import InputSpecError, OfflineError
 
 # Short prompt of the paper (Lo et al., 2024, arXiv 2406.18219, §5), which credits it to the MoE
 # survey of Cai et al. (2024), "A Survey on Mixture of Experts".
@@ -49,7 +49,7 @@ ROUTING_PROMPT = (
 PRESETS = ("short", "routing", "long")
 SEPARATOR_LINE = "---"
 #: Package data file of the "long" preset (generated from the zoo's held-out corpus split).
-LONG_HELDOUT_FILE = Path(__file__).resolve().parent / "inputs_data" / "long_heldout.txt"
+LONG_HELDOUT_FILE = Path(__file__).resolve().parents[1] / "inputs_data" / "long_heldout.txt"
 
 _SPEC_HELP = (
     "use one of the presets 'short', 'routing', 'long', a path to a UTF-8 text file, or "
