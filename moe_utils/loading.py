@@ -16,10 +16,11 @@ import torch
 from torch import nn
 
 from moe_utils.arch import FamilySpec, get_spec, require_moe, spec_for_config
-from moe_utils.arch.config import config_dict, read_config_json
+from moe_utils.arch.config import read_config_json
+from moe_utils.arch.facts import ModelFacts, facts_for
 from moe_utils.checkpoint import (checkpoint_fingerprint, find_weight_files, hub_revision,
                                   verify_safetensors)
-from moe_utils.errors import CheckpointError, OfflineError, RemoteCodeRequiredError
+from moe_utils.errors import CheckpointError, OfflineError, RemoteCodeRequiredError, UsageError
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -44,22 +45,41 @@ class ModelRef:
 
 @dataclass
 class LoadedModel:
-    """A model ready for tracing, with everything the analyses need to know about it."""
+    """A model ready for tracing, with everything the analyses need to know about it.
 
-    model: nn.Module
+    ``model`` is None for a checkpoint described without building it (weight analyses then
+    stream ``path``). ``facts`` is resolved once, from ``spec`` and ``config``, when the
+    LoadedModel is made.
+    """
+
+    model: nn.Module | None
     tokenizer: Any
     spec: FamilySpec
     config: Any
     name: str
     path: Path | None
     fingerprint: str
-    moe_layers: list[int] = field(default_factory=list)
-    is_moe: bool = True
     source: dict[str, Any] = field(default_factory=dict)
+    facts: ModelFacts = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.facts = facts_for(self.spec, self.config)
 
     @property
-    def config_dict(self) -> dict:
-        return config_dict(self.config)
+    def moe_layers(self) -> list[int]:
+        """Indices of the MoE layers (``facts.moe_layers`` as a list)."""
+        return list(self.facts.moe_layers)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.facts.is_moe
+
+    def built(self) -> nn.Module:
+        """The built model; a model opened weights-only (``model`` None) cannot run."""
+        if self.model is None:
+            raise UsageError(f"{self.name} was opened without building the model (weights only), so "
+                             "it cannot run a forward pass; load it with load_model() instead")
+        return self.model
 
 
 def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -251,9 +271,7 @@ def load_model(model: str | Path, dtype: str | torch.dtype = "float32", device_m
     if require_moe_model:
         require_moe(spec, f"loading {ref.name}")
     return LoadedModel(model=module, tokenizer=tokenizer, spec=spec, config=module.config,
-                       name=ref.name, path=path, fingerprint=fingerprint,
-                       moe_layers=spec.moe_layers(module.config), is_moe=spec.is_moe,
-                       source=ref.source())
+                       name=ref.name, path=path, fingerprint=fingerprint, source=ref.source())
 
 
 def _dispatch(module: nn.Module, device_map: Any, offload_folder: str | Path | None) -> nn.Module:

@@ -370,7 +370,7 @@ def _group_key(cfg: dict) -> str | None:
 
 
 def _routing_candidates(cfg: dict, num_experts: int, top_k: int):
-    from moe_utils.routing import RouteParams
+    from moe_utils.arch.facts import RouteParams
 
     group_key = _group_key(cfg)
     groups = [None] + (["top2_sum", "max"] if group_key else [])
@@ -628,7 +628,8 @@ def _code_version() -> str:
 
     here = Path(__file__).resolve().parent
     parts = [transformers.__version__, torch.__version__]
-    for path in (here / "derive.py", here / "tiny.py", here / "spec.py", here.parent / "routing.py"):
+    for path in (here / "derive.py", here / "tiny.py", here / "spec.py", here / "facts.py",
+                 here.parent / "routing.py"):
         parts.append(hashlib.sha256(path.read_bytes()).hexdigest())
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
@@ -919,9 +920,7 @@ def _tiny_lm(spec: FamilySpec, model: nn.Module, config):
     from moe_utils.random_models import byte_tokenizer
 
     return LoadedModel(model=model, tokenizer=byte_tokenizer(), spec=spec, config=config,
-                       name=f"derived:{spec.name}", path=None, fingerprint="derived",
-                       moe_layers=moe_layer_indices(
-                           model, len(_layers(model, int(config.num_hidden_layers))[1]))[1])
+                       name=f"derived:{spec.name}", path=None, fingerprint="derived")
 
 
 def _probe_sequences(seed: int) -> list[list[int]]:
@@ -938,8 +937,8 @@ def _fit_output_scales(spec: FamilySpec, model: nn.Module, config) -> tuple[floa
 
     Cohere2-MoE can average routed and shared outputs (0.5, 0.5); some blocks apply the routed
     scaling factor after the experts instead of to the weights."""
-    from moe_utils.expert_math import apply_experts
-    from moe_utils.trace import _recompute_routing, _shared_output, trace
+    from moe_utils.expert_math import apply_experts, shared_expert_output
+    from moe_utils.trace import _recompute_routing, trace
     from moe_utils.weights import layer_weights
 
     lm = _tiny_lm(spec, model, config)
@@ -948,7 +947,7 @@ def _fit_output_scales(spec: FamilySpec, model: nn.Module, config) -> tuple[floa
     w = layer_weights(lm, layer)
     params, weight, index = _recompute_routing(lt, w, None)
     routed = apply_experts(w, lt.x, index, weight, scale_input=params.scales_input).reshape(-1)
-    shared = _shared_output(w, lt.x)
+    shared = shared_expert_output(w, lt.x)
     y = lt.block_output.reshape(-1).double()
     if shared is None:
         a = float((routed.double() @ y) / (routed.double() @ routed.double()).clamp_min(1e-30))

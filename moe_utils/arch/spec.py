@@ -48,6 +48,8 @@ class ConfigKeys:
     expert_intermediate: tuple[str, ...] = ("moe_intermediate_size", "intermediate_size",
                                             "ffn_config.ffn_hidden_size")
     dense_intermediate: tuple[str, ...] = ("intermediate_size",)
+    shared_intermediate: tuple[str, ...] = ("shared_expert_intermediate_size",)
+    num_shared: tuple[str, ...] = ("n_shared_experts", "num_shared_experts", "num_shared_expert")
     max_positions: tuple[str, ...] = ("max_position_embeddings", "max_seq_len", "n_positions",
                                       "seq_length")
 
