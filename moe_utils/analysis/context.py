@@ -53,14 +53,15 @@ class Study:
         return self.lm.facts.top_k
 
     @property
-    def weights_source(self) -> LoadedModel:
+    def weights_source(self) -> LoadedModel | ScreenedSource:
         """Where weight-only analyses read from: the loaded model, or (``weights_only``) its
         checkpoint, streamed one layer at a time. With ``allow_invalid`` experts with non-finite
         weights are excluded (and listed in ``excluded``) instead of stopping the run."""
         return ScreenedSource(self.lm, self.excluded) if self.allow_invalid else self.lm
 
     @property
-    def dense_weights_source(self) -> Any:
+    def dense_weights_source(self) -> LoadedModel | ScreenedSource | None:
+        """The dense baseline's weights, screened like :attr:`weights_source` (None without one)."""
         if self.dense is None or not self.allow_invalid:
             return self.dense
         return ScreenedSource(self.dense, self.excluded)

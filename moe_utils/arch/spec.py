@@ -11,7 +11,8 @@ A :class:`FamilySpec` says everything the engine needs to know about a family:
 * the activation and the routing function (:class:`RoutingSpec`);
 * a tiny config for ``random:FAMILY`` test models.
 
-Adding a family means writing one ``FamilySpec`` in ``moe_utils/arch/families.py``.
+Adding a family means writing one ``FamilySpec`` in ``moe_utils/arch/families.py``. The numbers
+of one model are read from its config once, by :func:`moe_utils.arch.facts.facts_for`.
 """
 
 from __future__ import annotations
