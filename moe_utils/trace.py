@@ -273,7 +273,7 @@ class _DenseHooks:
 
 
 # ---- running ---------------------------------------------------------------------------------
-def _input_device(model) -> torch.device:
+def _input_device(model: torch.nn.Module) -> torch.device:
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     weight = getattr(emb, "weight", None)
     if weight is not None and weight.device.type != "meta":
