@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from moe_utils.arch.config import config_dict, first_of, get_path, is_missing
+from moe_utils.arch.config import config_dict, get_path, is_missing
 from moe_utils.arch.spec import FamilySpec
 
 RoutingMethod = Literal["softmax_topk", "topk_softmax", "sigmoid_topk", "topk_sigmoid_input",
