@@ -1,4 +1,4 @@
-"""Results files: round trip, schema validation, atomic writes, discovery and the cache."""
+"""Results files: round trip, schema validation, atomic writes and discovery."""
 
 import json
 
@@ -126,29 +126,22 @@ def test_find_results_lists_valid_and_broken_files(tmp_path):
     assert len(rows) == 2 * 3 and set(rows.key) == {"agreement", "n_tokens", "partial"}
 
 
-def test_cache_hit_and_miss(tmp_path):
-    calls = []
-
-    def compute():
-        calls.append(1)
-        return {"t": pd.DataFrame({"x": [len(calls)]})}, {"v": R.summary_entry(len(calls))}
-
-    a = R.cached_result(tmp_path, "c", "fp", {"k": 1, "layers": [0, 1]}, compute, model="m")
-    b = R.cached_result(tmp_path, "c", "fp", {"layers": (0, 1), "k": np.int64(1)}, compute, model="m")
-    assert len(calls) == 1 and a.value("v") == b.value("v") == 1 and b.model == "m"
-    c = R.cached_result(tmp_path, "c", "fp", {"k": 2, "layers": [0, 1]}, compute)
-    assert len(calls) == 2 and c.value("v") == 2
-    d = R.cached_result(tmp_path, "c", "other-fp", {"k": 2, "layers": [0, 1]}, compute)
-    assert len(calls) == 3 and d.fingerprint == "other-fp"
-    R.cached_result(tmp_path, "c", "other-fp", {"k": 2, "layers": [0, 1]}, compute, force=True)
-    assert len(calls) == 4
-
-
-def test_cache_replaces_a_corrupt_file(tmp_path):
-    (tmp_path / "c.json").write_text('{"schema": "moe-book-results/1", "anal')
-    with pytest.warns(UserWarning, match="recomputing"):
-        res = R.cached_result(tmp_path, "c", "fp", {}, lambda: ({}, {"v": 1}))
-    assert res.value("v") == 1 and R.read_result(tmp_path, "c").fingerprint == "fp"
+def test_iter_results_reads_one_pattern_and_raises_on_a_broken_file(tmp_path):
+    write_sample(tmp_path / "m1" / "results")
+    write_sample(tmp_path / "m2" / "results", analysis="obs_y")
+    write_sample(tmp_path / "m2" / "results" / "deeper")             # not matched by the pattern
+    (tmp_path / "m1" / "results" / "notes.json").write_text('{"not": "a results file"}')
+    (tmp_path / "m1" / "results" / ".obs_x.json.tmp.json").write_text("{")   # a temporary
+    found = list(R.iter_results(tmp_path, "*/results/*.json"))
+    assert [(r.model, r.analysis, r.path.parent.parent.name) for r in found] == [
+        ("zoo:tiny", "obs_x", "m1"), ("zoo:tiny", "obs_y", "m2")]
+    assert found[0].tables["per_layer"].equals(R.read_result(found[0].path).tables["per_layer"])
+    assert [r.analysis for r in R.iter_results(tmp_path, "*/results/obs_y.json")] == ["obs_y"]
+    assert len(list(R.iter_results(tmp_path))) == 3                   # default: every folder below
+    text = (tmp_path / "m1" / "results" / "obs_x.json").read_text()
+    (tmp_path / "m2" / "results" / "obs_z.json").write_text(text[:300])
+    with pytest.raises(ResultsFileError, match="obs_z.json"):
+        list(R.iter_results(tmp_path, "*/results/*.json"))
 
 
 def test_summary_frame():

@@ -25,7 +25,6 @@ from moe_utils.analysis import paper
 from moe_utils.analysis import observations, static, summary
 from moe_utils.analysis.context import open_study
 from moe_utils.core.errors import NonFiniteError
-from moe_utils.models.expert_gram import cosine_from_gram as torch_cosine_from_gram
 from moe_utils.models.expert_gram import expert_grams
 from moe_utils.engine.expert_math import expert_outputs
 from moe_utils.core.finite import ScreenedSource
@@ -185,11 +184,11 @@ def test_nonfinite_activations_stop_trace_and_expert_outputs():
     with pytest.raises(NonFiniteError) as err:
         layer_weights(lm, layer)
     assert (err.value.layer, err.value.expert, err.value.tensor) == (layer, 1, "W_act")
-    lm, layer = _poisoned_model(experts=range(lm.spec.num_experts(lm.config_dict)))
+    lm, layer = _poisoned_model(experts=range(lm.facts.num_experts))
     with pytest.raises(NonFiniteError) as err:                  # every token's block output is NaN
         trace(lm, [[0] + list(range(3, 40))])
     assert (err.value.layer, err.value.expert, err.value.tensor) == (layer, 0, "W_act")  # the cause is named
-    x = torch.randn(6, lm.spec.hidden_size(lm.config_dict))
+    x = torch.randn(6, lm.facts.hidden_size)
     healthy = layer_weights(lm, lm.moe_layers[-1])
     healthy.w_up[3, 1, 1] = float("inf")
     with pytest.raises(NonFiniteError) as err:
@@ -235,9 +234,9 @@ def test_zero_norm_expert_gives_undefined_similarity_never_0_or_1(tmp_path):
     assert set(gate.n_pairs) == {(E - 1) * (E - 2) // 2}         # pairs with the zero expert left out
     g = layer_weights(folder, 0)
     grams = expert_grams(folder, 0)
-    cos = torch_cosine_from_gram(grams["up"])
-    assert torch.isnan(cos[1]).all() and torch.isnan(cos[:, 1]).all()
-    np.testing.assert_allclose(np.delete(np.delete(cos.numpy(), 1, 0), 1, 1),
+    cos = M.cosine_from_gram(grams["up"])
+    assert np.isnan(cos[1]).all() and np.isnan(cos[:, 1]).all()
+    np.testing.assert_allclose(np.delete(np.delete(cos, 1, 0), 1, 1),
                                np.delete(np.delete(M.matrix_level_similarity(g.w_up), 1, 0), 1, 1), atol=1e-6)  # float32 blocks
     ang = M.angular_similarity(M.cosine_matrix(g.w_up.reshape(E, -1)))
     assert np.isnan(ang[1]).all() and ang[0, 0] == 1.0

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_utils.models.expert_gram import cosine_from_gram, expert_grams
+from moe_utils.models.expert_gram import expert_grams
+from moe_utils.metrics import cosine_from_gram
 from moe_utils.models.weights import dense_mlp_weights, iter_layer_weights, layer_weights
 from tiny_models import NATIVE_MOE, save, tiny
 
@@ -107,4 +108,5 @@ def test_expert_grams_match_full_matrices(family, saved):
             torch.testing.assert_close(grams[m], X @ X.T, rtol=1e-5, atol=1e-9)
         cos = cosine_from_gram(grams["up"])
         X = w.w_up.reshape(w.num_experts, -1).double()
-        torch.testing.assert_close(cos, torch.nn.functional.cosine_similarity(X[:, None], X[None], dim=-1))
+        torch.testing.assert_close(torch.from_numpy(cos),
+                                   torch.nn.functional.cosine_similarity(X[:, None], X[None], dim=-1))

@@ -141,6 +141,7 @@ def test_loaded_model_without_module_streams_from_its_folder(tmp_path):
     t = synthetic_deepseekmoe(tmp_path)
     cfg = read_config_json(tmp_path)
     lm = LoadedModel(model=None, tokenizer=None, spec=get_spec("deepseek"), config=cfg, name="ds",
-                     path=tmp_path, fingerprint="x", moe_layers=[1, 2])
+                     path=tmp_path, fingerprint="x")
+    assert lm.moe_layers == [1, 2]
     assert [w.layer for w in iter_layer_weights(lm)] == [1, 2]
     assert torch.equal(layer_weights(lm, 1).router, t["model.layers.1.mlp.gate.weight"])

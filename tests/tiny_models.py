@@ -252,5 +252,4 @@ def remote_style_loaded(seed: int = 0) -> LoadedModel:
     model = RemoteStyleDeepseekMoE(cfg, seed=seed).eval()
     spec = get_spec("deepseek")
     return LoadedModel(model=model, tokenizer=None, spec=spec, config=cfg, name="remote-style-deepseek",
-                       path=None, fingerprint="remote-style", moe_layers=spec.moe_layers(cfg),
-                       is_moe=True)
+                       path=None, fingerprint="remote-style")

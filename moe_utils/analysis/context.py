@@ -47,21 +47,22 @@ class Study:
 
     @property
     def num_experts(self) -> int:
-        return int(self.lm.spec.num_experts(self.lm.config_dict))
+        return self.lm.facts.num_experts
 
     @property
     def top_k(self) -> int:
-        return int(self.lm.spec.top_k(self.lm.config_dict))
+        return self.lm.facts.top_k
 
     @property
-    def weights_source(self) -> LoadedModel:
+    def weights_source(self) -> LoadedModel | ScreenedSource:
         """Where weight-only analyses read from: the loaded model, or (``weights_only``) its
         checkpoint, streamed one layer at a time. With ``allow_invalid`` experts with non-finite
         weights are excluded (and listed in ``excluded``) instead of stopping the run."""
         return ScreenedSource(self.lm, self.excluded) if self.allow_invalid else self.lm
 
     @property
-    def dense_weights_source(self) -> Any:
+    def dense_weights_source(self) -> LoadedModel | ScreenedSource | None:
+        """The dense baseline's weights, screened like :attr:`weights_source` (None without one)."""
         if self.dense is None or not self.allow_invalid:
             return self.dense
         return ScreenedSource(self.dense, self.excluded)
@@ -78,18 +79,17 @@ class Study:
 
     def describe(self) -> pd.DataFrame:
         """A one-row-per-fact description of the model, for the top of each page."""
-        rows = [("model", self.lm.name), ("family (spec)", self.lm.spec.name),
-                ("MoE layers", f"{len(self.lm.moe_layers)} ({self.lm.moe_layers[0]}..{self.lm.moe_layers[-1]})"),
+        facts = self.lm.facts
+        rows = [("model", self.lm.name), ("family (spec)", facts.family),
+                ("MoE layers", f"{len(facts.moe_layers)} ({facts.moe_layers[0]}..{facts.moe_layers[-1]})"),
                 ("layers analysed", "all" if self.layers is None else str(self.layers)),
                 ("dense baseline (F)", self.dense.name if self.dense is not None
                  else (f"left out: {self.dense_note}" if self.dense_note else "none"))]
-        rows += [("experts per MoE layer", self.num_experts), ("experts chosen per token (top-k)", self.top_k),
-                 ("hidden size", self.lm.spec.hidden_size(self.lm.config_dict)),
-                 ("activation", self.lm.spec.activation_name(self.lm.config_dict))]
-        spec = self.lm.spec
+        rows += [("experts per MoE layer", facts.num_experts), ("experts chosen per token (top-k)", facts.top_k),
+                 ("hidden size", facts.hidden_size), ("activation", facts.activation)]
         rows.append(("family spec", "derived from the model transformers builds (see the coverage "
-                                    "page)" if spec.derived else "hand-written"))
-        rows += [(f"how to read ({i})", quirk) for i, quirk in enumerate(spec.quirks, 1)]
+                                    "page)" if facts.derived else "hand-written"))
+        rows += [(f"how to read ({i})", quirk) for i, quirk in enumerate(self.lm.spec.quirks, 1)]
         rows.append(("fingerprint", self.lm.fingerprint))
         if self.lm.source.get("revision"):
             rows.append(("hub revision", self.lm.source["revision"]))
@@ -98,9 +98,9 @@ class Study:
     def inputs(self, spec: str, max_tokens: int | None = None) -> Inputs:
         """Tokenised inputs for a preset name, a text file or a dataset spec."""
         loaded = load_inputs(spec, self.lm.tokenizer, max_tokens=max_tokens)
-        limit = self.lm.spec.max_positions(self.lm.config_dict)
+        limit = self.lm.facts.max_positions
         if limit is not None:
-            loaded = fit_context(loaded, int(limit), self.lm.tokenizer.bos_token_id)
+            loaded = fit_context(loaded, limit, self.lm.tokenizer.bos_token_id)
             if loaded.note:
                 warnings.warn(loaded.note, stacklevel=2)
         return loaded
@@ -113,7 +113,7 @@ class Study:
         """The F model's own forward pass on the same tokens (None without a usable baseline)."""
         if self.dense is None:
             return None
-        layers = [l for l in (self.layers or self.lm.moe_layers) if l < self.dense.config.num_hidden_layers]
+        layers = [l for l in (self.layers or self.lm.moe_layers) if l < self.dense.facts.num_layers]
         return trace_dense(self.dense, inputs.sequences, layers=layers)
 
     def save(self, analysis: str, tables: Mapping[str, pd.DataFrame], summary: Mapping[str, Any],
@@ -135,8 +135,7 @@ def checkpoint_only(model: str, revision: str | None = None, allow_pickle: bool 
     files = find_weight_files(ref.path, allow_pickle=allow_pickle)
     verify_safetensors(files)
     return LoadedModel(model=None, tokenizer=None, spec=spec, config=cfg, name=ref.name, path=ref.path,
-                       fingerprint=checkpoint_fingerprint(cfg, files), moe_layers=spec.moe_layers(cfg),
-                       is_moe=spec.is_moe, source=ref.source())
+                       fingerprint=checkpoint_fingerprint(cfg, files), source=ref.source())
 
 
 def _check_layers(layers: Any) -> list[int] | None:
@@ -151,8 +150,8 @@ def _check_layers(layers: Any) -> list[int] | None:
 
 def _baseline_mismatch(lm: LoadedModel, dense: LoadedModel, weights_only: bool) -> str:
     """Why ``dense`` cannot serve as the F baseline of ``lm`` (empty when it can)."""
-    h_model = lm.spec.hidden_size(lm.config_dict)
-    h_dense = dense.spec.hidden_size(dense.config_dict)
+    h_model = lm.facts.hidden_size
+    h_dense = dense.facts.hidden_size
     if h_model != h_dense:
         return (f"its hidden size is {h_dense}, the model's is {h_model}, so its FFN cannot be compared "
                 "with the experts")

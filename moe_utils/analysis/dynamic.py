@@ -11,7 +11,7 @@ of all experts is ever built.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -22,6 +22,7 @@ from ..engine.expert_math import iter_expert_intermediates
 from ..core.progress import progress
 from ..models.trace import (Trace, dense_intermediates, dense_outputs, expert_intermediates, expert_outputs,
                      router_scores)
+from ..models.loading import LoadedModel
 from ..models.weights import dense_mlp_weights, layer_weights
 
 
@@ -54,7 +55,7 @@ def token_labels(tr: Trace) -> list[str]:
     return [f"{int(p)}:{t!r}" for p, t in zip(tr.position.tolist(), tr.tokens)]
 
 
-def norms_and_scores(lm: Any, tr: Trace, chunk_tokens: int = 1024) -> NormsScores:
+def norms_and_scores(lm: LoadedModel, tr: Trace, chunk_tokens: int = 1024) -> NormsScores:
     """L2 norm of every expert's output on each MoE block's real input, and the router's softmax
     scores over all experts (the paper's "gate scores", Sec. 5.2)."""
     norms, scores, chosen = {}, {}, {}
@@ -121,7 +122,7 @@ def mean_norm_by_layer(ns: NormsScores) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def activation_ratios(lm: Any, tr: Trace, dense_lm: Any | None = None, dense_tr: Trace | None = None,
+def activation_ratios(lm: LoadedModel, tr: Trace, dense_lm: LoadedModel | None = None, dense_tr: Trace | None = None,
                       threshold: float = M.ACTIVE_THRESHOLD) -> pd.DataFrame:
     """Share of intermediate activations act(W_act x) with |value| > threshold, per layer and
     expert (App. H). "F" rows come from the dense baseline's own forward pass."""
@@ -140,7 +141,7 @@ def activation_ratios(lm: Any, tr: Trace, dense_lm: Any | None = None, dense_tr:
     return pd.DataFrame(rows)
 
 
-def intermediate_frame(lm: Any, tr: Trace, layer: int, dense_lm: Any | None = None,
+def intermediate_frame(lm: LoadedModel, tr: Trace, layer: int, dense_lm: LoadedModel | None = None,
                        dense_tr: Trace | None = None, max_neurons: int = 128) -> pd.DataFrame:
     """act(W_act x) for every token, expert (and F) of one layer, first ``max_neurons`` neurons
     (the paper's Fig. 12 heat map)."""
@@ -161,7 +162,7 @@ def intermediate_frame(lm: Any, tr: Trace, layer: int, dense_lm: Any | None = No
     return pd.concat(frames, ignore_index=True)
 
 
-def _outputs_with_extras(lm: Any, tr: Trace, layer: int, dense_lm: Any | None,
+def _outputs_with_extras(lm: LoadedModel, tr: Trace, layer: int, dense_lm: LoadedModel | None,
                          dense_tr: Trace | None) -> tuple[torch.Tensor, list[str]]:
     """[N, E(+F)(+SE), H] raw outputs of every expert, the F baseline and the shared expert."""
     lt = tr.per_layer[layer]
@@ -181,7 +182,7 @@ def _outputs_with_extras(lm: Any, tr: Trace, layer: int, dense_lm: Any | None,
     return y, labels
 
 
-def token_output_similarity(lm: Any, tr: Trace, dense_lm: Any | None = None,
+def token_output_similarity(lm: LoadedModel, tr: Trace, dense_lm: LoadedModel | None = None,
                             dense_tr: Trace | None = None) -> pd.DataFrame:
     """Cosine similarity between all experts' outputs (+F, +SE) for every token and layer
     (the paper's Fig. 2, short input)."""
@@ -200,7 +201,7 @@ def token_output_similarity(lm: Any, tr: Trace, dense_lm: Any | None = None,
     return pd.concat(frames, ignore_index=True)
 
 
-def average_output_similarity(lm: Any, tr: Trace, dense_lm: Any | None = None,
+def average_output_similarity(lm: LoadedModel, tr: Trace, dense_lm: LoadedModel | None = None,
                               dense_tr: Trace | None = None) -> pd.DataFrame:
     """Angular similarity between expert outputs averaged over all tokens (the paper's Fig. 3,
     long input): per token 1 - arccos(cos)/pi, summed over tokens and divided by their count."""

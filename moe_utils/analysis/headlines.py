@@ -9,10 +9,12 @@ verdict row and the model's page agree.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
+from ..loading import LoadedModel
+from ..trace import Trace
 from . import dynamic, static
 from .observations import gate_act_differences, output_similarity_by_layer
 from .verdicts import depth_pattern, mean_difference, versus_baseline
@@ -37,7 +39,7 @@ class Headline:
         return asdict(self)
 
 
-def observation1(weights_source: Any, layers: Any = None, seed: int = 0) -> Headline:
+def observation1(weights_source: Any, layers: Sequence[int] | None = None, seed: int = 0) -> Headline:
     """Mean over layers of r^2(W_act) - max(r^2(W_up), r^2(W_down)), bootstrap CI over layers."""
     gate = static.gate_correlation(weights_source, layers)
     diff = gate_act_differences(gate)
@@ -47,7 +49,7 @@ def observation1(weights_source: Any, layers: Any = None, seed: int = 0) -> Head
                     str(v["verdict"]), f"mean r2(W_act) = {r2_act:.3f} over {len(diff)} layers")
 
 
-def observation2(lm: Any, long_trace: Any, seed: int = 0) -> Headline:
+def observation2(lm: LoadedModel, long_trace: Trace, seed: int = 0) -> Headline:
     """Share of (token, layer) pairs whose top-scored expert has the largest output norm vs 1/E."""
     ns = dynamic.norms_and_scores(lm, long_trace)
     agree = dynamic.agreement_table(ns, k=1, seed=seed)
@@ -57,7 +59,7 @@ def observation2(lm: Any, long_trace: Any, seed: int = 0) -> Headline:
                     float(pooled.baseline), verdict, f"{int(pooled.n)} (token, layer) pairs")
 
 
-def observation3(lm: Any, long_trace: Any) -> tuple[Headline, dict[str, float]]:
+def observation3(lm: LoadedModel, long_trace: Trace) -> tuple[Headline, dict[str, float]]:
     """The two-part depth verdict on long-input output similarity; also returns rho and z."""
     by_layer = output_similarity_by_layer(dynamic.average_output_similarity(lm, long_trace))
     d = depth_pattern(by_layer)
@@ -78,7 +80,7 @@ def topk_overlap(topk_a: Any, topk_b: Any) -> float:
     return float(hits.mean() / k)
 
 
-def router_saturation(trace_s: Any, trace_final: Any) -> float:
+def router_saturation(trace_s: Trace, trace_final: Trace) -> float:
     """OLMoE's router saturation: share of top-k choices at a checkpoint equal to the final model's,
     pooled over tokens and MoE layers (both traces over the same tokens)."""
     vals = [topk_overlap(trace_s.per_layer[l].topk_index.numpy(), trace_final.per_layer[l].topk_index.numpy())

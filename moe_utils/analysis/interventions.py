@@ -33,6 +33,8 @@ from .. import metrics as M
 from ..engine.expert_math import expert_outputs, shared_expert_output
 from ..engine.routing import route_params
 from ..models.weights import MoELayerWeights, layer_weights
+from ..arch.facts import RouteParams
+from ..models.loading import LoadedModel
 from .verdicts import versus_baseline
 
 ROUTING_POLICIES = ("learned", "norm", "random")
@@ -122,10 +124,16 @@ def _policy_forward(w: MoELayerWeights, top_k: int, renormalize: bool, policy: P
     return forward
 
 
+def _routing(lm: LoadedModel) -> RouteParams:
+    if lm.facts.routing is None:
+        raise ValueError(f"{lm.name} is a dense {lm.facts.family} model; routing interventions need an MoE")
+    return lm.facts.routing
+
+
 @contextlib.contextmanager
-def routed(lm: Any, policy: Policy) -> Iterator[None]:
-    """Within the block, every MoE block of ``lm`` (a LoadedModel) routes by ``policy``."""
-    params = route_params(lm.spec, lm.config_dict)
+def routed(lm: LoadedModel, policy: Policy) -> Iterator[None]:
+    """Within the block, every MoE block of ``lm`` routes by ``policy``."""
+    params = _routing(lm)
     if params.method != "softmax_topk" or params.group or params.scale != 1.0:
         raise ValueError(f"routing interventions support plain softmax top-k routers; {lm.name} uses "
                          f"{params.method}" + (" with group-limited choice" if params.group else ""))
@@ -134,7 +142,7 @@ def routed(lm: Any, policy: Policy) -> Iterator[None]:
     try:
         for layer in lm.moe_layers:
             paths = lm.spec.modules
-            block = lm.model.get_submodule(f"{paths.layers}.{layer}.{paths.block}")
+            block = lm.built().get_submodule(f"{paths.layers}.{layer}.{paths.block}")
             w = layer_weights(lm, layer)
             block.forward = _policy_forward(w, params.top_k, params.renormalize, policy, gen)
             patched.append(block)
@@ -145,7 +153,7 @@ def routed(lm: Any, policy: Policy) -> Iterator[None]:
 
 
 @torch.no_grad()
-def window_nll(model: Any, windows: Sequence[Sequence[int]], batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+def window_nll(model: torch.nn.Module, windows: Sequence[Sequence[int]], batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """Per window: summed next-token NLL (nats) and number of predicted tokens (``<s>`` excluded)."""
     sums = np.zeros(len(windows))
     counts = np.zeros(len(windows), dtype=np.int64)
@@ -189,17 +197,17 @@ def paired_difference(sums: np.ndarray, base_sums: np.ndarray, counts: np.ndarra
     return pooled_loss(sums - base_sums, counts, seed=seed, n_boot=n_boot)
 
 
-def evaluate_policies(lm: Any, windows: Sequence[Sequence[int]], policies: Sequence[Policy],
+def evaluate_policies(lm: LoadedModel, windows: Sequence[Sequence[int]], policies: Sequence[Policy],
                       seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per-window NLL sums and counts under each policy (label -> (sums, counts))."""
     out = {}
     for p in policies:
         with routed(lm, p):
-            out[p.label] = window_nll(lm.model, windows)
+            out[p.label] = window_nll(lm.built(), windows)
     return out
 
 
-def intervention_tables(lm: Any, windows: Sequence[Sequence[int]], sweep_windows: Sequence[Sequence[int]] | None = None,
+def intervention_tables(lm: LoadedModel, windows: Sequence[Sequence[int]], sweep_windows: Sequence[Sequence[int]] | None = None,
                         seed: int = 0, organism: str | None = None) -> dict[str, pd.DataFrame]:
     """The ``routing``, ``ablation``, ``topk_sweep`` and ``per_window`` tables for one model.
 
@@ -208,8 +216,8 @@ def intervention_tables(lm: Any, windows: Sequence[Sequence[int]], sweep_windows
     ``learned`` policy must reproduce (a check that the intervention machinery is faithful).
     """
     name = organism or lm.name
-    own_sums, counts = window_nll(lm.model, windows)
-    params = route_params(lm.spec, lm.config_dict)
+    own_sums, counts = window_nll(lm.built(), windows)
+    params = _routing(lm)
     E, k = params.num_experts, params.top_k
     policies = [Policy(kind, seed=seed) for kind in ROUTING_POLICIES]
     if k >= 2:

@@ -9,7 +9,7 @@ Schema ``moe-book-results/1``::
       "schema": "moe-book-results/1",        # always the first key
       "analysis": "obs2_router_norms",       # file name without .json; [A-Za-z0-9_.-]
       "model": "zoo:tiny-moe-upcycled",      # the model id exactly as the user gave it
-      "fingerprint": "3f2a...",              # stable hash of config + weight files (the cache key)
+      "fingerprint": "3f2a...",              # stable hash of config + weight files
       "params": {...},                        # every parameter the numbers depend on
       "created": "2026-11-29T10:00:00+00:00", # ISO 8601, UTC
       "package_version": "0.1.0",            # moe_utils.__version__ that wrote the file
@@ -58,9 +58,8 @@ import math
 import os
 import re
 import tempfile
-import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import pandas as pd
@@ -364,6 +363,11 @@ def read_result(path_or_dir: str | Path, analysis: str | None = None) -> Result:
     doc = _load_doc(p)
     if analysis is not None and doc["analysis"] != analysis:
         raise _invalid(p, f"it holds analysis {doc['analysis']!r}, not {analysis!r}")
+    return _result(doc, p)
+
+
+def _result(doc: dict[str, Any], p: Path) -> Result:
+    """A validated document as a :class:`Result` (tables as DataFrames)."""
     return Result(
         analysis=doc["analysis"],
         model=doc["model"],
@@ -390,15 +394,28 @@ def _looks_like_results(path: Path) -> bool:
     return "".join(head.split()).startswith(_PREFIX)
 
 
-def _scan_results(root: str | Path) -> Iterator[tuple[Path, dict[str, Any] | None, ResultsFileError | None]]:
-    """Each results-like file under ``root`` (sorted) with its validated document or the error."""
-    for path in sorted(Path(root).rglob("*.json")):
+def scan_results(root: str | Path, pattern: str = "**/*.json"
+                 ) -> Iterator[tuple[Path, dict[str, Any] | None, ResultsFileError | None]]:
+    """Each results-like file matching ``pattern`` under ``root`` (sorted; default: every folder
+    below it), with its validated document or the error. Files whose name starts with a dot
+    (half-written temporaries) and JSON files that do not start like a results file are skipped.
+    """
+    for path in sorted(Path(root).glob(pattern)):
         if path.name.startswith(".") or not _looks_like_results(path):
             continue
         try:
             yield path, _load_doc(path), None
         except ResultsFileError as exc:
             yield path, None, exc
+
+
+def iter_results(root: str | Path, pattern: str = "**/*.json") -> Iterator[Result]:
+    """The results files of :func:`scan_results` as :class:`Result` objects; a file that starts
+    like a results file but fails validation raises its :class:`ResultsFileError`."""
+    for path, doc, exc in scan_results(root, pattern):
+        if doc is None:
+            raise exc or _invalid(path, "it could not be read")
+        yield _result(doc, path)
 
 
 def find_results(root: str | Path) -> pd.DataFrame:
@@ -411,7 +428,7 @@ def find_results(root: str | Path) -> pd.DataFrame:
     cols = ["path", "analysis", "model", "fingerprint", "created", "package_version", "tables", "n_summary",
             "valid", "error"]
     rows = []
-    for path, doc, exc in _scan_results(root):
+    for path, doc, exc in scan_results(root):
         if exc is not None:
             rows.append({"path": str(path), "valid": False, "error": str(exc)})
             continue
@@ -435,46 +452,10 @@ def find_results(root: str | Path) -> pd.DataFrame:
 def summary_rows(root: str | Path) -> pd.DataFrame:
     """Every summary entry of every valid results file under ``root``, one row per (file, key)."""
     rows = []
-    for path, doc, exc in _scan_results(root):
+    for path, doc, exc in scan_results(root):
         if exc is not None:
             continue
         for key, e in doc["summary"].items():
             rows.append({"model": doc["model"], "analysis": doc["analysis"], "key": key,
                          **{f: e.get(f) for f in SUMMARY_FIELDS}, "path": str(path)})
     return pd.DataFrame(rows, columns=["model", "analysis", "key", *SUMMARY_FIELDS, "path"])
-
-
-def _same_params(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    norm = lambda d: json.dumps(to_jsonable(dict(d)), sort_keys=True)  # noqa: E731
-    return norm(a) == norm(b)
-
-
-def cached_result(
-    results_dir: str | Path,
-    analysis: str,
-    fingerprint: str,
-    params: Mapping[str, Any],
-    compute: Callable[[], tuple[Mapping[str, Any], Mapping[str, Any]]],
-    *,
-    model: str | None = None,
-    force: bool = False,
-) -> Result:
-    """Reuse ``<results_dir>/<analysis>.json`` if its fingerprint and params match, else recompute.
-
-    ``compute()`` returns ``(tables, summary)`` as accepted by ``write_result``. Params are compared
-    after JSON normalisation (tuples equal lists, numpy ints equal ints). An unreadable existing
-    file is replaced with a warning. ``model`` is recorded in a new file (defaults to the
-    fingerprint); ``force=True`` always recomputes.
-    """
-    path = result_path(results_dir, analysis)
-    if path.exists() and not force:
-        try:
-            old = read_result(path, analysis)
-        except ResultsFileError as exc:
-            warnings.warn(f"recomputing {analysis}: {exc}", stacklevel=2)
-        else:
-            if old.fingerprint == str(fingerprint) and _same_params(old.params, params):
-                return old
-    tables, summary = compute()
-    write_result(results_dir, analysis, fingerprint if model is None else model, fingerprint, params, tables, summary)
-    return read_result(path, analysis)

@@ -13,7 +13,7 @@ from pathlib import Path
 import altair as alt
 import pandas as pd
 
-from ..analysis.results import BOOK_LEVEL_MODEL, read_result
+from ..analysis.results import BOOK_LEVEL_MODEL, iter_results, read_result
 
 HEADLINES = {
     ("obs1_neurons_as_experts", "gate_act_advantage"): "1. neurons act like fine-grained experts",
@@ -25,8 +25,7 @@ HEADLINES = {
 def collect(runs_dir: str | Path) -> pd.DataFrame:
     """One row per (model, analysis, summary key) from every ``results/*.json`` under ``runs_dir``."""
     rows = []
-    for path in sorted(Path(runs_dir).glob("*/results/*.json")):
-        res = read_result(path)
+    for res in iter_results(runs_dir, "*/results/*.json"):
         if res.model == BOOK_LEVEL_MODEL:  # the study's and interventions' results have their own tables
             continue
         for key, entry in res.summary.items():
@@ -37,7 +36,7 @@ def collect(runs_dir: str | Path) -> pd.DataFrame:
                          "note": ("INVALID: non-finite weights were excluded; " if res.invalid else "")
                                  + (entry.get("note") or ""), "invalid": res.is_invalid,
                          "paper": "; ".join(f"{m}: {v:g}" for m, v in paper.items() if v is not None),
-                         "fingerprint": res.fingerprint, "file": str(path)})
+                         "fingerprint": res.fingerprint, "file": str(res.path)})
     return _distinct_model_names(pd.DataFrame(rows))
 
 
@@ -125,8 +124,7 @@ def per_layer_across_models(runs_dir: str | Path, analysis: str, table: str, val
     ``query`` filters the table first (pandas query syntax); values are averaged per layer.
     """
     frames = []
-    for path in sorted(Path(runs_dir).glob(f"*/results/{analysis}.json")):
-        res = read_result(path)
+    for res in iter_results(runs_dir, f"*/results/{analysis}.json"):
         if table not in res.tables:
             continue
         t = res.tables[table]

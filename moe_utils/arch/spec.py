@@ -11,7 +11,8 @@ A :class:`FamilySpec` says everything the engine needs to know about a family:
 * the activation and the routing function (:class:`RoutingSpec`);
 * a tiny config for ``random:FAMILY`` test models.
 
-Adding a family means writing one ``FamilySpec`` in ``moe_utils/arch/families.py``.
+Adding a family means writing one ``FamilySpec`` in ``moe_utils/arch/families.py``. The numbers
+of one model are read from its config once, by :func:`moe_utils.arch.facts.facts_for`.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class ConfigKeys:
     expert_intermediate: tuple[str, ...] = ("moe_intermediate_size", "intermediate_size",
                                             "ffn_config.ffn_hidden_size")
     dense_intermediate: tuple[str, ...] = ("intermediate_size",)
+    shared_intermediate: tuple[str, ...] = ("shared_expert_intermediate_size",)
+    num_shared: tuple[str, ...] = ("n_shared_experts", "num_shared_experts", "num_shared_expert")
     max_positions: tuple[str, ...] = ("max_position_embeddings", "max_seq_len", "n_positions",
                                       "seq_length")
 

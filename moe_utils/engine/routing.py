@@ -1,106 +1,18 @@
 """Routing functions, written to match what each family's router computes.
 
-``route_params(spec, config)`` turns a family's declarative :class:`RoutingSpec` into concrete
-numbers; ``route(logits, params)`` recomputes ``(top_k_weight, top_k_index)`` from captured router
-logits. Everything runs in float32 (the routers of every supported family compute their
-softmax/sigmoid in float32 or are fp32 models in the tests).
+``route(logits, params)`` recomputes ``(top_k_weight, top_k_index)`` from captured router
+logits, given a model's concrete :class:`~moe_utils.arch.facts.RouteParams` (resolved once with
+its other facts: ``LoadedModel.facts.routing``). Everything runs in float32 (the routers of
+every supported family compute their softmax/sigmoid in float32 or are fp32 models in the tests).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal
-
 import torch
 
-from moe_utils.arch.config import config_dict, get_path, is_missing
-from moe_utils.arch.spec import FamilySpec
+from moe_utils.arch.facts import RouteParams, route_params
 
 Tensor = torch.Tensor
-
-
-@dataclass(frozen=True)
-class RouteParams:
-    """Concrete routing parameters of one model (see RoutingSpec for the methods)."""
-
-    method: Literal["softmax_topk", "topk_softmax", "sigmoid_topk", "topk_sigmoid_input",
-                    "sparsemixer", "sqrtsoftplus_topk"]
-    num_experts: int
-    top_k: int
-    renormalize: bool = False
-    norm_p: float = 1.0
-    scale: float = 1.0
-    group: Literal["max", "top2_sum"] | None = None
-    n_group: int = 1
-    topk_group: int = 1
-    jitter_eps: float = 0.0
-    renorm_eps: float = 0.0
-    routed_output_scale: float = 1.0
-    shared_output_scale: float = 1.0
-    bias_on_logits: bool = False
-
-    @property
-    def scales_input(self) -> bool:
-        """True when the routing weight multiplies the expert input, not its output (Llama4)."""
-        return self.method == "topk_sigmoid_input"
-
-
-def route_params(spec: FamilySpec, config: Any) -> RouteParams:
-    """Resolve a family's RoutingSpec against a config (dict or PretrainedConfig)."""
-    cfg = config_dict(config)
-    rs = spec.routing
-    if rs is None:
-        raise ValueError(f"{spec.name} is a dense family; it has no routing function")
-
-    def value(key: str | None, fallback: Any) -> Any:
-        if key is None:
-            return fallback
-        got = get_path(cfg, key)
-        if is_missing(got):
-            return spec.defaults.get(key, fallback)
-        return got
-
-    renormalize = bool(value(rs.renormalize_key, rs.renormalize))
-    norm_p = 1.0
-    if rs.norm_p_key:
-        raw_p = value(rs.norm_p_key, 1.0)
-        # DBRX: an explicit null disables the normalisation entirely.
-        explicit_null = _explicit_null(cfg, rs.norm_p_key)
-        renormalize = renormalize and not explicit_null
-        norm_p = float(raw_p)
-    group = rs.group
-    if group and rs.group_when is not None:
-        key, wanted = rs.group_when
-        if value(key, None) != wanted:
-            group = None
-    n_group = int(value(rs.n_group_key, 1)) if group else 1
-    topk_group = int(value(rs.topk_group_key, n_group)) if group else 1
-    return RouteParams(
-        method=rs.method,
-        num_experts=spec.num_experts(cfg),
-        top_k=spec.top_k(cfg),
-        renormalize=renormalize,
-        norm_p=norm_p,
-        scale=float(value(rs.scale_key, rs.scale)),
-        group=group,
-        n_group=n_group,
-        topk_group=topk_group,
-        jitter_eps=float(value(rs.jitter_key, 0.0)),
-        renorm_eps=rs.renorm_eps,
-        routed_output_scale=rs.routed_output_scale,
-        shared_output_scale=rs.shared_output_scale,
-        bias_on_logits=rs.bias_on_logits,
-    )
-
-
-def _explicit_null(cfg: dict, dotted: str) -> bool:
-    node: Any = cfg
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return isinstance(node, dict) and parts[-1] in node and node[parts[-1]] is None
 
 
 def _group_mask(choice: Tensor, p: RouteParams) -> Tensor:
@@ -175,3 +87,6 @@ def route(logits: Tensor, params: RouteParams,
     if params.method == "sparsemixer":
         return _sparsemixer(logits, params.jitter_eps)
     raise ValueError(f"unknown routing method {params.method!r}")
+
+
+__all__ = ["RouteParams", "route", "route_params"]

@@ -50,9 +50,10 @@ def gram_matrix(blocks: Sequence[ArrayLike], chunk_elements: int = CHUNK_ELEMENT
     return g
 
 
-def cosine_from_gram(g: np.ndarray) -> np.ndarray:
-    """Turn a Gram matrix into cosine similarities (zero rows -> NaN, diagonal 1 for non-zero rows)."""
-    g = np.asarray(g, dtype=np.float64)
+def cosine_from_gram(g: ArrayLike) -> np.ndarray:
+    """Turn a Gram matrix (numpy array or torch tensor) into cosine similarities, as float64 numpy:
+    zero rows -> NaN, diagonal 1 for non-zero rows, values clipped to [-1, 1]."""
+    g = to_numpy(g, np.float64)
     sq = np.clip(np.diag(g), 0.0, None)
     norms = np.sqrt(sq)
     denom = np.outer(norms, norms)

@@ -576,7 +576,7 @@ def _code_version() -> str:
     package = Path(__file__).resolve().parents[1]
     parts = [transformers.__version__, torch.__version__]
     for path in (package / "models" / "derive.py", package / "arch" / "tiny.py",
-                 package / "arch" / "spec.py", package / "engine" / "routing.py"):
+                 package / "arch" / "spec.py", package / "arch" / "facts.py", package / "engine" / "routing.py"):
         parts.append(hashlib.sha256(path.read_bytes()).hexdigest())
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
@@ -855,9 +855,7 @@ def _describe(routing: RoutingSpec, bias: str | None) -> str:
 
 def _tiny_lm(spec: FamilySpec, model: nn.Module, config):
     return LoadedModel(model=model, tokenizer=byte_tokenizer(), spec=spec, config=config,
-                       name=f"derived:{spec.name}", path=None, fingerprint="derived",
-                       moe_layers=moe_layer_indices(
-                           model, len(_layers(model, int(config.num_hidden_layers))[1]))[1])
+                       name=f"derived:{spec.name}", path=None, fingerprint="derived")
 
 
 def _probe_sequences(seed: int) -> list[list[int]]:

@@ -112,11 +112,10 @@ def expert_grams(source: Any, layer: int, matrices: Iterable[str] = ("act", "up"
     arithmetic (checkpoint folders only). A non-finite weight raises
     :class:`~moe_utils.core.errors.NonFiniteError` naming the layer, expert and matrix.
     """
-    src, spec = open_source(source, allow_pickle)
+    src, spec, facts = open_source(source, allow_pickle)
     require_moe(spec, "expert_grams")
-    cfg = src.config
-    check_layer(spec, cfg, layer, "moe")
-    E = spec.num_experts(cfg)
+    check_layer(facts, layer, "moe")
+    E = facts.num_experts
     wanted = set(matrices)
     fmt = pick_format(src, spec, layer, "moe")
     stop = None
@@ -148,11 +147,3 @@ def expert_grams(source: Any, layer: int, matrices: Iterable[str] = ("act", "up"
             src.release()
     return grams
 
-
-def cosine_from_gram(gram: Tensor) -> Tensor:
-    """Cosine similarity matrix from a Gram matrix. A zero-norm row has no direction, so its
-    similarities (its diagonal entry included) are undefined: NaN, never 0 or 1."""
-    norms = gram.diagonal().clamp_min(0).sqrt()
-    denom = norms[:, None] * norms[None, :]
-    return torch.where(denom > 0, gram / denom.clamp_min(torch.finfo(gram.dtype).tiny),
-                       torch.full_like(gram, float("nan")))

@@ -22,6 +22,9 @@ from moe_utils.core.memory import shedding_file_pages
 from moe_utils.models.checkpoint import checkpoint_fingerprint, find_weight_files, verify_safetensors
 from moe_utils.models.ids import ModelRef, resolve_folder, resolve_model
 from moe_utils.models.random_models import byte_tokenizer, random_fingerprint, random_model
+from moe_utils.arch.facts import ModelFacts, facts_for
+from moe_utils.core.errors import CheckpointError, OfflineError, UsageError
+from moe_utils.models.checkpoint import hub_revision
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -31,22 +34,41 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 @dataclass
 class LoadedModel:
-    """A model ready for tracing, with everything the analyses need to know about it."""
+    """A model ready for tracing, with everything the analyses need to know about it.
 
-    model: nn.Module
+    ``model`` is None for a checkpoint described without building it (weight analyses then
+    stream ``path``). ``facts`` is resolved once, from ``spec`` and ``config``, when the
+    LoadedModel is made.
+    """
+
+    model: nn.Module | None
     tokenizer: Any
     spec: FamilySpec
     config: Any
     name: str
     path: Path | None
     fingerprint: str
-    moe_layers: list[int] = field(default_factory=list)
-    is_moe: bool = True
     source: dict[str, Any] = field(default_factory=dict)
+    facts: ModelFacts = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.facts = facts_for(self.spec, self.config)
 
     @property
-    def config_dict(self) -> dict:
-        return config_dict(self.config)
+    def moe_layers(self) -> list[int]:
+        """Indices of the MoE layers (``facts.moe_layers`` as a list)."""
+        return list(self.facts.moe_layers)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.facts.is_moe
+
+    def built(self) -> nn.Module:
+        """The built model; a model opened weights-only (``model`` None) cannot run."""
+        if self.model is None:
+            raise UsageError(f"{self.name} was opened without building the model (weights only), so "
+                             "it cannot run a forward pass; load it with load_model() instead")
+        return self.model
 
 
 def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -162,9 +184,7 @@ def load_model(model: str | Path, dtype: str | torch.dtype = "float32", device_m
     if require_moe_model:
         require_moe(spec, f"loading {ref.name}")
     return LoadedModel(model=module, tokenizer=tokenizer, spec=spec, config=module.config,
-                       name=ref.name, path=path, fingerprint=fingerprint,
-                       moe_layers=spec.moe_layers(module.config), is_moe=spec.is_moe,
-                       source=ref.source())
+                       name=ref.name, path=path, fingerprint=fingerprint, source=ref.source())
 
 
 def _dispatch(module: nn.Module, device_map: Any, offload_folder: str | Path | None) -> nn.Module:

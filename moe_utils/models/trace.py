@@ -37,6 +37,7 @@ from moe_utils.engine.expert_math import (apply_experts, dense_intermediates, de
                                    expert_intermediates, expert_outputs, shared_expert_output)
 from moe_utils.engine.routing import RouteParams, route, route_params
 from moe_utils.models.weights import MoELayerWeights, layer_weights
+from moe_utils.models.loading import LoadedModel
 
 Tensor = torch.Tensor
 
@@ -95,7 +96,7 @@ def router_scores(lt: LayerTrace) -> Tensor:
 
 
 # ---- input handling --------------------------------------------------------------------------
-def _as_sequences(lm, sequences: Any) -> list[Tensor]:
+def _as_sequences(lm: LoadedModel, sequences: Any) -> list[Tensor]:
     if isinstance(sequences, Tensor):
         seqs = [sequences] if sequences.dim() == 1 else list(sequences)
     elif isinstance(sequences, str):
@@ -117,8 +118,8 @@ def _as_sequences(lm, sequences: Any) -> list[Tensor]:
     return out
 
 
-def _check_lengths(lm, seqs: list[Tensor]) -> None:
-    limit = lm.spec.max_positions(config_dict(lm.config))
+def _check_lengths(lm: LoadedModel, seqs: list[Tensor]) -> None:
+    limit = lm.facts.max_positions
     if limit is None:
         return
     for i, ids in enumerate(seqs):
@@ -129,7 +130,8 @@ def _check_lengths(lm, seqs: list[Tensor]) -> None:
                 "lower max_tokens")
 
 
-def _check_layers(requested: Sequence[int] | None, valid: list[int], kind: str, lm) -> list[int]:
+def _check_layers(requested: Sequence[int] | None, valid: list[int], kind: str,
+                  lm: LoadedModel) -> list[int]:
     if requested is None:
         return list(valid)
     bad = [i for i in requested if i not in valid]
@@ -163,13 +165,13 @@ def _output_tensor(out: Any) -> Tensor:
 class _LayerHooks:
     """Registers the hooks of one MoE layer and collects its captures per forward pass."""
 
-    def __init__(self, lm, layer: int, params: RouteParams, hidden: int):
+    def __init__(self, lm: LoadedModel, layer: int, params: RouteParams, hidden: int):
         self.spec: FamilySpec = lm.spec
         self.params = params
         self.hidden = hidden
         self.store: dict[str, list[Tensor]] = {}
         paths = self.spec.modules
-        layer_mod = lm.model.get_submodule(f"{paths.layers}.{layer}")
+        layer_mod = lm.built().get_submodule(f"{paths.layers}.{layer}")
         self.block = layer_mod.get_submodule(paths.block)
         self.handles = [
             self.block.register_forward_pre_hook(self._block_in, with_kwargs=True),
@@ -249,9 +251,9 @@ class _LayerHooks:
 class _DenseHooks:
     """Captures input and output of one dense MLP."""
 
-    def __init__(self, lm, layer: int, hidden: int):
+    def __init__(self, lm: LoadedModel, layer: int, hidden: int):
         paths = lm.spec.modules
-        mlp = lm.model.get_submodule(f"{paths.layers}.{layer}.{paths.dense_mlp}")
+        mlp = lm.built().get_submodule(f"{paths.layers}.{layer}.{paths.dense_mlp}")
         self.store: dict[str, list[Tensor]] = {"x": [], "y": []}
         self.handles = [
             mlp.register_forward_pre_hook(
@@ -272,7 +274,7 @@ class _DenseHooks:
 
 
 # ---- running ---------------------------------------------------------------------------------
-def _input_device(model) -> torch.device:
+def _input_device(model: torch.nn.Module) -> torch.device:
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     weight = getattr(emb, "weight", None)
     if weight is not None and weight.device.type != "meta":
@@ -292,13 +294,14 @@ def _decode(tokenizer, ids: Tensor) -> list[str]:
     return out
 
 
-def _run(lm, seqs: list[Tensor], hooks: dict[int, Any], kind: str) -> Trace:
-    device = _input_device(lm.model)
+def _run(lm: LoadedModel, seqs: list[Tensor], hooks: dict[int, Any], kind: str) -> Trace:
+    model = lm.built()
+    device = _input_device(model)
     try:
         with torch.inference_mode():
             for s, ids in enumerate(seqs):
                 before = {layer: len(h.store.get("x", [])) for layer, h in hooks.items()}
-                lm.model(input_ids=ids.unsqueeze(0).to(device), use_cache=False)
+                model(input_ids=ids.unsqueeze(0).to(device), use_cache=False)
                 for layer, h in hooks.items():
                     new = h.store.get("x", [])[before[layer]:]
                     if len(new) != 1 or new[0].shape[0] != ids.numel():
@@ -319,7 +322,7 @@ def _run(lm, seqs: list[Tensor], hooks: dict[int, Any], kind: str) -> Trace:
                  fingerprint=lm.fingerprint, tokens=_decode(lm.tokenizer, token_ids), kind=kind)
 
 
-def check_trace_finite(lm, tr: Trace) -> Trace:
+def check_trace_finite(lm: LoadedModel, tr: Trace) -> Trace:
     """Raise :class:`NonFiniteError` at the first traced layer whose captures hold NaN/inf.
 
     Layers are checked in depth order (input, router logits, output); when the first bad one is
@@ -343,7 +346,7 @@ def check_trace_finite(lm, tr: Trace) -> Trace:
     return tr
 
 
-def trace(lm, sequences: Any, layers: Sequence[int] | None = None) -> Trace:
+def trace(lm: LoadedModel, sequences: Any, layers: Sequence[int] | None = None) -> Trace:
     """Capture every MoE layer (or ``layers``) over ``sequences``, one forward pass per sequence.
 
     ``sequences``: a list of token-id lists/tensors (different lengths allowed), a [B,T] tensor,
@@ -353,9 +356,10 @@ def trace(lm, sequences: Any, layers: Sequence[int] | None = None) -> Trace:
     chosen = _check_layers(layers, list(lm.moe_layers), "MoE", lm)
     seqs = _as_sequences(lm, sequences)
     _check_lengths(lm, seqs)
-    cfg = config_dict(lm.config)
-    params = route_params(lm.spec, cfg)
-    hidden = lm.spec.hidden_size(cfg)
+    params = lm.facts.routing
+    if params is None:
+        raise MoEUtilsError(f"{lm.name} ({lm.facts.family}) has no routing function to trace")
+    hidden = lm.facts.hidden_size
     hooks = {}
     try:
         for layer in chosen:
@@ -367,13 +371,12 @@ def trace(lm, sequences: Any, layers: Sequence[int] | None = None) -> Trace:
     return check_trace_finite(lm, _run(lm, seqs, hooks, "moe"))
 
 
-def trace_dense(lm, sequences: Any, layers: Sequence[int] | None = None) -> Trace:
+def trace_dense(lm: LoadedModel, sequences: Any, layers: Sequence[int] | None = None) -> Trace:
     """Capture the input/output of dense MLPs (a dense model, or dense layers of an MoE model)."""
-    cfg = config_dict(lm.config)
-    chosen = _check_layers(layers, lm.spec.dense_layers(cfg), "dense", lm)
+    chosen = _check_layers(layers, list(lm.facts.dense_layers), "dense", lm)
     seqs = _as_sequences(lm, sequences)
     _check_lengths(lm, seqs)
-    hidden = lm.spec.hidden_size(cfg)
+    hidden = lm.facts.hidden_size
     hooks = {layer: _DenseHooks(lm, layer, hidden) for layer in chosen}
     return check_trace_finite(lm, _run(lm, seqs, hooks, "dense"))
 
@@ -423,7 +426,7 @@ def _sorted_pairs(index: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     return index.gather(1, order), weight.float().gather(1, order)
 
 
-def verify_trace(lm, tr: Trace, layers: Sequence[int] | None = None,
+def verify_trace(lm: LoadedModel, tr: Trace, layers: Sequence[int] | None = None,
                  source: Any = None) -> list[LayerCheck]:
     """Rebuild each traced block output and compare with the captured one.
 

@@ -26,6 +26,7 @@ from moe_utils.core.errors import CheckpointError, LayerIndexError, MoEUtilsErro
 from moe_utils.core.finite import ScreenedSource, check_finite, is_finite, nonfinite_counts, unwrap
 from moe_utils.engine.canonical import DenseMLPWeights, MoELayerWeights
 from moe_utils.models.ids import resolve_folder
+from moe_utils.arch.facts import ModelFacts, facts_for
 
 Tensor = torch.Tensor
 
@@ -100,28 +101,30 @@ class FolderSource:
         self.reader.release()
 
 
-def open_source(source: Any, allow_pickle: bool) -> tuple[TensorSource, FamilySpec]:
-    """Wrap a LoadedModel / nn.Module / folder / hub id as a tensor source with its spec."""
+def open_source(source: Any, allow_pickle: bool) -> tuple[TensorSource, FamilySpec, ModelFacts]:
+    """Wrap a LoadedModel / nn.Module / folder / hub id as a tensor source, with its spec and
+    facts (a LoadedModel's own; resolved here once for the other kinds)."""
     spec = getattr(source, "spec", None)
-    if isinstance(spec, FamilySpec) and hasattr(source, "model"):       # a LoadedModel
+    facts = getattr(source, "facts", None)
+    if isinstance(spec, FamilySpec) and isinstance(facts, ModelFacts):    # a LoadedModel
         model, folder = source.model, getattr(source, "path", None)
         offloaded = isinstance(model, nn.Module) and any(p.device.type == "meta" for p in model.parameters())
         if folder is not None and (model is None or offloaded):
             # not built (weights-only) or offloaded by accelerate: read the checkpoint instead
-            return FolderSource(Path(folder), allow_pickle=allow_pickle), spec
+            return FolderSource(Path(folder), allow_pickle=allow_pickle), spec, facts
         if isinstance(model, nn.Module):
-            return ModelSource(model), spec
+            return ModelSource(model), spec, facts
         raise TypeError(f"{getattr(source, 'name', 'this model')} has neither a built model nor a "
                         "checkpoint folder to read weights from")
     if isinstance(source, nn.Module):
         src = ModelSource(source)
-        return src, spec_for_config(src.config)
-    if isinstance(source, (str, Path)):
-        folder = resolve_folder(source)
-        src = FolderSource(folder, allow_pickle=allow_pickle)
-        return src, spec_for_config(src.config)
-    raise TypeError(f"cannot read weights from {type(source).__name__}; pass a LoadedModel, an "
-                    "nn.Module, or a checkpoint folder")
+    elif isinstance(source, (str, Path)):
+        src = FolderSource(resolve_folder(source), allow_pickle=allow_pickle)
+    else:
+        raise TypeError(f"cannot read weights from {type(source).__name__}; pass a LoadedModel, an "
+                        "nn.Module, or a checkpoint folder")
+    spec = spec_for_config(src.config)
+    return src, spec, facts_for(spec, src.config)
 
 
 # ---- assembling canonical tensors ----------------------------------------------------------
@@ -256,15 +259,16 @@ def _mlp(src: TensorSource, fmt: WeightFormat, layer: int, names: MLPTensors, dt
                            w_down=_get(src, fmt, layer, names.down, dtype), activation=activation)
 
 
-def check_layer(spec: FamilySpec, cfg: dict, layer: int, kind: str) -> None:
-    layers = spec.moe_layers(cfg) if kind == "moe" else spec.dense_layers(cfg)
+def check_layer(facts: ModelFacts, layer: int, kind: str) -> None:
+    """Raise :class:`LayerIndexError` unless ``layer`` is a ``kind`` (moe | dense) layer."""
+    layers = list(facts.moe_layers if kind == "moe" else facts.dense_layers)
     if layer not in layers:
-        total = spec.num_layers(cfg)
-        other = spec.dense_layers(cfg) if kind == "moe" else spec.moe_layers(cfg)
-        what = (f"layer {layer} does not exist: this {spec.name} model has {total} layers"
+        total = facts.num_layers
+        other = list(facts.dense_layers if kind == "moe" else facts.moe_layers)
+        what = (f"layer {layer} does not exist: this {facts.family} model has {total} layers"
                 if not 0 <= layer < total else
                 f"layer {layer} is not a {'MoE' if kind == 'moe' else 'dense-MLP'} layer of this "
-                f"{spec.name} model ({total} layers)")
+                f"{facts.family} model ({total} layers)")
         raise LayerIndexError(
             f"{what}. Valid {'MoE' if kind == 'moe' else 'dense'} "
             f"layers: {_ranges(layers) or 'none'}; {'dense' if kind == 'moe' else 'MoE'} layers: "
@@ -287,14 +291,14 @@ def _ranges(idx: list[int]) -> str:
     return ", ".join(parts)
 
 
-def _layer_weights(src: TensorSource, spec: FamilySpec, layer: int, dtype) -> MoELayerWeights:
-    cfg = src.config
+def _layer_weights(src: TensorSource, spec: FamilySpec, facts: ModelFacts, layer: int,
+                   dtype) -> MoELayerWeights:
     require_moe(spec, "reading expert weights")
-    check_layer(spec, cfg, layer, "moe")
+    check_layer(facts, layer, "moe")
     fmt = pick_format(src, spec, layer, "moe")
     moe = fmt.moe
-    act = spec.activation_name(cfg)
-    experts = _experts(src, fmt, layer, moe.experts, dtype, spec.num_experts(cfg))
+    act = facts.activation
+    experts = _experts(src, fmt, layer, moe.experts, dtype, facts.num_experts)
     shared = _mlp(src, fmt, layer, moe.shared, dtype, act) if moe.shared else None
     return MoELayerWeights(
         layer=layer,
@@ -387,9 +391,9 @@ def layer_weights(source: Any, layer: int, dtype: torch.dtype | None = torch.flo
     :class:`~moe_utils.core.finite.ScreenedSource` (the offending experts are then left out).
     """
     source, screen = unwrap(source)
-    src, spec = open_source(source, allow_pickle)
+    src, spec, facts = open_source(source, allow_pickle)
     try:
-        return screen_layer(_layer_weights(src, spec, layer, dtype), screen)
+        return screen_layer(_layer_weights(src, spec, facts, layer, dtype), screen)
     finally:
         if isinstance(src, FolderSource):
             src.release()
@@ -401,12 +405,12 @@ def iter_layer_weights(source: Any, layers: Iterable[int] | None = None,
     """Yield MoE layers one at a time (default: all MoE layers), releasing file maps in between.
     Non-finite weights are handled as in :func:`layer_weights`."""
     source, screen = unwrap(source)
-    src, spec = open_source(source, allow_pickle)
+    src, spec, facts = open_source(source, allow_pickle)
     require_moe(spec, "reading expert weights")
-    chosen = spec.moe_layers(src.config) if layers is None else list(layers)
+    chosen = list(facts.moe_layers) if layers is None else list(layers)
     for layer in chosen:
         try:
-            yield screen_layer(_layer_weights(src, spec, layer, dtype), screen)
+            yield screen_layer(_layer_weights(src, spec, facts, layer, dtype), screen)
         finally:
             if isinstance(src, FolderSource):
                 src.release()
@@ -416,11 +420,11 @@ def dense_mlp_weights(source: Any, layer: int, dtype: torch.dtype | None = torch
                       allow_pickle: bool = False) -> DenseMLPWeights:
     """Weights of the dense MLP of ``layer`` (a dense model, or a dense layer of an MoE model).
     Non-finite weights raise :class:`NonFiniteError`."""
-    src, spec = open_source(unwrap(source)[0], allow_pickle)
+    src, spec, facts = open_source(unwrap(source)[0], allow_pickle)
     try:
-        check_layer(spec, src.config, layer, "dense")
+        check_layer(facts, layer, "dense")
         fmt = pick_format(src, spec, layer, "dense")
-        return check_dense(_mlp(src, fmt, layer, fmt.dense, dtype, spec.activation_name(src.config)))
+        return check_dense(_mlp(src, fmt, layer, fmt.dense, dtype, facts.activation))
     finally:
         if isinstance(src, FolderSource):
             src.release()

@@ -34,6 +34,7 @@ from moe_utils.arch.catalogue import CatalogueEntry, catalogue
 from moe_utils.models.derive import rebuild_errors
 from moe_utils.models.loading import load_model
 from moe_utils.models.weights import layer_weights
+from moe_utils.models.loading import LoadedModel
 
 TOLERANCE = 1e-5
 WEIGHTS_NOTEBOOKS = ("obs1_neurons_as_experts",)
@@ -93,11 +94,11 @@ def random_name(entry: CatalogueEntry) -> str:
     return entry.model_type
 
 
-def _disk_check(lm, folder_root: Path) -> None:
+def _disk_check(lm: LoadedModel, folder_root: Path) -> None:
     """Weights streamed from both on-disk spellings equal the model's own, for every MoE layer."""
     for fused in (False, True):
         folder = folder_root / ("fused" if fused else "original")
-        lm.model.save_pretrained(folder, **({"save_original_format": False} if fused else {}))
+        lm.built().save_pretrained(folder, **({"save_original_format": False} if fused else {}))
         for layer in lm.moe_layers:
             want, got = layer_weights(lm, layer), layer_weights(folder, layer)
             for name in ("router", "w_act", "w_up", "w_down", "score_correction_bias",

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 from moe_utils.core.paths import ZOO_MODELS_DIR
+from moe_utils.arch import spec_for_config
+from moe_utils.arch.facts import facts_for
 
 BOS_ID = 1
 
@@ -91,10 +93,8 @@ def expert_load(model, windows: Sequence[Sequence[int]], batch_size: int = 16) -
     Uses the router logits the model returns with ``output_router_logits=True`` and takes the
     top-k of each token, exactly the experts the forward pass used (no jitter in eval mode).
     """
-    cfg = model.config
-    k = cfg.num_experts_per_tok
-    E = getattr(cfg, "num_local_experts", None) or cfg.num_experts
-    n_moe = cfg.num_hidden_layers - len(getattr(cfg, "mlp_only_layers", None) or [])
+    facts = facts_for(spec_for_config(model.config), model.config)
+    k, E, n_moe = facts.top_k, facts.num_experts, len(facts.moe_layers)
     counts = np.zeros((n_moe, E), dtype=np.int64)
     model.eval()
     for ids in _batches(windows, batch_size):

@@ -12,6 +12,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from moe_utils.arch import spec_for_config
+from moe_utils.arch.facts import facts_for
 from moe_utils.zoo import PAPER_COUNTERPART, ZOO_MODELS, zoo_path
 from moe_utils.zoo.cards import STARTS_AFTER, parameter_counts
 from moe_utils.zoo.evaluate import (expert_load, load_unigram_counts, load_windows, model_nll, targets_of,
@@ -116,8 +118,7 @@ def expert_loads(names: Sequence[str], max_windows: int | None = None) -> pd.Dat
         model = AutoModelForCausalLM.from_pretrained(str(zoo_path(name)), dtype=torch.float32)
         load = expert_load(model, windows)
         share = load / load.sum(axis=1, keepdims=True)
-        dense = set(getattr(model.config, "mlp_only_layers", None) or [])
-        moe_layers = [l for l in range(model.config.num_hidden_layers) if l not in dense]
+        moe_layers = facts_for(spec_for_config(model.config), model.config).moe_layers
         for row, layer in enumerate(moe_layers):
             for e in range(load.shape[1]):
                 rows.append({"model": name, "layer": layer, "expert": e, "selections": int(load[row, e]),

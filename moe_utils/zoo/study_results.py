@@ -30,7 +30,7 @@ from scipy import stats
 
 from moe_utils.analysis import headlines as H
 from moe_utils.analysis.context import checkpoint_only, open_study
-from moe_utils.analysis.results import read_result, write_result
+from moe_utils.analysis.results import iter_results, read_result, write_result
 from moe_utils.arch.config import read_config_json
 from moe_utils.core.paths import ZOO_STUDY_DIR, zoo_path
 from moe_utils.models.checkpoint import checkpoint_fingerprint, find_weight_files
@@ -146,14 +146,15 @@ def load_shipped(root: Path | None = None) -> dict[str, dict[str, pd.DataFrame]]
     root = ZOO_STUDY_DIR if root is None else Path(root)
     out: dict[str, dict[str, pd.DataFrame]] = {}
     # the shipped layout (NAME/study_*.json) or a study folder's (NAME/results/study_*.json)
-    paths = sorted(root.glob("*/study_replicate.json")) + sorted(root.glob("*/results/study_replicate.json"))
-    for path in paths:
-        tables = dict(read_result(path).tables)
-        em = path.with_name("study_emergence.json")
-        if em.exists():
-            tables.update(read_result(em).tables)
-        name = path.parent.name if path.parent.name != "results" else path.parent.parent.name
-        out[name] = tables
+    for pattern in ("*/study_replicate.json", "*/results/study_replicate.json"):
+        for res in iter_results(root, pattern):
+            assert res.path is not None
+            tables = dict(res.tables)
+            em = res.path.with_name("study_emergence.json")
+            if em.exists():
+                tables.update(read_result(em).tables)
+            folder = res.path.parent
+            out[folder.parent.name if folder.name == "results" else folder.name] = tables
     return out
 
 
