@@ -17,7 +17,7 @@ from torch import nn
 from moe_utils.arch import SPECS, get_spec
 from moe_utils.arch.config import get_path
 from moe_utils.arch.facts import ModelFacts, facts_for
-from moe_utils.errors import CheckpointError
+from moe_utils.core.errors import CheckpointError
 from moe_utils.metrics import cosine_from_gram
 
 from tiny_models import NATIVE_MOE, remote_style_loaded, tiny

@@ -13,8 +13,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..loading import LoadedModel
-from ..trace import Trace
+from ..models.loading import LoadedModel
+from ..models.trace import Trace
 from . import dynamic, static
 from .observations import gate_act_differences, output_similarity_by_layer
 from .verdicts import depth_pattern, mean_difference, versus_baseline

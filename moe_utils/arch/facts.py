@@ -159,7 +159,7 @@ def _explicit_null(cfg: dict, dotted: str) -> bool:
 def facts_for(spec: FamilySpec, config: Any) -> ModelFacts:
     """The facts of a model of family ``spec`` with ``config`` (dict, PretrainedConfig or folder).
 
-    Raises :class:`~moe_utils.errors.CheckpointError` naming the missing key when the config
+    Raises :class:`~moe_utils.core.errors.CheckpointError` naming the missing key when the config
     lacks a number the family needs (layers, hidden size; experts and top-k for MoE families).
     """
     cfg = config_dict(config)
