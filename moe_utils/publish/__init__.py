@@ -1,0 +1,1 @@
+"""Publishing: run the notebooks, build the site, the ``moe-book`` command."""
