@@ -17,6 +17,7 @@ into a temporary folder and replaces the previous ``_build/html`` only when the 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -259,6 +260,9 @@ def build_book(
     ``strict`` turns Sphinx warnings into errors (``-W --keep-going``). ``repository_url`` adds
     Binder and Colab launch buttons for that repository (at ``branch``); none by default.
     """
+    if importlib.util.find_spec("jupyter_book") is None:
+        raise MoEUtilsError("moe-book build needs Jupyter Book, which is not installed: "
+                            "pip install 'moe-utils[book]' (or jupyter-book<2)")
     root = Path(root).resolve()
     if not (root / "_config.yml").exists():
         raise MoEUtilsError(f"{root} has no _config.yml; run moe-book build in a book folder (the repository "
