@@ -73,7 +73,7 @@ def _resample(values: list, n: int) -> list:
     # keep the original order of the first n entries, then force in the kinds that are missing
     out = list(values[:n])
     missing = [k for k in distinct if k not in {str(v) for v in out}]
-    for slot, kind in zip(range(n - 1, -1, -1), missing):
+    for slot, kind in zip(range(n - 1, -1, -1), missing, strict=False):
         out[slot] = by_str[kind]
     return out
 
