@@ -1,5 +1,8 @@
 # make book   set up, run every notebook on the embedded models, build the offline site
 # make test   set up, run the whole test suite
+# make test-fast  the unit tests only (no notebooks, no book build, no browser)
+# make lint   ruff (lint and format check), pyright, notebooks stored without outputs
+# make wheel  build the wheel (with the book template and its offline JavaScript) into dist/
 # make test-families  every MoE family of the installed transformers: regenerate the coverage page (slow)
 # make lab    JupyterLab on notebooks/
 # make clean  remove build outputs (keeps .venv and node_modules; `make distclean` removes them)
@@ -10,10 +13,12 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 INSTALLED := $(VENV)/.moe-book-installed
 LAB_INSTALLED := $(VENV)/.moe-book-lab-installed
+LINT_INSTALLED := $(VENV)/.moe-book-lint-installed
+NOTEBOOKS := $(wildcard notebooks/*.ipynb tests/fixtures/notebooks/*.ipynb)
 VENDORED := book/_extra/vendor/.vendored
 VEGA_BUNDLE := book/_static/vega-bundle.js
 
-.PHONY: help setup vendor run build book test test-families lab clean distclean
+.PHONY: help setup vendor run build book test test-fast lint wheel test-families lab clean distclean
 
 help:
 	@sed -n 's/^# \(make .*\)/\1/p' Makefile
@@ -56,6 +61,26 @@ book: setup
 test: setup
 	$(BIN)/python -m pytest
 
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow and not browser"
+
+$(LINT_INSTALLED): $(INSTALLED)
+	$(PIP) install -q -c constraints.txt -e '.[lint]'
+	touch $@
+
+# Every step runs, so one report shows all findings; the target fails if any step failed.
+lint: $(LINT_INSTALLED)
+	@status=0; \
+	$(BIN)/ruff check . || status=1; \
+	$(BIN)/ruff format --check . || status=1; \
+	$(BIN)/pyright --pythonpath $(BIN)/python || status=1; \
+	$(BIN)/nbstripout --keep-id --verify $(NOTEBOOKS) || { echo "notebooks must be stored without outputs: run $(BIN)/nbstripout --keep-id on them" >&2; status=1; }; \
+	exit $$status
+
+wheel: setup
+	$(PIP) install -q -c constraints.txt -e '.[dist]'
+	$(BIN)/python -m build --wheel --no-isolation --outdir dist .
+
 # Every family, every per-model notebook (about an hour on two cores), then the checks on all of
 # them; writes book/coverage.json and book/coverage.md.
 test-families: setup
@@ -70,7 +95,7 @@ lab: $(LAB_INSTALLED)
 	$(BIN)/jupyter lab notebooks/
 
 clean:
-	rm -rf _build book/runs book/generated $(VEGA_BUNDLE) book/_extra/vendor .pytest_cache
+	rm -rf _build book/runs book/generated $(VEGA_BUNDLE) book/_extra/vendor .pytest_cache build dist
 
 distclean: clean
 	rm -rf $(VENV) node_modules

@@ -52,7 +52,7 @@ class NormsScores:
 
 def token_labels(tr: Trace) -> list[str]:
     """A readable label per token: position in its sequence and the token text."""
-    return [f"{int(p)}:{t!r}" for p, t in zip(tr.position.tolist(), tr.tokens)]
+    return [f"{int(p)}:{t!r}" for p, t in zip(tr.position.tolist(), tr.tokens, strict=True)]
 
 
 def norms_and_scores(lm: LoadedModel, tr: Trace, chunk_tokens: int = 1024) -> NormsScores:

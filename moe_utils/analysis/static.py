@@ -186,7 +186,7 @@ def _reorder_rows(lm: LayerMatrices, max_pairs: int | None, rng: np.random.Gener
     return [{"layer": lm.layer, "matrix": m, "expert_i": a, "expert_j": b,
              "sim_before": float(res.sim_before), "sim_after": float(res.sim_after),
              "gain": float(res.sim_after - res.sim_before), "tau": float(res.tau)}
-            for (m, a, b), res in zip(jobs, results)]
+            for (m, a, b), res in zip(jobs, results, strict=True)]
 
 
 def _pca_rows(lm: LayerMatrices, level: str, max_neurons_per_expert: int, rng: np.random.Generator,

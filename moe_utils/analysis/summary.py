@@ -62,9 +62,9 @@ def _fmt(v: object, digits: int = 3) -> str:
 
 def headline_rows(table: pd.DataFrame) -> pd.DataFrame:
     """The three headline quantities for every model."""
-    keys = pd.Series(list(zip(table.analysis, table.quantity)), index=table.index)
+    keys = pd.Series(list(zip(table.analysis, table.quantity, strict=True)), index=table.index)
     out = table[keys.isin(list(HEADLINES))].copy()
-    out["observation"] = [HEADLINES[k] for k in zip(out.analysis, out.quantity)]
+    out["observation"] = [HEADLINES[k] for k in zip(out.analysis, out.quantity, strict=True)]
     return out
 
 
@@ -76,7 +76,7 @@ def verdict_table(table: pd.DataFrame) -> pd.DataFrame:
     """Observations x models: verdict, effect size and 95% interval, with the paper's values."""
     out = headline_rows(table)
     out["cell"] = [f"{'INVALID (experts with NaN/inf weights excluded) ' if bad else ''}{v}: {_effect(x, lo, hi)}"
-                   for v, x, lo, hi, bad in zip(out.verdict, out.value, out.ci_low, out.ci_high, out.invalid)]
+                   for v, x, lo, hi, bad in zip(out.verdict, out.value, out.ci_low, out.ci_high, out.invalid, strict=True)]
     wide = out.pivot(index="observation", columns="model", values="cell")
     meta = out.groupby("observation").agg(quantity=("quantity", "first"), baseline=("baseline", "first"),
                                           paper=("paper", "first"))
@@ -100,7 +100,7 @@ def detail_table(table: pd.DataFrame) -> pd.DataFrame:
     """Every summary number per model (value [95% CI] and verdict), with the paper's values."""
     out = table.copy()
     out["cell"] = [_effect(x, lo, hi) + (f" ({v})" if isinstance(v, str) and v else "") + (" INVALID" if bad else "")
-                   for x, lo, hi, v, bad in zip(out.value, out.ci_low, out.ci_high, out.verdict, out.invalid)]
+                   for x, lo, hi, v, bad in zip(out.value, out.ci_low, out.ci_high, out.verdict, out.invalid, strict=True)]
     wide = out.pivot(index=["analysis", "quantity"], columns="model", values="cell")
     paper = out.groupby(["analysis", "quantity"])["paper"].first().rename("paper (its models)")
     return pd.concat([wide, paper], axis=1)

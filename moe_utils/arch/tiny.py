@@ -74,7 +74,7 @@ def _resample(values: list, n: int) -> list:
     out = list(values[:n]) if n <= len(values) else \
         [values[i * len(values) // n] for i in range(n)]  # stretched to a deeper stack
     missing = [k for k in distinct if k not in {str(v) for v in out}]
-    for slot, kind in zip(range(n - 1, -1, -1), missing):
+    for slot, kind in zip(range(n - 1, -1, -1), missing, strict=False):
         out[slot] = by_str[kind]
     return out
 

@@ -350,7 +350,7 @@ def fit_context(inputs: Inputs, max_len: int, bos_id: int | None = None) -> Inpu
     out_seqs: list[list[int]] = []
     out_texts: list[str] = []
     split = 0
-    for seq, text in zip(inputs.sequences, inputs.texts):
+    for seq, text in zip(inputs.sequences, inputs.texts, strict=True):
         if len(seq) <= max_len:
             out_seqs.append(list(seq))
             out_texts.append(text)

@@ -107,7 +107,7 @@ def last_layer_outlier(
         lay = list(range(len(v))) if layers is None else [int(x) for x in layers]
         if len(lay) != len(v):
             raise ValueError(f"{len(v)} values but {len(lay)} layers")
-        pairs = sorted(zip(lay, v.tolist()))
+        pairs = sorted(zip(lay, v.tolist(), strict=True))
     pairs = [(k, v) for k, v in pairs if not math.isnan(v)]
     if not pairs:
         raise ValueError("no (non-NaN) per-layer values")

@@ -201,7 +201,7 @@ def randomized_neuron_pca(sources: Sequence[tuple[ArrayLike, int]], k: int = 2, 
 
     def blocks():
         row = 0
-        for (m, ax), cnt in zip(srcs, counts):
+        for (m, ax), cnt in zip(srcs, counts, strict=True):
             for a in range(0, cnt, step):
                 b = min(cnt, a + step)
                 yield row + a, neuron_rows(m, ax, a, b)

@@ -260,7 +260,7 @@ def expert_runs(
         next_m = np.append(m[1:], False)
         starts = np.flatnonzero(m & (brk | ~prev_m))
         ends = np.flatnonzero(m & (nxt_brk | ~next_m))
-        for st, en in zip(starts, ends):
+        for st, en in zip(starts, ends, strict=True):
             if en - st + 1 >= min_length:
                 rows.append(
                     {"seq": seq[st], "expert": int(e), "start": int(st), "position": int(pos[st]), "length": int(en - st + 1)}

@@ -2,7 +2,8 @@
 
     moe-book run [--model ID_OR_DIR] [--dense-baseline ID] [--notebooks NAME ...]
                  [--out DIR] [--trust-remote-code] [--allow-pickle] [-p NAME VALUE ...]
-    moe-book build [--out DIR] [--build-dir DIR] [--no-strict]
+    moe-book build [--out DIR] [--build-dir DIR] [--no-strict] [--repository-url URL [--branch B]]
+    moe-book init DIR             (a new book folder: pages, notebooks, offline JavaScript)
     moe-book zoo train ...        (delegates to moe_utils.zoo.train)
     moe-book zoo study ...        (delegates to moe_utils.zoo.study)
 """
@@ -66,6 +67,24 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
                    help="where _build/html goes (default: the book folder)")
     p.add_argument("--no-strict", dest="strict", action="store_false",
                    help="do not treat Sphinx warnings as errors")
+    p.add_argument("--repository-url", metavar="URL",
+                   help="add Binder and Colab launch buttons opening the notebooks from this repository "
+                        "(e.g. https://github.com/OWNER/REPO; the executed notebooks must be committed "
+                        "there); without it the site has none")
+    p.add_argument("--branch", default="main", help="branch of --repository-url (default main)")
+
+
+def _add_init(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "init",
+        help="write a new book folder: config, pages, notebooks and the offline JavaScript",
+        description=(
+            "Write a new book folder DIR (absent or empty). Inside it, `moe-book run --model ID` "
+            "runs the notebooks on a model and `moe-book build` publishes the site, which works "
+            "offline (no npm needed)."
+        ),
+    )
+    p.add_argument("dir", type=Path, metavar="DIR", help="the folder to create")
 
 
 def _add_zoo(sub: argparse._SubParsersAction) -> None:
@@ -89,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_run(sub)
     _add_build(sub)
+    _add_init(sub)
     _add_zoo(sub)
     sub.add_parser("coverage", add_help=False,
                    help="check every MoE family of the installed transformers and write the "
@@ -121,7 +141,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_build(args: argparse.Namespace) -> int:
     root = args.root
     runs = args.out if args.out.is_absolute() else (Path.cwd() / args.out)
-    build_book(root=root, runs_dir=runs, build_dir=args.build_dir, strict=args.strict)
+    build_book(root=root, runs_dir=runs, build_dir=args.build_dir, strict=args.strict,
+               repository_url=args.repository_url, branch=args.branch)
+    return 0
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from moe_utils.publish.scaffold import init_book
+
+    written = init_book(args.dir)
+    print(f"wrote {len(written)} files to {args.dir}; next:\n"
+          f"    cd {args.dir}\n"
+          "    moe-book run --model random:mixtral     # or a hub id, a local folder, zoo:NAME\n"
+          "    moe-book build                          # the site goes to _build/html")
     return 0
 
 
@@ -156,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _zoo(argv[1], argv[2:])
         args = build_parser().parse_args(argv)
         command = args.command
-        handlers = {"run": _cmd_run, "build": _cmd_build, "zoo": _cmd_zoo}
+        handlers = {"run": _cmd_run, "build": _cmd_build, "init": _cmd_init, "zoo": _cmd_zoo}
         return handlers[command](args)
     except RunInterrupted as exc:
         print(f"moe-book {command}: {exc}", file=sys.stderr)
