@@ -12,15 +12,14 @@ import pytest
 import torch
 from scipy import stats
 from scipy.optimize import linear_sum_assignment
+from summary_checks import check_obs1, check_obs2, check_obs3, naive_mean, naive_table3
+from tiny_models import synthetic_mixtral, tiny
 
 from moe_utils import paper
 from moe_utils.analysis import obs1_neurons, obs2_norms, obs3_depth, summary
 from moe_utils.analysis.context import open_study
 from moe_utils.results import read_result, write_result
 from moe_utils.weights import layer_weights
-
-from summary_checks import check_obs1, check_obs2, check_obs3, naive_mean, naive_table3
-from tiny_models import synthetic_mixtral, tiny
 
 
 def cos(a: np.ndarray, b: np.ndarray) -> float:

@@ -19,29 +19,17 @@ import pandas as pd
 
 from .. import metrics as M
 from .. import paper
+from .labels import is_expert
 from .static import MATRICES, offdiagonal_summary, weight_report
-from .verdicts import mean_difference
+from .verdicts import NAN, descriptive, mean_difference
 
 ANALYSIS = "obs1_neurons_as_experts"   # the page, and the name of its results file
-NAN = float("nan")
 GATE_R2_KEYS = {"W_act": "gate_r2_act", "W_up": "gate_r2_up", "W_down": "gate_r2_down"}
 PAIR_EXPERTS = "expert vs expert"
 PAIR_DENSE = "expert vs F"
 NO_GATE_NOTE = ("**Note:** the experts of this model have no gate projection $W_{act}$ (each expert is "
                 "$W_{down}\\,\\sigma(W_{up}x)$), so the $W_{act}$ parts of this page and the verdict, which compares "
                 "$W_{act}$ with $W_{up}$ and $W_{down}$, are left out; everything else is computed.")
-
-
-def descriptive(value: float, paper_values: Mapping[str, Any] | None = None, note: str = "",
-                baseline: float = NAN) -> dict[str, Any]:
-    """A summary entry for a number that is reported, not tested (verdict None)."""
-    return {"value": float(value), "ci_low": NAN, "ci_high": NAN, "baseline": float(baseline),
-            "verdict": None, "paper": dict(paper_values or {}), "note": note}
-
-
-def is_expert(labels: pd.Series) -> pd.Series:
-    """True for routed-expert labels (digits), False for "F" and "SE"."""
-    return labels.astype(str).str.isdigit()
 
 
 def gate_r2_table(gate: pd.DataFrame) -> pd.DataFrame:

@@ -20,8 +20,7 @@ from ..inputs import Inputs
 from ..trace import LayerCheck, Trace, verify_trace
 from ..weights import layer_weights
 from . import dynamic
-from .obs1_neurons import NAN, descriptive
-from .verdicts import versus_baseline
+from .verdicts import NAN, descriptive, versus_baseline
 
 ANALYSIS = "obs2_router_norms"   # the page, and the name of its results file
 BASELINE_LABEL = "random baseline 1/E"

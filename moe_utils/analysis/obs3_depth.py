@@ -14,14 +14,16 @@ from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
+import torch
 
 from .. import metrics as M
 from .. import paper
+from ..errors import MoEUtilsError
 from ..inputs import Inputs
 from ..trace import Trace
 from . import dynamic, static
-from .obs1_neurons import NAN, descriptive, is_expert
-from .verdicts import depth_pattern, versus_baseline
+from .labels import distinct_expert_pairs
+from .verdicts import NAN, depth_pattern, descriptive, versus_baseline
 
 ANALYSIS = "obs3_depth_diversity"   # the page, and the name of its results file
 SERIES_OUTPUTS_LONG = "outputs, long input (angular)"
@@ -46,7 +48,7 @@ def long_top1_table(tr: Trace) -> pd.DataFrame:
 
 def output_similarity_by_layer(avg_sim: pd.DataFrame) -> dict[int, float]:
     """Mean angular similarity between distinct experts per layer (F and SE left out)."""
-    s = avg_sim[is_expert(avg_sim.expert_i) & is_expert(avg_sim.expert_j) & (avg_sim.expert_i != avg_sim.expert_j)]
+    s = distinct_expert_pairs(avg_sim)
     return {int(k): float(v) for k, v in s.groupby("layer").similarity.mean().items()}
 
 
@@ -92,11 +94,6 @@ def obs3_summary(tables: Mapping[str, pd.DataFrame], num_experts: int, seed: int
 
 
 # ---- the page's derived tables -----------------------------------------------------------------
-def distinct_expert_pairs(sim: pd.DataFrame) -> pd.DataFrame:
-    """Rows of a similarity table between two distinct routed experts (F and SE left out)."""
-    return sim[sim.expert_i.str.isdigit() & sim.expert_j.str.isdigit() & (sim.expert_i != sim.expert_j)]
-
-
 def short_similarity_by_layer(tok_sim: pd.DataFrame) -> pd.DataFrame:
     """Per layer: mean per-token cosine between distinct experts and the share above the paper's
     0.8 mark (short prompt)."""
@@ -149,13 +146,21 @@ def depth_tests(trend: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("series")
 
 
+def _routing(tr: Trace, layer: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(topk_index, topk_weight, number of experts)`` of one traced layer."""
+    lt = tr.per_layer[layer]
+    if lt.router_logits is None or lt.topk_weight is None:
+        raise MoEUtilsError(f"layer {layer} trace has no router logits or routing weights (dense trace): "
+                            "the repeat rate needs a trace of the MoE model (moe_utils.trace.trace)")
+    return lt.topk_index, lt.topk_weight, int(lt.router_logits.shape[1])
+
+
 def repeat_rate_table(tr: Trace, seed: int = 0) -> pd.DataFrame:
     """Per layer: top-1 repeat rate of adjacent tokens with its interval and baselines, top-k overlap."""
     rows = []
     for layer in tr.layers:
-        lt = tr.per_layer[layer]
-        r = M.repeat_rate(lt.topk_index, tr.seq_index, num_experts=lt.router_logits.shape[1],
-                          topk_weight=lt.topk_weight, seed=seed)
+        index, weight, n_experts = _routing(tr, layer)
+        r = M.repeat_rate(index, tr.seq_index, num_experts=n_experts, topk_weight=weight, seed=seed)
         rows.append({"layer": layer, "repeat rate": r.top1_rate, "low": r.top1_low, "high": r.top1_high,
                      "uniform baseline": r.baseline_top1, "frequency baseline": r.freq_baseline_top1,
                      "top-k overlap": r.overlap_rate, "overlap baseline": r.baseline_overlap})
@@ -164,12 +169,11 @@ def repeat_rate_table(tr: Trace, seed: int = 0) -> pd.DataFrame:
 
 def pooled_trace_repeat_rate(tr: Trace, seed: int = 0) -> M.RepeatRate:
     """Repeat rate with all layers pooled (each (layer, sequence) one cluster)."""
-    layers = tr.layers
+    routing = [_routing(tr, layer) for layer in tr.layers]
     return M.repeat_rate(
-        np.concatenate([tr.per_layer[l].topk_index.numpy() for l in layers]),
-        np.concatenate([tr.seq_index.numpy() + _CLUSTER_STRIDE * i for i, _ in enumerate(layers)]),
-        num_experts=tr.per_layer[layers[0]].router_logits.shape[1],
-        topk_weight=np.concatenate([tr.per_layer[l].topk_weight.numpy() for l in layers]), seed=seed)
+        np.concatenate([index.numpy() for index, _, _ in routing]),
+        np.concatenate([tr.seq_index.numpy() + _CLUSTER_STRIDE * i for i in range(len(routing))]),
+        num_experts=routing[0][2], topk_weight=np.concatenate([weight.numpy() for _, weight, _ in routing]), seed=seed)
 
 
 def repeat_lines(repeats: pd.DataFrame) -> pd.DataFrame:

@@ -151,7 +151,7 @@ def interventions_report(moe_models: Sequence[str], max_windows: int | None = 12
     norm_v = {n: I.norm_routing_verdict(per_window[per_window.organism == n], seed=seed) for n in moe_models}
     causal_v = {n: I.norm_causal_verdict(per_window[per_window.organism == n], seed=seed) for n in moe_models}
     placement = S.placement_table(S.load_shipped())
-    place_v = S.placement_verdict(placement, configs.PLACEMENT_SHAPE["num_hidden_layers"])
+    place_v = S.placement_verdict(placement, int(configs.PLACEMENT_SHAPE["num_hidden_layers"]))
     dense_placement = (placement[PLACEMENT_COLUMNS] if not placement.empty else pd.DataFrame(columns=PLACEMENT_COLUMNS))
     tables = {"routing": routing, "ablation": ablation, "dense_placement": dense_placement,
               "topk_sweep": sweep[["organism", "k", "nll", "ci_low", "ci_high", "trained_k"]],
