@@ -25,7 +25,8 @@ from .verdicts import NAN, descriptive, versus_baseline
 ANALYSIS = "obs2_router_norms"   # the page, and the name of its results file
 BASELINE_LABEL = "random baseline 1/E"
 NO_GATE_NOTE = ("**Note:** the experts of this model have no gate projection $W_{act}$, so there is no "
-                "$\\sigma(W_{act}x)$ to measure: the activation ratio is left out of this page and its results file.")
+                "$\\sigma(W_{act}x)$ to measure: the activation ratio is left out of this page and its results-file entry "
+                "is empty (no value).")
 
 
 def pooled_row(agree: pd.DataFrame) -> pd.Series:
