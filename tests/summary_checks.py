@@ -1,6 +1,6 @@
 """Naive recomputation of every summary quantity an observation page writes, from the tables of
 its results file (shared by tests/test_trust_numbers.py and tests/test_notebooks.py). The code is
-written from the paper's definitions, independently of moe_utils.analysis.observations."""
+written from the paper's definitions, independently of the moe_utils.analysis observation modules."""
 
 from __future__ import annotations
 

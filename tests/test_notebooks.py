@@ -5,6 +5,7 @@ valid results files on the embedded organisms and on a random model of a second 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,19 @@ def test_notebooks_are_stored_without_outputs(path: Path):
     nb = nbformat.read(path, as_version=4)
     assert not any(c.get("outputs") or c.get("execution_count") for c in nb.cells if c.cell_type == "code")
     assert sum("parameters" in c.metadata.get("tags", []) for c in nb.cells) == 1
+
+
+TABLE_LOGIC = re.compile(r"^\s*import (pandas|numpy)|\bpd\.|\bnp\.|\.(groupby|merge|pivot|pivot_table|melt|agg|"
+                         r"query|apply|concat)\(")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebooks_narrate_and_leave_the_tables_to_the_package(path: Path):
+    """Code cells load, call the analysis, draw and display: no pandas or numpy logic of their own."""
+    nb = nbformat.read(path, as_version=4)
+    found = [line.strip() for c in nb.cells if c.cell_type == "code" for line in c.source.splitlines()
+             if TABLE_LOGIC.search(line)]
+    assert not found, f"{path.name} computes tables itself: {found}"
 
 
 @pytest.mark.parametrize("path", OBSERVATIONS, ids=[p.stem for p in OBSERVATIONS])

@@ -22,7 +22,7 @@ import torch
 
 from moe_utils import metrics as M
 from moe_utils.analysis import paper
-from moe_utils.analysis import observations, static, summary
+from moe_utils.analysis import obs1_neurons, static, summary
 from moe_utils.analysis.context import open_study
 from moe_utils.core.errors import NonFiniteError
 from moe_utils.models.expert_gram import expert_grams
@@ -73,7 +73,7 @@ def test_table3_average_from_the_papers_own_table5(model):
     gate = pd.DataFrame([{"layer": l, "matrix": m, "r": (r[l] if m == "W_act" else rng.uniform(-0.3, 0.3))}
                          for l in range(len(r)) for m in ("W_act", "W_up", "W_down")])
     gate["r2"] = gate.r ** 2
-    s = observations.obs1_summary({"gate_correlation": gate, "weight_similarity": pd.DataFrame(
+    s = obs1_neurons.obs1_summary({"gate_correlation": gate, "weight_similarity": pd.DataFrame(
         columns=["layer", "matrix", "level", "expert_i", "expert_j", "similarity"]),
         "reordering": pd.DataFrame(columns=["expert_j", "tau"])})
     assert round(s["gate_r2_act"]["value"], 2) == paper.GATE_R2[model]["W_act"]
@@ -88,7 +88,7 @@ def test_obs1_summary_recomputed_from_its_results_file(tmp_path):
     report = static.weight_report(study.weights_source, study.layers)
     tables = {"weight_similarity": report["similarity"], "reordering": report["reordering"],
               "gate_correlation": report["gate_correlation"]}
-    path = study.save("obs1_neurons_as_experts", tables, observations.obs1_summary(tables))
+    path = study.save("obs1_neurons_as_experts", tables, obs1_neurons.obs1_summary(tables))
     res = read_result(path)
     assert not res.is_invalid
     check_obs1(res)
@@ -153,7 +153,7 @@ def test_allow_invalid_excludes_the_expert_and_marks_the_results(tmp_path):
     assert study.excluded == [{"layer": 1, "expert": 2, "tensor": "W_act", "n_nan": 1, "n_inf": 0}]
     assert "INVALID" in study.validity_note()
     tables = {"weight_similarity": sim, "reordering": report["reordering"], "gate_correlation": gate}
-    res = read_result(study.save("obs1_neurons_as_experts", tables, observations.obs1_summary(tables)))
+    res = read_result(study.save("obs1_neurons_as_experts", tables, obs1_neurons.obs1_summary(tables)))
     assert res.is_invalid and res.invalid[0]["expert"] == 2 and res.params["allow_invalid"] is True
     check_obs1(res)                                                          # still consistent with its tables
     verdicts = summary.verdict_table(summary.collect(tmp_path / "runs"))     # the summary page says so too
@@ -274,7 +274,7 @@ def test_too_few_experts_give_undefined_gate_numbers(n_experts):
                                       "down": rng.normal(size=(n_experts, 6, 5))}, layer=0)
     assert rows.r.isna().all()
     gate = rows.assign(matrix=rows.matrix.map({"act": "W_act", "up": "W_up", "down": "W_down"}))
-    s = observations.obs1_summary({"gate_correlation": gate, "weight_similarity": pd.DataFrame(
+    s = obs1_neurons.obs1_summary({"gate_correlation": gate, "weight_similarity": pd.DataFrame(
         columns=["layer", "matrix", "level", "expert_i", "expert_j", "similarity"]),
         "reordering": pd.DataFrame(columns=["expert_j", "tau"])})
     assert math.isnan(s["gate_r2_act"]["value"]) and math.isnan(s["gate_act_advantage"]["value"])

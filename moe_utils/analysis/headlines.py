@@ -16,7 +16,8 @@ import numpy as np
 from ..models.loading import LoadedModel
 from ..models.trace import Trace
 from . import dynamic, static
-from .observations import gate_act_differences, output_similarity_by_layer
+from .obs1_neurons import gate_act_differences
+from .obs3_depth import output_similarity_by_layer
 from .verdicts import depth_pattern, mean_difference, versus_baseline
 
 OBSERVATIONS = {1: "gate_act_advantage", 2: "top1_norm_agreement", 3: "depth_pattern"}

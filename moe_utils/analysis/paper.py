@@ -26,6 +26,10 @@ class PaperValue:
 
 PAPER_MODELS = ("Mixtral 8x7B", "Mixtral 8x22B", "DeepSeekMoE 16B", "Grok-1")
 
+# Routed experts per MoE layer of the paper's models where a random baseline 1/E is quoted
+# (Mixtral 8x7B sends each token to 2 of its 8 experts).
+NUM_EXPERTS = {"Mixtral 8x7B": 8}
+
 # Table 3: average over layers of per-layer r^2 (rounded to 2 dp first) between gate-embedding
 # similarity and neuron-averaged expert-weight similarity.
 GATE_R2 = {
@@ -59,6 +63,16 @@ MATRIX_SIMILARITY = {
     "Grok-1": PaperValue(0.0, "Grok-1", "Sec. 4.1.1", "approximately 0"),
 }
 
+def matrix_similarity_experts() -> dict[str, float | None]:
+    """Sec. 4.1.1's expert-vs-expert matrix-level similarity per paper model."""
+    return {v.model: v.value for k, v in MATRIX_SIMILARITY.items() if not k.endswith(" vs F")}
+
+
+def matrix_similarity_vs_dense() -> dict[str, float | None]:
+    """Sec. 4.1.1's expert-vs-F (dense FFN) matrix-level similarity per paper model."""
+    return {v.model: v.value for k, v in MATRIX_SIMILARITY.items() if k.endswith(" vs F")}
+
+
 # Appendix G, Fig. 10 (Mixtral panel): share of (token, layer) pairs where the expert with the
 # largest output norm also gets the highest gate score. Read off the published figure.
 TOP1_NORM_AGREEMENT = PaperValue(0.69, "Mixtral 8x7B", "Fig. 10",
@@ -72,6 +86,13 @@ ACTIVATION_RATIO = {
     "DeepSeekMoE 16B": PaperValue(0.997, "DeepSeekMoE 16B", "App. H", "SiLU"),
     "Grok-1": PaperValue(0.253, "Grok-1", "App. H", "GELU"),
 }
+
+# Sec. 4.1.1 and 5.1 (Figs. 2-3): output similarity by depth, stated qualitatively. Many
+# per-token cosine similarities between expert outputs in Mixtral's last layers exceed this mark.
+LAST_LAYER_HIGH_SIMILARITY = 0.8
+DEPTH_FINDING = ("lower similarity in deep layers (Mixtral 8x7B layers 22-27 for outputs) and many output "
+                 f"similarities above {LAST_LAYER_HIGH_SIMILARITY:g} in the last layers of Mixtral 8x7B, with the "
+                 "same pattern in DeepSeekMoE and high similarity everywhere for Grok-1")
 
 # Section 6, Table 6: the paper's training experiment (24-layer, 3.6B MoE; one dense layer moved).
 DENSE_LAYER_EXPERIMENT = {

@@ -14,6 +14,7 @@ import altair as alt
 import pandas as pd
 
 from ..analysis.results import BOOK_LEVEL_MODEL, iter_results, read_result
+from . import obs1_neurons, obs3_depth
 
 HEADLINES = {
     ("obs1_neurons_as_experts", "gate_act_advantage"): "1. neurons act like fine-grained experts",
@@ -134,6 +135,24 @@ def per_layer_across_models(runs_dir: str | Path, analysis: str, table: str, val
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[group, value, "model"])
 
 
+def weight_similarity_across_models(runs_dir: str | Path) -> pd.DataFrame:
+    """Per model and layer: mean matrix-level cosine between distinct experts (F left out)."""
+    return per_layer_across_models(
+        runs_dir, obs1_neurons.ANALYSIS, "weight_similarity", "similarity",
+        query="level == 'matrix' and expert_i != expert_j and expert_i != 'F' and expert_j != 'F'")
+
+
+def output_similarity_across_models(runs_dir: str | Path) -> pd.DataFrame:
+    """Per model and layer: mean angular similarity of distinct experts' outputs on the long input."""
+    return per_layer_across_models(runs_dir, obs3_depth.ANALYSIS, "depth_trend", "mean_offdiag",
+                                   query=f"series == {obs3_depth.SERIES_OUTPUTS_LONG!r}")
+
+
+def repeat_rate_across_models(runs_dir: str | Path) -> pd.DataFrame:
+    """Per model and layer: share of adjacent tokens with the same top-1 expert."""
+    return per_layer_across_models(runs_dir, obs3_depth.ANALYSIS, "repeat_rate", "repeat rate")
+
+
 def book_level_verdicts(results_dir: str | Path) -> pd.DataFrame:
     """The across-seed verdicts (replication.json) and the verdicts on the paper's advice
     (interventions.json) written by the book-level pages into ``results_dir``; empty when absent."""
@@ -149,6 +168,12 @@ def book_level_verdicts(results_dir: str | Path) -> pd.DataFrame:
                          "ci_high": entry.get("ci_high"), "baseline": entry.get("baseline"),
                          "verdict": entry.get("verdict"), "note": entry.get("note", "")})
     return pd.DataFrame(rows, columns=["page", "quantity", "value", "ci_low", "ci_high", "baseline", "verdict", "note"])
+
+
+def advice_verdicts(book: pd.DataFrame) -> pd.DataFrame:
+    """The interventions page's verdicts on the paper's advice, one row per quantity."""
+    advice = book[book.page == "interventions"]
+    return advice[["quantity", "verdict", "value", "ci_low", "ci_high", "note"]].set_index("quantity")
 
 
 def single_vs_replicated(table: pd.DataFrame, book: pd.DataFrame) -> pd.DataFrame:

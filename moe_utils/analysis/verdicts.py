@@ -25,6 +25,14 @@ import numpy as np
 from .. import metrics as M
 
 HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
+NAN = float("nan")
+
+
+def descriptive(value: float, paper_values: Any = None, note: str = "", baseline: float = NAN) -> dict[str, Any]:
+    """A summary entry for a number that is reported, not tested (verdict None); ``paper_values``
+    maps paper model -> the paper's value."""
+    return {"value": float(value), "ci_low": NAN, "ci_high": NAN, "baseline": float(baseline),
+            "verdict": None, "paper": dict(paper_values or {}), "note": note}
 
 
 def versus_baseline(low: float, high: float, baseline: float) -> str:

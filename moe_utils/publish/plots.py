@@ -343,3 +343,37 @@ def interval_lines(df: pd.DataFrame, *, x: str, y: str, low: str, high: str, col
         layers.append(alt.Chart(df[df[mark]]).mark_point(size=160, shape="circle", filled=False, strokeWidth=2)
                       .encode(x=f"{x}:Q", y=f"{y}:Q", color=enc_color, tooltip=tooltip))
     return alt.layer(*layers).properties(title=title, width=420, height=260)
+
+
+def replicate_effects(effects: dict[int, pd.DataFrame]) -> alt.VConcatChart:
+    """One interval-point chart per observation: each replicate's effect with its interval
+    (``effects`` as from :func:`moe_utils.zoo.replication.replicate_effects`)."""
+    charts = []
+    for obs, g in effects.items():
+        quantity = g.quantity.iloc[0]
+        charts.append(interval_points(g, x="effect", y="replicate", low="ci_low", high="ci_high", color="organism",
+                                      zero_rule=False, x_title=quantity,
+                                      title=f"Observation {obs}: {quantity} per replicate (baseline {g.baseline.iloc[0]:.3g})"))
+    return alt.vconcat(*charts)
+
+
+def emergence_lines(em: pd.DataFrame, marks: dict[str, float] | None = None,
+                    mark_label: str = "paper") -> alt.VConcatChart:
+    """Per quantity, its value against training tokens seen, one line per ``series``; the rows
+    flagged ``final`` get a ringed point and ``marks`` a dashed reference rule. Two charts a row."""
+    marks = marks or {}
+    rows = []
+    for q in em.quantity.unique():
+        sub = em[em.quantity == q]
+        layers = [alt.Chart(sub.drop(columns="final")).mark_line(point=True).encode(
+            x=alt.X("tokens_seen:Q", title="training tokens seen"),
+            y=alt.Y("value:Q", title=q, scale=alt.Scale(zero=False)),
+            color="series:N", tooltip=["series", "step", "tokens_seen", alt.Tooltip("value:Q", format=".4f")])]
+        fin = sub[sub.final].drop(columns="final")
+        layers.append(alt.Chart(fin).mark_point(size=150, filled=False, strokeWidth=2).encode(
+            x="tokens_seen:Q", y="value:Q", color="series:N", tooltip=["series", alt.Tooltip("value:Q", format=".4f")]))
+        if q in marks:
+            layers.append(alt.Chart(pd.DataFrame({"value": [marks[q]], "label": [mark_label]})).mark_rule(
+                strokeDash=[4, 4], color="gray").encode(y="value:Q", tooltip=["label:N", "value:Q"]))
+        rows.append(alt.layer(*layers).properties(title=q, width=300, height=180))
+    return alt.vconcat(*[alt.hconcat(*rows[i:i + 2]) for i in range(0, len(rows), 2)])

@@ -107,6 +107,29 @@ def heldout_losses(names: Sequence[str] = ZOO_MODELS, max_windows: int | None = 
     return df
 
 
+def heldout_sentence(losses: pd.DataFrame) -> str:
+    """Markdown: whether every organism beats the unigram baseline (the first row of
+    :func:`heldout_losses`) and the best organism's loss and perplexity."""
+    uni = losses.iloc[0]["nats_per_token"]
+    organisms = losses.iloc[1:]
+    if not (organisms["nats_per_token"] < uni).all():
+        return "**At least one organism does not beat the unigram baseline on this sample.**"
+    best = organisms.sort_values("nats_per_token").iloc[0]
+    return (f"On these {int(losses['tokens'].iloc[0]):,} held-out tokens every organism beats the unigram baseline "
+            f"({uni:.2f} nats/token); the best, `{best['model']}`, reaches {best['nats_per_token']:.2f} nats/token "
+            f"(perplexity {best['perplexity']:.0f}).")
+
+
+def corpus_sentence(name: str) -> str:
+    """Markdown: the training corpus of organism ``name`` (from its ``corpus.json``)."""
+    corpus = json.loads((zoo_path(name).parent / "corpus.json").read_text())
+    return (f"Python {corpus['python_version']} standard library; training split: "
+            f"{corpus['train']['total']['documents']:,} documents, {corpus['train']['total']['characters']:,} characters, "
+            f"{corpus['train_tokens']:,} tokens; held-out split: {corpus['heldout']['total']['documents']} documents, "
+            f"{corpus['heldout_tokens']:,} tokens. Corpus sha256 `{corpus['sha256_all'][:16]}…` "
+            "(full hashes in `corpus.json` and the model cards).")
+
+
 def expert_loads(names: Sequence[str], max_windows: int | None = None) -> pd.DataFrame:
     """Share of top-k selections per (model, layer, expert) on the held-out windows."""
     import torch
@@ -124,6 +147,12 @@ def expert_loads(names: Sequence[str], max_windows: int | None = None) -> pd.Dat
                 rows.append({"model": name, "layer": layer, "expert": e, "selections": int(load[row, e]),
                              "share": float(share[row, e]), "uniform": 1 / load.shape[1]})
     return pd.DataFrame(rows)
+
+
+def load_summary(loads: pd.DataFrame) -> pd.DataFrame:
+    """Per model: how many (layer, expert) pairs were never selected, and the smallest and largest share."""
+    return loads.groupby("model").agg(dead_experts=("selections", lambda s: int((s == 0).sum())),
+                                      min_share=("share", "min"), max_share=("share", "max"))
 
 
 def expert_load_chart(df: pd.DataFrame):

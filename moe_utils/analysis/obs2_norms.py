@@ -1,0 +1,215 @@
+"""Observation 2 (the router prefers experts with larger output norms): every table and summary
+entry of its page.
+
+:func:`norms_report` traces the short prompt and the long input once each, evaluates every expert
+on every token, and returns an :class:`Obs2Report` with the tables written to the results file,
+their summary entries and the tables the page shows beside the paper's values
+(:mod:`moe_utils.analysis.paper`). Experts without a gate projection W_act have no act(W_act x): the
+activation-ratio part is then left out and :attr:`Obs2Report.note` says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import pandas as pd
+
+from ..analysis import paper
+from ..engine.inputs import Inputs
+from ..models.trace import LayerCheck, Trace, verify_trace
+from ..models.weights import layer_weights
+from . import dynamic
+from .verdicts import NAN, descriptive, versus_baseline
+
+ANALYSIS = "obs2_router_norms"   # the page, and the name of its results file
+BASELINE_LABEL = "random baseline 1/E"
+NO_GATE_NOTE = ("**Note:** the experts of this model have no gate projection $W_{act}$, so there is no "
+                "$\\sigma(W_{act}x)$ to measure: the activation ratio is left out of this page and its results-file entry "
+                "is empty (no value).")
+
+
+def pooled_row(agree: pd.DataFrame) -> pd.Series:
+    """The pooled (every token and layer) row of an agreement table."""
+    return agree[agree.scope == "all"].iloc[0]
+
+
+def mean_activation_ratio(ratios: pd.DataFrame) -> float:
+    """Mean activation ratio over layers and experts, F left out (NaN when there is none)."""
+    if ratios.empty:
+        return NAN
+    experts = ratios[ratios.expert.astype(str) != "F"]
+    return float(experts.ratio.mean()) if len(experts) else NAN
+
+
+def obs2_summary(tables: Mapping[str, pd.DataFrame]) -> dict[str, dict[str, Any]]:
+    """Observation 2's summary from ``agreement_top1``, ``agreement_top2`` and ``activation_ratio``.
+
+    The agreement shares are the pooled rows (every (token, layer) pair); they equal the diagonal
+    of the summed ``rank_counts`` table. ``activation_ratio`` is the mean over layers and experts
+    (F excluded) of the per-expert share of |act(W_act x)| above the threshold (NaN when the
+    experts have no W_act).
+    """
+    p1, p2 = pooled_row(tables["agreement_top1"]), pooled_row(tables["agreement_top2"])
+    return {
+        "top1_norm_agreement": {"value": float(p1.share), "ci_low": float(p1.low), "ci_high": float(p1.high),
+                                "baseline": float(p1.baseline), "verdict": versus_baseline(p1.low, p1.high, p1.baseline),
+                                "paper": {"Mixtral 8x7B": paper.TOP1_NORM_AGREEMENT.value},
+                                "note": f"{int(p1.n)} (token, layer) pairs, {p1.method} interval"},
+        "top2_norm_agreement": {"value": float(p2.share), "ci_low": float(p2.low), "ci_high": float(p2.high),
+                                "baseline": float(p2.baseline), "verdict": versus_baseline(p2.low, p2.high, p2.baseline),
+                                "paper": {}, "note": ""},
+        "activation_ratio": descriptive(mean_activation_ratio(tables["activation_ratio"]),
+                                        {k: v.value for k, v in paper.ACTIVATION_RATIO.items()}),
+    }
+
+
+def rank_diagonal_table(counts: pd.DataFrame) -> pd.DataFrame:
+    """Per norm rank: the share of pairs with the same score rank and the most frequent score rank."""
+    diag = counts[counts.norm_rank == counts.score_rank].set_index("norm_rank")["share_of_norm_rank"]
+    argmax = counts.loc[counts.groupby("norm_rank")["count"].idxmax()].set_index("norm_rank")["score_rank"]
+    return pd.DataFrame({"share with equal score rank": diag.round(3), "most frequent score rank": argmax}).T
+
+
+def agreement_summary_table(agree: pd.DataFrame, agree2: pd.DataFrame, model_name: str) -> pd.DataFrame:
+    """Pooled top-1 / top-2 agreement of this model beside the paper's Fig. 10 value for Mixtral."""
+    p1, p2 = pooled_row(agree), pooled_row(agree2)
+    ref = paper.TOP1_NORM_AGREEMENT
+    return pd.DataFrame([
+        {"quantity": "top-scored expert has the largest norm", "model": model_name, "share": p1.share,
+         "95% CI": f"{p1.low:.3f} - {p1.high:.3f}", "random baseline": p1.baseline},
+        {"quantity": "top-scored expert among the 2 largest norms", "model": model_name, "share": p2.share,
+         "95% CI": f"{p2.low:.3f} - {p2.high:.3f}", "random baseline": p2.baseline},
+        {"quantity": "largest-norm expert gets the top score", "model": f"{ref.model} (paper, read off {ref.source})",
+         "share": ref.value, "95% CI": "not reported", "random baseline": 1 / paper.NUM_EXPERTS[ref.model]},
+    ]).set_index("quantity")
+
+
+def paper_activation_ratio_text() -> str:
+    """The paper's App. H activation ratios as one line."""
+    return ", ".join(v.label() for v in paper.ACTIVATION_RATIO.values())
+
+
+def expert_norm_description(ns: dynamic.NormsScores, layer: int, expert: int) -> pd.DataFrame:
+    """Distribution of one expert's output norm and gate score, chosen vs not chosen."""
+    frame = pd.DataFrame({"output norm": ns.norms[layer][:, expert], "gate score": ns.scores[layer][:, expert],
+                          "chosen": (ns.chosen[layer] == expert).any(axis=1)})
+    return frame.groupby("chosen").describe().T
+
+
+@dataclass(frozen=True)
+class Obs2Report:
+    """Observation 2 for one model: saved ``tables``, ``summary`` and ``params``, and the page's views."""
+
+    tables: dict[str, pd.DataFrame]
+    summary: dict[str, dict[str, Any]]
+    params: dict[str, Any]
+    short: Inputs
+    short_trace: Trace
+    checks: list[LayerCheck]             # reconstruction of each MoE block on the short prompt
+    token_bars: pd.DataFrame             # Fig. 4: per token, layer and expert
+    short_norms: dynamic.NormsScores
+    long: Inputs
+    norms: dynamic.NormsScores           # long input
+    rank_counts: pd.DataFrame            # per layer
+    summed_rank_counts: pd.DataFrame     # Fig. 10
+    rank_diagonal: pd.DataFrame
+    agreement: pd.DataFrame              # top-1, per layer and pooled
+    agreement_top2: pd.DataFrame
+    agreement_summary: pd.DataFrame      # pooled shares beside the paper's value
+    activation_ratios: pd.DataFrame      # empty without W_act
+    activation: str                      # the experts' activation function
+    intermediate: pd.DataFrame | None    # act(W_act x) in the last layer (None without W_act)
+
+    @property
+    def has_act(self) -> bool:
+        return not self.activation_ratios.empty
+
+    @property
+    def note(self) -> str:
+        """Why parts of the page are missing ('' when nothing is)."""
+        return "" if self.has_act else NO_GATE_NOTE
+
+    @property
+    def max_rel_error(self) -> float:
+        return max(c.max_rel_error for c in self.checks)
+
+    @property
+    def layers_indices_equal(self) -> int:
+        return sum(c.indices_equal for c in self.checks)
+
+    @property
+    def pooled(self) -> pd.Series:
+        return pooled_row(self.agreement)
+
+    @property
+    def times_baseline(self) -> float:
+        """The pooled top-1 share in units of its random baseline."""
+        p = self.pooled
+        return float(p.share / p.baseline)
+
+    @property
+    def verdict(self) -> str:
+        p = self.pooled
+        return versus_baseline(p.low, p.high, p.baseline)
+
+    @property
+    def agreement_by_layer(self) -> pd.DataFrame:
+        return self.agreement[self.agreement.scope == "layer"].astype({"layer": int})
+
+    @property
+    def baseline_frame(self) -> pd.DataFrame:
+        """The 1/E reference line of the per-layer chart."""
+        return pd.DataFrame([{"share": 1 / self.norms.num_experts, "label": BASELINE_LABEL}])
+
+    @property
+    def mean_activation_ratio(self) -> float:
+        return mean_activation_ratio(self.activation_ratios)
+
+    @property
+    def last_layer(self) -> int:
+        return self.short_trace.layers[-1]
+
+    def token_table(self, layer: int, token: int) -> pd.DataFrame:
+        """Norm, score and choice of every expert for one token of the short prompt."""
+        b = self.token_bars
+        return b[(b.layer == layer) & (b.token_index == token)].set_index("expert")[["norm", "score", "chosen"]]
+
+    def expert_description(self, layer: int, expert: int) -> pd.DataFrame:
+        return expert_norm_description(self.norms, layer, expert)
+
+
+def norms_report(study: Any, inputs: str = "long", max_tokens: int | None = None, seed: int = 0,
+                 max_neurons: int = 64) -> Obs2Report:
+    """Observation 2 on an opened study (:func:`moe_utils.analysis.context.open_study`): the short
+    prompt for the per-token views and the activations, ``inputs`` for the counts and agreement."""
+    lm = study.lm
+    short = study.inputs("short")
+    short_trace = study.trace(short)
+    checks = verify_trace(lm, short_trace)
+    short_ns = dynamic.norms_and_scores(lm, short_trace)
+    bars = dynamic.token_bars_frame(short_ns, short_trace)
+
+    long_inputs = study.inputs(inputs, max_tokens=max_tokens)
+    long_trace = study.trace(long_inputs)
+    ns = dynamic.norms_and_scores(lm, long_trace)
+    per_layer_counts = dynamic.rank_count_frame(ns)
+    counts = dynamic.summed_rank_counts(per_layer_counts)
+    agree = dynamic.agreement_table(ns, k=1, seed=seed)
+    agree2 = dynamic.agreement_table(ns, k=2, seed=seed)
+
+    dense_short = study.dense_trace(short)
+    ratios = dynamic.activation_ratios(lm, short_trace, study.dense, dense_short)
+    first = layer_weights(lm, short_trace.layers[0], dtype=None)
+    inter = (dynamic.intermediate_frame(lm, short_trace, short_trace.layers[-1], study.dense, dense_short,
+                                        max_neurons=max_neurons) if first.w_act is not None else None)
+    tables = {"rank_counts": per_layer_counts, "agreement_top1": agree, "agreement_top2": agree2,
+              "activation_ratio": ratios, "mean_norms": dynamic.mean_norm_by_layer(ns)}
+    return Obs2Report(
+        tables=tables, summary=obs2_summary(tables),
+        params={"long_tokens": long_inputs.n_tokens, "short_tokens": short.n_tokens},
+        short=short, short_trace=short_trace, checks=list(checks), token_bars=bars, short_norms=short_ns,
+        long=long_inputs, norms=ns, rank_counts=per_layer_counts, summed_rank_counts=counts,
+        rank_diagonal=rank_diagonal_table(counts), agreement=agree, agreement_top2=agree2,
+        agreement_summary=agreement_summary_table(agree, agree2, study.name), activation_ratios=ratios,
+        activation=first.activation, intermediate=inter)

@@ -1,0 +1,260 @@
+"""Observation 3 (expert diversity grows with depth, except in the last layer): every table and
+summary entry of its page.
+
+:func:`depth_report` traces the short prompt, the long input and the routing prompt once each and
+returns an :class:`Obs3Report`: the tables written to the results file, their summary entries
+and the tables the page shows. The per-layer series of the depth trend are named by the
+``SERIES_*`` constants (the summary page selects them by these names).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import metrics as M
+from ..analysis import paper
+from ..core.errors import MoEUtilsError
+from ..engine.inputs import Inputs
+from ..models.trace import Trace
+from . import dynamic, static
+from .labels import distinct_expert_pairs
+from .verdicts import NAN, depth_pattern, descriptive, versus_baseline
+
+ANALYSIS = "obs3_depth_diversity"   # the page, and the name of its results file
+SERIES_OUTPUTS_LONG = "outputs, long input (angular)"
+SERIES_OUTPUTS_SHORT = "outputs, short prompt (cosine)"
+SERIES_WEIGHTS_MATRIX = "weights, matrix level (cosine)"
+SERIES_WEIGHTS_NEURON = "weights, neuron-averaged (cosine)"
+SHARE_HIGH = f"share above {paper.LAST_LAYER_HIGH_SIMILARITY:g}"
+REPEAT_SERIES = ("repeat rate", "uniform baseline", "frequency baseline")
+_CLUSTER_STRIDE = 10_000   # sequence-index offset per layer when pooling layers into clusters
+
+
+# ---- summary entries ---------------------------------------------------------------------------
+def long_top1_table(tr: Trace) -> pd.DataFrame:
+    """Each token's top-1 expert (largest routing weight) per layer: ``layer, seq, position, expert``."""
+    frames = []
+    for layer in tr.layers:
+        lt = tr.per_layer[layer]
+        frames.append(pd.DataFrame({"layer": layer, "seq": tr.seq_index.numpy(), "position": tr.position.numpy(),
+                                    "expert": M.top1_experts(lt.topk_index, lt.topk_weight)}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def output_similarity_by_layer(avg_sim: pd.DataFrame) -> dict[int, float]:
+    """Mean angular similarity between distinct experts per layer (F and SE left out)."""
+    s = distinct_expert_pairs(avg_sim)
+    return {int(k): float(v) for k, v in s.groupby("layer").similarity.mean().items()}
+
+
+def pooled_repeat_rate(top1: pd.DataFrame, num_experts: int, seed: int = 0) -> tuple[M.RepeatRate, float]:
+    """Top-1 repeat rate pooled over layers (each (layer, sequence) is one cluster) and the
+    frequency baseline, averaged over layers (expert identities differ between layers)."""
+    t = top1.sort_values(["layer", "seq", "position"])
+    layers = sorted(t.layer.unique())
+    clusters = t.layer.map({l: i for i, l in enumerate(layers)}).to_numpy() * 10_000_000 + t.seq.to_numpy()
+    pooled = M.repeat_rate(t.expert.to_numpy()[:, None], clusters, num_experts=num_experts, seed=seed)
+    freq = [M.repeat_rate(g.expert.to_numpy()[:, None], g.seq.to_numpy(), num_experts=num_experts).freq_baseline_top1
+            for _, g in t.groupby("layer")]
+    return pooled, float(np.mean(freq))
+
+
+def obs3_summary(tables: Mapping[str, pd.DataFrame], num_experts: int, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Observation 3's summary from ``average_output_similarity``, ``long_top1`` and ``repeat_rate``.
+
+    * ``depth_pattern``: the two-part depth verdict on the per-layer mean output similarity.
+    * ``last_layer_output_similarity``: the last layer's mean; baseline = mean of the layers before.
+    * ``routing_repeat_rate``: share of adjacent tokens (same sequence) with the same top-1 expert,
+      all layers pooled, against the frequency baseline (sum of squared top-1 shares per layer,
+      averaged over layers).
+    """
+    per_layer = output_similarity_by_layer(tables["average_output_similarity"])
+    main = depth_pattern(per_layer)
+    values = [per_layer[l] for l in sorted(per_layer)]
+    pooled, freq = pooled_repeat_rate(tables["long_top1"], num_experts, seed=seed)
+    rep = tables["repeat_rate"]
+    overlap, overlap_base = float(rep["top-k overlap"].mean()), float(rep["overlap baseline"].mean())
+    return {
+        "depth_pattern": {**{k: main[k] for k in ("value", "ci_low", "ci_high", "baseline", "verdict", "note")},
+                          "paper": {}},
+        "last_layer_output_similarity": descriptive(
+            values[-1], note="baseline = mean over the preceding layers",
+            baseline=float(np.mean(values[:-1])) if len(values) > 1 else NAN),
+        "routing_repeat_rate": {"value": pooled.top1_rate, "ci_low": pooled.top1_low, "ci_high": pooled.top1_high,
+                                "baseline": freq, "verdict": versus_baseline(pooled.top1_low, pooled.top1_high, freq),
+                                "paper": {},
+                                "note": f"uniform baseline {pooled.baseline_top1:.3f}; "
+                                        f"top-k overlap {overlap:.3f} vs {overlap_base:.3f}"},
+    }
+
+
+# ---- the page's derived tables -----------------------------------------------------------------
+def short_similarity_by_layer(tok_sim: pd.DataFrame) -> pd.DataFrame:
+    """Per layer: mean per-token cosine between distinct experts and the share above the paper's
+    0.8 mark (short prompt)."""
+    experts_only = distinct_expert_pairs(tok_sim)
+    by_layer = experts_only.groupby("layer", as_index=False)["similarity"].mean()
+    share_high = experts_only.groupby("layer")["similarity"].apply(
+        lambda s: float((s > paper.LAST_LAYER_HIGH_SIMILARITY).mean()))
+    by_layer[SHARE_HIGH] = by_layer.layer.map(share_high)
+    return by_layer
+
+
+def expert_block(square: pd.DataFrame) -> np.ndarray:
+    """The routed-expert block (numeric labels, in expert order) of a square similarity map."""
+    labels = sorted((c for c in square.columns if str(c).isdigit()), key=int)
+    return square.loc[labels, labels].to_numpy()
+
+
+def output_summary(avg_sim: pd.DataFrame) -> pd.DataFrame:
+    """Per-layer summary (:func:`moe_utils.metrics.per_layer_summary`) of the mean output similarity."""
+    maps = {layer: g.pivot(index="expert_i", columns="expert_j", values="similarity")
+            for layer, g in avg_sim.groupby("layer")}
+    return M.per_layer_summary({l: expert_block(m) for l, m in maps.items()})
+
+
+def depth_trend(out_summary: pd.DataFrame, short_by_layer: pd.DataFrame, weight_summary: pd.DataFrame) -> pd.DataFrame:
+    """The four per-layer series ``layer, series, mean_offdiag`` (outputs long / short, weights
+    matrix / neuron level)."""
+    cols = ["layer", "series", "mean_offdiag"]
+
+    def weights(level: str, series: str) -> pd.DataFrame:
+        w = weight_summary[weight_summary.level == level]
+        return w.groupby("layer", as_index=False)["S_ee"].mean().rename(columns={"S_ee": "mean_offdiag"}).assign(
+            series=series)
+
+    return pd.concat([
+        out_summary.assign(series=SERIES_OUTPUTS_LONG)[cols],
+        short_by_layer.rename(columns={"similarity": "mean_offdiag"}).assign(series=SERIES_OUTPUTS_SHORT)[cols],
+        weights("matrix", SERIES_WEIGHTS_MATRIX),
+        weights("neuron", SERIES_WEIGHTS_NEURON),
+    ], ignore_index=True)
+
+
+def depth_tests(trend: pd.DataFrame) -> pd.DataFrame:
+    """Per series: Spearman rho before the last layer, its p, the last layer's z and change, verdict."""
+    rows = []
+    for series, g in trend.groupby("series"):
+        d = depth_pattern(dict(zip(g.layer, g.mean_offdiag)))
+        rows.append({"series": series, "rho (before last)": d["trend_rho"], "p": d["trend_p"], "last-layer z": d["value"],
+                     "change at last layer": d["delta_previous"], "verdict": d["verdict"]})
+    return pd.DataFrame(rows).set_index("series")
+
+
+def _routing(tr: Trace, layer: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(topk_index, topk_weight, number of experts)`` of one traced layer."""
+    lt = tr.per_layer[layer]
+    if lt.router_logits is None or lt.topk_weight is None:
+        raise MoEUtilsError(f"layer {layer} trace has no router logits or routing weights (dense trace): "
+                            "the repeat rate needs a trace of the MoE model (moe_utils.models.trace.trace)")
+    return lt.topk_index, lt.topk_weight, int(lt.router_logits.shape[1])
+
+
+def repeat_rate_table(tr: Trace, seed: int = 0) -> pd.DataFrame:
+    """Per layer: top-1 repeat rate of adjacent tokens with its interval and baselines, top-k overlap."""
+    rows = []
+    for layer in tr.layers:
+        index, weight, n_experts = _routing(tr, layer)
+        r = M.repeat_rate(index, tr.seq_index, num_experts=n_experts, topk_weight=weight, seed=seed)
+        rows.append({"layer": layer, "repeat rate": r.top1_rate, "low": r.top1_low, "high": r.top1_high,
+                     "uniform baseline": r.baseline_top1, "frequency baseline": r.freq_baseline_top1,
+                     "top-k overlap": r.overlap_rate, "overlap baseline": r.baseline_overlap})
+    return pd.DataFrame(rows)
+
+
+def pooled_trace_repeat_rate(tr: Trace, seed: int = 0) -> M.RepeatRate:
+    """Repeat rate with all layers pooled (each (layer, sequence) one cluster)."""
+    routing = [_routing(tr, layer) for layer in tr.layers]
+    return M.repeat_rate(
+        np.concatenate([index.numpy() for index, _, _ in routing]),
+        np.concatenate([tr.seq_index.numpy() + _CLUSTER_STRIDE * i for i in range(len(routing))]),
+        num_experts=routing[0][2], topk_weight=np.concatenate([weight.numpy() for _, weight, _ in routing]), seed=seed)
+
+
+def repeat_lines(repeats: pd.DataFrame) -> pd.DataFrame:
+    """The repeat rate and its two baselines per layer, long (``series``, ``share``)."""
+    return repeats.melt(id_vars=["layer"], value_vars=list(REPEAT_SERIES), var_name="series", value_name="share")
+
+
+@dataclass(frozen=True)
+class Obs3Report:
+    """Observation 3 for one model: saved ``tables``, ``summary`` and ``params``, and the page's views."""
+
+    tables: dict[str, pd.DataFrame]
+    summary: dict[str, dict[str, Any]]
+    params: dict[str, Any]
+    short_trace: Trace
+    token_similarity: pd.DataFrame       # Fig. 2, short prompt
+    short_by_layer: pd.DataFrame
+    long: Inputs
+    average_similarity: pd.DataFrame     # Fig. 3, long input
+    trend: pd.DataFrame                  # the SERIES_* per-layer series
+    depth_tests: pd.DataFrame
+    main: dict[str, Any]                 # depth_pattern of the long-input output similarity
+    routes: pd.DataFrame                 # App. I routing prompt
+    repeats: pd.DataFrame
+    pooled_repeat: M.RepeatRate
+    frequency_baseline: float
+
+    @property
+    def short_table(self) -> pd.DataFrame:
+        """:attr:`short_by_layer` with one column per layer."""
+        return self.short_by_layer.set_index("layer").T
+
+    @property
+    def repeat_verdict(self) -> str:
+        p = self.pooled_repeat
+        return versus_baseline(p.top1_low, p.top1_high, self.frequency_baseline)
+
+    @property
+    def repeat_lines(self) -> pd.DataFrame:
+        return repeat_lines(self.repeats)
+
+    def token_map(self, layer: int, token: int) -> pd.DataFrame:
+        """The square similarity map of one token and layer (short prompt)."""
+        t = self.token_similarity
+        frame = t[(t.layer == layer) & (t.token_index == token)]
+        return frame.pivot(index="expert_i", columns="expert_j", values="similarity")
+
+
+def depth_report(study: Any, inputs: str = "long", max_tokens: int | None = None, seed: int = 0) -> Obs3Report:
+    """Observation 3 on an opened study (:func:`moe_utils.analysis.context.open_study`)."""
+    lm, dense = study.lm, study.dense
+    short = study.inputs("short")
+    short_trace = study.trace(short)
+    dense_short = study.dense_trace(short)
+    tok_sim = dynamic.token_output_similarity(lm, short_trace, dense, dense_short)
+    short_by_layer = short_similarity_by_layer(tok_sim)
+
+    long_inputs = study.inputs(inputs, max_tokens=max_tokens)
+    long_trace = study.trace(long_inputs)
+    dense_long = study.dense_trace(long_inputs)
+    avg_sim = dynamic.average_output_similarity(lm, long_trace, dense, dense_long)
+
+    wsum = static.offdiagonal_summary(static.weight_similarity(study.weights_source, study.layers,
+                                                               study.dense_weights_source))
+    out_summary = output_summary(avg_sim)
+    trend = depth_trend(out_summary, short_by_layer, wsum)
+    tests = depth_tests(trend)
+    main = depth_pattern(dict(zip(out_summary.layer, out_summary.mean_offdiag)))
+
+    routing_trace = study.trace(study.inputs("routing"))
+    routes = dynamic.routing_frame(routing_trace)
+    repeats = repeat_rate_table(long_trace, seed=seed)
+    pooled = pooled_trace_repeat_rate(long_trace, seed=seed)
+    # Expert identities differ between layers, so the frequency baseline is taken layer by layer and
+    # averaged (every layer contributes the same adjacent pairs).
+    freq_baseline = float(repeats["frequency baseline"].mean())
+    tables = {"token_output_similarity": tok_sim, "average_output_similarity": avg_sim, "depth_trend": trend,
+              "depth_tests": tests.reset_index(), "routing": routes, "repeat_rate": repeats,
+              "long_top1": long_top1_table(long_trace)}
+    return Obs3Report(
+        tables=tables, summary=obs3_summary(tables, num_experts=study.num_experts, seed=seed),
+        params={"long_tokens": long_inputs.n_tokens}, short_trace=short_trace, token_similarity=tok_sim,
+        short_by_layer=short_by_layer, long=long_inputs, average_similarity=avg_sim, trend=trend, depth_tests=tests,
+        main=main, routes=routes, repeats=repeats, pooled_repeat=pooled, frequency_baseline=freq_baseline)

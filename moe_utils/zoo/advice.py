@@ -1,0 +1,163 @@
+"""The interventions page: the paper's advice tested on the shipped MoE organisms.
+
+:func:`interventions_report` runs the routing interventions, the expert ablation and the top-k
+sweep on each organism (:func:`moe_utils.analysis.interventions.intervention_tables`), reads the
+dense-layer placement replicates (:mod:`moe_utils.zoo.study_results`) and returns an
+:class:`InterventionsReport` with the page's tables, the verdicts on the advice and the tables and
+summary of ``interventions.json``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import pandas as pd
+
+from ..analysis import paper
+from ..analysis import interventions as I
+from ..models.loading import load_model
+from . import configs, evaluate
+from . import study_results as S
+
+ADVICE_NORM_ROUTING = "norm-based routing is reasonable"
+ADVICE_NORM_CAUSAL = "a large output norm matters beyond the score (ablation)"
+ADVICE_PLACEMENT = "more experts deeper, fewer in the last layer (dense placement)"
+PLACEMENT_ORGANISMS = "placement organisms"
+VERDICT_COLUMNS = ["verdict", "value", "ci_low", "ci_high", "note"]
+PLACEMENT_COLUMNS = ["dense_layer", "seed", "nll", "ppl"]
+
+
+def verdict_frame(verdicts: dict[str, dict[str, Any]], value_name: str) -> pd.DataFrame:
+    """One row per organism: the verdict entry's value (named ``value_name``), interval, verdict, note."""
+    return pd.DataFrame([{"organism": n, value_name: v["value"], "ci_low": v["ci_low"], "ci_high": v["ci_high"],
+                          "verdict": v["verdict"], "note": v["note"]} for n, v in verdicts.items()]).set_index("organism")
+
+
+def k_table(sweep: pd.DataFrame) -> pd.DataFrame:
+    """Per organism: the trained k and its NLL beside the k with the lowest NLL in the sweep."""
+    best = sweep.loc[sweep.groupby("organism").nll.idxmin()].set_index("organism")
+    trained = sweep[sweep.trained_k].set_index("organism")
+    return pd.DataFrame({"trained k": trained.k, "NLL at trained k": trained.nll, "best k": best.k,
+                         "NLL at best k": best.nll})
+
+
+def paper_table6() -> pd.DataFrame:
+    """The paper's Table 6 (one dense layer moved through a 24-layer 3.6B MoE)."""
+    return pd.DataFrame([{"paper: dense layer (1-based, 24 layers)": k, "paper: PPL": v[0], "paper: bench avg": v[1]}
+                         for k, v in paper.DENSE_LAYER_EXPERIMENT.items()])
+
+
+def placement_rule() -> str:
+    """The placement verdict's rule, as stated in :func:`moe_utils.zoo.study_results.placement_verdict`."""
+    return (S.placement_verdict.__doc__ or "").split(":", 1)[1].strip()
+
+
+def advice_table(moe_models: Sequence[str], norm_v: dict[str, dict[str, Any]], causal_v: dict[str, dict[str, Any]],
+                 place_v: dict[str, Any]) -> pd.DataFrame:
+    """One row per (advice, organism): the verdict entry."""
+    rows = []
+    for n in moe_models:
+        rows.append({"advice": ADVICE_NORM_ROUTING, "organism": n, **norm_v[n]})
+        rows.append({"advice": ADVICE_NORM_CAUSAL, "organism": n, **causal_v[n]})
+    rows.append({"advice": ADVICE_PLACEMENT, "organism": PLACEMENT_ORGANISMS, **place_v})
+    return pd.DataFrame(rows)[["advice", "organism", *VERDICT_COLUMNS]]
+
+
+def interventions_summary(moe_models: Sequence[str], norm_v: dict[str, dict[str, Any]],
+                          causal_v: dict[str, dict[str, Any]], place_v: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``interventions.json``'s summary: the two norm verdicts per organism and the placement verdict."""
+    out: dict[str, dict[str, Any]] = {}
+    for n in moe_models:
+        out[f"norm_routing_{n}"] = {**norm_v[n], "paper": {}}
+        out[f"norm_causal_{n}"] = {**causal_v[n], "paper": {}}
+    out["dense_placement"] = {**place_v, "paper": {}}
+    return out
+
+
+@dataclass(frozen=True)
+class InterventionsReport:
+    """The interventions page: per-organism tables, verdicts, and what ``interventions.json`` holds."""
+
+    moe_models: list[str]
+    n_windows: int
+    n_sweep_windows: int
+    routing: pd.DataFrame
+    ablation: pd.DataFrame
+    sweep: pd.DataFrame
+    per_window: pd.DataFrame
+    own_forward: pd.DataFrame
+    norm_verdicts: dict[str, dict[str, Any]]
+    causal_verdicts: dict[str, dict[str, Any]]
+    placement: pd.DataFrame
+    placement_verdict: dict[str, Any]
+    tables: dict[str, pd.DataFrame]
+    summary: dict[str, dict[str, Any]]
+
+    @property
+    def tokens(self) -> int:
+        """Predicted tokens in the routing / ablation windows."""
+        return int(self.routing.tokens.iloc[0])
+
+    @property
+    def own_forward_error(self) -> float:
+        """Largest |patched learned-policy loss - the model's own loss| over the organisms (nats)."""
+        return float(self.own_forward.abs_difference.max())
+
+    @property
+    def routing_table(self) -> pd.DataFrame:
+        return self.routing.set_index(["organism", "policy"])[
+            ["nll", "ci_low", "ci_high", "delta_nll", "delta_ci_low", "delta_ci_high"]]
+
+    @property
+    def norm_routing_table(self) -> pd.DataFrame:
+        return verdict_frame(self.norm_verdicts, "recovered share")
+
+    @property
+    def ablation_table(self) -> pd.DataFrame:
+        return self.ablation.set_index(["organism", "removed"])[["nll", "delta_nll", "ci_low", "ci_high"]]
+
+    @property
+    def norm_causal_table(self) -> pd.DataFrame:
+        return verdict_frame(self.causal_verdicts, "top-norm minus top-score")
+
+    @property
+    def k_table(self) -> pd.DataFrame:
+        return k_table(self.sweep)
+
+    @property
+    def placement_summary(self) -> pd.DataFrame:
+        return S.placement_summary(self.placement)
+
+    @property
+    def advice(self) -> pd.DataFrame:
+        return self.tables["advice"].set_index(["advice", "organism"])
+
+
+def interventions_report(moe_models: Sequence[str], max_windows: int | None = 120, sweep_every: int = 4,
+                         seed: int = 0) -> InterventionsReport:
+    """Every intervention of the page on the shipped organisms ``moe_models`` (zoo names), on
+    ``max_windows`` held-out windows (every ``sweep_every``-th of them for the top-k sweep)."""
+    windows = evaluate.load_windows(max_windows=max_windows)
+    sweep_windows = windows[::sweep_every]
+    per_model = {name: I.intervention_tables(load_model(f"zoo:{name}"), windows, sweep_windows, seed=seed,
+                                             organism=name) for name in moe_models}
+
+    def gather(key: str) -> pd.DataFrame:
+        return pd.concat([t[key] for t in per_model.values()], ignore_index=True)
+
+    routing, ablation, sweep, per_window, own = (gather(k) for k in
+                                                 ("routing", "ablation", "topk_sweep", "per_window", "own_forward"))
+    norm_v = {n: I.norm_routing_verdict(per_window[per_window.organism == n], seed=seed) for n in moe_models}
+    causal_v = {n: I.norm_causal_verdict(per_window[per_window.organism == n], seed=seed) for n in moe_models}
+    placement = S.placement_table(S.load_shipped())
+    place_v = S.placement_verdict(placement, int(configs.PLACEMENT_SHAPE["num_hidden_layers"]))
+    dense_placement = (placement[PLACEMENT_COLUMNS] if not placement.empty else pd.DataFrame(columns=PLACEMENT_COLUMNS))
+    tables = {"routing": routing, "ablation": ablation, "dense_placement": dense_placement,
+              "topk_sweep": sweep[["organism", "k", "nll", "ci_low", "ci_high", "trained_k"]],
+              "advice": advice_table(moe_models, norm_v, causal_v, place_v)}
+    return InterventionsReport(
+        moe_models=list(moe_models), n_windows=len(windows), n_sweep_windows=len(sweep_windows), routing=routing,
+        ablation=ablation, sweep=sweep, per_window=per_window, own_forward=own, norm_verdicts=norm_v,
+        causal_verdicts=causal_v, placement=placement, placement_verdict=place_v, tables=tables,
+        summary=interventions_summary(moe_models, norm_v, causal_v, place_v))
