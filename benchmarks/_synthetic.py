@@ -119,12 +119,14 @@ def cold_read(files: list[Path]) -> float:
 
 def measured(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> dict:
     """Run ``cmd`` in a fresh child (its stderr passes through: progress bars) and return its
-    wall seconds, CPU seconds, the peak RSS of it and its descendants, the load average at its
+    wall seconds, CPU seconds (with passive OpenMP waits), the peak RSS of it and its descendants, the load average at its
     end (other work on the machine slows the wall time), and its last stdout line parsed as JSON
     when it is JSON."""
     probe = [sys.executable, __file__, "--run", json.dumps(cmd)]
+    # idle OpenMP threads sleep instead of spinning, so the CPU seconds count work even when
+    # other processes share the cores (a spinning thread's CPU time is whatever share it got)
     out = subprocess.run(probe, stdout=subprocess.PIPE, text=True, check=True, cwd=cwd,
-                         env={**os.environ, **(env or {})})
+                         env={"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **(env or {})})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

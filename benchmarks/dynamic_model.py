@@ -46,9 +46,11 @@ def main() -> None:
             cmd = [sys.executable, "-m", "moe_utils.publish.cli", "run", "--model", str(folder), "--notebooks", name,
                    "--out", str(base / "runs"), "-p", "dtype", "bfloat16"]
             r = measured(cmd, env=env, cwd=ROOT)
-            out["notebooks"][name] = {"seconds": r["seconds"], "peak_rss": r["peak_rss"],
+            out["notebooks"][name] = {"seconds": r["seconds"], "cpu_seconds": r.get("cpu_seconds"),
+                                      "load_average": r.get("load_average"), "peak_rss": r["peak_rss"],
                                       "peak_rss_over_weights": r["peak_rss"] / weight_bytes}
-            print(f"{name}: {r['seconds']:.0f} s; peak RSS {r['peak_rss'] / 1e9:.2f} GB = "
+            print(f"{name}: {r['seconds']:.0f} s wall, {r.get('cpu_seconds', 0):.0f} s CPU (load "
+                  f"{r.get('load_average', 0):.1f}); peak RSS {r['peak_rss'] / 1e9:.2f} GB = "
                   f"{r['peak_rss'] / weight_bytes:.2f}x the weights", flush=True)
             save_results("dynamic_mixtral", out)          # after each notebook, in case a later one is stopped
     finally:

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _synthetic import (ROOT, child_peak, cold_read, evict, machine, measured, save_results,  # noqa: E402
+from _synthetic import (RESULTS, ROOT, child_peak, cold_read, evict, machine, measured, save_results,  # noqa: E402
                         write_expert_layer)
 
 WIDTHS = {"mixtral": (8, 4096, 14336), "grok": (8, 6144, 32768)}
@@ -81,6 +81,21 @@ def _reorder_child(folder: str, pairs: int, workers: int | None) -> None:
                       "single_pair": {"cosine_s": t_cos, "assignment_s": t_lsa}}))
 
 
+def _keep_earlier(out: dict, name: str) -> None:
+    """Parts this run skipped keep the earlier results file's measurement, marked with its machine
+    and date (``earlier_runs``); the earlier weight pass is kept as ``weights_before``."""
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    when = old.get("machine", {})
+    for key in ("notebook", "reordering"):
+        if key not in out and key in old:
+            out[key] = {**old[key], "measured": old[key].get("measured", when)}
+    if "weights" in old and "weights" in out:
+        out["weights_before"] = old.get("weights_before", {**old["weights"], "measured": when})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", choices=sorted(WIDTHS), default="mixtral")
@@ -128,8 +143,11 @@ def main() -> None:
         out["weights"] = {"seconds": w["child"]["seconds"], "process_seconds": w["seconds"],
                           "cpu_seconds": w.get("cpu_seconds"), "load_average": w.get("load_average"),
                           "peak_rss": w["peak_rss"], "neuron_pca_explained": w["child"]["neuron_pca_explained"]}
+        cores = out["machine"]["cores"] or 1
         print(f"weight_report without reordering (cold): {w['child']['seconds']:.1f} s = "
-              f"{w['child']['seconds'] / out['cold_read_s']:.1f}x the cold read; peak RSS "
+              f"{w['child']['seconds'] / out['cold_read_s']:.1f}x the cold read; {w.get('cpu_seconds', 0):.1f} CPU s "
+              f"/ {cores} cores = {w.get('cpu_seconds', 0) / cores / out['cold_read_s']:.1f}x the cold read (load "
+              f"{w.get('load_average', 0):.1f}); peak RSS "
               f"{w['peak_rss'] / 1e9:.2f} GB = {w['peak_rss'] / layer_bytes:.2f}x the layer", flush=True)
 
         if not args.skip_notebook:
@@ -163,6 +181,7 @@ def main() -> None:
                   f"peak RSS of the largest process {r['peak_rss'] / 1e9:.2f} GB", flush=True)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+    _keep_earlier(out, f"obs1_{args.width}")
     path = save_results(f"obs1_{args.width}", out)
     print(f"deleted the checkpoint; wrote {path.relative_to(ROOT)}")
 

@@ -21,7 +21,10 @@ from moe_utils.analysis import static
 from moe_utils.models.checkpoint import CheckpointReader
 from moe_utils.engine.expert_math import expert_intermediates, iter_expert_intermediates
 from moe_utils.metrics.neurons import neuron_cosine_matrix, reorder_neurons
-from moe_utils.metrics.projection import flattened_grams, matrix_pca_from_gram, neuron_pca, randomized_neuron_pca
+from moe_utils.metrics import projection
+from moe_utils.metrics.blocks import neuron_blocks, neuron_rows
+from moe_utils.metrics.projection import (flattened_grams, flattened_pass, matrix_pca_from_gram, neuron_pca,
+                                          randomized_neuron_pca, sketch_matrix, sketch_width)
 from moe_utils.core.progress import PROGRESS_ENV, progress, relay
 from moe_utils.models.weights import layer_weights
 from tiny_models import tiny
@@ -277,3 +280,60 @@ def test_book_runs_show_progress_on_the_terminal_not_in_the_page(tmp_path, capfd
     assert "cell done" in outputs and "demo-pass" not in outputs
     err = capfd.readouterr().err
     assert "demo-pass" in err and "4/4" in err
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_fused_pass_gives_the_randomized_pca_first_pass_and_the_neuron_averages(axis):
+    """One conversion per element: the sketch and neuron sums of flattened_pass equal the
+    separate computations (randomized PCA from scratch, neuron_average), for bf16 inputs."""
+    rng = np.random.default_rng(5)
+    w = structured_stack(rng, e=4, i=90, h=24)
+    if axis == 1:
+        w = np.ascontiguousarray(np.transpose(w, (0, 2, 1)))
+    stack = torch.tensor(w).to(torch.bfloat16)
+    mats = [stack[e] for e in range(len(stack))]
+    n_rows, d = len(mats) * int(w.shape[1 + axis]), int(w.shape[2 - axis])
+    omega = sketch_matrix(d, sketch_width(n_rows, d, 2), seed=3)
+    res = flattened_pass(mats, axis, omega=omega, block_elements=4 * 24 * 7)     # many blocks
+    kind = "up" if axis == 0 else "down"
+    np.testing.assert_allclose(res.neuron_sums / w.shape[1 + axis], M.neuron_average(stack, kind), rtol=1e-5,
+                               atol=1e-6)
+    sources = [(m, axis) for m in mats]
+    fused = randomized_neuron_pca(sources, 2, seed=3, first_pass=res.sketch)
+    alone = randomized_neuron_pca(sources, 2, seed=3)
+    np.testing.assert_allclose(fused[2], alone[2], rtol=1e-5)
+    np.testing.assert_allclose(np.abs(fused[0]), np.abs(alone[0]), rtol=1e-4, atol=1e-5 * np.abs(alone[0]).max())
+    raw, std = flattened_grams(mats, axis)
+    np.testing.assert_allclose(res.gram, raw, rtol=1e-5)   # other block sizes: float32 rounding
+    np.testing.assert_allclose(res.std_gram, std, rtol=1e-5, atol=1e-5 * np.abs(std).max())
+    with pytest.raises(ValueError, match="sketch matrix needs"):
+        flattened_pass(mats, axis, omega=sketch_matrix(d + 1, 12))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_neuron_blocks_of_columns_equal_the_transpose(dtype):
+    """W_down's neurons are columns: the stored-layout blocks (views into one buffer) and the
+    fresh C-contiguous rows both equal the plain transpose."""
+    m = torch.randn(13, 37, dtype=torch.float64).to(dtype)
+    ref = m.double().numpy().T
+    got = np.concatenate([x.copy() for _, x in neuron_blocks(m, 1, block_elements=13 * 5)])
+    np.testing.assert_array_equal(got, ref.astype(got.dtype))
+    rows = neuron_rows(m, 1, 3, 30)
+    assert rows.flags["C_CONTIGUOUS"] and rows.dtype == (np.float64 if dtype == torch.float64 else np.float32)
+    np.testing.assert_array_equal(rows, ref[3:30].astype(rows.dtype))
+
+
+def test_weight_report_uses_the_fused_first_pass(monkeypatch):
+    """With the randomized neuron PCA forced on (a tiny model above a lowered threshold),
+    weight_report's neuron coordinates equal neuron_pca's own streamed computation."""
+    monkeypatch.setattr(projection, "SKLEARN_MAX_ELEMENTS", 10)
+    model = tiny("mixtral")
+    report = static.weight_report(model, reorder_max_pairs=0, max_neurons_per_expert=10 ** 6)
+    layer = model.moe_layers[0]
+    w = layer_weights(model, layer)
+    for m, kind, stack in (("W_up", "up", w.w_up), ("W_down", "down", w.w_down)):
+        ref = neuron_pca(stack, kind)
+        assert ref.method == "randomized"
+        pn = report["pca_neuron"]
+        got = pn[(pn.layer == layer) & (pn.matrix == m)][["pc1", "pc2"]].to_numpy()
+        np.testing.assert_allclose(got, ref.coords, rtol=1e-4, atol=1e-5 * np.abs(ref.coords).max())

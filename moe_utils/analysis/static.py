@@ -22,7 +22,8 @@ import pandas as pd
 from .. import metrics as M
 from ..core.errors import NonFiniteError
 from ..core.finite import unwrap
-from ..metrics.projection import flattened_grams, matrix_pca_from_gram
+from ..metrics.projection import (SketchStart, flattened_pass, matrix_pca_from_gram, neuron_pca_randomized,
+                                  sketch_matrix, sketch_width)
 from ..metrics.neurons import resolve_neuron_axis
 from ..core.progress import progress
 from ..models.weights import DenseMLPWeights, MoELayerWeights, dense_mlp_weights, iter_layer_weights
@@ -97,32 +98,45 @@ def _same_shape_dense(lm: LayerMatrices, m: str, stack: Any) -> Any | None:
 @dataclass
 class MatrixStats:
     """What one pass over one expert matrix kind gives: Gram matrices of the flattened experts
-    (+F when same-shaped), raw and standardised per element, and the neuron averages."""
+    (+F when same-shaped), raw and standardised per element, the neuron averages and, when the
+    neuron-level PCA is the randomized one, its first pass."""
 
     labels: list[str]              # items of the Gram matrices
     gram: np.ndarray               # <W_i, W_j>
     std_gram: np.ndarray           # Gram of the per-element standardised items (matrix-level PCA)
     averages: np.ndarray           # [E, H] neuron-averaged experts
     extra_averages: dict[str, np.ndarray]   # "F" / "SE" neuron averages
+    sketch: SketchStart | None = None       # first pass of the randomized neuron PCA (experts + F)
 
 
-def matrix_stats(lm: LayerMatrices, m: str) -> MatrixStats:
-    """One read of matrix kind ``m`` of a layer (see :class:`MatrixStats`)."""
+#: Components of the neuron- and matrix-level PCA plots.
+PCA_COMPONENTS = 2
+
+
+def matrix_stats(lm: LayerMatrices, m: str, seed: int = 0) -> MatrixStats:
+    """One read of matrix kind ``m`` of a layer (see :class:`MatrixStats`): every element is
+    converted to float32 once for the Gram matrices, the neuron averages and the first pass of
+    the neuron-level PCA together (:func:`~moe_utils.metrics.projection.flattened_pass`)."""
     stack = lm.experts[m]
     f = _same_shape_dense(lm, m, stack)
     axis = resolve_neuron_axis(_KIND[m], 2)
     items = [stack[e] for e in range(lm.num_experts)] + ([f] if f is not None else [])
-    gram, std_gram = flattened_grams(items, axis, standardize=True)
+    n_rows, d = len(items) * int(stack.shape[1 + axis]), int(stack.shape[2 - axis])
+    omega = (sketch_matrix(d, sketch_width(n_rows, d, PCA_COMPONENTS), seed)
+             if neuron_pca_randomized(n_rows, d) else None)
+    res = flattened_pass(items, axis, standardize=True, omega=omega)
+    count = int(stack.shape[1 + axis])
     extra = {}
     for tag, mats in (("F", lm.dense), ("SE", lm.shared)):
         if mats and m in mats:
-            extra[tag] = M.neuron_average(mats[m], _KIND[m])
+            extra[tag] = (res.neuron_sums[-1] / count if tag == "F" and f is not None
+                          else M.neuron_average(mats[m], _KIND[m]))
     labels = lm.labels + (["F"] if f is not None else [])
-    return MatrixStats(labels, gram, std_gram, M.neuron_average(stack, _KIND[m]), extra)
+    return MatrixStats(labels, res.gram, res.std_gram, res.neuron_sums[:lm.num_experts] / count, extra, res.sketch)
 
 
-def _layer_stats(lm: LayerMatrices) -> dict[str, MatrixStats]:
-    return {m: matrix_stats(lm, m) for m in lm.experts}
+def _layer_stats(lm: LayerMatrices, seed: int = 0) -> dict[str, MatrixStats]:
+    return {m: matrix_stats(lm, m, seed) for m in lm.experts}
 
 
 def _similarity_rows(lm: LayerMatrices, stats: dict[str, MatrixStats] | None = None) -> list[pd.DataFrame]:
@@ -193,15 +207,17 @@ def _pca_rows(lm: LayerMatrices, level: str, max_neurons_per_expert: int, rng: n
               stats: dict[str, MatrixStats] | None = None, seed: int = 0) -> list[dict]:
     if level not in ("matrix", "neuron"):
         raise ValueError(f"level must be 'matrix' or 'neuron'; got {level!r}")
-    rows = []
+    rows, ids = [], lm.labels
     for m, stack in lm.experts.items():
         f = _same_shape_dense(lm, m, stack)
         if level == "matrix":
-            proj = (matrix_pca_from_gram(stats[m].std_gram, 2, stats[m].labels) if stats is not None
-                    else M.matrix_pca(stack, extra=f))
+            proj = (matrix_pca_from_gram(stats[m].std_gram, PCA_COMPONENTS, stats[m].labels) if stats is not None
+                    else M.matrix_pca(stack, extra=f, n_components=PCA_COMPONENTS))
             keep = np.arange(len(proj.labels))
         else:
-            proj = M.neuron_pca(stack, _KIND[m], extra=f, seed=seed)
+            sketch = stats[m].sketch if stats is not None else None
+            proj = M.neuron_pca(stack, _KIND[m], extra=f, n_components=PCA_COMPONENTS, seed=seed,
+                                first_pass=sketch)
             labels = np.asarray(proj.labels)
             keep = np.concatenate([
                 np.sort(rng.choice(np.flatnonzero(labels == lab),
@@ -211,7 +227,7 @@ def _pca_rows(lm: LayerMatrices, level: str, max_neurons_per_expert: int, rng: n
         for idx in keep:
             lab = proj.labels[idx]
             if lab.isdigit() and not (level == "matrix" and stats is not None):  # positional -> original id
-                lab = lm.labels[int(lab)]
+                lab = ids[int(lab)]
             rows.append({"layer": lm.layer, "matrix": m, "kind": "F (dense)" if lab == "F" else "expert",
                          "label": lab, "pc1": float(proj.coords[idx, 0]), "pc2": float(proj.coords[idx, 1]),
                          "explained": float(proj.explained_variance_ratio[:2].sum())})
@@ -235,13 +251,13 @@ def weight_report(source: Any, layers: Sequence[int] | None = None, dense_baseli
     try:
         for lm in layer_matrices(source, layers, dense_baseline):
             bar.set_description_str(f"weights: layer {lm.layer}")
-            stats = _layer_stats(lm)
+            stats = _layer_stats(lm, seed)
             sim += _similarity_rows(lm, stats)
             c, p = _gate_rows(lm, stats)
             corr += c
             points += p
             pca_m += _pca_rows(lm, "matrix", max_neurons_per_expert, rng_pca, stats)
-            pca_n += _pca_rows(lm, "neuron", max_neurons_per_expert, rng_pca, seed=seed)
+            pca_n += _pca_rows(lm, "neuron", max_neurons_per_expert, rng_pca, stats, seed=seed)
             reorder += _reorder_rows(lm, reorder_max_pairs, rng_reorder, workers)
             bar.update(1)
     finally:

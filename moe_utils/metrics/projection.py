@@ -29,7 +29,7 @@ from typing import Literal, Sequence
 import numpy as np
 
 from ._arrays import ArrayLike, _is_torch, flatten_rows, to_numpy
-from .blocks import BLOCK_ELEMENTS, block_size, neuron_count, neuron_rows
+from .blocks import BLOCK_ELEMENTS, BlockReader, block_size, neuron_count
 from .neurons import neuron_vectors, resolve_neuron_axis
 
 PCAMethod = Literal["auto", "sklearn", "gram", "covariance", "randomized"]
@@ -112,18 +112,60 @@ def pca_from_gram(g: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.nda
     return coords, lam / max(n - 1, 1), ratio
 
 
+@dataclass(frozen=True)
+class SketchStart:
+    """The first pass of :func:`randomized_neuron_pca`: per-feature sums ``s1`` and sums of squares
+    ``s2`` over all neurons (float64 ``[d]``) and the sketch ``Y = X Omega`` (``[n, l]``), so a
+    caller that already walks the weights can supply it (:func:`flattened_pass`)."""
+
+    s1: np.ndarray
+    s2: np.ndarray
+    y: np.ndarray
+
+
+@dataclass(frozen=True)
+class FlattenedPass:
+    """What one pass over same-shaped matrices gives (:func:`flattened_pass`)."""
+
+    gram: np.ndarray                 # [n, n] <W_i, W_j> of the flattened matrices
+    std_gram: np.ndarray             # [n, n] Gram after centring (and scaling) every position across items
+    neuron_sums: np.ndarray          # [n, d] each matrix's sum over its neurons (float64)
+    sketch: SketchStart | None       # the randomized PCA's first pass over all their neurons
+
+
+def sketch_width(n: int, d: int, k: int, oversample: int = 10) -> int:
+    """Columns ``l`` of the randomized PCA's sketch of ``n`` neurons of ``d`` features."""
+    return int(min(k + max(0, oversample), n, d))
+
+
+def sketch_matrix(d: int, ell: int, seed: int = 0) -> np.ndarray:
+    """The Gaussian test matrix ``Omega`` ``[d, l]`` (float32) of :func:`randomized_neuron_pca`."""
+    return np.random.default_rng(seed).standard_normal((d, ell)).astype(np.float32)
+
+
 def flattened_grams(matrices: Sequence[ArrayLike], axis: int = 0, standardize: bool = True,
                     block_elements: int = BLOCK_ELEMENTS) -> tuple[np.ndarray, np.ndarray]:
-    """One pass over same-shaped matrices: the Gram matrix of the flattened matrices
-    (``<W_i, W_j>``, for cosine similarity) and the Gram matrix of the flattened matrices after
-    centring (and, with ``standardize``, scaling) every element position across the items (for
-    matrix-level PCA, :func:`pca_from_gram`). Both float64 ``[n, n]``.
+    """The two Gram matrices of :func:`flattened_pass` (raw, standardised), float64 ``[n, n]``."""
+    res = flattened_pass(matrices, axis, standardize, block_elements=block_elements)
+    return res.gram, res.std_gram
 
-    Blocks of neurons (``axis``: the neuron axis of one matrix) at the same positions of every
-    matrix are copied into one reused ``[n, block]`` buffer (float32; float64 for float64 inputs)
-    and processed in place, so the working memory is a few ``block_elements``. Each block's
-    products are taken in the buffer's precision and accumulated over blocks in float64 (for
-    float32 the error of a cosine stays near float32 rounding, ~1e-7).
+
+def flattened_pass(matrices: Sequence[ArrayLike], axis: int = 0, standardize: bool = True,
+                   omega: np.ndarray | None = None,
+                   block_elements: int = BLOCK_ELEMENTS) -> FlattenedPass:
+    """One pass over same-shaped matrices, each element converted to float32 once, giving: the
+    Gram matrix of the flattened matrices (``<W_i, W_j>``, for cosine similarity); the Gram
+    matrix of the flattened matrices after centring (and, with ``standardize``, scaling) every
+    element position across the items (for matrix-level PCA, :func:`pca_from_gram`); each
+    matrix's sum over its neurons (``axis``: the neuron axis of one matrix; neuron averaging);
+    and, given the sketch matrix ``omega`` ``[d, l]`` (:func:`sketch_matrix`), the first pass of
+    the randomized PCA of all their neurons, rows matrix by matrix (:class:`SketchStart`).
+
+    Blocks of neurons at the same positions of every matrix are copied in their stored layout
+    (no transposed copy) into one reused ``[n, block]`` buffer (float32; float64 for float64
+    inputs) and processed in place, so the working memory is a few ``block_elements``. Each
+    block's products are taken in the buffer's precision and accumulated over blocks in float64
+    (for float32 the error of a cosine stays near float32 rounding, ~1e-7).
     """
     import torch
 
@@ -139,17 +181,33 @@ def flattened_grams(matrices: Sequence[ArrayLike], axis: int = 0, standardize: b
     wide = all(t.dtype == torch.float64 for t in tens)
     n, width = len(tens), shape[1 - axis]
     total = shape[axis]
+    if omega is not None and int(omega.shape[0]) != width:
+        raise ValueError(f"the sketch matrix needs {width} rows (the neurons' length); got {tuple(omega.shape)}")
     step = block_size(width, n, block_elements)
     buf = torch.empty((n, step * width), dtype=torch.float64 if wide else torch.float32)
     raw, std = np.zeros((n, n)), np.zeros((n, n))
+    sums = np.zeros((n, width))
+    sketch = None
+    if omega is not None:
+        om = omega.astype(np.float64 if wide else np.float32)
+        sketch = SketchStart(np.zeros(width), np.zeros(width), np.empty((n * total, om.shape[1])))
     with torch.no_grad():
         for a in range(0, total, step):
             b = min(total, a + step)
             c = buf[:, :(b - a) * width]
-            for i, t in enumerate(tens):
-                c[i].view(b - a, width).copy_(t[a:b] if axis == 0 else t[:, a:b].T)
+            for i, t in enumerate(tens):            # the stored layout: contiguous runs, no transpose
+                if axis == 0:
+                    c[i].view(b - a, width).copy_(t[a:b])
+                else:
+                    c[i].view(width, b - a).copy_(t[:, a:b])
             cn = c.numpy()
             raw += cn @ cn.T
+            for i in range(n):                      # neuron rows of item i (a view)
+                x = cn[i].reshape(b - a, width) if axis == 0 else cn[i].reshape(width, b - a).T
+                sums[i] += x.sum(axis=0)
+                if sketch is not None:
+                    sketch.s2[:] += np.einsum("ij,ij->j", x, x)
+                    sketch.y[i * total + a:i * total + b] = x @ om
             # per-position mean and spread over the n items, row by row (reductions across the
             # short item axis are slow in torch)
             mean = c[0].clone()
@@ -163,7 +221,9 @@ def flattened_grams(matrices: Sequence[ArrayLike], axis: int = 0, standardize: b
                 dof = max(n - 1, 1)                                  # sample std (ddof=1), as standardize()
                 c *= ss.masked_fill_(ss == 0, dof).div_(dof).rsqrt_()   # constant positions: scale 1
             std += cn @ cn.T
-    return raw, std
+    if sketch is not None:
+        sketch.s1[:] = sums.sum(axis=0)
+    return FlattenedPass(raw, std, sums, sketch)
 
 
 def _orth(y: np.ndarray) -> np.ndarray:
@@ -173,16 +233,20 @@ def _orth(y: np.ndarray) -> np.ndarray:
 
 def randomized_neuron_pca(sources: Sequence[tuple[ArrayLike, int]], k: int = 2, standardize: bool = True,
                           oversample: int = 10, power_iterations: int = 1, seed: int = 0,
-                          block_elements: int = BLOCK_ELEMENTS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                          block_elements: int = BLOCK_ELEMENTS,
+                          first_pass: SketchStart | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Streamed randomized PCA of the neurons of several matrices, rows in source order.
 
     ``sources`` are ``(matrix, neuron_axis)`` pairs (axis 0: rows are neurons, axis 1: columns).
     The standardised data ``Z = (X - 1 mu^T) D`` (``n`` neurons x ``d`` features, ``D`` the
     inverse standard deviations) is never formed: every pass converts float32 neuron blocks of
-    ``X`` once and multiplies them by a thin ``d x l`` or ``n x l`` matrix (``l = k +
+    ``X`` once (:class:`~moe_utils.metrics.blocks.BlockReader`: the stored layout, one reused
+    buffer) and multiplies them by a thin ``d x l`` or ``n x l`` matrix (``l = k +
     oversample``), the centring and scaling being applied to the thin factors instead
     (``Z M = X (D M) - 1 (mu^T D M)``, ``Z^T Q = D (X^T Q - mu 1^T Q)``). Pass 1 gathers the
-    feature means and variances with the sketch ``Y = (X - 1 mu^T) Omega``; each of the
+    feature means and variances with the sketch ``Y = (X - 1 mu^T) Omega``; ``first_pass``
+    supplies it when the caller has already walked the weights (:func:`flattened_pass` with
+    ``omega = sketch_matrix(d, sketch_width(n, d, k, oversample), seed)``). Each of the
     ``power_iterations`` adds two passes; a last pass gives ``B = Q^T Z``, whose small SVD
     yields the components. float32 products lose accuracy only when a feature's mean is many
     orders of magnitude larger than its spread (not the case for weights). Returns ``(coords
@@ -198,24 +262,30 @@ def randomized_neuron_pca(sources: Sequence[tuple[ArrayLike, int]], k: int = 2, 
     if not 1 <= k <= min(n, d):
         raise ValueError(f"n_components must be between 1 and min(neurons, features) = {min(n, d)}; got {k}")
     step = block_size(d, 1, block_elements)
+    reader = BlockReader(block_elements)
 
     def blocks():
         row = 0
         for (m, ax), cnt in zip(srcs, counts, strict=True):
             for a in range(0, cnt, step):
                 b = min(cnt, a + step)
-                yield row + a, neuron_rows(m, ax, a, b)
+                yield row + a, reader.rows(m, ax, a, b)
             row += cnt
 
-    rng = np.random.default_rng(seed)
-    ell = int(min(k + max(0, oversample), n, d))
-    omega = rng.standard_normal((d, ell)).astype(np.float32)
-    s1, s2 = np.zeros(d), np.zeros(d)
-    y = np.empty((n, ell))
-    for r, x in blocks():
-        s1 += x.sum(axis=0)
-        s2 += np.einsum("ij,ij->j", x, x)
-        y[r:r + len(x)] = x @ omega
+    ell = sketch_width(n, d, k, oversample)
+    omega = sketch_matrix(d, ell, seed)
+    if first_pass is None:
+        s1, s2 = np.zeros(d), np.zeros(d)
+        y = np.empty((n, ell))
+        for r, x in blocks():
+            s1 += x.sum(axis=0)
+            s2 += np.einsum("ij,ij->j", x, x)
+            y[r:r + len(x)] = x @ omega
+    else:
+        if tuple(first_pass.y.shape) != (n, ell) or tuple(first_pass.s1.shape) != (d,):
+            raise ValueError(f"the given first pass has a sketch of shape {tuple(first_pass.y.shape)}; these "
+                             f"sources need {(n, ell)}")
+        s1, s2, y = first_pass.s1, first_pass.s2, np.array(first_pass.y, dtype=np.float64)
     mu = s1 / n
     var = np.clip(s2 / n - mu ** 2, 0.0, None)
     sd = np.sqrt(var * n / max(n - 1, 1))        # sample std (ddof=1), as standardize()
@@ -235,8 +305,9 @@ def randomized_neuron_pca(sources: Sequence[tuple[ArrayLike, int]], k: int = 2, 
 
     def zt_times(q: np.ndarray) -> np.ndarray:         # Z^T @ q, q [n, ell] -> [d, ell]
         acc = np.zeros((d, q.shape[1]))
+        q32 = q.astype(np.float32)
         for r, x in blocks():
-            acc += x.T @ q[r:r + len(x)].astype(np.float32)
+            acc += x.T @ q32[r:r + len(x)]
         return inv[:, None] * (acc - mu[:, None] * q.sum(axis=0)[None, :])
 
     for _ in range(max(0, int(power_iterations))):
@@ -352,6 +423,11 @@ def matrix_pca_from_gram(gram: np.ndarray, n_components: int, labels: Sequence[s
     return Projection(_fix_signs(coords), ratio, var, "gram", [str(v) for v in labels])
 
 
+def neuron_pca_randomized(n_rows: int, d: int, method: PCAMethod = "auto") -> bool:
+    """Whether :func:`neuron_pca` of ``n_rows`` neurons of ``d`` features uses the randomized SVD."""
+    return method == "randomized" or (method == "auto" and n_rows * d > SKLEARN_MAX_ELEMENTS and n_rows > d)
+
+
 def neuron_pca(
     w: ArrayLike,
     neuron_axis: int | str,
@@ -361,23 +437,26 @@ def neuron_pca(
     method: PCAMethod = "auto",
     power_iterations: int = 1,
     seed: int = 0,
+    first_pass: SketchStart | None = None,
 ) -> Projection:
     """Neuron-level PCA (Fig. 7): one point per neuron of every expert (plus "F"'s neurons).
 
     ``labels`` give each row's expert (``"0"``.., ``"F"``); rows are ordered expert by expert.
-    Above ``SKLEARN_MAX_ELEMENTS`` (``method="auto"``) the streamed randomized SVD is used, with
-    ``power_iterations`` and ``seed`` (:func:`randomized_neuron_pca`).
+    Above ``SKLEARN_MAX_ELEMENTS`` (``method="auto"``, :func:`neuron_pca_randomized`) the
+    streamed randomized SVD is used, with ``power_iterations``, ``seed`` and an optional
+    precomputed ``first_pass`` (:func:`randomized_neuron_pca`).
     """
     axis2 = resolve_neuron_axis(neuron_axis, 3) - 1 if isinstance(neuron_axis, str) else int(neuron_axis) - 1
     n_exp = int(w.shape[0])
     n_rows = n_exp * int(w.shape[1 + axis2]) + (int(extra.shape[axis2]) if extra is not None else 0)
     d = int(w.shape[2 - axis2])
-    if method == "randomized" or (method == "auto" and n_rows * d > SKLEARN_MAX_ELEMENTS and n_rows > d):
+    if neuron_pca_randomized(n_rows, d, method):
         sources = [(w[e], axis2) for e in range(n_exp)] + ([(extra, axis2)] if extra is not None else [])
         labels = [str(e) for e in range(n_exp) for _ in range(int(w.shape[1 + axis2]))]
         labels += ["F"] * (int(extra.shape[axis2]) if extra is not None else 0)
         coords, var, ratio = randomized_neuron_pca(sources, int(n_components), standardize,
-                                                   power_iterations=power_iterations, seed=seed)
+                                                   power_iterations=power_iterations, seed=seed,
+                                                   first_pass=first_pass)
         return Projection(_fix_signs(coords), ratio, var, "randomized", labels)
     blocks, labels = [], []
     for e in range(int(w.shape[0])):

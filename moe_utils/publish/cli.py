@@ -18,6 +18,7 @@ from typing import Sequence
 from moe_utils import __version__
 from moe_utils.core.errors import MoEUtilsError, RunInterrupted, UsageError
 from moe_utils.publish.bookbuild import build_book
+from moe_utils.publish.scaffold import init_book
 from moe_utils.publish.runner import RunRequest, check_output_folder, parse_parameters, plan_request, run_jobs
 
 DEFAULT_OUT = Path("book/runs")
@@ -147,8 +148,6 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
-    from moe_utils.publish.scaffold import init_book
-
     written = init_book(args.dir)
     print(f"wrote {len(written)} files to {args.dir}; next:\n"
           f"    cd {args.dir}\n"
