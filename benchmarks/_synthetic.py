@@ -41,8 +41,11 @@ def write_safetensors(path: Path, specs: list[tuple[str, tuple[int, ...]]], seed
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
         for name, shape in specs:
-            t = torch.ones(shape, dtype=torch.bfloat16) if name.endswith("norm.weight") else \
-                (torch.randn(shape, generator=g) * std).to(torch.bfloat16)
+            t = (
+                torch.ones(shape, dtype=torch.bfloat16)
+                if name.endswith("norm.weight")
+                else (torch.randn(shape, generator=g) * std).to(torch.bfloat16)
+            )
             f.write(t.view(torch.uint8).numpy().tobytes())
             del t
         f.flush()
@@ -53,20 +56,45 @@ def expert_specs(layer: int, E: int, H: int, I: int) -> list[tuple[str, tuple[in
     p = f"model.layers.{layer}.block_sparse_moe."
     specs = [(p + "gate.weight", (E, H))]
     for e in range(E):
-        specs += [(p + f"experts.{e}.w1.weight", (I, H)), (p + f"experts.{e}.w2.weight", (H, I)),
-                  (p + f"experts.{e}.w3.weight", (I, H))]
+        specs += [
+            (p + f"experts.{e}.w1.weight", (I, H)),
+            (p + f"experts.{e}.w2.weight", (H, I)),
+            (p + f"experts.{e}.w3.weight", (I, H)),
+        ]
     return specs
 
 
-def mixtral_config(E: int, H: int, I: int, layers: int, vocab: int = 32000, heads: int = 32,
-                   kv_heads: int = 8, max_positions: int = 4096) -> dict:
-    return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": H,
-            "intermediate_size": I, "num_hidden_layers": layers, "num_local_experts": E,
-            "num_experts_per_tok": 2, "hidden_act": "silu", "dtype": "bfloat16",
-            "num_attention_heads": heads, "num_key_value_heads": kv_heads, "rms_norm_eps": 1e-5,
-            "max_position_embeddings": max_positions, "vocab_size": vocab, "bos_token_id": 1,
-            "eos_token_id": 2, "tie_word_embeddings": False, "sliding_window": None,
-            "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}}
+def mixtral_config(
+    E: int,
+    H: int,
+    I: int,
+    layers: int,
+    vocab: int = 32000,
+    heads: int = 32,
+    kv_heads: int = 8,
+    max_positions: int = 4096,
+) -> dict:
+    return {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "hidden_size": H,
+        "intermediate_size": I,
+        "num_hidden_layers": layers,
+        "num_local_experts": E,
+        "num_experts_per_tok": 2,
+        "hidden_act": "silu",
+        "dtype": "bfloat16",
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": max_positions,
+        "vocab_size": vocab,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "tie_word_embeddings": False,
+        "sliding_window": None,
+        "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"},
+    }
 
 
 def write_expert_layer(folder: Path, E: int, H: int, I: int) -> list[Path]:
@@ -84,11 +112,18 @@ def write_full_model(folder: Path, E: int, H: int, I: int, heads: int = 32, kv_h
     vocab = json.loads((ZOO_TOKENIZER / "config.json").read_text())["vocab_size"]
     hd = H // heads
     p = "model.layers.0."
-    specs = [("model.embed_tokens.weight", (vocab, H)), (p + "input_layernorm.weight", (H,)),
-             (p + "post_attention_layernorm.weight", (H,)),
-             (p + "self_attn.q_proj.weight", (heads * hd, H)), (p + "self_attn.k_proj.weight", (kv_heads * hd, H)),
-             (p + "self_attn.v_proj.weight", (kv_heads * hd, H)), (p + "self_attn.o_proj.weight", (H, heads * hd)),
-             *expert_specs(0, E, H, I), ("model.norm.weight", (H,)), ("lm_head.weight", (vocab, H))]
+    specs = [
+        ("model.embed_tokens.weight", (vocab, H)),
+        (p + "input_layernorm.weight", (H,)),
+        (p + "post_attention_layernorm.weight", (H,)),
+        (p + "self_attn.q_proj.weight", (heads * hd, H)),
+        (p + "self_attn.k_proj.weight", (kv_heads * hd, H)),
+        (p + "self_attn.v_proj.weight", (kv_heads * hd, H)),
+        (p + "self_attn.o_proj.weight", (H, heads * hd)),
+        *expert_specs(0, E, H, I),
+        ("model.norm.weight", (H,)),
+        ("lm_head.weight", (vocab, H)),
+    ]
     path = folder / "model.safetensors"
     write_safetensors(path, specs, seed=1)
     cfg = mixtral_config(E, H, I, 1, vocab=vocab, heads=heads, kv_heads=kv_heads)
@@ -125,8 +160,14 @@ def measured(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -
     probe = [sys.executable, __file__, "--run", json.dumps(cmd)]
     # idle OpenMP threads sleep instead of spinning, so the CPU seconds count work even when
     # other processes share the cores (a spinning thread's CPU time is whatever share it got)
-    out = subprocess.run(probe, stdout=subprocess.PIPE, text=True, check=True, cwd=cwd,
-                         env={"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **(env or {})})
+    out = subprocess.run(
+        probe,
+        stdout=subprocess.PIPE,
+        text=True,
+        check=True,
+        cwd=cwd,
+        env={"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **(env or {})},
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -144,8 +185,17 @@ def _run_and_report(cmd: list[str]) -> None:
         payload = json.loads(last)
     except json.JSONDecodeError:
         payload = {}
-    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "peak_rss": peak, "child": payload,
-                      "load_average": os.getloadavg()[0]}))
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "cpu_seconds": cpu,
+                "peak_rss": peak,
+                "child": payload,
+                "load_average": os.getloadavg()[0],
+            }
+        )
+    )
 
 
 def child_peak() -> int:
@@ -167,9 +217,15 @@ def machine() -> dict:
             cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_bytes": mem, "python": platform.python_version(),
-            "torch": torch.__version__, "load_average_at_start": os.getloadavg()[0],
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_bytes": mem,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "load_average_at_start": os.getloadavg()[0],
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
 
 
 def save_results(name: str, payload: dict) -> Path:

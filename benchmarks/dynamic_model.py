@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _synthetic import ROOT, machine, measured, save_results, write_full_model  # noqa: E402
+from _synthetic import ROOT, machine, measured, save_results, write_full_model
 
 E, H, I = 8, 4096, 14336
 
@@ -40,19 +40,42 @@ def main() -> None:
         files = write_full_model(folder, E, H, I)
         weight_bytes = sum(f.stat().st_size for f in files)
         out["weight_bytes"] = weight_bytes
-        print(f"wrote a one-layer Mixtral-width model ({weight_bytes / 1e9:.2f} GB bf16) in "
-              f"{time.perf_counter() - t0:.0f} s", flush=True)
+        print(
+            f"wrote a one-layer Mixtral-width model ({weight_bytes / 1e9:.2f} GB bf16) in "
+            f"{time.perf_counter() - t0:.0f} s",
+            flush=True,
+        )
         for name in args.notebooks:
-            cmd = [sys.executable, "-m", "moe_utils.publish.cli", "run", "--model", str(folder), "--notebooks", name,
-                   "--out", str(base / "runs"), "-p", "dtype", "bfloat16"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "moe_utils.publish.cli",
+                "run",
+                "--model",
+                str(folder),
+                "--notebooks",
+                name,
+                "--out",
+                str(base / "runs"),
+                "-p",
+                "dtype",
+                "bfloat16",
+            ]
             r = measured(cmd, env=env, cwd=ROOT)
-            out["notebooks"][name] = {"seconds": r["seconds"], "cpu_seconds": r.get("cpu_seconds"),
-                                      "load_average": r.get("load_average"), "peak_rss": r["peak_rss"],
-                                      "peak_rss_over_weights": r["peak_rss"] / weight_bytes}
-            print(f"{name}: {r['seconds']:.0f} s wall, {r.get('cpu_seconds', 0):.0f} s CPU (load "
-                  f"{r.get('load_average', 0):.1f}); peak RSS {r['peak_rss'] / 1e9:.2f} GB = "
-                  f"{r['peak_rss'] / weight_bytes:.2f}x the weights", flush=True)
-            save_results("dynamic_mixtral", out)          # after each notebook, in case a later one is stopped
+            out["notebooks"][name] = {
+                "seconds": r["seconds"],
+                "cpu_seconds": r.get("cpu_seconds"),
+                "load_average": r.get("load_average"),
+                "peak_rss": r["peak_rss"],
+                "peak_rss_over_weights": r["peak_rss"] / weight_bytes,
+            }
+            print(
+                f"{name}: {r['seconds']:.0f} s wall, {r.get('cpu_seconds', 0):.0f} s CPU (load "
+                f"{r.get('load_average', 0):.1f}); peak RSS {r['peak_rss'] / 1e9:.2f} GB = "
+                f"{r['peak_rss'] / weight_bytes:.2f}x the weights",
+                flush=True,
+            )
+            save_results("dynamic_mixtral", out)  # after each notebook, in case a later one is stopped
     finally:
         shutil.rmtree(base, ignore_errors=True)
     path = save_results("dynamic_mixtral", out)

@@ -31,11 +31,20 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _synthetic import (RESULTS, ROOT, child_peak, cold_read, evict, machine, measured, save_results,  # noqa: E402
-                        write_expert_layer)
+from _synthetic import (
+    RESULTS,
+    ROOT,
+    child_peak,
+    cold_read,
+    evict,
+    machine,
+    measured,
+    save_results,
+    write_expert_layer,
+)
 
 WIDTHS = {"mixtral": (8, 4096, 14336), "grok": (8, 6144, 32768)}
-PAPER_REORDERED_LAYERS = 8          # the paper reorders 8 Mixtral layers (Table 2)
+PAPER_REORDERED_LAYERS = 8  # the paper reorders 8 Mixtral layers (Table 2)
 
 
 def _weights_child(folder: str) -> None:
@@ -44,19 +53,17 @@ def _weights_child(folder: str) -> None:
 
     t0 = time.perf_counter()
     study = open_study(folder, None, weights_only=True)
-    report = static.weight_report(study.weights_source, study.layers, study.dense_weights_source,
-                                  reorder_max_pairs=0)
+    report = static.weight_report(study.weights_source, study.layers, study.dense_weights_source, reorder_max_pairs=0)
     seconds = time.perf_counter() - t0
     explained = report["pca_neuron"].groupby("matrix")["explained"].first().to_dict()
     print(json.dumps({"seconds": seconds, "peak_rss": child_peak(), "neuron_pca_explained": explained}))
 
 
 def _reorder_child(folder: str, pairs: int, workers: int | None) -> None:
-    from moe_utils.analysis import static
-    from moe_utils.analysis.context import open_study
-
     from scipy.optimize import linear_sum_assignment
 
+    from moe_utils.analysis import static
+    from moe_utils.analysis.context import open_study
     from moe_utils.analysis.parallel import default_workers
     from moe_utils.metrics.neurons import _all_rows, _cosine_cost, _unit
     from moe_utils.models.weights import layer_weights
@@ -76,9 +83,18 @@ def _reorder_child(folder: str, pairs: int, workers: int | None) -> None:
     t0 = time.perf_counter()
     rows = static.reordering(study.weights_source, study.layers, max_pairs=pairs, seed=0, workers=n_workers)
     seconds = time.perf_counter() - t0
-    print(json.dumps({"seconds": seconds, "pairs": len(rows), "workers": n_workers, "peak_rss": child_peak(),
-                      "mean_tau": float(rows.tau.mean()),
-                      "single_pair": {"cosine_s": t_cos, "assignment_s": t_lsa}}))
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "pairs": len(rows),
+                "workers": n_workers,
+                "peak_rss": child_peak(),
+                "mean_tau": float(rows.tau.mean()),
+                "single_pair": {"cosine_s": t_cos, "assignment_s": t_lsa},
+            }
+        )
+    )
 
 
 def _keep_earlier(out: dict, name: str) -> None:
@@ -103,10 +119,15 @@ def main() -> None:
     parser.add_argument("--reorder-pairs", type=int, default=1, help="pairs per matrix to time (0: skip)")
     parser.add_argument("--workers", type=int, default=None, help="reordering processes (default: the cores)")
     parser.add_argument("--skip-notebook", action="store_true", help="do not run the notebook end to end")
-    parser.add_argument("--write-only", type=Path, default=None,
-                        help="only write the checkpoint into this folder (a later run can --reuse it)")
-    parser.add_argument("--reuse", type=Path, default=None,
-                        help="measure a checkpoint written by --write-only (deleted afterwards)")
+    parser.add_argument(
+        "--write-only",
+        type=Path,
+        default=None,
+        help="only write the checkpoint into this folder (a later run can --reuse it)",
+    )
+    parser.add_argument(
+        "--reuse", type=Path, default=None, help="measure a checkpoint written by --write-only (deleted afterwards)"
+    )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -128,57 +149,108 @@ def main() -> None:
     folder = base / f"synthetic-{args.width}-layer"
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     me = [sys.executable, str(Path(__file__).resolve())]
-    out = {"machine": machine(), "width": args.width, "experts": E, "hidden": H, "intermediate": I,
-           "layer_bytes": layer_bytes}
+    out = {
+        "machine": machine(),
+        "width": args.width,
+        "experts": E,
+        "hidden": H,
+        "intermediate": I,
+        "layer_bytes": layer_bytes,
+    }
     try:
         t0 = time.perf_counter()
         files = [folder / "model.safetensors"] if args.reuse else write_expert_layer(folder, E, H, I)
-        print(f"{'reused' if args.reuse else 'wrote'} one {args.width}-width layer ({layer_bytes / 1e9:.2f} GB of experts) in "
-              f"{time.perf_counter() - t0:.0f} s", flush=True)
+        print(
+            f"{'reused' if args.reuse else 'wrote'} one {args.width}-width layer ({layer_bytes / 1e9:.2f} GB of experts) in "
+            f"{time.perf_counter() - t0:.0f} s",
+            flush=True,
+        )
         out["cold_read_s"] = cold_read(files)
         print(f"cold read: {out['cold_read_s']:.2f} s ({layer_bytes / out['cold_read_s'] / 1e9:.2f} GB/s)", flush=True)
 
         evict(files)
         w = measured(me + ["--child", "weights", str(folder)], env=env)
-        out["weights"] = {"seconds": w["child"]["seconds"], "process_seconds": w["seconds"],
-                          "cpu_seconds": w.get("cpu_seconds"), "load_average": w.get("load_average"),
-                          "peak_rss": w["peak_rss"], "neuron_pca_explained": w["child"]["neuron_pca_explained"]}
+        out["weights"] = {
+            "seconds": w["child"]["seconds"],
+            "process_seconds": w["seconds"],
+            "cpu_seconds": w.get("cpu_seconds"),
+            "load_average": w.get("load_average"),
+            "peak_rss": w["peak_rss"],
+            "neuron_pca_explained": w["child"]["neuron_pca_explained"],
+        }
         cores = out["machine"]["cores"] or 1
-        print(f"weight_report without reordering (cold): {w['child']['seconds']:.1f} s = "
-              f"{w['child']['seconds'] / out['cold_read_s']:.1f}x the cold read; {w.get('cpu_seconds', 0):.1f} CPU s "
-              f"/ {cores} cores = {w.get('cpu_seconds', 0) / cores / out['cold_read_s']:.1f}x the cold read (load "
-              f"{w.get('load_average', 0):.1f}); peak RSS "
-              f"{w['peak_rss'] / 1e9:.2f} GB = {w['peak_rss'] / layer_bytes:.2f}x the layer", flush=True)
+        print(
+            f"weight_report without reordering (cold): {w['child']['seconds']:.1f} s = "
+            f"{w['child']['seconds'] / out['cold_read_s']:.1f}x the cold read; {w.get('cpu_seconds', 0):.1f} CPU s "
+            f"/ {cores} cores = {w.get('cpu_seconds', 0) / cores / out['cold_read_s']:.1f}x the cold read (load "
+            f"{w.get('load_average', 0):.1f}); peak RSS "
+            f"{w['peak_rss'] / 1e9:.2f} GB = {w['peak_rss'] / layer_bytes:.2f}x the layer",
+            flush=True,
+        )
 
         if not args.skip_notebook:
             evict(files)
-            cmd = [sys.executable, "-m", "moe_utils.publish.cli", "run", "--model", str(folder), "--notebooks",
-                   "obs1_neurons_as_experts", "--out", str(base / "runs"), "-p", "dtype", "bfloat16",
-                   "-p", "reorder_max_pairs", "0"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "moe_utils.publish.cli",
+                "run",
+                "--model",
+                str(folder),
+                "--notebooks",
+                "obs1_neurons_as_experts",
+                "--out",
+                str(base / "runs"),
+                "-p",
+                "dtype",
+                "bfloat16",
+                "-p",
+                "reorder_max_pairs",
+                "0",
+            ]
             nb = measured(cmd, env=env, cwd=ROOT)
-            out["notebook"] = {"seconds": nb["seconds"], "cpu_seconds": nb.get("cpu_seconds"),
-                               "load_average": nb.get("load_average"), "peak_rss": nb["peak_rss"]}
-            print(f"moe-book run obs1 (cold, reorder_max_pairs 0): {nb['seconds']:.1f} s = "
-                  f"{nb['seconds'] / out['cold_read_s']:.1f}x the cold read; peak RSS "
-                  f"{nb['peak_rss'] / 1e9:.2f} GB = {nb['peak_rss'] / layer_bytes:.2f}x the layer", flush=True)
+            out["notebook"] = {
+                "seconds": nb["seconds"],
+                "cpu_seconds": nb.get("cpu_seconds"),
+                "load_average": nb.get("load_average"),
+                "peak_rss": nb["peak_rss"],
+            }
+            print(
+                f"moe-book run obs1 (cold, reorder_max_pairs 0): {nb['seconds']:.1f} s = "
+                f"{nb['seconds'] / out['cold_read_s']:.1f}x the cold read; peak RSS "
+                f"{nb['peak_rss'] / 1e9:.2f} GB = {nb['peak_rss'] / layer_bytes:.2f}x the layer",
+                flush=True,
+            )
 
         if args.reorder_pairs > 0:
             r = measured(me + ["--child", "reorder", str(folder), str(args.reorder_pairs), str(args.workers)], env=env)
             pairs = r["child"]["pairs"]
             per_pair = r["child"]["seconds"] / pairs
             per_layer = per_pair * 3 * (E * (E - 1) // 2 + E)
-            out["reordering"] = {"pairs": pairs, "workers": r["child"]["workers"], "seconds": r["child"]["seconds"],
-                                 "single_pair": r["child"]["single_pair"], "load_average": r.get("load_average"),
-                                 "seconds_per_pair": per_pair, "peak_rss": r["peak_rss"],
-                                 "projected_seconds_per_layer": per_layer,
-                                 "projected_hours_paper_layers": per_layer * PAPER_REORDERED_LAYERS / 3600}
+            out["reordering"] = {
+                "pairs": pairs,
+                "workers": r["child"]["workers"],
+                "seconds": r["child"]["seconds"],
+                "single_pair": r["child"]["single_pair"],
+                "load_average": r.get("load_average"),
+                "seconds_per_pair": per_pair,
+                "peak_rss": r["peak_rss"],
+                "projected_seconds_per_layer": per_layer,
+                "projected_hours_paper_layers": per_layer * PAPER_REORDERED_LAYERS / 3600,
+            }
             sp = r["child"]["single_pair"]
-            print(f"one pair alone: cosine matrix {sp['cosine_s']:.1f} s (float32, blocked), assignment "
-                  f"{sp['assignment_s']:.1f} s", flush=True)
-            print(f"reordering: {pairs} pairs in {r['child']['seconds']:.0f} s = {per_pair:.1f} s per pair "
-                  f"({r['child']['workers']} workers); a layer (108 pairs with F) ~ {per_layer / 60:.0f} min; "
-                  f"the paper's {PAPER_REORDERED_LAYERS} layers ~ {per_layer * PAPER_REORDERED_LAYERS / 3600:.1f} h; "
-                  f"peak RSS of the largest process {r['peak_rss'] / 1e9:.2f} GB", flush=True)
+            print(
+                f"one pair alone: cosine matrix {sp['cosine_s']:.1f} s (float32, blocked), assignment "
+                f"{sp['assignment_s']:.1f} s",
+                flush=True,
+            )
+            print(
+                f"reordering: {pairs} pairs in {r['child']['seconds']:.0f} s = {per_pair:.1f} s per pair "
+                f"({r['child']['workers']} workers); a layer (108 pairs with F) ~ {per_layer / 60:.0f} min; "
+                f"the paper's {PAPER_REORDERED_LAYERS} layers ~ {per_layer * PAPER_REORDERED_LAYERS / 3600:.1f} h; "
+                f"peak RSS of the largest process {r['peak_rss'] / 1e9:.2f} GB",
+                flush=True,
+            )
     finally:
         shutil.rmtree(base, ignore_errors=True)
     _keep_earlier(out, f"obs1_{args.width}")

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from moe_utils.core.hardware import PAPER_MODEL_SHAPES, Measured, project  # noqa: E402
+from moe_utils.core.hardware import PAPER_MODEL_SHAPES, Measured, project
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -37,14 +37,15 @@ def measured_rates() -> Measured:
 
 
 def table(rows: list[dict]) -> str:
-    head = "| model | notebook | CPU hours (wall) | CPU peak memory | GPU memory (weights + activations) | how |\n" \
-           "|---|---|---|---|---|---|\n"
+    head = (
+        "| model | notebook | CPU hours (wall) | CPU peak memory | GPU memory (weights + activations) | how |\n"
+        "|---|---|---|---|---|---|\n"
+    )
     body = ""
     for r in rows:
         gpu = "-" if r["gpu_memory_gb"] is None else f"{r['gpu_memory_gb']:.0f} GB"
         hours = "not measured" if r["cpu_hours"] is None else f"{r['cpu_hours']:.2f}"
-        body += (f"| {r['model']} | {r['notebook']} | {hours} | {r['cpu_peak_gb']:.1f} GB | {gpu} | "
-                 f"{r['note']} |\n")
+        body += f"| {r['model']} | {r['notebook']} | {hours} | {r['cpu_peak_gb']:.1f} GB | {gpu} | {r['note']} |\n"
     return head + body
 
 

@@ -24,7 +24,7 @@ from moe_utils.models.trace import expert_outputs, trace
 from moe_utils.models.weights import layer_weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _synthetic import machine, save_results  # noqa: E402
+from _synthetic import machine, save_results
 
 
 def single_pass(lm, seqs) -> dict[int, torch.Tensor]:
@@ -75,29 +75,52 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    lm = load_model("random:mixtral", config_overrides=dict(
-        num_hidden_layers=args.layers, hidden_size=64, intermediate_size=128, num_local_experts=8,
-        num_experts_per_tok=2, max_position_embeddings=max(args.tokens, 128)))
+    lm = load_model(
+        "random:mixtral",
+        config_overrides=dict(
+            num_hidden_layers=args.layers,
+            hidden_size=64,
+            intermediate_size=128,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            max_position_embeddings=max(args.tokens, 128),
+        ),
+    )
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(3, 259, (args.tokens,), generator=g).tolist() for _ in range(args.sequences)]
 
-    a, b = single_pass(lm, seqs), rerun_per_layer(lm, seqs)        # warm-up + correctness
+    a, b = single_pass(lm, seqs), rerun_per_layer(lm, seqs)  # warm-up + correctness
     worst = max(float((a[i] - b[i]).abs().max() / b[i].abs().max()) for i in a)
     t_single, t_rerun = [], []
     for _ in range(args.repeats):
-        t0 = time.perf_counter(); single_pass(lm, seqs); t_single.append(time.perf_counter() - t0)
-        t0 = time.perf_counter(); rerun_per_layer(lm, seqs); t_rerun.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        single_pass(lm, seqs)
+        t_single.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        rerun_per_layer(lm, seqs)
+        t_rerun.append(time.perf_counter() - t0)
     s, r = min(t_single), min(t_rerun)
     n = args.tokens * args.sequences
-    print(f"model: Mixtral-style, {args.layers} layers, H=64, I=128, E=8, top-2; {n} tokens "
-          f"({args.sequences} x {args.tokens}); {torch.get_num_threads()} threads; best of {args.repeats}")
+    print(
+        f"model: Mixtral-style, {args.layers} layers, H=64, I=128, E=8, top-2; {n} tokens "
+        f"({args.sequences} x {args.tokens}); {torch.get_num_threads()} threads; best of {args.repeats}"
+    )
     print(f"single pass (1 forward/sequence + all experts from captured inputs): {s:.3f} s")
     print(f"re-run per layer ({args.layers} forwards/sequence, top-k=E at one layer): {r:.3f} s")
     print(f"speed-up: {r / s:.2f}x")
     print(f"max relative difference of all-expert outputs between methods: {worst:.2e}")
-    path = save_results("trace_vs_rerun", {"machine": machine(), "layers": args.layers, "tokens": n,
-                                           "single_pass_s": s, "rerun_s": r, "speedup": r / s,
-                                           "max_rel_difference": worst})
+    path = save_results(
+        "trace_vs_rerun",
+        {
+            "machine": machine(),
+            "layers": args.layers,
+            "tokens": n,
+            "single_pass_s": s,
+            "rerun_s": r,
+            "speedup": r / s,
+            "max_rel_difference": worst,
+        },
+    )
     print(f"wrote {path}")
 
 

@@ -38,15 +38,23 @@ def assert_close(a, b, tol=1e-9):
 
 
 def check_obs1(res) -> None:
-    gate, sim, reorder, s = res.tables["gate_correlation"], res.tables["weight_similarity"], res.tables["reordering"], res.summary
+    gate, sim, reorder, s = (
+        res.tables["gate_correlation"],
+        res.tables["weight_similarity"],
+        res.tables["reordering"],
+        res.summary,
+    )
     for m, key in (("W_act", "gate_r2_act"), ("W_up", "gate_r2_up"), ("W_down", "gate_r2_down")):
         assert_close(s[key]["value"], naive_table3(gate[gate.matrix == m].r.tolist()))
         assert s[key]["paper"] == {k: d[m] for k, d in paper.GATE_R2.items()}
     by_layer = {}
     for row in gate.itertuples():
         by_layer.setdefault(row.layer, {})[row.matrix] = row.r
-    diffs = [d["W_act"] ** 2 - max(d["W_up"] ** 2, d["W_down"] ** 2) for d in by_layer.values()
-             if all(d.get(m) is not None and not math.isnan(d[m]) for m in ("W_act", "W_up", "W_down"))]
+    diffs = [
+        d["W_act"] ** 2 - max(d["W_up"] ** 2, d["W_down"] ** 2)
+        for d in by_layer.values()
+        if all(d.get(m) is not None and not math.isnan(d[m]) for m in ("W_act", "W_up", "W_down"))
+    ]
     adv = s["gate_act_advantage"]
     assert_close(adv["value"], naive_mean(diffs))
     if adv["ci_low"] is not None:
@@ -67,7 +75,7 @@ def check_obs1(res) -> None:
 def check_obs2(res) -> None:
     rc, s = res.tables["rank_counts"], res.summary
     e = int(rc.score_rank.max())
-    top = rc[rc.score_rank == e]                       # rows of the top-scored expert of each token
+    top = rc[rc.score_rank == e]  # rows of the top-scored expert of each token
     n = sum(top["count"])
     for key, k in (("top1_norm_agreement", 1), ("top2_norm_agreement", 2)):
         hits = sum(c for c, nr in zip(top["count"], top.norm_rank) if nr > e - k)
@@ -77,7 +85,9 @@ def check_obs2(res) -> None:
         assert entry["ci_low"] <= entry["value"] <= entry["ci_high"]
         assert entry["verdict"] == naive_verdict(entry["ci_low"], entry["ci_high"], entry["baseline"])
     ratios = res.tables["activation_ratio"]
-    assert_close(s["activation_ratio"]["value"], naive_mean([r.ratio for r in ratios.itertuples() if str(r.expert) != "F"]))
+    assert_close(
+        s["activation_ratio"]["value"], naive_mean([r.ratio for r in ratios.itertuples() if str(r.expert) != "F"])
+    )
 
 
 def naive_spearman(x, y):
@@ -93,12 +103,14 @@ def naive_spearman(x, y):
                 out[order[t]] = (i + j) / 2 + 1
             i = j + 1
         return out
+
     rx, ry = ranks(x), ranks(y)
     mx, my = naive_mean(rx), naive_mean(ry)
     num = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
     den = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
     rho = num / den
     from scipy.stats import t as student_t
+
     n = len(x)
     tstat = rho * math.sqrt((n - 2) / max(1e-300, 1 - rho * rho))
     return rho, 2 * student_t.sf(abs(tstat), n - 2)
@@ -126,8 +138,9 @@ def check_obs3(res) -> None:
     declines = rho < 0 and p < 0.05
     rises = z > 1 and last - prev[-1] > 0
     measured = not (math.isnan(rho) or math.isnan(z))  # an unmeasurable part never supports "does not hold"
-    assert s["depth_pattern"]["verdict"] == (HOLDS if declines and rises else
-                                             FAILS if measured and not (declines or rises) else INCONCLUSIVE)
+    assert s["depth_pattern"]["verdict"] == (
+        HOLDS if declines and rises else FAILS if measured and not (declines or rises) else INCONCLUSIVE
+    )
     top1 = res.tables["long_top1"]
     same = pairs = 0
     freq = []
@@ -145,5 +158,6 @@ def check_obs3(res) -> None:
     assert rep["verdict"] == naive_verdict(rep["ci_low"], rep["ci_high"], rep["baseline"])
 
 
-CHECKS.update({"obs1_neurons_as_experts": check_obs1, "obs2_router_norms": check_obs2,
-               "obs3_depth_diversity": check_obs3})
+CHECKS.update(
+    {"obs1_neurons_as_experts": check_obs1, "obs2_router_norms": check_obs2, "obs3_depth_diversity": check_obs3}
+)

@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from scipy.stats import linregress
+from tiny_models import sequences, tiny
 
 from moe_utils.analysis import dynamic, static, summary, verdicts
 from moe_utils.analysis.results import write_result
 from moe_utils.models.trace import trace
-from tiny_models import sequences, tiny
 
 
 def _mixtral_expert_mats(lm, layer: int) -> dict[str, torch.Tensor]:
@@ -45,7 +45,7 @@ def test_matrix_and_neuron_similarity_match_naive_loops():
                         if level == "matrix":
                             want = _naive_cos(w[i], w[j])
                         else:
-                            axis = 1 if m == "W_down" else 0          # average over the neuron axis
+                            axis = 1 if m == "W_down" else 0  # average over the neuron axis
                             want = _naive_cos(w[i].mean(axis), w[j].mean(axis))
                         assert g[(str(i), str(j))] == pytest.approx(want, abs=1e-6)
 
@@ -65,14 +65,18 @@ def test_dense_baseline_appears_as_F_when_widths_match():
         return DenseMLPWeights(layer, m["W_act"][0], m["W_up"][0], m["W_down"][0], "silu")
 
     import moe_utils.analysis.static as st
+
     original = st.dense_mlp_weights
     st.dense_mlp_weights = fake_dense_weights
     try:
         sim = static.weight_similarity(lm.model, dense_baseline=FakeDense())
     finally:
         st.dense_mlp_weights = original
-    g = sim[(sim.layer == 0) & (sim.matrix == "W_act") & (sim.level == "matrix")].set_index(
-        ["expert_i", "expert_j"]).similarity
+    g = (
+        sim[(sim.layer == 0) & (sim.matrix == "W_act") & (sim.level == "matrix")]
+        .set_index(["expert_i", "expert_j"])
+        .similarity
+    )
     assert g[("0", "F")] == pytest.approx(1.0, abs=1e-9)
     assert g[("1", "F")] == pytest.approx(_naive_cos(mats["W_act"][1], mats["W_act"][0]), abs=1e-6)
     summ = static.offdiagonal_summary(sim)
@@ -105,7 +109,9 @@ def test_norms_scores_and_rank_counts_from_a_naive_per_expert_loop():
         mats = _mixtral_expert_mats(lm, layer)
         x = tr.per_layer[layer].x.double()
         for e in range(mats["W_up"].shape[0]):
-            y = (F.silu(x @ mats["W_act"][e].double().T) * (x @ mats["W_up"][e].double().T)) @ mats["W_down"][e].double().T
+            y = (F.silu(x @ mats["W_act"][e].double().T) * (x @ mats["W_up"][e].double().T)) @ mats["W_down"][
+                e
+            ].double().T
             np.testing.assert_allclose(ns.norms[layer][:, e], y.norm(dim=-1).numpy(), rtol=1e-4)
         logits = x @ lm.model.model.layers[layer].mlp.gate.weight.detach().double().T
         np.testing.assert_allclose(ns.scores[layer], torch.softmax(logits, -1).numpy(), rtol=1e-4, atol=1e-7)
@@ -117,11 +123,12 @@ def test_norms_scores_and_rank_counts_from_a_naive_per_expert_loop():
     assert total.groupby("norm_rank")["share_of_norm_rank"].sum().round(9).eq(1.0).all()
     agree = dynamic.agreement_table(ns, n_boot=200)
     pooled = agree[agree.scope == "all"].iloc[0]
-    naive = np.mean([np.argmax(ns.norms[l][t]) == np.argmax(ns.scores[l][t])
-                     for l in ns.layers for t in range(n_tokens)])
+    naive = np.mean(
+        [np.argmax(ns.norms[l][t]) == np.argmax(ns.scores[l][t]) for l in ns.layers for t in range(n_tokens)]
+    )
     assert pooled.share == pytest.approx(naive)
     bars = dynamic.token_bars_frame(ns, tr)
-    assert bars.groupby(["layer", "token_index"]).chosen.sum().eq(2).all()   # top-2 routing
+    assert bars.groupby(["layer", "token_index"]).chosen.sum().eq(2).all()  # top-2 routing
 
 
 def test_output_similarity_and_routing_frames():
@@ -164,12 +171,25 @@ def test_verdict_rules():
 
 def test_summary_reads_results_files(tmp_path):
     for model, share in (("m-a", 0.6), ("m-b", 0.05)):
-        write_result(tmp_path / model / "results", "obs2_router_norms", model, "fp-" + model, {},
-                     {"t": pd.DataFrame({"x": [1]})},
-                     {"top1_norm_agreement": {"value": share, "ci_low": share - 0.05, "ci_high": share + 0.05,
-                                              "baseline": 0.125,
-                                              "verdict": verdicts.versus_baseline(share - 0.05, share + 0.05, 0.125),
-                                              "paper": {"Mixtral 8x7B": 0.69}, "note": ""}})
+        write_result(
+            tmp_path / model / "results",
+            "obs2_router_norms",
+            model,
+            "fp-" + model,
+            {},
+            {"t": pd.DataFrame({"x": [1]})},
+            {
+                "top1_norm_agreement": {
+                    "value": share,
+                    "ci_low": share - 0.05,
+                    "ci_high": share + 0.05,
+                    "baseline": 0.125,
+                    "verdict": verdicts.versus_baseline(share - 0.05, share + 0.05, 0.125),
+                    "paper": {"Mixtral 8x7B": 0.69},
+                    "note": "",
+                }
+            },
+        )
     table = summary.collect(tmp_path)
     v = summary.verdict_table(table)
     obs2 = "2. the router prefers large output norms"
@@ -199,5 +219,5 @@ def test_weight_report_reads_each_layer_once_and_matches_the_single_analyses(mon
     pd.testing.assert_frame_equal(report["similarity"], static.weight_similarity(lm))
     pd.testing.assert_frame_equal(report["gate_correlation"], static.gate_correlation(lm))
     pd.testing.assert_frame_equal(report["reordering"], static.reordering(lm, seed=0))
-    assert len(report["gate_pairs"]) == len(lm.moe_layers) * 3 * 4 * 3 // 2   # 4 experts: 6 pairs
+    assert len(report["gate_pairs"]) == len(lm.moe_layers) * 3 * 4 * 3 // 2  # 4 experts: 6 pairs
     assert set(report["pca_matrix"].label) == {"0", "1", "2", "3"}

@@ -21,7 +21,7 @@ def test_gpt_oss_swiglu_matches_model_code():
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
     experts = GptOssExperts(GptOssConfig(hidden_size=8, intermediate_size=4, num_local_experts=2))
-    gate_up = torch.linspace(-12, 12, 40).reshape(5, 8)          # interleaved gate/up columns
+    gate_up = torch.linspace(-12, 12, 40).reshape(5, 8)  # interleaved gate/up columns
     act = activation(f"gpt_oss_swiglu(alpha={experts.alpha},limit={experts.limit})")
     torch.testing.assert_close(act.glu(gate_up[:, 0::2], gate_up[:, 1::2]), experts._apply_gate(gate_up))
 

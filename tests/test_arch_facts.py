@@ -12,6 +12,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from tiny_models import NATIVE_MOE, remote_style_loaded, tiny
 from torch import nn
 
 from moe_utils.arch import SPECS, get_spec
@@ -19,8 +20,6 @@ from moe_utils.arch.config import get_path
 from moe_utils.arch.facts import ModelFacts, facts_for
 from moe_utils.core.errors import CheckpointError
 from moe_utils.metrics import cosine_from_gram
-
-from tiny_models import NATIVE_MOE, remote_style_loaded, tiny
 
 # (config attribute of the number of routed experts, of the experts per token), per family
 CONFIG_NAMES = {
@@ -43,8 +42,9 @@ CONFIG_NAMES = {
 
 def _matrix_params(module: nn.Module) -> int:
     """Number of weight-matrix entries of a module (biases and norms left out)."""
-    return sum(p.numel() for name, p in module.named_parameters()
-               if p.dim() >= 2 and "bias" not in name.rsplit(".", 1)[-1])
+    return sum(
+        p.numel() for name, p in module.named_parameters() if p.dim() >= 2 and "bias" not in name.rsplit(".", 1)[-1]
+    )
 
 
 def _block(model: nn.Module, spec, layer: int) -> nn.Module:
@@ -86,7 +86,10 @@ def test_facts_match_config_and_modules(family):
         router = block.get_submodule(spec.modules.router).get_parameter(spec.modules.router_weight)
         assert tuple(router.shape) == (f.num_experts, H)
         # every gated expert holds three I x H matrices (fused, transposed or one Linear each)
-        assert _matrix_params(block.get_submodule(spec.modules.experts)) == 3 * f.num_experts * f.expert_intermediate_size * H
+        assert (
+            _matrix_params(block.get_submodule(spec.modules.experts))
+            == 3 * f.num_experts * f.expert_intermediate_size * H
+        )
         if spec.modules.shared:
             shared = block.get_submodule(spec.modules.shared)
             assert _matrix_params(shared) == 3 * f.shared_expert_intermediate_size * H
@@ -114,8 +117,11 @@ def test_dense_model_facts():
     assert (f.is_moe, f.num_experts, f.top_k, f.routing, f.moe_layers) == (False, 0, 0, None, ())
     assert f.dense_layers == tuple(range(lm.config.num_hidden_layers))
     mlp = lm.model.get_submodule("model.layers.0.mlp")
-    assert _matrix_params(mlp) == 3 * f.dense_intermediate_size * f.hidden_size == \
-        3 * lm.config.intermediate_size * lm.config.hidden_size
+    assert (
+        _matrix_params(mlp)
+        == 3 * f.dense_intermediate_size * f.hidden_size
+        == 3 * lm.config.intermediate_size * lm.config.hidden_size
+    )
 
 
 def test_facts_are_frozen():
@@ -139,7 +145,11 @@ def test_remote_style_model_facts():
     lm = remote_style_loaded()
     f = lm.facts
     cfg = lm.config
-    assert (f.num_experts, f.top_k, f.hidden_size) == (cfg["n_routed_experts"], cfg["num_experts_per_tok"], cfg["hidden_size"])
+    assert (f.num_experts, f.top_k, f.hidden_size) == (
+        cfg["n_routed_experts"],
+        cfg["num_experts_per_tok"],
+        cfg["hidden_size"],
+    )
     assert f.moe_layers == tuple(range(cfg["first_k_dense_replace"], cfg["num_hidden_layers"]))
     shared = lm.model.get_submodule(f"model.layers.{f.moe_layers[0]}.mlp.shared_experts")
     assert _matrix_params(shared) == 3 * f.shared_expert_intermediate_size * f.hidden_size
@@ -182,12 +192,12 @@ def _naive_cosine(x: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("kind", ["numpy", "torch"])
 def test_cosine_from_gram_matches_naive_cosine(kind):
     x = np.random.default_rng(0).normal(size=(5, 7))
-    x[2] = 0.0                                  # no direction: NaN everywhere, diagonal too
-    x[3] = -2.5 * x[0]                          # opposite direction: -1
+    x[2] = 0.0  # no direction: NaN everywhere, diagonal too
+    x[3] = -2.5 * x[0]  # opposite direction: -1
     g = x @ x.T
     cos = cosine_from_gram(torch.from_numpy(g) if kind == "torch" else g)
     assert isinstance(cos, np.ndarray) and cos.dtype == np.float64
     np.testing.assert_allclose(cos, _naive_cosine(x), rtol=0, atol=1e-12)
     assert np.isnan(cos[2]).all() and np.isnan(cos[:, 2]).all()
     assert -1.0 <= cos[0, 3] < -1.0 + 1e-12 and cos[1, 1] == 1.0
-    assert np.nanmax(np.abs(cos)) <= 1.0          # clipped: rounding never leaves [-1, 1]
+    assert np.nanmax(np.abs(cos)) <= 1.0  # clipped: rounding never leaves [-1, 1]

@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
+from tiny_models import NATIVE_MOE, tiny
 
 from moe_utils.arch import get_spec
 from moe_utils.engine.routing import RouteParams, route, route_params
-from tiny_models import NATIVE_MOE, tiny
 
 
 def _naive_softmax_topk(logits, k, renorm, scale=1.0, n_group=1, topk_group=1):
@@ -19,7 +19,7 @@ def _naive_softmax_topk(logits, k, renorm, scale=1.0, n_group=1, topk_group=1):
         ex = [math.exp(v - m) for v in row]
         p = [v / sum(ex) for v in ex]
         size = len(p) // n_group
-        best_groups = sorted(range(n_group), key=lambda g: -max(p[g * size:(g + 1) * size]))[:topk_group]
+        best_groups = sorted(range(n_group), key=lambda g: -max(p[g * size : (g + 1) * size]))[:topk_group]
         allowed = [e for e in range(len(p)) if e // size in best_groups]
         chosen = sorted(allowed, key=lambda e: -p[e])[:k]
         w = [p[e] for e in chosen]
@@ -34,8 +34,16 @@ def test_softmax_topk_renormalised_and_grouped():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(20, 8, generator=g)
     for renorm, groups in ((True, (1, 1)), (False, (1, 1)), (False, (4, 2))):
-        p = RouteParams("softmax_topk", 8, 3, renormalize=renorm, scale=1.5,
-                        group="max" if groups[0] > 1 else None, n_group=groups[0], topk_group=groups[1])
+        p = RouteParams(
+            "softmax_topk",
+            8,
+            3,
+            renormalize=renorm,
+            scale=1.5,
+            group="max" if groups[0] > 1 else None,
+            n_group=groups[0],
+            topk_group=groups[1],
+        )
         w, i = route(logits, p)
         nw, ni = _naive_softmax_topk(logits, 3, renorm, 1.5, *groups)
         assert torch.equal(i, ni)
@@ -47,7 +55,7 @@ def test_sigmoid_correction_bias_chooses_but_does_not_weigh():
     bias = torch.tensor([0.0, 0.0, 0.0, 5.0])
     p = RouteParams("sigmoid_topk", 4, 2, renormalize=False, scale=2.0)
     w, i = route(logits, p, correction_bias=bias)
-    assert i.tolist() == [[3, 0]]                                 # bias pulls expert 3 in
+    assert i.tolist() == [[3, 0]]  # bias pulls expert 3 in
     torch.testing.assert_close(w, 2.0 * torch.sigmoid(torch.tensor([[-1.0, 2.0]])))
     w2, i2 = route(logits, p)
     assert i2.tolist() == [[0, 1]]
@@ -99,8 +107,15 @@ def test_route_equals_model_router(family):
 
 def test_route_params_from_config_keys():
     v2 = get_spec("deepseek_v2")
-    cfg = {"model_type": "deepseek_v2", "n_routed_experts": 8, "num_experts_per_tok": 2,
-           "topk_method": "greedy", "n_group": 4, "topk_group": 2, "routed_scaling_factor": 16.0}
+    cfg = {
+        "model_type": "deepseek_v2",
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+        "topk_method": "greedy",
+        "n_group": 4,
+        "topk_group": 2,
+        "routed_scaling_factor": 16.0,
+    }
     p = route_params(v2, cfg)
     assert p.group is None and p.scale == 16.0 and not p.renormalize
     p = route_params(v2, {**cfg, "topk_method": "group_limited_greedy"})
@@ -127,8 +142,9 @@ def _naive_biased_choice(logits, bias, k, score, bias_on_logits=False, renorm=Tr
     return torch.tensor(out_w), torch.tensor(out_i)
 
 
-@pytest.mark.parametrize("method,bias_on_logits", [("softmax_topk", False), ("sigmoid_topk", True),
-                                                   ("sqrtsoftplus_topk", False)])
+@pytest.mark.parametrize(
+    "method,bias_on_logits", [("softmax_topk", False), ("sigmoid_topk", True), ("sqrtsoftplus_topk", False)]
+)
 def test_choice_only_bias_variants_against_naive_loop(method, bias_on_logits):
     g = torch.Generator().manual_seed(7)
     logits = torch.randn(12, 8, generator=g)
@@ -137,13 +153,14 @@ def test_choice_only_bias_variants_against_naive_loop(method, bias_on_logits):
         probs = torch.softmax(logits, -1)
         want_w, want_i = _naive_biased_choice(torch.log(probs), bias, 2, math.exp)
     else:
-        score = ((lambda v: 1 / (1 + math.exp(-v))) if method == "sigmoid_topk"
-                 else (lambda v: math.sqrt(math.log1p(math.exp(v)))))
+        score = (
+            (lambda v: 1 / (1 + math.exp(-v)))
+            if method == "sigmoid_topk"
+            else (lambda v: math.sqrt(math.log1p(math.exp(v))))
+        )
         want_w, want_i = _naive_biased_choice(logits, bias, 2, score, bias_on_logits)
-    params = RouteParams(method, num_experts=8, top_k=2, renormalize=True,
-                         bias_on_logits=bias_on_logits)
+    params = RouteParams(method, num_experts=8, top_k=2, renormalize=True, bias_on_logits=bias_on_logits)
     w, i = route(logits, params, bias)
     order, want_order = i.argsort(-1), want_i.argsort(-1)
     assert torch.equal(i.gather(1, order), want_i.gather(1, want_order))
-    torch.testing.assert_close(w.gather(1, order), want_w.float().gather(1, want_order),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w.gather(1, order), want_w.float().gather(1, want_order), rtol=1e-5, atol=1e-6)

@@ -33,10 +33,10 @@ ALLOWED_LOCAL_IMPORTS = {
 
 @dataclass(frozen=True)
 class Import:
-    importer: str   # dotted module name
-    imported: str   # dotted module name (a module of the package, never a name inside one)
+    importer: str  # dotted module name
+    imported: str  # dotted module name (a module of the package, never a name inside one)
     line: int
-    local: bool     # inside a function body
+    local: bool  # inside a function body
 
 
 def module_name(path: Path, root: Path, package: str) -> str:
@@ -55,7 +55,7 @@ def _resolve(node: ast.ImportFrom, importer: str, is_package: bool) -> str:
     base = importer.split(".")
     if not is_package:
         base = base[:-1]
-    base = base[:len(base) - (node.level - 1)]
+    base = base[: len(base) - (node.level - 1)]
     return ".".join(base + ([node.module] if node.module else []))
 
 
@@ -65,7 +65,7 @@ def imports_of(name: str, path: Path, modules: dict[str, Path], package: str) ->
     found: list[Import] = []
 
     def add(target: str, line: int, local: bool) -> None:
-        while target and target not in modules:   # a name inside a module: the module itself
+        while target and target not in modules:  # a name inside a module: the module itself
             target = target.rpartition(".")[0]
         if target and target != name:
             found.append(Import(name, target, line, local))
@@ -81,7 +81,7 @@ def imports_of(name: str, path: Path, modules: dict[str, Path], package: str) ->
                 base = _resolve(child, name, path.name == "__init__.py")
                 if base.split(".")[0] != package:
                     continue
-                for alias in child.names:   # `from pkg import submodule` imports the submodule
+                for alias in child.names:  # `from pkg import submodule` imports the submodule
                     sub = f"{base}.{alias.name}"
                     add(sub if sub in modules else base, child.lineno, inner)
             visit(child, inner)
@@ -100,8 +100,7 @@ def layer_of(module: str, package: str, layers: tuple[str, ...], root_layer: str
     return root_layer if len(parts) == 1 else parts[1]
 
 
-def upward_imports(imports: list[Import], package: str, layers: tuple[str, ...],
-                   root_layer: str) -> list[str]:
+def upward_imports(imports: list[Import], package: str, layers: tuple[str, ...], root_layer: str) -> list[str]:
     """Imports of a higher layer, and modules outside every declared layer."""
     problems = []
     rank = {layer: i for i, layer in enumerate(layers)}
@@ -110,11 +109,14 @@ def upward_imports(imports: list[Import], package: str, layers: tuple[str, ...],
         b = layer_of(imp.imported, package, layers, root_layer)
         for module, layer in ((imp.importer, a), (imp.imported, b)):
             if layer not in rank:
-                problems.append(f"{module} is in no declared layer ({layer!r}); put it in one of "
-                                f"{', '.join(layers)} or declare the new layer")
+                problems.append(
+                    f"{module} is in no declared layer ({layer!r}); put it in one of "
+                    f"{', '.join(layers)} or declare the new layer"
+                )
         if a in rank and b in rank and rank[b] > rank[a]:
-            problems.append(f"{imp.importer} (layer {a}) imports {imp.imported} (layer {b}, above "
-                            f"it) at line {imp.line}")
+            problems.append(
+                f"{imp.importer} (layer {a}) imports {imp.imported} (layer {b}, above it) at line {imp.line}"
+            )
     return sorted(set(problems))
 
 
@@ -131,8 +133,11 @@ def import_cycle(imports: list[Import]) -> list[str] | None:
 
 
 def local_imports(imports: list[Import], allowed) -> list[str]:
-    return sorted(f"{imp.importer} imports {imp.imported} inside a function (line {imp.line})"
-                  for imp in imports if imp.local and (imp.importer, imp.imported) not in allowed)
+    return sorted(
+        f"{imp.importer} imports {imp.imported} inside a function (line {imp.line})"
+        for imp in imports
+        if imp.local and (imp.importer, imp.imported) not in allowed
+    )
 
 
 # ---- the package -----------------------------------------------------------------------------
@@ -176,21 +181,26 @@ def _write(root: Path, files: dict[str, str]) -> None:
 @pytest.fixture
 def fake(tmp_path: Path) -> Path:
     root = tmp_path / "fakepkg"
-    _write(root, {
-        "__init__.py": "",
-        "low/__init__.py": "",
-        "low/a.py": "from fakepkg.low import b\n",
-        "low/b.py": "import os\n",
-        "high/__init__.py": "",
-        "high/c.py": "from ..low.a import thing\n",
-    })
+    _write(
+        root,
+        {
+            "__init__.py": "",
+            "low/__init__.py": "",
+            "low/a.py": "from fakepkg.low import b\n",
+            "low/b.py": "import os\n",
+            "high/__init__.py": "",
+            "high/c.py": "from ..low.a import thing\n",
+        },
+    )
     return root
 
 
 def test_a_clean_fake_package_passes(fake):
     imports = all_imports(fake, "fakepkg")
     assert {(i.importer, i.imported) for i in imports} == {
-        ("fakepkg.low.a", "fakepkg.low.b"), ("fakepkg.high.c", "fakepkg.low.a")}
+        ("fakepkg.low.a", "fakepkg.low.b"),
+        ("fakepkg.high.c", "fakepkg.low.a"),
+    }
     assert upward_imports(imports, "fakepkg", ("low", "high"), "low") == []
     assert import_cycle(imports) is None
     assert local_imports(imports, {}) == []
@@ -199,8 +209,7 @@ def test_a_clean_fake_package_passes(fake):
 def test_an_upward_import_is_reported_with_its_line(fake):
     _write(fake, {"low/b.py": "import os\n\nfrom fakepkg.high import c\n"})
     problems = upward_imports(all_imports(fake, "fakepkg"), "fakepkg", ("low", "high"), "low")
-    assert problems == ["fakepkg.low.b (layer low) imports fakepkg.high.c (layer high, above it) "
-                        "at line 3"]
+    assert problems == ["fakepkg.low.b (layer low) imports fakepkg.high.c (layer high, above it) at line 3"]
 
 
 def test_a_cycle_hidden_in_a_function_is_found(fake):
@@ -208,8 +217,7 @@ def test_a_cycle_hidden_in_a_function_is_found(fake):
     imports = all_imports(fake, "fakepkg")
     cycle = import_cycle(imports)
     assert cycle is not None and set(cycle) == {"fakepkg.low.a", "fakepkg.low.b"}
-    assert local_imports(imports, {}) == ["fakepkg.low.b imports fakepkg.low.a inside a function "
-                                          "(line 2)"]
+    assert local_imports(imports, {}) == ["fakepkg.low.b imports fakepkg.low.a inside a function (line 2)"]
     assert local_imports(imports, {("fakepkg.low.b", "fakepkg.low.a"): "reason"}) == []
 
 

@@ -65,8 +65,10 @@ def test_book_renderer_mimebundle() -> None:
     assert "vegaEmbed" in bundle["text/html"] and "norms" in bundle["text/plain"]
 
 
-@pytest.mark.parametrize(("env", "enabled"), [({"BOOK_BUILD": "1"}, True), ({"BOOK_BUILD": "true"}, True),
-                                              ({"BOOK_BUILD": "0"}, False), ({}, False)])
+@pytest.mark.parametrize(
+    ("env", "enabled"),
+    [({"BOOK_BUILD": "1"}, True), ({"BOOK_BUILD": "true"}, True), ({"BOOK_BUILD": "0"}, False), ({}, False)],
+)
 def test_book_build_enabled(env: dict, enabled: bool) -> None:
     assert book_build_enabled(env) is enabled
 
@@ -107,8 +109,13 @@ setTimeout(() => console.log(JSON.stringify({calls, shown: el.children.map((p) =
 def test_chart_script_calls_vega_embed_or_shows_red_message(with_library: bool) -> None:
     spec = {"mark": "point", "title": "x"}
     script = _script_of(book_chart_html(spec, div_id="c1"))
-    proc = subprocess.run([NODE, "-e", NODE_HARNESS, "yes" if with_library else "no"],
-                          input=script, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [NODE, "-e", NODE_HARNESS, "yes" if with_library else "no"],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     if with_library:
@@ -133,7 +140,9 @@ console.log(JSON.stringify({embed: typeof window.vegaEmbed, leaked: typeof n}));
 def test_vega_bundle_defines_vega_embed_without_leaking_names(tmp_path: Path) -> None:
     path = write_vega_bundle(tmp_path / "static" / "vega-bundle.js")
     text = path.read_text(encoding="utf-8")
-    assert text.startswith("/* vega ") and f"vega-lite {'.'.join(alt.SCHEMA_VERSION.lstrip('v').split('.')[:2])}" in text
+    assert (
+        text.startswith("/* vega ") and f"vega-lite {'.'.join(alt.SCHEMA_VERSION.lstrip('v').split('.')[:2])}" in text
+    )
     assert not (tmp_path / "static" / "vega-bundle.js.tmp").exists()
     proc = subprocess.run([NODE, "-e", BUNDLE_HARNESS, str(path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -37,7 +37,10 @@ CHROMIUM = Path("/usr/bin/chromium")
 def _moe_book(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "moe_utils.publish.cli", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=1200,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=1200,
     )
 
 
@@ -60,13 +63,22 @@ def built_book(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
         notebooks_dir, name = repo_root / "notebooks", REAL_NOTEBOOK
     else:
         notebooks_dir, name = repo_root / "tests" / "fixtures" / "notebooks", FIXTURE_NOTEBOOK
-    run = _moe_book("run", "--model", MODEL, "--notebooks-dir", str(notebooks_dir),
-                    "--notebooks", name, "--out", "book/runs", cwd=root)
+    run = _moe_book(
+        "run",
+        "--model",
+        MODEL,
+        "--notebooks-dir",
+        str(notebooks_dir),
+        "--notebooks",
+        name,
+        "--out",
+        "book/runs",
+        cwd=root,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     build = _moe_book("build", cwd=root)
     assert build.returncode == 0, build.stdout + build.stderr
-    return {"root": root, "name": name, "run": run, "build": build,
-            "html": root / "_build" / "html"}
+    return {"root": root, "name": name, "run": run, "build": build, "html": root / "_build" / "html"}
 
 
 @pytest.mark.slow
@@ -82,8 +94,11 @@ def test_run_writes_tidied_notebook_with_offline_chart(built_book: dict) -> None
     assert any("parameters" in t and "remove-cell" in t for t in tags)
     assert any("injected-parameters" in t and "hide-input" in t for t in tags)
     html_outputs = [
-        out_.data["text/html"] for cell in nb.cells if cell.cell_type == "code"
-        for out_ in cell.outputs if "data" in out_ and "text/html" in out_.data
+        out_.data["text/html"]
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for out_ in cell.outputs
+        if "data" in out_ and "text/html" in out_.data
     ]
     charts = [h for h in html_outputs if "vegaEmbed" in h]
     assert charts, "no chart drawn with the book renderer (was BOOK_BUILD=1 in the kernel?)"
@@ -133,8 +148,7 @@ class Cdp:
             self.events.append(msg)
 
     def evaluate(self, expression: str):
-        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True,
-                           awaitPromise=True)
+        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
         if "exceptionDetails" in result:
             raise RuntimeError(f"page script failed: {result['exceptionDetails']}")
         return result["result"].get("value")
@@ -183,7 +197,7 @@ def served_site(built_book: dict):
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 - signature of the base class
+    def log_message(self, format: str, *args) -> None:
         pass
 
 
@@ -192,12 +206,24 @@ def browser(tmp_path: Path):
     """Headless Debian Chromium that can reach no host but 127.0.0.1; yields a CDP page client."""
     _require_chromium()
     cmd = [
-        str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-        "--no-first-run", "--no-default-browser-check", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--disable-default-apps",
-        "--disable-extensions", "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}", "--remote-debugging-address=127.0.0.1",
-        "--remote-debugging-port=0", "--remote-allow-origins=*", "about:blank",
+        str(CHROMIUM),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--no-default-browser-check",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-default-apps",
+        "--disable-extensions",
+        "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        "--remote-debugging-address=127.0.0.1",
+        "--remote-debugging-port=0",
+        "--remote-allow-origins=*",
+        "about:blank",
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -228,8 +254,7 @@ def browser(tmp_path: Path):
 
 
 CHART_DRAWN = (
-    "Array.from(document.querySelectorAll('.moe-book-chart'))"
-    ".some(c => c.querySelector('svg, canvas') !== null)"
+    "Array.from(document.querySelectorAll('.moe-book-chart')).some(c => c.querySelector('svg, canvas') !== null)"
 )
 MARK_SLIDER_CHART = """(() => {
   const chart = Array.from(document.querySelectorAll('.moe-book-chart'))
@@ -274,13 +299,16 @@ def test_page_renders_chart_and_slider_offline(built_book: dict, served_site: st
     browser.wait_for(SVG_CHANGED, timeout=30)
     assert browser.evaluate("document.querySelector('[data-under-test] input[type=range]').value") == moved_to
 
-    requested = [e["params"]["request"]["url"] for e in browser.events
-                 if e.get("method") == "Network.requestWillBeSent"]
+    requested = [
+        e["params"]["request"]["url"] for e in browser.events if e.get("method") == "Network.requestWillBeSent"
+    ]
     assert any(u.endswith(f"{name}.html") for u in requested)
     assert any("vega-bundle.js" in u for u in requested)
-    elsewhere = [u for u in requested
-                 if urlparse(u).scheme not in ("data", "blob", "about")
-                 and urlparse(u).hostname != "127.0.0.1"]
+    elsewhere = [
+        u
+        for u in requested
+        if urlparse(u).scheme not in ("data", "blob", "about") and urlparse(u).hostname != "127.0.0.1"
+    ]
     assert not elsewhere, f"the page tried to reach other hosts: {elsewhere}"
 
 

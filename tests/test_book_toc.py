@@ -8,9 +8,9 @@ import nbformat
 import pytest
 from sphinx_external_toc.parsing import parse_toc_yaml
 
+from moe_utils.core.errors import MoEUtilsError
 from moe_utils.publish import runner
 from moe_utils.publish.bookbuild import GENERATED_TOC, PAGES_DIR, ROOT_PAGE, collect_runs, make_toc, write_toc
-from moe_utils.core.errors import MoEUtilsError
 
 
 def executed(path: Path, model: str | None = None, failed: bool = False, meta: dict | None = None) -> Path:
@@ -42,8 +42,9 @@ def book(tmp_path: Path, monkeypatch) -> Path:
     executed(runs / "book" / "organisms.ipynb")
     executed(runs / "book" / "zoo_training.ipynb", meta={"moe_book": {"scope": "book", "place": "front"}})
     (runs / "empty-model").mkdir()
-    monkeypatch.setattr(runner, "default_models",
-                        lambda: (["zoo:tiny-moe-scratch", "zoo:tiny-moe-upcycled"], "zoo:tiny-dense"))
+    monkeypatch.setattr(
+        runner, "default_models", lambda: (["zoo:tiny-moe-scratch", "zoo:tiny-moe-upcycled"], "zoo:tiny-dense")
+    )
     return tmp_path
 
 
@@ -67,10 +68,11 @@ def test_make_toc_orders_front_models_back(book: Path) -> None:
     assert toc["format"] == "jb-book" and toc["root"] == "book/intro"
     flat = [(part["caption"], [c["file"] for c in part["chapters"]]) for part in toc["parts"]]
     assert flat == [
-        ("The paper and the method",
-         ["book/method", "book/runs/book/organisms", "book/runs/book/zoo_training"]),
-        ("Model: zoo:tiny-moe-upcycled",
-         ["book/runs/tiny-moe-upcycled/obs1_weights", "book/runs/tiny-moe-upcycled/obs2_norms"]),
+        ("The paper and the method", ["book/method", "book/runs/book/organisms", "book/runs/book/zoo_training"]),
+        (
+            "Model: zoo:tiny-moe-upcycled",
+            ["book/runs/tiny-moe-upcycled/obs1_weights", "book/runs/tiny-moe-upcycled/obs2_norms"],
+        ),
         ("Model: mistralai/Mixtral-8x7B-v0.1", ["book/runs/mistralai--Mixtral-8x7B-v0.1/obs1_weights"]),
         ("Model: zebra", ["book/runs/zebra/obs1_weights"]),
         ("Summary and reproduction", ["book/runs/book/summary", "book/suggestions", "book/reproduce"]),

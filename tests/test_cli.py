@@ -38,8 +38,23 @@ def test_subcommand_help(argv: list[str], options: list[str], capsys) -> None:
 
 def test_run_arguments_are_parsed() -> None:
     args = cli.build_parser().parse_args(
-        ["run", "--model", "org/M", "--notebooks", "obs1", "obs2", "-p", "layers", "[0, 1]",
-         "-p", "seed", "3", "--out", "x"])
+        [
+            "run",
+            "--model",
+            "org/M",
+            "--notebooks",
+            "obs1",
+            "obs2",
+            "-p",
+            "layers",
+            "[0, 1]",
+            "-p",
+            "seed",
+            "3",
+            "--out",
+            "x",
+        ]
+    )
     assert (args.model, args.notebooks, args.out) == ("org/M", ["obs1", "obs2"], Path("x"))
     assert args.parameters == [["layers", "[0, 1]"], ["seed", "3"]]
     assert cli.build_parser().parse_args(["run"]).out == Path("book/runs")

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_utils.publish import coverage
 from moe_utils.arch import get_spec, spec_for_config
 from moe_utils.arch.catalogue import catalogue
-from moe_utils.models.derive import DerivationError, derive_family, derive_spec
 from moe_utils.core.errors import UnknownFamilyError
+from moe_utils.models.derive import DerivationError, derive_family, derive_spec
 from moe_utils.models.loading import load_model
 from moe_utils.models.trace import trace, verify_trace
+from moe_utils.publish import coverage
 
 # One derived family per quirk: sigmoid + correction bias + shared expert + dense layer
 # (glm4_moe), hybrid linear attention + gated shared expert (qwen3_5_moe_text), softmax with a
@@ -30,9 +30,19 @@ from moe_utils.models.trace import trace, verify_trace
 # experts (nemotron_h), a multimodal model's text decoder (qwen3_vl_moe_text), fused experts
 # under other names on disk (granitemoeshared), a shared expert whose gate projection is renamed
 # by the original on-disk spelling only (hy_v4), a per-layer dense/sparse list (deepseek_ocr2_text).
-SAMPLE = ["glm4_moe", "qwen3_5_moe_text", "ernie4_5_moe", "cohere2_moe", "minimax_m2",
-          "bailing_hybrid", "nemotron_h", "qwen3_vl_moe_text", "granitemoeshared", "hy_v4",
-          "deepseek_ocr2_text"]
+SAMPLE = [
+    "glm4_moe",
+    "qwen3_5_moe_text",
+    "ernie4_5_moe",
+    "cohere2_moe",
+    "minimax_m2",
+    "bailing_hybrid",
+    "nemotron_h",
+    "qwen3_vl_moe_text",
+    "granitemoeshared",
+    "hy_v4",
+    "deepseek_ocr2_text",
+]
 ALL = [e.model_type for e in catalogue() if not e.excluded]
 FAMILIES = ALL if os.environ.get("MOE_BOOK_ALL_FAMILIES") else SAMPLE
 REPO = Path(__file__).resolve().parents[1]
@@ -41,9 +51,22 @@ REPO = Path(__file__).resolve().parents[1]
 def test_catalogue_is_read_from_transformers():
     names = {e.model_type for e in catalogue()}
     assert len(names) >= 60
-    assert {"glm4_moe", "minimax_m2", "ernie4_5_moe", "dots1", "kimi_linear", "longcat_flash",
-            "exaone_moe", "cohere2_moe", "mimo_v2_flash", "solar_open", "qwen3_5_moe_text",
-            "deepseek_v32", "deepseek_v4", "mistral4"} <= names
+    assert {
+        "glm4_moe",
+        "minimax_m2",
+        "ernie4_5_moe",
+        "dots1",
+        "kimi_linear",
+        "longcat_flash",
+        "exaone_moe",
+        "cohere2_moe",
+        "mimo_v2_flash",
+        "solar_open",
+        "qwen3_5_moe_text",
+        "deepseek_v32",
+        "deepseek_v4",
+        "mistral4",
+    } <= names
     for entry in catalogue():
         if entry.excluded:
             assert "not a decoder language model" in entry.excluded or "config" in entry.excluded
@@ -90,10 +113,21 @@ def test_derived_glm4_moe_matches_config_and_model():
 def test_real_config_layer_pattern_comes_from_the_skeleton():
     from transformers import Glm4MoeConfig
 
-    cfg = Glm4MoeConfig(num_hidden_layers=7, first_k_dense_replace=3, hidden_size=64,
-                        intermediate_size=96, moe_intermediate_size=16, n_routed_experts=16,
-                        num_experts_per_tok=4, num_attention_heads=4, num_key_value_heads=2,
-                        head_dim=16, vocab_size=320, n_group=4, topk_group=2).to_dict()
+    cfg = Glm4MoeConfig(
+        num_hidden_layers=7,
+        first_k_dense_replace=3,
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=16,
+        n_routed_experts=16,
+        num_experts_per_tok=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=320,
+        n_group=4,
+        topk_group=2,
+    ).to_dict()
     spec = spec_for_config(cfg)
     assert spec.derived
     assert spec.moe_layers(cfg) == [3, 4, 5, 6]
@@ -117,9 +151,17 @@ def test_refusals_say_what_did_not_match():
     with pytest.raises(UnknownFamilyError, match="not a decoder language model"):
         get_spec("switch_transformers")
     with pytest.raises(UnknownFamilyError, match="experts module"):
-        derive_spec({"model_type": "mistral", "num_hidden_layers": 2, "hidden_size": 32,
-                     "intermediate_size": 48, "num_attention_heads": 4, "num_key_value_heads": 2,
-                     "vocab_size": 320})
+        derive_spec(
+            {
+                "model_type": "mistral",
+                "num_hidden_layers": 2,
+                "hidden_size": 32,
+                "intermediate_size": 48,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "vocab_size": 320,
+            }
+        )
 
 
 def test_quirks_are_stated():
@@ -148,12 +190,30 @@ def test_committed_coverage_matrix_and_page():
 
 
 def test_render_page_lists_every_row():
-    data = {"transformers": "x", "torch": "y", "date": "2026-01-01", "notebooks": True,
-            "tolerance": 1e-5, "rows": [
-                vars(coverage.FamilyRow("a", "a", "AConfig", spec="derived", trace_ok=True,
-                                        rebuild_error=1e-7, disk_ok=True, weights_ok=True,
-                                        dynamic_ok=True, routing="softmax")),
-                vars(coverage.FamilyRow("b", "b", "BConfig", reason="refused: zero experts"))]}
+    data = {
+        "transformers": "x",
+        "torch": "y",
+        "date": "2026-01-01",
+        "notebooks": True,
+        "tolerance": 1e-5,
+        "rows": [
+            vars(
+                coverage.FamilyRow(
+                    "a",
+                    "a",
+                    "AConfig",
+                    spec="derived",
+                    trace_ok=True,
+                    rebuild_error=1e-7,
+                    disk_ok=True,
+                    weights_ok=True,
+                    dynamic_ok=True,
+                    routing="softmax",
+                )
+            ),
+            vars(coverage.FamilyRow("b", "b", "BConfig", reason="refused: zero experts")),
+        ],
+    }
     page = coverage.render_page(data)
     assert "| `a` |" in page and "| `b` |" in page and "refused: zero experts" in page
     assert "2 families are listed; 1 pass both analyses" in page
@@ -164,11 +224,28 @@ def test_never_seen_family_runs_every_notebook(tmp_path):
     """A family with no hand-written spec, built from its transformers config class, runs
     through every per-model notebook with moe-book run."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "moe_utils.publish.cli", "run", "--model",
-                           "random:glm4_moe", "--out", str(tmp_path), "--notebooks-dir",
-                           str(REPO / "notebooks"), "-p", "max_tokens", "512"],
-                          capture_output=True, text=True, env=env,
-                          cwd=REPO, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moe_utils.publish.cli",
+            "run",
+            "--model",
+            "random:glm4_moe",
+            "--out",
+            str(tmp_path),
+            "--notebooks-dir",
+            str(REPO / "notebooks"),
+            "-p",
+            "max_tokens",
+            "512",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     written = sorted(p.stem for p in (tmp_path / "random-glm4_moe").glob("*.ipynb"))
     assert {"obs1_neurons_as_experts", "obs2_router_norms", "obs3_depth_diversity"} <= set(written)

@@ -7,8 +7,8 @@ import types
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from moe_utils.engine import inputs as I
 from moe_utils.core.errors import InputSpecError, OfflineError
+from moe_utils.engine import inputs as I
 
 WORD_RE = re.compile(r"\w+|[^\w\s]+")  # what the Whitespace pre-tokenizer splits on
 
@@ -92,7 +92,11 @@ def test_user_file_blank_lines_and_separator_lines(tmp_path):
     assert I.split_paragraphs(sep.read_text()) == ["one\n\nstill one", "two"]
     tok = WithBos(word_tokenizer("first one here second third line still two"))
     inp = I.load_inputs(str(blank), tok)
-    assert inp.n_sequences == 3 and inp.name == str(blank) and inp.source == f"{blank.name} (sha256 {I.file_sha256(blank)})"
+    assert (
+        inp.n_sequences == 3
+        and inp.name == str(blank)
+        and inp.source == f"{blank.name} (sha256 {I.file_sha256(blank)})"
+    )
 
 
 def test_truncation_keeps_whole_sequences_first(tmp_path):
@@ -124,7 +128,11 @@ def test_unknown_spec_lists_presets():
 def test_parse_hf_spec():
     assert I.parse_hf_spec("hf:gsm8k:main:test") == ("gsm8k", "main", "test", None)
     assert I.parse_hf_spec("hf:wikitext:wikitext-103-raw-v1:test[:100]:text") == (
-        "wikitext", "wikitext-103-raw-v1", "test[:100]", "text")
+        "wikitext",
+        "wikitext-103-raw-v1",
+        "test[:100]",
+        "text",
+    )
     assert I.parse_hf_spec("hf:org/data:train") == ("org/data", None, "train", None)
     assert I.parse_hf_spec("hf:org/data::train:content") == ("org/data", None, "train", "content")
     with pytest.raises(InputSpecError):
@@ -161,8 +169,13 @@ def test_hf_rows_become_sequences(monkeypatch):
 
     def load(name, config, split):
         seen.update(name=name, config=config, split=split)
-        return FakeData([{"content": "paragraph 1 has", "id": 1}, {"content": "  ", "id": 2},
-                         {"content": "words number 2", "id": 3}])
+        return FakeData(
+            [
+                {"content": "paragraph 1 has", "id": 1},
+                {"content": "  ", "id": 2},
+                {"content": "words number 2", "id": 3},
+            ]
+        )
 
     fake_datasets(monkeypatch, load)
     tok = WithBos(word_tokenizer(" ".join(PARAS)))
@@ -185,13 +198,13 @@ def test_hugging_face_tokenizer_gets_bos_prepended():
 def test_fit_context_splits_long_sequences_into_windows_with_bos():
     from moe_utils.engine.inputs import Inputs, fit_context
 
-    seq = [1] + list(range(10, 30))          # BOS + 20 tokens
+    seq = [1] + list(range(10, 30))  # BOS + 20 tokens
     inp = Inputs(name="x", sequences=[seq, [1, 5, 6]], texts=["long", "short"])
     out = fit_context(inp, max_len=8, bos_id=1)
     assert all(len(s) <= 8 for s in out.sequences)
     assert all(s[0] == 1 for s in out.sequences)
     body = [t for s in out.sequences[:-1] for t in s[1:]]
-    assert body == list(range(10, 30))       # nothing lost, nothing repeated
+    assert body == list(range(10, 30))  # nothing lost, nothing repeated
     assert out.sequences[-1] == [1, 5, 6]
     assert "split" in out.note
     assert fit_context(inp, max_len=64, bos_id=1) is inp

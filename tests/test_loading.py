@@ -6,14 +6,20 @@ import json
 
 import pytest
 import torch
+from tiny_models import save, sequences, synthetic_deepseekmoe, synthetic_grok, tiny
 
 from moe_utils.core import paths
-from moe_utils.core.errors import (CheckpointError, NotMoEModelError, OfflineError, PickleRefusedError,
-                              RemoteCodeRequiredError, UnknownFamilyError)
+from moe_utils.core.errors import (
+    CheckpointError,
+    NotMoEModelError,
+    OfflineError,
+    PickleRefusedError,
+    RemoteCodeRequiredError,
+    UnknownFamilyError,
+)
 from moe_utils.models.loading import load_model, resolve_model
 from moe_utils.models.trace import trace
 from moe_utils.models.weights import layer_weights
-from tiny_models import save, sequences, synthetic_deepseekmoe, synthetic_grok, tiny
 
 
 def test_random_ids_are_deterministic():
@@ -56,7 +62,7 @@ def test_old_mixtral_config_keys(tmp_path):
     cfg = json.loads((folder / "config.json").read_text())
     cfg["num_experts"] = cfg.pop("num_local_experts")
     cfg.pop("num_experts_per_tok")
-    cfg["num_experts_per_token"] = 1                      # as in the paper code's config
+    cfg["num_experts_per_token"] = 1  # as in the paper code's config
     (folder / "config.json").write_text(json.dumps(cfg))
     lm = load_model(folder)
     assert lm.model.config.num_experts_per_tok == 1 and lm.model.config.num_local_experts == 4
@@ -90,7 +96,7 @@ def test_remote_code_needs_opt_in_but_weights_stream(tmp_path):
         load_model(tmp_path / "ds")
     msg = str(err.value)
     assert "trust_remote_code=True" in msg and "layer_weights" in msg
-    assert layer_weights(tmp_path / "ds", 1).num_experts == 6       # no code needed
+    assert layer_weights(tmp_path / "ds", 1).num_experts == 6  # no code needed
     synthetic_grok(tmp_path / "grok")
     with pytest.raises(RemoteCodeRequiredError, match="trust_remote_code=True"):
         load_model(tmp_path / "grok")
@@ -146,6 +152,6 @@ def test_not_a_folder_or_id(tmp_path):
 
 
 def test_zoo_ids(monkeypatch, tmp_path):
-    monkeypatch.setattr(paths, "ZOO_MODELS_DIR", tmp_path)        # simulate missing model files
+    monkeypatch.setattr(paths, "ZOO_MODELS_DIR", tmp_path)  # simulate missing model files
     with pytest.raises(CheckpointError, match="'tiny-moe-upcycled' is not installed"):
         resolve_model("zoo:tiny-moe-upcycled")

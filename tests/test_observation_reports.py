@@ -15,8 +15,7 @@ from scipy.optimize import linear_sum_assignment
 from summary_checks import check_obs1, check_obs2, check_obs3, naive_mean, naive_table3
 from tiny_models import synthetic_mixtral, tiny
 
-from moe_utils.analysis import paper
-from moe_utils.analysis import obs1_neurons, obs2_norms, obs3_depth, summary
+from moe_utils.analysis import obs1_neurons, obs2_norms, obs3_depth, paper, summary
 from moe_utils.analysis.context import open_study
 from moe_utils.analysis.results import read_result, write_result
 from moe_utils.models.weights import layer_weights
@@ -50,8 +49,9 @@ def mixtral_study(tmp_path_factory):
 @pytest.fixture(scope="module")
 def obs1_report(mixtral_study):
     study, _ = mixtral_study
-    return obs1_neurons.neurons_report(study.weights_source, study.layers, None, model_name="tiny",
-                                       reorder_max_pairs=None, seed=0, workers=1)
+    return obs1_neurons.neurons_report(
+        study.weights_source, study.layers, None, model_name="tiny", reorder_max_pairs=None, seed=0, workers=1
+    )
 
 
 def _raw(tensors, layer: int, e: int, w: str) -> np.ndarray:
@@ -69,7 +69,7 @@ def test_obs1_similarity_tables_match_a_naive_recomputation(obs1_report, mixtral
     for layer in range(3):
         for m, w in MIXTRAL_NAMES.items():
             mats = [_raw(tensors, layer, e, w) for e in range(4)]
-            axis = 1 if m == "W_down" else 0           # W_down [H, I]: neurons are columns
+            axis = 1 if m == "W_down" else 0  # W_down [H, I]: neurons are columns
             avgs = [x.mean(axis=axis) for x in mats]
             per_level["matrix"].append(naive_mean([cos(mats[i], mats[j]) for i, j in combinations(range(4), 2)]))
             per_level["neuron"].append(naive_mean([cos(avgs[i], avgs[j]) for i, j in combinations(range(4), 2)]))
@@ -102,14 +102,20 @@ def test_obs1_gate_and_tau_tables_match_a_naive_recomputation(obs1_report, mixtr
         assert r.mean_r[m] == pytest.approx(naive_mean(rs), abs=1e-6)
         for name, values in paper.GATE_R2.items():
             assert r.gate_r2.loc[m, f"paper: {name}"] == values[m]
-    diffs = [r_by_matrix["W_act"][l] ** 2 - max(r_by_matrix["W_up"][l] ** 2, r_by_matrix["W_down"][l] ** 2)
-             for l in range(3)]
+    diffs = [
+        r_by_matrix["W_act"][l] ** 2 - max(r_by_matrix["W_up"][l] ** 2, r_by_matrix["W_down"][l] ** 2) for l in range(3)
+    ]
     assert r.verdict is not None and r.verdict["value"] == pytest.approx(naive_mean(diffs), abs=1e-6)
     # Kendall tau of the best permutation, layer 0, W_up (neurons are rows), every expert pair
-    taus = [naive_kendall_tau(_raw(tensors, 0, a, "w3"), _raw(tensors, 0, b, "w3")) for a, b in combinations(range(4), 2)]
+    taus = [
+        naive_kendall_tau(_raw(tensors, 0, a, "w3"), _raw(tensors, 0, b, "w3")) for a, b in combinations(range(4), 2)
+    ]
     row = r.tau_by_layer[(r.tau_by_layer.layer == 0) & (r.tau_by_layer.matrix == "W_up")]
     assert row.tau.iloc[0] == pytest.approx(naive_mean(taus), abs=1e-9)
-    assert r.tau_table.loc[(obs1_neurons.PAIR_EXPERTS, "W_up"), "paper: mean tau"] == paper.KENDALL_TAU["Mixtral 8x7B"].value
+    assert (
+        r.tau_table.loc[(obs1_neurons.PAIR_EXPERTS, "W_up"), "paper: mean tau"]
+        == paper.KENDALL_TAU["Mixtral 8x7B"].value
+    )
 
 
 def test_obs1_report_saves_a_results_file_its_summary_can_be_recomputed_from(obs1_report, mixtral_study):
@@ -195,8 +201,12 @@ def test_obs3_report_matches_output_similarity_and_repeat_rate_recomputed(mixtra
     study = mixtral_forward_study
     r = obs3_depth.depth_report(study, inputs="short", seed=0)
     check_obs3(read_result(study.save(obs3_depth.ANALYSIS, r.tables, r.summary, params=r.params)))
-    assert set(r.trend.series) == {obs3_depth.SERIES_OUTPUTS_LONG, obs3_depth.SERIES_OUTPUTS_SHORT,
-                                   obs3_depth.SERIES_WEIGHTS_MATRIX, obs3_depth.SERIES_WEIGHTS_NEURON}
+    assert set(r.trend.series) == {
+        obs3_depth.SERIES_OUTPUTS_LONG,
+        obs3_depth.SERIES_OUTPUTS_SHORT,
+        obs3_depth.SERIES_WEIGHTS_MATRIX,
+        obs3_depth.SERIES_WEIGHTS_NEURON,
+    }
     tr = study.trace(study.inputs("short"))
     same, adjacent = 0, 0
     for layer in tr.layers:
@@ -221,8 +231,13 @@ def test_obs3_report_matches_output_similarity_and_repeat_rate_recomputed(mixtra
 
 # ---- the summary page's per-layer series ------------------------------------------------------------
 def test_summary_series_select_the_named_depth_series(tmp_path):
-    trend = pd.DataFrame({"layer": [0, 1, 0, 1], "series": [obs3_depth.SERIES_OUTPUTS_LONG] * 2
-                          + [obs3_depth.SERIES_OUTPUTS_SHORT] * 2, "mean_offdiag": [0.1, 0.2, 0.7, 0.9]})
+    trend = pd.DataFrame(
+        {
+            "layer": [0, 1, 0, 1],
+            "series": [obs3_depth.SERIES_OUTPUTS_LONG] * 2 + [obs3_depth.SERIES_OUTPUTS_SHORT] * 2,
+            "mean_offdiag": [0.1, 0.2, 0.7, 0.9],
+        }
+    )
     write_result(tmp_path / "m" / "results", obs3_depth.ANALYSIS, "m", "f" * 16, {}, {"depth_trend": trend}, {})
     out = summary.output_similarity_across_models(tmp_path)
     assert out.mean_offdiag.tolist() == [0.1, 0.2] and out.model.tolist() == ["m", "m"]

@@ -78,7 +78,9 @@ def test_environment_conda_packages_are_tools_not_python_libraries(environment, 
 
 
 def test_constraints_pin_every_declared_dependency(project, environment, constraints) -> None:
-    extras = set(re.search(r"\[(.*)\]", next(p for p in _env_pip(environment) if p.startswith("-e "))).group(1).split(","))
+    extras = set(
+        re.search(r"\[(.*)\]", next(p for p in _env_pip(environment) if p.startswith("-e "))).group(1).split(",")
+    )
     required = [*project["dependencies"]]
     for extra in extras:
         required += project["optional-dependencies"][extra]

@@ -45,19 +45,36 @@ def test_replication_grids_and_narrative_state_each_verdict(shipped):
 
 
 def test_seed0_check_pairs_the_study_row_with_the_page_number():
-    verdicts = pd.DataFrame({"organism": ["a", "a", "b"], "seed": [0, 1, 0], "quantity": ["q", "q", "q"],
-                             "effect": [0.5, 0.7, 0.1], "verdict": ["holds", "holds", "inconclusive"]})
-    pages = pd.DataFrame({"model": ["zoo:a", "zoo:c"], "quantity": ["q", "q"], "value": [0.5, 0.2],
-                          "verdict": ["holds", "holds"]})
+    verdicts = pd.DataFrame(
+        {
+            "organism": ["a", "a", "b"],
+            "seed": [0, 1, 0],
+            "quantity": ["q", "q", "q"],
+            "effect": [0.5, 0.7, 0.1],
+            "verdict": ["holds", "holds", "inconclusive"],
+        }
+    )
+    pages = pd.DataFrame(
+        {"model": ["zoo:a", "zoo:c"], "quantity": ["q", "q"], "value": [0.5, 0.2], "verdict": ["holds", "holds"]}
+    )
     check = replication.seed0_check(verdicts, pages)
-    assert check.to_dict("records") == [{"organism": "a", "quantity": "q", "study": 0.5, "page": 0.5,
-                                         "same verdict": True}]
+    assert check.to_dict("records") == [
+        {"organism": "a", "quantity": "q", "study": 0.5, "page": 0.5, "same verdict": True}
+    ]
     assert replication.seed0_check(verdicts, pd.DataFrame()).empty
 
 
 def test_emergence_series_marks_each_series_last_step():
-    em = pd.DataFrame({"organism": ["a"] * 4, "seed": [0, 0, 1, 1], "quantity": ["q"] * 4, "step": [1, 5, 2, 3],
-                       "tokens_seen": [10, 50, 20, 30], "value": [0.1, 0.2, 0.3, 0.4]})
+    em = pd.DataFrame(
+        {
+            "organism": ["a"] * 4,
+            "seed": [0, 0, 1, 1],
+            "quantity": ["q"] * 4,
+            "step": [1, 5, 2, 3],
+            "tokens_seen": [10, 50, 20, 30],
+            "value": [0.1, 0.2, 0.3, 0.4],
+        }
+    )
     out = replication.emergence_series(em)
     assert out[out.final].step.tolist() == [5, 3]
     assert out.series.tolist() == ["a seed 0", "a seed 0", "a seed 1", "a seed 1"]
@@ -67,8 +84,14 @@ def test_emergence_series_marks_each_series_last_step():
 
 
 def test_k_table_finds_the_best_and_the_trained_k():
-    sweep = pd.DataFrame({"organism": ["a"] * 3 + ["b"] * 3, "k": [1, 2, 3] * 2,
-                          "nll": [3.0, 2.5, 2.6, 4.0, 3.9, 3.8], "trained_k": [False, True, False, True, False, False]})
+    sweep = pd.DataFrame(
+        {
+            "organism": ["a"] * 3 + ["b"] * 3,
+            "k": [1, 2, 3] * 2,
+            "nll": [3.0, 2.5, 2.6, 4.0, 3.9, 3.8],
+            "trained_k": [False, True, False, True, False, False],
+        }
+    )
     t = advice.k_table(sweep)
     assert t.loc["a"].tolist() == [2, 2.5, 2, 2.5]
     assert t.loc["b"].tolist() == [1, 4.0, 3, 3.8]
@@ -90,12 +113,19 @@ def test_advice_rows_and_summary_cover_every_organism():
 
 
 def test_organism_sentences_and_load_summary():
-    losses = pd.DataFrame({"model": ["unigram", "x", "y"], "nats_per_token": [6.0, 4.0, 5.0],
-                           "perplexity": np.exp([6.0, 4.0, 5.0]), "tokens": [100, 100, 100]})
+    losses = pd.DataFrame(
+        {
+            "model": ["unigram", "x", "y"],
+            "nats_per_token": [6.0, 4.0, 5.0],
+            "perplexity": np.exp([6.0, 4.0, 5.0]),
+            "tokens": [100, 100, 100],
+        }
+    )
     assert "the best, `x`, reaches 4.00 nats/token (perplexity 55)" in organisms.heldout_sentence(losses)
     worse = losses.assign(nats_per_token=[6.0, 4.0, 7.0])
     assert organisms.heldout_sentence(worse).startswith("**At least one organism does not beat")
-    loads = pd.DataFrame({"model": ["m"] * 4 + ["n"] * 2, "selections": [0, 3, 0, 5, 1, 1],
-                          "share": [0.0, 0.375, 0.0, 0.625, 0.5, 0.5]})
+    loads = pd.DataFrame(
+        {"model": ["m"] * 4 + ["n"] * 2, "selections": [0, 3, 0, 5, 1, 1], "share": [0.0, 0.375, 0.0, 0.625, 0.5, 0.5]}
+    )
     s = organisms.load_summary(loads)
     assert s.loc["m"].tolist() == [2, 0.0, 0.625] and s.loc["n"].tolist() == [0, 0.5, 0.5]

@@ -19,16 +19,30 @@ def sample_tables():
 
 def sample_summary():
     return {
-        "agreement": R.summary_entry(np.float64(0.6), 0.5, 0.7, baseline=0.125, verdict="holds",
-                                     paper={"Mixtral 8x7B": 0.69}, note="cluster bootstrap"),
+        "agreement": R.summary_entry(
+            np.float64(0.6),
+            0.5,
+            0.7,
+            baseline=0.125,
+            verdict="holds",
+            paper={"Mixtral 8x7B": 0.69},
+            note="cluster bootstrap",
+        ),
         "n_tokens": 120,
         "partial": {"value": float("nan"), "verdict": "inconclusive"},
     }
 
 
 def write_sample(tmp_path, params=None, analysis="obs_x"):
-    return R.write_result(tmp_path, analysis, "zoo:tiny", "fp1", params or {"layers": (1, 2), "seed": np.int64(0)},
-                          sample_tables(), sample_summary())
+    return R.write_result(
+        tmp_path,
+        analysis,
+        "zoo:tiny",
+        "fp1",
+        params or {"layers": (1, 2), "seed": np.int64(0)},
+        sample_tables(),
+        sample_summary(),
+    )
 
 
 def test_round_trip(tmp_path):
@@ -40,13 +54,20 @@ def test_round_trip(tmp_path):
     pd.testing.assert_frame_equal(res.tables["per_layer"], sample_tables()["per_layer"])
     assert res.tables["counts"]["count"].tolist() == [3, 4]
     assert res.summary["agreement"]["value"] == 0.6 and res.summary["agreement"]["paper"] == {"Mixtral 8x7B": 0.69}
-    assert res.summary["n_tokens"] == {"value": 120, "ci_low": None, "ci_high": None, "baseline": None,
-                                       "verdict": None, "paper": {}, "note": ""}
+    assert res.summary["n_tokens"] == {
+        "value": 120,
+        "ci_low": None,
+        "ci_high": None,
+        "baseline": None,
+        "verdict": None,
+        "paper": {},
+        "note": "",
+    }
     assert res.summary["partial"]["value"] is None  # NaN stored as null
     assert res.value("agreement") == 0.6
     assert R.read_result(path).analysis == "obs_x"
     doc = json.loads(path.read_text())
-    assert list(doc)[0] == "schema" and doc["schema"] == R.SCHEMA
+    assert next(iter(doc)) == "schema" and doc["schema"] == R.SCHEMA
     assert set(doc) == set(R._TOP_FIELDS) | set(R._OPTIONAL_FIELDS)
     assert doc["invalid"] == [] and not res.is_invalid
 
@@ -129,15 +150,17 @@ def test_find_results_lists_valid_and_broken_files(tmp_path):
 def test_iter_results_reads_one_pattern_and_raises_on_a_broken_file(tmp_path):
     write_sample(tmp_path / "m1" / "results")
     write_sample(tmp_path / "m2" / "results", analysis="obs_y")
-    write_sample(tmp_path / "m2" / "results" / "deeper")             # not matched by the pattern
+    write_sample(tmp_path / "m2" / "results" / "deeper")  # not matched by the pattern
     (tmp_path / "m1" / "results" / "notes.json").write_text('{"not": "a results file"}')
-    (tmp_path / "m1" / "results" / ".obs_x.json.tmp.json").write_text("{")   # a temporary
+    (tmp_path / "m1" / "results" / ".obs_x.json.tmp.json").write_text("{")  # a temporary
     found = list(R.iter_results(tmp_path, "*/results/*.json"))
     assert [(r.model, r.analysis, r.path.parent.parent.name) for r in found] == [
-        ("zoo:tiny", "obs_x", "m1"), ("zoo:tiny", "obs_y", "m2")]
+        ("zoo:tiny", "obs_x", "m1"),
+        ("zoo:tiny", "obs_y", "m2"),
+    ]
     assert found[0].tables["per_layer"].equals(R.read_result(found[0].path).tables["per_layer"])
     assert [r.analysis for r in R.iter_results(tmp_path, "*/results/obs_y.json")] == ["obs_y"]
-    assert len(list(R.iter_results(tmp_path))) == 3                   # default: every folder below
+    assert len(list(R.iter_results(tmp_path))) == 3  # default: every folder below
     text = (tmp_path / "m1" / "results" / "obs_x.json").read_text()
     (tmp_path / "m2" / "results" / "obs_z.json").write_text(text[:300])
     with pytest.raises(ResultsFileError, match="obs_z.json"):

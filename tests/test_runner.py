@@ -10,10 +10,9 @@ import nbformat
 import pytest
 from papermill.cli import _resolve_type as papermill_resolve
 
-from moe_utils.publish import runner
 from moe_utils.core.errors import MoEUtilsError
+from moe_utils.publish import runner
 from moe_utils.publish.runner import (
-    Job,
     NotebookInfo,
     NotebookRunError,
     RunRequest,
@@ -29,8 +28,12 @@ from moe_utils.publish.runner import (
 )
 
 
-def write_notebook(path: Path, sources: list[str], metadata: dict | None = None,
-                   parameters: str = 'model = "zoo:x"\nresults_dir = "results"') -> Path:
+def write_notebook(
+    path: Path,
+    sources: list[str],
+    metadata: dict | None = None,
+    parameters: str = 'model = "zoo:x"\nresults_dir = "results"',
+) -> Path:
     """A small notebook: a parameters cell, then one code cell per source."""
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -82,8 +85,24 @@ def test_model_slug_rejects_empty() -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["30", "-4", "0.5", "1e3", "True", "False", "None", "zoo:tiny-dense", "bfloat16",
-             "org/Name", " 7 ", "1_000", "0x10", "inf", "true"],
+    "text",
+    [
+        "30",
+        "-4",
+        "0.5",
+        "1e3",
+        "True",
+        "False",
+        "None",
+        "zoo:tiny-dense",
+        "bfloat16",
+        "org/Name",
+        " 7 ",
+        "1_000",
+        "0x10",
+        "inf",
+        "true",
+    ],
 )
 def test_parse_value_matches_papermill_for_scalars(text: str) -> None:
     ours, theirs = parse_value(text), papermill_resolve(text)
@@ -93,8 +112,13 @@ def test_parse_value_matches_papermill_for_scalars(text: str) -> None:
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("[0, 5, 10]", [0, 5, 10]), ("(1, 2)", (1, 2)), ("{'a': 1}", {"a": 1}), ("'30'", "30"),
-     ("[unclosed", "[unclosed")],
+    [
+        ("[0, 5, 10]", [0, 5, 10]),
+        ("(1, 2)", (1, 2)),
+        ("{'a': 1}", {"a": 1}),
+        ("'30'", "30"),
+        ("[unclosed", "[unclosed"),
+    ],
 )
 def test_parse_value_reads_literal_containers(text: str, value) -> None:
     assert parse_value(text) == value
@@ -102,7 +126,10 @@ def test_parse_value_reads_literal_containers(text: str, value) -> None:
 
 def test_parse_parameters() -> None:
     assert parse_parameters([("layers", "[0, 1]"), ("max_tokens", "64"), ("dtype", "float32")]) == {
-        "layers": [0, 1], "max_tokens": 64, "dtype": "float32"}
+        "layers": [0, 1],
+        "max_tokens": 64,
+        "dtype": "float32",
+    }
     assert parse_parameters(None) == {}
     with pytest.raises(MoEUtilsError, match="not a Python identifier"):
         parse_parameters([("max-tokens", "1")])
@@ -139,20 +166,24 @@ def test_select_notebooks(tmp_path: Path) -> None:
 
 
 def _infos(tmp_path: Path) -> list[NotebookInfo]:
-    return [notebook_info(write_notebook(tmp_path / "nbs" / f"{n}.ipynb", []))
-            for n in ("obs1", "obs2", "organisms", "summary")]
+    return [
+        notebook_info(write_notebook(tmp_path / "nbs" / f"{n}.ipynb", []))
+        for n in ("obs1", "obs2", "organisms", "summary")
+    ]
 
 
 def test_plan_jobs_runs_model_notebooks_per_model_then_book_once(tmp_path: Path) -> None:
     out = tmp_path / "runs"
     jobs = plan_jobs(_infos(tmp_path), ["zoo:a", "org/B"], "zoo:dense", out, {"seed": 3})
     assert [(j.output.relative_to(out).as_posix(), j.model) for j in jobs] == [
-        ("a/obs1.ipynb", "zoo:a"), ("a/obs2.ipynb", "zoo:a"),
-        ("org--B/obs1.ipynb", "org/B"), ("org--B/obs2.ipynb", "org/B"),
-        ("book/organisms.ipynb", None), ("book/summary.ipynb", None),
+        ("a/obs1.ipynb", "zoo:a"),
+        ("a/obs2.ipynb", "zoo:a"),
+        ("org--B/obs1.ipynb", "org/B"),
+        ("org--B/obs2.ipynb", "org/B"),
+        ("book/organisms.ipynb", None),
+        ("book/summary.ipynb", None),
     ]
-    assert jobs[2].parameters == {"seed": 3, "model": "org/B", "dense_baseline": "zoo:dense",
-                                  "results_dir": "results"}
+    assert jobs[2].parameters == {"seed": 3, "model": "org/B", "dense_baseline": "zoo:dense", "results_dir": "results"}
     assert jobs[-1].parameters == {"seed": 3, "runs_dir": "..", "results_dir": "results"}
     assert jobs[0].label == "a/obs1"
     no_book = plan_jobs(_infos(tmp_path), ["zoo:a"], None, out, include_book=False)
@@ -168,8 +199,14 @@ def test_plan_request_default_plan_and_single_model(tmp_path: Path, monkeypatch)
     monkeypatch.setattr(runner, "default_models", lambda: (["zoo:up", "zoo:scratch"], "zoo:dense"))
     req = RunRequest(notebooks_dir=tmp_path / "nbs", out=tmp_path / "runs")
     jobs = plan_request(req)
-    assert [j.label for j in jobs] == ["up/obs1", "up/obs2", "scratch/obs1", "scratch/obs2",
-                                       "book/organisms", "book/summary"]
+    assert [j.label for j in jobs] == [
+        "up/obs1",
+        "up/obs2",
+        "scratch/obs1",
+        "scratch/obs2",
+        "book/organisms",
+        "book/summary",
+    ]
     assert {j.parameters.get("dense_baseline") for j in jobs if j.model} == {"zoo:dense"}
 
     req = RunRequest(notebooks_dir=tmp_path / "nbs", out=tmp_path / "runs", model="random:mixtral")
@@ -196,7 +233,12 @@ def test_tidy_parameters_tags_only_parameter_cells() -> None:
     tidy_parameters(nb)
     tidy_parameters(nb)  # idempotent
     assert [c.metadata.get("tags") for c in nb.cells] == [
-        None, ["parameters", "remove-cell"], ["injected-parameters", "hide-input"], ["keep-me"], None]
+        None,
+        ["parameters", "remove-cell"],
+        ["injected-parameters", "hide-input"],
+        ["keep-me"],
+        None,
+    ]
 
 
 # --------------------------------------------------------------------------- failure report
@@ -207,11 +249,14 @@ def test_failing_notebook_is_reported_and_earlier_output_kept(tmp_path: Path, ca
     nbs = tmp_path / "nbs"
     env_names = ("BOOK_BUILD", "TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS")
     write_notebook(nbs / "obs1_ok.ipynb", [f"import os\nprint([os.environ.get(k) for k in {env_names!r}])"])
-    boom = write_notebook(nbs / "obs2_boom.ipynb", [
-        "a = 1",
-        "# this cell fails\nraise ValueError('boom 42')",
-        "print('never reached')",
-    ])
+    boom = write_notebook(
+        nbs / "obs2_boom.ipynb",
+        [
+            "a = 1",
+            "# this cell fails\nraise ValueError('boom 42')",
+            "print('never reached')",
+        ],
+    )
     jobs = plan_jobs(runner.discover_notebooks(nbs), ["zoo:tiny"], None, tmp_path / "runs")
     env_before = dict(os.environ)
     with pytest.raises(NotebookRunError) as info:
@@ -235,8 +280,9 @@ def test_failing_notebook_is_reported_and_earlier_output_kept(tmp_path: Path, ca
     assert {k: os.environ.get(k) for k in env_names} == {k: env_before.get(k) for k in env_names}
     partial = nbformat.read(err.output, as_version=4)
     assert partial.metadata.papermill.exception is True
-    assert not any("never reached" in out.get("text", "") for c in partial.cells
-                   if c.cell_type == "code" for out in c.outputs)
+    assert not any(
+        "never reached" in out.get("text", "") for c in partial.cells if c.cell_type == "code" for out in c.outputs
+    )
     assert any("remove-cell" in c.metadata.get("tags", []) for c in partial.cells)
     # Published notebooks carry paths relative to the repository root, not the machine's.
     assert partial.metadata.papermill.input_path == "nbs/obs2_boom.ipynb"
@@ -253,5 +299,4 @@ def test_default_models_are_zoo_ids(monkeypatch) -> None:
     fake.DEFAULT_MOE_MODELS = ("tiny-moe-upcycled", "zoo:tiny-moe-scratch", "org/Other")
     fake.DEFAULT_DENSE_BASELINE = "tiny-dense"
     monkeypatch.setattr(runner, "zoo", fake)
-    assert runner.default_models() == (
-        ["zoo:tiny-moe-upcycled", "zoo:tiny-moe-scratch", "org/Other"], "zoo:tiny-dense")
+    assert runner.default_models() == (["zoo:tiny-moe-upcycled", "zoo:tiny-moe-scratch", "org/Other"], "zoo:tiny-dense")

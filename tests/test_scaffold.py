@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moe_utils.publish import bookbuild
-from moe_utils.publish.cli import main
 from moe_utils.core.errors import MoEUtilsError
-from moe_utils.publish import scaffold
+from moe_utils.publish import bookbuild, scaffold
+from moe_utils.publish.cli import main
 
 needs_vendor = pytest.mark.skipif(
     not all((scaffold.REPOSITORY_ROOT / name).is_file() for name in scaffold.OFFLINE_JS),
@@ -27,8 +26,14 @@ def test_init_writes_a_complete_book_folder(tmp_path: Path, repo_root: Path, cap
     # Every source notebook and hand-written page of the book, byte for byte.
     for nb in (repo_root / "notebooks").glob("*.ipynb"):
         assert (dest / "notebooks" / nb.name).read_bytes() == nb.read_bytes()
-    for name in ("_config.yml", "book/intro.md", "book/method.md", "book/reproduce.md",
-                 "book/references.bib", *scaffold.OFFLINE_JS):
+    for name in (
+        "_config.yml",
+        "book/intro.md",
+        "book/method.md",
+        "book/reproduce.md",
+        "book/references.bib",
+        *scaffold.OFFLINE_JS,
+    ):
         assert (dest / name).read_bytes() == (repo_root / name).read_bytes(), name
     vendored = {p.relative_to(repo_root) for p in (repo_root / "book/_extra/vendor").rglob("*") if p.is_file()}
     assert vendored and all((dest / rel).is_file() for rel in vendored)
@@ -51,8 +56,7 @@ def test_init_refuses_a_folder_in_use(tmp_path: Path, capsys) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
-def test_init_without_the_offline_javascript_says_what_to_do(tmp_path: Path, repo_root: Path,
-                                                             monkeypatch) -> None:
+def test_init_without_the_offline_javascript_says_what_to_do(tmp_path: Path, repo_root: Path, monkeypatch) -> None:
     clone = tmp_path / "clone"
     (clone / "book").mkdir(parents=True)
     shutil.copy(repo_root / "_config.yml", clone)

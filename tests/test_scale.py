@@ -15,19 +15,26 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from scipy.stats import kendalltau
 from sklearn.decomposition import PCA
+from tiny_models import tiny
 
 from moe_utils import metrics as M
 from moe_utils.analysis import static
-from moe_utils.models.checkpoint import CheckpointReader
+from moe_utils.core.progress import PROGRESS_ENV, progress, relay
 from moe_utils.engine.expert_math import expert_intermediates, iter_expert_intermediates
-from moe_utils.metrics.neurons import neuron_cosine_matrix, reorder_neurons
 from moe_utils.metrics import projection
 from moe_utils.metrics.blocks import neuron_blocks, neuron_rows
-from moe_utils.metrics.projection import (flattened_grams, flattened_pass, matrix_pca_from_gram, neuron_pca,
-                                          randomized_neuron_pca, sketch_matrix, sketch_width)
-from moe_utils.core.progress import PROGRESS_ENV, progress, relay
+from moe_utils.metrics.neurons import neuron_cosine_matrix, reorder_neurons
+from moe_utils.metrics.projection import (
+    flattened_grams,
+    flattened_pass,
+    matrix_pca_from_gram,
+    neuron_pca,
+    randomized_neuron_pca,
+    sketch_matrix,
+    sketch_width,
+)
+from moe_utils.models.checkpoint import CheckpointReader
 from moe_utils.models.weights import layer_weights
-from tiny_models import tiny
 
 
 def structured_stack(rng, e=4, i=300, h=48, rank=3, mean=2.0):
@@ -58,8 +65,10 @@ def test_randomized_neuron_pca_matches_full_svd(kind, as_bf16):
     if kind == "down":
         w = np.ascontiguousarray(np.transpose(w, (0, 2, 1)))
     stack = torch.tensor(w).to(torch.bfloat16) if as_bf16 else w
-    rows = np.concatenate([np.asarray(torch.as_tensor(stack[e]).double()) if as_bf16 else stack[e]
-                           for e in range(w.shape[0])], axis=0 if kind == "up" else 1)
+    rows = np.concatenate(
+        [np.asarray(torch.as_tensor(stack[e]).double()) if as_bf16 else stack[e] for e in range(w.shape[0])],
+        axis=0 if kind == "up" else 1,
+    )
     rows = rows if kind == "up" else rows.T
     ratio, comps = full_svd_pca(rows, 2)
     proj = neuron_pca(stack, kind, method="randomized", power_iterations=2)
@@ -100,8 +109,8 @@ def test_randomized_pca_small_blocks_equal_one_block():
 def test_flattened_grams_match_naive(axis):
     rng = np.random.default_rng(3)
     mats = [rng.normal(size=(30, 11)) + 0.5 * e for e in range(5)]
-    mats[2][:, 3] = mats[0][:, 3]          # some equal elements, never a constant column
-    raw, std = flattened_grams(mats, axis, block_elements=4 * 11)   # many blocks
+    mats[2][:, 3] = mats[0][:, 3]  # some equal elements, never a constant column
+    raw, std = flattened_grams(mats, axis, block_elements=4 * 11)  # many blocks
     flat = np.stack([m.reshape(-1) for m in mats])
     np.testing.assert_allclose(raw, flat @ flat.T, rtol=1e-12)
     z = (flat - flat.mean(0)) / np.where(flat.std(0, ddof=1) > 0, flat.std(0, ddof=1), 1.0)
@@ -130,7 +139,7 @@ def test_blocked_cosine_matches_naive(kind):
     got = neuron_cosine_matrix(torch.tensor(a, dtype=torch.float32), torch.tensor(b, dtype=torch.float32), kind)
     na, nb = (a, b) if kind == "up" else (a.T, b.T)
     ref = M.cosine_between(na, nb)
-    np.testing.assert_allclose(got, ref, atol=1e-6)          # NaN where a neuron is zero, in both
+    np.testing.assert_allclose(got, ref, atol=1e-6)  # NaN where a neuron is zero, in both
     assert np.isnan(got[4]).all()
 
 
@@ -174,7 +183,7 @@ def test_reordering_workers_two_equal_one(tmp_path):
     model = tiny("mixtral")
     one = static.reordering(model, max_pairs=3, seed=1, workers=1)
     two = static.reordering(model, max_pairs=3, seed=1, workers=2)
-    assert len(one) == 3 * 3 * len(model.moe_layers)     # 3 pairs of each of the 3 matrices per layer
+    assert len(one) == 3 * 3 * len(model.moe_layers)  # 3 pairs of each of the 3 matrices per layer
     assert one.equals(two)
 
 
@@ -194,8 +203,11 @@ def test_weight_report_stats_equal_the_single_metrics():
     np.testing.assert_allclose(got.reshape(w.num_experts, -1), M.matrix_level_similarity(w.w_up), atol=1e-6)
     pm = report["pca_matrix"]
     ref = M.matrix_pca(w.w_up, method="sklearn")
-    np.testing.assert_allclose(pm[(pm.layer == layer) & (pm.matrix == "W_up")][["pc1", "pc2"]].to_numpy(),
-                               ref.coords, atol=1e-4 * np.abs(ref.coords).max())
+    np.testing.assert_allclose(
+        pm[(pm.layer == layer) & (pm.matrix == "W_up")][["pc1", "pc2"]].to_numpy(),
+        ref.coords,
+        atol=1e-4 * np.abs(ref.coords).max(),
+    )
 
 
 def test_chunked_intermediates_equal_the_whole_tensor():
@@ -211,6 +223,7 @@ def test_chunked_intermediates_equal_the_whole_tensor():
 
 def test_activation_ratios_per_expert_equal_the_whole_tensor():
     from moe_utils.analysis import dynamic
+
     model = tiny("mixtral")
 
     layer = model.moe_layers[0]
@@ -230,8 +243,11 @@ def test_activation_ratios_per_expert_equal_the_whole_tensor():
 def test_file_reads_equal_the_memory_map(tmp_path):
     from safetensors.torch import save_file
 
-    tensors = {"a": torch.randn(5, 7).to(torch.bfloat16), "b": torch.arange(6, dtype=torch.int64).reshape(2, 3),
-               "c": torch.randn(3)}
+    tensors = {
+        "a": torch.randn(5, 7).to(torch.bfloat16),
+        "b": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+        "c": torch.randn(3),
+    }
     save_file(tensors, str(tmp_path / "model.safetensors"))
     reader = CheckpointReader(tmp_path)
     for name, t in tensors.items():
@@ -242,7 +258,7 @@ def test_file_reads_equal_the_memory_map(tmp_path):
 def test_progress_goes_to_the_named_file(tmp_path, monkeypatch):
     log = tmp_path / "progress.log"
     monkeypatch.setenv(PROGRESS_ENV, str(log))
-    monkeypatch.setenv("TQDM_DISABLE", "1")          # book runs switch other bars off
+    monkeypatch.setenv("TQDM_DISABLE", "1")  # book runs switch other bars off
     for _ in progress(range(3), desc="layers"):
         pass
     text = log.read_text()
@@ -267,10 +283,14 @@ def test_book_runs_show_progress_on_the_terminal_not_in_the_page(tmp_path, capfd
 
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.cells = [nbformat.v4.new_code_cell('model = "zoo:x"\nresults_dir = "results"', metadata={"tags": ["parameters"]}),
-                nbformat.v4.new_code_cell("from moe_utils.core.progress import progress\n"
-                                          "for _ in progress(range(4), desc='demo-pass', unit='layer'):\n"
-                                          "    pass\nprint('cell done')")]
+    nb.cells = [
+        nbformat.v4.new_code_cell('model = "zoo:x"\nresults_dir = "results"', metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell(
+            "from moe_utils.core.progress import progress\n"
+            "for _ in progress(range(4), desc='demo-pass', unit='layer'):\n"
+            "    pass\nprint('cell done')"
+        ),
+    ]
     (tmp_path / "nbs").mkdir()
     nbformat.write(nb, tmp_path / "nbs" / "obs9_bars.ipynb")
     jobs = plan_jobs(discover_notebooks(tmp_path / "nbs"), ["zoo:tiny"], None, tmp_path / "runs")
@@ -294,17 +314,16 @@ def test_fused_pass_gives_the_randomized_pca_first_pass_and_the_neuron_averages(
     mats = [stack[e] for e in range(len(stack))]
     n_rows, d = len(mats) * int(w.shape[1 + axis]), int(w.shape[2 - axis])
     omega = sketch_matrix(d, sketch_width(n_rows, d, 2), seed=3)
-    res = flattened_pass(mats, axis, omega=omega, block_elements=4 * 24 * 7)     # many blocks
+    res = flattened_pass(mats, axis, omega=omega, block_elements=4 * 24 * 7)  # many blocks
     kind = "up" if axis == 0 else "down"
-    np.testing.assert_allclose(res.neuron_sums / w.shape[1 + axis], M.neuron_average(stack, kind), rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(res.neuron_sums / w.shape[1 + axis], M.neuron_average(stack, kind), rtol=1e-5, atol=1e-6)
     sources = [(m, axis) for m in mats]
     fused = randomized_neuron_pca(sources, 2, seed=3, first_pass=res.sketch)
     alone = randomized_neuron_pca(sources, 2, seed=3)
     np.testing.assert_allclose(fused[2], alone[2], rtol=1e-5)
     np.testing.assert_allclose(np.abs(fused[0]), np.abs(alone[0]), rtol=1e-4, atol=1e-5 * np.abs(alone[0]).max())
     raw, std = flattened_grams(mats, axis)
-    np.testing.assert_allclose(res.gram, raw, rtol=1e-5)   # other block sizes: float32 rounding
+    np.testing.assert_allclose(res.gram, raw, rtol=1e-5)  # other block sizes: float32 rounding
     np.testing.assert_allclose(res.std_gram, std, rtol=1e-5, atol=1e-5 * np.abs(std).max())
     with pytest.raises(ValueError, match="sketch matrix needs"):
         flattened_pass(mats, axis, omega=sketch_matrix(d + 1, 12))
@@ -328,7 +347,7 @@ def test_weight_report_uses_the_fused_first_pass(monkeypatch):
     weight_report's neuron coordinates equal neuron_pca's own streamed computation."""
     monkeypatch.setattr(projection, "SKLEARN_MAX_ELEMENTS", 10)
     model = tiny("mixtral")
-    report = static.weight_report(model, reorder_max_pairs=0, max_neurons_per_expert=10 ** 6)
+    report = static.weight_report(model, reorder_max_pairs=0, max_neurons_per_expert=10**6)
     layer = model.moe_layers[0]
     w = layer_weights(model, layer)
     for m, kind, stack in (("W_up", "up", w.w_up), ("W_down", "down", w.w_down)):

@@ -78,8 +78,12 @@ def test_miniature_replicate_trains_resumes_and_measures(tmp_path: Path, monkeyp
 
     def mini(name: str, snapshots: tuple[int, ...]) -> R.Replicate:
         rep = R.REPLICATES["fine-s1"]
-        return replace(rep, name=name, spec=replace(rep.spec, steps=6, warmup_steps=2, batch_size=2, seq_len=32),
-                       snapshots=snapshots)
+        return replace(
+            rep,
+            name=name,
+            spec=replace(rep.spec, steps=6, warmup_steps=2, batch_size=2, seq_len=32),
+            snapshots=snapshots,
+        )
 
     monkeypatch.setitem(R.REPLICATES, "mini-a", mini("mini-a", (0, 3, 6)))
     monkeypatch.setitem(R.REPLICATES, "mini-b", mini("mini-b", ()))
@@ -145,5 +149,8 @@ def test_parameter_counts_of_the_fine_and_placement_organisms() -> None:
         assert pc["total"] == sum(p.numel() for p in model.parameters())
         experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
         assert pc["experts_total"] == experts
-        k, E = model.config.num_experts_per_tok, (getattr(model.config, "num_experts", None) or model.config.num_local_experts)
+        k, E = (
+            model.config.num_experts_per_tok,
+            (getattr(model.config, "num_experts", None) or model.config.num_local_experts),
+        )
         assert pc["active"] == pc["total"] - experts + experts * k // E

@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import NATIVE_MOE, save, sequences, tiny
 
 from moe_utils.core.errors import InputTooLongError, LayerIndexError, NotMoEModelError
-from moe_utils.models.trace import (expert_intermediates, expert_outputs, router_scores, trace,
-                             trace_dense, verify_trace)
-from moe_utils.models.weights import dense_mlp_weights, layer_weights
 from moe_utils.engine.expert_math import dense_outputs
-from tiny_models import NATIVE_MOE, save, sequences, tiny
+from moe_utils.models.trace import expert_intermediates, expert_outputs, router_scores, trace, trace_dense, verify_trace
+from moe_utils.models.weights import dense_mlp_weights, layer_weights
 
 
 @pytest.mark.parametrize("family", NATIVE_MOE)
@@ -94,7 +93,7 @@ def test_trace_subset_of_layers_and_errors():
 
 
 def test_input_too_long():
-    lm = tiny("mixtral")                                  # max_position_embeddings = 128
+    lm = tiny("mixtral")  # max_position_embeddings = 128
     with pytest.raises(InputTooLongError) as err:
         trace(lm, [[0] * 129])
     assert "129 tokens" in str(err.value) and "128" in str(err.value)
@@ -118,8 +117,9 @@ def test_dense_trace_of_dense_model_and_dense_layer():
         lt = tr[layer]
         out = dense_outputs(dense_mlp_weights(lm, layer), lt.x)
         torch.testing.assert_close(out, lt.block_output, rtol=1e-5, atol=1e-6)
-    ds = tiny("deepseek_v2")                               # layer 0 is a dense MLP
+    ds = tiny("deepseek_v2")  # layer 0 is a dense MLP
     tr = trace_dense(ds, sequences())
     assert tr.layers == [0]
-    torch.testing.assert_close(dense_outputs(dense_mlp_weights(ds, 0), tr[0].x), tr[0].block_output,
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        dense_outputs(dense_mlp_weights(ds, 0), tr[0].x), tr[0].block_output, rtol=1e-5, atol=1e-6
+    )

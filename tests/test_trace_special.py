@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
+from tiny_models import remote_style_loaded, save, sequences, tiny
 
 from moe_utils.models.loading import load_model
 from moe_utils.models.trace import trace, verify_trace
 from moe_utils.models.weights import layer_weights
-from tiny_models import remote_style_loaded, save, sequences, tiny
 
 
 def test_per_expert_modulelist_model():
@@ -37,8 +37,14 @@ def test_bf16_model_is_captured_in_fp32():
         assert check.max_rel_error <= 3e-2 and check.indices_equal, check
 
 
-OFFLOAD_MAP = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
-               "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+OFFLOAD_MAP = {
+    "model.embed_tokens": "cpu",
+    "model.layers.0": "cpu",
+    "model.layers.1": "disk",
+    "model.norm": "cpu",
+    "model.rotary_emb": "cpu",
+    "lm_head": "cpu",
+}
 
 
 def test_device_map_dispatched_model(tmp_path):

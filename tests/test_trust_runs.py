@@ -20,14 +20,14 @@ from pathlib import Path
 import nbformat
 import pytest
 import torch
-
-from moe_utils.publish import bookbuild, cli, runner
-from moe_utils.models import checkpoint
-from moe_utils.analysis.context import checkpoint_only, open_study
-from moe_utils.core.errors import CheckpointError, InputSpecError, PickleRefusedError, UsageError
-from moe_utils.models.loading import load_model
-from moe_utils.analysis.results import read_result
 from tiny_models import synthetic_mistral, synthetic_mixtral, tiny
+
+from moe_utils.analysis.context import checkpoint_only, open_study
+from moe_utils.analysis.results import read_result
+from moe_utils.core.errors import CheckpointError, InputSpecError, PickleRefusedError, UsageError
+from moe_utils.models import checkpoint
+from moe_utils.models.loading import load_model
+from moe_utils.publish import bookbuild, cli, runner
 
 REPO = Path(__file__).resolve().parents[1]
 ZOO = REPO / "moe_utils" / "zoo" / "models"
@@ -59,8 +59,10 @@ def fake_notebooks(folder: Path) -> Path:
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.metadata["moe_book"] = {"scope": "model"}
-    nb.cells = [nbformat.v4.new_code_cell(FAKE_PARAMETERS, metadata={"tags": ["parameters"]}),
-                nbformat.v4.new_code_cell(FAKE_BODY)]
+    nb.cells = [
+        nbformat.v4.new_code_cell(FAKE_PARAMETERS, metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell(FAKE_BODY),
+    ]
     folder.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, folder / "obs_fake.ipynb")
     return folder
@@ -72,8 +74,11 @@ def run_cli(nbs: Path, out: Path, *args: str, model: str = "zoo:fake") -> int:
 
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every visible file under ``folder`` (relative path -> bytes)."""
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    }
 
 
 @pytest.fixture()
@@ -111,7 +116,7 @@ def test_failed_run_keeps_previous_notebook_and_results(first_run, capsys) -> No
     assert snapshot(out) == {**before, "fake/obs_fake.failed.ipynb": (out / "fake/obs_fake.failed.ipynb").read_bytes()}
     failed = nbformat.read(out / "fake" / "obs_fake.failed.ipynb", as_version=4)
     assert failed.metadata.papermill.exception is True
-    assert not list((out / "fake").glob(".staging-*"))               # nothing left behind
+    assert not list((out / "fake").glob(".staging-*"))  # nothing left behind
     # The build never publishes it; a later successful run removes it.
     index = bookbuild.collect_runs(out)
     assert [p.name for p in index.failed] == ["obs_fake.failed.ipynb"]
@@ -119,8 +124,11 @@ def test_failed_run_keeps_previous_notebook_and_results(first_run, capsys) -> No
     assert run_cli(nbs, out, "-p", "value", "3") == 0
     assert read_result(out / "fake" / "results" / "obs_fake.json").value("v") == 3
     assert not (out / "fake" / "obs_fake.failed.ipynb").exists()
-    injected = next(c for c in nbformat.read(out / "fake" / "obs_fake.ipynb", as_version=4).cells
-                    if "injected-parameters" in c.metadata.get("tags", []))
+    injected = next(
+        c
+        for c in nbformat.read(out / "fake" / "obs_fake.ipynb", as_version=4).cells
+        if "injected-parameters" in c.metadata.get("tags", [])
+    )
     assert 'results_dir = "results"' in injected.source and ".staging" not in injected.source
 
 
@@ -128,13 +136,30 @@ def test_failed_run_keeps_previous_notebook_and_results(first_run, capsys) -> No
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "sigkill"])
 def test_interrupted_run_keeps_previous_files(first_run, sig) -> None:
     nbs, out, before = first_run
-    cmd = [sys.executable, "-m", "moe_utils.publish.cli", "run", "--model", "zoo:fake", "--notebooks-dir", str(nbs),
-           "--out", str(out), "-p", "value", "2", "-p", "sleep", "60"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "moe_utils.publish.cli",
+        "run",
+        "--model",
+        "zoo:fake",
+        "--notebooks-dir",
+        str(nbs),
+        "--out",
+        str(out),
+        "-p",
+        "value",
+        "2",
+        "-p",
+        "sleep",
+        "60",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         _wait_for_staged_result(out)
-        os.killpg(proc.pid, sig)                                     # as a terminal's Ctrl-C does
+        os.killpg(proc.pid, sig)  # as a terminal's Ctrl-C does
         _, err = proc.communicate(timeout=240)  # kernel shutdown is slow on a loaded machine
     finally:
         if proc.poll() is None:
@@ -142,16 +167,16 @@ def test_interrupted_run_keeps_previous_files(first_run, sig) -> None:
             proc.wait()
     after = snapshot(out)
     after.pop("fake/obs_fake.failed.ipynb", None)
-    assert after == before                                           # byte for byte
+    assert after == before  # byte for byte
     if sig == signal.SIGINT:
         assert proc.returncode == 130
         lines = [l for l in err.strip().splitlines() if l.startswith("moe-book")]
         assert len(lines) == 1 and "interrupted" in lines[0] and "kept" in lines[0]
         assert "Traceback" not in err
     else:
-        assert list((out / "fake").glob(".staging-*"))               # only the staging folder remains
+        assert list((out / "fake").glob(".staging-*"))  # only the staging folder remains
         assert [p.name for m in bookbuild.collect_runs(out).models for p in m.notebooks] == ["obs_fake.ipynb"]
-        assert run_cli(nbs, out, "-p", "value", "4") == 0            # the next run clears it
+        assert run_cli(nbs, out, "-p", "value", "4") == 0  # the next run clears it
         assert not list((out / "fake").glob(".staging-*"))
         assert read_result(out / "fake" / "results" / "obs_fake.json").value("v") == 4
 
@@ -234,7 +259,7 @@ def test_build_names_an_unreadable_notebook(tmp_path: Path, capsys) -> None:
     root = _book(tmp_path)
     bad = root / "book" / "runs" / "some-model" / "obs2_router_norms.ipynb"
     bad.parent.mkdir(parents=True)
-    bad.write_text('{"cells": [', encoding="utf-8")                 # truncated by a crash
+    bad.write_text('{"cells": [', encoding="utf-8")  # truncated by a crash
     assert cli.main(["build", "--root", str(root), "--out", str(root / "book" / "runs")]) == 1
     err = capsys.readouterr().err
     assert str(bad) in err and "Traceback" not in err
@@ -243,9 +268,11 @@ def test_build_names_an_unreadable_notebook(tmp_path: Path, capsys) -> None:
 
 def test_build_leaves_out_unfinished_notebooks(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
-    for name, meta in (("obs1.ipynb", {"papermill": {"exception": None, "parameters": {"model": "zoo:m"}}}),
-                       ("obs2.ipynb", {}),                            # never executed by papermill
-                       ("obs3.failed.ipynb", {"papermill": {"exception": True}})):
+    for name, meta in (
+        ("obs1.ipynb", {"papermill": {"exception": None, "parameters": {"model": "zoo:m"}}}),
+        ("obs2.ipynb", {}),  # never executed by papermill
+        ("obs3.failed.ipynb", {"papermill": {"exception": True}}),
+    ):
         nb = nbformat.v4.new_notebook()
         nb.metadata.update(meta)
         (runs / "m").mkdir(parents=True, exist_ok=True)
@@ -296,7 +323,7 @@ def test_fingerprint_changes_when_weight_bytes_change(tmp_path: Path, hash_cache
     first = checkpoint_only(str(folder)).fingerprint
     weights = folder / "model.safetensors"
     data = bytearray(weights.read_bytes())
-    data[-3] ^= 0x01                                   # one bit of the last tensor; same size
+    data[-3] ^= 0x01  # one bit of the last tensor; same size
     weights.write_bytes(bytes(data))
     assert weights.stat().st_size == len(data)
     second = checkpoint_only(str(folder)).fingerprint
@@ -304,6 +331,7 @@ def test_fingerprint_changes_when_weight_bytes_change(tmp_path: Path, hash_cache
     # The content hash is cached by (path, size, mtime): the same file is not read twice.
     cache = json.loads((hash_cache / "file-hashes.json").read_text())
     import hashlib
+
     assert hashlib.sha256(bytes(data)).hexdigest() in cache.values()
 
 
@@ -323,11 +351,12 @@ def test_hub_snapshot_is_identified_by_revision_and_etags(tmp_path: Path, hash_c
             (snap / src.name).symlink_to(os.path.relpath(blob, snap))
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
-    code = ("from moe_utils.analysis.context import checkpoint_only\n"
-            "lm = checkpoint_only('org/tiny')\n"
-            "print(lm.name, lm.source['kind'], lm.source['revision'], lm.fingerprint)")
-    env = {**_env(), "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
-           "MOE_UTILS_CACHE": str(hash_cache)}
+    code = (
+        "from moe_utils.analysis.context import checkpoint_only\n"
+        "lm = checkpoint_only('org/tiny')\n"
+        "print(lm.name, lm.source['kind'], lm.source['revision'], lm.fingerprint)"
+    )
+    env = {**_env(), "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "MOE_UTILS_CACHE": str(hash_cache)}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     name, kind, revision, fingerprint = done.stdout.split()
@@ -351,42 +380,84 @@ def test_results_record_source_fingerprint_and_versions(tmp_path: Path, hash_cac
 
 
 def test_revision_is_accepted_and_gets_its_own_folder(tmp_path: Path) -> None:
-    req = runner.RunRequest(notebooks_dir=REPO / "notebooks", out=tmp_path, model="org/Name",
-                            notebooks=["obs2_router_norms"], parameters={"revision": "abc123"})
+    req = runner.RunRequest(
+        notebooks_dir=REPO / "notebooks",
+        out=tmp_path,
+        model="org/Name",
+        notebooks=["obs2_router_norms"],
+        parameters={"revision": "abc123"},
+    )
     (job,) = runner.plan_request(req)
     assert job.parameters["revision"] == "abc123"
     assert job.output.parent.name == "org--Name--rev-abc123"
     with pytest.raises(UsageError, match="revision"):
-        runner.plan_request(runner.RunRequest(notebooks_dir=REPO / "notebooks", out=tmp_path, model="org/Name",
-                                              notebooks=["obs2_router_norms"], parameters={"revision": 3}))
+        runner.plan_request(
+            runner.RunRequest(
+                notebooks_dir=REPO / "notebooks",
+                out=tmp_path,
+                model="org/Name",
+                notebooks=["obs2_router_norms"],
+                parameters={"revision": 3},
+            )
+        )
 
 
 # --------------------------------------------------------------------------- 5. parameters
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["-p", "layer", "[0]"], "unknown parameter 'layer' for notebook(s) obs2_router_norms. Did you mean 'layers'?"),
-    (["-p", "layers", "34"], "parameter 'layers' must be a list of ints or None; got 34 (int)"),
-    (["-p", "layers", '"34"'], "parameter 'layers' must be a list of ints or None; got '34' (str)"),
-    (["-p", "max_tokens", "lots"], "parameter 'max_tokens' must be an int or None; got 'lots'"),
-    (["-p", "trust_remote_code", "yes"], "parameter 'trust_remote_code' must be True or False"),
-    (["-p", "inputs", "/no/such/file.txt"], "-p inputs: unknown inputs '/no/such/file.txt'"),
-    (["-p", "dtype", "float8"], "-p dtype: unknown dtype 'float8'"),
-    (["--dense-baseline", "/no/such/dense"], "dense baseline folder /no/such/dense does not exist"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-p", "layer", "[0]"], "unknown parameter 'layer' for notebook(s) obs2_router_norms. Did you mean 'layers'?"),
+        (["-p", "layers", "34"], "parameter 'layers' must be a list of ints or None; got 34 (int)"),
+        (["-p", "layers", '"34"'], "parameter 'layers' must be a list of ints or None; got '34' (str)"),
+        (["-p", "max_tokens", "lots"], "parameter 'max_tokens' must be an int or None; got 'lots'"),
+        (["-p", "trust_remote_code", "yes"], "parameter 'trust_remote_code' must be True or False"),
+        (["-p", "inputs", "/no/such/file.txt"], "-p inputs: unknown inputs '/no/such/file.txt'"),
+        (["-p", "dtype", "float8"], "-p dtype: unknown dtype 'float8'"),
+        (["--dense-baseline", "/no/such/dense"], "dense baseline folder /no/such/dense does not exist"),
+    ],
+)
 def test_bad_parameters_exit_2_before_anything_runs(tmp_path: Path, capsys, args, message) -> None:
     out = tmp_path / "runs"
-    code = cli.main(["run", "--model", "org/never-loaded", "--notebooks", "obs2_router_norms",
-                     "--notebooks-dir", str(REPO / "notebooks"), "--out", str(out), *args])
+    code = cli.main(
+        [
+            "run",
+            "--model",
+            "org/never-loaded",
+            "--notebooks",
+            "obs2_router_norms",
+            "--notebooks-dir",
+            str(REPO / "notebooks"),
+            "--out",
+            str(out),
+            *args,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and message in err, err
     assert len(err.strip().splitlines()) == 1
-    assert not out.exists()                                          # nothing ran, nothing written
+    assert not out.exists()  # nothing ran, nothing written
 
 
 def test_unknown_parameter_lists_valid_names(capsys) -> None:
-    assert cli.main(["run", "--model", "org/x", "--notebooks", "obs2_router_norms",
-                     "--notebooks-dir", str(REPO / "notebooks"), "-p", "seeds", "1"]) == 2
+    assert (
+        cli.main(
+            [
+                "run",
+                "--model",
+                "org/x",
+                "--notebooks",
+                "obs2_router_norms",
+                "--notebooks-dir",
+                str(REPO / "notebooks"),
+                "-p",
+                "seeds",
+                "1",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "Did you mean 'seed'?" in err
     for name in ("layers", "inputs", "max_tokens", "allow_pickle", "revision", "trust_remote_code"):
@@ -396,14 +467,43 @@ def test_unknown_parameter_lists_valid_names(capsys) -> None:
 def test_input_file_that_is_not_text_is_refused_before_loading(tmp_path: Path, capsys) -> None:
     binary = tmp_path / "in.txt"
     binary.write_bytes(b"\xff\xfe\x00bad")
-    assert cli.main(["run", "--model", "org/x", "--notebooks", "obs2_router_norms", "--out", str(tmp_path / "o"),
-                     "--notebooks-dir", str(REPO / "notebooks"), "-p", "inputs", str(binary)]) == 2
+    assert (
+        cli.main(
+            [
+                "run",
+                "--model",
+                "org/x",
+                "--notebooks",
+                "obs2_router_norms",
+                "--out",
+                str(tmp_path / "o"),
+                "--notebooks-dir",
+                str(REPO / "notebooks"),
+                "-p",
+                "inputs",
+                str(binary),
+            ]
+        )
+        == 2
+    )
     assert "is not UTF-8 text" in capsys.readouterr().err
 
 
 def test_missing_local_model_folder_is_a_usage_error(tmp_path: Path, capsys) -> None:
-    assert cli.main(["run", "--model", str(tmp_path / "nothing"), "--notebooks-dir", str(REPO / "notebooks"),
-                     "--out", str(tmp_path / "o")]) == 2
+    assert (
+        cli.main(
+            [
+                "run",
+                "--model",
+                str(tmp_path / "nothing"),
+                "--notebooks-dir",
+                str(REPO / "notebooks"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -427,7 +527,7 @@ def test_open_study_checks_layers_and_inputs_before_loading(monkeypatch) -> None
 def test_corrupt_safetensors_is_named_on_the_loading_path(tmp_path: Path, hash_cache: Path) -> None:
     folder = _copy_zoo("tiny-moe-upcycled", tmp_path / "m")
     weights = folder / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])   # an interrupted download
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted download
     with pytest.raises(CheckpointError, match=r"model\.safetensors .* truncated"):
         load_model(folder)
     with pytest.raises(CheckpointError, match=r"model\.safetensors"):
@@ -441,8 +541,9 @@ def test_dense_baseline_with_another_hidden_size_is_left_out_with_a_note(tmp_pat
     synthetic_mixtral(tmp_path / "moe", H=16)
     synthetic_mistral(tmp_path / "dense", H=24)
     with pytest.warns(UserWarning, match="hidden size is 24, the model's is 16"):
-        study = open_study(str(tmp_path / "moe"), str(tmp_path / "dense"), weights_only=True,
-                           results_dir=tmp_path / "r")
+        study = open_study(
+            str(tmp_path / "moe"), str(tmp_path / "dense"), weights_only=True, results_dir=tmp_path / "r"
+        )
     assert study.dense is None
     shown = study.describe().loc["dense baseline (F)", "value"]
     assert shown.startswith("left out: dense: its hidden size is 24")
@@ -452,7 +553,7 @@ def test_dense_baseline_with_another_tokenizer_is_left_out_with_a_note(tmp_path:
     dense = _copy_zoo("tiny-dense", tmp_path / "dense-bytes")
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (dense / f).unlink()
-    tiny("mixtral").tokenizer.save_pretrained(dense)                # a byte-level tokenizer instead
+    tiny("mixtral").tokenizer.save_pretrained(dense)  # a byte-level tokenizer instead
     with pytest.warns(UserWarning, match="tokenizer splits text differently"):
         study = open_study("zoo:tiny-moe-upcycled", str(dense), results_dir=tmp_path / "r")
     assert study.dense is None
@@ -482,14 +583,17 @@ def test_allow_pickle_is_a_parameter_and_a_flag(tmp_path: Path) -> None:
     torch.save(state, tmp_path / "moe" / "pytorch_model.bin")
     with pytest.raises(PickleRefusedError, match="allow_pickle=True"):
         open_study(str(tmp_path / "moe"), None, weights_only=True, results_dir=tmp_path / "r")
-    study = open_study(str(tmp_path / "moe"), None, weights_only=True, allow_pickle=True,
-                       results_dir=tmp_path / "r")
+    study = open_study(str(tmp_path / "moe"), None, weights_only=True, allow_pickle=True, results_dir=tmp_path / "r")
     assert study.lm.is_moe
 
     args = cli.build_parser().parse_args(["run", "--allow-pickle", "--model", "x"])
     assert args.allow_pickle is True
-    req = runner.RunRequest(notebooks_dir=REPO / "notebooks", out=tmp_path / "o", model=str(tmp_path / "moe"),
-                            parameters={"allow_pickle": True})
+    req = runner.RunRequest(
+        notebooks_dir=REPO / "notebooks",
+        out=tmp_path / "o",
+        model=str(tmp_path / "moe"),
+        parameters={"allow_pickle": True},
+    )
     jobs = runner.plan_request(req)
     assert jobs and all(j.parameters["allow_pickle"] is True for j in jobs)
 
@@ -505,17 +609,18 @@ def test_published_notebooks_name_local_files_without_their_path(tmp_path: Path)
     text = tmp_path / "private" / "prompts.txt"
     text.write_text("one paragraph\n\nanother\n", encoding="utf-8")
     assert run_cli(nbs, out, "-p", "inputs", str(text), model=str(model)) == 0
-    (folder,) = [p for p in out.iterdir()]
+    (folder,) = list(out.iterdir())
     executed = (folder / "obs_fake.ipynb").read_text()
-    assert str(tmp_path) not in executed                            # relative paths only
-    assert "UserWarning: a visible note" in executed                # warnings without their file
+    assert str(tmp_path) not in executed  # relative paths only
+    assert "UserWarning: a visible note" in executed  # warnings without their file
     assert str(REPO) not in executed and "ipykernel_" not in executed
-    injected = next(c for c in nbformat.reads(executed, as_version=4).cells
-                    if "injected-parameters" in c.metadata.get("tags", []))
+    injected = next(
+        c for c in nbformat.reads(executed, as_version=4).cells if "injected-parameters" in c.metadata.get("tags", [])
+    )
     assert 'inputs = "../../../private/prompts.txt"' in injected.source
     index = bookbuild.collect_runs(out)
-    assert [m.model for m in index.models] == ["my-moe"]             # the sidebar caption
-    from moe_utils.engine.inputs import inputs_label, file_sha256
+    assert [m.model for m in index.models] == ["my-moe"]  # the sidebar caption
+    from moe_utils.engine.inputs import file_sha256, inputs_label
 
     assert inputs_label(str(text)) == f"prompts.txt (sha256 {file_sha256(text)})"
 
@@ -525,8 +630,15 @@ def test_summary_keeps_two_checkpoints_with_one_name_apart(tmp_path: Path) -> No
     from moe_utils.analysis.results import write_result
 
     for folder, fp, v in (("hf-aaaa0000", "1111111111111111", 0.25), ("hf-bbbb0000", "2222222222222222", 0.75)):
-        write_result(tmp_path / folder / "results", "obs2_router_norms", "hf", fp, {}, {},
-                     {"top1_norm_agreement": {"value": v, "verdict": "holds"}})
+        write_result(
+            tmp_path / folder / "results",
+            "obs2_router_norms",
+            "hf",
+            fp,
+            {},
+            {},
+            {"top1_norm_agreement": {"value": v, "verdict": "holds"}},
+        )
     table = summary.collect(tmp_path)
     assert sorted(table.model) == ["hf (11111111)", "hf (22222222)"]
     assert dict(zip(table.model, table.value)) == {"hf (11111111)": 0.25, "hf (22222222)": 0.75}
@@ -539,9 +651,27 @@ def test_real_notebook_on_local_files_publishes_no_local_path(tmp_path: Path, ha
     text = tmp_path / "private" / "prompts.txt"
     text.write_text("The model reads this paragraph.\n\nAnd then this one, a little longer than the first.\n")
     out = tmp_path / "runs"
-    code = cli.main(["run", "--model", str(model), "--dense-baseline", str(dense), "--notebooks", "obs2_router_norms",
-                     "--notebooks-dir", str(REPO / "notebooks"), "--out", str(out), "-p", "inputs", str(text),
-                     "-p", "max_tokens", "48"])
+    code = cli.main(
+        [
+            "run",
+            "--model",
+            str(model),
+            "--dense-baseline",
+            str(dense),
+            "--notebooks",
+            "obs2_router_norms",
+            "--notebooks-dir",
+            str(REPO / "notebooks"),
+            "--out",
+            str(out),
+            "-p",
+            "inputs",
+            str(text),
+            "-p",
+            "max_tokens",
+            "48",
+        ]
+    )
     assert code == 0
     (folder,) = list(out.iterdir())
     executed = (folder / "obs2_router_norms.ipynb").read_text()

@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from moe_utils.models.expert_gram import expert_grams
-from moe_utils.metrics import cosine_from_gram
-from moe_utils.models.weights import dense_mlp_weights, iter_layer_weights, layer_weights
 from tiny_models import NATIVE_MOE, save, tiny
 
-FIELDS = ("router", "w_act", "w_up", "w_down", "b_act", "b_up", "b_down", "router_bias",
-          "score_correction_bias", "shared_gate")
+from moe_utils.metrics import cosine_from_gram
+from moe_utils.models.expert_gram import expert_grams
+from moe_utils.models.weights import dense_mlp_weights, iter_layer_weights, layer_weights
+
+FIELDS = (
+    "router",
+    "w_act",
+    "w_up",
+    "w_down",
+    "b_act",
+    "b_up",
+    "b_down",
+    "router_bias",
+    "score_correction_bias",
+    "shared_gate",
+)
 
 
 def assert_same(a, b):
@@ -36,6 +46,7 @@ def saved(tmp_path_factory):
         if key not in cache:
             cache[key] = save(tiny(family), tmp_path_factory.mktemp(family), **kwargs)
         return cache[key]
+
     return get
 
 
@@ -50,7 +61,7 @@ def test_streamed_equals_loaded(family, saved):
         assert_same(w, loaded)
         E, I, H = loaded.w_up.shape
         assert loaded.router.shape == (E, H) and loaded.w_down.shape == (E, H, I)
-        assert E == lm.spec.num_experts(lm.config.to_dict())
+        assert lm.spec.num_experts(lm.config.to_dict()) == E
     for layer in lm.spec.dense_layers(lm.config):
         a, b = dense_mlp_weights(lm, layer), dense_mlp_weights(folder, layer)
         assert torch.equal(a.w_up, b.w_up) and torch.equal(a.w_down, b.w_down)
@@ -75,7 +86,7 @@ def test_canonical_orientation_against_expert_module():
         ours = expert_outputs(w, x)
         with torch.no_grad():
             for e in range(w.num_experts):
-                if family == "llama4":   # runs every expert on its own slice of the batch
+                if family == "llama4":  # runs every expert on its own slice of the batch
                     inp = torch.zeros(w.num_experts, 5, w.hidden_size)
                     inp[e] = x
                     ref = experts(inp.reshape(-1, w.hidden_size)).reshape(w.num_experts, 5, -1)[e]
@@ -102,11 +113,12 @@ def test_expert_grams_match_full_matrices(family, saved):
     layer = lm.moe_layers[-1]
     w = layer_weights(lm, layer)
     for source in (lm, saved(family)):
-        grams = expert_grams(source, layer, chunk_mb=0.002)   # many small chunks
+        grams = expert_grams(source, layer, chunk_mb=0.002)  # many small chunks
         for m, W in w.matrices().items():
             X = W.reshape(W.shape[0], -1).double()
             torch.testing.assert_close(grams[m], X @ X.T, rtol=1e-5, atol=1e-9)
         cos = cosine_from_gram(grams["up"])
         X = w.w_up.reshape(w.num_experts, -1).double()
-        torch.testing.assert_close(torch.from_numpy(cos),
-                                   torch.nn.functional.cosine_similarity(X[:, None], X[None], dim=-1))
+        torch.testing.assert_close(
+            torch.from_numpy(cos), torch.nn.functional.cosine_similarity(X[:, None], X[None], dim=-1)
+        )

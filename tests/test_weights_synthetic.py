@@ -6,20 +6,20 @@ import json
 
 import pytest
 import torch
+from tiny_models import synthetic_deepseekmoe, synthetic_grok, synthetic_mistral, synthetic_mixtral
 
 from moe_utils.arch import spec_for_config
 from moe_utils.arch.config import read_config_json
 from moe_utils.core.errors import CheckpointError, LayerIndexError, NotMoEModelError, PickleRefusedError
 from moe_utils.models.expert_gram import expert_grams
 from moe_utils.models.weights import dense_mlp_weights, iter_layer_weights, layer_weights
-from tiny_models import synthetic_deepseekmoe, synthetic_grok, synthetic_mistral, synthetic_mixtral
 
 
 def test_mixtral_two_shards_split_expert(tmp_path):
     t = synthetic_mixtral(tmp_path)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
     p = "model.layers.1.block_sparse_moe.experts.2."
-    assert index[p + "w1.weight"] != index[p + "w3.weight"]          # one expert, two shards
+    assert index[p + "w1.weight"] != index[p + "w3.weight"]  # one expert, two shards
     layers = list(iter_layer_weights(tmp_path, dtype=torch.bfloat16))
     assert [w.layer for w in layers] == [0, 1]
     for w in layers:
@@ -31,7 +31,7 @@ def test_mixtral_two_shards_split_expert(tmp_path):
             assert torch.equal(w.w_down[e], t[p + f"experts.{e}.w2.weight"])
         assert w.activation == "silu" and w.shared is None
     spec = spec_for_config(read_config_json(tmp_path))
-    assert spec.top_k(read_config_json(tmp_path)) == 2                  # num_experts_per_token
+    assert spec.top_k(read_config_json(tmp_path)) == 2  # num_experts_per_token
     grams = expert_grams(tmp_path, 1, chunk_mb=0.001)
     X = torch.stack([t[f"model.layers.1.block_sparse_moe.experts.{e}.w2.weight"] for e in range(4)])
     X = X.reshape(4, -1).double()
@@ -49,7 +49,7 @@ def test_deepseekmoe_dense_first_layer_and_shared(tmp_path):
     w = layer_weights(tmp_path, 2)
     assert w.num_experts == 6 and w.intermediate_size == 8
     assert torch.equal(w.w_up[5], t["model.layers.2.mlp.experts.5.up_proj.weight"])
-    assert w.shared.intermediate_size == 16                               # 2 shared experts x I
+    assert w.shared.intermediate_size == 16  # 2 shared experts x I
     assert torch.equal(w.shared.w_down, t["model.layers.2.mlp.shared_experts.down_proj.weight"])
     with pytest.raises(LayerIndexError, match="dense layers: 0"):
         dense_mlp_weights(tmp_path, 1)
@@ -88,7 +88,7 @@ def test_tensor_absent_from_its_shard(tmp_path):
     index_path = tmp_path / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
     name = "model.layers.0.block_sparse_moe.experts.1.w3.weight"
-    index["weight_map"][name] = "model-00001-of-00002.safetensors"      # index points to the wrong shard
+    index["weight_map"][name] = "model-00001-of-00002.safetensors"  # index points to the wrong shard
     index_path.write_text(json.dumps(index))
     with pytest.raises(CheckpointError) as err:
         layer_weights(tmp_path, 0)
@@ -140,8 +140,9 @@ def test_loaded_model_without_module_streams_from_its_folder(tmp_path):
 
     t = synthetic_deepseekmoe(tmp_path)
     cfg = read_config_json(tmp_path)
-    lm = LoadedModel(model=None, tokenizer=None, spec=get_spec("deepseek"), config=cfg, name="ds",
-                     path=tmp_path, fingerprint="x")
+    lm = LoadedModel(
+        model=None, tokenizer=None, spec=get_spec("deepseek"), config=cfg, name="ds", path=tmp_path, fingerprint="x"
+    )
     assert lm.moe_layers == [1, 2]
     assert [w.layer for w in iter_layer_weights(lm)] == [1, 2]
     assert torch.equal(layer_weights(lm, 1).router, t["model.layers.1.mlp.gate.weight"])

@@ -20,7 +20,7 @@ import pytest
 from moe_utils import __version__
 from moe_utils.publish import scaffold
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.wheel]
 
 MODEL = "random:mixtral"
 SLUG = "random-mixtral"
@@ -39,8 +39,22 @@ def installed(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     if missing:
         pytest.skip(f"the wheel needs the vendored JavaScript ({', '.join(missing)}): make vendor")
     dist = tmp_path_factory.mktemp("dist")
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
-          str(repo_root)], cwd=repo_root, timeout=1800)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(dist),
+            str(repo_root),
+        ],
+        cwd=repo_root,
+        timeout=1800,
+    )
     (wheel,) = dist.glob("moe_utils-*.whl")
     venv = tmp_path_factory.mktemp("venv")
     _run([sys.executable, "-m", "venv", str(venv)], cwd=dist)
@@ -99,8 +113,12 @@ def test_user_site_has_the_model_pages_and_serves_its_javascript(user_book: Path
     model_pages = sorted((html / "book" / "runs" / SLUG).glob("*.html"))
     per_model = sorted(p.stem for p in (user_book / "book" / "runs" / SLUG).glob("*.ipynb"))
     assert per_model and [p.stem for p in model_pages] == per_model
-    for name in ("vendor/require.js", "vendor/ipywidgets/embed-amd.js", "vendor/mathjax/tex-mml-chtml.js",
-                 "_static/vega-bundle.js"):
+    for name in (
+        "vendor/require.js",
+        "vendor/ipywidgets/embed-amd.js",
+        "vendor/mathjax/tex-mml-chtml.js",
+        "_static/vega-bundle.js",
+    ):
         assert (html / name).is_file(), name
     for page in sorted(html.rglob("*.html")):
         text = page.read_text(encoding="utf-8")

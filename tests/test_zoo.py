@@ -17,12 +17,20 @@ from moe_utils.zoo.evaluate import expert_load, make_windows, model_nll, targets
 from moe_utils.zoo.tokenizer import BOS, train_tokenizer, wrap_tokenizer
 from moe_utils.zoo.train import build_dense, build_moe, sample_batch, token_stream, train_model, upcycle
 
-TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+TINY = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=32,
+)
 
 
 def _tiny_moe_config():
     from moe_utils.zoo.configs import moe_config
+
     return moe_config(**TINY)
 
 
@@ -54,7 +62,11 @@ def test_extract_docstrings_finds_module_class_and_function_docs():
 
 def test_read_paragraphs_splits_on_separator_lines_only():
     text = "# a comment line stays\nx = 1\n---\nsecond -- not a separator\n---\n\nthird\n"
-    assert read_paragraphs(text) == ["# a comment line stays\nx = 1", "second -- not a separator", "\nthird".strip("\n")]
+    assert read_paragraphs(text) == [
+        "# a comment line stays\nx = 1",
+        "second -- not a separator",
+        "\nthird".strip("\n"),
+    ]
 
 
 def test_tokenizer_round_trips_and_prepends_bos():
@@ -85,9 +97,9 @@ def test_training_a_few_steps_lowers_the_loss():
     res = train_model(model, _pattern_stream(), spec, progress=False)
     log = res["log"]
     assert res["done"] and log[-1]["step"] == 40
-    assert log[0]["ce"] > math.log(64) - 0.5          # starts near chance
-    assert log[-1]["ce"] < log[0]["ce"] - 1.0         # and learns the pattern
-    assert all(r["aux"] > 0 for r in log)             # load-balancing loss is on
+    assert log[0]["ce"] > math.log(64) - 0.5  # starts near chance
+    assert log[-1]["ce"] < log[0]["ce"] - 1.0  # and learns the pattern
+    assert all(r["aux"] > 0 for r in log)  # load-balancing loss is on
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -128,6 +140,7 @@ def test_upcycled_experts_are_exact_copies_and_model_matches_dense():
 def test_upcycle_refuses_mismatched_shapes():
     dense = build_dense(seed=5, **TINY)
     from moe_utils.zoo.configs import moe_config
+
     with pytest.raises(ValueError, match="intermediate_size"):
         upcycle(dense, moe_config(**dict(TINY, intermediate_size=40)), seed=0)
 
@@ -159,8 +172,10 @@ def test_expert_load_matches_router_hook():
     model = build_moe(seed=3, **TINY).eval()
     windows = [[1] + list(range(3, 20)), [1, 40, 41, 42]]
     captured = []
-    hooks = [layer.mlp.gate.register_forward_hook(lambda m, i, o: captured.append(i[0].detach()))
-             for layer in model.model.layers]
+    hooks = [
+        layer.mlp.gate.register_forward_hook(lambda m, i, o: captured.append(i[0].detach()))
+        for layer in model.model.layers
+    ]
     load = expert_load(model, windows)
     for h in hooks:
         h.remove()
@@ -202,10 +217,20 @@ def test_finalize_writes_card_picture_and_eval(tmp_path):
     texts = ["def f(x):\n    return x + 1\n", "Return the sum of a and b."] * 10
     tok_dir = tmp_path / "tokenizer"
     from moe_utils.zoo.tokenizer import save_tokenizer
+
     save_tokenizer(train_tokenizer(texts, vocab_size=300), tok_dir)
-    corpus = {"python_version": "3", "source_per_mille": 500, "heldout_per_mille": 20, "train_tokens": 100,
-              "heldout_tokens": 10, "sha256_all": "a" * 64, "sha256_train": "b" * 64, "sha256_heldout": "c" * 64,
-              "train": {"total": {"documents": 2, "characters": 50}}, "heldout": {"total": {"documents": 1}}}
+    corpus = {
+        "python_version": "3",
+        "source_per_mille": 500,
+        "heldout_per_mille": 20,
+        "train_tokens": 100,
+        "heldout_tokens": 10,
+        "sha256_all": "a" * 64,
+        "sha256_train": "b" * 64,
+        "sha256_heldout": "c" * 64,
+        "train": {"total": {"documents": 2, "characters": 50}},
+        "heldout": {"total": {"documents": 1}},
+    }
     (tmp_path / "corpus.json").write_text(json.dumps(corpus))
     (tmp_path / "unigram_counts.json").write_text(json.dumps({"counts": [1] * 64}))
     windows = [[1, 5, 6, 7], [1, 9, 10]]
@@ -214,12 +239,22 @@ def test_finalize_writes_card_picture_and_eval(tmp_path):
         res = train_model(model, _pattern_stream(), spec, progress=False)
         folder = tmp_path / "models" / name
         _save_model(model, folder, tok_dir)
-        (folder / "training_log.json").write_text(json.dumps(
-            {"train_spec": spec.as_dict(), "training_seconds": 1.0, "torch_threads": 1, "torch_version": "x",
-             "log": res["log"]}))
+        (folder / "training_log.json").write_text(
+            json.dumps(
+                {
+                    "train_spec": spec.as_dict(),
+                    "training_seconds": 1.0,
+                    "torch_threads": 1,
+                    "torch_version": "x",
+                    "log": res["log"],
+                }
+            )
+        )
         ev = finalize_model(tmp_path, name, windows=windows)
         card = (folder / "README.md").read_text()
         assert f"{ev['heldout_loss']:.3f}" in card and (folder / "loss.png").read_bytes()[:4] == b"\x89PNG"
         assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
-    assert "expert_load" in ev and np.asarray(ev["expert_load"]).sum() == 2 * 2 * 7  # 2 layers x top-2 x 7 positions (<s> included)
+    assert (
+        "expert_load" in ev and np.asarray(ev["expert_load"]).sum() == 2 * 2 * 7
+    )  # 2 layers x top-2 x 7 positions (<s> included)
     assert "64 tokens as `tiny-dense` + 64 tokens" in card

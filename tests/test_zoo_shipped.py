@@ -10,7 +10,15 @@ import torch
 
 from moe_utils.zoo import DEFAULT_DENSE_BASELINE, DEFAULT_MOE_MODELS, ZOO_MODELS, zoo_path
 from moe_utils.zoo.corpus import heldout_paragraphs
-from moe_utils.zoo.evaluate import encode_docs, expert_load, load_unigram_counts, make_windows, model_nll, targets_of, unigram_nll
+from moe_utils.zoo.evaluate import (
+    encode_docs,
+    expert_load,
+    load_unigram_counts,
+    make_windows,
+    model_nll,
+    targets_of,
+    unigram_nll,
+)
 
 # Experts that never enter a top-2 on the ten shipped held-out paragraphs (~1,100 tokens), per
 # model, as measured on the shipped weights: upcycled (layer, expert) (1, 3), (2, 1), (3, 1);
@@ -27,6 +35,7 @@ MIN_MARGIN_NATS = 1.0  # every model must beat the unigram baseline by at least 
 @pytest.fixture(scope="module")
 def tokenizer():
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(str(zoo_path(DEFAULT_DENSE_BASELINE)))
 
 
@@ -37,6 +46,7 @@ def windows(tokenizer):
 
 def _load(name):
     from transformers import AutoModelForCausalLM
+
     return AutoModelForCausalLM.from_pretrained(str(zoo_path(name)), dtype=torch.float32).eval()
 
 
@@ -44,8 +54,15 @@ def test_zoo_lists_the_defaults():
     assert set(DEFAULT_MOE_MODELS) | {DEFAULT_DENSE_BASELINE} <= set(ZOO_MODELS)
     for name in ZOO_MODELS:
         folder = zoo_path(name)
-        for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                  "README.md", "training_log.json", "loss.png"):
+        for f in (
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "README.md",
+            "training_log.json",
+            "loss.png",
+        ):
             assert (folder / f).exists(), f"{name} lacks {f}"
         assert zoo_path("zoo:" + name) == folder
 
@@ -114,6 +131,7 @@ def test_shipped_moe_shape_matches_the_dense_baseline(name):
 
 def test_upcycled_experts_remain_closer_to_each_other_than_scratch_experts():
     """The property the organisms exist for: upcycled experts stay similar, scratch ones diverge."""
+
     def mean_offdiag_cos(name):
         m = _load(name)
         vals = []
@@ -130,6 +148,7 @@ def test_upcycled_experts_remain_closer_to_each_other_than_scratch_experts():
 
 def test_organisms_table_matches_the_models_and_equal_budgets():
     from moe_utils.zoo.report import organisms_table
+
     table = organisms_table().set_index("model")
     for name in ZOO_MODELS:
         assert table.loc[name, "params total"] == sum(p.numel() for p in _load(name).parameters())

@@ -22,7 +22,7 @@ from moe_utils.models.loading import LoadedModel, load_model
 NATIVE_MOE = [name for name, s in SPECS.items() if s.is_moe and s.native and s.tiny_config]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny(family: str, dtype: str = "float32", seed: int = 0) -> LoadedModel:
     """``random:FAMILY`` loaded once per test session (treat as read-only)."""
     return load_model(f"random:{family}", dtype=dtype, seed=seed)
@@ -52,7 +52,8 @@ def write_checkpoint(folder: Path, shards: dict[str, dict[str, torch.Tensor]], c
     if len(shards) > 1:
         weight_map = {name: fname for fname, tensors in shards.items() for name in tensors}
         (folder / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+            json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1)
+        )
     return folder
 
 
@@ -60,8 +61,9 @@ def _rand(g: torch.Generator, *shape: int, dtype=torch.float32) -> torch.Tensor:
     return (torch.randn(*shape, generator=g) * 0.1).to(dtype)
 
 
-def synthetic_mixtral(folder: Path, E: int = 4, H: int = 16, I: int = 24, layers: int = 2,
-                      dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
+def synthetic_mixtral(
+    folder: Path, E: int = 4, H: int = 16, I: int = 24, layers: int = 2, dtype=torch.bfloat16
+) -> dict[str, torch.Tensor]:
     """Mixtral in original hub naming over two shards: w1/w2 in shard 1, every w3 in shard 2, old
     ``num_experts``/``num_experts_per_token`` config keys (as in the paper's code)."""
     g = torch.Generator().manual_seed(1)
@@ -73,17 +75,26 @@ def synthetic_mixtral(folder: Path, E: int = 4, H: int = 16, I: int = 24, layers
             one[p + f"experts.{e}.w1.weight"] = _rand(g, I, H, dtype=dtype)
             one[p + f"experts.{e}.w2.weight"] = _rand(g, H, I, dtype=dtype)
             two[p + f"experts.{e}.w3.weight"] = _rand(g, I, H, dtype=dtype)
-    config = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": H,
-              "intermediate_size": I, "num_hidden_layers": layers, "num_experts": E,
-              "num_experts_per_token": 2, "hidden_act": "silu", "torch_dtype": "bfloat16",
-              "max_position_embeddings": 64, "vocab_size": 32}
-    write_checkpoint(folder, {"model-00001-of-00002.safetensors": one,
-                              "model-00002-of-00002.safetensors": two}, config)
+    config = {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "hidden_size": H,
+        "intermediate_size": I,
+        "num_hidden_layers": layers,
+        "num_experts": E,
+        "num_experts_per_token": 2,
+        "hidden_act": "silu",
+        "torch_dtype": "bfloat16",
+        "max_position_embeddings": 64,
+        "vocab_size": 32,
+    }
+    write_checkpoint(folder, {"model-00001-of-00002.safetensors": one, "model-00002-of-00002.safetensors": two}, config)
     return {**one, **two}
 
 
-def synthetic_deepseekmoe(folder: Path, E: int = 6, H: int = 16, I: int = 8, dense_I: int = 40,
-                          layers: int = 3, n_shared: int = 2) -> dict[str, torch.Tensor]:
+def synthetic_deepseekmoe(
+    folder: Path, E: int = 6, H: int = 16, I: int = 8, dense_I: int = 40, layers: int = 3, n_shared: int = 2
+) -> dict[str, torch.Tensor]:
     """DeepSeekMoE 16B naming: dense layer 0, routed experts + a shared MLP of width n_shared*I."""
     g = torch.Generator().manual_seed(2)
     t = {}
@@ -105,21 +116,35 @@ def synthetic_deepseekmoe(folder: Path, E: int = 6, H: int = 16, I: int = 8, den
     return t
 
 
-def deepseekmoe_config(E: int = 6, H: int = 16, I: int = 8, dense_I: int = 40, layers: int = 3,
-                       n_shared: int = 2, top_k: int = 3) -> dict:
+def deepseekmoe_config(
+    E: int = 6, H: int = 16, I: int = 8, dense_I: int = 40, layers: int = 3, n_shared: int = 2, top_k: int = 3
+) -> dict:
     """config.json keys of DeepSeekMoE 16B (remote code) at a small size."""
-    return {"architectures": ["DeepseekForCausalLM"], "model_type": "deepseek",
-            "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekConfig",
-                         "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM"},
-            "hidden_size": H, "intermediate_size": dense_I, "moe_intermediate_size": I,
-            "num_hidden_layers": layers, "n_routed_experts": E, "n_shared_experts": n_shared,
-            "num_experts_per_tok": top_k, "first_k_dense_replace": 1, "moe_layer_freq": 1,
-            "norm_topk_prob": False, "scoring_func": "softmax", "hidden_act": "silu",
-            "max_position_embeddings": 64, "vocab_size": 64}
+    return {
+        "architectures": ["DeepseekForCausalLM"],
+        "model_type": "deepseek",
+        "auto_map": {
+            "AutoConfig": "configuration_deepseek.DeepseekConfig",
+            "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM",
+        },
+        "hidden_size": H,
+        "intermediate_size": dense_I,
+        "moe_intermediate_size": I,
+        "num_hidden_layers": layers,
+        "n_routed_experts": E,
+        "n_shared_experts": n_shared,
+        "num_experts_per_tok": top_k,
+        "first_k_dense_replace": 1,
+        "moe_layer_freq": 1,
+        "norm_topk_prob": False,
+        "scoring_func": "softmax",
+        "hidden_act": "silu",
+        "max_position_embeddings": 64,
+        "vocab_size": 64,
+    }
 
 
-def synthetic_grok(folder: Path, E: int = 4, H: int = 16, I: int = 24,
-                   layers: int = 2) -> dict[str, torch.Tensor]:
+def synthetic_grok(folder: Path, E: int = 4, H: int = 16, I: int = 24, layers: int = 2) -> dict[str, torch.Tensor]:
     """Grok-1 (hpcai-tech port) naming; its config has no model_type."""
     g = torch.Generator().manual_seed(3)
     t = {}
@@ -130,11 +155,18 @@ def synthetic_grok(folder: Path, E: int = 4, H: int = 16, I: int = 24,
             t[p + f"experts.{e}.linear.weight"] = _rand(g, I, H, dtype=torch.bfloat16)
             t[p + f"experts.{e}.linear_v.weight"] = _rand(g, I, H, dtype=torch.bfloat16)
             t[p + f"experts.{e}.linear_1.weight"] = _rand(g, H, I, dtype=torch.bfloat16)
-    config = {"architectures": ["Grok1ModelForCausalLM"],
-              "auto_map": {"AutoConfig": "configuration_grok1.Grok1Config"},
-              "hidden_size": H, "intermediate_size": I, "num_hidden_layers": layers,
-              "num_experts": E, "num_experts_per_tok": 2, "attn_output_multiplier": 0.088,
-              "embedding_multiplier_scale": 78.4, "max_position_embeddings": 64}
+    config = {
+        "architectures": ["Grok1ModelForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_grok1.Grok1Config"},
+        "hidden_size": H,
+        "intermediate_size": I,
+        "num_hidden_layers": layers,
+        "num_experts": E,
+        "num_experts_per_tok": 2,
+        "attn_output_multiplier": 0.088,
+        "embedding_multiplier_scale": 78.4,
+        "max_position_embeddings": 64,
+    }
     write_checkpoint(folder, {"model.safetensors": t}, config)
     return t
 
@@ -148,9 +180,16 @@ def synthetic_mistral(folder: Path, H: int = 16, I: int = 40, layers: int = 2) -
         t[p + "gate_proj.weight"] = _rand(g, I, H)
         t[p + "up_proj.weight"] = _rand(g, I, H)
         t[p + "down_proj.weight"] = _rand(g, H, I)
-    config = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": H,
-              "intermediate_size": I, "num_hidden_layers": layers, "hidden_act": "silu",
-              "max_position_embeddings": 64, "vocab_size": 32}
+    config = {
+        "architectures": ["MistralForCausalLM"],
+        "model_type": "mistral",
+        "hidden_size": H,
+        "intermediate_size": I,
+        "num_hidden_layers": layers,
+        "hidden_act": "silu",
+        "max_position_embeddings": 64,
+        "vocab_size": 32,
+    }
     write_checkpoint(folder, {"model.safetensors": t}, config)
     return t
 
@@ -220,8 +259,9 @@ class _Body(nn.Module):
     def __init__(self, cfg: dict):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg["vocab_size"], cfg["hidden_size"])
-        self.layers = nn.ModuleList(_Layer(cfg, i >= cfg["first_k_dense_replace"])
-                                    for i in range(cfg["num_hidden_layers"]))
+        self.layers = nn.ModuleList(
+            _Layer(cfg, i >= cfg["first_k_dense_replace"]) for i in range(cfg["num_hidden_layers"])
+        )
 
 
 class RemoteStyleDeepseekMoE(nn.Module):
@@ -251,5 +291,12 @@ def remote_style_loaded(seed: int = 0) -> LoadedModel:
     cfg = deepseekmoe_config(E=6, H=16, I=8, dense_I=24, layers=3, n_shared=2, top_k=3)
     model = RemoteStyleDeepseekMoE(cfg, seed=seed).eval()
     spec = get_spec("deepseek")
-    return LoadedModel(model=model, tokenizer=None, spec=spec, config=cfg, name="remote-style-deepseek",
-                       path=None, fingerprint="remote-style")
+    return LoadedModel(
+        model=model,
+        tokenizer=None,
+        spec=spec,
+        config=cfg,
+        name="remote-style-deepseek",
+        path=None,
+        fingerprint="remote-style",
+    )

@@ -8,23 +8,24 @@ must share the tokenizer) the same on every page.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import pandas as pd
 import torch
 import transformers
 
+from ..analysis.results import write_result
+from ..arch import spec_for_config
+from ..arch.config import read_config_json
 from ..core.errors import CheckpointError, LayerIndexError, NotMoEModelError, UsageError
 from ..core.finite import ScreenedSource
 from ..core.names import model_slug
 from ..engine.inputs import Inputs, check_inputs_spec, fit_context, inputs_label, load_inputs
-from ..arch import spec_for_config
-from ..arch.config import read_config_json
 from ..models.checkpoint import checkpoint_fingerprint, find_weight_files, verify_safetensors
-from ..models.loading import LoadedModel, load_model, load_tokenizer, resolve_model
-from ..analysis.results import write_result
+from ..models.loading import LoadedModel, load_model, resolve_model
 from ..models.trace import Trace, trace, trace_dense
 
 
@@ -71,24 +72,46 @@ class Study:
         """Markdown for the page: empty for a valid run, else which tensors were excluded."""
         if not self.excluded:
             return ""
-        items = "; ".join(f"layer {r['layer']}, {'expert ' + str(r['expert']) if isinstance(r['expert'], int) else r['expert'] or 'dense MLP'}: "
-                          f"{r['tensor']} ({r['n_nan']} NaN, {r['n_inf']} inf)" for r in self.excluded)
-        return (f"**INVALID: this model's weights hold NaN or infinite values**, so the numbers on this page leave "
-                f"those experts out and do not describe the model as a whole (this run set allow_invalid = True). "
-                f"Excluded: {items}.")
+        items = "; ".join(
+            f"layer {r['layer']}, {'expert ' + str(r['expert']) if isinstance(r['expert'], int) else r['expert'] or 'dense MLP'}: "
+            f"{r['tensor']} ({r['n_nan']} NaN, {r['n_inf']} inf)"
+            for r in self.excluded
+        )
+        return (
+            f"**INVALID: this model's weights hold NaN or infinite values**, so the numbers on this page leave "
+            f"those experts out and do not describe the model as a whole (this run set allow_invalid = True). "
+            f"Excluded: {items}."
+        )
 
     def describe(self) -> pd.DataFrame:
         """A one-row-per-fact description of the model, for the top of each page."""
         facts = self.lm.facts
-        rows = [("model", self.lm.name), ("family (spec)", facts.family),
-                ("MoE layers", f"{len(facts.moe_layers)} ({facts.moe_layers[0]}..{facts.moe_layers[-1]})"),
-                ("layers analysed", "all" if self.layers is None else str(self.layers)),
-                ("dense baseline (F)", self.dense.name if self.dense is not None
-                 else (f"left out: {self.dense_note}" if self.dense_note else "none"))]
-        rows += [("experts per MoE layer", facts.num_experts), ("experts chosen per token (top-k)", facts.top_k),
-                 ("hidden size", facts.hidden_size), ("activation", facts.activation)]
-        rows.append(("family spec", "derived from the model transformers builds (see the coverage "
-                                    "page)" if facts.derived else "hand-written"))
+        rows = [
+            ("model", self.lm.name),
+            ("family (spec)", facts.family),
+            ("MoE layers", f"{len(facts.moe_layers)} ({facts.moe_layers[0]}..{facts.moe_layers[-1]})"),
+            ("layers analysed", "all" if self.layers is None else str(self.layers)),
+            (
+                "dense baseline (F)",
+                self.dense.name
+                if self.dense is not None
+                else (f"left out: {self.dense_note}" if self.dense_note else "none"),
+            ),
+        ]
+        rows += [
+            ("experts per MoE layer", facts.num_experts),
+            ("experts chosen per token (top-k)", facts.top_k),
+            ("hidden size", facts.hidden_size),
+            ("activation", facts.activation),
+        ]
+        rows.append(
+            (
+                "family spec",
+                "derived from the model transformers builds (see the coverage page)"
+                if facts.derived
+                else "hand-written",
+            )
+        )
         rows += [(f"how to read ({i})", quirk) for i, quirk in enumerate(self.lm.spec.quirks, 1)]
         rows.append(("fingerprint", self.lm.fingerprint))
         if self.lm.source.get("revision"):
@@ -116,12 +139,25 @@ class Study:
         layers = [l for l in (self.layers or self.lm.moe_layers) if l < self.dense.facts.num_layers]
         return trace_dense(self.dense, inputs.sequences, layers=layers)
 
-    def save(self, analysis: str, tables: Mapping[str, pd.DataFrame], summary: Mapping[str, Any],
-             params: Mapping[str, Any] | None = None) -> Path:
+    def save(
+        self,
+        analysis: str,
+        tables: Mapping[str, pd.DataFrame],
+        summary: Mapping[str, Any],
+        params: Mapping[str, Any] | None = None,
+    ) -> Path:
         """Write this analysis's results file atomically and return its path."""
-        return write_result(self.results_dir, analysis, self.lm.name, self.lm.fingerprint,
-                            {**self.params, **(params or {})}, dict(tables), dict(summary),
-                            source=self.lm.source, invalid=self.excluded)
+        return write_result(
+            self.results_dir,
+            analysis,
+            self.lm.name,
+            self.lm.fingerprint,
+            {**self.params, **(params or {})},
+            dict(tables),
+            dict(summary),
+            source=self.lm.source,
+            invalid=self.excluded,
+        )
 
 
 def checkpoint_only(model: str, revision: str | None = None, allow_pickle: bool = False) -> LoadedModel:
@@ -134,8 +170,16 @@ def checkpoint_only(model: str, revision: str | None = None, allow_pickle: bool 
     spec = spec_for_config(cfg)
     files = find_weight_files(ref.path, allow_pickle=allow_pickle)
     verify_safetensors(files)
-    return LoadedModel(model=None, tokenizer=None, spec=spec, config=cfg, name=ref.name, path=ref.path,
-                       fingerprint=checkpoint_fingerprint(cfg, files), source=ref.source())
+    return LoadedModel(
+        model=None,
+        tokenizer=None,
+        spec=spec,
+        config=cfg,
+        name=ref.name,
+        path=ref.path,
+        fingerprint=checkpoint_fingerprint(cfg, files),
+        source=ref.source(),
+    )
 
 
 def _check_layers(layers: Any) -> list[int] | None:
@@ -153,8 +197,7 @@ def _baseline_mismatch(lm: LoadedModel, dense: LoadedModel, weights_only: bool) 
     h_model = lm.facts.hidden_size
     h_dense = dense.facts.hidden_size
     if h_model != h_dense:
-        return (f"its hidden size is {h_dense}, the model's is {h_model}, so its FFN cannot be compared "
-                "with the experts")
+        return f"its hidden size is {h_dense}, the model's is {h_model}, so its FFN cannot be compared with the experts"
     if not weights_only:
         if dense.tokenizer is None:
             return "it has no tokenizer files, so its outputs cannot be matched token by token"
@@ -168,11 +211,21 @@ def _same_tokenizer(a: LoadedModel, b: LoadedModel) -> bool:
     return a.tokenizer(probe)["input_ids"] == b.tokenizer(probe)["input_ids"]
 
 
-def open_study(model: str, dense_baseline: str | None = None, layers: Sequence[int] | None = None,
-               dtype: str = "float32", device_map: Any = None, trust_remote_code: bool = False,
-               results_dir: str | Path | None = None, seed: int = 0, weights_only: bool = False,
-               revision: str | None = None, allow_pickle: bool = False, allow_invalid: bool = False,
-               **params: Any) -> Study:
+def open_study(
+    model: str,
+    dense_baseline: str | None = None,
+    layers: Sequence[int] | None = None,
+    dtype: str = "float32",
+    device_map: Any = None,
+    trust_remote_code: bool = False,
+    results_dir: str | Path | None = None,
+    seed: int = 0,
+    weights_only: bool = False,
+    revision: str | None = None,
+    allow_pickle: bool = False,
+    allow_invalid: bool = False,
+    **params: Any,
+) -> Study:
     """Load the model under study (it must be an MoE) and, if given, its dense baseline.
 
     ``weights_only`` skips building the models: weight analyses then stream the safetensors one
@@ -198,17 +251,27 @@ def open_study(model: str, dense_baseline: str | None = None, layers: Sequence[i
     def load(name: str, rev: str | None = None) -> LoadedModel:
         if weights_only:
             return checkpoint_only(name, rev, allow_pickle=allow_pickle)
-        return load_model(name, dtype=dtype, device_map=device_map, revision=rev,
-                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        return load_model(
+            name,
+            dtype=dtype,
+            device_map=device_map,
+            revision=rev,
+            trust_remote_code=trust_remote_code,
+            allow_pickle=allow_pickle,
+        )
 
     lm = load(model, revision)
     if not weights_only and lm.tokenizer is None:
-        raise CheckpointError(f"{lm.name} has no tokenizer files (tokenizer.json, tokenizer_config.json, "
-                              "tokenizer.model or vocab.json) in its folder; copy the tokenizer of the model "
-                              "it was trained from into that folder")
+        raise CheckpointError(
+            f"{lm.name} has no tokenizer files (tokenizer.json, tokenizer_config.json, "
+            "tokenizer.model or vocab.json) in its folder; copy the tokenizer of the model "
+            "it was trained from into that folder"
+        )
     if not lm.is_moe:
-        raise NotMoEModelError(f"{model!r} is a dense model; the observation notebooks need a Mixture-of-Experts "
-                               f"model. Pass a dense model as dense_baseline instead.")
+        raise NotMoEModelError(
+            f"{model!r} is a dense model; the observation notebooks need a Mixture-of-Experts "
+            f"model. Pass a dense model as dense_baseline instead."
+        )
     dense = None
     dense_note = ""
     dense_name = None
@@ -216,8 +279,10 @@ def open_study(model: str, dense_baseline: str | None = None, layers: Sequence[i
         dense = load(dense_baseline)
         dense_name = dense.name
         if dense.is_moe:
-            raise NotMoEModelError(f"dense_baseline {dense_baseline!r} is itself an MoE model; pass a dense model "
-                                   f"(for Mixtral 8x7B that is Mistral 7B) or None.")
+            raise NotMoEModelError(
+                f"dense_baseline {dense_baseline!r} is itself an MoE model; pass a dense model "
+                f"(for Mixtral 8x7B that is Mistral 7B) or None."
+            )
         why = _baseline_mismatch(lm, dense, weights_only)
         if why:
             dense_note = f"{dense.name}: {why}"
@@ -231,9 +296,18 @@ def open_study(model: str, dense_baseline: str | None = None, layers: Sequence[i
             raise LayerIndexError(f"layers {bad} are not MoE layers of {model!r}; its MoE layers are {lm.moe_layers}.")
     if isinstance(params.get("inputs"), str):
         params = {**params, "inputs": inputs_label(params["inputs"])}
-    run_params = {"model": lm.name, "dense_baseline": dense_name, "dense_used": dense is not None,
-                  "layers": chosen, "dtype": dtype, "seed": seed, "revision": lm.source.get("revision"), **params}
+    run_params = {
+        "model": lm.name,
+        "dense_baseline": dense_name,
+        "dense_used": dense is not None,
+        "layers": chosen,
+        "dtype": dtype,
+        "seed": seed,
+        "revision": lm.source.get("revision"),
+        **params,
+    }
     if allow_invalid:
         run_params["allow_invalid"] = True
-    return Study(lm, dense, Path(results_dir), chosen, run_params, dense_note=dense_note,
-                 allow_invalid=bool(allow_invalid))
+    return Study(
+        lm, dense, Path(results_dir), chosen, run_params, dense_note=dense_note, allow_invalid=bool(allow_invalid)
+    )

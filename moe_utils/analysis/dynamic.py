@@ -10,19 +10,25 @@ of all experts is ever built.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
 from .. import metrics as M
-from ..engine.expert_math import iter_expert_intermediates
 from ..core.progress import progress
-from ..models.trace import (Trace, dense_intermediates, dense_outputs, expert_intermediates, expert_outputs,
-                     router_scores)
+from ..engine.expert_math import iter_expert_intermediates
 from ..models.loading import LoadedModel
+from ..models.trace import (
+    Trace,
+    dense_intermediates,
+    dense_outputs,
+    expert_intermediates,
+    expert_outputs,
+    router_scores,
+)
 from ..models.weights import dense_mlp_weights, layer_weights
 
 
@@ -33,7 +39,7 @@ class NormsScores:
     norms: dict[int, np.ndarray]
     scores: dict[int, np.ndarray]
     chosen: dict[int, np.ndarray]
-    groups: np.ndarray          # sequence index of each token
+    groups: np.ndarray  # sequence index of each token
 
     @property
     def layers(self) -> list[int]:
@@ -77,8 +83,11 @@ def rank_count_frame(ns: NormsScores) -> pd.DataFrame:
     for layer in ns.layers:
         c = M.rank_counts(ns.norms[layer], ns.scores[layer])
         s_rank, n_rank = np.meshgrid(np.arange(1, e + 1), np.arange(1, e + 1), indexing="ij")
-        rows.append(pd.DataFrame({"layer": layer, "score_rank": s_rank.ravel(), "norm_rank": n_rank.ravel(),
-                                  "count": c.ravel()}))
+        rows.append(
+            pd.DataFrame(
+                {"layer": layer, "score_rank": s_rank.ravel(), "norm_rank": n_rank.ravel(), "count": c.ravel()}
+            )
+        )
     return pd.concat(rows, ignore_index=True)
 
 
@@ -105,10 +114,19 @@ def token_bars_frame(ns: NormsScores, tr: Trace, layers: Sequence[int] | None = 
     for layer in layers or ns.layers:
         n, e = ns.norms[layer].shape
         chosen = ns.chosen_mask(layer)
-        rows.append(pd.DataFrame({
-            "layer": layer, "token_index": np.repeat(np.arange(n), e), "token": np.repeat(labels, e),
-            "expert": np.tile(np.arange(e), n), "norm": ns.norms[layer].ravel(),
-            "score": ns.scores[layer].ravel(), "chosen": chosen.ravel()}))
+        rows.append(
+            pd.DataFrame(
+                {
+                    "layer": layer,
+                    "token_index": np.repeat(np.arange(n), e),
+                    "token": np.repeat(labels, e),
+                    "expert": np.tile(np.arange(e), n),
+                    "norm": ns.norms[layer].ravel(),
+                    "score": ns.scores[layer].ravel(),
+                    "chosen": chosen.ravel(),
+                }
+            )
+        )
     return pd.concat(rows, ignore_index=True)
 
 
@@ -122,8 +140,13 @@ def mean_norm_by_layer(ns: NormsScores) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def activation_ratios(lm: LoadedModel, tr: Trace, dense_lm: LoadedModel | None = None, dense_tr: Trace | None = None,
-                      threshold: float = M.ACTIVE_THRESHOLD) -> pd.DataFrame:
+def activation_ratios(
+    lm: LoadedModel,
+    tr: Trace,
+    dense_lm: LoadedModel | None = None,
+    dense_tr: Trace | None = None,
+    threshold: float = M.ACTIVE_THRESHOLD,
+) -> pd.DataFrame:
     """Share of intermediate activations act(W_act x) with |value| > threshold, per layer and
     expert (App. H). "F" rows come from the dense baseline's own forward pass."""
     rows = []
@@ -141,29 +164,53 @@ def activation_ratios(lm: LoadedModel, tr: Trace, dense_lm: LoadedModel | None =
     return pd.DataFrame(rows)
 
 
-def intermediate_frame(lm: LoadedModel, tr: Trace, layer: int, dense_lm: LoadedModel | None = None,
-                       dense_tr: Trace | None = None, max_neurons: int = 128) -> pd.DataFrame:
+def intermediate_frame(
+    lm: LoadedModel,
+    tr: Trace,
+    layer: int,
+    dense_lm: LoadedModel | None = None,
+    dense_tr: Trace | None = None,
+    max_neurons: int = 128,
+) -> pd.DataFrame:
     """act(W_act x) for every token, expert (and F) of one layer, first ``max_neurons`` neurons
     (the paper's Fig. 12 heat map)."""
     labels = token_labels(tr)
     w = layer_weights(lm, layer, dtype=None)
     inter = expert_intermediates(w, tr.per_layer[layer].x, max_neurons=max_neurons).numpy()
     n, e, i = inter.shape
-    frames = [pd.DataFrame({"layer": layer, "token_index": np.repeat(np.arange(n), e * i),
-                            "token": np.repeat(labels, e * i),
-                            "expert": np.tile(np.repeat([str(k) for k in range(e)], i), n),
-                            "neuron": np.tile(np.arange(i), n * e), "value": inter.ravel()})]
+    frames = [
+        pd.DataFrame(
+            {
+                "layer": layer,
+                "token_index": np.repeat(np.arange(n), e * i),
+                "token": np.repeat(labels, e * i),
+                "expert": np.tile(np.repeat([str(k) for k in range(e)], i), n),
+                "neuron": np.tile(np.arange(i), n * e),
+                "value": inter.ravel(),
+            }
+        )
+    ]
     if dense_lm is not None and dense_tr is not None and layer in dense_tr.per_layer:
         dw = dense_mlp_weights(dense_lm, layer, dtype=None)
         f = dense_intermediates(dw, dense_tr.per_layer[layer].x)[..., :max_neurons].float().cpu().numpy()
-        frames.append(pd.DataFrame({"layer": layer, "token_index": np.repeat(np.arange(n), i),
-                                    "token": np.repeat(labels, i), "expert": "F",
-                                    "neuron": np.tile(np.arange(i), n), "value": f.ravel()}))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "layer": layer,
+                    "token_index": np.repeat(np.arange(n), i),
+                    "token": np.repeat(labels, i),
+                    "expert": "F",
+                    "neuron": np.tile(np.arange(i), n),
+                    "value": f.ravel(),
+                }
+            )
+        )
     return pd.concat(frames, ignore_index=True)
 
 
-def _outputs_with_extras(lm: LoadedModel, tr: Trace, layer: int, dense_lm: LoadedModel | None,
-                         dense_tr: Trace | None) -> tuple[torch.Tensor, list[str]]:
+def _outputs_with_extras(
+    lm: LoadedModel, tr: Trace, layer: int, dense_lm: LoadedModel | None, dense_tr: Trace | None
+) -> tuple[torch.Tensor, list[str]]:
     """[N, E(+F)(+SE), H] raw outputs of every expert, the F baseline and the shared expert."""
     lt = tr.per_layer[layer]
     w = layer_weights(lm, layer, dtype=None)
@@ -171,8 +218,7 @@ def _outputs_with_extras(lm: LoadedModel, tr: Trace, layer: int, dense_lm: Loade
     labels = [str(e) for e in range(y.shape[1])]
     extra = []
     if dense_lm is not None and dense_tr is not None and layer in dense_tr.per_layer:
-        extra.append(dense_outputs(dense_mlp_weights(dense_lm, layer, dtype=None),
-                                   dense_tr.per_layer[layer].x).float())
+        extra.append(dense_outputs(dense_mlp_weights(dense_lm, layer, dtype=None), dense_tr.per_layer[layer].x).float())
         labels.append("F")
     if w.shared is not None:
         extra.append(dense_outputs(w.shared, lt.x).float())
@@ -182,8 +228,9 @@ def _outputs_with_extras(lm: LoadedModel, tr: Trace, layer: int, dense_lm: Loade
     return y, labels
 
 
-def token_output_similarity(lm: LoadedModel, tr: Trace, dense_lm: LoadedModel | None = None,
-                            dense_tr: Trace | None = None) -> pd.DataFrame:
+def token_output_similarity(
+    lm: LoadedModel, tr: Trace, dense_lm: LoadedModel | None = None, dense_tr: Trace | None = None
+) -> pd.DataFrame:
     """Cosine similarity between all experts' outputs (+F, +SE) for every token and layer
     (the paper's Fig. 2, short input)."""
     labels_tok = token_labels(tr)
@@ -194,15 +241,25 @@ def token_output_similarity(lm: LoadedModel, tr: Trace, dense_lm: LoadedModel | 
         k = len(labels)
         sims = M.token_similarity(y, angular=False)
         for t in range(y.shape[0]):
-            frames.append(pd.DataFrame({
-                "layer": layer, "token_index": t, "token": labels_tok[t],
-                "chosen_text": ",".join(str(int(c)) for c in chosen[t]),
-                "expert_i": np.repeat(labels, k), "expert_j": np.tile(labels, k), "similarity": sims[t].ravel()}))
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "layer": layer,
+                        "token_index": t,
+                        "token": labels_tok[t],
+                        "chosen_text": ",".join(str(int(c)) for c in chosen[t]),
+                        "expert_i": np.repeat(labels, k),
+                        "expert_j": np.tile(labels, k),
+                        "similarity": sims[t].ravel(),
+                    }
+                )
+            )
     return pd.concat(frames, ignore_index=True)
 
 
-def average_output_similarity(lm: LoadedModel, tr: Trace, dense_lm: LoadedModel | None = None,
-                              dense_tr: Trace | None = None) -> pd.DataFrame:
+def average_output_similarity(
+    lm: LoadedModel, tr: Trace, dense_lm: LoadedModel | None = None, dense_tr: Trace | None = None
+) -> pd.DataFrame:
     """Angular similarity between expert outputs averaged over all tokens (the paper's Fig. 3,
     long input): per token 1 - arccos(cos)/pi, summed over tokens and divided by their count."""
     frames = []
@@ -210,8 +267,16 @@ def average_output_similarity(lm: LoadedModel, tr: Trace, dense_lm: LoadedModel 
         y, labels = _outputs_with_extras(lm, tr, layer, dense_lm, dense_tr)
         acc = M.mean_token_similarity(y, angular=True)
         k = len(labels)
-        frames.append(pd.DataFrame({"layer": layer, "expert_i": np.repeat(labels, k),
-                                    "expert_j": np.tile(labels, k), "similarity": acc.ravel()}))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "layer": layer,
+                    "expert_i": np.repeat(labels, k),
+                    "expert_j": np.tile(labels, k),
+                    "similarity": acc.ravel(),
+                }
+            )
+        )
     return pd.concat(frames, ignore_index=True)
 
 
@@ -224,8 +289,17 @@ def routing_frame(tr: Trace) -> pd.DataFrame:
         idx = lt.topk_index.cpu().numpy()
         wt = lt.topk_weight.float().cpu().numpy()
         n, k = idx.shape
-        frames.append(pd.DataFrame({"layer": layer, "token_index": np.repeat(np.arange(n), k),
-                                    "token": np.repeat(labels, k), "rank": np.tile(np.arange(1, k + 1), n),
-                                    "expert": idx.ravel(), "weight": wt.ravel(),
-                                    "sequence": np.repeat(tr.seq_index.cpu().numpy(), k)}))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "layer": layer,
+                    "token_index": np.repeat(np.arange(n), k),
+                    "token": np.repeat(labels, k),
+                    "rank": np.tile(np.arange(1, k + 1), n),
+                    "expert": idx.ravel(),
+                    "weight": wt.ravel(),
+                    "sequence": np.repeat(tr.seq_index.cpu().numpy(), k),
+                }
+            )
+        )
     return pd.concat(frames, ignore_index=True)

@@ -8,8 +8,9 @@ verdict row and the model's page agree.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -46,8 +47,16 @@ def observation1(weights_source: Any, layers: Sequence[int] | None = None, seed:
     diff = gate_act_differences(gate)
     v = mean_difference(diff.to_numpy(), seed=seed)
     r2_act = gate[gate.matrix == "W_act"].r2.mean()
-    return Headline(1, OBSERVATIONS[1], float(v["value"]), float(v["ci_low"]), float(v["ci_high"]), 0.0,
-                    str(v["verdict"]), f"mean r2(W_act) = {r2_act:.3f} over {len(diff)} layers")
+    return Headline(
+        1,
+        OBSERVATIONS[1],
+        float(v["value"]),
+        float(v["ci_low"]),
+        float(v["ci_high"]),
+        0.0,
+        str(v["verdict"]),
+        f"mean r2(W_act) = {r2_act:.3f} over {len(diff)} layers",
+    )
 
 
 def observation2(lm: LoadedModel, long_trace: Trace, seed: int = 0) -> Headline:
@@ -56,19 +65,33 @@ def observation2(lm: LoadedModel, long_trace: Trace, seed: int = 0) -> Headline:
     agree = dynamic.agreement_table(ns, k=1, seed=seed)
     pooled = agree[agree.scope == "all"].iloc[0]
     verdict = versus_baseline(pooled.low, pooled.high, pooled.baseline)
-    return Headline(2, OBSERVATIONS[2], float(pooled.share), float(pooled.low), float(pooled.high),
-                    float(pooled.baseline), verdict, f"{int(pooled.n)} (token, layer) pairs")
+    return Headline(
+        2,
+        OBSERVATIONS[2],
+        float(pooled.share),
+        float(pooled.low),
+        float(pooled.high),
+        float(pooled.baseline),
+        verdict,
+        f"{int(pooled.n)} (token, layer) pairs",
+    )
 
 
 def observation3(lm: LoadedModel, long_trace: Trace) -> tuple[Headline, dict[str, float]]:
     """The two-part depth verdict on long-input output similarity; also returns rho and z."""
     by_layer = output_similarity_by_layer(dynamic.average_output_similarity(lm, long_trace))
     d = depth_pattern(by_layer)
-    extra = {"trend_rho": float(d["trend_rho"]), "trend_p": float(d["trend_p"]), "last_layer_z": float(d["value"]),
-             "delta_previous": float(d["delta_previous"]),
-             "mean_output_similarity": float(np.mean(list(by_layer.values())))}
-    return (Headline(3, OBSERVATIONS[3], float(d["value"]), float("nan"), float("nan"), 0.0, str(d["verdict"]),
-                     d["note"]), extra)
+    extra = {
+        "trend_rho": float(d["trend_rho"]),
+        "trend_p": float(d["trend_p"]),
+        "last_layer_z": float(d["value"]),
+        "delta_previous": float(d["delta_previous"]),
+        "mean_output_similarity": float(np.mean(list(by_layer.values()))),
+    }
+    return (
+        Headline(3, OBSERVATIONS[3], float(d["value"]), float("nan"), float("nan"), 0.0, str(d["verdict"]), d["note"]),
+        extra,
+    )
 
 
 def topk_overlap(topk_a: Any, topk_b: Any) -> float:
@@ -84,6 +107,8 @@ def topk_overlap(topk_a: Any, topk_b: Any) -> float:
 def router_saturation(trace_s: Trace, trace_final: Trace) -> float:
     """OLMoE's router saturation: share of top-k choices at a checkpoint equal to the final model's,
     pooled over tokens and MoE layers (both traces over the same tokens)."""
-    vals = [topk_overlap(trace_s.per_layer[l].topk_index.numpy(), trace_final.per_layer[l].topk_index.numpy())
-            for l in trace_final.layers]
+    vals = [
+        topk_overlap(trace_s.per_layer[l].topk_index.numpy(), trace_final.per_layer[l].topk_index.numpy())
+        for l in trace_final.layers
+    ]
     return float(np.mean(vals))

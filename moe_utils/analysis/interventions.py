@@ -21,8 +21,9 @@ probabilities. Losses are next-token NLL in nats, pooled over every predicted to
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -30,11 +31,10 @@ import torch
 from torch import Tensor
 
 from .. import metrics as M
-from ..engine.expert_math import expert_outputs, shared_expert_output
-from ..engine.routing import route_params
-from ..models.weights import MoELayerWeights, layer_weights
 from ..arch.facts import RouteParams
+from ..engine.expert_math import expert_outputs, shared_expert_output
 from ..models.loading import LoadedModel
+from ..models.weights import MoELayerWeights, layer_weights
 from .verdicts import versus_baseline
 
 ROUTING_POLICIES = ("learned", "norm", "random")
@@ -61,8 +61,9 @@ def _renorm(w: Tensor) -> Tensor:
     return w / w.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
 
 
-def select(policy: Policy, probs: Tensor, norms: Tensor, top_k: int, renormalize: bool,
-           gen: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def select(
+    policy: Policy, probs: Tensor, norms: Tensor, top_k: int, renormalize: bool, gen: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
     """Expert indices [N,k'] and mixing weights [N,k'] for one policy (a pure function of its inputs).
 
     ``probs`` [N,E] are the router's softmax probabilities, ``norms`` [N,E] the L2 norms of every
@@ -135,8 +136,10 @@ def routed(lm: LoadedModel, policy: Policy) -> Iterator[None]:
     """Within the block, every MoE block of ``lm`` routes by ``policy``."""
     params = _routing(lm)
     if params.method != "softmax_topk" or params.group or params.scale != 1.0:
-        raise ValueError(f"routing interventions support plain softmax top-k routers; {lm.name} uses "
-                         f"{params.method}" + (" with group-limited choice" if params.group else ""))
+        raise ValueError(
+            f"routing interventions support plain softmax top-k routers; {lm.name} uses "
+            f"{params.method}" + (" with group-limited choice" if params.group else "")
+        )
     gen = torch.Generator().manual_seed(policy.seed)
     patched = []
     try:
@@ -153,19 +156,21 @@ def routed(lm: LoadedModel, policy: Policy) -> Iterator[None]:
 
 
 @torch.no_grad()
-def window_nll(model: torch.nn.Module, windows: Sequence[Sequence[int]], batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+def window_nll(
+    model: torch.nn.Module, windows: Sequence[Sequence[int]], batch_size: int = 16
+) -> tuple[np.ndarray, np.ndarray]:
     """Per window: summed next-token NLL (nats) and number of predicted tokens (``<s>`` excluded)."""
     sums = np.zeros(len(windows))
     counts = np.zeros(len(windows), dtype=np.int64)
     order = sorted(range(len(windows)), key=lambda i: len(windows[i]))
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         length = max(len(windows[i]) for i in idx)
         ids = torch.zeros(len(idx), length, dtype=torch.long)
         mask = torch.zeros(len(idx), length, dtype=torch.long)
         for row, i in enumerate(idx):
-            ids[row, :len(windows[i])] = torch.tensor(windows[i])
-            mask[row, :len(windows[i])] = 1
+            ids[row, : len(windows[i])] = torch.tensor(windows[i])
+            mask[row, : len(windows[i])] = 1
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
         lp = torch.log_softmax(logits[:, :-1], dim=-1)
         nll = -lp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1) * mask[:, 1:]
@@ -191,14 +196,16 @@ def pooled_loss(sums: np.ndarray, counts: np.ndarray, seed: int = 0, n_boot: int
     return PooledLoss(ci.estimate, ci.low, ci.high, int(np.sum(counts)))
 
 
-def paired_difference(sums: np.ndarray, base_sums: np.ndarray, counts: np.ndarray, seed: int = 0,
-                      n_boot: int = 2000) -> PooledLoss:
+def paired_difference(
+    sums: np.ndarray, base_sums: np.ndarray, counts: np.ndarray, seed: int = 0, n_boot: int = 2000
+) -> PooledLoss:
     """Pooled NLL minus the baseline's on the same windows, bootstrap over windows (paired)."""
     return pooled_loss(sums - base_sums, counts, seed=seed, n_boot=n_boot)
 
 
-def evaluate_policies(lm: LoadedModel, windows: Sequence[Sequence[int]], policies: Sequence[Policy],
-                      seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def evaluate_policies(
+    lm: LoadedModel, windows: Sequence[Sequence[int]], policies: Sequence[Policy], seed: int = 0
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per-window NLL sums and counts under each policy (label -> (sums, counts))."""
     out = {}
     for p in policies:
@@ -207,8 +214,13 @@ def evaluate_policies(lm: LoadedModel, windows: Sequence[Sequence[int]], policie
     return out
 
 
-def intervention_tables(lm: LoadedModel, windows: Sequence[Sequence[int]], sweep_windows: Sequence[Sequence[int]] | None = None,
-                        seed: int = 0, organism: str | None = None) -> dict[str, pd.DataFrame]:
+def intervention_tables(
+    lm: LoadedModel,
+    windows: Sequence[Sequence[int]],
+    sweep_windows: Sequence[Sequence[int]] | None = None,
+    seed: int = 0,
+    organism: str | None = None,
+) -> dict[str, pd.DataFrame]:
     """The ``routing``, ``ablation``, ``topk_sweep`` and ``per_window`` tables for one model.
 
     ``sweep_windows`` (default: ``windows``) are the windows of the top-k sweep, which needs one
@@ -223,34 +235,79 @@ def intervention_tables(lm: LoadedModel, windows: Sequence[Sequence[int]], sweep
     if k >= 2:
         policies += [Policy("ablate", remove=r, seed=seed) for r in ABLATIONS]
     res = evaluate_policies(lm, windows, policies)
-    per_window = pd.concat([pd.DataFrame({"organism": name, "policy": label, "window": np.arange(len(c)),
-                                          "nll_sum": s, "tokens": c}) for label, (s, c) in res.items()],
-                           ignore_index=True)
+    per_window = pd.concat(
+        [
+            pd.DataFrame({"organism": name, "policy": label, "window": np.arange(len(c)), "nll_sum": s, "tokens": c})
+            for label, (s, c) in res.items()
+        ],
+        ignore_index=True,
+    )
     routing = []
     for label in ROUTING_POLICIES:
         s, c = res[label]
         pl = pooled_loss(s, c, seed=seed)
         d = contrast(per_window, label, "learned", seed=seed)
-        routing.append({"organism": name, "policy": label, "nll": pl.nll, "ci_low": pl.ci_low, "ci_high": pl.ci_high,
-                        "delta_nll": d.nll, "delta_ci_low": d.ci_low, "delta_ci_high": d.ci_high, "tokens": pl.tokens})
+        routing.append(
+            {
+                "organism": name,
+                "policy": label,
+                "nll": pl.nll,
+                "ci_low": pl.ci_low,
+                "ci_high": pl.ci_high,
+                "delta_nll": d.nll,
+                "delta_ci_low": d.ci_low,
+                "delta_ci_high": d.ci_high,
+                "tokens": pl.tokens,
+            }
+        )
     abl = []
     for r in ABLATIONS if k >= 2 else ():
         d = contrast(per_window, f"ablate {r}", "learned", seed=seed)
         s, c = res[f"ablate {r}"]
-        abl.append({"organism": name, "removed": r, "nll": float(s.sum() / c.sum()), "delta_nll": d.nll,
-                    "ci_low": d.ci_low, "ci_high": d.ci_high, "tokens": d.tokens})
+        abl.append(
+            {
+                "organism": name,
+                "removed": r,
+                "nll": float(s.sum() / c.sum()),
+                "delta_nll": d.nll,
+                "ci_low": d.ci_low,
+                "ci_high": d.ci_high,
+                "tokens": d.tokens,
+            }
+        )
     sweep_w = windows if sweep_windows is None else sweep_windows
     sw = evaluate_policies(lm, sweep_w, [Policy("learned", k=kk, seed=seed) for kk in range(1, E + 1)])
     sweep = []
     for kk in range(1, E + 1):
         pl = pooled_loss(*sw[f"learned k={kk}"], seed=seed)
-        sweep.append({"organism": name, "k": kk, "nll": pl.nll, "ci_low": pl.ci_low, "ci_high": pl.ci_high,
-                      "trained_k": kk == k, "tokens": pl.tokens})
+        sweep.append(
+            {
+                "organism": name,
+                "k": kk,
+                "nll": pl.nll,
+                "ci_low": pl.ci_low,
+                "ci_high": pl.ci_high,
+                "trained_k": kk == k,
+                "tokens": pl.tokens,
+            }
+        )
     own = float(own_sums.sum() / counts.sum())
-    return {"routing": pd.DataFrame(routing), "ablation": pd.DataFrame(abl), "topk_sweep": pd.DataFrame(sweep),
-            "per_window": per_window,
-            "own_forward": pd.DataFrame([{"organism": name, "nll": own, "learned_policy_nll": routing[0]["nll"],
-                                          "abs_difference": abs(own - routing[0]["nll"])}])}
+    return {
+        "routing": pd.DataFrame(routing),
+        "ablation": pd.DataFrame(abl),
+        "topk_sweep": pd.DataFrame(sweep),
+        "per_window": per_window,
+        "own_forward": pd.DataFrame(
+            [
+                {
+                    "organism": name,
+                    "nll": own,
+                    "learned_policy_nll": routing[0]["nll"],
+                    "abs_difference": abs(own - routing[0]["nll"]),
+                }
+            ]
+        ),
+    }
 
 
 def _sums(per_window: pd.DataFrame, policy: str) -> tuple[np.ndarray, np.ndarray]:
@@ -267,8 +324,14 @@ def contrast(per_window: pd.DataFrame, a: str, b: str, seed: int = 0) -> PooledL
     return pooled_loss(sa - sb, c, seed=seed)
 
 
-def recovery(per_window: pd.DataFrame, candidate: str = "norm", learned: str = "learned",
-             floor: str = "random", seed: int = 0, n_boot: int = 2000) -> tuple[float, float, float]:
+def recovery(
+    per_window: pd.DataFrame,
+    candidate: str = "norm",
+    learned: str = "learned",
+    floor: str = "random",
+    seed: int = 0,
+    n_boot: int = 2000,
+) -> tuple[float, float, float]:
     """Share of the learned router's gain over ``floor`` that ``candidate`` recovers:
     (NLL_floor - NLL_candidate) / (NLL_floor - NLL_learned), with a paired bootstrap interval
     over windows. 1 means as good as the learned router, 0 no better than the floor."""
@@ -292,25 +355,36 @@ NORM_RECOVERY_THRESHOLD = 0.5
 
 
 def norm_routing_verdict(per_window: pd.DataFrame, seed: int = 0) -> dict[str, Any]:
-    """"Norm-based routing is reasonable": routing by output norm recovers more than half of the
+    """ "Norm-based routing is reasonable": routing by output norm recovers more than half of the
     learned router's gain over random routing (whole interval above 0.5: holds; below: does not
     hold; otherwise inconclusive). The note also says whether it matches the learned router."""
     est, lo, hi = recovery(per_window, seed=seed)
     verdict = versus_baseline(lo, hi, NORM_RECOVERY_THRESHOLD)
     d = contrast(per_window, "norm", "learned", seed=seed)
     worse = "worse than" if d.ci_low > 0 else "better than" if d.ci_high < 0 else "not distinguishable from"
-    return {"value": est, "ci_low": lo, "ci_high": hi, "baseline": NORM_RECOVERY_THRESHOLD, "verdict": verdict,
-            "note": f"share of the learned router's gain over random routing recovered by norm routing; norm routing "
-                    f"is {worse} the learned router (delta NLL {d.nll:+.3f} [{d.ci_low:+.3f}, {d.ci_high:+.3f}])"}
+    return {
+        "value": est,
+        "ci_low": lo,
+        "ci_high": hi,
+        "baseline": NORM_RECOVERY_THRESHOLD,
+        "verdict": verdict,
+        "note": f"share of the learned router's gain over random routing recovered by norm routing; norm routing "
+        f"is {worse} the learned router (delta NLL {d.nll:+.3f} [{d.ci_low:+.3f}, {d.ci_high:+.3f}])",
+    }
 
 
 def norm_causal_verdict(per_window: pd.DataFrame, seed: int = 0) -> dict[str, Any]:
-    """"Large norm matters beyond the score": removing the chosen expert with the largest output
+    """ "Large norm matters beyond the score": removing the chosen expert with the largest output
     norm costs more than removing the highest-scored one (paired interval above 0: holds; below
     0: does not hold; otherwise inconclusive)."""
     d = contrast(per_window, "ablate top_norm", "ablate top_score", seed=seed)
     r = contrast(per_window, "ablate top_norm", "ablate random", seed=seed)
-    return {"value": d.nll, "ci_low": d.ci_low, "ci_high": d.ci_high, "baseline": 0.0,
-            "verdict": versus_baseline(d.ci_low, d.ci_high, 0.0),
-            "note": f"NLL(remove top-norm) - NLL(remove top-score); against removing a random chosen expert: "
-                    f"{r.nll:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]"}
+    return {
+        "value": d.nll,
+        "ci_low": d.ci_low,
+        "ci_high": d.ci_high,
+        "baseline": 0.0,
+        "verdict": versus_baseline(d.ci_low, d.ci_high, 0.0),
+        "note": f"NLL(remove top-norm) - NLL(remove top-score); against removing a random chosen expert: "
+        f"{r.nll:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]",
+    }

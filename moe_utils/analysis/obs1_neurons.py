@@ -11,8 +11,9 @@ says so.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -23,13 +24,15 @@ from .labels import is_expert
 from .static import MATRICES, offdiagonal_summary, weight_report
 from .verdicts import NAN, descriptive, mean_difference
 
-ANALYSIS = "obs1_neurons_as_experts"   # the page, and the name of its results file
+ANALYSIS = "obs1_neurons_as_experts"  # the page, and the name of its results file
 GATE_R2_KEYS = {"W_act": "gate_r2_act", "W_up": "gate_r2_up", "W_down": "gate_r2_down"}
 PAIR_EXPERTS = "expert vs expert"
 PAIR_DENSE = "expert vs F"
-NO_GATE_NOTE = ("**Note:** the experts of this model have no gate projection $W_{act}$ (each expert is "
-                "$W_{down}\\,\\sigma(W_{up}x)$), so the $W_{act}$ parts of this page and the verdict, which compares "
-                "$W_{act}$ with $W_{up}$ and $W_{down}$, are left out; everything else is computed.")
+NO_GATE_NOTE = (
+    "**Note:** the experts of this model have no gate projection $W_{act}$ (each expert is "
+    "$W_{down}\\,\\sigma(W_{up}x)$), so the $W_{act}$ parts of this page and the verdict, which compares "
+    "$W_{act}$ with $W_{up}$ and $W_{down}$, are left out; everything else is computed."
+)
 
 
 def gate_r2_table(gate: pd.DataFrame) -> pd.DataFrame:
@@ -42,9 +45,14 @@ def gate_r2_table(gate: pd.DataFrame) -> pd.DataFrame:
         if r.empty:
             continue
         defined = r.dropna()
-        rows.append({"matrix": m, "average r^2 (paper rounding)": M.average_r2(r, decimals=2),
-                     "average r^2 (unrounded)": M.average_r2(r, decimals=None),
-                     "layers with r > 0": f"{int((defined > 0).sum())} of {len(r)}"})
+        rows.append(
+            {
+                "matrix": m,
+                "average r^2 (paper rounding)": M.average_r2(r, decimals=2),
+                "average r^2 (unrounded)": M.average_r2(r, decimals=None),
+                "layers with r > 0": f"{int((defined > 0).sum())} of {len(r)}",
+            }
+        )
     return pd.DataFrame(rows).set_index("matrix")
 
 
@@ -80,25 +88,32 @@ def obs1_summary(tables: Mapping[str, pd.DataFrame], seed: int = 0) -> dict[str,
     if len(gate) and "W_act" in set(gate.matrix):
         v = mean_difference(gate_act_differences(gate).to_numpy(), seed=seed)
         out["gate_act_advantage"] = {
-            **v, "paper": {k: paper_gate_advantage(k) for k in paper.GATE_R2},
+            **v,
+            "paper": {k: paper_gate_advantage(k) for k in paper.GATE_R2},
             "note": "mean over layers of r2(W_act) - max(r2(W_up), r2(W_down)); the paper's value is the "
-                    "difference of its Table 3 averages (per-layer W_up/W_down values are not published)"}
+            "difference of its Table 3 averages (per-layer W_up/W_down values are not published)",
+        }
     r2 = gate_r2_table(gate)
     for m, key in GATE_R2_KEYS.items():
         if m in r2.index:
-            out[key] = descriptive(r2.loc[m, "average r^2 (paper rounding)"],
-                                   {k: d[m] for k, d in paper.GATE_R2.items()},
-                                   "Table 3: per-layer r^2 rounded to 2 decimals, averaged over layers")
+            out[key] = descriptive(
+                r2.loc[m, "average r^2 (paper rounding)"],
+                {k: d[m] for k, d in paper.GATE_R2.items()},
+                "Table 3: per-layer r^2 rounded to 2 decimals, averaged over layers",
+            )
     mat = sim[(sim.level == "matrix") & (sim.expert_i != sim.expert_j) & is_expert(sim.expert_i)]
     ee = mat[is_expert(mat.expert_j)].groupby(["layer", "matrix"]).similarity.mean()
     ef = mat[mat.expert_j == "F"].groupby(["layer", "matrix"]).similarity.mean()
     out["matrix_similarity_experts"] = descriptive(
-        ee.mean() if len(ee) else NAN, paper.matrix_similarity_experts(), baseline=0.0)
-    out["matrix_similarity_vs_F"] = descriptive(ef.mean() if len(ef) else NAN, paper.matrix_similarity_vs_dense(),
-                                                baseline=0.0)
+        ee.mean() if len(ee) else NAN, paper.matrix_similarity_experts(), baseline=0.0
+    )
+    out["matrix_similarity_vs_F"] = descriptive(
+        ef.mean() if len(ef) else NAN, paper.matrix_similarity_vs_dense(), baseline=0.0
+    )
     taus = reorder.loc[reorder.expert_j != "F", "tau"].astype(float) if len(reorder) else pd.Series(dtype=float)
-    out["kendall_tau"] = descriptive(taus.mean() if len(taus) else NAN,
-                                     {k: p.value for k, p in paper.KENDALL_TAU.items()}, baseline=0.0)
+    out["kendall_tau"] = descriptive(
+        taus.mean() if len(taus) else NAN, {k: p.value for k, p in paper.KENDALL_TAU.items()}, baseline=0.0
+    )
     return out
 
 
@@ -107,8 +122,9 @@ def similarity_lines(offdiag: pd.DataFrame) -> pd.DataFrame:
     """Long per-layer table of the matrix-level S_ee / S_ef, one ``series`` per (matrix, pair kind),
     e.g. "W_act S_ee"."""
     cols = [c for c in ("S_ee", "S_ef") if c in offdiag]
-    lines = offdiag.melt(id_vars=["layer", "matrix", "level"], value_vars=cols,
-                         var_name="pair", value_name="similarity").dropna()
+    lines = offdiag.melt(
+        id_vars=["layer", "matrix", "level"], value_vars=cols, var_name="pair", value_name="similarity"
+    ).dropna()
     lines["series"] = lines["matrix"] + " " + lines["pair"]
     return lines[lines.level == "matrix"]
 
@@ -117,8 +133,16 @@ def overall_similarity_table(offdiag: pd.DataFrame, model_name: str) -> pd.DataF
     """Mean S_ee / S_ef over layers and matrices per level, then the paper's approximate values."""
     cols = [c for c in ("S_ee", "S_ef") if c in offdiag]
     overall = offdiag.groupby("level")[cols].mean()
-    paper_rows = pd.DataFrame([{"level": f"paper: {k}", "S_ee" if "vs F" not in k else "S_ef": v.value}
-                               for k, v in paper.MATRIX_SIMILARITY.items()]).groupby("level").first()
+    paper_rows = (
+        pd.DataFrame(
+            [
+                {"level": f"paper: {k}", "S_ee" if "vs F" not in k else "S_ef": v.value}
+                for k, v in paper.MATRIX_SIMILARITY.items()
+            ]
+        )
+        .groupby("level")
+        .first()
+    )
     return pd.concat([overall.rename(index=lambda s: f"{model_name}: {s} level"), paper_rows])
 
 
@@ -154,20 +178,20 @@ def paper_gate_r2_text() -> str:
 class Obs1Report:
     """Observation 1 for one model: saved ``tables`` and ``summary``, and the page's views."""
 
-    tables: dict[str, pd.DataFrame]          # written to the results file
-    summary: dict[str, dict[str, Any]]       # the results file's summary entries
-    similarity: pd.DataFrame                 # matrix- and neuron-level cosine, all pairs
-    similarity_lines: pd.DataFrame           # per-layer matrix-level S_ee / S_ef with a ``series`` label
-    overall_similarity: pd.DataFrame         # means over layers and matrices, paper rows below
+    tables: dict[str, pd.DataFrame]  # written to the results file
+    summary: dict[str, dict[str, Any]]  # the results file's summary entries
+    similarity: pd.DataFrame  # matrix- and neuron-level cosine, all pairs
+    similarity_lines: pd.DataFrame  # per-layer matrix-level S_ee / S_ef with a ``series`` label
+    overall_similarity: pd.DataFrame  # means over layers and matrices, paper rows below
     reordering: pd.DataFrame
     tau_table: pd.DataFrame
     tau_by_layer: pd.DataFrame
-    gate_correlation: pd.DataFrame           # per layer and matrix: Pearson r
-    gate_r2: pd.DataFrame                    # Table 3 quantity beside the paper's
-    gate_pairs: pd.DataFrame                 # one point per expert pair (scatter)
+    gate_correlation: pd.DataFrame  # per layer and matrix: Pearson r
+    gate_r2: pd.DataFrame  # Table 3 quantity beside the paper's
+    gate_pairs: pd.DataFrame  # one point per expert pair (scatter)
     pca_matrix: pd.DataFrame
     pca_neuron: pd.DataFrame
-    matrices: list[str] = field(default_factory=list)   # the expert matrices this model has
+    matrices: list[str] = field(default_factory=list)  # the expert matrices this model has
 
     @property
     def matrix_similarity(self) -> pd.DataFrame:
@@ -229,22 +253,38 @@ def report_from_tables(report: Mapping[str, pd.DataFrame], model_name: str, seed
     offdiag = offdiagonal_summary(sim)
     present = set(sim.matrix)
     return Obs1Report(
-        tables={**saved, "pca_matrix": report["pca_matrix"]}, summary=summary, similarity=sim,
-        similarity_lines=similarity_lines(offdiag), overall_similarity=overall_similarity_table(offdiag, model_name),
-        reordering=reorder, tau_table=tau_table(reorder), tau_by_layer=tau_by_layer(reorder),
-        gate_correlation=gate, gate_r2=gate_r2_with_paper(gate), gate_pairs=report["gate_pairs"],
-        pca_matrix=report["pca_matrix"], pca_neuron=report["pca_neuron"].assign(label=""),
-        matrices=[m for m in MATRICES if m in present])
+        tables={**saved, "pca_matrix": report["pca_matrix"]},
+        summary=summary,
+        similarity=sim,
+        similarity_lines=similarity_lines(offdiag),
+        overall_similarity=overall_similarity_table(offdiag, model_name),
+        reordering=reorder,
+        tau_table=tau_table(reorder),
+        tau_by_layer=tau_by_layer(reorder),
+        gate_correlation=gate,
+        gate_r2=gate_r2_with_paper(gate),
+        gate_pairs=report["gate_pairs"],
+        pca_matrix=report["pca_matrix"],
+        pca_neuron=report["pca_neuron"].assign(label=""),
+        matrices=[m for m in MATRICES if m in present],
+    )
 
 
-def neurons_report(source: Any, layers: Sequence[int] | None = None, dense_baseline: Any | None = None,
-                   model_name: str = "model", reorder_max_pairs: int | None = None, seed: int = 0,
-                   workers: int | None = None) -> Obs1Report:
+def neurons_report(
+    source: Any,
+    layers: Sequence[int] | None = None,
+    dense_baseline: Any | None = None,
+    model_name: str = "model",
+    reorder_max_pairs: int | None = None,
+    seed: int = 0,
+    workers: int | None = None,
+) -> Obs1Report:
     """Observation 1 on one model in one pass over its weights (see the module docstring).
 
     ``source`` / ``dense_baseline`` are weight sources as for ``weight_report`` (a study's
     ``weights_source`` and ``dense_weights_source``); ``model_name`` labels the page's tables.
     """
-    tables = weight_report(source, layers, dense_baseline, reorder_max_pairs=reorder_max_pairs, seed=seed,
-                           workers=workers)
+    tables = weight_report(
+        source, layers, dense_baseline, reorder_max_pairs=reorder_max_pairs, seed=seed, workers=workers
+    )
     return report_from_tables(tables, model_name, seed=seed)

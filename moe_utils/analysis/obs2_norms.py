@@ -10,8 +10,9 @@ activation-ratio part is then left out and :attr:`Obs2Report.note` says so.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import pandas as pd
 
@@ -22,11 +23,13 @@ from ..models.weights import layer_weights
 from . import dynamic
 from .verdicts import NAN, descriptive, versus_baseline
 
-ANALYSIS = "obs2_router_norms"   # the page, and the name of its results file
+ANALYSIS = "obs2_router_norms"  # the page, and the name of its results file
 BASELINE_LABEL = "random baseline 1/E"
-NO_GATE_NOTE = ("**Note:** the experts of this model have no gate projection $W_{act}$, so there is no "
-                "$\\sigma(W_{act}x)$ to measure: the activation ratio is left out of this page and its results-file entry "
-                "is empty (no value).")
+NO_GATE_NOTE = (
+    "**Note:** the experts of this model have no gate projection $W_{act}$, so there is no "
+    "$\\sigma(W_{act}x)$ to measure: the activation ratio is left out of this page and its results-file entry "
+    "is empty (no value)."
+)
 
 
 def pooled_row(agree: pd.DataFrame) -> pd.Series:
@@ -52,15 +55,27 @@ def obs2_summary(tables: Mapping[str, pd.DataFrame]) -> dict[str, dict[str, Any]
     """
     p1, p2 = pooled_row(tables["agreement_top1"]), pooled_row(tables["agreement_top2"])
     return {
-        "top1_norm_agreement": {"value": float(p1.share), "ci_low": float(p1.low), "ci_high": float(p1.high),
-                                "baseline": float(p1.baseline), "verdict": versus_baseline(p1.low, p1.high, p1.baseline),
-                                "paper": {"Mixtral 8x7B": paper.TOP1_NORM_AGREEMENT.value},
-                                "note": f"{int(p1.n)} (token, layer) pairs, {p1.method} interval"},
-        "top2_norm_agreement": {"value": float(p2.share), "ci_low": float(p2.low), "ci_high": float(p2.high),
-                                "baseline": float(p2.baseline), "verdict": versus_baseline(p2.low, p2.high, p2.baseline),
-                                "paper": {}, "note": ""},
-        "activation_ratio": descriptive(mean_activation_ratio(tables["activation_ratio"]),
-                                        {k: v.value for k, v in paper.ACTIVATION_RATIO.items()}),
+        "top1_norm_agreement": {
+            "value": float(p1.share),
+            "ci_low": float(p1.low),
+            "ci_high": float(p1.high),
+            "baseline": float(p1.baseline),
+            "verdict": versus_baseline(p1.low, p1.high, p1.baseline),
+            "paper": {"Mixtral 8x7B": paper.TOP1_NORM_AGREEMENT.value},
+            "note": f"{int(p1.n)} (token, layer) pairs, {p1.method} interval",
+        },
+        "top2_norm_agreement": {
+            "value": float(p2.share),
+            "ci_low": float(p2.low),
+            "ci_high": float(p2.high),
+            "baseline": float(p2.baseline),
+            "verdict": versus_baseline(p2.low, p2.high, p2.baseline),
+            "paper": {},
+            "note": "",
+        },
+        "activation_ratio": descriptive(
+            mean_activation_ratio(tables["activation_ratio"]), {k: v.value for k, v in paper.ACTIVATION_RATIO.items()}
+        ),
     }
 
 
@@ -75,14 +90,31 @@ def agreement_summary_table(agree: pd.DataFrame, agree2: pd.DataFrame, model_nam
     """Pooled top-1 / top-2 agreement of this model beside the paper's Fig. 10 value for Mixtral."""
     p1, p2 = pooled_row(agree), pooled_row(agree2)
     ref = paper.TOP1_NORM_AGREEMENT
-    return pd.DataFrame([
-        {"quantity": "top-scored expert has the largest norm", "model": model_name, "share": p1.share,
-         "95% CI": f"{p1.low:.3f} - {p1.high:.3f}", "random baseline": p1.baseline},
-        {"quantity": "top-scored expert among the 2 largest norms", "model": model_name, "share": p2.share,
-         "95% CI": f"{p2.low:.3f} - {p2.high:.3f}", "random baseline": p2.baseline},
-        {"quantity": "largest-norm expert gets the top score", "model": f"{ref.model} (paper, read off {ref.source})",
-         "share": ref.value, "95% CI": "not reported", "random baseline": 1 / paper.NUM_EXPERTS[ref.model]},
-    ]).set_index("quantity")
+    return pd.DataFrame(
+        [
+            {
+                "quantity": "top-scored expert has the largest norm",
+                "model": model_name,
+                "share": p1.share,
+                "95% CI": f"{p1.low:.3f} - {p1.high:.3f}",
+                "random baseline": p1.baseline,
+            },
+            {
+                "quantity": "top-scored expert among the 2 largest norms",
+                "model": model_name,
+                "share": p2.share,
+                "95% CI": f"{p2.low:.3f} - {p2.high:.3f}",
+                "random baseline": p2.baseline,
+            },
+            {
+                "quantity": "largest-norm expert gets the top score",
+                "model": f"{ref.model} (paper, read off {ref.source})",
+                "share": ref.value,
+                "95% CI": "not reported",
+                "random baseline": 1 / paper.NUM_EXPERTS[ref.model],
+            },
+        ]
+    ).set_index("quantity")
 
 
 def paper_activation_ratio_text() -> str:
@@ -92,8 +124,13 @@ def paper_activation_ratio_text() -> str:
 
 def expert_norm_description(ns: dynamic.NormsScores, layer: int, expert: int) -> pd.DataFrame:
     """Distribution of one expert's output norm and gate score, chosen vs not chosen."""
-    frame = pd.DataFrame({"output norm": ns.norms[layer][:, expert], "gate score": ns.scores[layer][:, expert],
-                          "chosen": (ns.chosen[layer] == expert).any(axis=1)})
+    frame = pd.DataFrame(
+        {
+            "output norm": ns.norms[layer][:, expert],
+            "gate score": ns.scores[layer][:, expert],
+            "chosen": (ns.chosen[layer] == expert).any(axis=1),
+        }
+    )
     return frame.groupby("chosen").describe().T
 
 
@@ -106,20 +143,20 @@ class Obs2Report:
     params: dict[str, Any]
     short: Inputs
     short_trace: Trace
-    checks: list[LayerCheck]             # reconstruction of each MoE block on the short prompt
-    token_bars: pd.DataFrame             # Fig. 4: per token, layer and expert
+    checks: list[LayerCheck]  # reconstruction of each MoE block on the short prompt
+    token_bars: pd.DataFrame  # Fig. 4: per token, layer and expert
     short_norms: dynamic.NormsScores
     long: Inputs
-    norms: dynamic.NormsScores           # long input
-    rank_counts: pd.DataFrame            # per layer
-    summed_rank_counts: pd.DataFrame     # Fig. 10
+    norms: dynamic.NormsScores  # long input
+    rank_counts: pd.DataFrame  # per layer
+    summed_rank_counts: pd.DataFrame  # Fig. 10
     rank_diagonal: pd.DataFrame
-    agreement: pd.DataFrame              # top-1, per layer and pooled
+    agreement: pd.DataFrame  # top-1, per layer and pooled
     agreement_top2: pd.DataFrame
-    agreement_summary: pd.DataFrame      # pooled shares beside the paper's value
-    activation_ratios: pd.DataFrame      # empty without W_act
-    activation: str                      # the experts' activation function
-    intermediate: pd.DataFrame | None    # act(W_act x) in the last layer (None without W_act)
+    agreement_summary: pd.DataFrame  # pooled shares beside the paper's value
+    activation_ratios: pd.DataFrame  # empty without W_act
+    activation: str  # the experts' activation function
+    intermediate: pd.DataFrame | None  # act(W_act x) in the last layer (None without W_act)
 
     @property
     def has_act(self) -> bool:
@@ -179,8 +216,9 @@ class Obs2Report:
         return expert_norm_description(self.norms, layer, expert)
 
 
-def norms_report(study: Any, inputs: str = "long", max_tokens: int | None = None, seed: int = 0,
-                 max_neurons: int = 64) -> Obs2Report:
+def norms_report(
+    study: Any, inputs: str = "long", max_tokens: int | None = None, seed: int = 0, max_neurons: int = 64
+) -> Obs2Report:
     """Observation 2 on an opened study (:func:`moe_utils.analysis.context.open_study`): the short
     prompt for the per-token views and the activations, ``inputs`` for the counts and agreement."""
     lm = study.lm
@@ -201,15 +239,38 @@ def norms_report(study: Any, inputs: str = "long", max_tokens: int | None = None
     dense_short = study.dense_trace(short)
     ratios = dynamic.activation_ratios(lm, short_trace, study.dense, dense_short)
     first = layer_weights(lm, short_trace.layers[0], dtype=None)
-    inter = (dynamic.intermediate_frame(lm, short_trace, short_trace.layers[-1], study.dense, dense_short,
-                                        max_neurons=max_neurons) if first.w_act is not None else None)
-    tables = {"rank_counts": per_layer_counts, "agreement_top1": agree, "agreement_top2": agree2,
-              "activation_ratio": ratios, "mean_norms": dynamic.mean_norm_by_layer(ns)}
+    inter = (
+        dynamic.intermediate_frame(
+            lm, short_trace, short_trace.layers[-1], study.dense, dense_short, max_neurons=max_neurons
+        )
+        if first.w_act is not None
+        else None
+    )
+    tables = {
+        "rank_counts": per_layer_counts,
+        "agreement_top1": agree,
+        "agreement_top2": agree2,
+        "activation_ratio": ratios,
+        "mean_norms": dynamic.mean_norm_by_layer(ns),
+    }
     return Obs2Report(
-        tables=tables, summary=obs2_summary(tables),
+        tables=tables,
+        summary=obs2_summary(tables),
         params={"long_tokens": long_inputs.n_tokens, "short_tokens": short.n_tokens},
-        short=short, short_trace=short_trace, checks=list(checks), token_bars=bars, short_norms=short_ns,
-        long=long_inputs, norms=ns, rank_counts=per_layer_counts, summed_rank_counts=counts,
-        rank_diagonal=rank_diagonal_table(counts), agreement=agree, agreement_top2=agree2,
-        agreement_summary=agreement_summary_table(agree, agree2, study.name), activation_ratios=ratios,
-        activation=first.activation, intermediate=inter)
+        short=short,
+        short_trace=short_trace,
+        checks=list(checks),
+        token_bars=bars,
+        short_norms=short_ns,
+        long=long_inputs,
+        norms=ns,
+        rank_counts=per_layer_counts,
+        summed_rank_counts=counts,
+        rank_diagonal=rank_diagonal_table(counts),
+        agreement=agree,
+        agreement_top2=agree2,
+        agreement_summary=agreement_summary_table(agree, agree2, study.name),
+        activation_ratios=ratios,
+        activation=first.activation,
+        intermediate=inter,
+    )

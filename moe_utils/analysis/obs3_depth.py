@@ -9,8 +9,9 @@ and the tables the page shows. The per-layer series of the depth trend are named
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -25,14 +26,14 @@ from . import dynamic, static
 from .labels import distinct_expert_pairs
 from .verdicts import NAN, depth_pattern, descriptive, versus_baseline
 
-ANALYSIS = "obs3_depth_diversity"   # the page, and the name of its results file
+ANALYSIS = "obs3_depth_diversity"  # the page, and the name of its results file
 SERIES_OUTPUTS_LONG = "outputs, long input (angular)"
 SERIES_OUTPUTS_SHORT = "outputs, short prompt (cosine)"
 SERIES_WEIGHTS_MATRIX = "weights, matrix level (cosine)"
 SERIES_WEIGHTS_NEURON = "weights, neuron-averaged (cosine)"
 SHARE_HIGH = f"share above {paper.LAST_LAYER_HIGH_SIMILARITY:g}"
 REPEAT_SERIES = ("repeat rate", "uniform baseline", "frequency baseline")
-_CLUSTER_STRIDE = 10_000   # sequence-index offset per layer when pooling layers into clusters
+_CLUSTER_STRIDE = 10_000  # sequence-index offset per layer when pooling layers into clusters
 
 
 # ---- summary entries ---------------------------------------------------------------------------
@@ -41,8 +42,16 @@ def long_top1_table(tr: Trace) -> pd.DataFrame:
     frames = []
     for layer in tr.layers:
         lt = tr.per_layer[layer]
-        frames.append(pd.DataFrame({"layer": layer, "seq": tr.seq_index.numpy(), "position": tr.position.numpy(),
-                                    "expert": M.top1_experts(lt.topk_index, lt.topk_weight)}))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "layer": layer,
+                    "seq": tr.seq_index.numpy(),
+                    "position": tr.position.numpy(),
+                    "expert": M.top1_experts(lt.topk_index, lt.topk_weight),
+                }
+            )
+        )
     return pd.concat(frames, ignore_index=True)
 
 
@@ -59,8 +68,10 @@ def pooled_repeat_rate(top1: pd.DataFrame, num_experts: int, seed: int = 0) -> t
     layers = sorted(t.layer.unique())
     clusters = t.layer.map({l: i for i, l in enumerate(layers)}).to_numpy() * 10_000_000 + t.seq.to_numpy()
     pooled = M.repeat_rate(t.expert.to_numpy()[:, None], clusters, num_experts=num_experts, seed=seed)
-    freq = [M.repeat_rate(g.expert.to_numpy()[:, None], g.seq.to_numpy(), num_experts=num_experts).freq_baseline_top1
-            for _, g in t.groupby("layer")]
+    freq = [
+        M.repeat_rate(g.expert.to_numpy()[:, None], g.seq.to_numpy(), num_experts=num_experts).freq_baseline_top1
+        for _, g in t.groupby("layer")
+    ]
     return pooled, float(np.mean(freq))
 
 
@@ -80,16 +91,24 @@ def obs3_summary(tables: Mapping[str, pd.DataFrame], num_experts: int, seed: int
     rep = tables["repeat_rate"]
     overlap, overlap_base = float(rep["top-k overlap"].mean()), float(rep["overlap baseline"].mean())
     return {
-        "depth_pattern": {**{k: main[k] for k in ("value", "ci_low", "ci_high", "baseline", "verdict", "note")},
-                          "paper": {}},
+        "depth_pattern": {
+            **{k: main[k] for k in ("value", "ci_low", "ci_high", "baseline", "verdict", "note")},
+            "paper": {},
+        },
         "last_layer_output_similarity": descriptive(
-            values[-1], note="baseline = mean over the preceding layers",
-            baseline=float(np.mean(values[:-1])) if len(values) > 1 else NAN),
-        "routing_repeat_rate": {"value": pooled.top1_rate, "ci_low": pooled.top1_low, "ci_high": pooled.top1_high,
-                                "baseline": freq, "verdict": versus_baseline(pooled.top1_low, pooled.top1_high, freq),
-                                "paper": {},
-                                "note": f"uniform baseline {pooled.baseline_top1:.3f}; "
-                                        f"top-k overlap {overlap:.3f} vs {overlap_base:.3f}"},
+            values[-1],
+            note="baseline = mean over the preceding layers",
+            baseline=float(np.mean(values[:-1])) if len(values) > 1 else NAN,
+        ),
+        "routing_repeat_rate": {
+            "value": pooled.top1_rate,
+            "ci_low": pooled.top1_low,
+            "ci_high": pooled.top1_high,
+            "baseline": freq,
+            "verdict": versus_baseline(pooled.top1_low, pooled.top1_high, freq),
+            "paper": {},
+            "note": f"uniform baseline {pooled.baseline_top1:.3f}; top-k overlap {overlap:.3f} vs {overlap_base:.3f}",
+        },
     }
 
 
@@ -100,7 +119,8 @@ def short_similarity_by_layer(tok_sim: pd.DataFrame) -> pd.DataFrame:
     experts_only = distinct_expert_pairs(tok_sim)
     by_layer = experts_only.groupby("layer", as_index=False)["similarity"].mean()
     share_high = experts_only.groupby("layer")["similarity"].apply(
-        lambda s: float((s > paper.LAST_LAYER_HIGH_SIMILARITY).mean()))
+        lambda s: float((s > paper.LAST_LAYER_HIGH_SIMILARITY).mean())
+    )
     by_layer[SHARE_HIGH] = by_layer.layer.map(share_high)
     return by_layer
 
@@ -113,8 +133,10 @@ def expert_block(square: pd.DataFrame) -> np.ndarray:
 
 def output_summary(avg_sim: pd.DataFrame) -> pd.DataFrame:
     """Per-layer summary (:func:`moe_utils.metrics.per_layer_summary`) of the mean output similarity."""
-    maps = {layer: g.pivot(index="expert_i", columns="expert_j", values="similarity")
-            for layer, g in avg_sim.groupby("layer")}
+    maps = {
+        layer: g.pivot(index="expert_i", columns="expert_j", values="similarity")
+        for layer, g in avg_sim.groupby("layer")
+    }
     return M.per_layer_summary({l: expert_block(m) for l, m in maps.items()})
 
 
@@ -125,24 +147,39 @@ def depth_trend(out_summary: pd.DataFrame, short_by_layer: pd.DataFrame, weight_
 
     def weights(level: str, series: str) -> pd.DataFrame:
         w = weight_summary[weight_summary.level == level]
-        return w.groupby("layer", as_index=False)["S_ee"].mean().rename(columns={"S_ee": "mean_offdiag"}).assign(
-            series=series)
+        return (
+            w.groupby("layer", as_index=False)["S_ee"]
+            .mean()
+            .rename(columns={"S_ee": "mean_offdiag"})
+            .assign(series=series)
+        )
 
-    return pd.concat([
-        out_summary.assign(series=SERIES_OUTPUTS_LONG)[cols],
-        short_by_layer.rename(columns={"similarity": "mean_offdiag"}).assign(series=SERIES_OUTPUTS_SHORT)[cols],
-        weights("matrix", SERIES_WEIGHTS_MATRIX),
-        weights("neuron", SERIES_WEIGHTS_NEURON),
-    ], ignore_index=True)
+    return pd.concat(
+        [
+            out_summary.assign(series=SERIES_OUTPUTS_LONG)[cols],
+            short_by_layer.rename(columns={"similarity": "mean_offdiag"}).assign(series=SERIES_OUTPUTS_SHORT)[cols],
+            weights("matrix", SERIES_WEIGHTS_MATRIX),
+            weights("neuron", SERIES_WEIGHTS_NEURON),
+        ],
+        ignore_index=True,
+    )
 
 
 def depth_tests(trend: pd.DataFrame) -> pd.DataFrame:
     """Per series: Spearman rho before the last layer, its p, the last layer's z and change, verdict."""
     rows = []
     for series, g in trend.groupby("series"):
-        d = depth_pattern(dict(zip(g.layer, g.mean_offdiag)))
-        rows.append({"series": series, "rho (before last)": d["trend_rho"], "p": d["trend_p"], "last-layer z": d["value"],
-                     "change at last layer": d["delta_previous"], "verdict": d["verdict"]})
+        d = depth_pattern(dict(zip(g.layer, g.mean_offdiag, strict=False)))
+        rows.append(
+            {
+                "series": series,
+                "rho (before last)": d["trend_rho"],
+                "p": d["trend_p"],
+                "last-layer z": d["value"],
+                "change at last layer": d["delta_previous"],
+                "verdict": d["verdict"],
+            }
+        )
     return pd.DataFrame(rows).set_index("series")
 
 
@@ -150,8 +187,10 @@ def _routing(tr: Trace, layer: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``(topk_index, topk_weight, number of experts)`` of one traced layer."""
     lt = tr.per_layer[layer]
     if lt.router_logits is None or lt.topk_weight is None:
-        raise MoEUtilsError(f"layer {layer} trace has no router logits or routing weights (dense trace): "
-                            "the repeat rate needs a trace of the MoE model (moe_utils.models.trace.trace)")
+        raise MoEUtilsError(
+            f"layer {layer} trace has no router logits or routing weights (dense trace): "
+            "the repeat rate needs a trace of the MoE model (moe_utils.models.trace.trace)"
+        )
     return lt.topk_index, lt.topk_weight, int(lt.router_logits.shape[1])
 
 
@@ -161,9 +200,18 @@ def repeat_rate_table(tr: Trace, seed: int = 0) -> pd.DataFrame:
     for layer in tr.layers:
         index, weight, n_experts = _routing(tr, layer)
         r = M.repeat_rate(index, tr.seq_index, num_experts=n_experts, topk_weight=weight, seed=seed)
-        rows.append({"layer": layer, "repeat rate": r.top1_rate, "low": r.top1_low, "high": r.top1_high,
-                     "uniform baseline": r.baseline_top1, "frequency baseline": r.freq_baseline_top1,
-                     "top-k overlap": r.overlap_rate, "overlap baseline": r.baseline_overlap})
+        rows.append(
+            {
+                "layer": layer,
+                "repeat rate": r.top1_rate,
+                "low": r.top1_low,
+                "high": r.top1_high,
+                "uniform baseline": r.baseline_top1,
+                "frequency baseline": r.freq_baseline_top1,
+                "top-k overlap": r.overlap_rate,
+                "overlap baseline": r.baseline_overlap,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -173,7 +221,10 @@ def pooled_trace_repeat_rate(tr: Trace, seed: int = 0) -> M.RepeatRate:
     return M.repeat_rate(
         np.concatenate([index.numpy() for index, _, _ in routing]),
         np.concatenate([tr.seq_index.numpy() + _CLUSTER_STRIDE * i for i in range(len(routing))]),
-        num_experts=routing[0][2], topk_weight=np.concatenate([weight.numpy() for _, weight, _ in routing]), seed=seed)
+        num_experts=routing[0][2],
+        topk_weight=np.concatenate([weight.numpy() for _, weight, _ in routing]),
+        seed=seed,
+    )
 
 
 def repeat_lines(repeats: pd.DataFrame) -> pd.DataFrame:
@@ -189,14 +240,14 @@ class Obs3Report:
     summary: dict[str, dict[str, Any]]
     params: dict[str, Any]
     short_trace: Trace
-    token_similarity: pd.DataFrame       # Fig. 2, short prompt
+    token_similarity: pd.DataFrame  # Fig. 2, short prompt
     short_by_layer: pd.DataFrame
     long: Inputs
-    average_similarity: pd.DataFrame     # Fig. 3, long input
-    trend: pd.DataFrame                  # the SERIES_* per-layer series
+    average_similarity: pd.DataFrame  # Fig. 3, long input
+    trend: pd.DataFrame  # the SERIES_* per-layer series
     depth_tests: pd.DataFrame
-    main: dict[str, Any]                 # depth_pattern of the long-input output similarity
-    routes: pd.DataFrame                 # App. I routing prompt
+    main: dict[str, Any]  # depth_pattern of the long-input output similarity
+    routes: pd.DataFrame  # App. I routing prompt
     repeats: pd.DataFrame
     pooled_repeat: M.RepeatRate
     frequency_baseline: float
@@ -236,12 +287,13 @@ def depth_report(study: Any, inputs: str = "long", max_tokens: int | None = None
     dense_long = study.dense_trace(long_inputs)
     avg_sim = dynamic.average_output_similarity(lm, long_trace, dense, dense_long)
 
-    wsum = static.offdiagonal_summary(static.weight_similarity(study.weights_source, study.layers,
-                                                               study.dense_weights_source))
+    wsum = static.offdiagonal_summary(
+        static.weight_similarity(study.weights_source, study.layers, study.dense_weights_source)
+    )
     out_summary = output_summary(avg_sim)
     trend = depth_trend(out_summary, short_by_layer, wsum)
     tests = depth_tests(trend)
-    main = depth_pattern(dict(zip(out_summary.layer, out_summary.mean_offdiag)))
+    main = depth_pattern(dict(zip(out_summary.layer, out_summary.mean_offdiag, strict=False)))
 
     routing_trace = study.trace(study.inputs("routing"))
     routes = dynamic.routing_frame(routing_trace)
@@ -250,11 +302,29 @@ def depth_report(study: Any, inputs: str = "long", max_tokens: int | None = None
     # Expert identities differ between layers, so the frequency baseline is taken layer by layer and
     # averaged (every layer contributes the same adjacent pairs).
     freq_baseline = float(repeats["frequency baseline"].mean())
-    tables = {"token_output_similarity": tok_sim, "average_output_similarity": avg_sim, "depth_trend": trend,
-              "depth_tests": tests.reset_index(), "routing": routes, "repeat_rate": repeats,
-              "long_top1": long_top1_table(long_trace)}
+    tables = {
+        "token_output_similarity": tok_sim,
+        "average_output_similarity": avg_sim,
+        "depth_trend": trend,
+        "depth_tests": tests.reset_index(),
+        "routing": routes,
+        "repeat_rate": repeats,
+        "long_top1": long_top1_table(long_trace),
+    }
     return Obs3Report(
-        tables=tables, summary=obs3_summary(tables, num_experts=study.num_experts, seed=seed),
-        params={"long_tokens": long_inputs.n_tokens}, short_trace=short_trace, token_similarity=tok_sim,
-        short_by_layer=short_by_layer, long=long_inputs, average_similarity=avg_sim, trend=trend, depth_tests=tests,
-        main=main, routes=routes, repeats=repeats, pooled_repeat=pooled, frequency_baseline=freq_baseline)
+        tables=tables,
+        summary=obs3_summary(tables, num_experts=study.num_experts, seed=seed),
+        params={"long_tokens": long_inputs.n_tokens},
+        short_trace=short_trace,
+        token_similarity=tok_sim,
+        short_by_layer=short_by_layer,
+        long=long_inputs,
+        average_similarity=avg_sim,
+        trend=trend,
+        depth_tests=tests,
+        main=main,
+        routes=routes,
+        repeats=repeats,
+        pooled_repeat=pooled,
+        frequency_baseline=freq_baseline,
+    )

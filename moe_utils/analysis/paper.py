@@ -41,10 +41,69 @@ GATE_R2 = {
 
 # Table 5: per-layer Pearson r between gate similarity and W_act neuron-averaged similarity.
 GATE_ACT_R_PER_LAYER = {
-    "Mixtral 8x7B": [.82, -.44, .26, .54, .48, .70, .84, .74, .42, .66, .53, .32, .14, .51, .66, .40,
-                     .39, .53, .35, .17, .51, .63, .36, .51, .48, .66, .81, .63, .73, .75, .84, .57],
-    "DeepSeekMoE 16B": [.75, .78, .71, .77, .77, .69, .73, .66, .66, .63, .60, .54, .60, .56, .58, .53,
-                        .55, .57, .57, .58, .62, .62, .62, .68, .62, .58, .46],
+    "Mixtral 8x7B": [
+        0.82,
+        -0.44,
+        0.26,
+        0.54,
+        0.48,
+        0.70,
+        0.84,
+        0.74,
+        0.42,
+        0.66,
+        0.53,
+        0.32,
+        0.14,
+        0.51,
+        0.66,
+        0.40,
+        0.39,
+        0.53,
+        0.35,
+        0.17,
+        0.51,
+        0.63,
+        0.36,
+        0.51,
+        0.48,
+        0.66,
+        0.81,
+        0.63,
+        0.73,
+        0.75,
+        0.84,
+        0.57,
+    ],
+    "DeepSeekMoE 16B": [
+        0.75,
+        0.78,
+        0.71,
+        0.77,
+        0.77,
+        0.69,
+        0.73,
+        0.66,
+        0.66,
+        0.63,
+        0.60,
+        0.54,
+        0.60,
+        0.56,
+        0.58,
+        0.53,
+        0.55,
+        0.57,
+        0.57,
+        0.58,
+        0.62,
+        0.62,
+        0.62,
+        0.68,
+        0.62,
+        0.58,
+        0.46,
+    ],
 }
 GATE_ACT_R_FIRST_LAYER = {"DeepSeekMoE 16B": 1, "Mixtral 8x7B": 0}
 
@@ -63,6 +122,7 @@ MATRIX_SIMILARITY = {
     "Grok-1": PaperValue(0.0, "Grok-1", "Sec. 4.1.1", "approximately 0"),
 }
 
+
 def matrix_similarity_experts() -> dict[str, float | None]:
     """Sec. 4.1.1's expert-vs-expert matrix-level similarity per paper model."""
     return {v.model: v.value for k, v in MATRIX_SIMILARITY.items() if not k.endswith(" vs F")}
@@ -75,10 +135,12 @@ def matrix_similarity_vs_dense() -> dict[str, float | None]:
 
 # Appendix G, Fig. 10 (Mixtral panel): share of (token, layer) pairs where the expert with the
 # largest output norm also gets the highest gate score. Read off the published figure.
-TOP1_NORM_AGREEMENT = PaperValue(0.69, "Mixtral 8x7B", "Fig. 10",
-                                 "read off the published figure, not printed in the text")
-TOP2_NORM_AGREEMENT = PaperValue(0.84, "Mixtral 8x7B", "Fig. 10",
-                                 "top-norm expert among the two highest scores; read off the figure")
+TOP1_NORM_AGREEMENT = PaperValue(
+    0.69, "Mixtral 8x7B", "Fig. 10", "read off the published figure, not printed in the text"
+)
+TOP2_NORM_AGREEMENT = PaperValue(
+    0.84, "Mixtral 8x7B", "Fig. 10", "top-norm expert among the two highest scores; read off the figure"
+)
 
 # Appendix H: share of intermediate activations act(W_act x) with |value| > 1e-3.
 ACTIVATION_RATIO = {
@@ -90,15 +152,20 @@ ACTIVATION_RATIO = {
 # Sec. 4.1.1 and 5.1 (Figs. 2-3): output similarity by depth, stated qualitatively. Many
 # per-token cosine similarities between expert outputs in Mixtral's last layers exceed this mark.
 LAST_LAYER_HIGH_SIMILARITY = 0.8
-DEPTH_FINDING = ("lower similarity in deep layers (Mixtral 8x7B layers 22-27 for outputs) and many output "
-                 f"similarities above {LAST_LAYER_HIGH_SIMILARITY:g} in the last layers of Mixtral 8x7B, with the "
-                 "same pattern in DeepSeekMoE and high similarity everywhere for Grok-1")
+DEPTH_FINDING = (
+    "lower similarity in deep layers (Mixtral 8x7B layers 22-27 for outputs) and many output "
+    f"similarities above {LAST_LAYER_HIGH_SIMILARITY:g} in the last layers of Mixtral 8x7B, with the "
+    "same pattern in DeepSeekMoE and high similarity everywhere for Grok-1"
+)
 
 # Section 6, Table 6: the paper's training experiment (24-layer, 3.6B MoE; one dense layer moved).
 DENSE_LAYER_EXPERIMENT = {
-    "none": (8.51, 39.84), 1: (8.50, 39.42), 6: (8.49, 38.55), 12: (8.51, 38.21),
-    18: (8.59, 37.99), 24: (8.58, 38.94),
+    "none": (8.51, 39.84),
+    1: (8.50, 39.42),
+    6: (8.49, 38.55),
+    12: (8.51, 38.21),
+    18: (8.59, 37.99),
+    24: (8.58, 38.94),
 }
 
-SHORT_PROMPT_SOURCE = ("the paper's short input (Sec. 5), which the paper attributes to an MoE "
-                       "survey (Cai et al., 2024)")
+SHORT_PROMPT_SOURCE = "the paper's short input (Sec. 5), which the paper attributes to an MoE survey (Cai et al., 2024)"

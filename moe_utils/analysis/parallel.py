@@ -13,8 +13,9 @@ import multiprocessing as mp
 import os
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from ..core.progress import progress
 
@@ -25,7 +26,7 @@ def cpu_cores() -> int:
     """Cores this process may run on."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:                     # not Linux
+    except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
 
 
@@ -65,8 +66,14 @@ def _run(index: int) -> tuple[int, Any, float]:
     return index, out, time.perf_counter() - t0
 
 
-def run_jobs(fn: Callable[[Any], Any], items: Sequence[Any], workers: int | None = None,
-             desc: str = "jobs", unit: str = "job", job_bytes: int = 0) -> list[Any]:
+def run_jobs(
+    fn: Callable[[Any], Any],
+    items: Sequence[Any],
+    workers: int | None = None,
+    desc: str = "jobs",
+    unit: str = "job",
+    job_bytes: int = 0,
+) -> list[Any]:
     """``[fn(item) for item in items]``, spread over ``workers`` processes (default: the cores,
     capped by the memory ``job_bytes`` each job needs), with a progress bar showing seconds per job."""
     global _JOB
@@ -89,9 +96,10 @@ def run_jobs(fn: Callable[[Any], Any], items: Sequence[Any], workers: int | None
         _JOB = (fn, items)
         threads = max(1, cpu_cores() // workers)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)   # fork of a threaded process
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"),
-                                     initializer=_init_worker, initargs=(threads,)) as pool:
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork of a threaded process
+            with ProcessPoolExecutor(
+                workers, mp_context=mp.get_context("fork"), initializer=_init_worker, initargs=(threads,)
+            ) as pool:
                 futures = [pool.submit(_run, i) for i in range(len(items))]
                 for fut in as_completed(futures):
                     i, out, seconds = fut.result()

@@ -58,8 +58,9 @@ import math
 import os
 import re
 import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -70,7 +71,17 @@ from moe_utils.core.errors import ResultsFileError
 SCHEMA = "moe-book-results/1"
 VERDICTS = ("holds", "does not hold", "inconclusive")
 SUMMARY_FIELDS = ("value", "ci_low", "ci_high", "baseline", "verdict", "paper", "note")
-_TOP_FIELDS = ("schema", "analysis", "model", "fingerprint", "params", "created", "package_version", "tables", "summary")
+_TOP_FIELDS = (
+    "schema",
+    "analysis",
+    "model",
+    "fingerprint",
+    "params",
+    "created",
+    "package_version",
+    "tables",
+    "summary",
+)
 _OPTIONAL_FIELDS = ("source", "versions", "invalid")  # absent in files written before they existed
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _PREFIX = '{"schema":"moe-book-results/'
@@ -191,7 +202,9 @@ def _summary_entries(summary: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         if isinstance(entry, Mapping):
             unknown = set(entry) - set(SUMMARY_FIELDS)
             if unknown:
-                raise ValueError(f"summary entry {key!r} has unknown fields {sorted(unknown)}; allowed: {SUMMARY_FIELDS}")
+                raise ValueError(
+                    f"summary entry {key!r} has unknown fields {sorted(unknown)}; allowed: {SUMMARY_FIELDS}"
+                )
             if "value" not in entry:
                 raise ValueError(f"summary entry {key!r} has no 'value'")
             full = summary_entry(entry["value"])
@@ -394,8 +407,9 @@ def _looks_like_results(path: Path) -> bool:
     return "".join(head.split()).startswith(_PREFIX)
 
 
-def scan_results(root: str | Path, pattern: str = "**/*.json"
-                 ) -> Iterator[tuple[Path, dict[str, Any] | None, ResultsFileError | None]]:
+def scan_results(
+    root: str | Path, pattern: str = "**/*.json"
+) -> Iterator[tuple[Path, dict[str, Any] | None, ResultsFileError | None]]:
     """Each results-like file matching ``pattern`` under ``root`` (sorted; default: every folder
     below it), with its validated document or the error. Files whose name starts with a dot
     (half-written temporaries) and JSON files that do not start like a results file are skipped.
@@ -425,8 +439,18 @@ def find_results(root: str | Path) -> pd.DataFrame:
     valid, error``. Files that start like a results file but fail validation are listed with
     ``valid=False`` and the reason in ``error``, so a broken run is visible rather than skipped.
     """
-    cols = ["path", "analysis", "model", "fingerprint", "created", "package_version", "tables", "n_summary",
-            "valid", "error"]
+    cols = [
+        "path",
+        "analysis",
+        "model",
+        "fingerprint",
+        "created",
+        "package_version",
+        "tables",
+        "n_summary",
+        "valid",
+        "error",
+    ]
     rows = []
     for path, doc, exc in scan_results(root):
         if exc is not None:
@@ -456,6 +480,13 @@ def summary_rows(root: str | Path) -> pd.DataFrame:
         if exc is not None:
             continue
         for key, e in doc["summary"].items():
-            rows.append({"model": doc["model"], "analysis": doc["analysis"], "key": key,
-                         **{f: e.get(f) for f in SUMMARY_FIELDS}, "path": str(path)})
+            rows.append(
+                {
+                    "model": doc["model"],
+                    "analysis": doc["analysis"],
+                    "key": key,
+                    **{f: e.get(f) for f in SUMMARY_FIELDS},
+                    "path": str(path),
+                }
+            )
     return pd.DataFrame(rows, columns=["model", "analysis", "key", *SUMMARY_FIELDS, "path"])

@@ -12,9 +12,10 @@ shared expert(s), which only enter comparisons where their shapes allow (neuron 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import combinations
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -22,10 +23,16 @@ import pandas as pd
 from .. import metrics as M
 from ..core.errors import NonFiniteError
 from ..core.finite import unwrap
-from ..metrics.projection import (SketchStart, flattened_pass, matrix_pca_from_gram, neuron_pca_randomized,
-                                  sketch_matrix, sketch_width)
-from ..metrics.neurons import resolve_neuron_axis
 from ..core.progress import progress
+from ..metrics.neurons import resolve_neuron_axis
+from ..metrics.projection import (
+    SketchStart,
+    flattened_pass,
+    matrix_pca_from_gram,
+    neuron_pca_randomized,
+    sketch_matrix,
+    sketch_width,
+)
 from ..models.weights import DenseMLPWeights, MoELayerWeights, dense_mlp_weights, iter_layer_weights
 from .parallel import run_jobs
 
@@ -39,11 +46,11 @@ class LayerMatrices:
     """The three expert matrices of one layer plus the optional F and SE matrices."""
 
     layer: int
-    experts: dict[str, Any]            # matrix name -> [E, I, H] or [E, H, I]
-    dense: dict[str, Any] | None       # matrix name -> [I, H] / [H, I] of the F baseline
-    shared: dict[str, Any] | None      # matrix name -> shared expert matrix
-    router: Any                        # [E, H]
-    ids: list[int] | None = None       # original expert indices (some may have been excluded)
+    experts: dict[str, Any]  # matrix name -> [E, I, H] or [E, H, I]
+    dense: dict[str, Any] | None  # matrix name -> [I, H] / [H, I] of the F baseline
+    shared: dict[str, Any] | None  # matrix name -> shared expert matrix
+    router: Any  # [E, H]
+    ids: list[int] | None = None  # original expert indices (some may have been excluded)
 
     @property
     def num_experts(self) -> int:
@@ -59,8 +66,9 @@ def _matrices(w: MoELayerWeights | DenseMLPWeights) -> dict[str, Any]:
     return {m: getattr(w, _ATTR[m]) for m in MATRICES if getattr(w, _ATTR[m]) is not None}
 
 
-def layer_matrices(source: Any, layers: Sequence[int] | None = None,
-                   dense_baseline: Any | None = None) -> Iterable[LayerMatrices]:
+def layer_matrices(
+    source: Any, layers: Sequence[int] | None = None, dense_baseline: Any | None = None
+) -> Iterable[LayerMatrices]:
     """Yield each analysed MoE layer's matrices (stored dtype), one layer in memory at a time.
 
     Non-finite weights raise, unless the sources are ``ScreenedSource``s: excluded experts (and an
@@ -82,11 +90,16 @@ def layer_matrices(source: Any, layers: Sequence[int] | None = None,
 
 def _pairs_frame(layer: int, matrix: str, level: str, labels: Sequence[str], sim: np.ndarray) -> pd.DataFrame:
     n = len(labels)
-    return pd.DataFrame({
-        "layer": layer, "matrix": matrix, "level": level,
-        "expert_i": np.repeat(labels, n), "expert_j": np.tile(labels, n),
-        "similarity": np.asarray(sim, dtype=float).reshape(-1),
-    })
+    return pd.DataFrame(
+        {
+            "layer": layer,
+            "matrix": matrix,
+            "level": level,
+            "expert_i": np.repeat(labels, n),
+            "expert_j": np.tile(labels, n),
+            "similarity": np.asarray(sim, dtype=float).reshape(-1),
+        }
+    )
 
 
 def _same_shape_dense(lm: LayerMatrices, m: str, stack: Any) -> Any | None:
@@ -101,12 +114,12 @@ class MatrixStats:
     (+F when same-shaped), raw and standardised per element, the neuron averages and, when the
     neuron-level PCA is the randomized one, its first pass."""
 
-    labels: list[str]              # items of the Gram matrices
-    gram: np.ndarray               # <W_i, W_j>
-    std_gram: np.ndarray           # Gram of the per-element standardised items (matrix-level PCA)
-    averages: np.ndarray           # [E, H] neuron-averaged experts
-    extra_averages: dict[str, np.ndarray]   # "F" / "SE" neuron averages
-    sketch: SketchStart | None = None       # first pass of the randomized neuron PCA (experts + F)
+    labels: list[str]  # items of the Gram matrices
+    gram: np.ndarray  # <W_i, W_j>
+    std_gram: np.ndarray  # Gram of the per-element standardised items (matrix-level PCA)
+    averages: np.ndarray  # [E, H] neuron-averaged experts
+    extra_averages: dict[str, np.ndarray]  # "F" / "SE" neuron averages
+    sketch: SketchStart | None = None  # first pass of the randomized neuron PCA (experts + F)
 
 
 #: Components of the neuron- and matrix-level PCA plots.
@@ -122,17 +135,19 @@ def matrix_stats(lm: LayerMatrices, m: str, seed: int = 0) -> MatrixStats:
     axis = resolve_neuron_axis(_KIND[m], 2)
     items = [stack[e] for e in range(lm.num_experts)] + ([f] if f is not None else [])
     n_rows, d = len(items) * int(stack.shape[1 + axis]), int(stack.shape[2 - axis])
-    omega = (sketch_matrix(d, sketch_width(n_rows, d, PCA_COMPONENTS), seed)
-             if neuron_pca_randomized(n_rows, d) else None)
+    omega = (
+        sketch_matrix(d, sketch_width(n_rows, d, PCA_COMPONENTS), seed) if neuron_pca_randomized(n_rows, d) else None
+    )
     res = flattened_pass(items, axis, standardize=True, omega=omega)
     count = int(stack.shape[1 + axis])
     extra = {}
     for tag, mats in (("F", lm.dense), ("SE", lm.shared)):
         if mats and m in mats:
-            extra[tag] = (res.neuron_sums[-1] / count if tag == "F" and f is not None
-                          else M.neuron_average(mats[m], _KIND[m]))
+            extra[tag] = (
+                res.neuron_sums[-1] / count if tag == "F" and f is not None else M.neuron_average(mats[m], _KIND[m])
+            )
     labels = lm.labels + (["F"] if f is not None else [])
-    return MatrixStats(labels, res.gram, res.std_gram, res.neuron_sums[:lm.num_experts] / count, extra, res.sketch)
+    return MatrixStats(labels, res.gram, res.std_gram, res.neuron_sums[: lm.num_experts] / count, extra, res.sketch)
 
 
 def _layer_stats(lm: LayerMatrices, seed: int = 0) -> dict[str, MatrixStats]:
@@ -156,22 +171,28 @@ def _gate_rows(lm: LayerMatrices, stats: dict[str, MatrixStats] | None = None) -
     x = M.gate_similarity(lm.router)
     corr, points = [], []
     for m, stack in lm.experts.items():
-        y = (M.cosine_matrix(stats[m].averages) if stats is not None
-             else M.neuron_level_similarity(stack, _KIND[m]))
+        y = M.cosine_matrix(stats[m].averages) if stats is not None else M.neuron_level_similarity(stack, _KIND[m])
         res = M.gate_expert_regression(x, y)
-        corr.append({"layer": lm.layer, "matrix": m, "r": float(res.r), "r2": float(res.r2),
-                     "n_pairs": res.n_pairs})
+        corr.append({"layer": lm.layer, "matrix": m, "r": float(res.r), "r2": float(res.r2), "n_pairs": res.n_pairs})
         for i, j in combinations(range(lm.num_experts), 2):
-            points.append({"layer": lm.layer, "matrix": m, "pair": f"{lm.labels[j]}-{lm.labels[i]}",
-                           "gate_similarity": float(x[j, i]), "expert_similarity": float(y[j, i])})
+            points.append(
+                {
+                    "layer": lm.layer,
+                    "matrix": m,
+                    "pair": f"{lm.labels[j]}-{lm.labels[i]}",
+                    "gate_similarity": float(x[j, i]),
+                    "expert_similarity": float(y[j, i]),
+                }
+            )
     return corr, points
 
 
 REORDER_COLUMNS = ["layer", "matrix", "expert_i", "expert_j", "sim_before", "sim_after", "gain", "tau"]
 
 
-def _reorder_rows(lm: LayerMatrices, max_pairs: int | None, rng: np.random.Generator,
-                  workers: int | None = None) -> list[dict]:
+def _reorder_rows(
+    lm: LayerMatrices, max_pairs: int | None, rng: np.random.Generator, workers: int | None = None
+) -> list[dict]:
     """Reorder the chosen pairs of every matrix of one layer, spread over ``workers`` processes."""
     labels = lm.labels
     jobs, mats = [], {}
@@ -189,54 +210,93 @@ def _reorder_rows(lm: LayerMatrices, max_pairs: int | None, rng: np.random.Gener
         return []
     shape = tuple(next(iter(lm.experts.values())).shape[1:])
     n_neurons, width = max(shape), min(shape)
-    job_bytes = 8 * n_neurons ** 2 + 16 * n_neurons * width     # cost matrix + two float32 copies
+    job_bytes = 8 * n_neurons**2 + 16 * n_neurons * width  # cost matrix + two float32 copies
 
     def reorder(job: tuple[str, str, str]) -> M.ReorderResult:
         m, a, b = job
         return M.reorder_neurons(mats[m][a], mats[m][b], _KIND[m])
 
-    results = run_jobs(reorder, jobs, workers=workers, desc=f"layer {lm.layer}: reordering",
-                       unit="pair", job_bytes=job_bytes)
-    return [{"layer": lm.layer, "matrix": m, "expert_i": a, "expert_j": b,
-             "sim_before": float(res.sim_before), "sim_after": float(res.sim_after),
-             "gain": float(res.sim_after - res.sim_before), "tau": float(res.tau)}
-            for (m, a, b), res in zip(jobs, results, strict=True)]
+    results = run_jobs(
+        reorder, jobs, workers=workers, desc=f"layer {lm.layer}: reordering", unit="pair", job_bytes=job_bytes
+    )
+    return [
+        {
+            "layer": lm.layer,
+            "matrix": m,
+            "expert_i": a,
+            "expert_j": b,
+            "sim_before": float(res.sim_before),
+            "sim_after": float(res.sim_after),
+            "gain": float(res.sim_after - res.sim_before),
+            "tau": float(res.tau),
+        }
+        for (m, a, b), res in zip(jobs, results, strict=True)
+    ]
 
 
-def _pca_rows(lm: LayerMatrices, level: str, max_neurons_per_expert: int, rng: np.random.Generator,
-              stats: dict[str, MatrixStats] | None = None, seed: int = 0) -> list[dict]:
+def _pca_rows(
+    lm: LayerMatrices,
+    level: str,
+    max_neurons_per_expert: int,
+    rng: np.random.Generator,
+    stats: dict[str, MatrixStats] | None = None,
+    seed: int = 0,
+) -> list[dict]:
     if level not in ("matrix", "neuron"):
         raise ValueError(f"level must be 'matrix' or 'neuron'; got {level!r}")
     rows, ids = [], lm.labels
     for m, stack in lm.experts.items():
         f = _same_shape_dense(lm, m, stack)
         if level == "matrix":
-            proj = (matrix_pca_from_gram(stats[m].std_gram, PCA_COMPONENTS, stats[m].labels) if stats is not None
-                    else M.matrix_pca(stack, extra=f, n_components=PCA_COMPONENTS))
+            proj = (
+                matrix_pca_from_gram(stats[m].std_gram, PCA_COMPONENTS, stats[m].labels)
+                if stats is not None
+                else M.matrix_pca(stack, extra=f, n_components=PCA_COMPONENTS)
+            )
             keep = np.arange(len(proj.labels))
         else:
             sketch = stats[m].sketch if stats is not None else None
-            proj = M.neuron_pca(stack, _KIND[m], extra=f, n_components=PCA_COMPONENTS, seed=seed,
-                                first_pass=sketch)
+            proj = M.neuron_pca(stack, _KIND[m], extra=f, n_components=PCA_COMPONENTS, seed=seed, first_pass=sketch)
             labels = np.asarray(proj.labels)
-            keep = np.concatenate([
-                np.sort(rng.choice(np.flatnonzero(labels == lab),
-                                   size=min(max_neurons_per_expert, int((labels == lab).sum())),
-                                   replace=False))
-                for lab in dict.fromkeys(proj.labels)])
+            keep = np.concatenate(
+                [
+                    np.sort(
+                        rng.choice(
+                            np.flatnonzero(labels == lab),
+                            size=min(max_neurons_per_expert, int((labels == lab).sum())),
+                            replace=False,
+                        )
+                    )
+                    for lab in dict.fromkeys(proj.labels)
+                ]
+            )
         for idx in keep:
             lab = proj.labels[idx]
             if lab.isdigit() and not (level == "matrix" and stats is not None):  # positional -> original id
                 lab = ids[int(lab)]
-            rows.append({"layer": lm.layer, "matrix": m, "kind": "F (dense)" if lab == "F" else "expert",
-                         "label": lab, "pc1": float(proj.coords[idx, 0]), "pc2": float(proj.coords[idx, 1]),
-                         "explained": float(proj.explained_variance_ratio[:2].sum())})
+            rows.append(
+                {
+                    "layer": lm.layer,
+                    "matrix": m,
+                    "kind": "F (dense)" if lab == "F" else "expert",
+                    "label": lab,
+                    "pc1": float(proj.coords[idx, 0]),
+                    "pc2": float(proj.coords[idx, 1]),
+                    "explained": float(proj.explained_variance_ratio[:2].sum()),
+                }
+            )
     return rows
 
 
-def weight_report(source: Any, layers: Sequence[int] | None = None, dense_baseline: Any | None = None,
-                  reorder_max_pairs: int | None = None, max_neurons_per_expert: int = 64,
-                  seed: int = 0, workers: int | None = None) -> dict[str, pd.DataFrame]:
+def weight_report(
+    source: Any,
+    layers: Sequence[int] | None = None,
+    dense_baseline: Any | None = None,
+    reorder_max_pairs: int | None = None,
+    max_neurons_per_expert: int = 64,
+    seed: int = 0,
+    workers: int | None = None,
+) -> dict[str, pd.DataFrame]:
     """Every weight analysis of observation 1 in one pass over the layers, so a streamed
     checkpoint is read once: tables ``similarity``, ``gate_correlation``, ``gate_pairs``,
     ``reordering``, ``pca_matrix`` and ``pca_neuron`` (see the single-analysis functions).
@@ -262,21 +322,28 @@ def weight_report(source: Any, layers: Sequence[int] | None = None, dense_baseli
             bar.update(1)
     finally:
         bar.close()
-    return {"similarity": pd.concat(sim, ignore_index=True), "gate_correlation": pd.DataFrame(corr),
-            "gate_pairs": pd.DataFrame(points), "reordering": pd.DataFrame(reorder, columns=REORDER_COLUMNS),
-            "pca_matrix": pd.DataFrame(pca_m), "pca_neuron": pd.DataFrame(pca_n)}
+    return {
+        "similarity": pd.concat(sim, ignore_index=True),
+        "gate_correlation": pd.DataFrame(corr),
+        "gate_pairs": pd.DataFrame(points),
+        "reordering": pd.DataFrame(reorder, columns=REORDER_COLUMNS),
+        "pca_matrix": pd.DataFrame(pca_m),
+        "pca_neuron": pd.DataFrame(pca_n),
+    }
 
 
-def weight_similarity(source: Any, layers: Sequence[int] | None = None,
-                      dense_baseline: Any | None = None) -> pd.DataFrame:
+def weight_similarity(
+    source: Any, layers: Sequence[int] | None = None, dense_baseline: Any | None = None
+) -> pd.DataFrame:
     """Matrix-level and neuron-averaged cosine similarity between experts (+F, +SE), per layer.
 
     Matrix level (paper Fig. 1) flattens whole matrices, so only same-shaped matrices take part:
     the experts and F (when F has the experts' width). Neuron level (App. D) averages over the
     neuron axis, giving one H-vector per expert, so F and the shared expert always take part.
     """
-    return pd.concat([f for lm in layer_matrices(source, layers, dense_baseline) for f in _similarity_rows(lm)],
-                     ignore_index=True)
+    return pd.concat(
+        [f for lm in layer_matrices(source, layers, dense_baseline) for f in _similarity_rows(lm)], ignore_index=True
+    )
 
 
 def offdiagonal_summary(sim: pd.DataFrame, groups: Sequence[str] = ("layer", "matrix", "level")) -> pd.DataFrame:
@@ -295,8 +362,14 @@ def gate_correlation(source: Any, layers: Sequence[int] | None = None) -> pd.Dat
     return pd.DataFrame([row for lm in layer_matrices(source, layers) for row in _gate_rows(lm)[0]])
 
 
-def reordering(source: Any, layers: Sequence[int] | None = None, dense_baseline: Any | None = None,
-               max_pairs: int | None = None, seed: int = 0, workers: int | None = None) -> pd.DataFrame:
+def reordering(
+    source: Any,
+    layers: Sequence[int] | None = None,
+    dense_baseline: Any | None = None,
+    max_pairs: int | None = None,
+    seed: int = 0,
+    workers: int | None = None,
+) -> pd.DataFrame:
     """Neuron reordering by linear assignment for expert pairs (paper Table 2).
 
     For every pair (and each matrix separately) the neurons of the second matrix are permuted to
@@ -304,5 +377,11 @@ def reordering(source: Any, layers: Sequence[int] | None = None, dense_baseline:
     permutation. ``max_pairs`` samples pairs (seeded) for models with many experts.
     """
     rng = np.random.default_rng(seed)
-    return pd.DataFrame([row for lm in layer_matrices(source, layers, dense_baseline)
-                         for row in _reorder_rows(lm, max_pairs, rng, workers)], columns=REORDER_COLUMNS)
+    return pd.DataFrame(
+        [
+            row
+            for lm in layer_matrices(source, layers, dense_baseline)
+            for row in _reorder_rows(lm, max_pairs, rng, workers)
+        ],
+        columns=REORDER_COLUMNS,
+    )

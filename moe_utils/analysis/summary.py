@@ -31,13 +31,24 @@ def collect(runs_dir: str | Path) -> pd.DataFrame:
             continue
         for key, entry in res.summary.items():
             paper = entry.get("paper") or {}
-            rows.append({"model": res.model, "analysis": res.analysis, "quantity": key,
-                         "value": entry.get("value"), "ci_low": entry.get("ci_low"), "ci_high": entry.get("ci_high"),
-                         "baseline": entry.get("baseline"), "verdict": entry.get("verdict"),
-                         "note": ("INVALID: non-finite weights were excluded; " if res.invalid else "")
-                                 + (entry.get("note") or ""), "invalid": res.is_invalid,
-                         "paper": "; ".join(f"{m}: {v:g}" for m, v in paper.items() if v is not None),
-                         "fingerprint": res.fingerprint, "file": str(res.path)})
+            rows.append(
+                {
+                    "model": res.model,
+                    "analysis": res.analysis,
+                    "quantity": key,
+                    "value": entry.get("value"),
+                    "ci_low": entry.get("ci_low"),
+                    "ci_high": entry.get("ci_high"),
+                    "baseline": entry.get("baseline"),
+                    "verdict": entry.get("verdict"),
+                    "note": ("INVALID: non-finite weights were excluded; " if res.invalid else "")
+                    + (entry.get("note") or ""),
+                    "invalid": res.is_invalid,
+                    "paper": "; ".join(f"{m}: {v:g}" for m, v in paper.items() if v is not None),
+                    "fingerprint": res.fingerprint,
+                    "file": str(res.path),
+                }
+            )
     return _distinct_model_names(pd.DataFrame(rows))
 
 
@@ -76,11 +87,14 @@ def _effect(value: object, low: object, high: object) -> str:
 def verdict_table(table: pd.DataFrame) -> pd.DataFrame:
     """Observations x models: verdict, effect size and 95% interval, with the paper's values."""
     out = headline_rows(table)
-    out["cell"] = [f"{'INVALID (experts with NaN/inf weights excluded) ' if bad else ''}{v}: {_effect(x, lo, hi)}"
-                   for v, x, lo, hi, bad in zip(out.verdict, out.value, out.ci_low, out.ci_high, out.invalid, strict=True)]
+    out["cell"] = [
+        f"{'INVALID (experts with NaN/inf weights excluded) ' if bad else ''}{v}: {_effect(x, lo, hi)}"
+        for v, x, lo, hi, bad in zip(out.verdict, out.value, out.ci_low, out.ci_high, out.invalid, strict=True)
+    ]
     wide = out.pivot(index="observation", columns="model", values="cell")
-    meta = out.groupby("observation").agg(quantity=("quantity", "first"), baseline=("baseline", "first"),
-                                          paper=("paper", "first"))
+    meta = out.groupby("observation").agg(
+        quantity=("quantity", "first"), baseline=("baseline", "first"), paper=("paper", "first")
+    )
     meta["baseline"] = meta["baseline"].map(_fmt)
     meta = meta.rename(columns={"paper": "paper (its models)"})
     return pd.concat([meta[["quantity", "baseline"]], wide, meta[["paper (its models)"]]], axis=1)
@@ -90,18 +104,25 @@ def verdict_chart(table: pd.DataFrame) -> alt.Chart:
     """A grid of verdicts: observation by model, coloured by verdict."""
     out = headline_rows(table)
     colors = alt.Scale(domain=["holds", "inconclusive", "does not hold"], range=["#2ca02c", "#bcbd22", "#d62728"])
-    base = alt.Chart(out).encode(x=alt.X("model:N", title=None, axis=alt.Axis(labelAngle=0)),
-                                 y=alt.Y("observation:N", title=None))
-    return (base.mark_rect().encode(color=alt.Color("verdict:N", scale=colors),
-                                    tooltip=["model", "observation", "verdict", alt.Tooltip("value:Q", format=".3f")])
-            + base.mark_text().encode(text="verdict:N")).properties(width=max(200, 180 * out.model.nunique()), height=150)
+    base = alt.Chart(out).encode(
+        x=alt.X("model:N", title=None, axis=alt.Axis(labelAngle=0)), y=alt.Y("observation:N", title=None)
+    )
+    return (
+        base.mark_rect().encode(
+            color=alt.Color("verdict:N", scale=colors),
+            tooltip=["model", "observation", "verdict", alt.Tooltip("value:Q", format=".3f")],
+        )
+        + base.mark_text().encode(text="verdict:N")
+    ).properties(width=max(200, 180 * out.model.nunique()), height=150)
 
 
 def detail_table(table: pd.DataFrame) -> pd.DataFrame:
     """Every summary number per model (value [95% CI] and verdict), with the paper's values."""
     out = table.copy()
-    out["cell"] = [_effect(x, lo, hi) + (f" ({v})" if isinstance(v, str) and v else "") + (" INVALID" if bad else "")
-                   for x, lo, hi, v, bad in zip(out.value, out.ci_low, out.ci_high, out.verdict, out.invalid, strict=True)]
+    out["cell"] = [
+        _effect(x, lo, hi) + (f" ({v})" if isinstance(v, str) and v else "") + (" INVALID" if bad else "")
+        for x, lo, hi, v, bad in zip(out.value, out.ci_low, out.ci_high, out.verdict, out.invalid, strict=True)
+    ]
     wide = out.pivot(index=["analysis", "quantity"], columns="model", values="cell")
     paper = out.groupby(["analysis", "quantity"])["paper"].first().rename("paper (its models)")
     return pd.concat([wide, paper], axis=1)
@@ -112,14 +133,17 @@ def narrative(table: pd.DataFrame) -> str:
     out = headline_rows(table)
     parts = []
     for model, g in out.groupby("model"):
-        bits = [f"observation {row.observation.split('.')[0]} **{row.verdict}** ({row.quantity} = {_fmt(row.value)})"
-                for row in g.sort_values("observation").itertuples()]
+        bits = [
+            f"observation {row.observation.split('.')[0]} **{row.verdict}** ({row.quantity} = {_fmt(row.value)})"
+            for row in g.sort_values("observation").itertuples()
+        ]
         parts.append(f"- **{model}**: " + "; ".join(bits) + ".")
     return "\n".join(parts)
 
 
-def per_layer_across_models(runs_dir: str | Path, analysis: str, table: str, value: str,
-                            query: str | None = None, group: str = "layer") -> pd.DataFrame:
+def per_layer_across_models(
+    runs_dir: str | Path, analysis: str, table: str, value: str, query: str | None = None, group: str = "layer"
+) -> pd.DataFrame:
     """One per-layer series per model, read from a table of each model's results file.
 
     ``query`` filters the table first (pandas query syntax); values are averaged per layer.
@@ -138,14 +162,23 @@ def per_layer_across_models(runs_dir: str | Path, analysis: str, table: str, val
 def weight_similarity_across_models(runs_dir: str | Path) -> pd.DataFrame:
     """Per model and layer: mean matrix-level cosine between distinct experts (F left out)."""
     return per_layer_across_models(
-        runs_dir, obs1_neurons.ANALYSIS, "weight_similarity", "similarity",
-        query="level == 'matrix' and expert_i != expert_j and expert_i != 'F' and expert_j != 'F'")
+        runs_dir,
+        obs1_neurons.ANALYSIS,
+        "weight_similarity",
+        "similarity",
+        query="level == 'matrix' and expert_i != expert_j and expert_i != 'F' and expert_j != 'F'",
+    )
 
 
 def output_similarity_across_models(runs_dir: str | Path) -> pd.DataFrame:
     """Per model and layer: mean angular similarity of distinct experts' outputs on the long input."""
-    return per_layer_across_models(runs_dir, obs3_depth.ANALYSIS, "depth_trend", "mean_offdiag",
-                                   query=f"series == {obs3_depth.SERIES_OUTPUTS_LONG!r}")
+    return per_layer_across_models(
+        runs_dir,
+        obs3_depth.ANALYSIS,
+        "depth_trend",
+        "mean_offdiag",
+        query=f"series == {obs3_depth.SERIES_OUTPUTS_LONG!r}",
+    )
 
 
 def repeat_rate_across_models(runs_dir: str | Path) -> pd.DataFrame:
@@ -164,9 +197,18 @@ def book_level_verdicts(results_dir: str | Path) -> pd.DataFrame:
             continue
         res = read_result(path)
         for key, entry in res.summary.items():
-            rows.append({"page": name, "quantity": key, "value": entry.get("value"), "ci_low": entry.get("ci_low"),
-                         "ci_high": entry.get("ci_high"), "baseline": entry.get("baseline"),
-                         "verdict": entry.get("verdict"), "note": entry.get("note", "")})
+            rows.append(
+                {
+                    "page": name,
+                    "quantity": key,
+                    "value": entry.get("value"),
+                    "ci_low": entry.get("ci_low"),
+                    "ci_high": entry.get("ci_high"),
+                    "baseline": entry.get("baseline"),
+                    "verdict": entry.get("verdict"),
+                    "note": entry.get("note", ""),
+                }
+            )
     return pd.DataFrame(rows, columns=["page", "quantity", "value", "ci_low", "ci_high", "baseline", "verdict", "note"])
 
 
@@ -186,7 +228,14 @@ def single_vs_replicated(table: pd.DataFrame, book: pd.DataFrame) -> pd.DataFram
         obs, organism = r.quantity.split("_", 1)
         n = int(obs[3:])
         single = heads[(heads.model == f"zoo:{organism}") & heads.observation.str.startswith(f"{n}.")]
-        rows.append({"organism": organism, "observation": n,
-                     "single model (seed 0)": single.verdict.iloc[0] if len(single) else "",
-                     "across seeds": r.verdict, "seeds": r.note.split(":")[0], "mean effect": r.value})
+        rows.append(
+            {
+                "organism": organism,
+                "observation": n,
+                "single model (seed 0)": single.verdict.iloc[0] if len(single) else "",
+                "across seeds": r.verdict,
+                "seeds": r.note.split(":")[0],
+                "mean effect": r.value,
+            }
+        )
     return pd.DataFrame(rows)

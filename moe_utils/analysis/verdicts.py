@@ -31,8 +31,15 @@ NAN = float("nan")
 def descriptive(value: float, paper_values: Any = None, note: str = "", baseline: float = NAN) -> dict[str, Any]:
     """A summary entry for a number that is reported, not tested (verdict None); ``paper_values``
     maps paper model -> the paper's value."""
-    return {"value": float(value), "ci_low": NAN, "ci_high": NAN, "baseline": float(baseline),
-            "verdict": None, "paper": dict(paper_values or {}), "note": note}
+    return {
+        "value": float(value),
+        "ci_low": NAN,
+        "ci_high": NAN,
+        "baseline": float(baseline),
+        "verdict": None,
+        "paper": dict(paper_values or {}),
+        "note": note,
+    }
 
 
 def versus_baseline(low: float, high: float, baseline: float) -> str:
@@ -50,8 +57,13 @@ def mean_difference(diffs: Any, seed: int = 0) -> dict[str, float | str]:
     """Bootstrap interval of the mean of per-layer differences and its verdict against 0."""
     d = np.asarray(diffs, dtype=float)
     ci = M.bootstrap_mean_ci(d, seed=seed)
-    return {"value": ci.estimate, "ci_low": ci.low, "ci_high": ci.high, "baseline": 0.0,
-            "verdict": versus_baseline(ci.low, ci.high, 0.0)}
+    return {
+        "value": ci.estimate,
+        "ci_low": ci.low,
+        "ci_high": ci.high,
+        "baseline": 0.0,
+        "verdict": versus_baseline(ci.low, ci.high, 0.0),
+    }
 
 
 def depth_pattern(per_layer: dict[int, float]) -> dict[str, Any]:
@@ -60,13 +72,24 @@ def depth_pattern(per_layer: dict[int, float]) -> dict[str, Any]:
     declines = (not math.isnan(o.trend_rho)) and o.trend_rho < 0 and o.trend_p < 0.05
     last_up = (not math.isnan(o.z)) and o.z > 1 and o.delta_previous > 0
     measured = not (math.isnan(o.trend_rho) or math.isnan(o.z))
-    verdict = (HOLDS if declines and last_up else FAILS if measured and not (declines or last_up)
-               else INCONCLUSIVE)
+    verdict = HOLDS if declines and last_up else FAILS if measured and not (declines or last_up) else INCONCLUSIVE
     parts = []
-    parts.append(f"decline before the last layer: rho = {o.trend_rho:.2f} (p = {o.trend_p:.3g})"
-                 + (" - yes" if declines else " - no"))
-    parts.append(f"last layer vs the rest: z = {o.z:.2f}, change from the layer before = {o.delta_previous:+.3f}"
-                 + (" - rises" if last_up else " - no rise"))
-    return {"value": o.z, "ci_low": float("nan"), "ci_high": float("nan"), "baseline": 0.0,
-            "verdict": verdict, "note": "; ".join(parts), "trend_rho": o.trend_rho, "trend_p": o.trend_p,
-            "delta_previous": o.delta_previous}
+    parts.append(
+        f"decline before the last layer: rho = {o.trend_rho:.2f} (p = {o.trend_p:.3g})"
+        + (" - yes" if declines else " - no")
+    )
+    parts.append(
+        f"last layer vs the rest: z = {o.z:.2f}, change from the layer before = {o.delta_previous:+.3f}"
+        + (" - rises" if last_up else " - no rise")
+    )
+    return {
+        "value": o.z,
+        "ci_low": float("nan"),
+        "ci_high": float("nan"),
+        "baseline": 0.0,
+        "verdict": verdict,
+        "note": "; ".join(parts),
+        "trend_rho": o.trend_rho,
+        "trend_p": o.trend_p,
+        "delta_previous": o.delta_previous,
+    }

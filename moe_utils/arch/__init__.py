@@ -11,15 +11,26 @@ this layer, so this module does not import it: importing :mod:`moe_utils.models`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from moe_utils.arch.activations import Activation, activation
 from moe_utils.arch.catalogue import entry_for
 from moe_utils.arch.config import config_dict, first_of, get_path
 from moe_utils.arch.families import FAMILIES
-from moe_utils.arch.spec import (ConfigKeys, ExpertTensors, FamilySpec, LayerRule, MLPTensors,
-                                 ModulePaths, MoETensors, RouterCapture, RoutingSpec, WeightFormat)
+from moe_utils.arch.spec import (
+    ConfigKeys,
+    ExpertTensors,
+    FamilySpec,
+    LayerRule,
+    MLPTensors,
+    ModulePaths,
+    MoETensors,
+    RouterCapture,
+    RoutingSpec,
+    WeightFormat,
+)
 from moe_utils.core.errors import NotMoEModelError, UnknownFamilyError
 
 SPECS: dict[str, FamilySpec] = {spec.name: spec for spec in FAMILIES}
@@ -29,9 +40,9 @@ SPECS: dict[str, FamilySpec] = {spec.name: spec for spec in FAMILIES}
 class Derivation:
     """How specs are derived for families without a hand-written one."""
 
-    family: Callable[[str], FamilySpec]        # model_type -> the spec of its tiny config
-    config: Callable[[dict], FamilySpec]       # a config no hand-written spec matches -> its spec
-    tiny_config: Callable[[Any], FamilySpec]   # an already tiny config (built directly) -> its spec
+    family: Callable[[str], FamilySpec]  # model_type -> the spec of its tiny config
+    config: Callable[[dict], FamilySpec]  # a config no hand-written spec matches -> its spec
+    tiny_config: Callable[[Any], FamilySpec]  # an already tiny config (built directly) -> its spec
 
 
 _registered: list[Derivation] = []
@@ -45,13 +56,18 @@ def register_derivation(derivation: Derivation) -> None:
 def derivation() -> Derivation:
     """The registered :class:`Derivation`; raises UnknownFamilyError when none is."""
     if not _registered:
-        raise UnknownFamilyError("specs of families without a hand-written spec are derived by "
-                                 "moe_utils.models, which is not imported yet; import it first")
+        raise UnknownFamilyError(
+            "specs of families without a hand-written spec are derived by "
+            "moe_utils.models, which is not imported yet; import it first"
+        )
     return _registered[0]
 
-_HOW_TO_ADD = ("To add a family, write a FamilySpec in moe_utils/arch/families.py (copy the closest "
-               "one, e.g. MIXTRAL), append it to FAMILIES at the end of that file, and add its "
-               "expected MoE layers to tests/test_arch_families.py.")
+
+_HOW_TO_ADD = (
+    "To add a family, write a FamilySpec in moe_utils/arch/families.py (copy the closest "
+    "one, e.g. MIXTRAL), append it to FAMILIES at the end of that file, and add its "
+    "expected MoE layers to tests/test_arch_families.py."
+)
 
 
 def supported_families(moe_only: bool = False) -> list[str]:
@@ -67,10 +83,12 @@ def get_spec(name: str) -> FamilySpec:
     entry = entry_for(name)
     if entry is None or entry.excluded:
         why = f" ({entry.excluded})" if entry is not None and entry.excluded else ""
-        raise UnknownFamilyError(f"no family spec named {name!r}{why}; known families (hand-written): "
-                                 f"{', '.join(SPECS)}; specs are also derived for the MoE families "
-                                 "of the installed transformers (see the coverage page). "
-                                 f"{_HOW_TO_ADD}")
+        raise UnknownFamilyError(
+            f"no family spec named {name!r}{why}; known families (hand-written): "
+            f"{', '.join(SPECS)}; specs are also derived for the MoE families "
+            "of the installed transformers (see the coverage page). "
+            f"{_HOW_TO_ADD}"
+        )
     return derivation().family(entry.model_type)
 
 
@@ -97,8 +115,10 @@ def spec_for_config(config: Any) -> FamilySpec:
             return derivation().config(cfg)
         except UnknownFamilyError as exc:
             why = f"deriving one from transformers failed: {exc}"
-    raise UnknownFamilyError(f"no hand-written family spec matches this config ({described}) and "
-                             f"{why}. Hand-written: {', '.join(SPECS)}. {_HOW_TO_ADD}")
+    raise UnknownFamilyError(
+        f"no hand-written family spec matches this config ({described}) and "
+        f"{why}. Hand-written: {', '.join(SPECS)}. {_HOW_TO_ADD}"
+    )
 
 
 def require_moe(spec: FamilySpec, what: str = "this analysis") -> FamilySpec:
@@ -107,13 +127,32 @@ def require_moe(spec: FamilySpec, what: str = "this analysis") -> FamilySpec:
         raise NotMoEModelError(
             f"{what} needs a Mixture-of-Experts model, but this is a dense {spec.name} model "
             f"(usable only as the dense baseline). MoE families: "
-            f"{', '.join(supported_families(moe_only=True))}.")
+            f"{', '.join(supported_families(moe_only=True))}."
+        )
     return spec
 
 
 __all__ = [
-    "Activation", "ConfigKeys", "ExpertTensors", "FamilySpec", "LayerRule", "MLPTensors",
-    "ModulePaths", "MoETensors", "RouterCapture", "RoutingSpec", "SPECS", "WeightFormat",
-    "Derivation", "activation", "config_dict", "derivation", "first_of", "get_spec",
-    "register_derivation", "require_moe", "spec_for_config", "supported_families",
+    "SPECS",
+    "Activation",
+    "ConfigKeys",
+    "Derivation",
+    "ExpertTensors",
+    "FamilySpec",
+    "LayerRule",
+    "MLPTensors",
+    "MoETensors",
+    "ModulePaths",
+    "RouterCapture",
+    "RoutingSpec",
+    "WeightFormat",
+    "activation",
+    "config_dict",
+    "derivation",
+    "first_of",
+    "get_spec",
+    "register_derivation",
+    "require_moe",
+    "spec_for_config",
+    "supported_families",
 ]

@@ -21,7 +21,7 @@ EXCLUDED: dict[str, str] = {
     "nllb_moe": "encoder-decoder translation model, not a decoder language model",
     "openai_privacy_filter": "token classifier (bidirectional encoder), not a decoder language model",
     "qwen3_omni_moe": "speech/vision 'thinker-talker' model; its text decoder has no stand-alone "
-                      "config class that builds a model",
+    "config class that builds a model",
 }
 
 
@@ -60,8 +60,7 @@ def moe_packages() -> tuple[str, ...]:
 @functools.lru_cache(maxsize=1)
 def catalogue() -> tuple[CatalogueEntry, ...]:
     """Every MoE family of the installed transformers (excluded ones carry their reason)."""
-    from transformers.models.auto.configuration_auto import (CONFIG_MAPPING_NAMES,
-                                                             model_type_to_module_name)
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES, model_type_to_module_name
 
     by_package: dict[str, list[tuple[str, str]]] = {}
     for model_type, cls in CONFIG_MAPPING_NAMES.items():

@@ -9,8 +9,9 @@ Checkpoints spell the same hyper-parameter differently (``num_local_experts`` vs
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from moe_utils.core.errors import CheckpointError
 
@@ -26,16 +27,20 @@ def config_dict(config: Any) -> dict:
     to_dict = getattr(config, "to_dict", None)
     if callable(to_dict):
         return to_dict()
-    raise TypeError(f"cannot read a model config from {type(config).__name__}; pass a dict, a "
-                    "transformers PretrainedConfig or a checkpoint folder")
+    raise TypeError(
+        f"cannot read a model config from {type(config).__name__}; pass a dict, a "
+        "transformers PretrainedConfig or a checkpoint folder"
+    )
 
 
 def read_config_json(folder: Path) -> dict:
     """Parse ``folder/config.json``; raise CheckpointError if it is missing or not JSON."""
     path = Path(folder) / "config.json"
     if not path.is_file():
-        raise CheckpointError(f"{folder} has no config.json; a model folder needs config.json next to "
-                              "its weight files (save a model with save_pretrained to get one)")
+        raise CheckpointError(
+            f"{folder} has no config.json; a model folder needs config.json next to "
+            "its weight files (save a model with save_pretrained to get one)"
+        )
     try:
         return json.loads(path.read_text(), object_hook=_decode_special)
     except json.JSONDecodeError as exc:

@@ -16,8 +16,9 @@ from typing import Any, Literal
 from moe_utils.arch.config import config_dict, get_path, is_missing
 from moe_utils.arch.spec import FamilySpec
 
-RoutingMethod = Literal["softmax_topk", "topk_softmax", "sigmoid_topk", "topk_sigmoid_input",
-                        "sparsemixer", "sqrtsoftplus_topk"]
+RoutingMethod = Literal[
+    "softmax_topk", "topk_softmax", "sigmoid_topk", "topk_sigmoid_input", "sparsemixer", "sqrtsoftplus_topk"
+]
 
 
 @dataclass(frozen=True)
@@ -179,8 +180,9 @@ def facts_for(spec: FamilySpec, config: Any) -> ModelFacts:
         activation=spec.activation_name(cfg),
         expert_intermediate_size=expert_size,
         shared_expert_intermediate_size=_shared_size(spec, cfg, expert_size) if spec.is_moe else None,
-        dense_intermediate_size=(_optional_int(spec, cfg, spec.keys.dense_intermediate)
-                                 if len(moe_layers) < spec.num_layers(cfg) else None),
+        dense_intermediate_size=(
+            _optional_int(spec, cfg, spec.keys.dense_intermediate) if len(moe_layers) < spec.num_layers(cfg) else None
+        ),
         max_positions=spec.max_positions(cfg),
         routing=route_params(spec, cfg) if spec.is_moe and spec.routing is not None else None,
         router_bias=bool(moe is not None and moe.router_bias),

@@ -17,8 +17,9 @@ of one model are read from its config once, by :func:`moe_utils.arch.facts.facts
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from moe_utils.arch.config import config_dict, first_of, get_path, is_missing
 from moe_utils.core.errors import CheckpointError, UnknownFamilyError
@@ -29,8 +30,9 @@ def _scalar(value: Any, what: str) -> int:
     if isinstance(value, (list, tuple)):
         distinct = set(value)
         if len(distinct) != 1:
-            raise UnknownFamilyError(f"the config gives a different {what} per layer ({value}); "
-                                     "per-layer values are not supported yet")
+            raise UnknownFamilyError(
+                f"the config gives a different {what} per layer ({value}); per-layer values are not supported yet"
+            )
         value = distinct.pop()
     return int(value)
 
@@ -39,19 +41,27 @@ def _scalar(value: Any, what: str) -> int:
 class ConfigKeys:
     """Config keys (aliases, highest priority first) for the numbers every family has."""
 
-    num_experts: tuple[str, ...] = ("num_local_experts", "num_experts", "n_routed_experts",
-                                    "moe_num_experts", "ffn_config.moe_num_experts")
-    top_k: tuple[str, ...] = ("num_experts_per_tok", "num_experts_per_token", "moe_top_k", "moe_k",
-                              "ffn_config.moe_top_k")
+    num_experts: tuple[str, ...] = (
+        "num_local_experts",
+        "num_experts",
+        "n_routed_experts",
+        "moe_num_experts",
+        "ffn_config.moe_num_experts",
+    )
+    top_k: tuple[str, ...] = (
+        "num_experts_per_tok",
+        "num_experts_per_token",
+        "moe_top_k",
+        "moe_k",
+        "ffn_config.moe_top_k",
+    )
     num_layers: tuple[str, ...] = ("num_hidden_layers", "n_layers", "num_layers")
     hidden_size: tuple[str, ...] = ("hidden_size", "d_model", "n_embd")
-    expert_intermediate: tuple[str, ...] = ("moe_intermediate_size", "intermediate_size",
-                                            "ffn_config.ffn_hidden_size")
+    expert_intermediate: tuple[str, ...] = ("moe_intermediate_size", "intermediate_size", "ffn_config.ffn_hidden_size")
     dense_intermediate: tuple[str, ...] = ("intermediate_size",)
     shared_intermediate: tuple[str, ...] = ("shared_expert_intermediate_size",)
     num_shared: tuple[str, ...] = ("n_shared_experts", "num_shared_experts", "num_shared_expert")
-    max_positions: tuple[str, ...] = ("max_position_embeddings", "max_seq_len", "n_positions",
-                                      "seq_length")
+    max_positions: tuple[str, ...] = ("max_position_embeddings", "max_seq_len", "n_positions", "seq_length")
 
 
 @dataclass(frozen=True)
@@ -201,8 +211,7 @@ class RouterCapture:
     ``experts_args``: the experts module is called as ``experts(x, top_k_index, top_k_weights)``.
     """
 
-    output: Literal["logits_weights_index", "logits", "scores_logits", "index_weights_aux"] = (
-        "logits_weights_index")
+    output: Literal["logits_weights_index", "logits", "scores_logits", "index_weights_aux"] = "logits_weights_index"
     experts_args: bool = False
 
 
@@ -229,8 +238,9 @@ class RoutingSpec:
     ``bias_on_logits``: the correction bias is added to the logits, not to the sigmoid scores.
     """
 
-    method: Literal["softmax_topk", "topk_softmax", "sigmoid_topk", "topk_sigmoid_input",
-                    "sparsemixer", "sqrtsoftplus_topk"]
+    method: Literal[
+        "softmax_topk", "topk_softmax", "sigmoid_topk", "topk_sigmoid_input", "sparsemixer", "sqrtsoftplus_topk"
+    ]
     renormalize: bool = False
     renormalize_key: str | None = None
     norm_p_key: str | None = None
@@ -283,16 +293,16 @@ class FamilySpec:
                     return self.defaults[key]
             if not required:
                 return None
-            raise CheckpointError(f"{self.name} config has no {what} (looked for "
-                                  f"{', '.join(keys)}); add one of these keys to config.json")
+            raise CheckpointError(
+                f"{self.name} config has no {what} (looked for {', '.join(keys)}); add one of these keys to config.json"
+            )
         return value
 
     def num_layers(self, cfg: Mapping) -> int:
         return int(self.value(cfg, self.keys.num_layers, "number of layers"))
 
     def num_experts(self, cfg: Mapping) -> int:
-        return _scalar(self.value(cfg, self.keys.num_experts, "number of experts"),
-                       "number of experts")
+        return _scalar(self.value(cfg, self.keys.num_experts, "number of experts"), "number of experts")
 
     def top_k(self, cfg: Mapping) -> int:
         return _scalar(self.value(cfg, self.keys.top_k, "experts per token (top-k)"), "top-k")

@@ -10,33 +10,66 @@ in ``_FAMILY_OVERRIDES`` with the reason.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 # Sizes applied wherever the config class has the key.
 _SIZES: dict[str, Any] = {
-    "vocab_size": 320, "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
-    "shared_expert_intermediate_size": 48, "moe_shared_expert_intermediate_size": 48,
-    "shared_intermediate_size": 48, "dense_intermediate_size": 96, "ffn_hidden_size": 96,
-    "expert_ffn_hidden_size": 32, "intermediate_size_mlp": 96, "share_expert_dim": 48,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-    "max_position_embeddings": 256, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
-    "qk_nope_head_dim": 8, "v_head_dim": 16, "qk_head_dim": 16,
-    "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 8,
-    "linear_value_head_dim": 8, "linear_conv_kernel_dim": 4,
-    "mamba_d_state": 8, "mamba_d_conv": 4, "mamba_expand": 2, "mamba_dt_rank": 4,
-    "mamba_n_heads": 4, "mamba_d_head": 32, "mamba_n_groups": 1, "mamba_chunk_size": 16,
-    "ssm_state_size": 8, "mamba_num_heads": 4, "mamba_head_dim": 32, "n_groups": 1,
-    "chunk_size": 16, "conv_kernel": 4,
-    "router_hidden_size": 32, "moe_hidden_size": 64,
-    "index_n_heads": 2, "index_head_dim": 16, "index_topk": 8,
-    "sliding_window": 16, "attention_chunk_size": 16,
+    "vocab_size": 320,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 48,
+    "moe_shared_expert_intermediate_size": 48,
+    "shared_intermediate_size": 48,
+    "dense_intermediate_size": 96,
+    "ffn_hidden_size": 96,
+    "expert_ffn_hidden_size": 32,
+    "intermediate_size_mlp": 96,
+    "share_expert_dim": 48,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 256,
+    "kv_lora_rank": 16,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 16,
+    "qk_head_dim": 16,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 8,
+    "linear_value_head_dim": 8,
+    "linear_conv_kernel_dim": 4,
+    "mamba_d_state": 8,
+    "mamba_d_conv": 4,
+    "mamba_expand": 2,
+    "mamba_dt_rank": 4,
+    "mamba_n_heads": 4,
+    "mamba_d_head": 32,
+    "mamba_n_groups": 1,
+    "mamba_chunk_size": 16,
+    "ssm_state_size": 8,
+    "mamba_num_heads": 4,
+    "mamba_head_dim": 32,
+    "n_groups": 1,
+    "chunk_size": 16,
+    "conv_kernel": 4,
+    "router_hidden_size": 32,
+    "moe_hidden_size": 64,
+    "index_n_heads": 2,
+    "index_head_dim": 16,
+    "index_topk": 8,
+    "sliding_window": 16,
+    "attention_chunk_size": 16,
     "num_nextn_predict_layers": 0,
-    "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "pad_token_id": 2,
 }
 # Experts and top-k: enough experts for group routing (2 groups of 4), top-2.
 _EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-_TOPK_KEYS = ("num_experts_per_tok", "moe_topk", "moe_k", "num_experts_per_token", "moe_top_k",
-              "top_k_experts")
+_TOPK_KEYS = ("num_experts_per_tok", "moe_topk", "moe_k", "num_experts_per_token", "moe_top_k", "top_k_experts")
 _LORA_KEYS = ("q_lora_rank",)
 
 # Values a family's config validator insists on, beyond the generic sizes (with the reason).
@@ -54,9 +87,14 @@ _FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
     "step3p5": {"sliding_window": 16},
     # DbrxConfig() defaults cannot build a model: attn_config lacks rope_theta and clip_qkv=None
     # crashes clamp; real checkpoints carry both.
-    "dbrx": {"d_model": 64, "n_heads": 4, "n_layers": 2, "max_seq_len": 256,
-             "ffn_config": {"ffn_hidden_size": 32, "moe_num_experts": 8, "moe_top_k": 2},
-             "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0}},
+    "dbrx": {
+        "d_model": 64,
+        "n_heads": 4,
+        "n_layers": 2,
+        "max_seq_len": 256,
+        "ffn_config": {"ffn_hidden_size": 32, "moe_num_experts": 8, "moe_top_k": 2},
+        "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+    },
 }
 
 
@@ -71,16 +109,18 @@ def _resample(values: list, n: int) -> list:
     if len(distinct) <= 1:
         return [values[0]] * n
     # keep the original order of the first n entries, then force in the kinds that are missing
-    out = list(values[:n]) if n <= len(values) else \
-        [values[i * len(values) // n] for i in range(n)]  # stretched to a deeper stack
+    out = (
+        list(values[:n]) if n <= len(values) else [values[i * len(values) // n] for i in range(n)]
+    )  # stretched to a deeper stack
     missing = [k for k in distinct if k not in {str(v) for v in out}]
     for slot, kind in zip(range(n - 1, -1, -1), missing, strict=False):
         out[slot] = by_str[kind]
     return out
 
 
-def tiny_config_dict(config_class, base: Mapping[str, Any] | None = None,
-                     num_layers: int | None = None) -> dict[str, Any]:
+def tiny_config_dict(
+    config_class, base: Mapping[str, Any] | None = None, num_layers: int | None = None
+) -> dict[str, Any]:
     """Keyword arguments for a tiny instance of ``config_class``.
 
     ``base`` (a real config's dict) keeps its routing switches; without it the class defaults
@@ -104,11 +144,11 @@ def tiny_config_dict(config_class, base: Mapping[str, Any] | None = None,
     for key in _LORA_KEYS:
         if key in known:
             out[key] = 16
-    if "qk_rope_head_dim" in known:            # MLA: the rotary part sets head_dim
+    if "qk_rope_head_dim" in known:  # MLA: the rotary part sets head_dim
         rope = source.get("rope_parameters") or {}
         partial = float(rope.get("partial_rotary_factor", 1.0)) if isinstance(rope, dict) else 1.0
         out["head_dim"] = int(out["qk_rope_head_dim"] / partial)
-    if "kv_lora_rank" in known:                # MLA: one key/value head per query head
+    if "kv_lora_rank" in known:  # MLA: one key/value head per query head
         out["num_key_value_heads"] = out["num_attention_heads"]
     for key in ("n_group", "num_expert_group"):
         if key in known and isinstance(source.get(key), int) and source[key] > 1:
@@ -121,15 +161,21 @@ def tiny_config_dict(config_class, base: Mapping[str, Any] | None = None,
         out["moe_layer_start_index"] = min(int(source.get("moe_layer_start_index") or 0), 1)
         out["moe_layer_end_index"] = -1 if source.get("moe_layer_end_index") == -1 else 3
     old_layers = source.get("num_hidden_layers")
-    hybrid = any(isinstance(v, list) and old_layers and len(v) == old_layers and
-                 len({str(x) for x in v}) > 1 for v in source.values())
+    hybrid = any(
+        isinstance(v, list) and old_layers and len(v) == old_layers and len({str(x) for x in v}) > 1
+        for v in source.values()
+    )
     n = num_layers or (4 if hybrid else 2)
     if "num_hidden_layers" in known:
         out["num_hidden_layers"] = n
     if isinstance(old_layers, int):
         for key, value in source.items():
-            if isinstance(value, list) and len(value) == old_layers and value and \
-                    (isinstance(value[0], (str, bool)) or value[0] is None):
+            if (
+                isinstance(value, list)
+                and len(value) == old_layers
+                and value
+                and (isinstance(value[0], (str, bool)) or value[0] is None)
+            ):
                 out[key] = _resample(value, n)
     if "mlp_only_layers" in known and source.get("mlp_only_layers"):
         out["mlp_only_layers"] = [i for i in source["mlp_only_layers"] if i < n][:1]
@@ -154,6 +200,12 @@ def tiny_config(config_class, base: Mapping[str, Any] | None = None, num_layers:
     """A tiny instance of ``config_class`` (see :func:`tiny_config_dict`)."""
     kwargs = tiny_config_dict(config_class, base, num_layers)
     if base is not None:
-        kwargs = {**{k: v for k, v in base.items() if k not in ("architectures", "transformers_version",
-                                                                "model_type", "auto_map")}, **kwargs}
+        kwargs = {
+            **{
+                k: v
+                for k, v in base.items()
+                if k not in ("architectures", "transformers_version", "model_type", "auto_map")
+            },
+            **kwargs,
+        }
     return config_class(**kwargs)

@@ -62,6 +62,8 @@ class RunInterrupted(MoEUtilsError, KeyboardInterrupt):
 
 class OutputFolderError(MoEUtilsError, OSError):
     """The output folder cannot be written (read-only, full, or not a folder)."""
+
+
 class NonFiniteError(MoEUtilsError, ValueError):
     """A weight or activation an analysis uses holds NaN or infinity.
 
@@ -69,12 +71,14 @@ class NonFiniteError(MoEUtilsError, ValueError):
     tensor) and ``tensor`` say where; ``n_nan`` / ``n_inf`` count the offending entries.
     """
 
-    def __init__(self, layer: int | None, expert: int | str | None, tensor: str, n_nan: int, n_inf: int,
-                 hint: str = ""):
+    def __init__(
+        self, layer: int | None, expert: int | str | None, tensor: str, n_nan: int, n_inf: int, hint: str = ""
+    ):
         self.layer, self.expert, self.tensor, self.n_nan, self.n_inf = layer, expert, tensor, n_nan, n_inf
         where = f"layer {layer}" if layer is not None else "the model"
         who = "" if expert is None else (f", expert {expert}" if isinstance(expert, int) else f", {expert}")
         super().__init__(
             f"{where}{who}: {tensor} has {n_nan} NaN and {n_inf} infinite value(s); the numbers computed from it "
             f"would be meaningless. Check the checkpoint (a corrupt shard, an overflow when converting to a "
-            f"smaller dtype){hint}.")
+            f"smaller dtype){hint}."
+        )

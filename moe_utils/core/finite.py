@@ -42,8 +42,7 @@ def is_finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
-def check_finite(t: Tensor | None, layer: int | None, expert: int | str | None, tensor: str,
-                 hint: str = "") -> None:
+def check_finite(t: Tensor | None, layer: int | None, expert: int | str | None, tensor: str, hint: str = "") -> None:
     """Raise :class:`NonFiniteError` if ``t`` holds NaN or infinity (``None`` passes)."""
     if t is not None and not is_finite(t):
         raise NonFiniteError(layer, expert, tensor, *nonfinite_counts(t), hint=hint)
@@ -63,8 +62,9 @@ class ScreenedSource:
 
     def record(self, err: NonFiniteError) -> None:
         """Remember one excluded tensor."""
-        self.excluded.append({"layer": err.layer, "expert": err.expert, "tensor": err.tensor,
-                              "n_nan": err.n_nan, "n_inf": err.n_inf})
+        self.excluded.append(
+            {"layer": err.layer, "expert": err.expert, "tensor": err.tensor, "n_nan": err.n_nan, "n_inf": err.n_inf}
+        )
 
 
 def unwrap(source: Any) -> tuple[Any, ScreenedSource | None]:

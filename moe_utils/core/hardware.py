@@ -27,16 +27,16 @@ class ModelShape:
     layers: int
     moe_layers: int
     hidden: int
-    intermediate: int          # per routed expert
+    intermediate: int  # per routed expert
     experts: int
     top_k: int
     vocab: int
     heads: int
     kv_heads: int
-    shared_intermediate: int = 0     # all shared experts together
-    dense_intermediate: int = 0      # FFN width of the dense (non-MoE) layers
+    shared_intermediate: int = 0  # all shared experts together
+    dense_intermediate: int = 0  # FFN width of the dense (non-MoE) layers
     tied_embeddings: bool = False
-    reordered_layers: int = 8        # layers the paper reorders (Table 2 uses 8 Mixtral layers)
+    reordered_layers: int = 8  # layers the paper reorders (Table 2 uses 8 Mixtral layers)
 
     @property
     def head_dim(self) -> int:
@@ -48,8 +48,9 @@ class ModelShape:
     def layer_params(self, moe: bool = True) -> int:
         attn = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
         if moe:
-            mlp = self.expert_params_per_layer() + 3 * self.hidden * self.shared_intermediate + \
-                self.experts * self.hidden
+            mlp = (
+                self.expert_params_per_layer() + 3 * self.hidden * self.shared_intermediate + self.experts * self.hidden
+            )
         else:
             mlp = 3 * self.hidden * self.dense_intermediate
         return attn + mlp + 2 * self.hidden
@@ -74,8 +75,20 @@ class ModelShape:
 PAPER_MODEL_SHAPES: dict[str, ModelShape] = {
     "Mixtral 8x7B": ModelShape("Mixtral 8x7B", 32, 32, 4096, 14336, 8, 2, 32000, 32, 8),
     "Mixtral 8x22B": ModelShape("Mixtral 8x22B", 56, 56, 6144, 16384, 8, 2, 32000, 48, 8),
-    "DeepSeekMoE 16B": ModelShape("DeepSeekMoE 16B", 28, 27, 2048, 1408, 64, 6, 102400, 16, 16,
-                                  shared_intermediate=2 * 1408, dense_intermediate=10944),
+    "DeepSeekMoE 16B": ModelShape(
+        "DeepSeekMoE 16B",
+        28,
+        27,
+        2048,
+        1408,
+        64,
+        6,
+        102400,
+        16,
+        16,
+        shared_intermediate=2 * 1408,
+        dense_intermediate=10944,
+    ),
     "Grok-1": ModelShape("Grok-1", 64, 64, 6144, 32768, 8, 2, 131072, 48, 8, tied_embeddings=True),
 }
 #: The paper's dense "F" for Mixtral 8x7B.
@@ -88,15 +101,15 @@ DENSE_BASELINES = {"Mixtral 8x7B": MISTRAL_7B}
 class Measured:
     """Rates from one benchmark run (see ``benchmarks/results/``)."""
 
-    obs1_seconds_per_expert_byte: float      # weight_report without reordering, cold
-    obs1_peak_over_layer: float              # its peak RSS / one layer's expert bytes
-    pair_seconds: float                      # seconds per reordered pair at the reference width (throughput)
-    pair_width: tuple[int, int]              # (I, H) of that pair
-    workers: int                             # processes the pairs were spread over (for memory)
-    dynamic_seconds_per_layer: dict[str, float]   # notebook -> seconds for one layer at the reference width
-    dynamic_excess_bytes: dict[str, float]   # notebook -> peak RSS minus the weights, at the reference width
+    obs1_seconds_per_expert_byte: float  # weight_report without reordering, cold
+    obs1_peak_over_layer: float  # its peak RSS / one layer's expert bytes
+    pair_seconds: float  # seconds per reordered pair at the reference width (throughput)
+    pair_width: tuple[int, int]  # (I, H) of that pair
+    workers: int  # processes the pairs were spread over (for memory)
+    dynamic_seconds_per_layer: dict[str, float]  # notebook -> seconds for one layer at the reference width
+    dynamic_excess_bytes: dict[str, float]  # notebook -> peak RSS minus the weights, at the reference width
     # (notebooks missing from these two: CPU time not projected, CPU memory = weights + activations)
-    reference: tuple[int, int, int] = (8, 4096, 14336)   # (E, H, I) of the dynamic benchmark
+    reference: tuple[int, int, int] = (8, 4096, 14336)  # (E, H, I) of the dynamic benchmark
 
 
 def project(shape: ModelShape, m: Measured) -> list[dict]:
@@ -107,32 +120,50 @@ def project(shape: ModelShape, m: Measured) -> list[dict]:
     dense_layer = 3 * dense.hidden * dense.dense_intermediate * 2 if dense else 0
     rows = []
     t_obs1 = m.obs1_seconds_per_expert_byte * layer_bytes * shape.moe_layers
-    rows.append({"model": shape.name, "notebook": "obs1 (no reordering)", "cpu_hours": t_obs1 / 3600,
-                 "cpu_peak_gb": (m.obs1_peak_over_layer * layer_bytes + dense_layer) / 1e9,
-                 "gpu_memory_gb": None, "note": "weights streamed layer by layer; a GPU does not help"})
+    rows.append(
+        {
+            "model": shape.name,
+            "notebook": "obs1 (no reordering)",
+            "cpu_hours": t_obs1 / 3600,
+            "cpu_peak_gb": (m.obs1_peak_over_layer * layer_bytes + dense_layer) / 1e9,
+            "gpu_memory_gb": None,
+            "note": "weights streamed layer by layer; a GPU does not help",
+        }
+    )
     i, h = shape.intermediate, shape.hidden
     pi, ph = m.pair_width
     pair = m.pair_seconds * max((i / pi) ** 3, (i / pi) ** 2 * (h / ph))
     pairs = shape.reorder_pairs_per_layer(with_dense=dense is not None) * shape.reordered_layers
     worker_bytes = 8 * i * i + 16 * i * h
-    rows.append({"model": shape.name, "notebook": f"obs1 reordering ({shape.reordered_layers} layers)",
-                 "cpu_hours": pair * pairs / 3600,
-                 "cpu_peak_gb": (layer_bytes + m.workers * worker_bytes) / 1e9, "gpu_memory_gb": None,
-                 "note": f"{pairs} pairs, {pair:.0f} s each, {m.workers} workers of "
-                         f"{worker_bytes / 1e9:.1f} GB"})
+    rows.append(
+        {
+            "model": shape.name,
+            "notebook": f"obs1 reordering ({shape.reordered_layers} layers)",
+            "cpu_hours": pair * pairs / 3600,
+            "cpu_peak_gb": (layer_bytes + m.workers * worker_bytes) / 1e9,
+            "gpu_memory_gb": None,
+            "note": f"{pairs} pairs, {pair:.0f} s each, {m.workers} workers of {worker_bytes / 1e9:.1f} GB",
+        }
+    )
     scale = (shape.experts * h * i) / (e0 * h0 * i0)
     tokens = 1100
-    activations = (shape.moe_layers * tokens * h * 4 * 2            # captured inputs and outputs, fp32
-                   + tokens * (shape.experts + 2) * h * 4              # all experts' outputs of one layer
-                   + tokens * i * 4 * 2                                # one expert's hidden state
-                   + tokens * tokens * shape.heads * 2)                # eager attention scores of one layer
+    activations = (
+        shape.moe_layers * tokens * h * 4 * 2  # captured inputs and outputs, fp32
+        + tokens * (shape.experts + 2) * h * 4  # all experts' outputs of one layer
+        + tokens * i * 4 * 2  # one expert's hidden state
+        + tokens * tokens * shape.heads * 2
+    )  # eager attention scores of one layer
     for name in ("obs2_router_norms", "obs3_depth_diversity"):
         seconds = m.dynamic_seconds_per_layer.get(name)
         excess = m.dynamic_excess_bytes.get(name, activations)
-        rows.append({"model": shape.name, "notebook": name,
-                     "cpu_hours": None if seconds is None else seconds * scale * shape.moe_layers / 3600,
-                     "cpu_peak_gb": (shape.weight_bytes() + excess * (scale if name in m.dynamic_excess_bytes else 1))
-                     / 1e9,
-                     "gpu_memory_gb": (shape.weight_bytes() + activations) / 1e9,
-                     "note": "whole model in memory (or offloaded); all experts on every token"})
+        rows.append(
+            {
+                "model": shape.name,
+                "notebook": name,
+                "cpu_hours": None if seconds is None else seconds * scale * shape.moe_layers / 3600,
+                "cpu_peak_gb": (shape.weight_bytes() + excess * (scale if name in m.dynamic_excess_bytes else 1)) / 1e9,
+                "gpu_memory_gb": (shape.weight_bytes() + activations) / 1e9,
+                "note": "whole model in memory (or offloaded); all experts on every token",
+            }
+        )
     return rows

@@ -16,8 +16,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from moe_utils.core.background import beside
 

@@ -36,7 +36,7 @@ def model_slug(model: str | os.PathLike[str], revision: str | None = None) -> st
         digest = hashlib.sha256(os.fsencode(where)).hexdigest()[:8]
         slug = f"{_clean(where.name) or 'model'}-{digest}"
     elif text.startswith("zoo:"):
-        slug = text[len("zoo:"):]
+        slug = text[len("zoo:") :]
     else:
         slug = text.replace("/", "--").replace(":", "-")
     if revision:

@@ -12,8 +12,8 @@ from pathlib import Path
 from moe_utils.core.errors import CheckpointError
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
-ZOO_MODELS_DIR = PACKAGE_DIR / "zoo" / "models"        # the shipped model organisms
-ZOO_STUDY_DIR = PACKAGE_DIR / "zoo" / "study"          # shipped results of the organism study
+ZOO_MODELS_DIR = PACKAGE_DIR / "zoo" / "models"  # the shipped model organisms
+ZOO_STUDY_DIR = PACKAGE_DIR / "zoo" / "study"  # shipped results of the organism study
 INPUTS_DATA_DIR = PACKAGE_DIR / "inputs_data"
 LONG_HELDOUT_FILE = INPUTS_DATA_DIR / "long_heldout.txt"
 # The notebooks of a source checkout (next to the package; absent from an installed wheel).
@@ -28,8 +28,9 @@ ZOO_MODELS: tuple[str, ...] = ("tiny-dense", "tiny-moe-upcycled", "tiny-moe-scra
 def cache_dir() -> Path:
     """The package's cache folder: ``$MOE_UTILS_CACHE``, else ``moe_utils`` in ``$XDG_CACHE_HOME``
     (default ``~/.cache``). Read when called, so a changed environment takes effect."""
-    return Path(os.environ.get(CACHE_ENV)
-                or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moe_utils")
+    return Path(
+        os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moe_utils"
+    )
 
 
 def zoo_dir() -> Path:
@@ -46,8 +47,7 @@ def zoo_path(name: str) -> Path:
     key = name[4:] if name.startswith("zoo:") else name
     if key not in ZOO_MODELS:
         raise CheckpointError(
-            f"unknown zoo model {name!r}; the zoo holds: {', '.join(ZOO_MODELS)} "
-            f"(use e.g. 'zoo:{ZOO_MODELS[1]}')"
+            f"unknown zoo model {name!r}; the zoo holds: {', '.join(ZOO_MODELS)} (use e.g. 'zoo:{ZOO_MODELS[1]}')"
         )
     path = ZOO_MODELS_DIR / key
     if not (path / "model.safetensors").exists():

@@ -12,8 +12,9 @@ import contextlib
 import os
 import sys
 import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator
+from typing import IO, Any
 
 from tqdm.auto import tqdm as _auto_tqdm
 from tqdm.std import tqdm as _std_tqdm
@@ -33,14 +34,25 @@ class _FileBar(_std_tqdm):
             fp.close()
 
 
-def progress(iterable: Iterable | None = None, total: int | None = None, desc: str | None = None,
-             unit: str = "it", **kwargs: Any) -> _std_tqdm:
+def progress(
+    iterable: Iterable | None = None, total: int | None = None, desc: str | None = None, unit: str = "it", **kwargs: Any
+) -> _std_tqdm:
     """A tqdm bar: into the file named by ``MOE_BOOK_PROGRESS`` when set, else the usual one."""
     path = os.environ.get(PROGRESS_ENV)
     if path:
         fp = open(path, "a", buffering=1, encoding="utf-8")
-        bar = _FileBar(iterable, total=total, desc=desc, unit=unit, file=fp, disable=False, ascii=True,
-                       ncols=100, mininterval=1.0, **kwargs)
+        bar = _FileBar(
+            iterable,
+            total=total,
+            desc=desc,
+            unit=unit,
+            file=fp,
+            disable=False,
+            ascii=True,
+            ncols=100,
+            mininterval=1.0,
+            **kwargs,
+        )
         bar._owned_file = fp
         return bar
     return _auto_tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, **kwargs)

@@ -9,7 +9,7 @@ intermediate activations; only the requested result is ever fully materialised.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -61,8 +61,13 @@ def expert_outputs(weights: MoELayerWeights, x: Tensor, chunk_tokens: int = 1024
     return out
 
 
-def expert_intermediates(weights: MoELayerWeights, x: Tensor, chunk_tokens: int = 1024,
-                         experts: Sequence[int] | None = None, max_neurons: int | None = None) -> Tensor:
+def expert_intermediates(
+    weights: MoELayerWeights,
+    x: Tensor,
+    chunk_tokens: int = 1024,
+    experts: Sequence[int] | None = None,
+    max_neurons: int | None = None,
+) -> Tensor:
     """Activations act(W_act x) on every token: [N, len(experts), I'] (float32, CPU).
 
     ``experts`` (default: all) and ``max_neurons`` (default: all I, else the first ones) bound the
@@ -83,15 +88,17 @@ def expert_intermediates(weights: MoELayerWeights, x: Tensor, chunk_tokens: int 
     return out
 
 
-def iter_expert_intermediates(weights: MoELayerWeights, x: Tensor,
-                              chunk_tokens: int = 1024) -> Iterator[tuple[int, Tensor]]:
+def iter_expert_intermediates(
+    weights: MoELayerWeights, x: Tensor, chunk_tokens: int = 1024
+) -> Iterator[tuple[int, Tensor]]:
     """``(expert, act(W_act x) [N, I])`` one expert at a time (float32, CPU)."""
     for e in range(weights.num_experts):
         yield e, expert_intermediates(weights, x, chunk_tokens, experts=[e])[:, 0]
 
 
-def apply_experts(weights: MoELayerWeights, x: Tensor, index: Tensor, weight: Tensor,
-                  scale_input: bool = False) -> Tensor:
+def apply_experts(
+    weights: MoELayerWeights, x: Tensor, index: Tensor, weight: Tensor, scale_input: bool = False
+) -> Tensor:
     """Routed output ``sum_k weight_k * expert_{index_k}(x)`` [N,H] (or ``expert(weight_k*x)``).
 
     Only the selected (token, expert) pairs are computed, like the model does.
@@ -151,4 +158,3 @@ def shared_expert_output(weights: MoELayerWeights, x: Tensor) -> Tensor | None:
     if weights.shared_gate is not None:
         out = torch.sigmoid(x.float() @ weights.shared_gate.float().cpu().T) * out
     return out
-

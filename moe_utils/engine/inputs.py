@@ -25,9 +25,10 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -121,9 +122,7 @@ def _decode(tokenizer: Any, ids: list[int], fallback: str) -> str:
         return fallback
 
 
-def _tokenize(
-    texts: Iterable[str], tokenizer: Any, max_tokens: int | None, add_bos: bool, name: str
-) -> Inputs:
+def _tokenize(texts: Iterable[str], tokenizer: Any, max_tokens: int | None, add_bos: bool, name: str) -> Inputs:
     bos = getattr(tokenizer, "bos_token_id", None) if add_bos else None
     prefix = [int(bos)] if bos is not None else []
     seqs: list[list[int]] = []
@@ -222,12 +221,12 @@ def _hf_texts(spec: str) -> Iterator[str]:
     except ImportError as exc:
         raise OfflineError(
             f"inputs {spec!r} need the optional 'datasets' package, which is not installed. Install it with "
-            f"`pip install \"moe-utils[datasets]\"` (or `pip install datasets`), or save the texts to a file "
+            f'`pip install "moe-utils[datasets]"` (or `pip install datasets`), or save the texts to a file '
             f"(paragraphs separated by blank lines) and pass its path."
         ) from exc
     try:
         data = datasets.load_dataset(ds_name, config, split=split)
-    except Exception as exc:  # noqa: BLE001 - classified below
+    except Exception as exc:
         offline = isinstance(exc, (ConnectionError, TimeoutError, OSError)) or _OFFLINE_HINT.search(
             f"{type(exc).__name__} {exc}"
         )
@@ -360,11 +359,13 @@ def fit_context(inputs: Inputs, max_len: int, bos_id: int | None = None) -> Inpu
         body = seq[1:] if has_bos else list(seq)
         step = max_len - 1 if has_bos else max_len
         for start in range(0, len(body), step):
-            window = body[start:start + step]
+            window = body[start : start + step]
             out_seqs.append(([bos_id] if has_bos else []) + window)
             out_texts.append(text if start == 0 else "")
     if not split:
         return inputs
-    note = (f"{split} sequence(s) longer than the model's context of {max_len} tokens were split into windows; "
-            + inputs.note).strip()
+    note = (
+        f"{split} sequence(s) longer than the model's context of {max_len} tokens were split into windows; "
+        + inputs.note
+    ).strip()
     return replace(inputs, sequences=out_seqs, texts=out_texts, note=note)

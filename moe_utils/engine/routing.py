@@ -42,8 +42,7 @@ def _sparsemixer(logits: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return torch.cat([w1, w2], dim=-1), torch.cat([idx1, idx2], dim=-1)
 
 
-def route(logits: Tensor, params: RouteParams,
-          correction_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def route(logits: Tensor, params: RouteParams, correction_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Top-k weights [N,k] and expert indices [N,k] that the model computes from ``logits`` [N,E].
 
     ``correction_bias`` [E] (DeepSeek-V3-style) shifts the scores used for the choice only.
@@ -54,26 +53,31 @@ def route(logits: Tensor, params: RouteParams,
         scores = torch.softmax(logits, dim=-1)
         if params.group:
             scores = scores.masked_fill(~_group_mask(scores, params), 0.0)
-        if correction_bias is not None:   # ERNIE-4.5: the bias shifts the choice only
+        if correction_bias is not None:  # ERNIE-4.5: the bias shifts the choice only
             choice = scores + correction_bias.float().reshape(-1).to(scores.device)
             index = torch.topk(choice, k, dim=-1).indices
             weight = scores.gather(1, index)
         else:
             weight, index = torch.topk(scores, k, dim=-1)
         if params.renormalize:
-            denom = weight.norm(p=params.norm_p, dim=-1, keepdim=True) if params.norm_p != 1.0 \
+            denom = (
+                weight.norm(p=params.norm_p, dim=-1, keepdim=True)
+                if params.norm_p != 1.0
                 else weight.sum(dim=-1, keepdim=True)
+            )
             weight = weight / (denom + params.renorm_eps)
         return weight * params.scale, index
     if params.method == "topk_softmax":
         top, index = torch.topk(logits, k, dim=-1)
         return torch.softmax(top, dim=-1), index
     if params.method in ("sigmoid_topk", "sqrtsoftplus_topk"):
-        scores = (torch.sigmoid(logits) if params.method == "sigmoid_topk"
-                  else torch.sqrt(torch.nn.functional.softplus(logits)))
-        base = logits if params.bias_on_logits else scores   # Kolibri adds it to the logits
-        choice = scores if correction_bias is None else \
-            base + correction_bias.float().reshape(-1).to(scores.device)
+        scores = (
+            torch.sigmoid(logits)
+            if params.method == "sigmoid_topk"
+            else torch.sqrt(torch.nn.functional.softplus(logits))
+        )
+        base = logits if params.bias_on_logits else scores  # Kolibri adds it to the logits
+        choice = scores if correction_bias is None else base + correction_bias.float().reshape(-1).to(scores.device)
         if params.group:
             choice = choice.masked_fill(~_group_mask(choice, params), float("-inf"))
         index = torch.topk(choice, k, dim=-1).indices

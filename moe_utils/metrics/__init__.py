@@ -7,6 +7,8 @@ Modules: ``similarity`` (cosine / angular, matrix level), ``neurons`` (averaging
 ``stats`` (confidence intervals).
 """
 
+import types as _types
+
 from .activations import ACTIVE_THRESHOLD, ActivationRatios, activation_ratio
 from .depth import LastLayerOutlier, last_layer_outlier, mean_offdiagonal, per_layer_summary, reference_similarity
 from .gate_correlation import (
@@ -63,8 +65,6 @@ from .similarity import (
     stack_with_reference,
 )
 from .stats import MeanCI, bootstrap_mean_ci, bootstrap_ratio_ci, wilson_interval, z_value
-
-import types as _types
 
 __all__ = sorted(
     name for name, obj in globals().items() if not name.startswith("_") and not isinstance(obj, _types.ModuleType)

@@ -28,9 +28,7 @@ def to_numpy(x: ArrayLike, dtype: Any = np.float64) -> np.ndarray:
         if dtype is not None:
             if np.dtype(dtype) == np.float64:
                 t = t.to(torch.float64)
-            elif np.dtype(dtype) == np.float32:
-                t = t.to(torch.float32)
-            elif t.dtype in (torch.bfloat16, torch.float16):
+            elif np.dtype(dtype) == np.float32 or t.dtype in (torch.bfloat16, torch.float16):
                 t = t.to(torch.float32)
         elif t.dtype in (torch.bfloat16,):
             t = t.to(torch.float32)

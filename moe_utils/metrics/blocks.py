@@ -19,7 +19,7 @@ transpose.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -107,7 +107,7 @@ def neuron_rows(matrix: ArrayLike, axis: int, start: int, stop: int) -> np.ndarr
     step = block_size(width, 1)
     for a in range(start, stop, step):
         b = min(stop, a + step)
-        out[a - start:b - start].copy_(torch.from_numpy(reader.rows(matrix, 1, a, b)))
+        out[a - start : b - start].copy_(torch.from_numpy(reader.rows(matrix, 1, a, b)))
     return out.numpy()
 
 
@@ -116,8 +116,9 @@ def block_size(features: int, items: int = 1, block_elements: int = BLOCK_ELEMEN
     return max(1, int(block_elements) // max(1, int(features) * int(items)))
 
 
-def neuron_blocks(matrix: ArrayLike, axis: int, block_elements: int = BLOCK_ELEMENTS,
-                  reader: BlockReader | None = None) -> Iterator[tuple[int, np.ndarray]]:
+def neuron_blocks(
+    matrix: ArrayLike, axis: int, block_elements: int = BLOCK_ELEMENTS, reader: BlockReader | None = None
+) -> Iterator[tuple[int, np.ndarray]]:
     """``(first neuron, float32 [n, H])`` blocks covering every neuron of one matrix in order.
 
     The blocks are views into ``reader``'s buffer (one per call when not given), valid until the

@@ -7,8 +7,8 @@ layer(s). ``last_layer_outlier`` turns this into numbers for any sequence of per
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd

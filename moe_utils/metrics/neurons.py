@@ -22,9 +22,9 @@ given. For a stack ``[E, I, H]`` / ``[E, H, I]`` the kinds map to axis 1 / 2; fo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import combinations
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -33,7 +33,7 @@ from scipy.stats import kendalltau
 
 from ._arrays import ArrayLike, to_numpy
 from .blocks import BLOCK_ELEMENTS, block_size, neuron_blocks, neuron_rows
-from .similarity import cosine_between, cosine_matrix
+from .similarity import cosine_matrix
 
 _ROW_KINDS = {"up", "act", "w_up", "w_act", "gate", "w_gate", "gate_proj", "up_proj"}
 _COL_KINDS = {"down", "w_down", "down_proj"}
@@ -48,9 +48,7 @@ def resolve_neuron_axis(neuron_axis: int | str, ndim: int) -> int:
         elif key in _COL_KINDS:
             base = 1
         else:
-            raise ValueError(
-                f"unknown matrix kind {neuron_axis!r}; use 'up', 'act' or 'down', or an integer axis"
-            )
+            raise ValueError(f"unknown matrix kind {neuron_axis!r}; use 'up', 'act' or 'down', or an integer axis")
         if ndim not in (2, 3):
             raise ValueError(f"expected a matrix [I, H] or a stack [E, I, H]; got {ndim} dims")
         return base + (ndim - 2)
@@ -94,9 +92,7 @@ def _block_mean(matrix: ArrayLike, axis: int) -> np.ndarray:
     return total / int(matrix.shape[axis])
 
 
-def neuron_level_similarity(
-    w: ArrayLike, neuron_axis: int | str, extra: ArrayLike | None = None
-) -> np.ndarray:
+def neuron_level_similarity(w: ArrayLike, neuron_axis: int | str, extra: ArrayLike | None = None) -> np.ndarray:
     """Cosine similarity of neuron-averaged experts (App. D, Fig. 8) -> ``[E, E]``.
 
     ``extra`` is an optional single matrix (the dense FFN "F", or a shared expert, whose neuron count
@@ -142,28 +138,26 @@ def _row_norms(x: np.ndarray) -> np.ndarray:
     return np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
 
 
-def _cosine_cost(an: np.ndarray, bn: np.ndarray, negate: bool,
-                 block_elements: int = BLOCK_ELEMENTS) -> np.ndarray:
+def _cosine_cost(an: np.ndarray, bn: np.ndarray, negate: bool, block_elements: int = BLOCK_ELEMENTS) -> np.ndarray:
     """``an @ bn.T`` (clipped to [-1, 1], negated if asked) into a float64 matrix, by row blocks."""
     out = np.empty((an.shape[0], bn.shape[0]), dtype=np.float64)
     step = block_size(bn.shape[0], 1, block_elements)
     for r in range(0, an.shape[0], step):
-        block = out[r:r + step]
-        block[...] = an[r:r + step] @ bn.T
+        block = out[r : r + step]
+        block[...] = an[r : r + step] @ bn.T
         np.clip(block, -1.0, 1.0, out=block)
         if negate:
             np.negative(block, out=block)
     return out
 
 
-def _row_dot(a: np.ndarray, b: np.ndarray, perm: np.ndarray | None = None,
-             weights: np.ndarray | None = None) -> float:
+def _row_dot(a: np.ndarray, b: np.ndarray, perm: np.ndarray | None = None, weights: np.ndarray | None = None) -> float:
     """``sum_i w_i <a_i, b_perm(i)>`` in float64 (``w_i = 1`` by default), by blocks."""
     total, step = 0.0, block_size(a.shape[1])
     for r in range(0, a.shape[0], step):
-        bb = b[r:r + step] if perm is None else b[perm[r:r + step]]
-        per_row = np.einsum("ij,ij->i", a[r:r + step], bb, dtype=np.float64)
-        total += float(per_row.sum() if weights is None else per_row @ weights[r:r + step])
+        bb = b[r : r + step] if perm is None else b[perm[r : r + step]]
+        per_row = np.einsum("ij,ij->i", a[r : r + step], bb, dtype=np.float64)
+        total += float(per_row.sum() if weights is None else per_row @ weights[r : r + step])
     return total
 
 

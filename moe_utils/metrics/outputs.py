@@ -22,7 +22,7 @@ def _cos_batch(x: np.ndarray) -> np.ndarray:
     cos = np.clip(np.einsum("neh,nfh->nef", xn, xn), -1.0, 1.0)
     idx = np.arange(x.shape[1])
     cos[:, idx, idx] = 1.0
-    zero = nrm == 0                                   # [n, E]: undefined direction
+    zero = nrm == 0  # [n, E]: undefined direction
     cos[zero[:, :, None] | zero[:, None, :]] = np.nan
     return cos
 

@@ -23,8 +23,9 @@ the flattened layout is used as is.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -127,10 +128,10 @@ class SketchStart:
 class FlattenedPass:
     """What one pass over same-shaped matrices gives (:func:`flattened_pass`)."""
 
-    gram: np.ndarray                 # [n, n] <W_i, W_j> of the flattened matrices
-    std_gram: np.ndarray             # [n, n] Gram after centring (and scaling) every position across items
-    neuron_sums: np.ndarray          # [n, d] each matrix's sum over its neurons (float64)
-    sketch: SketchStart | None       # the randomized PCA's first pass over all their neurons
+    gram: np.ndarray  # [n, n] <W_i, W_j> of the flattened matrices
+    std_gram: np.ndarray  # [n, n] Gram after centring (and scaling) every position across items
+    neuron_sums: np.ndarray  # [n, d] each matrix's sum over its neurons (float64)
+    sketch: SketchStart | None  # the randomized PCA's first pass over all their neurons
 
 
 def sketch_width(n: int, d: int, k: int, oversample: int = 10) -> int:
@@ -143,16 +144,21 @@ def sketch_matrix(d: int, ell: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((d, ell)).astype(np.float32)
 
 
-def flattened_grams(matrices: Sequence[ArrayLike], axis: int = 0, standardize: bool = True,
-                    block_elements: int = BLOCK_ELEMENTS) -> tuple[np.ndarray, np.ndarray]:
+def flattened_grams(
+    matrices: Sequence[ArrayLike], axis: int = 0, standardize: bool = True, block_elements: int = BLOCK_ELEMENTS
+) -> tuple[np.ndarray, np.ndarray]:
     """The two Gram matrices of :func:`flattened_pass` (raw, standardised), float64 ``[n, n]``."""
     res = flattened_pass(matrices, axis, standardize, block_elements=block_elements)
     return res.gram, res.std_gram
 
 
-def flattened_pass(matrices: Sequence[ArrayLike], axis: int = 0, standardize: bool = True,
-                   omega: np.ndarray | None = None,
-                   block_elements: int = BLOCK_ELEMENTS) -> FlattenedPass:
+def flattened_pass(
+    matrices: Sequence[ArrayLike],
+    axis: int = 0,
+    standardize: bool = True,
+    omega: np.ndarray | None = None,
+    block_elements: int = BLOCK_ELEMENTS,
+) -> FlattenedPass:
     """One pass over same-shaped matrices, each element converted to float32 once, giving: the
     Gram matrix of the flattened matrices (``<W_i, W_j>``, for cosine similarity); the Gram
     matrix of the flattened matrices after centring (and, with ``standardize``, scaling) every
@@ -194,20 +200,20 @@ def flattened_pass(matrices: Sequence[ArrayLike], axis: int = 0, standardize: bo
     with torch.no_grad():
         for a in range(0, total, step):
             b = min(total, a + step)
-            c = buf[:, :(b - a) * width]
-            for i, t in enumerate(tens):            # the stored layout: contiguous runs, no transpose
+            c = buf[:, : (b - a) * width]
+            for i, t in enumerate(tens):  # the stored layout: contiguous runs, no transpose
                 if axis == 0:
                     c[i].view(b - a, width).copy_(t[a:b])
                 else:
                     c[i].view(width, b - a).copy_(t[:, a:b])
             cn = c.numpy()
             raw += cn @ cn.T
-            for i in range(n):                      # neuron rows of item i (a view)
+            for i in range(n):  # neuron rows of item i (a view)
                 x = cn[i].reshape(b - a, width) if axis == 0 else cn[i].reshape(width, b - a).T
                 sums[i] += x.sum(axis=0)
                 if sketch is not None:
                     sketch.s2[:] += np.einsum("ij,ij->j", x, x)
-                    sketch.y[i * total + a:i * total + b] = x @ om
+                    sketch.y[i * total + a : i * total + b] = x @ om
             # per-position mean and spread over the n items, row by row (reductions across the
             # short item axis are slow in torch)
             mean = c[0].clone()
@@ -218,8 +224,8 @@ def flattened_pass(matrices: Sequence[ArrayLike], axis: int = 0, standardize: bo
                 ss = torch.zeros_like(mean)
                 for i in range(n):
                     ss.addcmul_(c[i], c[i])
-                dof = max(n - 1, 1)                                  # sample std (ddof=1), as standardize()
-                c *= ss.masked_fill_(ss == 0, dof).div_(dof).rsqrt_()   # constant positions: scale 1
+                dof = max(n - 1, 1)  # sample std (ddof=1), as standardize()
+                c *= ss.masked_fill_(ss == 0, dof).div_(dof).rsqrt_()  # constant positions: scale 1
             std += cn @ cn.T
     if sketch is not None:
         sketch.s1[:] = sums.sum(axis=0)
@@ -231,10 +237,16 @@ def _orth(y: np.ndarray) -> np.ndarray:
     return q
 
 
-def randomized_neuron_pca(sources: Sequence[tuple[ArrayLike, int]], k: int = 2, standardize: bool = True,
-                          oversample: int = 10, power_iterations: int = 1, seed: int = 0,
-                          block_elements: int = BLOCK_ELEMENTS,
-                          first_pass: SketchStart | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def randomized_neuron_pca(
+    sources: Sequence[tuple[ArrayLike, int]],
+    k: int = 2,
+    standardize: bool = True,
+    oversample: int = 10,
+    power_iterations: int = 1,
+    seed: int = 0,
+    block_elements: int = BLOCK_ELEMENTS,
+    first_pass: SketchStart | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Streamed randomized PCA of the neurons of several matrices, rows in source order.
 
     ``sources`` are ``(matrix, neuron_axis)`` pairs (axis 0: rows are neurons, axis 1: columns).
@@ -280,40 +292,41 @@ def randomized_neuron_pca(sources: Sequence[tuple[ArrayLike, int]], k: int = 2, 
         for r, x in blocks():
             s1 += x.sum(axis=0)
             s2 += np.einsum("ij,ij->j", x, x)
-            y[r:r + len(x)] = x @ omega
+            y[r : r + len(x)] = x @ omega
     else:
         if tuple(first_pass.y.shape) != (n, ell) or tuple(first_pass.s1.shape) != (d,):
-            raise ValueError(f"the given first pass has a sketch of shape {tuple(first_pass.y.shape)}; these "
-                             f"sources need {(n, ell)}")
+            raise ValueError(
+                f"the given first pass has a sketch of shape {tuple(first_pass.y.shape)}; these sources need {(n, ell)}"
+            )
         s1, s2, y = first_pass.s1, first_pass.s2, np.array(first_pass.y, dtype=np.float64)
     mu = s1 / n
-    var = np.clip(s2 / n - mu ** 2, 0.0, None)
-    sd = np.sqrt(var * n / max(n - 1, 1))        # sample std (ddof=1), as standardize()
+    var = np.clip(s2 / n - mu**2, 0.0, None)
+    sd = np.sqrt(var * n / max(n - 1, 1))  # sample std (ddof=1), as standardize()
     scale = np.where(sd > 0, sd, 1.0) if standardize else np.ones(d)
-    y -= (mu @ omega)[None, :]                  # Y = (X - 1 mu^T) Omega = Z diag(scale) Omega
+    y -= (mu @ omega)[None, :]  # Y = (X - 1 mu^T) Omega = Z diag(scale) Omega
     inv = 1.0 / scale
-    total = float(n * np.sum(var / scale ** 2))
+    total = float(n * np.sum(var / scale**2))
 
-    def z_times(m: np.ndarray) -> np.ndarray:          # Z @ m, m [d, ell] -> [n, ell]
+    def z_times(m: np.ndarray) -> np.ndarray:  # Z @ m, m [d, ell] -> [n, ell]
         dm = inv[:, None] * m
         off = mu @ dm
         dm32 = dm.astype(np.float32)
         out = np.empty((n, m.shape[1]))
         for r, x in blocks():
-            out[r:r + len(x)] = x @ dm32
+            out[r : r + len(x)] = x @ dm32
         return out - off[None, :]
 
-    def zt_times(q: np.ndarray) -> np.ndarray:         # Z^T @ q, q [n, ell] -> [d, ell]
+    def zt_times(q: np.ndarray) -> np.ndarray:  # Z^T @ q, q [n, ell] -> [d, ell]
         acc = np.zeros((d, q.shape[1]))
         q32 = q.astype(np.float32)
         for r, x in blocks():
-            acc += x.T @ q32[r:r + len(x)]
+            acc += x.T @ q32[r : r + len(x)]
         return inv[:, None] * (acc - mu[:, None] * q.sum(axis=0)[None, :])
 
     for _ in range(max(0, int(power_iterations))):
         y = z_times(_orth(zt_times(_orth(y))))
     q = _orth(y)
-    b = zt_times(q).T                                   # [ell, d]
+    b = zt_times(q).T  # [ell, d]
     ub, s, _ = np.linalg.svd(b, full_matrices=False)
     coords = q @ (ub[:, :k] * s[:k])
     lam = s[:k] ** 2
@@ -377,11 +390,14 @@ def pca_projection(
         raise ValueError(f"n_components must be between 1 and min(rows, features) = {min(n, d)}; got {k}")
     if method == "auto":
         method = "sklearn" if n * d <= SKLEARN_MAX_ELEMENTS else ("gram" if n <= d else "randomized")
-    fn = {"sklearn": _pca_sklearn, "gram": _pca_gram, "covariance": _pca_covariance,
-          "randomized": lambda bl, kk, st: randomized_neuron_pca([(b_, 0) for b_ in bl], kk, st)}.get(method)
+    fn = {
+        "sklearn": _pca_sklearn,
+        "gram": _pca_gram,
+        "covariance": _pca_covariance,
+        "randomized": lambda bl, kk, st: randomized_neuron_pca([(b_, 0) for b_ in bl], kk, st),
+    }.get(method)
     if fn is None:
-        raise ValueError(f"unknown PCA method {method!r}; use 'auto', 'sklearn', 'gram', 'covariance' "
-                         "or 'randomized'")
+        raise ValueError(f"unknown PCA method {method!r}; use 'auto', 'sklearn', 'gram', 'covariance' or 'randomized'")
     coords, var, ratio = fn(blocks, k, standardize)
     lab = [str(v) for v in labels] if labels is not None else [str(i) for i in range(n)]
     if len(lab) != n:
@@ -404,8 +420,11 @@ def matrix_pca(
     size = int(np.prod(w.shape[1:]))
     if (method == "gram" or (method == "auto" and n_items * size > SKLEARN_MAX_ELEMENTS)) and len(w.shape) == 3:
         mats = [w[e] for e in range(int(w.shape[0]))] + ([extra] if extra is not None else [])
-        return matrix_pca_from_gram(flattened_grams(mats, 0, standardize)[1], n_components,
-                                    [str(e) for e in range(int(w.shape[0]))] + (["F"] if extra is not None else []))
+        return matrix_pca_from_gram(
+            flattened_grams(mats, 0, standardize)[1],
+            n_components,
+            [str(e) for e in range(int(w.shape[0]))] + (["F"] if extra is not None else []),
+        )
     blocks = [flatten_rows(w)]
     labels = [str(e) for e in range(int(w.shape[0]))]
     if extra is not None:
@@ -454,9 +473,9 @@ def neuron_pca(
         sources = [(w[e], axis2) for e in range(n_exp)] + ([(extra, axis2)] if extra is not None else [])
         labels = [str(e) for e in range(n_exp) for _ in range(int(w.shape[1 + axis2]))]
         labels += ["F"] * (int(extra.shape[axis2]) if extra is not None else 0)
-        coords, var, ratio = randomized_neuron_pca(sources, int(n_components), standardize,
-                                                   power_iterations=power_iterations, seed=seed,
-                                                   first_pass=first_pass)
+        coords, var, ratio = randomized_neuron_pca(
+            sources, int(n_components), standardize, power_iterations=power_iterations, seed=seed, first_pass=first_pass
+        )
         return Projection(_fix_signs(coords), ratio, var, "randomized", labels)
     blocks, labels = [], []
     for e in range(int(w.shape[0])):

@@ -9,9 +9,9 @@ otherwise column 0 (routers return their choices sorted by score).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from math import comb
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -263,7 +263,13 @@ def expert_runs(
         for st, en in zip(starts, ends, strict=True):
             if en - st + 1 >= min_length:
                 rows.append(
-                    {"seq": seq[st], "expert": int(e), "start": int(st), "position": int(pos[st]), "length": int(en - st + 1)}
+                    {
+                        "seq": seq[st],
+                        "expert": int(e),
+                        "start": int(st),
+                        "position": int(pos[st]),
+                        "length": int(en - st + 1),
+                    }
                 )
     df = pd.DataFrame(rows, columns=["seq", "expert", "start", "position", "length"])
     return df.sort_values(["start", "expert"], ignore_index=True)

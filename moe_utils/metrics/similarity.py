@@ -15,7 +15,7 @@ Conventions used everywhere in ``moe_utils.metrics``:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

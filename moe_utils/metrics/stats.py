@@ -98,8 +98,9 @@ def bootstrap_mean_ci(
     return MeanCI(est, float(low), float(high), n, n_groups, method)
 
 
-def bootstrap_ratio_ci(numerators: ArrayLike, denominators: ArrayLike, n_boot: int = 2000,
-                       confidence: float = 0.95, seed: int = 0) -> MeanCI:
+def bootstrap_ratio_ci(
+    numerators: ArrayLike, denominators: ArrayLike, n_boot: int = 2000, confidence: float = 0.95, seed: int = 0
+) -> MeanCI:
     """Percentile bootstrap interval of ``sum(numerators) / sum(denominators)`` resampling units.
 
     For a loss pooled over tokens of many windows: the numerators are each window's summed loss,

@@ -15,10 +15,10 @@ import json
 import os
 import tempfile
 import threading
-from functools import lru_cache
+from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
@@ -35,9 +35,9 @@ class WeightFiles:
     """The weight files of a folder: their kind, paths, and the name->file map if indexed."""
 
     folder: Path
-    kind: str                       # "safetensors" | "pickle"
+    kind: str  # "safetensors" | "pickle"
     files: tuple[Path, ...]
-    index: dict[str, str] | None    # tensor name -> file name (from *.index.json)
+    index: dict[str, str] | None  # tensor name -> file name (from *.index.json)
 
     def sizes(self) -> list[tuple[str, int]]:
         return [(f.name, f.stat().st_size) for f in self.files]
@@ -58,7 +58,8 @@ def _check_listed(folder: Path, index: dict[str, str], index_name: str) -> tuple
         raise CheckpointError(
             f"{folder} is incomplete: {index_name} lists {len(listed)} shard file(s) but "
             f"{len(missing)} are missing: {', '.join(missing)}. Download the missing shard(s) "
-            "into the folder (or re-save the model).")
+            "into the folder (or re-save the model)."
+        )
     return tuple(folder / name for name in listed)
 
 
@@ -66,8 +67,9 @@ def find_weight_files(folder: str | Path, allow_pickle: bool = False) -> WeightF
     """Locate the weight files of a model folder; safetensors are preferred over pickles."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise CheckpointError(f"{folder} is not a folder; pass a model folder containing "
-                              "config.json and *.safetensors files")
+        raise CheckpointError(
+            f"{folder} is not a folder; pass a model folder containing config.json and *.safetensors files"
+        )
     index_path = folder / SAFETENSORS_INDEX
     if index_path.is_file():
         index = _read_index(index_path)
@@ -82,14 +84,17 @@ def find_weight_files(folder: str | Path, allow_pickle: bool = False) -> WeightF
                 f"{folder} has only pickle weight files ({', '.join(p.name for p in pickles)}). "
                 "Loading a pickle can run arbitrary code, so it is refused by default. Convert the "
                 "checkpoint to safetensors, or pass allow_pickle=True if you trust its source "
-                "(it is then loaded with torch.load(weights_only=True)).")
+                "(it is then loaded with torch.load(weights_only=True))."
+            )
         pindex = folder / PICKLE_INDEX
         if pindex.is_file():
             index = _read_index(pindex)
             return WeightFiles(folder, "pickle", _check_listed(folder, index, PICKLE_INDEX), index)
         return WeightFiles(folder, "pickle", pickles, None)
-    raise CheckpointError(f"{folder} contains no weight files (*.safetensors, or *.bin/*.pt with "
-                          "allow_pickle=True); download the weights into it")
+    raise CheckpointError(
+        f"{folder} contains no weight files (*.safetensors, or *.bin/*.pt with "
+        "allow_pickle=True); download the weights into it"
+    )
 
 
 class CheckpointReader:
@@ -110,7 +115,7 @@ class CheckpointReader:
             self._where = {name: self.folder / fname for name, fname in self.files.index.items()}
 
     # ---- context management ---------------------------------------------------------------
-    def __enter__(self) -> "CheckpointReader":
+    def __enter__(self) -> CheckpointReader:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -132,8 +137,10 @@ class CheckpointReader:
             try:
                 handle = safe_open(str(path), framework="pt", device="cpu")
             except (SafetensorError, OSError, ValueError) as exc:
-                raise CheckpointError(f"cannot read {path.name} in {self.folder} ({exc}); the file "
-                                      "is truncated or corrupt: download it again") from exc
+                raise CheckpointError(
+                    f"cannot read {path.name} in {self.folder} ({exc}); the file "
+                    "is truncated or corrupt: download it again"
+                ) from exc
             self._handles[path] = handle
         return handle
 
@@ -142,9 +149,11 @@ class CheckpointReader:
         if state is None:
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as exc:  # noqa: BLE001 - any failure means an unreadable file
-                raise CheckpointError(f"cannot read {path.name} in {self.folder} ({exc}); the "
-                                      "file is truncated or not a weights-only state dict") from exc
+            except Exception as exc:
+                raise CheckpointError(
+                    f"cannot read {path.name} in {self.folder} ({exc}); the "
+                    "file is truncated or not a weights-only state dict"
+                ) from exc
             self._pickles[path] = state
         return state
 
@@ -175,9 +184,11 @@ class CheckpointReader:
         try:
             return self._locate()[name]
         except KeyError:
-            raise CheckpointError(f"tensor {name!r} is not in the checkpoint at {self.folder}; the "
-                                  "weights are partial or use a naming this family's spec does not "
-                                  "know") from None
+            raise CheckpointError(
+                f"tensor {name!r} is not in the checkpoint at {self.folder}; the "
+                "weights are partial or use a naming this family's spec does not "
+                "know"
+            ) from None
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor ``name`` (memory-mapped for safetensors; no copy is made here)."""
@@ -185,15 +196,19 @@ class CheckpointReader:
         if self.files.kind == "pickle":
             state = self._load_pickle(path)
             if name not in state:
-                raise CheckpointError(f"{path.name} should hold {name!r} according to the index "
-                                      "but does not; the shard is partial: download it again")
+                raise CheckpointError(
+                    f"{path.name} should hold {name!r} according to the index "
+                    "but does not; the shard is partial: download it again"
+                )
             return state[name]
         handle = self._open(path)
         try:
             return handle.get_tensor(name)
         except Exception as exc:  # safetensors raises its own error type for absent names
-            raise CheckpointError(f"{path.name} should hold {name!r} according to the index but "
-                                  f"does not ({exc}); the shard is partial: download it again") from exc
+            raise CheckpointError(
+                f"{path.name} should hold {name!r} according to the index but "
+                f"does not ({exc}); the shard is partial: download it again"
+            ) from exc
 
     def read(self, name: str) -> torch.Tensor:
         """A private copy of tensor ``name`` read with ordinary file reads (no memory map).
@@ -206,8 +221,8 @@ class CheckpointReader:
         path = self.file_of(name)
         if self.files.kind != "safetensors":
             return self.get(name).clone()
-        self._open(path)             # validates the header against the file size (maps, touches nothing)
-        base, header = _header(path, path.stat().st_mtime_ns)
+        self._open(path)  # validates the header against the file size (maps, touches nothing)
+        _base, header = _header(path, path.stat().st_mtime_ns)
         entry = header.get(name)
         dtype = _ST_DTYPES.get(entry["dtype"]) if entry else None
         if dtype is None:
@@ -224,9 +239,13 @@ class CheckpointReader:
             self._open(path)
             base, header = _header(path, path.stat().st_mtime_ns)
             entry = header.get(name)
-        direct = (entry is not None and _ST_DTYPES.get(entry["dtype"]) == out.dtype
-                  and tuple(entry["shape"]) == tuple(out.shape) and out.is_contiguous()
-                  and out.device.type == "cpu")
+        direct = (
+            entry is not None
+            and _ST_DTYPES.get(entry["dtype"]) == out.dtype
+            and tuple(entry["shape"]) == tuple(out.shape)
+            and out.is_contiguous()
+            and out.device.type == "cpu"
+        )
         if not direct:
             out.copy_(self.read(name) if entry is None or _ST_DTYPES.get(entry["dtype"]) else self.get(name))
             return out
@@ -234,16 +253,19 @@ class CheckpointReader:
         if end > start:
             view = memoryview(out.view(-1).view(torch.uint8).numpy())
             if len(view) != end - start:
-                raise CheckpointError(f"{path.name}: tensor {name!r} has {end - start} bytes but its "
-                                      f"shape and dtype need {len(view)}; the file is corrupt")
+                raise CheckpointError(
+                    f"{path.name}: tensor {name!r} has {end - start} bytes but its "
+                    f"shape and dtype need {len(view)}; the file is corrupt"
+                )
             with open(path, "rb", buffering=0) as f:
                 f.seek(base + start)
                 got = 0
                 while got < len(view):
                     n = f.readinto(view[got:])
                     if not n:
-                        raise CheckpointError(f"{path.name} ends inside tensor {name!r}; the file is "
-                                              "truncated: download it again")
+                        raise CheckpointError(
+                            f"{path.name} ends inside tensor {name!r}; the file is truncated: download it again"
+                        )
                     got += n
         return out
 
@@ -267,7 +289,7 @@ class CheckpointReader:
         ranges = sorted({(path, *safetensors_range(path, n)) for n, path in paths.items()})
 
         def run() -> None:
-            buf = bytearray(block_mb * 2 ** 20)
+            buf = bytearray(block_mb * 2**20)
             view = memoryview(buf)
             for path, start, end in ranges:
                 try:
@@ -275,7 +297,7 @@ class CheckpointReader:
                         f.seek(start)
                         left = end - start
                         while left > 0 and not stop.is_set():
-                            got = f.readinto(view[:min(left, len(buf))])
+                            got = f.readinto(view[: min(left, len(buf))])
                             if not got:
                                 break
                             left -= got
@@ -292,9 +314,18 @@ class CheckpointReader:
         return tuple(self._open(path).get_slice(name).get_shape())
 
 
-_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-              "U8": torch.uint8, "BOOL": torch.bool}
+_ST_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 @lru_cache(maxsize=64)
@@ -412,12 +443,15 @@ def verify_safetensors(files: WeightFiles) -> None:
                 raise ValueError("the header is not a JSON object")
             ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
         except (ValueError, KeyError, TypeError, IndexError, OSError) as exc:
-            raise CheckpointError(f"weight file {path.name} in {files.folder} is corrupt ({exc}); "
-                                  "download it again or re-save the model") from exc
+            raise CheckpointError(
+                f"weight file {path.name} in {files.folder} is corrupt ({exc}); download it again or re-save the model"
+            ) from exc
         need = 8 + n + max(ends, default=0)
         if size < need:
-            raise CheckpointError(f"weight file {path.name} in {files.folder} is truncated: it has "
-                                  f"{size} bytes but its header announces {need}. Download it again.")
+            raise CheckpointError(
+                f"weight file {path.name} in {files.folder} is truncated: it has "
+                f"{size} bytes but its header announces {need}. Download it again."
+            )
 
 
 def checkpoint_fingerprint(config: dict, files: WeightFiles | None) -> str:

@@ -10,7 +10,8 @@ experts, so blocks are read in stored orientation.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -40,8 +41,12 @@ def _passes(src, fmt, layer: int, num_experts: int, wanted: set[str]) -> list[tu
         for matrix, template in (("act", ex.act), ("up", ex.up), ("down", ex.down)):
             if matrix in wanted and template is not None:
                 names = [name(template.format(e=e)) for e in range(E)]
-                passes.append((src.shape(names[0])[0], lambda a, b, m=matrix, ns=names: {
-                    m: [src.part(n, (slice(a, b),)) for n in ns]}))
+                passes.append(
+                    (
+                        src.shape(names[0])[0],
+                        lambda a, b, m=matrix, ns=names: {m: [src.part(n, (slice(a, b),)) for n in ns]},
+                    )
+                )
         return passes
 
     if ex.gate_up is not None and wanted & {"act", "up"}:
@@ -49,7 +54,7 @@ def _passes(src, fmt, layer: int, num_experts: int, wanted: set[str]) -> list[tu
         shape = src.shape(gu)
         if ex.flat:
             raise ValueError("flat fused gate_up layouts are not supported")  # none exist
-        if ex.in_transposed:                    # [E, H, 2I]: one read gives both halves
+        if ex.in_transposed:  # [E, H, 2I]: one read gives both halves
             half = shape[2] // 2
 
             def both(a, b, gu=gu, half=half):
@@ -57,18 +62,27 @@ def _passes(src, fmt, layer: int, num_experts: int, wanted: set[str]) -> list[tu
                 if ex.order == "interleaved":
                     return {"act": list(block[..., 0::2]), "up": list(block[..., 1::2])}
                 return {"act": list(block[..., :half]), "up": list(block[..., half:])}
+
             passes.append((shape[1], both))
-        elif ex.order == "interleaved":         # [E, 2I, H], alternating rows
+        elif ex.order == "interleaved":  # [E, 2I, H], alternating rows
+
             def rows2(a, b, gu=gu):
                 block = src.part(gu, (slice(None), slice(2 * a, 2 * b)))
                 return {"act": list(block[:, 0::2]), "up": list(block[:, 1::2])}
+
             passes.append((shape[1] // 2, rows2))
-        else:                                   # [E, 2I, H], gate rows then up rows
+        else:  # [E, 2I, H], gate rows then up rows
             half = shape[1] // 2
             for matrix, off in (("act", 0), ("up", half)):
                 if matrix in wanted:
-                    passes.append((half, lambda a, b, m=matrix, off=off, gu=gu: {
-                        m: list(src.part(gu, (slice(None), slice(off + a, off + b))))}))
+                    passes.append(
+                        (
+                            half,
+                            lambda a, b, m=matrix, off=off, gu=gu: {
+                                m: list(src.part(gu, (slice(None), slice(off + a, off + b))))
+                            },
+                        )
+                    )
     else:
         for matrix, rel in (("act", ex.act), ("up", ex.up)):
             if matrix in wanted and rel is not None:
@@ -80,10 +94,9 @@ def _passes(src, fmt, layer: int, num_experts: int, wanted: set[str]) -> list[tu
 
 def _stacked(src, full: str, matrix: str, flat: bool, E: int) -> tuple[int, Reader]:
     shape = src.shape(full)
-    if flat:                                    # [E*R, C]: expert e owns rows e*R .. (e+1)*R
+    if flat:  # [E*R, C]: expert e owns rows e*R .. (e+1)*R
         rows = shape[0] // E
-        return rows, lambda a, b: {matrix: [src.part(full, (slice(e * rows + a, e * rows + b),))
-                                            for e in range(E)]}
+        return rows, lambda a, b: {matrix: [src.part(full, (slice(e * rows + a, e * rows + b),)) for e in range(E)]}
     return shape[1], lambda a, b: {matrix: list(src.part(full, (slice(None), slice(a, b))))}
 
 
@@ -101,9 +114,14 @@ def _gram(x: Tensor) -> Tensor:
     return torch.from_numpy(arr @ arr.T).double()
 
 
-def expert_grams(source: Any, layer: int, matrices: Iterable[str] = ("act", "up", "down"),
-                 chunk_mb: float = 256.0, allow_pickle: bool = False,
-                 prefetch: bool = True) -> dict[str, Tensor]:
+def expert_grams(
+    source: Any,
+    layer: int,
+    matrices: Iterable[str] = ("act", "up", "down"),
+    chunk_mb: float = 256.0,
+    allow_pickle: bool = False,
+    prefetch: bool = True,
+) -> dict[str, Tensor]:
     """``{matrix: G [E,E]}`` with ``G[i,j] = <W_i, W_j>`` (float64) for flattened expert matrices.
 
     ``matrices`` names the paper's three matrices: ``act`` (W_act / gate), ``up``, ``down``.
@@ -127,14 +145,14 @@ def expert_grams(source: Any, layer: int, matrices: Iterable[str] = ("act", "up"
             for rows, read in _passes(src, fmt, layer, E, wanted):
                 probe = read(0, 1)
                 cols = {m: views[0].numel() for m, views in probe.items() if m in wanted}
-                step = max(1, int(chunk_mb * 2 ** 20 // (E * max(cols.values()) * 4)))
+                step = max(1, int(chunk_mb * 2**20 // (E * max(cols.values()) * 4)))
                 buffers = {m: torch.empty(E, step * c, dtype=torch.float32) for m, c in cols.items()}
                 for a in range(0, rows, step):
                     b = min(a + step, rows)
                     for m, views in read(a, b).items():
                         if m not in buffers:
                             continue
-                        block = buffers[m][:, :(b - a) * cols[m]]
+                        block = buffers[m][:, : (b - a) * cols[m]]
                         for e, view in enumerate(views):
                             block[e].view(b - a, cols[m]).copy_(view)  # convert while copying
                             check_finite(block[e], layer, e, f"W_{m}")
@@ -146,4 +164,3 @@ def expert_grams(source: Any, layer: int, matrices: Iterable[str] = ("act", "up"
         if isinstance(src, FolderSource):
             src.release()
     return grams
-

@@ -31,8 +31,7 @@ class ModelRef:
         return {"kind": self.kind, "id": self.name, "revision": self.revision}
 
 
-def resolve_model(model: str | Path, revision: str | None = None,
-                  include_code: bool = False) -> ModelRef:
+def resolve_model(model: str | Path, revision: str | None = None, include_code: bool = False) -> ModelRef:
     """Classify a model id; folders must exist, hub ids are fetched (or found in the local cache).
 
     Hub downloads fetch config, safetensors and tokenizer files; Python files only when
@@ -42,7 +41,7 @@ def resolve_model(model: str | Path, revision: str | None = None,
     if text.startswith("zoo:"):
         return ModelRef(text, "zoo", zoo_path(text[4:]))
     if text.startswith("random:"):
-        family = text[len("random:"):]
+        family = text[len("random:") :]
         get_spec(family)  # raises UnknownFamilyError with the list of families
         return ModelRef(text, "random", None, family)
     path = Path(text).expanduser()
@@ -50,9 +49,11 @@ def resolve_model(model: str | Path, revision: str | None = None,
         # Named by its folder name only: published pages and results carry no local path.
         return ModelRef(path.resolve().name or text, "local", path.resolve())
     if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
-        raise CheckpointError(f"{text!r} is neither a model folder nor a hub id (org/name); pass a "
-                              "folder containing config.json and *.safetensors, 'zoo:NAME' or "
-                              "'random:FAMILY'")
+        raise CheckpointError(
+            f"{text!r} is neither a model folder nor a hub id (org/name); pass a "
+            "folder containing config.json and *.safetensors, 'zoo:NAME' or "
+            "'random:FAMILY'"
+        )
     snapshot = _hub_snapshot(text, revision, include_code)
     return ModelRef(text, "hub", snapshot, revision=hub_revision(snapshot) or revision)
 
@@ -65,24 +66,26 @@ def _hub_snapshot(repo_id: str, revision: str | None, include_code: bool = False
     if include_code:
         patterns.append("*.py")
     try:
-        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True,
-                                      allow_patterns=patterns))
-    except Exception:  # noqa: BLE001 - not in the cache; try the network next
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True, allow_patterns=patterns))
+    except Exception:
         pass
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-    except Exception as exc:  # noqa: BLE001 - any hub failure means we cannot get the files
+    except Exception as exc:
         first_line = str(exc).splitlines()[0] if str(exc) else ""
-        raise OfflineError(f"{repo_id!r} cannot be downloaded here ({type(exc).__name__}: "
-                           f"{first_line}) and is not in the local Hugging Face cache. If this "
-                           "machine is offline, download the model elsewhere and pass its local "
-                           "folder instead; otherwise check the id and revision.") from exc
+        raise OfflineError(
+            f"{repo_id!r} cannot be downloaded here ({type(exc).__name__}: "
+            f"{first_line}) and is not in the local Hugging Face cache. If this "
+            "machine is offline, download the model elsewhere and pass its local "
+            "folder instead; otherwise check the id and revision."
+        ) from exc
 
 
 def resolve_folder(model: str | Path) -> Path:
     """Folder holding a model's files (for streaming weights); random ids have none."""
     ref = resolve_model(model)
     if ref.path is None:
-        raise CheckpointError(f"{ref.name} has no files on disk; load it with load_model() and pass "
-                              "the LoadedModel instead")
+        raise CheckpointError(
+            f"{ref.name} has no files on disk; load it with load_model() and pass the LoadedModel instead"
+        )
     return ref.path

@@ -16,19 +16,24 @@ import torch
 from torch import nn
 
 from moe_utils.arch import FamilySpec, derivation, get_spec, require_moe, spec_for_config
-from moe_utils.arch.config import config_dict, read_config_json
-from moe_utils.core.errors import RemoteCodeRequiredError
+from moe_utils.arch.config import read_config_json
+from moe_utils.arch.facts import ModelFacts, facts_for
+from moe_utils.core.errors import RemoteCodeRequiredError, UsageError
 from moe_utils.core.memory import shedding_file_pages
 from moe_utils.models.checkpoint import checkpoint_fingerprint, find_weight_files, verify_safetensors
 from moe_utils.models.ids import ModelRef, resolve_folder, resolve_model
 from moe_utils.models.random_models import byte_tokenizer, random_fingerprint, random_model
-from moe_utils.arch.facts import ModelFacts, facts_for
-from moe_utils.core.errors import CheckpointError, OfflineError, UsageError
-from moe_utils.models.checkpoint import hub_revision
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -66,8 +71,10 @@ class LoadedModel:
     def built(self) -> nn.Module:
         """The built model; a model opened weights-only (``model`` None) cannot run."""
         if self.model is None:
-            raise UsageError(f"{self.name} was opened without building the model (weights only), so "
-                             "it cannot run a forward pass; load it with load_model() instead")
+            raise UsageError(
+                f"{self.name} was opened without building the model (weights only), so "
+                "it cannot run a forward pass; load it with load_model() instead"
+            )
         return self.model
 
 
@@ -95,8 +102,7 @@ def _canonical_config(path: Path, cfg: dict, spec: FamilySpec, trust_remote_code
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if spec.is_moe and spec.native:
-        for keys, value_of in ((spec.keys.num_experts, spec.num_experts),
-                               (spec.keys.top_k, spec.top_k)):
+        for keys, value_of in ((spec.keys.num_experts, spec.num_experts), (spec.keys.top_k, spec.top_k)):
             canonical = next((k for k in keys if "." not in k and hasattr(config, k)), None)
             value = value_of(cfg)
             if canonical is not None and getattr(config, canonical, None) != value:
@@ -122,12 +128,20 @@ def _set_experts_impl(model: nn.Module, impl: str | None) -> None:
         model.set_experts_implementation(impl)
 
 
-def load_model(model: str | Path, dtype: str | torch.dtype = "float32", device_map: Any = None,
-               revision: str | None = None, trust_remote_code: bool = False,
-               allow_pickle: bool = False, *, seed: int = 0, require_moe_model: bool = False,
-               experts_implementation: str | None = "grouped_mm",
-               offload_folder: str | Path | None = None,
-               config_overrides: dict | None = None) -> LoadedModel:
+def load_model(
+    model: str | Path,
+    dtype: str | torch.dtype = "float32",
+    device_map: Any = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    *,
+    seed: int = 0,
+    require_moe_model: bool = False,
+    experts_implementation: str | None = "grouped_mm",
+    offload_folder: str | Path | None = None,
+    config_overrides: dict | None = None,
+) -> LoadedModel:
     """Load ``model`` (see module docstring for accepted ids) in eval mode.
 
     Dense models load too (``is_moe=False``) so they can serve as the dense baseline; pass
@@ -141,8 +155,7 @@ def load_model(model: str | Path, dtype: str | torch.dtype = "float32", device_m
     torch_dtype = as_dtype(dtype)
     ref = resolve_model(model, revision, include_code=trust_remote_code)
     if ref.kind == "random":
-        module, config = random_model(ref.family, seed=seed, dtype=torch_dtype,
-                                      **(config_overrides or {}))
+        module, config = random_model(ref.family, seed=seed, dtype=torch_dtype, **(config_overrides or {}))
         spec = get_spec(ref.family)
         if spec.derived and config_overrides:  # derived specs hold their config's layer pattern
             spec = derivation().tiny_config(config)
@@ -153,8 +166,7 @@ def load_model(model: str | Path, dtype: str | torch.dtype = "float32", device_m
         path = None
     else:
         if config_overrides:
-            raise ValueError("config_overrides only applies to random: ids; edit config.json of "
-                             f"{ref.name} instead")
+            raise ValueError(f"config_overrides only applies to random: ids; edit config.json of {ref.name} instead")
         path = ref.path
         cfg = read_config_json(path)
         spec = spec_for_config(cfg)
@@ -164,7 +176,8 @@ def load_model(model: str | Path, dtype: str | torch.dtype = "float32", device_m
                 f"{'has an auto_map' if 'auto_map' in cfg else 'names a model type transformers does not know'}). "
                 "Code from a checkpoint folder only runs if you opt in: pass "
                 "trust_remote_code=True if you trust its source. Weight-only analyses work without "
-                "it: moe_utils.models.weights.layer_weights(<folder>, layer) streams the safetensors.")
+                "it: moe_utils.models.weights.layer_weights(<folder>, layer) streams the safetensors."
+            )
         files = find_weight_files(path, allow_pickle=allow_pickle)
         verify_safetensors(files)
         config = _canonical_config(path, cfg, spec, trust_remote_code)
@@ -174,17 +187,30 @@ def load_model(model: str | Path, dtype: str | torch.dtype = "float32", device_m
         # tensor and as touched pages of the file map
         with shedding_file_pages(files.files):
             module = AutoModelForCausalLM.from_pretrained(
-                path, config=config, dtype=torch_dtype, device_map=device_map,
-                trust_remote_code=trust_remote_code, use_safetensors=files.kind == "safetensors",
-                **({"offload_folder": str(offload_folder)} if offload_folder else {}))
+                path,
+                config=config,
+                dtype=torch_dtype,
+                device_map=device_map,
+                trust_remote_code=trust_remote_code,
+                use_safetensors=files.kind == "safetensors",
+                **({"offload_folder": str(offload_folder)} if offload_folder else {}),
+            )
         tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
         fingerprint = checkpoint_fingerprint(cfg, files)
     _set_experts_impl(module, experts_implementation)
     module.eval()
     if require_moe_model:
         require_moe(spec, f"loading {ref.name}")
-    return LoadedModel(model=module, tokenizer=tokenizer, spec=spec, config=module.config,
-                       name=ref.name, path=path, fingerprint=fingerprint, source=ref.source())
+    return LoadedModel(
+        model=module,
+        tokenizer=tokenizer,
+        spec=spec,
+        config=module.config,
+        name=ref.name,
+        path=path,
+        fingerprint=fingerprint,
+        source=ref.source(),
+    )
 
 
 def _dispatch(module: nn.Module, device_map: Any, offload_folder: str | Path | None) -> nn.Module:
@@ -192,11 +218,11 @@ def _dispatch(module: nn.Module, device_map: Any, offload_folder: str | Path | N
     from accelerate import dispatch_model, infer_auto_device_map
 
     if isinstance(device_map, str):
-        device_map = {"": device_map} if device_map not in ("auto", "balanced", "sequential") \
-            else infer_auto_device_map(module)
+        device_map = (
+            {"": device_map} if device_map not in ("auto", "balanced", "sequential") else infer_auto_device_map(module)
+        )
     kwargs = {"offload_dir": str(offload_folder)} if offload_folder else {}
     return dispatch_model(module, device_map=device_map, main_device="cpu", **kwargs)
 
 
-__all__ = ["LoadedModel", "ModelRef", "as_dtype", "load_model", "load_tokenizer",
-           "resolve_folder", "resolve_model"]
+__all__ = ["LoadedModel", "ModelRef", "as_dtype", "load_model", "load_tokenizer", "resolve_folder", "resolve_model"]

@@ -37,10 +37,10 @@ def byte_tokenizer():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", 0)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 0)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
 def config_class_for(model_type: str):
@@ -50,8 +50,9 @@ def config_class_for(model_type: str):
     try:
         return CONFIG_MAPPING[model_type]
     except KeyError:
-        raise UnknownFamilyError(f"model_type {model_type!r} is not part of the installed "
-                                 "transformers, so no spec can be derived for it") from None
+        raise UnknownFamilyError(
+            f"model_type {model_type!r} is not part of the installed transformers, so no spec can be derived for it"
+        ) from None
 
 
 def build_model(config, seed: int = 0) -> nn.Module:
@@ -67,7 +68,7 @@ def build_model(config, seed: int = 0) -> nn.Module:
             except ValueError:
                 continue
         module = importlib.import_module(type(config).__module__.replace("configuration_", "modeling_"))
-        base = type(config).__name__[:-len("Config")]
+        base = type(config).__name__[: -len("Config")]
         for suffix in ("ForCausalLM", "Model"):
             if hasattr(module, base + suffix):
                 model = getattr(module, base + suffix)(config).float().eval()
@@ -86,8 +87,7 @@ def _fill_zero_moe_weights(model: nn.Module, seed: int) -> nn.Module:
         for name, param in model.named_parameters():
             if param.device.type == "meta" or param.dim() < 2:
                 continue
-            if any(part in name for part in ("experts", "router", ".gate.")) and \
-                    not bool(param.any()):
+            if any(part in name for part in ("experts", "router", ".gate.")) and not bool(param.any()):
                 param.copy_(torch.randn(param.shape, generator=g) * 0.02)
     return model
 
@@ -98,7 +98,8 @@ def random_config(spec: FamilySpec, **overrides: Any):
         raise RemoteCodeRequiredError(
             f"{spec.name} models need their publisher's code, which is not part of transformers, "
             "so no random test model can be built; use a local checkpoint folder (weight analyses "
-            "stream it without code) and pass trust_remote_code=True for forward passes.")
+            "stream it without code) and pass trust_remote_code=True for forward passes."
+        )
     import transformers
 
     cls = getattr(transformers, spec.config_class, None)
@@ -134,6 +135,5 @@ def random_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32,
 
 def random_fingerprint(family: str, config, seed: int) -> str:
     """Stable hash of a random model's family, config and seed."""
-    payload = json.dumps({"family": family, "seed": seed, "config": config.to_dict()},
-                         sort_keys=True, default=str)
+    payload = json.dumps({"family": family, "seed": seed, "config": config.to_dict()}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -23,21 +23,27 @@ float32; accelerate-dispatched models have their captures moved to the CPU by th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from moe_utils.arch import FamilySpec, require_moe
-from moe_utils.arch.config import config_dict
 from moe_utils.core.errors import InputTooLongError, LayerIndexError, MoEUtilsError, NonFiniteError
 from moe_utils.core.finite import is_finite, nonfinite_counts
-from moe_utils.engine.expert_math import (apply_experts, dense_intermediates, dense_outputs,
-                                   expert_intermediates, expert_outputs, shared_expert_output)
-from moe_utils.engine.routing import RouteParams, route, route_params
-from moe_utils.models.weights import MoELayerWeights, layer_weights
+from moe_utils.engine.expert_math import (
+    apply_experts,
+    dense_intermediates,
+    dense_outputs,
+    expert_intermediates,
+    expert_outputs,
+    shared_expert_output,
+)
+from moe_utils.engine.routing import RouteParams, route
 from moe_utils.models.loading import LoadedModel
+from moe_utils.models.weights import MoELayerWeights, layer_weights
 
 Tensor = torch.Tensor
 
@@ -127,17 +133,18 @@ def _check_lengths(lm: LoadedModel, seqs: list[Tensor]) -> None:
             raise InputTooLongError(
                 f"sequence {i} has {ids.numel()} tokens but {lm.name} handles at most {limit} "
                 f"(its context length); split the text into windows of at most {limit} tokens or "
-                "lower max_tokens")
+                "lower max_tokens"
+            )
 
 
-def _check_layers(requested: Sequence[int] | None, valid: list[int], kind: str,
-                  lm: LoadedModel) -> list[int]:
+def _check_layers(requested: Sequence[int] | None, valid: list[int], kind: str, lm: LoadedModel) -> list[int]:
     if requested is None:
         return list(valid)
     bad = [i for i in requested if i not in valid]
     if bad:
-        raise LayerIndexError(f"{kind} layer(s) {bad} do not exist in {lm.name}; valid {kind} "
-                              f"layers: {valid or 'none'}")
+        raise LayerIndexError(
+            f"{kind} layer(s) {bad} do not exist in {lm.name}; valid {kind} layers: {valid or 'none'}"
+        )
     return list(requested)
 
 
@@ -182,11 +189,17 @@ class _LayerHooks:
             experts = self.block.get_submodule(paths.experts)
             self.handles.append(experts.register_forward_pre_hook(self._experts_in, with_kwargs=True))
         if paths.shared:
-            self.handles.append(self.block.get_submodule(paths.shared).register_forward_hook(
-                lambda m, a, o: self._put("shared_raw", _cpu32(_output_tensor(o), hidden))))
+            self.handles.append(
+                self.block.get_submodule(paths.shared).register_forward_hook(
+                    lambda m, a, o: self._put("shared_raw", _cpu32(_output_tensor(o), hidden))
+                )
+            )
         if paths.shared_gate:
-            self.handles.append(self.block.get_submodule(paths.shared_gate).register_forward_hook(
-                lambda m, a, o: self._put("shared_gate", _cpu32(_output_tensor(o), 1))))
+            self.handles.append(
+                self.block.get_submodule(paths.shared_gate).register_forward_hook(
+                    lambda m, a, o: self._put("shared_gate", _cpu32(_output_tensor(o), 1))
+                )
+            )
 
     def _put(self, key: str, value: Tensor) -> None:
         self.store.setdefault(key, []).append(value)
@@ -243,9 +256,17 @@ class _LayerHooks:
         shared = cat.get("shared_raw")
         if shared is not None and "shared_gate" in cat:
             shared = torch.sigmoid(cat["shared_gate"]) * shared
-        return LayerTrace(layer=layer, x=cat["x"], router_logits=logits, topk_index=index,
-                          topk_weight=weight, block_output=cat["y"], shared_output=shared,
-                          routing=self.params, routing_source=source)
+        return LayerTrace(
+            layer=layer,
+            x=cat["x"],
+            router_logits=logits,
+            topk_index=index,
+            topk_weight=weight,
+            block_output=cat["y"],
+            shared_output=shared,
+            routing=self.params,
+            routing_source=source,
+        )
 
 
 class _DenseHooks:
@@ -257,10 +278,9 @@ class _DenseHooks:
         self.store: dict[str, list[Tensor]] = {"x": [], "y": []}
         self.handles = [
             mlp.register_forward_pre_hook(
-                lambda m, a, k: self.store["x"].append(_cpu32(_first_tensor(a, k), hidden)),
-                with_kwargs=True),
-            mlp.register_forward_hook(
-                lambda m, a, o: self.store["y"].append(_cpu32(_output_tensor(o), hidden))),
+                lambda m, a, k: self.store["x"].append(_cpu32(_first_tensor(a, k), hidden)), with_kwargs=True
+            ),
+            mlp.register_forward_hook(lambda m, a, o: self.store["y"].append(_cpu32(_output_tensor(o), hidden))),
         ]
 
     def remove(self) -> None:
@@ -268,9 +288,16 @@ class _DenseHooks:
             handle.remove()
 
     def layer_trace(self, layer: int) -> LayerTrace:
-        return LayerTrace(layer=layer, x=torch.cat(self.store["x"]), router_logits=None,
-                          topk_index=None, topk_weight=None, block_output=torch.cat(self.store["y"]),
-                          routing=None, routing_source="none")
+        return LayerTrace(
+            layer=layer,
+            x=torch.cat(self.store["x"]),
+            router_logits=None,
+            topk_index=None,
+            topk_weight=None,
+            block_output=torch.cat(self.store["y"]),
+            routing=None,
+            routing_source="none",
+        )
 
 
 # ---- running ---------------------------------------------------------------------------------
@@ -303,13 +330,14 @@ def _run(lm: LoadedModel, seqs: list[Tensor], hooks: dict[int, Any], kind: str) 
                 before = {layer: len(h.store.get("x", [])) for layer, h in hooks.items()}
                 model(input_ids=ids.unsqueeze(0).to(device), use_cache=False)
                 for layer, h in hooks.items():
-                    new = h.store.get("x", [])[before[layer]:]
+                    new = h.store.get("x", [])[before[layer] :]
                     if len(new) != 1 or new[0].shape[0] != ids.numel():
                         raise MoEUtilsError(
                             f"layer {layer}: expected one call of the block with {ids.numel()} "
                             f"tokens for sequence {s}, saw {len(new)} call(s) with "
                             f"{[t.shape[0] for t in new]} tokens; the model does not run each "
-                            "block once per forward pass, so it cannot be traced this way")
+                            "block once per forward pass, so it cannot be traced this way"
+                        )
     finally:
         for h in hooks.values():
             h.remove()
@@ -317,9 +345,17 @@ def _run(lm: LoadedModel, seqs: list[Tensor], hooks: dict[int, Any], kind: str) 
     seq_index = torch.cat([torch.full((ids.numel(),), i, dtype=torch.long) for i, ids in enumerate(seqs)])
     position = torch.cat([torch.arange(ids.numel()) for ids in seqs])
     per_layer = {layer: h.layer_trace(layer) for layer, h in hooks.items()}
-    return Trace(token_ids=token_ids, seq_index=seq_index, position=position,
-                 layers=list(hooks), per_layer=per_layer, model_name=lm.name,
-                 fingerprint=lm.fingerprint, tokens=_decode(lm.tokenizer, token_ids), kind=kind)
+    return Trace(
+        token_ids=token_ids,
+        seq_index=seq_index,
+        position=position,
+        layers=list(hooks),
+        per_layer=per_layer,
+        model_name=lm.name,
+        fingerprint=lm.fingerprint,
+        tokens=_decode(lm.tokenizer, token_ids),
+        kind=kind,
+    )
 
 
 def check_trace_finite(lm: LoadedModel, tr: Trace) -> Trace:
@@ -331,18 +367,26 @@ def check_trace_finite(lm: LoadedModel, tr: Trace) -> Trace:
     for layer in sorted(tr.layers):
         lt = tr.per_layer[layer]
         block = "MoE block" if tr.kind == "moe" else "dense MLP"
-        for name, t in ((f"{block} input (hidden states)", lt.x), ("router logits", lt.router_logits),
-                        (f"{block} output", lt.block_output), ("shared-expert output", lt.shared_output)):
+        for name, t in (
+            (f"{block} input (hidden states)", lt.x),
+            ("router logits", lt.router_logits),
+            (f"{block} output", lt.block_output),
+            ("shared-expert output", lt.shared_output),
+        ):
             if t is None or is_finite(t):
                 continue
             if tr.kind == "moe" and "input" not in name:
-                layer_weights(lm, layer)               # names the expert when its weights are the cause
+                layer_weights(lm, layer)  # names the expert when its weights are the cause
             expert = None
             if name == "router logits":
                 expert = int((~torch.isfinite(t)).any(dim=0).nonzero()[0, 0])
-            raise NonFiniteError(layer, expert, name, *nonfinite_counts(t),
-                                 hint="; values that are not finite at a layer's input come from an earlier "
-                                      "layer or the embeddings")
+            raise NonFiniteError(
+                layer,
+                expert,
+                name,
+                *nonfinite_counts(t),
+                hint="; values that are not finite at a layer's input come from an earlier layer or the embeddings",
+            )
     return tr
 
 
@@ -393,8 +437,9 @@ class LayerCheck:
     routing_source: str
 
 
-def _recompute_routing(lt: LayerTrace, weights: MoELayerWeights,
-                       routing: RouteParams | None) -> tuple[RouteParams, Tensor, Tensor]:
+def _recompute_routing(
+    lt: LayerTrace, weights: MoELayerWeights, routing: RouteParams | None
+) -> tuple[RouteParams, Tensor, Tensor]:
     """``(params, top_k_weight, top_k_index)`` recomputed from the captured logits."""
     params = routing or lt.routing
     if params is None or lt.router_logits is None:
@@ -403,8 +448,7 @@ def _recompute_routing(lt: LayerTrace, weights: MoELayerWeights,
     return params, weight, index
 
 
-def _rebuild(lt: LayerTrace, weights: MoELayerWeights, params: RouteParams, weight: Tensor,
-             index: Tensor) -> Tensor:
+def _rebuild(lt: LayerTrace, weights: MoELayerWeights, params: RouteParams, weight: Tensor, index: Tensor) -> Tensor:
     out = apply_experts(weights, lt.x, index, weight, scale_input=params.scales_input)
     if params.routed_output_scale != 1.0:
         out = out * params.routed_output_scale
@@ -414,8 +458,7 @@ def _rebuild(lt: LayerTrace, weights: MoELayerWeights, params: RouteParams, weig
     return out if shared is None else out + shared
 
 
-def reconstruct_block_output(lt: LayerTrace, weights: MoELayerWeights,
-                             routing: RouteParams | None = None) -> Tensor:
+def reconstruct_block_output(lt: LayerTrace, weights: MoELayerWeights, routing: RouteParams | None = None) -> Tensor:
     """Block output rebuilt from the experts, the routing recomputed from the captured logits,
     and the shared experts: [N,H] float32."""
     return _rebuild(lt, weights, *_recompute_routing(lt, weights, routing))
@@ -426,8 +469,9 @@ def _sorted_pairs(index: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     return index.gather(1, order), weight.float().gather(1, order)
 
 
-def verify_trace(lm: LoadedModel, tr: Trace, layers: Sequence[int] | None = None,
-                 source: Any = None) -> list[LayerCheck]:
+def verify_trace(
+    lm: LoadedModel, tr: Trace, layers: Sequence[int] | None = None, source: Any = None
+) -> list[LayerCheck]:
     """Rebuild each traced block output and compare with the captured one.
 
     Returns, per layer, the max absolute error divided by the max absolute block output, whether
@@ -435,7 +479,7 @@ def verify_trace(lm: LoadedModel, tr: Trace, layers: Sequence[int] | None = None
     ``source`` (default: the loaded model) is where the weights come from, e.g. the checkpoint.
     """
     checks = []
-    for layer in (layers if layers is not None else tr.layers):
+    for layer in layers if layers is not None else tr.layers:
         lt = tr[layer]
         weights = layer_weights(source if source is not None else lm, layer, dtype=None)
         params, weight, index = _recompute_routing(lt, weights, None)
@@ -450,6 +494,17 @@ def verify_trace(lm: LoadedModel, tr: Trace, layers: Sequence[int] | None = None
     return checks
 
 
-__all__ = ["LayerCheck", "LayerTrace", "Trace", "dense_intermediates", "dense_outputs",
-           "expert_intermediates", "expert_outputs", "reconstruct_block_output", "router_scores",
-           "trace", "trace_dense", "verify_trace"]
+__all__ = [
+    "LayerCheck",
+    "LayerTrace",
+    "Trace",
+    "dense_intermediates",
+    "dense_outputs",
+    "expert_intermediates",
+    "expert_outputs",
+    "reconstruct_block_output",
+    "router_scores",
+    "trace",
+    "trace_dense",
+    "verify_trace",
+]

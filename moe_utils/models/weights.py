@@ -12,21 +12,22 @@ model loaded from it give identical weights.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from moe_utils.arch import FamilySpec, require_moe, spec_for_config
 from moe_utils.arch.config import config_dict, read_config_json
+from moe_utils.arch.facts import ModelFacts, facts_for
 from moe_utils.arch.spec import ExpertTensors, MLPTensors, MoETensors, WeightFormat
-from moe_utils.models.checkpoint import CheckpointReader
 from moe_utils.core.errors import CheckpointError, LayerIndexError, MoEUtilsError, NonFiniteError
 from moe_utils.core.finite import ScreenedSource, check_finite, is_finite, nonfinite_counts, unwrap
 from moe_utils.engine.canonical import DenseMLPWeights, MoELayerWeights
+from moe_utils.models.checkpoint import CheckpointReader
 from moe_utils.models.ids import resolve_folder
-from moe_utils.arch.facts import ModelFacts, facts_for
 
 Tensor = torch.Tensor
 
@@ -49,8 +50,10 @@ class ModelSource:
         self.model = model
         cfg = getattr(model, "config", None)
         if cfg is None:
-            raise MoEUtilsError(f"{type(model).__name__} has no .config; pass a transformers model "
-                                "or set model.config to its config dict")
+            raise MoEUtilsError(
+                f"{type(model).__name__} has no .config; pass a transformers model "
+                "or set model.config to its config dict"
+            )
         self.config = config_dict(cfg)
         self._tensors: dict[str, Tensor] = dict(model.named_parameters(remove_duplicate=False))
         self._tensors.update(dict(model.named_buffers(remove_duplicate=False)))
@@ -61,8 +64,10 @@ class ModelSource:
     def get(self, name: str) -> Tensor:
         tensor = self._tensors[name].detach()
         if tensor.device.type == "meta":
-            raise MoEUtilsError(f"{name} is offloaded (on the meta device); read weights from the "
-                                "checkpoint folder instead: layer_weights(<folder>, layer)")
+            raise MoEUtilsError(
+                f"{name} is offloaded (on the meta device); read weights from the "
+                "checkpoint folder instead: layer_weights(<folder>, layer)"
+            )
         return tensor
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -106,7 +111,7 @@ def open_source(source: Any, allow_pickle: bool) -> tuple[TensorSource, FamilySp
     facts (a LoadedModel's own; resolved here once for the other kinds)."""
     spec = getattr(source, "spec", None)
     facts = getattr(source, "facts", None)
-    if isinstance(spec, FamilySpec) and isinstance(facts, ModelFacts):    # a LoadedModel
+    if isinstance(spec, FamilySpec) and isinstance(facts, ModelFacts):  # a LoadedModel
         model, folder = source.model, getattr(source, "path", None)
         offloaded = isinstance(model, nn.Module) and any(p.device.type == "meta" for p in model.parameters())
         if folder is not None and (model is None or offloaded):
@@ -114,15 +119,19 @@ def open_source(source: Any, allow_pickle: bool) -> tuple[TensorSource, FamilySp
             return FolderSource(Path(folder), allow_pickle=allow_pickle), spec, facts
         if isinstance(model, nn.Module):
             return ModelSource(model), spec, facts
-        raise TypeError(f"{getattr(source, 'name', 'this model')} has neither a built model nor a "
-                        "checkpoint folder to read weights from")
+        raise TypeError(
+            f"{getattr(source, 'name', 'this model')} has neither a built model nor a "
+            "checkpoint folder to read weights from"
+        )
     if isinstance(source, nn.Module):
         src = ModelSource(source)
     elif isinstance(source, (str, Path)):
         src = FolderSource(resolve_folder(source), allow_pickle=allow_pickle)
     else:
-        raise TypeError(f"cannot read weights from {type(source).__name__}; pass a LoadedModel, an "
-                        "nn.Module, or a checkpoint folder")
+        raise TypeError(
+            f"cannot read weights from {type(source).__name__}; pass a LoadedModel, an "
+            "nn.Module, or a checkpoint folder"
+        )
     spec = spec_for_config(src.config)
     return src, spec, facts_for(spec, src.config)
 
@@ -145,8 +154,18 @@ def _probe_names(moe: MoETensors) -> list[str]:
     sharing router and expert names (fused vs original on-disk spellings) are told apart by the
     parts they name differently."""
     shared = () if moe.shared is None else (moe.shared.act, moe.shared.up, moe.shared.down)
-    return [n for n in (moe.router, _first_expert_tensor(moe.experts), moe.router_bias,
-                        moe.correction_bias, moe.shared_gate, *shared) if n]
+    return [
+        n
+        for n in (
+            moe.router,
+            _first_expert_tensor(moe.experts),
+            moe.router_bias,
+            moe.correction_bias,
+            moe.shared_gate,
+            *shared,
+        )
+        if n
+    ]
 
 
 def pick_format(src: TensorSource, spec: FamilySpec, layer: int, want: str) -> WeightFormat:
@@ -164,7 +183,8 @@ def pick_format(src: TensorSource, spec: FamilySpec, layer: int, want: str) -> W
     raise CheckpointError(
         f"layer {layer} of this {spec.name} {spec_kind(src)} has none of the expected tensors "
         f"({', '.join(tried) or 'no naming scheme for this part'}); the weights are partial or "
-        "use a naming the family spec does not know (add it to the spec's disk formats)")
+        "use a naming the family spec does not know (add it to the spec's disk formats)"
+    )
 
 
 def _get(src: TensorSource, fmt: WeightFormat, layer: int, rel: str | None, dtype) -> Tensor | None:
@@ -172,8 +192,10 @@ def _get(src: TensorSource, fmt: WeightFormat, layer: int, rel: str | None, dtyp
         return None
     name = tensor_name(fmt, layer, rel)
     if not src.has(name):
-        raise CheckpointError(f"tensor {name!r} is missing from the {spec_kind(src)}; the "
-                              "checkpoint is partial (a shard or tensor is absent)")
+        raise CheckpointError(
+            f"tensor {name!r} is missing from the {spec_kind(src)}; the "
+            "checkpoint is partial (a shard or tensor is absent)"
+        )
     return _convert(src.get(name), dtype, src.on_disk)
 
 
@@ -187,10 +209,12 @@ def _convert(t: Tensor, dtype, on_disk: bool) -> Tensor:
     return t if dtype is None or t.dtype == dtype else t.to(dtype=dtype)
 
 
-def _experts(src: TensorSource, fmt: WeightFormat, layer: int, ex: ExpertTensors, dtype,
-             num_experts: int) -> dict[str, Tensor | None]:
+def _experts(
+    src: TensorSource, fmt: WeightFormat, layer: int, ex: ExpertTensors, dtype, num_experts: int
+) -> dict[str, Tensor | None]:
     """Canonical expert tensors: w_act/w_up [E,I,H], w_down [E,H,I] (+ biases)."""
     if ex.layout == "per_expert":
+
         def stack(template: str | None) -> Tensor | None:
             if template is None:
                 return None
@@ -201,20 +225,26 @@ def _experts(src: TensorSource, fmt: WeightFormat, layer: int, ex: ExpertTensors
             for e in range(1, num_experts):
                 name = tensor_name(fmt, layer, template.format(e=e))
                 if isinstance(src, FolderSource) and src.has(name) and src.reader.files.kind == "safetensors":
-                    src.reader.read_into(name, out[e])          # straight into its slot, no second copy
+                    src.reader.read_into(name, out[e])  # straight into its slot, no second copy
                 else:
                     out[e] = _get(src, fmt, layer, template.format(e=e), dtype)
             return out
 
-        return {"w_act": stack(ex.act), "w_up": stack(ex.up), "w_down": stack(ex.down),
-                "b_act": None, "b_up": None, "b_down": None}
+        return {
+            "w_act": stack(ex.act),
+            "w_up": stack(ex.up),
+            "w_down": stack(ex.down),
+            "b_act": None,
+            "b_up": None,
+            "b_down": None,
+        }
 
     b_act = b_up = None
     if ex.gate_up is not None:
         gate_up = _get(src, fmt, layer, ex.gate_up, dtype)
         if ex.flat:
             gate_up = gate_up.reshape(num_experts, -1, gate_up.shape[-1])
-        if ex.in_transposed:                       # [E,H,2I] -> [E,2I,H]
+        if ex.in_transposed:  # [E,H,2I] -> [E,2I,H]
             gate_up = gate_up.transpose(1, 2)
         if ex.order == "interleaved":
             w_act, w_up = gate_up[:, 0::2], gate_up[:, 1::2]
@@ -223,8 +253,11 @@ def _experts(src: TensorSource, fmt: WeightFormat, layer: int, ex: ExpertTensors
             w_act, w_up = gate_up[:, :half], gate_up[:, half:]
         bias = _get(src, fmt, layer, ex.gate_up_bias, dtype)
         if bias is not None:
-            b_act, b_up = ((bias[:, 0::2], bias[:, 1::2]) if ex.order == "interleaved"
-                           else (bias[:, :bias.shape[1] // 2], bias[:, bias.shape[1] // 2:]))
+            b_act, b_up = (
+                (bias[:, 0::2], bias[:, 1::2])
+                if ex.order == "interleaved"
+                else (bias[:, : bias.shape[1] // 2], bias[:, bias.shape[1] // 2 :])
+            )
     else:
         w_act = _get(src, fmt, layer, ex.act, dtype)
         w_up = _get(src, fmt, layer, ex.up, dtype)
@@ -237,7 +270,7 @@ def _experts(src: TensorSource, fmt: WeightFormat, layer: int, ex: ExpertTensors
     w_down = _get(src, fmt, layer, ex.down, dtype)
     if ex.flat:
         w_down = w_down.reshape(num_experts, -1, w_down.shape[-1])
-    if ex.down_transposed:                          # [E,I,H] -> [E,H,I]
+    if ex.down_transposed:  # [E,I,H] -> [E,H,I]
         w_down = w_down.transpose(1, 2)
     b_down = _get(src, fmt, layer, ex.down_bias, dtype)
 
@@ -248,15 +281,26 @@ def _experts(src: TensorSource, fmt: WeightFormat, layer: int, ex: ExpertTensors
             return t
         return t.contiguous()
 
-    return {"w_act": tidy(w_act), "w_up": tidy(w_up), "w_down": tidy(w_down),
-            "b_act": tidy(b_act), "b_up": tidy(b_up), "b_down": tidy(b_down)}
+    return {
+        "w_act": tidy(w_act),
+        "w_up": tidy(w_up),
+        "w_down": tidy(w_down),
+        "b_act": tidy(b_act),
+        "b_up": tidy(b_up),
+        "b_down": tidy(b_down),
+    }
 
 
-def _mlp(src: TensorSource, fmt: WeightFormat, layer: int, names: MLPTensors, dtype,
-         activation: str) -> DenseMLPWeights:
-    return DenseMLPWeights(layer=layer, w_act=_get(src, fmt, layer, names.act, dtype),
-                           w_up=_get(src, fmt, layer, names.up, dtype),
-                           w_down=_get(src, fmt, layer, names.down, dtype), activation=activation)
+def _mlp(
+    src: TensorSource, fmt: WeightFormat, layer: int, names: MLPTensors, dtype, activation: str
+) -> DenseMLPWeights:
+    return DenseMLPWeights(
+        layer=layer,
+        w_act=_get(src, fmt, layer, names.act, dtype),
+        w_up=_get(src, fmt, layer, names.up, dtype),
+        w_down=_get(src, fmt, layer, names.down, dtype),
+        activation=activation,
+    )
 
 
 def check_layer(facts: ModelFacts, layer: int, kind: str) -> None:
@@ -265,14 +309,17 @@ def check_layer(facts: ModelFacts, layer: int, kind: str) -> None:
     if layer not in layers:
         total = facts.num_layers
         other = list(facts.dense_layers if kind == "moe" else facts.moe_layers)
-        what = (f"layer {layer} does not exist: this {facts.family} model has {total} layers"
-                if not 0 <= layer < total else
-                f"layer {layer} is not a {'MoE' if kind == 'moe' else 'dense-MLP'} layer of this "
-                f"{facts.family} model ({total} layers)")
+        what = (
+            f"layer {layer} does not exist: this {facts.family} model has {total} layers"
+            if not 0 <= layer < total
+            else f"layer {layer} is not a {'MoE' if kind == 'moe' else 'dense-MLP'} layer of this "
+            f"{facts.family} model ({total} layers)"
+        )
         raise LayerIndexError(
             f"{what}. Valid {'MoE' if kind == 'moe' else 'dense'} "
             f"layers: {_ranges(layers) or 'none'}; {'dense' if kind == 'moe' else 'MoE'} layers: "
-            f"{_ranges(other) or 'none'}.")
+            f"{_ranges(other) or 'none'}."
+        )
 
 
 def _ranges(idx: list[int]) -> str:
@@ -291,8 +338,7 @@ def _ranges(idx: list[int]) -> str:
     return ", ".join(parts)
 
 
-def _layer_weights(src: TensorSource, spec: FamilySpec, facts: ModelFacts, layer: int,
-                   dtype) -> MoELayerWeights:
+def _layer_weights(src: TensorSource, spec: FamilySpec, facts: ModelFacts, layer: int, dtype) -> MoELayerWeights:
     require_moe(spec, "reading expert weights")
     check_layer(facts, layer, "moe")
     fmt = pick_format(src, spec, layer, "moe")
@@ -312,9 +358,17 @@ def _layer_weights(src: TensorSource, spec: FamilySpec, facts: ModelFacts, layer
     )
 
 
-_PER_EXPERT = (("router row", "router"), ("router bias", "router_bias"),
-               ("score correction bias", "score_correction_bias"), ("W_act", "w_act"), ("W_up", "w_up"),
-               ("W_down", "w_down"), ("b_act", "b_act"), ("b_up", "b_up"), ("b_down", "b_down"))
+_PER_EXPERT = (
+    ("router row", "router"),
+    ("router bias", "router_bias"),
+    ("score correction bias", "score_correction_bias"),
+    ("W_act", "w_act"),
+    ("W_up", "w_up"),
+    ("W_down", "w_down"),
+    ("b_act", "b_act"),
+    ("b_up", "b_up"),
+    ("b_down", "b_down"),
+)
 
 
 def nonfinite_experts(w: MoELayerWeights) -> list[NonFiniteError]:
@@ -323,13 +377,16 @@ def nonfinite_experts(w: MoELayerWeights) -> list[NonFiniteError]:
     ids = w.ids
     for name, attr in _PER_EXPERT:
         t = getattr(w, attr)
-        if t is None or is_finite(t):                  # one pass over the tensor in the common case
+        if t is None or is_finite(t):  # one pass over the tensor in the common case
             continue
         for e in range(w.num_experts):
             if not is_finite(t[e]):
                 found.append(NonFiniteError(w.layer, ids[e], name, *nonfinite_counts(t[e])))
-    parts = [("shared W_act", w.shared.w_act), ("shared W_up", w.shared.w_up), ("shared W_down", w.shared.w_down)] \
-        if w.shared is not None else []
+    parts = (
+        [("shared W_act", w.shared.w_act), ("shared W_up", w.shared.w_up), ("shared W_down", w.shared.w_down)]
+        if w.shared is not None
+        else []
+    )
     for name, t in parts + [("shared-expert gate", w.shared_gate)]:
         if t is not None and not is_finite(t):
             found.append(NonFiniteError(w.layer, "SE", name, *nonfinite_counts(t)))
@@ -342,8 +399,10 @@ def without_experts(w: MoELayerWeights, drop: set[int]) -> MoELayerWeights:
     if not keep:
         raise ValueError(f"layer {w.layer}: cannot drop every expert ({sorted(drop)})")
     idx = torch.tensor(keep, dtype=torch.long, device=w.w_up.device)
-    take = {attr: (None if getattr(w, attr) is None else getattr(w, attr).index_select(0, idx.to(getattr(w, attr).device)))
-            for _, attr in _PER_EXPERT}
+    take = {
+        attr: (None if getattr(w, attr) is None else getattr(w, attr).index_select(0, idx.to(getattr(w, attr).device)))
+        for _, attr in _PER_EXPERT
+    }
     out = MoELayerWeights(**{**w.__dict__, **take})
     out.expert_ids = [w.ids[i] for i in keep]
     return out
@@ -357,15 +416,26 @@ def screen_layer(w: MoELayerWeights, screen: ScreenedSource | None) -> MoELayerW
     if screen is None:
         err = found[0]
         more = f"; {len(found) - 1} more tensor(s) of this layer are non-finite too" if len(found) > 1 else ""
-        raise NonFiniteError(err.layer, err.expert, err.tensor, err.n_nan, err.n_inf,
-                             hint=f"{more}. Weight-only analyses can leave the offending experts out with the notebook "
-                                  f"parameter allow_invalid = True (the page and its results are then marked "
-                                  f"invalid); analyses that run the model cannot")
+        raise NonFiniteError(
+            err.layer,
+            err.expert,
+            err.tensor,
+            err.n_nan,
+            err.n_inf,
+            hint=f"{more}. Weight-only analyses can leave the offending experts out with the notebook "
+            f"parameter allow_invalid = True (the page and its results are then marked "
+            f"invalid); analyses that run the model cannot",
+        )
     bad = {err.expert for err in found if isinstance(err.expert, int)}
     if len(bad) == w.num_experts:
-        raise NonFiniteError(w.layer, None, "the weights of every expert", sum(e.n_nan for e in found),
-                             sum(e.n_inf for e in found), hint="; no expert of this layer is left to analyse, "
-                             "even with allow_invalid = True")
+        raise NonFiniteError(
+            w.layer,
+            None,
+            "the weights of every expert",
+            sum(e.n_nan for e in found),
+            sum(e.n_inf for e in found),
+            hint="; no expert of this layer is left to analyse, even with allow_invalid = True",
+        )
     for err in found:
         screen.record(err)
     if any(err.expert == "SE" for err in found):
@@ -380,8 +450,9 @@ def check_dense(d: DenseMLPWeights) -> DenseMLPWeights:
     return d
 
 
-def layer_weights(source: Any, layer: int, dtype: torch.dtype | None = torch.float32,
-                  allow_pickle: bool = False) -> MoELayerWeights:
+def layer_weights(
+    source: Any, layer: int, dtype: torch.dtype | None = torch.float32, allow_pickle: bool = False
+) -> MoELayerWeights:
     """Canonical weights of MoE layer ``layer`` from a loaded model or a checkpoint folder.
 
     ``dtype=None`` keeps the stored dtype (no copy of a loaded model's tensors, and one bf16 copy
@@ -399,9 +470,12 @@ def layer_weights(source: Any, layer: int, dtype: torch.dtype | None = torch.flo
             src.release()
 
 
-def iter_layer_weights(source: Any, layers: Iterable[int] | None = None,
-                       dtype: torch.dtype | None = torch.float32,
-                       allow_pickle: bool = False) -> Iterator[MoELayerWeights]:
+def iter_layer_weights(
+    source: Any,
+    layers: Iterable[int] | None = None,
+    dtype: torch.dtype | None = torch.float32,
+    allow_pickle: bool = False,
+) -> Iterator[MoELayerWeights]:
     """Yield MoE layers one at a time (default: all MoE layers), releasing file maps in between.
     Non-finite weights are handled as in :func:`layer_weights`."""
     source, screen = unwrap(source)
@@ -416,8 +490,9 @@ def iter_layer_weights(source: Any, layers: Iterable[int] | None = None,
                 src.release()
 
 
-def dense_mlp_weights(source: Any, layer: int, dtype: torch.dtype | None = torch.float32,
-                      allow_pickle: bool = False) -> DenseMLPWeights:
+def dense_mlp_weights(
+    source: Any, layer: int, dtype: torch.dtype | None = torch.float32, allow_pickle: bool = False
+) -> DenseMLPWeights:
     """Weights of the dense MLP of ``layer`` (a dense model, or a dense layer of an MoE model).
     Non-finite weights raise :class:`NonFiniteError`."""
     src, spec, facts = open_source(unwrap(source)[0], allow_pickle)

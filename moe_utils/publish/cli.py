@@ -1,25 +1,25 @@
 """The ``moe-book`` command: run the notebooks, build the site, train the model zoo.
 
-    moe-book run [--model ID_OR_DIR] [--dense-baseline ID] [--notebooks NAME ...]
-                 [--out DIR] [--trust-remote-code] [--allow-pickle] [-p NAME VALUE ...]
-    moe-book build [--out DIR] [--build-dir DIR] [--no-strict] [--repository-url URL [--branch B]]
-    moe-book init DIR             (a new book folder: pages, notebooks, offline JavaScript)
-    moe-book zoo train ...        (delegates to moe_utils.zoo.train)
-    moe-book zoo study ...        (delegates to moe_utils.zoo.study)
+moe-book run [--model ID_OR_DIR] [--dense-baseline ID] [--notebooks NAME ...]
+             [--out DIR] [--trust-remote-code] [--allow-pickle] [-p NAME VALUE ...]
+moe-book build [--out DIR] [--build-dir DIR] [--no-strict] [--repository-url URL [--branch B]]
+moe-book init DIR             (a new book folder: pages, notebooks, offline JavaScript)
+moe-book zoo train ...        (delegates to moe_utils.zoo.train)
+moe-book zoo study ...        (delegates to moe_utils.zoo.study)
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from moe_utils import __version__
 from moe_utils.core.errors import MoEUtilsError, RunInterrupted, UsageError
 from moe_utils.publish.bookbuild import build_book
-from moe_utils.publish.scaffold import init_book
 from moe_utils.publish.runner import RunRequest, check_output_folder, parse_parameters, plan_request, run_jobs
+from moe_utils.publish.scaffold import init_book
 
 DEFAULT_OUT = Path("book/runs")
 
@@ -36,23 +36,43 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--model", help="zoo:NAME, random:FAMILY, a hub id (org/Name) or a local folder")
-    p.add_argument("--dense-baseline", metavar="ID",
-                   help="dense model compared as 'F' (default: none with --model, the zoo's with no --model)")
-    p.add_argument("--notebooks", nargs="+", metavar="NAME",
-                   help="run only these notebooks (file name with or without .ipynb)")
+    p.add_argument(
+        "--dense-baseline",
+        metavar="ID",
+        help="dense model compared as 'F' (default: none with --model, the zoo's with no --model)",
+    )
+    p.add_argument(
+        "--notebooks", nargs="+", metavar="NAME", help="run only these notebooks (file name with or without .ipynb)"
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"runs folder (default {DEFAULT_OUT})")
-    p.add_argument("--notebooks-dir", type=Path, default=Path("notebooks"),
-                   help="folder of the source notebooks (default notebooks)")
-    p.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"),
-                   dest="parameters",
-                   help="extra notebook parameter; VALUE is read as a Python literal when it is one. "
-                        "Names and types are checked against the notebooks' parameters cells "
-                        "(e.g. -p layers '[0, 3]', -p revision COMMIT)")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="same as -p trust_remote_code True: run the checkpoint publisher's Python code")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="same as -p allow_pickle True: load .bin/.pt weights (with torch.load "
-                        "weights_only=True) when the model has no safetensors")
+    p.add_argument(
+        "--notebooks-dir",
+        type=Path,
+        default=Path("notebooks"),
+        help="folder of the source notebooks (default notebooks)",
+    )
+    p.add_argument(
+        "-p",
+        "--parameter",
+        nargs=2,
+        action="append",
+        metavar=("NAME", "VALUE"),
+        dest="parameters",
+        help="extra notebook parameter; VALUE is read as a Python literal when it is one. "
+        "Names and types are checked against the notebooks' parameters cells "
+        "(e.g. -p layers '[0, 3]', -p revision COMMIT)",
+    )
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="same as -p trust_remote_code True: run the checkpoint publisher's Python code",
+    )
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="same as -p allow_pickle True: load .bin/.pt weights (with torch.load "
+        "weights_only=True) when the model has no safetensors",
+    )
 
 
 def _add_build(sub: argparse._SubParsersAction) -> None:
@@ -61,17 +81,19 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
         help="build the static Jupyter Book from the executed notebooks (no re-execution)",
         description="Generate the table of contents from the runs folder and build the HTML site.",
     )
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                   help=f"runs folder written by `moe-book run` (default {DEFAULT_OUT})")
+    p.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help=f"runs folder written by `moe-book run` (default {DEFAULT_OUT})"
+    )
     p.add_argument("--root", type=Path, default=Path("."), help="book folder with _config.yml (default .)")
-    p.add_argument("--build-dir", type=Path, default=None,
-                   help="where _build/html goes (default: the book folder)")
-    p.add_argument("--no-strict", dest="strict", action="store_false",
-                   help="do not treat Sphinx warnings as errors")
-    p.add_argument("--repository-url", metavar="URL",
-                   help="add Binder and Colab launch buttons opening the notebooks from this repository "
-                        "(e.g. https://github.com/OWNER/REPO; the executed notebooks must be committed "
-                        "there); without it the site has none")
+    p.add_argument("--build-dir", type=Path, default=None, help="where _build/html goes (default: the book folder)")
+    p.add_argument("--no-strict", dest="strict", action="store_false", help="do not treat Sphinx warnings as errors")
+    p.add_argument(
+        "--repository-url",
+        metavar="URL",
+        help="add Binder and Colab launch buttons opening the notebooks from this repository "
+        "(e.g. https://github.com/OWNER/REPO; the executed notebooks must be committed "
+        "there); without it the site has none",
+    )
     p.add_argument("--branch", default="main", help="branch of --repository-url (default main)")
 
 
@@ -91,11 +113,11 @@ def _add_init(sub: argparse._SubParsersAction) -> None:
 def _add_zoo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("zoo", help="the embedded model organisms")
     zsub = p.add_subparsers(dest="zoo_command", metavar="COMMAND", required=True)
-    t = zsub.add_parser("train", help="train the model zoo (arguments go to moe_utils.zoo.train)",
-                        add_help=False)
+    t = zsub.add_parser("train", help="train the model zoo (arguments go to moe_utils.zoo.train)", add_help=False)
     t.add_argument("zoo_args", nargs=argparse.REMAINDER)
-    st = zsub.add_parser("study", help="the organism study's replicates (arguments go to moe_utils.zoo.study)",
-                         add_help=False)
+    st = zsub.add_parser(
+        "study", help="the organism study's replicates (arguments go to moe_utils.zoo.study)", add_help=False
+    )
     st.add_argument("zoo_args", nargs=argparse.REMAINDER)
 
 
@@ -111,10 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_build(sub)
     _add_init(sub)
     _add_zoo(sub)
-    sub.add_parser("coverage", add_help=False,
-                   help="check every MoE family of the installed transformers and write the "
-                        "coverage page (arguments go to moe_utils.publish.coverage)").add_argument(
-        "coverage_args", nargs=argparse.REMAINDER)
+    sub.add_parser(
+        "coverage",
+        add_help=False,
+        help="check every MoE family of the installed transformers and write the "
+        "coverage page (arguments go to moe_utils.publish.coverage)",
+    ).add_argument("coverage_args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -126,33 +150,45 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 raise UsageError(f"--{name.replace('_', '-')} contradicts -p {name} {parameters[name]!r}")
             parameters[name] = True
     req = RunRequest(
-        notebooks_dir=args.notebooks_dir, out=args.out, model=args.model,
-        dense_baseline=args.dense_baseline, notebooks=list(args.notebooks or []),
+        notebooks_dir=args.notebooks_dir,
+        out=args.out,
+        model=args.model,
+        dense_baseline=args.dense_baseline,
+        notebooks=list(args.notebooks or []),
         parameters=parameters,
     )
     jobs = plan_request(req)
     check_output_folder(args.out)
     run_jobs(jobs)
     if args.model is not None and not any(job.model is None for job in jobs):
-        print("book-level pages (summary) were not rerun; to include this model there: "
-              "moe-book run --notebooks summary")
+        print(
+            "book-level pages (summary) were not rerun; to include this model there: moe-book run --notebooks summary"
+        )
     return 0
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
     root = args.root
     runs = args.out if args.out.is_absolute() else (Path.cwd() / args.out)
-    build_book(root=root, runs_dir=runs, build_dir=args.build_dir, strict=args.strict,
-               repository_url=args.repository_url, branch=args.branch)
+    build_book(
+        root=root,
+        runs_dir=runs,
+        build_dir=args.build_dir,
+        strict=args.strict,
+        repository_url=args.repository_url,
+        branch=args.branch,
+    )
     return 0
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
     written = init_book(args.dir)
-    print(f"wrote {len(written)} files to {args.dir}; next:\n"
-          f"    cd {args.dir}\n"
-          "    moe-book run --model random:mixtral     # or a hub id, a local folder, zoo:NAME\n"
-          "    moe-book build                          # the site goes to _build/html")
+    print(
+        f"wrote {len(written)} files to {args.dir}; next:\n"
+        f"    cd {args.dir}\n"
+        "    moe-book run --model random:mixtral     # or a hub id, a local folder, zoo:NAME\n"
+        "    moe-book build                          # the site goes to _build/html"
+    )
     return 0
 
 
@@ -193,8 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"moe-book {command}: {exc}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        kept = ("the previous site was kept" if command == "build"
-                else "notebooks that had finished were kept and nothing else was changed")
+        kept = (
+            "the previous site was kept"
+            if command == "build"
+            else "notebooks that had finished were kept and nothing else was changed"
+        )
         print(f"moe-book {command}: interrupted; {kept}", file=sys.stderr)
         return 130
     except UsageError as exc:

@@ -23,18 +23,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import torch
 
 from moe_utils.arch import SPECS, get_spec
 from moe_utils.arch.catalogue import CatalogueEntry, catalogue
 from moe_utils.models.derive import rebuild_errors
-from moe_utils.models.loading import load_model
+from moe_utils.models.loading import LoadedModel, load_model
 from moe_utils.models.weights import layer_weights
-from moe_utils.models.loading import LoadedModel
 
 TOLERANCE = 1e-5
 WEIGHTS_NOTEBOOKS = ("obs1_neurons_as_experts",)
@@ -54,12 +53,12 @@ class FamilyRow:
     family: str
     package: str
     config_class: str
-    spec: str = "none"                 # "hand-written", "derived" or "none"
+    spec: str = "none"  # "hand-written", "derived" or "none"
     spec_name: str | None = None
     trace_ok: bool = False
     rebuild_error: float | None = None
     disk_ok: bool | None = None
-    weights_ok: bool | None = None     # None: notebooks not run
+    weights_ok: bool | None = None  # None: notebooks not run
     dynamic_ok: bool | None = None
     quirks: list[str] = field(default_factory=list)
     routing: str | None = None
@@ -69,8 +68,13 @@ class FamilyRow:
     @property
     def passes(self) -> bool:
         """Both analyses ran and every MoE block was rebuilt within the tolerance."""
-        return bool(self.trace_ok and self.weights_ok and self.dynamic_ok and
-                    self.rebuild_error is not None and self.rebuild_error <= TOLERANCE)
+        return bool(
+            self.trace_ok
+            and self.weights_ok
+            and self.dynamic_ok
+            and self.rebuild_error is not None
+            and self.rebuild_error <= TOLERANCE
+        )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -101,13 +105,13 @@ def _disk_check(lm: LoadedModel, folder_root: Path) -> None:
         lm.built().save_pretrained(folder, **({"save_original_format": False} if fused else {}))
         for layer in lm.moe_layers:
             want, got = layer_weights(lm, layer), layer_weights(folder, layer)
-            for name in ("router", "w_act", "w_up", "w_down", "score_correction_bias",
-                         "router_bias", "shared_gate"):
+            for name in ("router", "w_act", "w_up", "w_down", "score_correction_bias", "router_bias", "shared_gate"):
                 a, b = getattr(want, name), getattr(got, name)
                 if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
                     spelling = "fused" if fused else "per-expert"
-                    raise AssertionError(f"{name} of layer {layer} read from the {spelling} "
-                                         "checkpoint differs from the model's")
+                    raise AssertionError(
+                        f"{name} of layer {layer} read from the {spelling} checkpoint differs from the model's"
+                    )
 
 
 def trace_check(row: FamilyRow, name: str) -> FamilyRow:
@@ -123,10 +127,13 @@ def trace_check(row: FamilyRow, name: str) -> FamilyRow:
         row.trace_ok = row.rebuild_error <= TOLERANCE
         if not row.trace_ok:
             worst = max(errors, key=errors.get)
-            row.reason = (f"layer {worst} rebuilt with relative error {errors[worst]:.2e}"
-                          if errors[worst] != float("inf") else f"layer {worst}: top-k sets differ")
+            row.reason = (
+                f"layer {worst} rebuilt with relative error {errors[worst]:.2e}"
+                if errors[worst] != float("inf")
+                else f"layer {worst}: top-k sets differ"
+            )
             return row
-    except Exception as exc:  # noqa: BLE001 - every failure is a row of the matrix
+    except Exception as exc:
         row.reason = _first_line(exc)
         return row
     try:
@@ -136,7 +143,7 @@ def trace_check(row: FamilyRow, name: str) -> FamilyRow:
         with tempfile.TemporaryDirectory() as tmp:
             _disk_check(lm, Path(tmp))
         row.disk_ok = True
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         row.disk_ok = False
         row.reason = f"on-disk weights: {_first_line(exc)}"
     return row
@@ -151,10 +158,23 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run_notebooks(name: str, notebooks: Sequence[str], out: Path, timeout: float,
-                   max_tokens: int | None = MAX_TOKENS) -> tuple[bool, str, str]:
-    cmd = [sys.executable, "-m", "moe_utils.publish.cli", "run", "--model", f"random:{name}",
-           "--out", str(out), "--notebooks-dir", str(NOTEBOOKS_DIR), "--notebooks", *notebooks]
+def _run_notebooks(
+    name: str, notebooks: Sequence[str], out: Path, timeout: float, max_tokens: int | None = MAX_TOKENS
+) -> tuple[bool, str, str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "moe_utils.publish.cli",
+        "run",
+        "--model",
+        f"random:{name}",
+        "--out",
+        str(out),
+        "--notebooks-dir",
+        str(NOTEBOOKS_DIR),
+        "--notebooks",
+        *notebooks,
+    ]
     if max_tokens is not None:
         cmd += ["-p", "max_tokens", str(int(max_tokens))]
     try:
@@ -227,9 +247,15 @@ def _row_in_subprocess(entry: CatalogueEntry, notebooks: bool, timeout: float) -
     return FamilyRow(entry.model_type, entry.package, entry.config_class, reason=why)
 
 
-def coverage(families: Iterable[str] | None = None, notebooks: bool = False,
-             log: Callable[[str], None] = print, workers: int = 1, timeout: float = 1800,
-             skip: Iterable[str] = (), on_row: Callable[[dict], None] | None = None) -> dict:
+def coverage(
+    families: Iterable[str] | None = None,
+    notebooks: bool = False,
+    log: Callable[[str], None] = print,
+    workers: int = 1,
+    timeout: float = 1800,
+    skip: Iterable[str] = (),
+    on_row: Callable[[dict], None] | None = None,
+) -> dict:
     """The coverage matrix as a JSON-ready dict (rows plus versions and date).
 
     With ``workers > 1`` families are checked in parallel subprocesses; ``skip`` leaves
@@ -240,14 +266,15 @@ def coverage(families: Iterable[str] | None = None, notebooks: bool = False,
 
     wanted = set(families) if families is not None else None
     skipped = set(skip)
-    entries = [e for e in catalogue()
-               if (wanted is None or e.model_type in wanted or e.package in wanted)
-               and e.model_type not in skipped]
+    entries = [
+        e
+        for e in catalogue()
+        if (wanted is None or e.model_type in wanted or e.package in wanted) and e.model_type not in skipped
+    ]
     lock = threading.Lock()
 
     def one(entry: CatalogueEntry) -> FamilyRow:
-        row = (_row_in_subprocess(entry, notebooks, timeout) if workers > 1
-               else family_row(entry, notebooks=notebooks))
+        row = _row_in_subprocess(entry, notebooks, timeout) if workers > 1 else family_row(entry, notebooks=notebooks)
         status = "ok" if (row.passes if notebooks else row.trace_ok) else "FAIL"
         with lock:
             log(f"{row.family:24s} {row.spec:12s} {status:4s} {row.seconds:6.1f}s {row.reason or ''}")
@@ -263,9 +290,14 @@ def coverage(families: Iterable[str] | None = None, notebooks: bool = False,
 def _header(notebooks: bool) -> dict:
     import transformers
 
-    return {"transformers": transformers.__version__, "torch": torch.__version__,
-            "date": _dt.date.today().isoformat(), "notebooks": notebooks, "tolerance": TOLERANCE,
-            "max_tokens": MAX_TOKENS if notebooks else None}
+    return {
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "date": _dt.date.today().isoformat(),
+        "notebooks": notebooks,
+        "tolerance": TOLERANCE,
+        "max_tokens": MAX_TOKENS if notebooks else None,
+    }
 
 
 def merge(old: dict, new: dict) -> dict:
@@ -273,19 +305,21 @@ def merge(old: dict, new: dict) -> dict:
     by_family = {r["family"]: r for r in old.get("rows", [])}
     by_family.update({r["family"]: r for r in new["rows"]})
     order = [e.model_type for e in catalogue()]
-    rows = sorted(by_family.values(), key=lambda r: order.index(r["family"])
-                  if r["family"] in order else len(order))
+    rows = sorted(by_family.values(), key=lambda r: order.index(r["family"]) if r["family"] in order else len(order))
     return {**old, **{k: v for k, v in new.items() if k != "rows"}, "rows": rows}
 
 
 def summary_counts(data: dict) -> dict[str, int]:
     """Listed families, families passing both analyses, derived / hand-written specs."""
     rows = [FamilyRow(**r) for r in data["rows"]]
-    return {"listed": len(rows), "covered": sum(1 for r in rows if r.spec != "none"),
-            "pass": sum(1 for r in rows if r.passes),
-            "trace_ok": sum(1 for r in rows if r.trace_ok),
-            "derived": sum(1 for r in rows if r.spec == "derived" and r.trace_ok),
-            "hand_written": sum(1 for r in rows if r.spec == "hand-written")}
+    return {
+        "listed": len(rows),
+        "covered": sum(1 for r in rows if r.spec != "none"),
+        "pass": sum(1 for r in rows if r.passes),
+        "trace_ok": sum(1 for r in rows if r.trace_ok),
+        "derived": sum(1 for r in rows if r.spec == "derived" and r.trace_ok),
+        "hand_written": sum(1 for r in rows if r.spec == "hand-written"),
+    }
 
 
 def _mark(value: bool | None) -> str:
@@ -317,8 +351,11 @@ def render_page(data: dict) -> str:
         "names and with fused names (`save_original_format=False`) streams the same weights as "
         "the model holds, without building it. Regenerate with `make test-families` "
         "(or `moe-book coverage --notebooks`)"
-        + (f"; the notebooks ran on the first {data['max_tokens']} tokens of their default inputs."
-           if data.get("max_tokens") else "."),
+        + (
+            f"; the notebooks ran on the first {data['max_tokens']} tokens of their default inputs."
+            if data.get("max_tokens")
+            else "."
+        ),
         "",
         "| family | transformers package | spec | weights | dynamic | disk | largest rebuild error | reason when not |",
         "|---|---|---|---|---|---|---|---|",
@@ -326,12 +363,19 @@ def render_page(data: dict) -> str:
     for r in data["rows"]:
         err = "" if r["rebuild_error"] is None else f"{r['rebuild_error']:.1e}"
         reason = (r["reason"] or "").replace("|", "\\|").replace("\n", " ")
-        lines.append(f"| `{r['family']}` | {r['package']} | {r['spec']} | {_mark(r['weights_ok'])} | "
-                     f"{_mark(r['dynamic_ok'])} | {_mark(r['disk_ok'])} | {err} | {reason} |")
-    lines += ["", "## How each family routes, and what to keep in mind", "",
-              "Quirks that change how a number on a model's pages reads (hybrid stacks, "
-              "sigmoid routers with bias-based balancing, group-limited routing, chosen weights "
-              "that do not sum to 1) are repeated on that model's pages.", ""]
+        lines.append(
+            f"| `{r['family']}` | {r['package']} | {r['spec']} | {_mark(r['weights_ok'])} | "
+            f"{_mark(r['dynamic_ok'])} | {_mark(r['disk_ok'])} | {err} | {reason} |"
+        )
+    lines += [
+        "",
+        "## How each family routes, and what to keep in mind",
+        "",
+        "Quirks that change how a number on a model's pages reads (hybrid stacks, "
+        "sigmoid routers with bias-based balancing, group-limited routing, chosen weights "
+        "that do not sum to 1) are repeated on that model's pages.",
+        "",
+    ]
     for r in data["rows"]:
         if r["spec"] == "none" or not r.get("routing"):
             continue
@@ -356,14 +400,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="moe-book coverage", description=__doc__.split("\n\n")[0])
-    p.add_argument("--notebooks", action="store_true",
-                   help="also run every per-model notebook (slow: a minute or two per family)")
-    p.add_argument("--families", nargs="+", metavar="NAME",
-                   help="only these families (their rows replace those in the existing data file)")
+    p.add_argument(
+        "--notebooks", action="store_true", help="also run every per-model notebook (slow: a minute or two per family)"
+    )
+    p.add_argument(
+        "--families",
+        nargs="+",
+        metavar="NAME",
+        help="only these families (their rows replace those in the existing data file)",
+    )
     p.add_argument("--workers", type=int, default=1, help="families checked in parallel")
     p.add_argument("--root", type=Path, default=Path("."), help="book root (default .)")
-    p.add_argument("--resume", action="store_true",
-                   help="keep the rows already in the data file and check the other families")
+    p.add_argument(
+        "--resume", action="store_true", help="keep the rows already in the data file and check the other families"
+    )
     p.add_argument("--row", metavar="NAME", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.row:
@@ -373,21 +423,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     existing = args.root / DATA_FILE
     partial = args.families is not None or args.resume
     old = json.loads(existing.read_text()) if partial and existing.is_file() else {"rows": []}
-    done = [r["family"] for r in old["rows"] if r.get("weights_ok") is not None or
-            not args.notebooks] if args.resume else []
+    done = (
+        [r["family"] for r in old["rows"] if r.get("weights_ok") is not None or not args.notebooks]
+        if args.resume
+        else []
+    )
 
     def save(row: dict) -> None:  # progress is kept if the run is interrupted
         nonlocal old
         old = merge(old, {**_header(args.notebooks), "rows": [row]})
         write(old, args.root)
 
-    data = merge(old, coverage(args.families, notebooks=args.notebooks, workers=args.workers,
-                               skip=done, on_row=save))
+    data = merge(old, coverage(args.families, notebooks=args.notebooks, workers=args.workers, skip=done, on_row=save))
     paths = write(data, args.root)
     print(f"wrote {paths[0]} and {paths[1]}")
     counts = summary_counts(data)
-    print(f"{counts['listed']} families listed, {counts['trace_ok']} rebuilt within "
-          f"{TOLERANCE:g}, {counts['pass']} pass both analyses")
+    print(
+        f"{counts['listed']} families listed, {counts['trace_ok']} rebuilt within "
+        f"{TOLERANCE:g}, {counts['pass']} pass both analyses"
+    )
     return 0
 
 

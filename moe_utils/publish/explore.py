@@ -6,7 +6,8 @@ them only in a live kernel; the book's pages rely on the Altair sliders instead.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from .render import book_build_enabled
 

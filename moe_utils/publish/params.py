@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import ast
 import difflib
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 from moe_utils.core.errors import UsageError
 
@@ -87,8 +88,17 @@ def type_check(type_text: str) -> Check:
 
 def describe_type(type_text: str) -> str:
     """Words for a type: ``Optional[list[int]]`` -> ``a list of ints or None``."""
-    words = {"int": "an int", "float": "a number", "str": "a string", "bool": "True or False",
-             "None": "None", "Any": "any value", "dict": "a dict", "list": "a list", "tuple": "a tuple"}
+    words = {
+        "int": "an int",
+        "float": "a number",
+        "str": "a string",
+        "bool": "True or False",
+        "None": "None",
+        "Any": "any value",
+        "dict": "a dict",
+        "list": "a list",
+        "tuple": "a tuple",
+    }
 
     def say(node: ast.AST) -> str:
         if isinstance(node, ast.Constant) and node.value is None:
@@ -138,7 +148,7 @@ def notebook_parameters(path: str | Path) -> dict[str, ParamSpec]:
     path = Path(path)
     try:
         nb = load_notebook_node(str(path))
-    except Exception as exc:  # noqa: BLE001 - unreadable or not a notebook
+    except Exception as exc:
         raise UsageError(f"cannot read notebook {path}: {type(exc).__name__}: {exc}") from exc
     specs = {}
     for p in _infer_parameters(nb):
@@ -147,8 +157,9 @@ def notebook_parameters(path: str | Path) -> dict[str, ParamSpec]:
     return specs
 
 
-def check_parameters(values: Mapping[str, Any], declared: Mapping[str, ParamSpec],
-                     where: str = "the notebooks") -> None:
+def check_parameters(
+    values: Mapping[str, Any], declared: Mapping[str, ParamSpec], where: str = "the notebooks"
+) -> None:
     """Raise :class:`UsageError` for a name not declared or a value of the wrong type.
 
     The message for an unknown name lists the valid ones and the closest match; for a wrong
@@ -159,11 +170,13 @@ def check_parameters(values: Mapping[str, Any], declared: Mapping[str, ParamSpec
         if spec is None:
             close = difflib.get_close_matches(name, list(declared), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise UsageError(f"unknown parameter {name!r} for {where}.{hint} Valid names: "
-                             f"{', '.join(sorted(declared))}")
+            raise UsageError(
+                f"unknown parameter {name!r} for {where}.{hint} Valid names: {', '.join(sorted(declared))}"
+            )
         if not spec.accepts(value):
-            raise UsageError(f"parameter {name!r} must be {describe_type(spec.type_text)}; got "
-                             f"{value!r} ({type(value).__name__})")
+            raise UsageError(
+                f"parameter {name!r} must be {describe_type(spec.type_text)}; got {value!r} ({type(value).__name__})"
+            )
 
 
 def merged_parameters(paths: Iterable[str | Path]) -> dict[str, ParamSpec]:

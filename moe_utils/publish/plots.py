@@ -9,7 +9,7 @@ layers are analysed (for example DeepSeekMoE's MoE layers 1-27, or ``layers=[0, 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import altair as alt
 import pandas as pd
@@ -30,17 +30,16 @@ def with_layer_position(df: pd.DataFrame, layer_field: str = "layer") -> pd.Data
     return out
 
 
-def layer_slider(df: pd.DataFrame, name: str = "layer_slider", start: int | None = None,
-                 label: str = "layer position ") -> alt.Parameter:
+def layer_slider(
+    df: pd.DataFrame, name: str = "layer_slider", start: int | None = None, label: str = "layer position "
+) -> alt.Parameter:
     """A range-slider parameter over the layer positions present in ``df``."""
     n = int(df[LAYER_POS].max()) + 1
     value = n - 1 if start is None else max(0, min(n - 1, start))
-    return alt.param(name=name, value=value,
-                     bind=alt.binding_range(min=0, max=max(n - 1, 0), step=1, name=label))
+    return alt.param(name=name, value=value, bind=alt.binding_range(min=0, max=max(n - 1, 0), step=1, name=label))
 
 
-def _caption(data: pd.DataFrame, predicates: Sequence[alt.Predicate], text: str,
-             **fields: str) -> alt.Chart:
+def _caption(data: pd.DataFrame, predicates: Sequence[alt.Predicate], text: str, **fields: str) -> alt.Chart:
     """A one-line bold caption naming the current slider selection (e.g. "layer 7").
 
     ``fields`` are aggregates of the filtered rows (``layer="min(layer)"``) that ``text``, a Vega
@@ -49,8 +48,13 @@ def _caption(data: pd.DataFrame, predicates: Sequence[alt.Predicate], text: str,
     chart = alt.Chart(data)
     for p in predicates:
         chart = chart.transform_filter(p)
-    return chart.transform_aggregate(**fields).transform_calculate(text=text).mark_text(
-        align="left", fontSize=13, fontWeight="bold").encode(text="text:N").properties(height=16)
+    return (
+        chart.transform_aggregate(**fields)
+        .transform_calculate(text=text)
+        .mark_text(align="left", fontSize=13, fontWeight="bold")
+        .encode(text="text:N")
+        .properties(height=16)
+    )
 
 
 def _layer_caption(data: pd.DataFrame, *predicates: alt.Predicate) -> alt.Chart:
@@ -64,20 +68,30 @@ def _typed_fields(df: pd.DataFrame) -> list[str]:
 
 def token_slider(n_tokens: int) -> alt.Parameter:
     """A range-slider parameter over token indices 0..n_tokens-1."""
-    return alt.param(name="token_slider", value=0,
-                     bind=alt.binding_range(min=0, max=max(n_tokens - 1, 0), step=1, name="token "))
+    return alt.param(
+        name="token_slider", value=0, bind=alt.binding_range(min=0, max=max(n_tokens - 1, 0), step=1, name="token ")
+    )
 
 
 def _layer_filter(param: alt.Parameter) -> alt.Predicate:
     return alt.datum[LAYER_POS] == param
 
 
-def similarity_heatmaps(df: pd.DataFrame, *, row_field: str = "expert_i", col_field: str = "expert_j",
-                        value_field: str = "similarity", facet_field: str | None = "matrix",
-                        facet_order: Sequence[str] | None = None, title: str = "",
-                        value_title: str = "cosine similarity", domain: tuple[float, float] | None = None,
-                        start_layer_pos: int | None = None, cell: int = 22,
-                        scheme: str = "viridis") -> alt.Chart:
+def similarity_heatmaps(
+    df: pd.DataFrame,
+    *,
+    row_field: str = "expert_i",
+    col_field: str = "expert_j",
+    value_field: str = "similarity",
+    facet_field: str | None = "matrix",
+    facet_order: Sequence[str] | None = None,
+    title: str = "",
+    value_title: str = "cosine similarity",
+    domain: tuple[float, float] | None = None,
+    start_layer_pos: int | None = None,
+    cell: int = 22,
+    scheme: str = "viridis",
+) -> alt.Chart:
     """Expert-by-expert heat maps (one panel per ``facet_field`` value) with a layer slider.
 
     ``df`` needs columns layer, row_field, col_field, value_field and facet_field. Labels are
@@ -90,12 +104,17 @@ def similarity_heatmaps(df: pd.DataFrame, *, row_field: str = "expert_i", col_fi
     slider = layer_slider(data, start=start_layer_pos)
     size = max(120, cell * len(labels))
     scale = alt.Scale(scheme=scheme, domain=list(domain)) if domain else alt.Scale(scheme=scheme)
-    base = alt.Chart(data).mark_rect().encode(
-        x=alt.X(f"{col_field}:N", sort=labels, title="expert"),
-        y=alt.Y(f"{row_field}:N", sort=labels, title="expert"),
-        color=alt.Color(f"{value_field}:Q", scale=scale, title=value_title),
-        tooltip=["layer:O", f"{row_field}:N", f"{col_field}:N", alt.Tooltip(f"{value_field}:Q", format=".3f")],
-    ).properties(width=size, height=size)
+    base = (
+        alt.Chart(data)
+        .mark_rect()
+        .encode(
+            x=alt.X(f"{col_field}:N", sort=labels, title="expert"),
+            y=alt.Y(f"{row_field}:N", sort=labels, title="expert"),
+            color=alt.Color(f"{value_field}:Q", scale=scale, title=value_title),
+            tooltip=["layer:O", f"{row_field}:N", f"{col_field}:N", alt.Tooltip(f"{value_field}:Q", format=".3f")],
+        )
+        .properties(width=size, height=size)
+    )
     base = base.transform_filter(_layer_filter(slider))
     if facet_field:
         order = list(facet_order) if facet_order else list(dict.fromkeys(data[facet_field]))
@@ -106,30 +125,40 @@ def similarity_heatmaps(df: pd.DataFrame, *, row_field: str = "expert_i", col_fi
     return _filtered_vconcat(layer_label, chart, slider, title)
 
 
-def _filtered_vconcat(label: alt.Chart, chart: alt.Chart | alt.FacetChart, slider: alt.Parameter,
-                      title: str) -> alt.VConcatChart:
+def _filtered_vconcat(
+    label: alt.Chart, chart: alt.Chart | alt.FacetChart, slider: alt.Parameter, title: str
+) -> alt.VConcatChart:
     """Stack a layer label (which carries the slider parameter) over an already filtered chart."""
     return alt.vconcat(label.add_params(slider), chart, title=title)
 
 
-def per_layer_lines(df: pd.DataFrame, *, y: str, color: str | None = None, title: str = "",
-                    y_title: str | None = None, band: tuple[str, str] | None = None,
-                    reference: pd.DataFrame | None = None) -> alt.LayerChart | alt.Chart:
+def per_layer_lines(
+    df: pd.DataFrame,
+    *,
+    y: str,
+    color: str | None = None,
+    title: str = "",
+    y_title: str | None = None,
+    band: tuple[str, str] | None = None,
+    reference: pd.DataFrame | None = None,
+) -> alt.LayerChart | alt.Chart:
     """A line per ``color`` group of ``y`` against layer index, with an optional CI band.
 
     ``reference`` (columns ``y`` and ``label``) draws horizontal rules, e.g. a random baseline.
     """
     enc_color = alt.Color(f"{color}:N", title=color) if color else alt.value("#1f77b4")
-    base = alt.Chart(df).encode(x=alt.X("layer:Q", title="layer", axis=alt.Axis(tickMinStep=1)),
-                                color=enc_color)
+    base = alt.Chart(df).encode(x=alt.X("layer:Q", title="layer", axis=alt.Axis(tickMinStep=1)), color=enc_color)
     tooltip = ["layer:Q", alt.Tooltip(f"{y}:Q", format=".3f")] + ([f"{color}:N"] if color else [])
     layers: list[alt.Chart] = []
     if band:
         layers.append(base.mark_area(opacity=0.2).encode(y=f"{band[0]}:Q", y2=f"{band[1]}:Q"))
     layers.append(base.mark_line(point=True).encode(y=alt.Y(f"{y}:Q", title=y_title or y), tooltip=tooltip))
     if reference is not None and len(reference):
-        layers.append(alt.Chart(reference).mark_rule(strokeDash=[4, 4], color="gray").encode(
-            y=f"{y}:Q", tooltip=["label:N", alt.Tooltip(f"{y}:Q", format=".3f")]))
+        layers.append(
+            alt.Chart(reference)
+            .mark_rule(strokeDash=[4, 4], color="gray")
+            .encode(y=f"{y}:Q", tooltip=["label:N", alt.Tooltip(f"{y}:Q", format=".3f")])
+        )
     return alt.layer(*layers).properties(title=title, width=420, height=240)
 
 
@@ -139,13 +168,18 @@ def rank_count_bars(df: pd.DataFrame, *, title: str = "") -> alt.Chart:
     ``df`` columns: norm_rank, score_rank, count.
     """
     n = int(df["norm_rank"].max())
-    return alt.Chart(df).mark_bar().encode(
-        x=alt.X("norm_rank:O", title="rank of the expert's output norm (E = largest)"),
-        xOffset=alt.XOffset("score_rank:O"),
-        y=alt.Y("count:Q", title="count (tokens x layers)"),
-        color=alt.Color("score_rank:O", title="gate-score rank", scale=alt.Scale(scheme="viridis")),
-        tooltip=["norm_rank:O", "score_rank:O", "count:Q"],
-    ).properties(title=title, width=max(360, 48 * n), height=260)
+    return (
+        alt.Chart(df)
+        .mark_bar()
+        .encode(
+            x=alt.X("norm_rank:O", title="rank of the expert's output norm (E = largest)"),
+            xOffset=alt.XOffset("score_rank:O"),
+            y=alt.Y("count:Q", title="count (tokens x layers)"),
+            color=alt.Color("score_rank:O", title="gate-score rank", scale=alt.Scale(scheme="viridis")),
+            tooltip=["norm_rank:O", "score_rank:O", "count:Q"],
+        )
+        .properties(title=title, width=max(360, 48 * n), height=260)
+    )
 
 
 def rank_count_heatmap_by_layer(df: pd.DataFrame, *, title: str = "") -> alt.VConcatChart:
@@ -154,18 +188,25 @@ def rank_count_heatmap_by_layer(df: pd.DataFrame, *, title: str = "") -> alt.VCo
     slider = layer_slider(data)
     n = int(data["norm_rank"].max())
     size = max(160, 24 * n)
-    chart = alt.Chart(data).mark_rect().encode(
-        x=alt.X("norm_rank:O", title="norm rank"),
-        y=alt.Y("score_rank:O", title="score rank", sort="descending"),
-        color=alt.Color("count:Q", scale=alt.Scale(scheme="blues"), title="count"),
-        tooltip=["layer:O", "norm_rank:O", "score_rank:O", "count:Q"],
-    ).transform_filter(_layer_filter(slider)).properties(width=size, height=size)
+    chart = (
+        alt.Chart(data)
+        .mark_rect()
+        .encode(
+            x=alt.X("norm_rank:O", title="norm rank"),
+            y=alt.Y("score_rank:O", title="score rank", sort="descending"),
+            color=alt.Color("count:Q", scale=alt.Scale(scheme="blues"), title="count"),
+            tooltip=["layer:O", "norm_rank:O", "score_rank:O", "count:Q"],
+        )
+        .transform_filter(_layer_filter(slider))
+        .properties(width=size, height=size)
+    )
     label = _layer_caption(data, _layer_filter(slider))
     return _filtered_vconcat(label, chart, slider, title)
 
 
-def token_expert_bars(df: pd.DataFrame, *, value_fields: Sequence[str] = ("norm", "score"),
-                      title: str = "") -> alt.VConcatChart:
+def token_expert_bars(
+    df: pd.DataFrame, *, value_fields: Sequence[str] = ("norm", "score"), title: str = ""
+) -> alt.VConcatChart:
     """The paper's Fig. 4: per expert, output norm and gate score for one token, one layer.
 
     ``df`` columns: layer, token_index, token, expert, chosen and the value fields. Sliders pick
@@ -177,16 +218,26 @@ def token_expert_bars(df: pd.DataFrame, *, value_fields: Sequence[str] = ("norm"
     tok = token_slider(n_tok)
     panels = []
     for field in value_fields:
-        panels.append(alt.Chart(data).mark_bar().encode(
-            x=alt.X("expert:O", title="expert"),
-            y=alt.Y(f"{field}:Q", title=field),
-            color=alt.condition(alt.datum.chosen, alt.value("#d62728"), alt.value("#7f7f7f")),
-            tooltip=["layer:O", "token:N", "expert:O", alt.Tooltip(f"{field}:Q", format=".4f"), "chosen:N"],
-        ).properties(width=260, height=180))
+        panels.append(
+            alt.Chart(data)
+            .mark_bar()
+            .encode(
+                x=alt.X("expert:O", title="expert"),
+                y=alt.Y(f"{field}:Q", title=field),
+                color=alt.condition(alt.datum.chosen, alt.value("#d62728"), alt.value("#7f7f7f")),
+                tooltip=["layer:O", "token:N", "expert:O", alt.Tooltip(f"{field}:Q", format=".4f"), "chosen:N"],
+            )
+            .properties(width=260, height=180)
+        )
     pred = alt.datum[LAYER_POS] == slider
     tok_pred = alt.datum.token_index == tok
-    label = _caption(data, [pred, tok_pred], "'layer ' + datum.layer + ', token ' + datum.token",
-                     layer="min(layer)", token="min(token)")
+    label = _caption(
+        data,
+        [pred, tok_pred],
+        "'layer ' + datum.layer + ', token ' + datum.token",
+        layer="min(layer)",
+        token="min(token)",
+    )
     row = alt.hconcat(*[p.transform_filter(pred).transform_filter(tok_pred) for p in panels])
     return alt.vconcat(label.add_params(slider, tok), row, title=title)
 
@@ -204,24 +255,44 @@ def token_similarity_heatmaps(df: pd.DataFrame, *, title: str = "") -> alt.VConc
     n_tok = int(data["token_index"].max()) + 1
     tok = token_slider(n_tok)
     size = max(140, 22 * len(labels))
-    chart = alt.Chart(data).mark_rect().encode(
-        x=alt.X("expert_j:N", sort=labels, title="expert"),
-        y=alt.Y("expert_i:N", sort=labels, title="expert"),
-        color=alt.Color("similarity:Q", scale=alt.Scale(scheme="viridis", domain=[-1, 1]), title="cosine"),
-        tooltip=["layer:O", "token:N", "expert_i:N", "expert_j:N", alt.Tooltip("similarity:Q", format=".3f")],
-    ).properties(width=size, height=size)
+    chart = (
+        alt.Chart(data)
+        .mark_rect()
+        .encode(
+            x=alt.X("expert_j:N", sort=labels, title="expert"),
+            y=alt.Y("expert_i:N", sort=labels, title="expert"),
+            color=alt.Color("similarity:Q", scale=alt.Scale(scheme="viridis", domain=[-1, 1]), title="cosine"),
+            tooltip=["layer:O", "token:N", "expert_i:N", "expert_j:N", alt.Tooltip("similarity:Q", format=".3f")],
+        )
+        .properties(width=size, height=size)
+    )
     pred = alt.datum[LAYER_POS] == slider
     tok_pred = alt.datum.token_index == tok
-    label = _caption(data, [pred, tok_pred],
-                     "'layer ' + datum.layer + ', token ' + datum.token + '  (chosen: ' + datum.chosen + ')'",
-                     layer="min(layer)", token="min(token)", chosen="min(chosen_text)")
-    return alt.vconcat(label.add_params(slider, tok), chart.transform_filter(pred).transform_filter(tok_pred),
-                       title=title)
+    label = _caption(
+        data,
+        [pred, tok_pred],
+        "'layer ' + datum.layer + ', token ' + datum.token + '  (chosen: ' + datum.chosen + ')'",
+        layer="min(layer)",
+        token="min(token)",
+        chosen="min(chosen_text)",
+    )
+    return alt.vconcat(
+        label.add_params(slider, tok), chart.transform_filter(pred).transform_filter(tok_pred), title=title
+    )
 
 
-def scatter_by_layer(df: pd.DataFrame, *, x: str, y: str, color: str | None = None, title: str = "",
-                     x_title: str | None = None, y_title: str | None = None,
-                     facet_field: str | None = None, with_fit: bool = True) -> alt.VConcatChart:
+def scatter_by_layer(
+    df: pd.DataFrame,
+    *,
+    x: str,
+    y: str,
+    color: str | None = None,
+    title: str = "",
+    x_title: str | None = None,
+    y_title: str | None = None,
+    facet_field: str | None = None,
+    with_fit: bool = True,
+) -> alt.VConcatChart:
     """Scatter of ``y`` against ``x`` for one layer at a time (slider), with a least-squares line."""
     data = with_layer_position(df)
     slider = layer_slider(data)
@@ -233,8 +304,13 @@ def scatter_by_layer(df: pd.DataFrame, *, x: str, y: str, color: str | None = No
         color=alt.Color(f"{color}:N") if color else alt.value("#1f77b4"),
         tooltip=_typed_fields(data),
     )
-    layered = alt.layer(pts, pts.transform_regression(x, y, groupby=[facet_field] if facet_field else []
-                                                      ).mark_line(color="black")) if with_fit else pts
+    layered = (
+        alt.layer(
+            pts, pts.transform_regression(x, y, groupby=[facet_field] if facet_field else []).mark_line(color="black")
+        )
+        if with_fit
+        else pts
+    )
     layered = layered.properties(width=240, height=220)
     body = layered.facet(column=alt.Column(f"{facet_field}:N", title=None), data=data) if facet_field else layered
     label = _layer_caption(data, pred)
@@ -250,12 +326,20 @@ def routing_pattern(df: pd.DataFrame, *, title: str = "") -> alt.VConcatChart:
     slider = layer_slider(data)
     pred = alt.datum[LAYER_POS] == slider
     n_tok = int(data["token_index"].max()) + 1
-    chart = alt.Chart(data).mark_rect().encode(
-        x=alt.X("token_index:O", title="token position", axis=alt.Axis(labelAngle=0, values=list(range(0, n_tok, 8)))),
-        y=alt.Y("expert:O", title="expert"),
-        color=alt.Color("weight:Q", scale=alt.Scale(scheme="oranges", domain=[0, 1]), title="gate weight"),
-        tooltip=["layer:O", "token_index:O", "token:N", "expert:O", alt.Tooltip("weight:Q", format=".3f")],
-    ).transform_filter(pred).properties(width=max(360, 9 * n_tok), height=180)
+    chart = (
+        alt.Chart(data)
+        .mark_rect()
+        .encode(
+            x=alt.X(
+                "token_index:O", title="token position", axis=alt.Axis(labelAngle=0, values=list(range(0, n_tok, 8)))
+            ),
+            y=alt.Y("expert:O", title="expert"),
+            color=alt.Color("weight:Q", scale=alt.Scale(scheme="oranges", domain=[0, 1]), title="gate weight"),
+            tooltip=["layer:O", "token_index:O", "token:N", "expert:O", alt.Tooltip("weight:Q", format=".3f")],
+        )
+        .transform_filter(pred)
+        .properties(width=max(360, 9 * n_tok), height=180)
+    )
     label = _layer_caption(data, pred)
     return alt.vconcat(label.add_params(slider), chart, title=title)
 
@@ -265,14 +349,31 @@ def pca_scatter(df: pd.DataFrame, *, title: str = "") -> alt.VConcatChart:
     data = with_layer_position(df)
     slider = layer_slider(data)
     pred = alt.datum[LAYER_POS] == slider
-    pts = alt.Chart().transform_filter(pred).mark_point(filled=True, size=60).encode(
-        x=alt.X("pc1:Q", title="PC 1"), y=alt.Y("pc2:Q", title="PC 2"),
-        shape=alt.Shape("kind:N", title="", legend=None), color=alt.Color("kind:N", title=""),
-        tooltip=["layer:O", "matrix:N", "label:N", alt.Tooltip("pc1:Q", format=".2f"), alt.Tooltip("pc2:Q", format=".2f")],
-    ).properties(width=220, height=200)
+    pts = (
+        alt.Chart()
+        .transform_filter(pred)
+        .mark_point(filled=True, size=60)
+        .encode(
+            x=alt.X("pc1:Q", title="PC 1"),
+            y=alt.Y("pc2:Q", title="PC 2"),
+            shape=alt.Shape("kind:N", title="", legend=None),
+            color=alt.Color("kind:N", title=""),
+            tooltip=[
+                "layer:O",
+                "matrix:N",
+                "label:N",
+                alt.Tooltip("pc1:Q", format=".2f"),
+                alt.Tooltip("pc2:Q", format=".2f"),
+            ],
+        )
+        .properties(width=220, height=200)
+    )
     text = pts.mark_text(dx=8, dy=-6, fontSize=10).encode(text="label:N")
-    body = alt.layer(pts, text).facet(column=alt.Column("matrix:N", title=None), data=data).resolve_scale(
-        x="independent", y="independent")
+    body = (
+        alt.layer(pts, text)
+        .facet(column=alt.Column("matrix:N", title=None), data=data)
+        .resolve_scale(x="independent", y="independent")
+    )
     label = _layer_caption(data, pred)
     return alt.vconcat(label.add_params(slider), body, title=title)
 
@@ -285,63 +386,115 @@ def intermediate_heatmap(df: pd.DataFrame, *, title: str = "") -> alt.VConcatCha
     pred = alt.datum.token_index == tok
     experts = list(dict.fromkeys(df["expert"].astype(str)))
     lim = float(df["value"].abs().quantile(0.99)) or 1.0
-    chart = alt.Chart(df).transform_filter(pred).mark_rect().encode(
-        x=alt.X("neuron:O", title="neuron", axis=alt.Axis(values=list(range(0, int(df["neuron"].max()) + 1, 16)))),
-        y=alt.Y("expert:N", sort=experts, title="expert"),
-        color=alt.Color("value:Q", scale=alt.Scale(scheme="redblue", domain=[-lim, lim], reverse=True),
-                        title="act(W_act x)"),
-        tooltip=["token:N", "expert:N", "neuron:O", alt.Tooltip("value:Q", format=".4f")],
-    ).properties(width=560, height=max(120, 16 * len(experts)))
+    chart = (
+        alt.Chart(df)
+        .transform_filter(pred)
+        .mark_rect()
+        .encode(
+            x=alt.X("neuron:O", title="neuron", axis=alt.Axis(values=list(range(0, int(df["neuron"].max()) + 1, 16)))),
+            y=alt.Y("expert:N", sort=experts, title="expert"),
+            color=alt.Color(
+                "value:Q", scale=alt.Scale(scheme="redblue", domain=[-lim, lim], reverse=True), title="act(W_act x)"
+            ),
+            tooltip=["token:N", "expert:N", "neuron:O", alt.Tooltip("value:Q", format=".4f")],
+        )
+        .properties(width=560, height=max(120, 16 * len(experts)))
+    )
     label = _caption(df, [pred], "'token ' + datum.token", token="min(token)")
     return alt.vconcat(label.add_params(tok), chart, title=title)
 
 
-def grid_heatmap(df: pd.DataFrame, *, x: str, y: str, value: str, title: str = "", value_title: str | None = None,
-                 domain: tuple[float, float] | None = None, scheme: str = "viridis", cell: int = 22) -> alt.Chart:
+def grid_heatmap(
+    df: pd.DataFrame,
+    *,
+    x: str,
+    y: str,
+    value: str,
+    title: str = "",
+    value_title: str | None = None,
+    domain: tuple[float, float] | None = None,
+    scheme: str = "viridis",
+    cell: int = 22,
+) -> alt.Chart:
     """A plain heat map of ``value`` over two categorical axes (e.g. layer x expert), no slider."""
     xs = list(dict.fromkeys(df[x].astype(str)))
     ys = list(dict.fromkeys(df[y].astype(str)))
     data = df.assign(**{x: df[x].astype(str), y: df[y].astype(str)})
     scale = alt.Scale(scheme=scheme, domain=list(domain)) if domain else alt.Scale(scheme=scheme)
-    return alt.Chart(data).mark_rect().encode(
-        x=alt.X(f"{x}:N", sort=xs, title=x), y=alt.Y(f"{y}:N", sort=ys, title=y),
-        color=alt.Color(f"{value}:Q", scale=scale, title=value_title or value),
-        tooltip=[f"{x}:N", f"{y}:N", alt.Tooltip(f"{value}:Q", format=".4f")],
-    ).properties(title=title, width=max(160, cell * len(xs)), height=max(100, cell * len(ys)))
+    return (
+        alt.Chart(data)
+        .mark_rect()
+        .encode(
+            x=alt.X(f"{x}:N", sort=xs, title=x),
+            y=alt.Y(f"{y}:N", sort=ys, title=y),
+            color=alt.Color(f"{value}:Q", scale=scale, title=value_title or value),
+            tooltip=[f"{x}:N", f"{y}:N", alt.Tooltip(f"{value}:Q", format=".4f")],
+        )
+        .properties(title=title, width=max(160, cell * len(xs)), height=max(100, cell * len(ys)))
+    )
 
 
-def interval_points(df: pd.DataFrame, *, x: str, y: str, low: str, high: str, color: str | None = None,
-                    x_title: str | None = None, title: str = "", zero_rule: bool = True) -> alt.LayerChart:
+def interval_points(
+    df: pd.DataFrame,
+    *,
+    x: str,
+    y: str,
+    low: str,
+    high: str,
+    color: str | None = None,
+    x_title: str | None = None,
+    title: str = "",
+    zero_rule: bool = True,
+) -> alt.LayerChart:
     """A point per row at ``x`` with its interval [``low``, ``high``], one row of the y axis per
     ``y`` category, offset by ``color`` (e.g. one line per model); a rule marks x = 0."""
     enc_color = alt.Color(f"{color}:N", title=color) if color else alt.value("#1f77b4")
     offset = {"yOffset": alt.YOffset(f"{color}:N")} if color else {}
     base = alt.Chart(df).encode(y=alt.Y(f"{y}:N", title=None), color=enc_color, **offset)
-    tooltip = [f"{y}:N"] + ([f"{color}:N"] if color else []) + [
-        alt.Tooltip(f"{c}:Q", format=".4f") for c in (x, low, high)]
-    layers = [base.mark_rule().encode(x=alt.X(f"{low}:Q", title=x_title or x, scale=alt.Scale(zero=False)),
-                                      x2=f"{high}:Q"),
-              base.mark_point(filled=True, size=60).encode(x=f"{x}:Q", tooltip=tooltip)]
+    tooltip = (
+        [f"{y}:N"] + ([f"{color}:N"] if color else []) + [alt.Tooltip(f"{c}:Q", format=".4f") for c in (x, low, high)]
+    )
+    layers = [
+        base.mark_rule().encode(x=alt.X(f"{low}:Q", title=x_title or x, scale=alt.Scale(zero=False)), x2=f"{high}:Q"),
+        base.mark_point(filled=True, size=60).encode(x=f"{x}:Q", tooltip=tooltip),
+    ]
     if zero_rule and (df[low].min() < 0 < df[high].max() or df[x].min() <= 0):
-        layers.append(alt.Chart(pd.DataFrame({"zero": [0.0]})).mark_rule(strokeDash=[4, 4], color="gray")
-                      .encode(x="zero:Q"))
+        layers.append(
+            alt.Chart(pd.DataFrame({"zero": [0.0]})).mark_rule(strokeDash=[4, 4], color="gray").encode(x="zero:Q")
+        )
     return alt.layer(*layers).properties(title=title, width=420, height=alt.Step(22))
 
 
-def interval_lines(df: pd.DataFrame, *, x: str, y: str, low: str, high: str, color: str | None = None,
-                   mark: str | None = None, x_title: str | None = None, y_title: str | None = None,
-                   title: str = "") -> alt.LayerChart:
+def interval_lines(
+    df: pd.DataFrame,
+    *,
+    x: str,
+    y: str,
+    low: str,
+    high: str,
+    color: str | None = None,
+    mark: str | None = None,
+    x_title: str | None = None,
+    y_title: str | None = None,
+    title: str = "",
+) -> alt.LayerChart:
     """Lines of ``y`` against a quantitative ``x`` with an interval band per ``color`` group;
     rows where the boolean column ``mark`` is true get a larger ringed point."""
     enc_color = alt.Color(f"{color}:N", title=color) if color else alt.value("#1f77b4")
     base = alt.Chart(df).encode(x=alt.X(f"{x}:Q", title=x_title or x, axis=alt.Axis(tickMinStep=1)), color=enc_color)
     tooltip = [f"{x}:Q", alt.Tooltip(f"{y}:Q", format=".4f")] + ([f"{color}:N"] if color else [])
-    layers = [base.mark_area(opacity=0.2).encode(y=f"{low}:Q", y2=f"{high}:Q"),
-              base.mark_line(point=True).encode(y=alt.Y(f"{y}:Q", title=y_title or y, scale=alt.Scale(zero=False)),
-                                                tooltip=tooltip)]
+    layers = [
+        base.mark_area(opacity=0.2).encode(y=f"{low}:Q", y2=f"{high}:Q"),
+        base.mark_line(point=True).encode(
+            y=alt.Y(f"{y}:Q", title=y_title or y, scale=alt.Scale(zero=False)), tooltip=tooltip
+        ),
+    ]
     if mark:
-        layers.append(alt.Chart(df[df[mark]]).mark_point(size=160, shape="circle", filled=False, strokeWidth=2)
-                      .encode(x=f"{x}:Q", y=f"{y}:Q", color=enc_color, tooltip=tooltip))
+        layers.append(
+            alt.Chart(df[df[mark]])
+            .mark_point(size=160, shape="circle", filled=False, strokeWidth=2)
+            .encode(x=f"{x}:Q", y=f"{y}:Q", color=enc_color, tooltip=tooltip)
+        )
     return alt.layer(*layers).properties(title=title, width=420, height=260)
 
 
@@ -351,29 +504,57 @@ def replicate_effects(effects: dict[int, pd.DataFrame]) -> alt.VConcatChart:
     charts = []
     for obs, g in effects.items():
         quantity = g.quantity.iloc[0]
-        charts.append(interval_points(g, x="effect", y="replicate", low="ci_low", high="ci_high", color="organism",
-                                      zero_rule=False, x_title=quantity,
-                                      title=f"Observation {obs}: {quantity} per replicate (baseline {g.baseline.iloc[0]:.3g})"))
+        charts.append(
+            interval_points(
+                g,
+                x="effect",
+                y="replicate",
+                low="ci_low",
+                high="ci_high",
+                color="organism",
+                zero_rule=False,
+                x_title=quantity,
+                title=f"Observation {obs}: {quantity} per replicate (baseline {g.baseline.iloc[0]:.3g})",
+            )
+        )
     return alt.vconcat(*charts)
 
 
-def emergence_lines(em: pd.DataFrame, marks: dict[str, float] | None = None,
-                    mark_label: str = "paper") -> alt.VConcatChart:
+def emergence_lines(
+    em: pd.DataFrame, marks: dict[str, float] | None = None, mark_label: str = "paper"
+) -> alt.VConcatChart:
     """Per quantity, its value against training tokens seen, one line per ``series``; the rows
     flagged ``final`` get a ringed point and ``marks`` a dashed reference rule. Two charts a row."""
     marks = marks or {}
     rows = []
     for q in em.quantity.unique():
         sub = em[em.quantity == q]
-        layers = [alt.Chart(sub.drop(columns="final")).mark_line(point=True).encode(
-            x=alt.X("tokens_seen:Q", title="training tokens seen"),
-            y=alt.Y("value:Q", title=q, scale=alt.Scale(zero=False)),
-            color="series:N", tooltip=["series", "step", "tokens_seen", alt.Tooltip("value:Q", format=".4f")])]
+        layers = [
+            alt.Chart(sub.drop(columns="final"))
+            .mark_line(point=True)
+            .encode(
+                x=alt.X("tokens_seen:Q", title="training tokens seen"),
+                y=alt.Y("value:Q", title=q, scale=alt.Scale(zero=False)),
+                color="series:N",
+                tooltip=["series", "step", "tokens_seen", alt.Tooltip("value:Q", format=".4f")],
+            )
+        ]
         fin = sub[sub.final].drop(columns="final")
-        layers.append(alt.Chart(fin).mark_point(size=150, filled=False, strokeWidth=2).encode(
-            x="tokens_seen:Q", y="value:Q", color="series:N", tooltip=["series", alt.Tooltip("value:Q", format=".4f")]))
+        layers.append(
+            alt.Chart(fin)
+            .mark_point(size=150, filled=False, strokeWidth=2)
+            .encode(
+                x="tokens_seen:Q",
+                y="value:Q",
+                color="series:N",
+                tooltip=["series", alt.Tooltip("value:Q", format=".4f")],
+            )
+        )
         if q in marks:
-            layers.append(alt.Chart(pd.DataFrame({"value": [marks[q]], "label": [mark_label]})).mark_rule(
-                strokeDash=[4, 4], color="gray").encode(y="value:Q", tooltip=["label:N", "value:Q"]))
+            layers.append(
+                alt.Chart(pd.DataFrame({"value": [marks[q]], "label": [mark_label]}))
+                .mark_rule(strokeDash=[4, 4], color="gray")
+                .encode(y="value:Q", tooltip=["label:N", "value:Q"])
+            )
         rows.append(alt.layer(*layers).properties(title=q, width=300, height=180))
-    return alt.vconcat(*[alt.hconcat(*rows[i:i + 2]) for i in range(0, len(rows), 2)])
+    return alt.vconcat(*[alt.hconcat(*rows[i : i + 2]) for i in range(0, len(rows), 2)])

@@ -100,8 +100,9 @@ def book_build_enabled(environ: dict[str, str] | None = None) -> bool:
     return value.strip().lower() in {"1", "true", "yes"}
 
 
-def format_warning_without_path(message: Warning | str, category: type[Warning], filename: str,
-                                lineno: int, line: str | None = None) -> str:
+def format_warning_without_path(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None
+) -> str:
     """``warnings.formatwarning`` for published pages: ``UserWarning: text``, without the file
     name and line that Python puts first (an absolute path of this machine)."""
     return f"{category.__name__}: {message}\n"

@@ -30,9 +30,10 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import nbformat
 
@@ -44,7 +45,6 @@ from moe_utils.core.progress import PROGRESS_ENV, relay
 from moe_utils.engine.inputs import check_inputs_spec
 from moe_utils.publish.params import check_parameters, notebook_parameters
 from moe_utils.publish.render import BOOK_BUILD_ENV
-
 
 RESULTS_FOLDER = "results"
 METADATA_KEY = "moe_book"
@@ -120,9 +120,7 @@ def parse_parameters(pairs: Iterable[Sequence[str]] | None) -> dict[str, Any]:
         if not name.isidentifier():
             raise UsageError(f"parameter name {name!r} is not a Python identifier")
         if name in RESERVED_PARAMETERS:
-            raise UsageError(
-                f"-p {name} is set by moe-book itself; use --model / --dense-baseline / --out instead"
-            )
+            raise UsageError(f"-p {name} is set by moe-book itself; use --model / --dense-baseline / --out instead")
         params[name] = parse_value(value)
     return params
 
@@ -155,8 +153,10 @@ def notebook_info(path: str | Path, metadata: dict[str, Any] | None = None) -> N
         try:
             metadata = json.loads(path.read_text(encoding="utf-8")).get("metadata", {})
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
-            raise MoEUtilsError(f"cannot read notebook {path}: {type(exc).__name__}: {exc}. "
-                                "Restore it (e.g. git checkout) or delete it.") from exc
+            raise MoEUtilsError(
+                f"cannot read notebook {path}: {type(exc).__name__}: {exc}. "
+                "Restore it (e.g. git checkout) or delete it."
+            ) from exc
     meta = metadata.get(METADATA_KEY, {})
     scope = meta.get("scope") or ("model" if path.stem.startswith("obs") else "book")
     place = meta.get("place") or ("front" if path.stem == "organisms" else "back")
@@ -173,8 +173,7 @@ def discover_notebooks(notebooks_dir: str | Path) -> list[NotebookInfo]:
     folder = Path(notebooks_dir)
     if not folder.is_dir():
         raise UsageError(
-            f"notebook folder {folder} does not exist; run moe-book from the repository root "
-            f"or pass --notebooks-dir"
+            f"notebook folder {folder} does not exist; run moe-book from the repository root or pass --notebooks-dir"
         )
     return [notebook_info(p) for p in sorted(folder.glob("*.ipynb"))]
 
@@ -188,9 +187,7 @@ def select_notebooks(available: Sequence[NotebookInfo], names: Sequence[str] | N
     for name in names:
         stem = Path(name).name.removesuffix(".ipynb")
         if stem not in by_name:
-            raise UsageError(
-                f"no notebook named {name!r}; available: {', '.join(sorted(by_name)) or '(none)'}"
-            )
+            raise UsageError(f"no notebook named {name!r}; available: {', '.join(sorted(by_name)) or '(none)'}")
         chosen.append(by_name[stem])
     return chosen
 
@@ -278,8 +275,12 @@ def plan_jobs(
         slugs[slug] = model
         for nb in notebooks:
             if nb.scope == "model":
-                params = {**extra_for(nb), "model": model, "dense_baseline": dense_baseline,
-                          "results_dir": RESULTS_FOLDER}
+                params = {
+                    **extra_for(nb),
+                    "model": model,
+                    "dense_baseline": dense_baseline,
+                    "results_dir": RESULTS_FOLDER,
+                }
                 output = out / slug / f"{nb.name}.ipynb"
                 jobs.append(Job(nb, output, _local_paths_relative(params, output.parent), model))
     if include_book:
@@ -294,8 +295,9 @@ def plan_jobs(
 # --------------------------------------------------------------------------- parameter checks
 
 
-def check_request_parameters(notebooks: Sequence[NotebookInfo], values: dict[str, Any],
-                             dense_baseline: str | None = None) -> dict[str, set[str]]:
+def check_request_parameters(
+    notebooks: Sequence[NotebookInfo], values: dict[str, Any], dense_baseline: str | None = None
+) -> dict[str, set[str]]:
     """Check ``-p`` values against the notebooks' ``parameters`` cells, before anything runs.
 
     A name must be declared by at least one of ``notebooks`` and its value must have the type
@@ -309,11 +311,9 @@ def check_request_parameters(notebooks: Sequence[NotebookInfo], values: dict[str
             union.setdefault(name, spec)
     settable = {k: v for k, v in union.items() if k not in RESERVED_PARAMETERS}
     names = ", ".join(nb.name for nb in notebooks)
-    check_parameters({k: v for k, v in values.items() if k not in settable}, settable,
-                     where=f"notebook(s) {names}")
+    check_parameters({k: v for k, v in values.items() if k not in settable}, settable, where=f"notebook(s) {names}")
     for specs in per_notebook.values():
-        check_parameters({k: v for k, v in values.items() if k in specs}, specs,
-                         where=f"notebook(s) {names}")
+        check_parameters({k: v for k, v in values.items() if k in specs}, specs, where=f"notebook(s) {names}")
     if isinstance(values.get("inputs"), str):
         try:
             check_inputs_spec(values["inputs"])
@@ -335,8 +335,10 @@ def check_model_id(model: str) -> None:
     """A model id that names a local folder must exist (checked before any notebook starts)."""
     text = str(model).strip()
     if text.startswith(("/", "./", "../", "~")) and not Path(text).expanduser().is_dir():
-        raise UsageError(f"model folder {text} does not exist; pass a folder holding config.json and "
-                         "*.safetensors, a hub id (org/Name), zoo:NAME or random:FAMILY")
+        raise UsageError(
+            f"model folder {text} does not exist; pass a folder holding config.json and "
+            "*.safetensors, a hub id (org/Name), zoo:NAME or random:FAMILY"
+        )
 
 
 # --------------------------------------------------------------------------- execution
@@ -391,8 +393,7 @@ def kernel_environment() -> Iterator[None]:
     """
     settings = {BOOK_BUILD_ENV: "1", "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     saved = {key: os.environ.get(key) for key in (*settings, "JUPYTER_PATH", PROGRESS_ENV)}
-    with tempfile.TemporaryDirectory(prefix="moe-book-kernel-") as tmp, \
-            relay(Path(tmp) / "progress.log"):
+    with tempfile.TemporaryDirectory(prefix="moe-book-kernel-") as tmp, relay(Path(tmp) / "progress.log"):
         settings[PROGRESS_ENV] = str(Path(tmp) / "progress.log")
         spec_dir = Path(tmp) / "kernels" / "python3"
         spec_dir.mkdir(parents=True)
@@ -442,14 +443,21 @@ def _run_papermill(job: Job, output: Path, parameters: dict[str, Any]) -> Notebo
         )
     except PapermillExecutionError as exc:
         return NotebookRunError(
-            job.notebook.path.name, job.model, failed_path(job.output), exc.ename, exc.evalue,
-            exc.cell_index, _first_line(exc.source), exc.exec_count,
+            job.notebook.path.name,
+            job.model,
+            failed_path(job.output),
+            exc.ename,
+            exc.evalue,
+            exc.cell_index,
+            _first_line(exc.source),
+            exc.exec_count,
         )
     except OSError:
         raise  # disk full, read-only folder: reported by run_jobs
     except Exception as exc:  # kernel died, missing kernel, unreadable notebook, ...
-        return NotebookRunError(job.notebook.path.name, job.model, failed_path(job.output),
-                                type(exc).__name__, str(exc))
+        return NotebookRunError(
+            job.notebook.path.name, job.model, failed_path(job.output), type(exc).__name__, str(exc)
+        )
     return None
 
 
@@ -580,7 +588,7 @@ def keep_failed(stage: Stage, root: Path | None) -> Path | None:
     target = failed_path(stage.job.output)
     try:
         _finish_notebook(stage, target, root)
-    except Exception:  # noqa: BLE001 - a half-written notebook is still kept as it is
+    except Exception:
         pass
     os.replace(stage.notebook, target)
     return target
@@ -600,8 +608,7 @@ def staged_run(job: Job, root: Path | None = None) -> Iterator[Stage]:
     workdir = job.output.parent
     workdir.mkdir(parents=True, exist_ok=True)
     _remove_stale_stages(workdir, job.notebook.name)
-    folder = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{job.notebook.name}-{os.getpid()}-",
-                                   dir=workdir))
+    folder = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{job.notebook.name}-{os.getpid()}-", dir=workdir))
     parameters = dict(job.parameters)
     results_final = workdir / RESULTS_FOLDER
     if "results_dir" in parameters:
@@ -638,11 +645,17 @@ def check_output_folder(out: Path) -> None:
 
 
 def _disk_message(exc: OSError, where: Path | str) -> str:
-    reason = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
-              errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-              errno.EDQUOT: "the disk quota is exceeded"}.get(exc.errno, exc.strerror or str(exc))
-    return (f"cannot write to {exc.filename or where} ({reason}). Free some space or pass a "
-            f"writable folder with --out; the previous notebooks and results were kept as they were.")
+    reason = {
+        errno.ENOSPC: "the disk is full",
+        errno.EROFS: "the file system is read-only",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+        errno.EDQUOT: "the disk quota is exceeded",
+    }.get(exc.errno, exc.strerror or str(exc))
+    return (
+        f"cannot write to {exc.filename or where} ({reason}). Free some space or pass a "
+        f"writable folder with --out; the previous notebooks and results were kept as they were."
+    )
 
 
 def run_jobs(jobs: Sequence[Job], log: Log = print, root: Path | None = None) -> list[Path]:
@@ -666,14 +679,19 @@ def run_jobs(jobs: Sequence[Job], log: Log = print, root: Path | None = None) ->
                 if exc.ename == "KeyboardInterrupt":
                     raise RunInterrupted(
                         f"interrupted during {job.label}: its previous notebook and results were "
-                        f"kept; the partial notebook is in {exc.output}.") from exc
+                        f"kept; the partial notebook is in {exc.output}."
+                    ) from exc
                 raise
             except KeyboardInterrupt as exc:
-                kept = f"; the partial notebook is in {failed_path(job.output)}" \
-                    if failed_path(job.output).exists() else ""
+                kept = (
+                    f"; the partial notebook is in {failed_path(job.output)}"
+                    if failed_path(job.output).exists()
+                    else ""
+                )
                 raise RunInterrupted(
                     f"interrupted during {job.label}: its previous notebook and results were kept"
-                    f"{kept}; {len(done)} notebook(s) finished before it.") from exc
+                    f"{kept}; {len(done)} notebook(s) finished before it."
+                ) from exc
             except OSError as exc:
                 raise OutputFolderError(_disk_message(exc, job.output.parent)) from exc
             done.append(job.output)

@@ -21,8 +21,12 @@ HERE = Path(__file__).resolve().parent
 MANIFEST = HERE / "book_files.txt"
 PACKAGED_TEMPLATE = HERE / "book_template"
 REPOSITORY_ROOT = HERE.parents[1]
-OFFLINE_JS = ("book/_static/vega-bundle.js", "book/_extra/vendor/require.js",
-              "book/_extra/vendor/ipywidgets/embed-amd.js", "book/_extra/vendor/mathjax/tex-mml-chtml.js")
+OFFLINE_JS = (
+    "book/_static/vega-bundle.js",
+    "book/_extra/vendor/require.js",
+    "book/_extra/vendor/ipywidgets/embed-amd.js",
+    "book/_extra/vendor/mathjax/tex-mml-chtml.js",
+)
 TOC_PAGES = ("book/method", "book/reproduce", "book/performance")
 TOC_TEXT = """\
 # The hand-written pages only. `moe-book build` generates the full table of contents

@@ -9,13 +9,14 @@ summary of ``interventions.json``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import pandas as pd
 
-from ..analysis import paper
 from ..analysis import interventions as I
+from ..analysis import paper
 from ..models.loading import load_model
 from . import configs, evaluate
 from . import study_results as S
@@ -30,22 +31,38 @@ PLACEMENT_COLUMNS = ["dense_layer", "seed", "nll", "ppl"]
 
 def verdict_frame(verdicts: dict[str, dict[str, Any]], value_name: str) -> pd.DataFrame:
     """One row per organism: the verdict entry's value (named ``value_name``), interval, verdict, note."""
-    return pd.DataFrame([{"organism": n, value_name: v["value"], "ci_low": v["ci_low"], "ci_high": v["ci_high"],
-                          "verdict": v["verdict"], "note": v["note"]} for n, v in verdicts.items()]).set_index("organism")
+    return pd.DataFrame(
+        [
+            {
+                "organism": n,
+                value_name: v["value"],
+                "ci_low": v["ci_low"],
+                "ci_high": v["ci_high"],
+                "verdict": v["verdict"],
+                "note": v["note"],
+            }
+            for n, v in verdicts.items()
+        ]
+    ).set_index("organism")
 
 
 def k_table(sweep: pd.DataFrame) -> pd.DataFrame:
     """Per organism: the trained k and its NLL beside the k with the lowest NLL in the sweep."""
     best = sweep.loc[sweep.groupby("organism").nll.idxmin()].set_index("organism")
     trained = sweep[sweep.trained_k].set_index("organism")
-    return pd.DataFrame({"trained k": trained.k, "NLL at trained k": trained.nll, "best k": best.k,
-                         "NLL at best k": best.nll})
+    return pd.DataFrame(
+        {"trained k": trained.k, "NLL at trained k": trained.nll, "best k": best.k, "NLL at best k": best.nll}
+    )
 
 
 def paper_table6() -> pd.DataFrame:
     """The paper's Table 6 (one dense layer moved through a 24-layer 3.6B MoE)."""
-    return pd.DataFrame([{"paper: dense layer (1-based, 24 layers)": k, "paper: PPL": v[0], "paper: bench avg": v[1]}
-                         for k, v in paper.DENSE_LAYER_EXPERIMENT.items()])
+    return pd.DataFrame(
+        [
+            {"paper: dense layer (1-based, 24 layers)": k, "paper: PPL": v[0], "paper: bench avg": v[1]}
+            for k, v in paper.DENSE_LAYER_EXPERIMENT.items()
+        ]
+    )
 
 
 def placement_rule() -> str:
@@ -53,8 +70,12 @@ def placement_rule() -> str:
     return (S.placement_verdict.__doc__ or "").split(":", 1)[1].strip()
 
 
-def advice_table(moe_models: Sequence[str], norm_v: dict[str, dict[str, Any]], causal_v: dict[str, dict[str, Any]],
-                 place_v: dict[str, Any]) -> pd.DataFrame:
+def advice_table(
+    moe_models: Sequence[str],
+    norm_v: dict[str, dict[str, Any]],
+    causal_v: dict[str, dict[str, Any]],
+    place_v: dict[str, Any],
+) -> pd.DataFrame:
     """One row per (advice, organism): the verdict entry."""
     rows = []
     for n in moe_models:
@@ -64,8 +85,12 @@ def advice_table(moe_models: Sequence[str], norm_v: dict[str, dict[str, Any]], c
     return pd.DataFrame(rows)[["advice", "organism", *VERDICT_COLUMNS]]
 
 
-def interventions_summary(moe_models: Sequence[str], norm_v: dict[str, dict[str, Any]],
-                          causal_v: dict[str, dict[str, Any]], place_v: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def interventions_summary(
+    moe_models: Sequence[str],
+    norm_v: dict[str, dict[str, Any]],
+    causal_v: dict[str, dict[str, Any]],
+    place_v: dict[str, Any],
+) -> dict[str, dict[str, Any]]:
     """``interventions.json``'s summary: the two norm verdicts per organism and the placement verdict."""
     out: dict[str, dict[str, Any]] = {}
     for n in moe_models:
@@ -107,7 +132,8 @@ class InterventionsReport:
     @property
     def routing_table(self) -> pd.DataFrame:
         return self.routing.set_index(["organism", "policy"])[
-            ["nll", "ci_low", "ci_high", "delta_nll", "delta_ci_low", "delta_ci_high"]]
+            ["nll", "ci_low", "ci_high", "delta_nll", "delta_ci_low", "delta_ci_high"]
+        ]
 
     @property
     def norm_routing_table(self) -> pd.DataFrame:
@@ -134,30 +160,49 @@ class InterventionsReport:
         return self.tables["advice"].set_index(["advice", "organism"])
 
 
-def interventions_report(moe_models: Sequence[str], max_windows: int | None = 120, sweep_every: int = 4,
-                         seed: int = 0) -> InterventionsReport:
+def interventions_report(
+    moe_models: Sequence[str], max_windows: int | None = 120, sweep_every: int = 4, seed: int = 0
+) -> InterventionsReport:
     """Every intervention of the page on the shipped organisms ``moe_models`` (zoo names), on
     ``max_windows`` held-out windows (every ``sweep_every``-th of them for the top-k sweep)."""
     windows = evaluate.load_windows(max_windows=max_windows)
     sweep_windows = windows[::sweep_every]
-    per_model = {name: I.intervention_tables(load_model(f"zoo:{name}"), windows, sweep_windows, seed=seed,
-                                             organism=name) for name in moe_models}
+    per_model = {
+        name: I.intervention_tables(load_model(f"zoo:{name}"), windows, sweep_windows, seed=seed, organism=name)
+        for name in moe_models
+    }
 
     def gather(key: str) -> pd.DataFrame:
         return pd.concat([t[key] for t in per_model.values()], ignore_index=True)
 
-    routing, ablation, sweep, per_window, own = (gather(k) for k in
-                                                 ("routing", "ablation", "topk_sweep", "per_window", "own_forward"))
+    routing, ablation, sweep, per_window, own = (
+        gather(k) for k in ("routing", "ablation", "topk_sweep", "per_window", "own_forward")
+    )
     norm_v = {n: I.norm_routing_verdict(per_window[per_window.organism == n], seed=seed) for n in moe_models}
     causal_v = {n: I.norm_causal_verdict(per_window[per_window.organism == n], seed=seed) for n in moe_models}
     placement = S.placement_table(S.load_shipped())
     place_v = S.placement_verdict(placement, int(configs.PLACEMENT_SHAPE["num_hidden_layers"]))
-    dense_placement = (placement[PLACEMENT_COLUMNS] if not placement.empty else pd.DataFrame(columns=PLACEMENT_COLUMNS))
-    tables = {"routing": routing, "ablation": ablation, "dense_placement": dense_placement,
-              "topk_sweep": sweep[["organism", "k", "nll", "ci_low", "ci_high", "trained_k"]],
-              "advice": advice_table(moe_models, norm_v, causal_v, place_v)}
+    dense_placement = placement[PLACEMENT_COLUMNS] if not placement.empty else pd.DataFrame(columns=PLACEMENT_COLUMNS)
+    tables = {
+        "routing": routing,
+        "ablation": ablation,
+        "dense_placement": dense_placement,
+        "topk_sweep": sweep[["organism", "k", "nll", "ci_low", "ci_high", "trained_k"]],
+        "advice": advice_table(moe_models, norm_v, causal_v, place_v),
+    }
     return InterventionsReport(
-        moe_models=list(moe_models), n_windows=len(windows), n_sweep_windows=len(sweep_windows), routing=routing,
-        ablation=ablation, sweep=sweep, per_window=per_window, own_forward=own, norm_verdicts=norm_v,
-        causal_verdicts=causal_v, placement=placement, placement_verdict=place_v, tables=tables,
-        summary=interventions_summary(moe_models, norm_v, causal_v, place_v))
+        moe_models=list(moe_models),
+        n_windows=len(windows),
+        n_sweep_windows=len(sweep_windows),
+        routing=routing,
+        ablation=ablation,
+        sweep=sweep,
+        per_window=per_window,
+        own_forward=own,
+        norm_verdicts=norm_v,
+        causal_verdicts=causal_v,
+        placement=placement,
+        placement_verdict=place_v,
+        tables=tables,
+        summary=interventions_summary(moe_models, norm_v, causal_v, place_v),
+    )

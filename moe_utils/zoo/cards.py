@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 
 from moe_utils.zoo import PAPER_COUNTERPART
-from moe_utils.zoo.configs import TRAIN_SPECS
 from moe_utils.zoo.evaluate import expert_load, model_nll, perplexity, targets_of, unigram_nll
 
 STARTS_AFTER = {"tiny-moe-upcycled": "tiny-dense"}  # whose training tokens precede this model's
@@ -35,13 +34,27 @@ def ffn_layout(config: dict) -> list[dict]:
             if layer in dense_layers:
                 out.append({"experts": 0, "width": 0, "top_k": 0, "shared": 0, "dense": I})
             else:
-                out.append({"experts": E, "width": config["moe_intermediate_size"],
-                            "top_k": config["num_experts_per_tok"],
-                            "shared": config.get("shared_expert_intermediate_size") or 0, "dense": 0})
+                out.append(
+                    {
+                        "experts": E,
+                        "width": config["moe_intermediate_size"],
+                        "top_k": config["num_experts_per_tok"],
+                        "shared": config.get("shared_expert_intermediate_size") or 0,
+                        "dense": 0,
+                    }
+                )
         return out
     if "num_local_experts" in config:
-        return [{"experts": config["num_local_experts"], "width": I, "top_k": config["num_experts_per_tok"],
-                 "shared": 0, "dense": 0} for _ in range(L)]
+        return [
+            {
+                "experts": config["num_local_experts"],
+                "width": I,
+                "top_k": config["num_experts_per_tok"],
+                "shared": 0,
+                "dense": 0,
+            }
+            for _ in range(L)
+        ]
     return [{"experts": 0, "width": 0, "top_k": 0, "shared": 0, "dense": I} for _ in range(L)]
 
 
@@ -68,8 +81,14 @@ def parameter_counts(config: dict) -> dict:
     emb = V * H * (1 if config.get("tie_word_embeddings", False) else 2)
     total += H + emb
     active += H + emb
-    return {"total": total, "active": active, "experts_total": experts_total,
-            "embedding": emb, "non_embedding_total": total - emb, "non_embedding_active": active - emb}
+    return {
+        "total": total,
+        "active": active,
+        "experts_total": experts_total,
+        "embedding": emb,
+        "non_embedding_total": total - emb,
+        "non_embedding_active": active - emb,
+    }
 
 
 def loss_chart(log: list[dict], title: str, offset_tokens: int = 0):
@@ -81,13 +100,20 @@ def loss_chart(log: list[dict], title: str, offset_tokens: int = 0):
     for r in log:
         rows.append({"tokens": r["tokens"] + offset_tokens, "loss": r["ce"], "curve": "training (batch)"})
         if "heldout_ce" in r:
-            rows.append({"tokens": r["tokens"] + offset_tokens, "loss": r["heldout_ce"], "curve": "held-out (24 windows)"})
+            rows.append(
+                {"tokens": r["tokens"] + offset_tokens, "loss": r["heldout_ce"], "curve": "held-out (24 windows)"}
+            )
     df = pd.DataFrame(rows)
-    return alt.Chart(df, title=title).mark_line(point=alt.OverlayMarkDef(size=12)).encode(
-        x=alt.X("tokens:Q", title="training tokens"),
-        y=alt.Y("loss:Q", title="cross-entropy (nats/token)", scale=alt.Scale(zero=False)),
-        color=alt.Color("curve:N", title=None),
-    ).properties(width=420, height=220)
+    return (
+        alt.Chart(df, title=title)
+        .mark_line(point=alt.OverlayMarkDef(size=12))
+        .encode(
+            x=alt.X("tokens:Q", title="training tokens"),
+            y=alt.Y("loss:Q", title="cross-entropy (nats/token)", scale=alt.Scale(zero=False)),
+            color=alt.Color("curve:N", title=None),
+        )
+        .properties(width=420, height=220)
+    )
 
 
 def save_png(chart, path: Path) -> None:
@@ -105,9 +131,14 @@ def evaluate_folder(folder: Path, windows: list[list[int]], counts: np.ndarray) 
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     nll = model_nll(model, windows)
     uni = unigram_nll(counts, targets_of(windows))
-    res = {"heldout_tokens": int(sum(len(w) - 1 for w in windows)), "heldout_windows": len(windows),
-           "heldout_loss": nll, "heldout_perplexity": perplexity(nll),
-           "unigram_loss": uni, "unigram_perplexity": perplexity(uni)}
+    res = {
+        "heldout_tokens": int(sum(len(w) - 1 for w in windows)),
+        "heldout_windows": len(windows),
+        "heldout_loss": nll,
+        "heldout_perplexity": perplexity(nll),
+        "unigram_loss": uni,
+        "unigram_perplexity": perplexity(uni),
+    }
     if hasattr(model.config, "num_local_experts") or getattr(model.config, "num_experts", None):
         load = expert_load(model, windows)
         res["expert_load"] = load.tolist()
@@ -123,70 +154,93 @@ def write_card(folder: Path, name: str, info: dict, ev: dict, corpus: dict, prev
     arch = cfg["architectures"][0]
     moe = "num_local_experts" in cfg or "num_experts" in cfg
     lines = [
-        f"# {name}", "",
+        f"# {name}",
+        "",
         f"A model organism of `moe_utils`: a tiny `{arch}` trained on CPU on text that ships with CPython. "
-        f"In the book it stands in for **{PAPER_COUNTERPART[name]}**.", "",
-        "## Architecture", "",
+        f"In the book it stands in for **{PAPER_COUNTERPART[name]}**.",
+        "",
+        "## Architecture",
+        "",
         f"- {cfg['num_hidden_layers']} layers, hidden size {cfg['hidden_size']}, "
         f"{cfg['num_attention_heads']} attention heads / {cfg['num_key_value_heads']} key-value heads, "
         f"RoPE, RMSNorm, SwiGLU FFN of width {cfg['intermediate_size']}, tied embeddings, "
         f"vocabulary {cfg['vocab_size']}, context {cfg['max_position_embeddings']} tokens.",
     ]
     if "num_local_experts" in cfg:
-        lines.append(f"- Every layer is a Mixtral MoE block: {cfg['num_local_experts']} experts, top-"
-                     f"{cfg['num_experts_per_tok']} softmax routing (weights renormalised over the top-k), "
-                     f"expert width = dense FFN width {cfg['intermediate_size']} (as Mixtral 8x7B vs Mistral 7B).")
+        lines.append(
+            f"- Every layer is a Mixtral MoE block: {cfg['num_local_experts']} experts, top-"
+            f"{cfg['num_experts_per_tok']} softmax routing (weights renormalised over the top-k), "
+            f"expert width = dense FFN width {cfg['intermediate_size']} (as Mixtral 8x7B vs Mistral 7B)."
+        )
     elif moe:
         dense = cfg.get("mlp_only_layers") or []
-        lines.append(f"- Fine-grained MoE layers (Qwen2-MoE block): one shared expert of width "
-                     f"{cfg['shared_expert_intermediate_size']} behind a sigmoid gate plus {cfg['num_experts']} routed "
-                     f"experts of width {cfg['moe_intermediate_size']}, softmax top-{cfg['num_experts_per_tok']} "
-                     f"({'renormalised' if cfg.get('norm_topk_prob') else 'not renormalised'}); "
-                     f"{cfg['shared_expert_intermediate_size'] + cfg['num_experts'] * cfg['moe_intermediate_size']} FFN "
-                     f"neurons per MoE layer, as in tiny-moe-scratch. Dense layer(s) {dense}: a SwiGLU FFN of width "
-                     f"{cfg['intermediate_size']}, as wide as the active part of an MoE layer (as in DeepSeekMoE 16B).")
+        lines.append(
+            f"- Fine-grained MoE layers (Qwen2-MoE block): one shared expert of width "
+            f"{cfg['shared_expert_intermediate_size']} behind a sigmoid gate plus {cfg['num_experts']} routed "
+            f"experts of width {cfg['moe_intermediate_size']}, softmax top-{cfg['num_experts_per_tok']} "
+            f"({'renormalised' if cfg.get('norm_topk_prob') else 'not renormalised'}); "
+            f"{cfg['shared_expert_intermediate_size'] + cfg['num_experts'] * cfg['moe_intermediate_size']} FFN "
+            f"neurons per MoE layer, as in tiny-moe-scratch. Dense layer(s) {dense}: a SwiGLU FFN of width "
+            f"{cfg['intermediate_size']}, as wide as the active part of an MoE layer (as in DeepSeekMoE 16B)."
+        )
     lines += [
         f"- Parameters: {pc['total']:,} total, {pc['active']:,} active per token "
         f"({pc['non_embedding_total']:,} / {pc['non_embedding_active']:,} without the {pc['embedding']:,} embedding parameters).",
         "- Weights are stored in bfloat16 (`model.safetensors`) to keep the package small; training ran in float32. "
-        "Load with `dtype=torch.float32` for analysis.", "",
-        "## Training", "",
+        "Load with `dtype=torch.float32` for analysis.",
+        "",
+        "## Training",
+        "",
     ]
     if name == "tiny-moe-upcycled":
-        lines.append("- Upcycled from `tiny-dense` at the end of its training: every expert of layer *l* starts as an "
-                     "exact copy of `tiny-dense`'s FFN of layer *l* (gate_proj -> w1, up_proj -> w3, down_proj -> w2); "
-                     "attention, norms and embeddings are copied; the router is freshly initialised "
-                     "(normal, std 0.02). Then trained on with the router load-balancing loss.")
+        lines.append(
+            "- Upcycled from `tiny-dense` at the end of its training: every expert of layer *l* starts as an "
+            "exact copy of `tiny-dense`'s FFN of layer *l* (gate_proj -> w1, up_proj -> w3, down_proj -> w2); "
+            "attention, norms and embeddings are copied; the router is freshly initialised "
+            "(normal, std 0.02). Then trained on with the router load-balancing loss."
+        )
     elif name == "tiny-moe-scratch":
         lines.append("- Trained from random initialisation (seeded), same shape as `tiny-moe-upcycled`.")
     elif name == "tiny-moe-fine":
-        lines.append("- Trained from random initialisation (seeded) with the recipe and token budget of "
-                     "`tiny-moe-scratch`; seed 0 of the fine-grained kind of the organism study.")
+        lines.append(
+            "- Trained from random initialisation (seeded) with the recipe and token budget of "
+            "`tiny-moe-scratch`; seed 0 of the fine-grained kind of the organism study."
+        )
     else:
         lines.append("- Trained from random initialisation (seeded). Its final weights seed `tiny-moe-upcycled`.")
     own = spec["tokens"]
     if prev_info is not None:
         prev = prev_info["train_spec"]["tokens"]
-        lines.append(f"- Token budget: {prev:,} tokens as `tiny-dense` + {own:,} tokens as an MoE = {prev + own:,} "
-                     f"tokens in all (the same total as `tiny-moe-scratch`).")
+        lines.append(
+            f"- Token budget: {prev:,} tokens as `tiny-dense` + {own:,} tokens as an MoE = {prev + own:,} "
+            f"tokens in all (the same total as `tiny-moe-scratch`)."
+        )
     else:
-        lines.append(f"- Token budget: {own:,} tokens ({spec['steps']} steps x {spec['batch_size']} sequences x "
-                     f"{spec['seq_len']} tokens).")
+        lines.append(
+            f"- Token budget: {own:,} tokens ({spec['steps']} steps x {spec['batch_size']} sequences x "
+            f"{spec['seq_len']} tokens)."
+        )
     lines += [
         f"- AdamW (betas {tuple(spec['betas'])}, weight decay {spec['weight_decay']} on matrices), peak learning rate "
         f"{spec['lr']}, {spec['warmup_steps']} warm-up steps, cosine decay to {spec['min_lr_ratio']} x peak, "
         f"gradient clipping {spec['grad_clip']}, seed {spec['seed']}, float32"
-        + (f", router aux loss coefficient {cfg['router_aux_loss_coef']}" if moe else "") + ".",
+        + (f", router aux loss coefficient {cfg['router_aux_loss_coef']}" if moe else "")
+        + ".",
         f"- Samples: `<s>` followed by {spec['seq_len'] - 1} tokens from a random offset of the training token stream "
         "(documents joined by `</s>`).",
         f"- Training time: {info['training_seconds'] / 60:.1f} min wall clock on a shared 2-core CPU "
         f"({info['torch_threads']} torch thread(s), torch {info['torch_version']}).",
-        (f"- Command: `{info['command']}` (the organism study; resumable: the same command continues an "
-         "interrupted run)." if "zoo study" in (info.get("command") or "") else
-         f"- Command: `{info.get('command') or SHIPPED_COMMANDS.get(name, 'moe-book zoo train --models ' + name)}` "
-         "(`python -m moe_utils.zoo.train` is what `moe-book zoo train` runs; `tiny-moe-scratch` trained in a second "
-         "process at the same time as the other two; checkpoints are resumable with `--resume`)."), "",
-        "## Data", "",
+        (
+            f"- Command: `{info['command']}` (the organism study; resumable: the same command continues an "
+            "interrupted run)."
+            if "zoo study" in (info.get("command") or "")
+            else f"- Command: `{info.get('command') or SHIPPED_COMMANDS.get(name, 'moe-book zoo train --models ' + name)}` "
+            "(`python -m moe_utils.zoo.train` is what `moe-book zoo train` runs; `tiny-moe-scratch` trained in a second "
+            "process at the same time as the other two; checkpoints are resumable with `--resume`)."
+        ),
+        "",
+        "## Data",
+        "",
         f"- CPython {corpus['python_version']} documentation topics (`pydoc_data.topics`), standard-library docstrings "
         f"(extracted with `ast`) and {corpus['source_per_mille'] / 10:.0f} % of standard-library source files "
         "(sampled by hash); tests, IDLE and site-packages skipped.",
@@ -195,28 +249,42 @@ def write_card(folder: Path, name: str, info: dict, ev: dict, corpus: dict, prev
         f"(~{corpus['heldout_per_mille'] / 10:.0f} % of files by hash): {corpus['heldout']['total']['documents']} "
         f"documents, {corpus['heldout_tokens']:,} tokens.",
         f"- Corpus sha256: `{corpus['sha256_all']}` (train `{corpus['sha256_train'][:16]}...`, held-out "
-        f"`{corpus['sha256_heldout'][:16]}...`); see `corpus.json` next to the models.", "",
-        "## Evaluation (held-out split)", "",
-        f"| model | nats/token | perplexity |", "|---|---|---|",
+        f"`{corpus['sha256_heldout'][:16]}...`); see `corpus.json` next to the models.",
+        "",
+        "## Evaluation (held-out split)",
+        "",
+        "| model | nats/token | perplexity |",
+        "|---|---|---|",
         f"| {name} | {ev['heldout_loss']:.3f} | {ev['heldout_perplexity']:.1f} |",
-        f"| add-one unigram (fit on the training split) | {ev['unigram_loss']:.3f} | {ev['unigram_perplexity']:.1f} |", "",
+        f"| add-one unigram (fit on the training split) | {ev['unigram_loss']:.3f} | {ev['unigram_perplexity']:.1f} |",
+        "",
         f"Measured on all {ev['heldout_windows']} held-out windows ({ev['heldout_tokens']:,} predicted tokens), "
         "with the stored bfloat16 weights loaded in float32.",
     ]
     if moe:
         load = np.asarray(ev["expert_load"])
         share = load / load.sum(axis=1, keepdims=True)
-        lines += ["", f"Expert load on the held-out split: dead experts (never in a top-{cfg['num_experts_per_tok']}): "
-                  f"{ev['dead_experts']}; per-layer share of selections ranges from {share.min():.3f} to "
-                  f"{share.max():.3f} (uniform: {1 / load.shape[1]:.3f})."]
+        lines += [
+            "",
+            f"Expert load on the held-out split: dead experts (never in a top-{cfg['num_experts_per_tok']}): "
+            f"{ev['dead_experts']}; per-layer share of selections ranges from {share.min():.3f} to "
+            f"{share.max():.3f} (uniform: {1 / load.shape[1]:.3f}).",
+        ]
     lines += [
-        "", "## Loss curve", "", "![loss curve](loss.png)", "",
+        "",
+        "## Loss curve",
+        "",
+        "![loss curve](loss.png)",
+        "",
         "The curve as data: `training_log.json` (one record every 10 steps: batch loss, cross-entropy, aux loss, "
-        "learning rate, gradient norm, elapsed seconds; held-out cross-entropy on 24 windows every 100 steps).", "",
-        "## Limits", "",
+        "learning rate, gradient norm, elapsed seconds; held-out cross-entropy on 24 windows every 100 steps).",
+        "",
+        "## Limits",
+        "",
         "A model this small, trained for minutes on a few megabytes, writes plausible-looking Python and docstring "
         "fragments, not correct programs or facts. It is an object of study for the book's measurements (router, "
-        "expert weights, expert outputs), not a language model to use.", "",
+        "expert weights, expert outputs), not a language model to use.",
+        "",
     ]
     (folder / "README.md").write_text("\n".join(lines))
 

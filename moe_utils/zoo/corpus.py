@@ -19,9 +19,9 @@ import hashlib
 import json
 import sys
 import sysconfig
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from moe_utils.engine.inputs import LONG_HELDOUT_FILE, SEPARATOR_LINE  # one definition for writer and reader
 
@@ -101,10 +101,7 @@ def extract_docstrings(source: str) -> list[str]:
     except (SyntaxError, ValueError):
         return []
     out = []
-    nodes = [tree] + [
-        n for n in ast.walk(tree)
-        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-    ]
+    nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
     nodes.sort(key=lambda n: getattr(n, "lineno", 0))
     for node in nodes:
         doc = ast.get_docstring(node, clean=True)

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
-from moe_utils.core.paths import ZOO_MODELS_DIR
 from moe_utils.arch import spec_for_config
 from moe_utils.arch.facts import facts_for
+from moe_utils.core.paths import ZOO_MODELS_DIR
 
 BOS_ID = 1
 
@@ -55,7 +55,7 @@ def _batches(windows: Sequence[Sequence[int]], batch_size: int):
         by_length.setdefault(len(w), []).append(list(w))
     for group in by_length.values():
         for start in range(0, len(group), batch_size):
-            yield torch.tensor(group[start:start + batch_size], dtype=torch.long)
+            yield torch.tensor(group[start : start + batch_size], dtype=torch.long)
 
 
 @torch.no_grad()
@@ -66,8 +66,9 @@ def model_nll(model, windows: Sequence[Sequence[int]], batch_size: int = 16) -> 
     total, count = 0.0, 0
     for ids in _batches(windows, batch_size):
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                                reduction="sum")
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+        )
         total += float(nll)
         count += ids[:, 1:].numel()
     return total / max(count, 1)
@@ -122,7 +123,7 @@ def load_windows(path: Path | None = None, max_windows: int | None = None) -> li
     with np.load(path) as z:
         ids, lengths = z["ids"].astype(np.int64), z["lengths"]
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    windows = [ids[s : s + n].tolist() for s, n in zip(starts, lengths)]
+    windows = [ids[s : s + n].tolist() for s, n in zip(starts, lengths, strict=False)]
     if max_windows is not None and len(windows) > max_windows:
         step = len(windows) / max_windows
         windows = [windows[int(i * step)] for i in range(max_windows)]

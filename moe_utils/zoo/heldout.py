@@ -50,14 +50,16 @@ def is_code(par: str) -> bool:
 
 def select_paragraphs(corpus: Corpus, tokenizer) -> tuple[list[str], list[str]]:
     """Pick prose and code paragraphs from held-out documents, one per document, interleaved."""
+
     def count(t: str) -> int:
         return len(tokenizer(t, add_special_tokens=False)["input_ids"])
 
     used_keys: set[str] = set()
 
     def pick(kind: str, n: int, accept) -> list[tuple[str, str]]:
-        docs = sorted((d for d in corpus.heldout if d.kind == kind),
-                      key=lambda d: hashlib.sha256(d.name.encode()).hexdigest())
+        docs = sorted(
+            (d for d in corpus.heldout if d.kind == kind), key=lambda d: hashlib.sha256(d.name.encode()).hexdigest()
+        )
         chosen = []
         for d in docs:
             if d.key in used_keys:
@@ -81,19 +83,20 @@ def select_paragraphs(corpus: Corpus, tokenizer) -> tuple[list[str], list[str]]:
     return paras, sources
 
 
-def write_long_heldout(path: Path, paragraphs: list[str], sources: list[str], corpus_meta: dict,
-                       tokenizer=None) -> None:
+def write_long_heldout(
+    path: Path, paragraphs: list[str], sources: list[str], corpus_meta: dict, tokenizer=None
+) -> None:
     """Write the preset (paragraphs separated by a ``---`` line) and its provenance sidecar."""
     path = Path(path)
     path.write_text(f"\n{SEPARATOR_LINE}\n".join(paragraphs) + "\n", encoding="utf-8")
     side = {
         "description": "Long input preset of moe_utils: ten paragraphs of text the zoo models never "
-                       "trained on (held-out split of the CPython documentation/docstrings/source corpus), "
-                       "prose and code alternating, separated by lines holding only '---'. Stands in for "
-                       "the paper's ten WikiText-103 paragraphs.",
+        "trained on (held-out split of the CPython documentation/docstrings/source corpus), "
+        "prose and code alternating, separated by lines holding only '---'. Stands in for "
+        "the paper's ten WikiText-103 paragraphs.",
         "sources": sources,
         "selection": f"first blank-line-separated run of {MIN_TOKENS}-{MAX_TOKENS} zoo tokens in each held-out "
-                     "document, documents ordered by sha256 of their name",
+        "document, documents ordered by sha256 of their name",
         "corpus_sha256_heldout": corpus_meta.get("sha256_heldout"),
         "python_version": corpus_meta.get("python_version"),
     }

@@ -9,9 +9,9 @@ dense / upcycled / scratch kinds are the shipped organisms (trained by ``moe-boo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from moe_utils.zoo import configs, train
 from moe_utils.zoo.configs import TrainSpec
@@ -40,8 +40,13 @@ class Replicate:
     @property
     def organism(self) -> str:
         """The organism kind as the book names it."""
-        return {"dense": "tiny-dense", "upcycled": "tiny-moe-upcycled", "scratch": "tiny-moe-scratch",
-                "fine": "tiny-moe-fine", "placement": "placement"}[self.kind]
+        return {
+            "dense": "tiny-dense",
+            "upcycled": "tiny-moe-upcycled",
+            "scratch": "tiny-moe-scratch",
+            "fine": "tiny-moe-fine",
+            "placement": "placement",
+        }[self.kind]
 
     @property
     def is_moe(self) -> bool:
@@ -76,19 +81,35 @@ def _build_registry() -> dict[str, Replicate]:
     fine_spec = TrainSpec(steps=configs.TOTAL_STEPS, lr=2e-3, warmup_steps=60, seed=4)
     for r in REPLICATE_SEEDS:
         shipped = r == 0
-        reg[f"dense-s{r}"] = Replicate(f"dense-s{r}", "dense", r, _seeded(ts["tiny-dense"], r),
-                                       shipped_as="tiny-dense" if shipped else None)
-        reg[f"upcycled-s{r}"] = Replicate(f"upcycled-s{r}", "upcycled", r, _seeded(ts["tiny-moe-upcycled"], r),
-                                          parent=f"dense-s{r}",
-                                          shipped_as="tiny-moe-upcycled" if shipped else None)
+        reg[f"dense-s{r}"] = Replicate(
+            f"dense-s{r}", "dense", r, _seeded(ts["tiny-dense"], r), shipped_as="tiny-dense" if shipped else None
+        )
+        reg[f"upcycled-s{r}"] = Replicate(
+            f"upcycled-s{r}",
+            "upcycled",
+            r,
+            _seeded(ts["tiny-moe-upcycled"], r),
+            parent=f"dense-s{r}",
+            shipped_as="tiny-moe-upcycled" if shipped else None,
+        )
         scratch = _seeded(ts["tiny-moe-scratch"], r)
-        reg[f"scratch-s{r}"] = Replicate(f"scratch-s{r}", "scratch", r, scratch,
-                                         snapshots=_snapshot_steps(scratch.steps) if r == 1 else (),
-                                         shipped_as="tiny-moe-scratch" if shipped else None)
+        reg[f"scratch-s{r}"] = Replicate(
+            f"scratch-s{r}",
+            "scratch",
+            r,
+            scratch,
+            snapshots=_snapshot_steps(scratch.steps) if r == 1 else (),
+            shipped_as="tiny-moe-scratch" if shipped else None,
+        )
         fine = _seeded(fine_spec, r)
-        reg[f"fine-s{r}"] = Replicate(f"fine-s{r}", "fine", r, fine,
-                                      snapshots=_snapshot_steps(fine.steps) if r == 0 else (),
-                                      shipped_as="tiny-moe-fine" if shipped else None)
+        reg[f"fine-s{r}"] = Replicate(
+            f"fine-s{r}",
+            "fine",
+            r,
+            fine,
+            snapshots=_snapshot_steps(fine.steps) if r == 0 else (),
+            shipped_as="tiny-moe-fine" if shipped else None,
+        )
     place_spec = TrainSpec(steps=configs.PLACEMENT_STEPS, lr=2e-3, warmup_steps=40, seed=5)
     for pos in PLACEMENT_POSITIONS:
         tag = "all-moe" if pos is None else f"dense{pos}"

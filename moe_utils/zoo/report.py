@@ -7,7 +7,7 @@ notebook only calls them; numbers shown on the page are measured when it runs, n
 from __future__ import annotations
 
 import json
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -16,8 +16,7 @@ from moe_utils.arch import spec_for_config
 from moe_utils.arch.facts import facts_for
 from moe_utils.zoo import PAPER_COUNTERPART, ZOO_MODELS, zoo_path
 from moe_utils.zoo.cards import STARTS_AFTER, parameter_counts
-from moe_utils.zoo.evaluate import (expert_load, load_unigram_counts, load_windows, model_nll, targets_of,
-                                    unigram_nll)
+from moe_utils.zoo.evaluate import expert_load, load_unigram_counts, load_windows, model_nll, targets_of, unigram_nll
 
 
 def _training_info(name: str) -> dict:
@@ -30,8 +29,11 @@ def _experts_label(cfg: dict) -> str:
     if "num_experts" in cfg:
         shared = cfg.get("shared_expert_intermediate_size") or 0
         dense = cfg.get("mlp_only_layers") or []
-        return (f"{cfg['num_experts']} x {cfg['moe_intermediate_size']} (top-{cfg['num_experts_per_tok']})"
-                + (f" + shared {shared}" if shared else "") + (f"; dense layer {dense}" if dense else ""))
+        return (
+            f"{cfg['num_experts']} x {cfg['moe_intermediate_size']} (top-{cfg['num_experts_per_tok']})"
+            + (f" + shared {shared}" if shared else "")
+            + (f"; dense layer {dense}" if dense else "")
+        )
     return "dense FFN"
 
 
@@ -44,18 +46,20 @@ def organisms_table(names: Sequence[str] = ZOO_MODELS) -> pd.DataFrame:
         pc = parameter_counts(cfg)
         own = info["train_spec"]["tokens"]
         before = _training_info(STARTS_AFTER[name])["train_spec"]["tokens"] if name in STARTS_AFTER else 0
-        rows.append({
-            "model": name,
-            "architecture": cfg["architectures"][0],
-            "layers": cfg["num_hidden_layers"],
-            "experts (top-k)": _experts_label(cfg),
-            "params total": pc["total"],
-            "params active": pc["active"],
-            "training tokens": own + before,
-            "of which as this model": own,
-            "training minutes": round(info["training_seconds"] / 60, 1),
-            "stands in for": PAPER_COUNTERPART[name],
-        })
+        rows.append(
+            {
+                "model": name,
+                "architecture": cfg["architectures"][0],
+                "layers": cfg["num_hidden_layers"],
+                "experts (top-k)": _experts_label(cfg),
+                "params total": pc["total"],
+                "params active": pc["active"],
+                "training tokens": own + before,
+                "of which as this model": own,
+                "training minutes": round(info["training_seconds"] / 60, 1),
+                "stands in for": PAPER_COUNTERPART[name],
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -66,11 +70,25 @@ def loss_curves(names: Sequence[str] = ZOO_MODELS) -> pd.DataFrame:
         info = _training_info(name)
         offset = _training_info(STARTS_AFTER[name])["train_spec"]["tokens"] if name in STARTS_AFTER else 0
         for r in info["log"]:
-            rows.append({"model": name, "tokens": r["tokens"] + offset, "step": r["step"], "split": "training batch",
-                         "cross_entropy": r["ce"]})
+            rows.append(
+                {
+                    "model": name,
+                    "tokens": r["tokens"] + offset,
+                    "step": r["step"],
+                    "split": "training batch",
+                    "cross_entropy": r["ce"],
+                }
+            )
             if "heldout_ce" in r:
-                rows.append({"model": name, "tokens": r["tokens"] + offset, "step": r["step"],
-                             "split": "held-out sample", "cross_entropy": r["heldout_ce"]})
+                rows.append(
+                    {
+                        "model": name,
+                        "tokens": r["tokens"] + offset,
+                        "step": r["step"],
+                        "split": "held-out sample",
+                        "cross_entropy": r["heldout_ce"],
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -86,8 +104,9 @@ def loss_curve_chart(df: pd.DataFrame):
     )
     train = base.transform_filter(alt.datum.split == "training batch").mark_line(opacity=0.8)
     held = base.transform_filter(alt.datum.split == "held-out sample").mark_point(filled=True, size=40)
-    return (train + held).properties(width=560, height=280,
-                                     title="Training loss (lines) and held-out loss on 24 windows (points)")
+    return (train + held).properties(
+        width=560, height=280, title="Training loss (lines) and held-out loss on 24 windows (points)"
+    )
 
 
 def heldout_losses(names: Sequence[str] = ZOO_MODELS, max_windows: int | None = None) -> pd.DataFrame:
@@ -97,7 +116,12 @@ def heldout_losses(names: Sequence[str] = ZOO_MODELS, max_windows: int | None = 
 
     windows = load_windows(max_windows=max_windows)
     n_tokens = int(sum(len(w) - 1 for w in windows))
-    rows = [{"model": "unigram (add-one, training split)", "nats_per_token": unigram_nll(load_unigram_counts(), targets_of(windows))}]
+    rows = [
+        {
+            "model": "unigram (add-one, training split)",
+            "nats_per_token": unigram_nll(load_unigram_counts(), targets_of(windows)),
+        }
+    ]
     for name in names:
         model = AutoModelForCausalLM.from_pretrained(str(zoo_path(name)), dtype=torch.float32)
         rows.append({"model": name, "nats_per_token": model_nll(model, windows)})
@@ -115,19 +139,23 @@ def heldout_sentence(losses: pd.DataFrame) -> str:
     if not (organisms["nats_per_token"] < uni).all():
         return "**At least one organism does not beat the unigram baseline on this sample.**"
     best = organisms.sort_values("nats_per_token").iloc[0]
-    return (f"On these {int(losses['tokens'].iloc[0]):,} held-out tokens every organism beats the unigram baseline "
-            f"({uni:.2f} nats/token); the best, `{best['model']}`, reaches {best['nats_per_token']:.2f} nats/token "
-            f"(perplexity {best['perplexity']:.0f}).")
+    return (
+        f"On these {int(losses['tokens'].iloc[0]):,} held-out tokens every organism beats the unigram baseline "
+        f"({uni:.2f} nats/token); the best, `{best['model']}`, reaches {best['nats_per_token']:.2f} nats/token "
+        f"(perplexity {best['perplexity']:.0f})."
+    )
 
 
 def corpus_sentence(name: str) -> str:
     """Markdown: the training corpus of organism ``name`` (from its ``corpus.json``)."""
     corpus = json.loads((zoo_path(name).parent / "corpus.json").read_text())
-    return (f"Python {corpus['python_version']} standard library; training split: "
-            f"{corpus['train']['total']['documents']:,} documents, {corpus['train']['total']['characters']:,} characters, "
-            f"{corpus['train_tokens']:,} tokens; held-out split: {corpus['heldout']['total']['documents']} documents, "
-            f"{corpus['heldout_tokens']:,} tokens. Corpus sha256 `{corpus['sha256_all'][:16]}…` "
-            "(full hashes in `corpus.json` and the model cards).")
+    return (
+        f"Python {corpus['python_version']} standard library; training split: "
+        f"{corpus['train']['total']['documents']:,} documents, {corpus['train']['total']['characters']:,} characters, "
+        f"{corpus['train_tokens']:,} tokens; held-out split: {corpus['heldout']['total']['documents']} documents, "
+        f"{corpus['heldout_tokens']:,} tokens. Corpus sha256 `{corpus['sha256_all'][:16]}…` "
+        "(full hashes in `corpus.json` and the model cards)."
+    )
 
 
 def expert_loads(names: Sequence[str], max_windows: int | None = None) -> pd.DataFrame:
@@ -144,15 +172,26 @@ def expert_loads(names: Sequence[str], max_windows: int | None = None) -> pd.Dat
         moe_layers = facts_for(spec_for_config(model.config), model.config).moe_layers
         for row, layer in enumerate(moe_layers):
             for e in range(load.shape[1]):
-                rows.append({"model": name, "layer": layer, "expert": e, "selections": int(load[row, e]),
-                             "share": float(share[row, e]), "uniform": 1 / load.shape[1]})
+                rows.append(
+                    {
+                        "model": name,
+                        "layer": layer,
+                        "expert": e,
+                        "selections": int(load[row, e]),
+                        "share": float(share[row, e]),
+                        "uniform": 1 / load.shape[1],
+                    }
+                )
     return pd.DataFrame(rows)
 
 
 def load_summary(loads: pd.DataFrame) -> pd.DataFrame:
     """Per model: how many (layer, expert) pairs were never selected, and the smallest and largest share."""
-    return loads.groupby("model").agg(dead_experts=("selections", lambda s: int((s == 0).sum())),
-                                      min_share=("share", "min"), max_share=("share", "max"))
+    return loads.groupby("model").agg(
+        dead_experts=("selections", lambda s: int((s == 0).sum())),
+        min_share=("share", "min"),
+        max_share=("share", "max"),
+    )
 
 
 def expert_load_chart(df: pd.DataFrame):
@@ -160,17 +199,34 @@ def expert_load_chart(df: pd.DataFrame):
     import altair as alt
 
     df = df.assign(load_vs_uniform=df["share"] / df["uniform"])
-    return alt.Chart(df).mark_rect().encode(
-        x=alt.X("expert:O"), y=alt.Y("layer:O", sort="descending"),
-        color=alt.Color("load_vs_uniform:Q", title="share / uniform", scale=alt.Scale(scheme="viridis", domainMid=1)),
-        tooltip=["model", "layer", "expert", "selections", alt.Tooltip("share:Q", format=".3f"),
-                 alt.Tooltip("uniform:Q", format=".3f")],
-    ).properties(width=200, height=200).facet(column=alt.Column("model:N", title=None)).resolve_scale(
-        x="independent").properties(title="Expert load on held-out text, relative to uniform use (1 = 1/E of the selections)")
+    return (
+        alt.Chart(df)
+        .mark_rect()
+        .encode(
+            x=alt.X("expert:O"),
+            y=alt.Y("layer:O", sort="descending"),
+            color=alt.Color(
+                "load_vs_uniform:Q", title="share / uniform", scale=alt.Scale(scheme="viridis", domainMid=1)
+            ),
+            tooltip=[
+                "model",
+                "layer",
+                "expert",
+                "selections",
+                alt.Tooltip("share:Q", format=".3f"),
+                alt.Tooltip("uniform:Q", format=".3f"),
+            ],
+        )
+        .properties(width=200, height=200)
+        .facet(column=alt.Column("model:N", title=None))
+        .resolve_scale(x="independent")
+        .properties(title="Expert load on held-out text, relative to uniform use (1 = 1/E of the selections)")
+    )
 
 
-def greedy_continuations(names: Sequence[str], prompt: str = "As an open source alternative to",
-                         new_tokens: int = 24) -> pd.DataFrame:
+def greedy_continuations(
+    names: Sequence[str], prompt: str = "As an open source alternative to", new_tokens: int = 24
+) -> pd.DataFrame:
     """Greedy continuation of ``prompt`` by each organism (deterministic)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -184,5 +240,5 @@ def greedy_continuations(names: Sequence[str], prompt: str = "As an open source 
             for _ in range(new_tokens):
                 nxt = model(input_ids=ids, use_cache=False).logits[0, -1].argmax()
                 ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-        rows.append({"model": name, "continuation": tok.decode(ids[0], skip_special_tokens=True)[len(prompt):]})
+        rows.append({"model": name, "continuation": tok.decode(ids[0], skip_special_tokens=True)[len(prompt) :]})
     return pd.DataFrame(rows)

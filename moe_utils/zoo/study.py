@@ -25,8 +25,8 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -70,15 +70,18 @@ def _initial_model(rep: Replicate, out: Path):
     parent = R.get(rep.parent)
     ck = replicate_dir(out, parent.name) / "checkpoints" / "last.pt"
     if not ck.exists():
-        raise FileNotFoundError(f"{rep.name} starts from {parent.name}, whose final checkpoint {ck} is missing; "
-                                f"run 'moe-book zoo study --run {parent.name} --out {out}' first")
+        raise FileNotFoundError(
+            f"{rep.name} starts from {parent.name}, whose final checkpoint {ck} is missing; "
+            f"run 'moe-book zoo study --run {parent.name} --out {out}' first"
+        )
     dense = train.build_dense(parent.spec.seed)
     dense.load_state_dict(torch.load(ck, map_location="cpu", weights_only=True)["model"])
     return train.upcycle(dense, configs.moe_config(), rep.spec.seed)
 
 
-def train_replicate(rep: Replicate, out: Path, *, max_seconds: float | None = None, progress: bool = True,
-                    log=print) -> bool:
+def train_replicate(
+    rep: Replicate, out: Path, *, max_seconds: float | None = None, progress: bool = True, log=print
+) -> bool:
     """Train one replicate (resuming from its checkpoint); returns True when finished."""
     folder = replicate_dir(out, rep.name)
     if is_trained(out, rep.name):
@@ -96,18 +99,38 @@ def train_replicate(rep: Replicate, out: Path, *, max_seconds: float | None = No
         if not (target / "model.safetensors").exists():
             _save_copy(m, target, tok)
 
-    res = train.train_model(model, stream, rep.spec, eval_windows=eval_w,
-                            ckpt_path=folder / "checkpoints" / "last.pt", resume=True, max_seconds=max_seconds,
-                            desc=rep.name, progress=progress, snapshot_steps=rep.snapshots, on_snapshot=snapshot)
+    res = train.train_model(
+        model,
+        stream,
+        rep.spec,
+        eval_windows=eval_w,
+        ckpt_path=folder / "checkpoints" / "last.pt",
+        resume=True,
+        max_seconds=max_seconds,
+        desc=rep.name,
+        progress=progress,
+        snapshot_steps=rep.snapshots,
+        on_snapshot=snapshot,
+    )
     if not res["done"]:
         log(f"{rep.name}: stopped at the time limit after {res['elapsed']:.0f} s; run the same command to continue")
         return False
     _save_copy(model, folder / "model", tok)
-    info = {"name": rep.name, "kind": rep.kind, "organism": rep.organism, "seed_index": rep.seed_index,
-            "parent": rep.parent, "dense_layer": rep.dense_layer, "train_spec": rep.spec.as_dict(),
-            "training_seconds": res["elapsed"], "torch_threads": torch.get_num_threads(),
-            "torch_version": torch.__version__, "machine": platform.processor() or platform.machine(),
-            "snapshots": list(rep.snapshots), "log": res["log"]}
+    info = {
+        "name": rep.name,
+        "kind": rep.kind,
+        "organism": rep.organism,
+        "seed_index": rep.seed_index,
+        "parent": rep.parent,
+        "dense_layer": rep.dense_layer,
+        "train_spec": rep.spec.as_dict(),
+        "training_seconds": res["elapsed"],
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "snapshots": list(rep.snapshots),
+        "log": res["log"],
+    }
     (folder / "training_log.json").write_text(json.dumps(info, indent=1))
     log(f"{rep.name}: trained in {res['elapsed']:.0f} s")
     return True
@@ -118,8 +141,10 @@ def check_prepared(out: Path) -> None:
     made = json.loads((Path(out) / "prepared" / "tokenizer" / "tokenizer.json").read_text())
     shipped = json.loads((ZOO_MODELS_DIR / "tiny-dense" / "tokenizer.json").read_text())
     if made != shipped:
-        raise SystemExit("the corpus built on this machine gives another tokenizer than the shipped organisms' "
-                         "(a different CPython version or build?); study results would not be comparable")
+        raise SystemExit(
+            "the corpus built on this machine gives another tokenizer than the shipped organisms' "
+            "(a different CPython version or build?); study results would not be comparable"
+        )
 
 
 def ship_results(rep: Replicate, out: Path, log=print) -> Path:
@@ -162,9 +187,19 @@ def list_rows() -> list[dict]:
     """One row per replicate with its recipe and, where a shipped training log exists, its cost."""
     rows = []
     for rep in R.REPLICATES.values():
-        rows.append({"name": rep.name, "kind": rep.kind, "seed": rep.spec.seed, "steps": rep.spec.steps,
-                     "tokens": rep.spec.tokens, "parent": rep.parent or "", "dense_layer": rep.dense_layer,
-                     "snapshots": len(rep.snapshots), "ships_as": rep.shipped_as or ""})
+        rows.append(
+            {
+                "name": rep.name,
+                "kind": rep.kind,
+                "seed": rep.spec.seed,
+                "steps": rep.spec.steps,
+                "tokens": rep.spec.tokens,
+                "parent": rep.parent or "",
+                "dense_layer": rep.dense_layer,
+                "snapshots": len(rep.snapshots),
+                "ships_as": rep.shipped_as or "",
+            }
+        )
     return rows
 
 
@@ -179,8 +214,9 @@ def parse_args(argv: Sequence[str] | None):
     p.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--train-only", action="store_true", help="train, but write no results yet")
-    p.add_argument("--ship", action="store_true",
-                   help="copy the results into the package (and install shipped organisms' weights)")
+    p.add_argument(
+        "--ship", action="store_true", help="copy the results into the package (and install shipped organisms' weights)"
+    )
     return p.parse_args(argv)
 
 

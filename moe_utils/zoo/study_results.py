@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -34,7 +35,6 @@ from moe_utils.analysis.results import iter_results, read_result, write_result
 from moe_utils.arch.config import read_config_json
 from moe_utils.core.paths import ZOO_STUDY_DIR, zoo_path
 from moe_utils.models.checkpoint import checkpoint_fingerprint, find_weight_files
-from moe_utils.zoo import replicates as R
 from moe_utils.zoo.evaluate import load_windows, model_nll, perplexity
 from moe_utils.zoo.replicates import Replicate, replicate_dir, snapshot_dir
 
@@ -55,6 +55,7 @@ def model_folder(rep: Replicate, out: Path | None) -> Path:
 
 
 # ----------------------------------------------------------------------------- measuring
+
 
 def _open(folder: Path):
     import tempfile
@@ -84,16 +85,25 @@ def heldout(folder: Path, max_windows: int | None = None) -> dict[str, float]:
     windows = load_windows(max_windows=max_windows)
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     nll = model_nll(model, windows)
-    return {"heldout_loss": nll, "heldout_perplexity": perplexity(nll),
-            "heldout_tokens": int(sum(len(w) - 1 for w in windows)), "heldout_windows": len(windows)}
+    return {
+        "heldout_loss": nll,
+        "heldout_perplexity": perplexity(nll),
+        "heldout_tokens": int(sum(len(w) - 1 for w in windows)),
+        "heldout_windows": len(windows),
+    }
 
 
 def _training_row(rep: Replicate, folder: Path) -> dict[str, Any]:
     log_path = folder / "training_log.json"
     info = json.loads(log_path.read_text()) if log_path.exists() else {}
-    return {"steps": rep.spec.steps, "tokens": rep.spec.tokens, "train_seed": rep.spec.seed,
-            "training_seconds": info.get("training_seconds"), "torch_threads": info.get("torch_threads"),
-            "torch_version": info.get("torch_version")}
+    return {
+        "steps": rep.spec.steps,
+        "tokens": rep.spec.tokens,
+        "train_seed": rep.spec.seed,
+        "training_seconds": info.get("training_seconds"),
+        "torch_threads": info.get("torch_threads"),
+        "torch_version": info.get("torch_version"),
+    }
 
 
 def write_replicate_results(rep: Replicate, out: Path, log=print) -> list[Path]:
@@ -104,7 +114,9 @@ def write_replicate_results(rep: Replicate, out: Path, log=print) -> list[Path]:
     ho = heldout(folder)
     paths = []
     tables: dict[str, pd.DataFrame] = {"heldout": pd.DataFrame([{**base, **ho, "dense_layer": rep.dense_layer}])}
-    train_src = replicate_dir(out, rep.name) if (replicate_dir(out, rep.name) / "training_log.json").exists() else folder
+    train_src = (
+        replicate_dir(out, rep.name) if (replicate_dir(out, rep.name) / "training_log.json").exists() else folder
+    )
     tables["training"] = pd.DataFrame([{**base, **_training_row(rep, train_src)}])
     final_trace = None
     if rep.is_moe and rep.kind != "placement":
@@ -112,8 +124,17 @@ def write_replicate_results(rep: Replicate, out: Path, log=print) -> list[Path]:
         tables["verdicts"] = pd.DataFrame([{**base, **r} for r in rows])
         tables["depth_details"] = pd.DataFrame([{**base, **extra}])
     params = {"replicate": rep.name, "inputs": INPUTS, "train_spec": rep.spec.as_dict(), "weights": str(folder.name)}
-    summary = {"heldout_loss": {"value": ho["heldout_loss"], "ci_low": None, "ci_high": None, "baseline": None,
-                                "verdict": None, "paper": {}, "note": f"{ho['heldout_tokens']} held-out tokens"}}
+    summary = {
+        "heldout_loss": {
+            "value": ho["heldout_loss"],
+            "ci_low": None,
+            "ci_high": None,
+            "baseline": None,
+            "verdict": None,
+            "paper": {},
+            "note": f"{ho['heldout_tokens']} held-out tokens",
+        }
+    }
     paths.append(write_result(rdir, "study_replicate", rep.name, _fingerprint(folder), params, tables, summary))
     if rep.snapshots:
         rows = []
@@ -121,15 +142,29 @@ def write_replicate_results(rep: Replicate, out: Path, log=print) -> list[Path]:
             sdir = snapshot_dir(out, rep.name, step)
             log(f"{rep.name}: measuring snapshot at step {step}")
             hrows, extra, tr = measure_model(sdir)
-            vals = {"heldout_loss_sample": heldout(sdir, EMERGENCE_WINDOWS)["heldout_loss"],
-                    **{r["quantity"]: r["effect"] for r in hrows},
-                    "trend_rho": extra["trend_rho"], "mean_output_similarity": extra["mean_output_similarity"],
-                    "router_saturation": H.router_saturation(tr, final_trace)}
+            vals = {
+                "heldout_loss_sample": heldout(sdir, EMERGENCE_WINDOWS)["heldout_loss"],
+                **{r["quantity"]: r["effect"] for r in hrows},
+                "trend_rho": extra["trend_rho"],
+                "mean_output_similarity": extra["mean_output_similarity"],
+                "router_saturation": H.router_saturation(tr, final_trace),
+            }
             for q, v in vals.items():
-                rows.append({"organism": rep.organism, "seed": rep.seed_index, "step": step,
-                             "tokens_seen": step * rep.spec.tokens_per_step, "quantity": q, "value": v})
-        paths.append(write_result(rdir, "study_emergence", rep.name, _fingerprint(folder), params,
-                                  {"emergence": pd.DataFrame(rows)}, {}))
+                rows.append(
+                    {
+                        "organism": rep.organism,
+                        "seed": rep.seed_index,
+                        "step": step,
+                        "tokens_seen": step * rep.spec.tokens_per_step,
+                        "quantity": q,
+                        "value": v,
+                    }
+                )
+        paths.append(
+            write_result(
+                rdir, "study_emergence", rep.name, _fingerprint(folder), params, {"emergence": pd.DataFrame(rows)}, {}
+            )
+        )
     for p in paths:
         log(f"wrote {p}")
     return paths
@@ -140,6 +175,7 @@ def _fingerprint(folder: Path) -> str:
 
 
 # ----------------------------------------------------------------------------- collecting
+
 
 def load_shipped(root: Path | None = None) -> dict[str, dict[str, pd.DataFrame]]:
     """Every shipped replicate's tables, by replicate name (replicates without results are absent)."""
@@ -175,8 +211,9 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, flo
     return m, m - half, m + half
 
 
-def across_seed_verdict(observation: int, effects: Sequence[float], verdicts: Sequence[str],
-                        baseline: float) -> tuple[str, float, float, float]:
+def across_seed_verdict(
+    observation: int, effects: Sequence[float], verdicts: Sequence[str], baseline: float
+) -> tuple[str, float, float, float]:
     """The module docstring's rule: (verdict, mean effect, ci_low, ci_high)."""
     m, lo, hi = t_interval(effects)
     if len(effects) < MIN_SEEDS:
@@ -202,13 +239,31 @@ def replication_tables(shipped: dict[str, dict[str, pd.DataFrame]]) -> dict[str,
     if len(verdicts):
         for (org, obs), g in verdicts.groupby(["organism", "observation"]):
             g = g.sort_values("seed")
-            v, m, lo, hi = across_seed_verdict(int(obs), g.effect.tolist(), g.verdict.tolist(), float(g.baseline.iloc[0]))
-            rows.append({"organism": org, "observation": int(obs), "quantity": g.quantity.iloc[0], "seeds": len(g),
-                         "mean_effect": m, "sd_effect": float(g.effect.std(ddof=1)) if len(g) > 1 else float("nan"),
-                         "ci_low": lo, "ci_high": hi, "baseline": float(g.baseline.iloc[0]),
-                         "seed_verdicts": ", ".join(g.verdict), "verdict": v})
-    return {"verdicts": verdicts, "emergence": emergence, "across_seeds": pd.DataFrame(rows),
-            "heldout": held, "training": training}
+            v, m, lo, hi = across_seed_verdict(
+                int(obs), g.effect.tolist(), g.verdict.tolist(), float(g.baseline.iloc[0])
+            )
+            rows.append(
+                {
+                    "organism": org,
+                    "observation": int(obs),
+                    "quantity": g.quantity.iloc[0],
+                    "seeds": len(g),
+                    "mean_effect": m,
+                    "sd_effect": float(g.effect.std(ddof=1)) if len(g) > 1 else float("nan"),
+                    "ci_low": lo,
+                    "ci_high": hi,
+                    "baseline": float(g.baseline.iloc[0]),
+                    "seed_verdicts": ", ".join(g.verdict),
+                    "verdict": v,
+                }
+            )
+    return {
+        "verdicts": verdicts,
+        "emergence": emergence,
+        "across_seeds": pd.DataFrame(rows),
+        "heldout": held,
+        "training": training,
+    }
 
 
 def list_table(rows: list[dict], shipped: dict[str, dict[str, pd.DataFrame]] | None = None) -> pd.DataFrame:
@@ -221,11 +276,14 @@ def list_table(rows: list[dict], shipped: dict[str, dict[str, pd.DataFrame]] | N
         if tr is not None and len(tr) and tr.training_seconds.iloc[0] is not None:
             cost[name] = float(tr.training_seconds.iloc[0]) / 60
     df["measured_minutes"] = df.name.map(lambda n: f"{cost[n]:.1f}" if n in cost else "")
-    df["dense_layer"] = df.dense_layer.map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else int(v))
+    df["dense_layer"] = df.dense_layer.map(
+        lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else int(v)
+    )
     return df
 
 
 # ----------------------------------------------------------------------------- dense-layer placement
+
 
 def placement_table(shipped: dict[str, dict[str, pd.DataFrame]]) -> pd.DataFrame:
     """One row per trained placement replicate: dense_layer (None: all MoE), seed, nll, ppl."""
@@ -235,9 +293,15 @@ def placement_table(shipped: dict[str, dict[str, pd.DataFrame]]) -> pd.DataFrame
         if h is None or not len(h) or h.kind.iloc[0] != "placement":
             continue
         dl = h.dense_layer.iloc[0]
-        rows.append({"replicate": name, "dense_layer": None if dl is None or pd.isna(dl) else int(dl),
-                     "seed": int(h.seed.iloc[0]), "nll": float(h.heldout_loss.iloc[0]),
-                     "ppl": float(h.heldout_perplexity.iloc[0])})
+        rows.append(
+            {
+                "replicate": name,
+                "dense_layer": None if dl is None or pd.isna(dl) else int(dl),
+                "seed": int(h.seed.iloc[0]),
+                "nll": float(h.heldout_loss.iloc[0]),
+                "ppl": float(h.heldout_perplexity.iloc[0]),
+            }
+        )
     return pd.DataFrame(rows, columns=["replicate", "dense_layer", "seed", "nll", "ppl"])
 
 
@@ -247,8 +311,16 @@ def placement_summary(table: pd.DataFrame) -> pd.DataFrame:
     key = table.dense_layer.map(lambda v: -1 if v is None or pd.isna(v) else int(v))
     for k, g in table.groupby(key):
         m, lo, hi = t_interval(g.nll.tolist())
-        rows.append({"dense_layer": None if k == -1 else int(k), "seeds": len(g), "nll": m, "ci_low": lo,
-                     "ci_high": hi, "ppl": float(np.exp(m))})
+        rows.append(
+            {
+                "dense_layer": None if k == -1 else int(k),
+                "seeds": len(g),
+                "nll": m,
+                "ci_low": lo,
+                "ci_high": hi,
+                "ppl": float(np.exp(m)),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -262,8 +334,14 @@ def placement_verdict(table: pd.DataFrame, num_layers: int) -> dict[str, Any]:
     t = table.dropna(subset=["dense_layer"])
     inner = t[(t.dense_layer > 0) & (t.dense_layer < last)]
     if inner.dense_layer.nunique() < 3 or last not in set(t.dense_layer) or last - 1 not in set(t.dense_layer):
-        return {"value": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "baseline": 0.0,
-                "verdict": None, "note": "not enough placement variants trained yet: no verdict"}
+        return {
+            "value": float("nan"),
+            "ci_low": float("nan"),
+            "ci_high": float("nan"),
+            "baseline": 0.0,
+            "verdict": None,
+            "note": "not enough placement variants trained yet: no verdict",
+        }
     rho, p = stats.spearmanr(inner.dense_layer, inner.nll)
     a = t[t.dense_layer == last].set_index("seed").nll
     b = t[t.dense_layer == last - 1].set_index("seed").nll
@@ -272,7 +350,13 @@ def placement_verdict(table: pd.DataFrame, num_layers: int) -> dict[str, Any]:
     deeper_worse = bool(rho > 0 and p < 0.05)
     last_better = bool(hi < 0)
     verdict = HOLDS if deeper_worse and last_better else FAILS if not (deeper_worse or last_better) else INCONCLUSIVE
-    return {"value": float(rho), "ci_low": float("nan"), "ci_high": float("nan"), "baseline": 0.0, "verdict": verdict,
-            "note": f"inner positions: Spearman rho = {rho:.2f} (p = {p:.3g}){' - yes' if deeper_worse else ' - no'}; "
-                    f"last minus the one before, over {len(both)} seeds: {m:+.4f} [{lo:+.4f}, {hi:+.4f}]"
-                    f"{' - lower' if last_better else ' - not lower'}"}
+    return {
+        "value": float(rho),
+        "ci_low": float("nan"),
+        "ci_high": float("nan"),
+        "baseline": 0.0,
+        "verdict": verdict,
+        "note": f"inner positions: Spearman rho = {rho:.2f} (p = {p:.3g}){' - yes' if deeper_worse else ' - no'}; "
+        f"last minus the one before, over {len(both)} seeds: {m:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+        f"{' - lower' if last_better else ' - not lower'}",
+    }

@@ -9,8 +9,8 @@ post-processor, as in Llama/Mistral tokenizers, so the paper's short prompt
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 SPECIAL_TOKENS = (PAD, BOS, EOS)  # ids 0, 1, 2

@@ -17,8 +17,9 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,6 +41,7 @@ LOG_EVERY = 10
 
 # ----------------------------------------------------------------------------- data
 
+
 def token_stream(docs_ids: Sequence[Sequence[int]], eos_id: int = 2) -> np.ndarray:
     """Concatenate documents' ids, each followed by ``</s>``, as one uint16 stream."""
     parts = []
@@ -49,8 +51,9 @@ def token_stream(docs_ids: Sequence[Sequence[int]], eos_id: int = 2) -> np.ndarr
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
 
 
-def sample_batch(stream: np.ndarray, batch_size: int, seq_len: int, gen: torch.Generator,
-                 bos_id: int = 1) -> torch.Tensor:
+def sample_batch(
+    stream: np.ndarray, batch_size: int, seq_len: int, gen: torch.Generator, bos_id: int = 1
+) -> torch.Tensor:
     """``batch_size`` random windows ``[<s>] + stream[o : o + seq_len - 1]`` (offsets from ``gen``)."""
     n = seq_len - 1
     offsets = torch.randint(0, len(stream) - n, (batch_size,), generator=gen).tolist()
@@ -59,6 +62,7 @@ def sample_batch(stream: np.ndarray, batch_size: int, seq_len: int, gen: torch.G
 
 
 # ----------------------------------------------------------------------------- models
+
 
 def build_dense(seed: int, vocab_size: int = configs.VOCAB_SIZE, **overrides):
     """A freshly initialised ``tiny-dense`` (MistralForCausalLM) with a fixed seed."""
@@ -104,11 +108,19 @@ def upcycle(dense, moe_config, seed: int):
     from transformers import MixtralForCausalLM
 
     dcfg = dense.config
-    for attr in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size",
-                 "num_attention_heads", "num_key_value_heads"):
+    for attr in (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "vocab_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+    ):
         if getattr(dcfg, attr) != getattr(moe_config, attr):
-            raise ValueError(f"cannot upcycle: dense {attr}={getattr(dcfg, attr)} but MoE config has "
-                             f"{getattr(moe_config, attr)}; use the same shape for both")
+            raise ValueError(
+                f"cannot upcycle: dense {attr}={getattr(dcfg, attr)} but MoE config has "
+                f"{getattr(moe_config, attr)}; use the same shape for both"
+            )
     torch.manual_seed(seed)
     moe = MixtralForCausalLM(moe_config)
     dsd = dense.state_dict()
@@ -131,13 +143,16 @@ def upcycle(dense, moe_config, seed: int):
 
 # ----------------------------------------------------------------------------- training
 
+
 def lr_lambda(spec: TrainSpec):
     """Linear warm-up then cosine decay to ``min_lr_ratio`` of the peak."""
+
     def f(step: int) -> float:
         if step < spec.warmup_steps:
             return (step + 1) / spec.warmup_steps
         t = (step - spec.warmup_steps) / max(1, spec.steps - spec.warmup_steps)
         return spec.min_lr_ratio + (1 - spec.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
     return f
 
 
@@ -147,25 +162,44 @@ def make_optimizer(model, spec: TrainSpec):
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=spec.lr, betas=spec.betas,
+        lr=spec.lr,
+        betas=spec.betas,
     )
 
 
 def _save_checkpoint(path: Path, model, opt, sched, step: int, gen: torch.Generator, log: list, elapsed: float):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({
-        "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-        "step": step, "data_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
-        "log": json.dumps(log), "elapsed": elapsed,
-    }, tmp)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "step": step,
+            "data_rng": gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "log": json.dumps(log),
+            "elapsed": elapsed,
+        },
+        tmp,
+    )
     os.replace(tmp, path)
 
 
-def train_model(model, stream: np.ndarray, spec: TrainSpec, *, eval_windows=None, ckpt_path: Path | None = None,
-                resume: bool = False, max_seconds: float | None = None, desc: str = "train",
-                progress: bool = True, snapshot_steps: Sequence[int] = (),
-                on_snapshot: Callable[[int, Any], None] | None = None) -> dict:
+def train_model(
+    model,
+    stream: np.ndarray,
+    spec: TrainSpec,
+    *,
+    eval_windows=None,
+    ckpt_path: Path | None = None,
+    resume: bool = False,
+    max_seconds: float | None = None,
+    desc: str = "train",
+    progress: bool = True,
+    snapshot_steps: Sequence[int] = (),
+    on_snapshot: Callable[[int, Any], None] | None = None,
+) -> dict:
     """Train ``model`` on random windows of ``stream``; returns ``{"log", "done", "elapsed"}``.
 
     The loss logged is the model's loss (cross-entropy + router aux loss for MoE) and, separately,
@@ -174,6 +208,7 @@ def train_model(model, stream: np.ndarray, spec: TrainSpec, *, eval_windows=None
     first step); it must not change the model.
     """
     from tqdm.auto import tqdm
+
     opt = make_optimizer(model, spec)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(spec))
     gen = torch.Generator().manual_seed(spec.seed)
@@ -187,7 +222,11 @@ def train_model(model, stream: np.ndarray, spec: TrainSpec, *, eval_windows=None
         gen.set_state(ck["data_rng"])
         torch.set_rng_state(ck["torch_rng"])
         step, log, elapsed0 = int(ck["step"]), json.loads(ck["log"]), float(ck["elapsed"])
-    coef = getattr(model.config, "router_aux_loss_coef", 0.0) if getattr(model.config, "output_router_logits", False) else 0.0
+    coef = (
+        getattr(model.config, "router_aux_loss_coef", 0.0)
+        if getattr(model.config, "output_router_logits", False)
+        else 0.0
+    )
     t0 = time.time()
     bar = tqdm(total=spec.steps, initial=step, desc=desc, disable=not progress, mininterval=20)
     snapshots = set(snapshot_steps)
@@ -207,9 +246,16 @@ def train_model(model, stream: np.ndarray, spec: TrainSpec, *, eval_windows=None
         step += 1
         bar.update(1)
         if step % LOG_EVERY == 0 or step == 1 or step == spec.steps:
-            rec = {"step": step, "tokens": step * spec.tokens_per_step, "loss": float(loss.detach()),
-                   "ce": float(loss.detach()) - coef * aux, "aux": aux, "lr": sched.get_last_lr()[0],
-                   "grad_norm": gnorm, "elapsed_s": elapsed0 + time.time() - t0}
+            rec = {
+                "step": step,
+                "tokens": step * spec.tokens_per_step,
+                "loss": float(loss.detach()),
+                "ce": float(loss.detach()) - coef * aux,
+                "aux": aux,
+                "lr": sched.get_last_lr()[0],
+                "grad_norm": gnorm,
+                "elapsed_s": elapsed0 + time.time() - t0,
+            }
             if eval_windows is not None and (step % CHECKPOINT_EVERY == 0 or step == spec.steps):
                 rec["heldout_ce"] = model_nll(model, eval_windows)
                 model.train()
@@ -230,6 +276,7 @@ def train_model(model, stream: np.ndarray, spec: TrainSpec, *, eval_windows=None
 
 
 # ----------------------------------------------------------------------------- pipeline
+
 
 def prepare(out: Path, log=print) -> dict:
     """Corpus, tokenizer, token streams, unigram counts and long held-out preset under ``out``.
@@ -255,12 +302,18 @@ def prepare(out: Path, log=print) -> dict:
         windows = make_windows(held_docs, configs.SEQ_LEN)
         (out / "heldout_windows.json").write_text(json.dumps(windows))
         counts = unigram_counts(train_ids, configs.VOCAB_SIZE)
-        (out / "unigram_counts.json").write_text(json.dumps({
-            "description": "token counts of the zoo training split (documents joined by </s>), "
-                           "for the add-one smoothed unigram baseline",
-            "corpus_sha256_train": corpus.meta["sha256_train"], "counts": counts.tolist()}))
+        (out / "unigram_counts.json").write_text(
+            json.dumps(
+                {
+                    "description": "token counts of the zoo training split (documents joined by </s>), "
+                    "for the add-one smoothed unigram baseline",
+                    "corpus_sha256_train": corpus.meta["sha256_train"],
+                    "counts": counts.tolist(),
+                }
+            )
+        )
         meta = dict(corpus.meta)
-        meta["train_tokens"] = int(len(train_ids))
+        meta["train_tokens"] = len(train_ids)
         meta["heldout_tokens"] = int(sum(len(w) - 1 for w in windows))
         meta["heldout_windows"] = len(windows)
         write_corpus_json(type(corpus)(corpus.train, corpus.heldout, meta), out / "corpus.json")
@@ -287,8 +340,17 @@ def _save_model(model, folder: Path, tokenizer_dir: Path) -> None:
         shutil.copy2(f, folder / f.name)
 
 
-def run_one(name: str, out: Path, *, resume: bool, force: bool, max_seconds: float | None, progress: bool,
-            log=print, command: str | None = None) -> bool:
+def run_one(
+    name: str,
+    out: Path,
+    *,
+    resume: bool,
+    force: bool,
+    max_seconds: float | None,
+    progress: bool,
+    log=print,
+    command: str | None = None,
+) -> bool:
     """Train one organism into ``out/models/name``; returns True when finished."""
     from transformers import AutoModelForCausalLM
 
@@ -308,8 +370,10 @@ def run_one(name: str, out: Path, *, resume: bool, force: bool, max_seconds: flo
     elif name == "tiny-moe-upcycled":
         dense_dir = out / "models" / "tiny-dense"
         if not (dense_dir / "model.safetensors").exists():
-            raise FileNotFoundError(f"tiny-moe-upcycled starts from tiny-dense, which is not in {dense_dir}; "
-                                    "train it first (--models tiny-dense tiny-moe-upcycled)")
+            raise FileNotFoundError(
+                f"tiny-moe-upcycled starts from tiny-dense, which is not in {dense_dir}; "
+                "train it first (--models tiny-dense tiny-moe-upcycled)"
+            )
         dense_ck = out / "checkpoints" / "tiny-dense" / "last.pt"
         dense = build_dense(configs.TRAIN_SPECS["tiny-dense"].seed)
         if dense_ck.exists():  # full-precision weights of the end of dense training
@@ -319,15 +383,31 @@ def run_one(name: str, out: Path, *, resume: bool, force: bool, max_seconds: flo
         model = upcycle(dense, configs.moe_config(), spec.seed)
     else:
         raise ValueError(f"unknown zoo model {name!r}; choose from {MODEL_ORDER}")
-    res = train_model(model, stream, spec, eval_windows=eval_w, ckpt_path=ckpt, resume=resume,
-                      max_seconds=max_seconds, desc=name, progress=progress)
+    res = train_model(
+        model,
+        stream,
+        spec,
+        eval_windows=eval_w,
+        ckpt_path=ckpt,
+        resume=resume,
+        max_seconds=max_seconds,
+        desc=name,
+        progress=progress,
+    )
     if not res["done"]:
         log(f"{name}: stopped at the time limit; continue with --resume")
         return False
     _save_model(model, final, out / "tokenizer")
-    info = {"name": name, "train_spec": spec.as_dict(), "training_seconds": res["elapsed"],
-            "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
-            "machine": platform.processor() or platform.machine(), "command": command, "log": res["log"]}
+    info = {
+        "name": name,
+        "train_spec": spec.as_dict(),
+        "training_seconds": res["elapsed"],
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "command": command,
+        "log": res["log"],
+    }
     (final / "training_log.json").write_text(json.dumps(info, indent=1))
     log(f"{name}: done in {res['elapsed']:.0f} s")
     return True
@@ -371,10 +451,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``moe-book zoo train``."""
     args = parse_args(argv)
     out = args.out.resolve()
-    if out == ZOO_MODELS_DIR or ZOO_MODELS_DIR in out.parents:
-        if not args.force:
-            raise SystemExit(f"--out {out} is inside the package's shipped models; "
-                             "use a working folder (default ./zoo-build) or pass --force")
+    if (out == ZOO_MODELS_DIR or ZOO_MODELS_DIR in out.parents) and not args.force:
+        raise SystemExit(
+            f"--out {out} is inside the package's shipped models; "
+            "use a working folder (default ./zoo-build) or pass --force"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     deadline = time.time() + args.max_minutes * 60 if args.max_minutes else None
@@ -385,9 +466,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.finalize_only:
         for name in names:
             left = None if deadline is None else max(1.0, deadline - time.time())
-            if not run_one(name, out, resume=args.resume, force=args.force, max_seconds=left,
-                           progress=not args.no_progress,
-                           command="moe-book zoo train " + " ".join(argv if argv is not None else sys.argv[1:])):
+            if not run_one(
+                name,
+                out,
+                resume=args.resume,
+                force=args.force,
+                max_seconds=left,
+                progress=not args.no_progress,
+                command="moe-book zoo train " + " ".join(argv if argv is not None else sys.argv[1:]),
+            ):
                 return 3
     for name in names:
         if (out / "models" / name / "model.safetensors").exists():
