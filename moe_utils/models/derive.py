@@ -491,7 +491,7 @@ def _disk_format(
     saved: dict[str, Tensor] = {}
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(str(path), "pt") as f:
-            for name in f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not iterable
                 saved[name] = f.get_tensor(name)
     src = ModelSource(model)
     mem_names = set(dict(model.state_dict()))

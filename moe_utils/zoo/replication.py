@@ -156,6 +156,15 @@ def across_seed_narrative(across: pd.DataFrame) -> str:
         )
         + "."
     )
+    for r in settled.itertuples():
+        if all(v.strip() == S.INCONCLUSIVE for v in str(r.seed_verdicts).split(",")):
+            lines.append("")
+            lines.append(
+                f"Observation {r.observation} on {r.organism} is settled across seeds although no single seed "
+                "settles it: each seed's own interval (over its layers) includes the baseline, but the seeds' "
+                f"means agree closely ({r.mean_effect:.3f}, 95% interval {r.ci_low:.3f} to {r.ci_high:.3f}). "
+                "What is reproducible is the small average over these layers, not the effect in any one layer."
+            )
     few = across[across.seeds < S.MIN_SEEDS]
     if len(few):
         lines.append(
