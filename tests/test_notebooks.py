@@ -37,7 +37,7 @@ REQUIRED_PARAMETERS = {
 
 def _moe_book(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "moe_utils.publish.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=1500
+        [sys.executable, "-m", "moe_utils.publish.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=2400
     )
 
 

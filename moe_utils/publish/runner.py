@@ -25,6 +25,7 @@ import ast
 import contextlib
 import errno
 import json
+import logging
 import os
 import shutil
 import sys
@@ -658,6 +659,13 @@ def _disk_message(exc: OSError, where: Path | str) -> str:
     )
 
 
+def _quiet_dead_kernel_tasks() -> None:
+    """After Ctrl-C the kernel (same process group) dies with the runner; the executor's pending
+    task then fails with DeadKernelError, which asyncio would print as an unretrieved-exception
+    traceback at exit. The interruption message already says what happened and what was kept."""
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+
+
 def run_jobs(jobs: Sequence[Job], log: Log = print, root: Path | None = None) -> list[Path]:
     """Execute ``jobs`` in order, logging progress; stop at the first failure.
 
@@ -677,12 +685,14 @@ def run_jobs(jobs: Sequence[Job], log: Log = print, root: Path | None = None) ->
             except NotebookRunError as exc:
                 log(f"[{i}/{len(jobs)}] {job.label} FAILED after {time.perf_counter() - t0:.1f} s")
                 if exc.ename == "KeyboardInterrupt":
+                    _quiet_dead_kernel_tasks()
                     raise RunInterrupted(
                         f"interrupted during {job.label}: its previous notebook and results were "
                         f"kept; the partial notebook is in {exc.output}."
                     ) from exc
                 raise
             except KeyboardInterrupt as exc:
+                _quiet_dead_kernel_tasks()
                 kept = (
                     f"; the partial notebook is in {failed_path(job.output)}"
                     if failed_path(job.output).exists()
