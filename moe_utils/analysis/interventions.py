@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .. import metrics as M
 from ..arch.facts import RouteParams
-from ..engine.expert_math import expert_outputs, shared_expert_output
+from ..engine.expert_math import apply_experts, expert_outputs, shared_expert_output
 from ..models.loading import LoadedModel
 from ..models.weights import MoELayerWeights, layer_weights
 from .verdicts import versus_baseline
@@ -108,15 +108,20 @@ def select(
 def _policy_forward(w: MoELayerWeights, top_k: int, renormalize: bool, policy: Policy, gen: torch.Generator):
     router = w.router.float()
     bias = None if w.router_bias is None else w.router_bias.float()
+    needs_norms = policy.kind == "norm" or (policy.kind == "ablate" and policy.remove == "top_norm")
 
     def forward(hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         shape, dtype = hidden_states.shape, hidden_states.dtype
         x = hidden_states.reshape(-1, shape[-1]).float()
         logits = x @ router.T + (0 if bias is None else bias)
         probs = torch.softmax(logits, dim=-1)
-        y = expert_outputs(w, x)  # [N,E,H]
-        index, weight = select(policy, probs, y.norm(dim=-1), top_k, renormalize, gen)
-        out = (y.gather(1, index.unsqueeze(-1).expand(-1, -1, y.shape[-1])) * weight.unsqueeze(-1)).sum(dim=1)
+        if needs_norms:  # every expert on every token: the choice depends on all their outputs
+            y = expert_outputs(w, x)  # [N,E,H]
+            index, weight = select(policy, probs, y.norm(dim=-1), top_k, renormalize, gen)
+            out = (y.gather(1, index.unsqueeze(-1).expand(-1, -1, y.shape[-1])) * weight.unsqueeze(-1)).sum(dim=1)
+        else:  # only the chosen (token, expert) pairs, as the model itself computes them
+            index, weight = select(policy, probs, probs, top_k, renormalize, gen)  # norms unused here
+            out = apply_experts(w, x, index, weight)
         shared = shared_expert_output(w, x)
         if shared is not None:
             out = out + shared
