@@ -356,3 +356,37 @@ def test_weight_report_uses_the_fused_first_pass(monkeypatch):
         pn = report["pca_neuron"]
         got = pn[(pn.layer == layer) & (pn.matrix == m)][["pc1", "pc2"]].to_numpy()
         np.testing.assert_allclose(got, ref.coords, rtol=1e-4, atol=1e-5 * np.abs(ref.coords).max())
+
+
+def test_split_ranges_cover_the_range_on_step_boundaries():
+    from moe_utils.metrics.threads import split_range
+
+    for total, parts, step in [(10, 3, 1), (100, 4, 7), (5, 8, 1), (1, 2, 4), (64, 2, 16)]:
+        ranges = split_range(total, parts, step)
+        assert ranges[0][0] == 0 and ranges[-1][1] == total and len(ranges) <= parts
+        assert all(b1 == a2 for (_, b1), (a2, _) in zip(ranges, ranges[1:], strict=False))
+        assert all(a % step == 0 for a, _ in ranges)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_threaded_passes_equal_one_thread(axis):
+    """Splitting the neurons between threads changes only the order of float64 sums."""
+    rng = np.random.default_rng(8)
+    w = structured_stack(rng, e=4, i=120, h=24)
+    if axis == 1:
+        w = np.ascontiguousarray(np.transpose(w, (0, 2, 1)))
+    mats = [torch.tensor(w[e]).to(torch.bfloat16) for e in range(len(w))]
+    n_rows, d = len(mats) * int(w.shape[1 + axis]), int(w.shape[2 - axis])
+    omega = sketch_matrix(d, sketch_width(n_rows, d, 2), seed=1)
+    one = flattened_pass(mats, axis, omega=omega, block_elements=4 * 24 * 5, threads=1)
+    three = flattened_pass(mats, axis, omega=omega, block_elements=4 * 24 * 5, threads=3)
+    for a, b in [(one.gram, three.gram), (one.std_gram, three.std_gram), (one.neuron_sums, three.neuron_sums)]:
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12 * np.abs(a).max())
+    assert one.sketch is not None and three.sketch is not None
+    np.testing.assert_array_equal(one.sketch.y, three.sketch.y)  # rows are computed the same way
+    np.testing.assert_allclose(one.sketch.xty, three.sketch.xty, rtol=1e-10, atol=1e-10 * np.abs(one.sketch.xty).max())
+    sources = [(m, axis) for m in mats]
+    p1 = randomized_neuron_pca(sources, 2, block_elements=24 * 9, threads=1)
+    p3 = randomized_neuron_pca(sources, 2, block_elements=24 * 9, threads=3)
+    np.testing.assert_allclose(p1[2], p3[2], rtol=1e-9)
+    np.testing.assert_allclose(p1[0], p3[0], rtol=1e-7, atol=1e-9 * np.abs(p1[0]).max())

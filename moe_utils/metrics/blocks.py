@@ -48,8 +48,9 @@ class BlockReader:
     """Neuron blocks of matrices as float32 (float64) numpy views into one reused buffer.
 
     ``rows(matrix, axis, start, stop)`` returns neurons ``start:stop`` as ``[n, H]``: C-contiguous
-    for axis 0, a transposed view of the contiguous ``[H, n]`` copy for axis 1. The view is only
-    valid until the next call (callers may modify it in place).
+    for axis 0, a transposed view of the contiguous ``[H, n]`` copy for axis 1. A float32 or
+    float64 CPU matrix is not copied at all: the result is a (read-only by convention) view of
+    the matrix itself. Otherwise the view is into the reused buffer, valid until the next call.
     """
 
     def __init__(self, block_elements: int = BLOCK_ELEMENTS):
@@ -73,6 +74,9 @@ class BlockReader:
         part = _native(matrix, start, stop, transposed=axis == 1)
         if not _is_torch(part):
             part = torch.from_numpy(np.asarray(part))
+        if part.dtype in (torch.float32, torch.float64) and part.stride(-1) == 1:
+            arr = part.numpy()  # already in working precision: a view, nothing to convert
+            return arr.T if axis == 1 else arr
         shape = tuple(part.shape)
         out = self._buffer(shape[0] * shape[1], _wide(part))[: shape[0] * shape[1]].view(shape)
         out.copy_(part)

@@ -23,7 +23,7 @@ the flattened layout is used as is.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -32,6 +32,7 @@ import numpy as np
 from ._arrays import ArrayLike, _is_torch, flatten_rows, to_numpy
 from .blocks import BLOCK_ELEMENTS, BlockReader, block_size, neuron_count
 from .neurons import neuron_vectors, resolve_neuron_axis
+from .threads import run_split
 
 PCAMethod = Literal["auto", "sklearn", "gram", "covariance", "randomized"]
 #: Inputs with more elements than this use the Gram/covariance route under ``method="auto"``.
@@ -116,12 +117,15 @@ def pca_from_gram(g: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.nda
 @dataclass(frozen=True)
 class SketchStart:
     """The first pass of :func:`randomized_neuron_pca`: per-feature sums ``s1`` and sums of squares
-    ``s2`` over all neurons (float64 ``[d]``) and the sketch ``Y = X Omega`` (``[n, l]``), so a
-    caller that already walks the weights can supply it (:func:`flattened_pass`)."""
+    ``s2`` over all neurons (float64 ``[d]``), the sketch ``Y = X Omega`` (``[n, l]``) and the
+    product ``X^T Y`` (``[d, l]``, float64; the first half of a power iteration), all of the raw
+    (uncentred) neurons, so a caller that already walks the weights can supply it
+    (:func:`flattened_pass`)."""
 
     s1: np.ndarray
     s2: np.ndarray
     y: np.ndarray
+    xty: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -158,6 +162,7 @@ def flattened_pass(
     standardize: bool = True,
     omega: np.ndarray | None = None,
     block_elements: int = BLOCK_ELEMENTS,
+    threads: int | None = None,
 ) -> FlattenedPass:
     """One pass over same-shaped matrices, each element converted to float32 once, giving: the
     Gram matrix of the flattened matrices (``<W_i, W_j>``, for cosine similarity); the Gram
@@ -171,7 +176,9 @@ def flattened_pass(
     (no transposed copy) into one reused ``[n, block]`` buffer (float32; float64 for float64
     inputs) and processed in place, so the working memory is a few ``block_elements``. Each
     block's products are taken in the buffer's precision and accumulated over blocks in float64
-    (for float32 the error of a cosine stays near float32 rounding, ~1e-7).
+    (for float32 the error of a cosine stays near float32 rounding, ~1e-7). The neurons are split
+    into ``threads`` contiguous ranges (default: the cores) walked in parallel
+    (:func:`~moe_utils.metrics.threads.run_split`), each with its own buffer.
     """
     import torch
 
@@ -190,16 +197,20 @@ def flattened_pass(
     if omega is not None and int(omega.shape[0]) != width:
         raise ValueError(f"the sketch matrix needs {width} rows (the neurons' length); got {tuple(omega.shape)}")
     step = block_size(width, n, block_elements)
-    buf = torch.empty((n, step * width), dtype=torch.float64 if wide else torch.float32)
-    raw, std = np.zeros((n, n)), np.zeros((n, n))
-    sums = np.zeros((n, width))
     sketch = None
+    om = None
     if omega is not None:
         om = omega.astype(np.float64 if wide else np.float32)
-        sketch = SketchStart(np.zeros(width), np.zeros(width), np.empty((n * total, om.shape[1])))
-    with torch.no_grad():
-        for a in range(0, total, step):
-            b = min(total, a + step)
+        sketch = SketchStart(
+            np.zeros(width), np.zeros(width), np.empty((n * total, om.shape[1])), np.zeros((width, om.shape[1]))
+        )
+
+    def part(lo: int, hi: int) -> tuple[np.ndarray, ...]:
+        buf = torch.empty((n, step * width), dtype=torch.float64 if wide else torch.float32)
+        raw, std, sums, s2 = np.zeros((n, n)), np.zeros((n, n)), np.zeros((n, width)), np.zeros(width)
+        xty = np.zeros((width, om.shape[1])) if om is not None else None
+        for a in range(lo, hi, step):
+            b = min(hi, a + step)
             c = buf[:, : (b - a) * width]
             for i, t in enumerate(tens):  # the stored layout: contiguous runs, no transpose
                 if axis == 0:
@@ -211,9 +222,11 @@ def flattened_pass(
             for i in range(n):  # neuron rows of item i (a view)
                 x = cn[i].reshape(b - a, width) if axis == 0 else cn[i].reshape(width, b - a).T
                 sums[i] += x.sum(axis=0)
-                if sketch is not None:
-                    sketch.s2[:] += np.einsum("ij,ij->j", x, x)
-                    sketch.y[i * total + a : i * total + b] = x @ om
+                if sketch is not None and om is not None and xty is not None:
+                    s2 += np.einsum("ij,ij->j", x, x)
+                    y = x @ om
+                    sketch.y[i * total + a : i * total + b] = y  # rows of this range only
+                    xty += x.T @ y
             # per-position mean and spread over the n items, row by row (reductions across the
             # short item axis are slow in torch)
             mean = c[0].clone()
@@ -227,7 +240,14 @@ def flattened_pass(
                 dof = max(n - 1, 1)  # sample std (ddof=1), as standardize()
                 c *= ss.masked_fill_(ss == 0, dof).div_(dof).rsqrt_()  # constant positions: scale 1
             std += cn @ cn.T
+        return raw, std, sums, s2, xty
+
+    with torch.no_grad():
+        parts = run_split(part, total, step, threads)
+    raw, std, sums = (np.sum([p[k] for p in parts], axis=0) for k in range(3))
     if sketch is not None:
+        sketch.s2[:] = sum(p[3] for p in parts)
+        sketch.xty[:] = sum(p[4] for p in parts)
         sketch.s1[:] = sums.sum(axis=0)
     return FlattenedPass(raw, std, sums, sketch)
 
@@ -246,24 +266,33 @@ def randomized_neuron_pca(
     seed: int = 0,
     block_elements: int = BLOCK_ELEMENTS,
     first_pass: SketchStart | None = None,
+    threads: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Streamed randomized PCA of the neurons of several matrices, rows in source order.
 
     ``sources`` are ``(matrix, neuron_axis)`` pairs (axis 0: rows are neurons, axis 1: columns).
     The standardised data ``Z = (X - 1 mu^T) D`` (``n`` neurons x ``d`` features, ``D`` the
-    inverse standard deviations) is never formed: every pass converts float32 neuron blocks of
-    ``X`` once (:class:`~moe_utils.metrics.blocks.BlockReader`: the stored layout, one reused
-    buffer) and multiplies them by a thin ``d x l`` or ``n x l`` matrix (``l = k +
-    oversample``), the centring and scaling being applied to the thin factors instead
-    (``Z M = X (D M) - 1 (mu^T D M)``, ``Z^T Q = D (X^T Q - mu 1^T Q)``). Pass 1 gathers the
-    feature means and variances with the sketch ``Y = (X - 1 mu^T) Omega``; ``first_pass``
-    supplies it when the caller has already walked the weights (:func:`flattened_pass` with
-    ``omega = sketch_matrix(d, sketch_width(n, d, k, oversample), seed)``). Each of the
-    ``power_iterations`` adds two passes; a last pass gives ``B = Q^T Z``, whose small SVD
-    yields the components. float32 products lose accuracy only when a feature's mean is many
-    orders of magnitude larger than its spread (not the case for weights). Returns ``(coords
-    [n, k], explained variance, ratio)`` like the exact methods (ratio = component variance /
-    total variance of ``Z``).
+    inverse standard deviations) is never formed: every pass walks float32 neuron blocks of
+    ``X`` (:class:`~moe_utils.metrics.blocks.BlockReader`: the stored layout, one reused buffer,
+    no copy at all for float32 inputs) and multiplies them by thin ``d x l`` factors (``l = k +
+    oversample``), the centring and scaling being applied to the thin factors instead.
+
+    The algorithm is Halko, Martinsson and Tropp's range finder with ``q = power_iterations``
+    power iterations, arranged so that it needs ``q + 1`` passes over the weights instead of
+    ``2 q + 2``: each pass computes both ``Y = Z M`` and ``Z^T Y`` block by block (a block's
+    rows of ``Y`` are all that ``Z^T Y`` needs). Orthonormalising ``Y`` before multiplying by
+    ``Z^T`` only changes the basis of the same column space (``Z^T Q = Z^T Y R^{-1}`` with
+    ``Y = Q R``), so the next iteration takes ``orth(Z^T Y)`` and the last step ``B = Q^T Z =
+    R^{-T} (Z^T Y)^T``: the same subspaces as the textbook order, up to rounding. Pass 1 also
+    gathers the feature means and variances (the sketch of the raw neurons is centred
+    afterwards: ``(X - 1 mu^T)^T (X - 1 mu^T) Omega = X^T X Omega - n mu mu^T Omega``);
+    ``first_pass`` supplies it when the caller has already walked the weights
+    (:func:`flattened_pass` with ``omega = sketch_matrix(d, sketch_width(n, d, k, oversample),
+    seed)``). Products are float32 per block and accumulated in float64; they lose accuracy only
+    when a feature's mean is many orders of magnitude larger than its spread (not the case for
+    weights). The blocks of each pass are split between ``threads`` (default: the cores,
+    :func:`~moe_utils.metrics.threads.run_split`). Returns ``(coords [n, k], explained variance,
+    ratio)`` like the exact methods (ratio = component variance / total variance of ``Z``).
     """
     srcs = [(m, int(ax)) for m, ax in sources]
     d = int(srcs[0][0].shape[1 - srcs[0][1]])
@@ -274,59 +303,73 @@ def randomized_neuron_pca(
     if not 1 <= k <= min(n, d):
         raise ValueError(f"n_components must be between 1 and min(neurons, features) = {min(n, d)}; got {k}")
     step = block_size(d, 1, block_elements)
-    reader = BlockReader(block_elements)
+    spans = []  # (first row in the stacked neurons, source, first neuron, end)
+    row = 0
+    for (m, ax), cnt in zip(srcs, counts, strict=True):
+        spans += [(row + a, m, ax, a, min(cnt, a + step)) for a in range(0, cnt, step)]
+        row += cnt
 
-    def blocks():
-        row = 0
-        for (m, ax), cnt in zip(srcs, counts, strict=True):
-            for a in range(0, cnt, step):
-                b = min(cnt, a + step)
-                yield row + a, reader.rows(m, ax, a, b)
-            row += cnt
+    def walk(visit: Callable[[int, np.ndarray], np.ndarray | None]) -> list[np.ndarray]:
+        """``visit(row, block)`` on every neuron block, the blocks split between threads; the
+        per-thread sums of what ``visit`` returns, in range order."""
+
+        def part(lo: int, hi: int) -> np.ndarray:
+            reader, acc = BlockReader(block_elements), None
+            for r, m, ax, a, b in spans[lo:hi]:
+                out = visit(r, reader.rows(m, ax, a, b))
+                acc = out.astype(np.float64) if acc is None else acc + out  # float64 sums
+            return acc
+
+        return run_split(part, len(spans), 1, threads)
 
     ell = sketch_width(n, d, k, oversample)
     omega = sketch_matrix(d, ell, seed)
     if first_pass is None:
-        s1, s2 = np.zeros(d), np.zeros(d)
         y = np.empty((n, ell))
-        for r, x in blocks():
-            s1 += x.sum(axis=0)
-            s2 += np.einsum("ij,ij->j", x, x)
-            y[r : r + len(x)] = x @ omega
+
+        def first(r: int, x: np.ndarray) -> np.ndarray:
+            yb = x @ omega
+            y[r : r + len(x)] = yb
+            return np.concatenate([x.sum(axis=0)[:, None], np.einsum("ij,ij->j", x, x)[:, None], x.T @ yb], axis=1)
+
+        acc = np.sum(walk(first), axis=0)
+        s1, s2, xty = acc[:, 0].copy(), acc[:, 1].copy(), acc[:, 2:].copy()
     else:
         if tuple(first_pass.y.shape) != (n, ell) or tuple(first_pass.s1.shape) != (d,):
             raise ValueError(
                 f"the given first pass has a sketch of shape {tuple(first_pass.y.shape)}; these sources need {(n, ell)}"
             )
-        s1, s2, y = first_pass.s1, first_pass.s2, np.array(first_pass.y, dtype=np.float64)
+        s1, s2 = first_pass.s1, first_pass.s2
+        y, xty = np.array(first_pass.y, dtype=np.float64), np.array(first_pass.xty, dtype=np.float64)
     mu = s1 / n
     var = np.clip(s2 / n - mu**2, 0.0, None)
     sd = np.sqrt(var * n / max(n - 1, 1))  # sample std (ddof=1), as standardize()
     scale = np.where(sd > 0, sd, 1.0) if standardize else np.ones(d)
-    y -= (mu @ omega)[None, :]  # Y = (X - 1 mu^T) Omega = Z diag(scale) Omega
     inv = 1.0 / scale
     total = float(n * np.sum(var / scale**2))
+    mu_omega = mu @ omega
+    y -= mu_omega[None, :]  # Y = (X - 1 mu^T) Omega = Z diag(scale) Omega
+    zty = inv[:, None] * (xty - n * np.outer(mu, mu_omega))  # Z^T Y
 
-    def z_times(m: np.ndarray) -> np.ndarray:  # Z @ m, m [d, ell] -> [n, ell]
+    def sketch_pass(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # Y = Z m and Z^T Y, m [d, ell]
         dm = inv[:, None] * m
-        off = mu @ dm
+        off = (mu @ dm).astype(np.float32)
         dm32 = dm.astype(np.float32)
         out = np.empty((n, m.shape[1]))
-        for r, x in blocks():
-            out[r : r + len(x)] = x @ dm32
-        return out - off[None, :]
 
-    def zt_times(q: np.ndarray) -> np.ndarray:  # Z^T @ q, q [n, ell] -> [d, ell]
-        acc = np.zeros((d, q.shape[1]))
-        q32 = q.astype(np.float32)
-        for r, x in blocks():
-            acc += x.T @ q32[r : r + len(x)]
-        return inv[:, None] * (acc - mu[:, None] * q.sum(axis=0)[None, :])
+        def visit(r: int, x: np.ndarray) -> np.ndarray:
+            yb = x @ dm32
+            yb -= off[None, :]
+            out[r : r + len(x)] = yb
+            return x.T @ yb
+
+        acc = np.sum(walk(visit), axis=0)
+        return out, inv[:, None] * (acc - mu[:, None] * out.sum(axis=0)[None, :])
 
     for _ in range(max(0, int(power_iterations))):
-        y = z_times(_orth(zt_times(_orth(y))))
-    q = _orth(y)
-    b = zt_times(q).T  # [ell, d]
+        y, zty = sketch_pass(_orth(zty))
+    q, r = np.linalg.qr(y)
+    b = np.linalg.solve(r.T, zty.T)  # [ell, d] = Q^T Z = R^{-T} (Z^T Y)^T
     ub, s, _ = np.linalg.svd(b, full_matrices=False)
     coords = q @ (ub[:, :k] * s[:k])
     lam = s[:k] ** 2
