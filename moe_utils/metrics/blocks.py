@@ -8,7 +8,7 @@ are kept in float64.
 
 Two costs dominate such a pass on a CPU and are avoided here: copying a *transposed* bfloat16
 view (W_down's neurons are columns; a strided copy costs about 15 ns per element against about
-1 ns for a contiguous one), and first-touch page faults of a fresh 64 MiB buffer per block (about
+1 ns for a contiguous one), and first-touch page faults of a fresh buffer per block (about
 4 ns per element). :class:`BlockReader` therefore copies the stored layout (a block of W_down's
 columns is ``W[:, a:b]``, contiguous runs of ``b - a`` elements) into one reused buffer and hands
 out the neuron rows as a transposed numpy *view*; numpy's BLAS products and reductions take such
@@ -25,8 +25,11 @@ import numpy as np
 
 from ._arrays import ArrayLike, _is_torch
 
-#: float32 elements per working block (64 MiB).
-BLOCK_ELEMENTS = 16 * 1024 * 1024
+#: float32 elements per working block (8 MiB): small enough that the several operations a pass
+#: applies to one block find it in the processor's cache (measured here: 6.5 CPU ns per weight
+#: for the fused pass at 8 MiB against 8.8 at 64 MiB), large enough that the per-block Python
+#: overhead stays negligible.
+BLOCK_ELEMENTS = 2 * 1024 * 1024
 
 
 def _wide(x: ArrayLike) -> bool:

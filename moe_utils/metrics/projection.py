@@ -209,6 +209,7 @@ def flattened_pass(
         buf = torch.empty((n, step * width), dtype=torch.float64 if wide else torch.float32)
         raw, std, sums, s2 = np.zeros((n, n)), np.zeros((n, n)), np.zeros((n, width)), np.zeros(width)
         xty = np.zeros((width, om.shape[1])) if om is not None else None
+        y1 = np.ones((step, om.shape[1] + 1), dtype=om.dtype) if om is not None else None
         for a in range(lo, hi, step):
             b = min(hi, a + step)
             c = buf[:, : (b - a) * width]
@@ -221,12 +222,15 @@ def flattened_pass(
             raw += cn @ cn.T
             for i in range(n):  # neuron rows of item i (a view)
                 x = cn[i].reshape(b - a, width) if axis == 0 else cn[i].reshape(width, b - a).T
-                sums[i] += x.sum(axis=0)
                 if sketch is not None and om is not None and xty is not None:
                     s2 += np.einsum("ij,ij->j", x, x)
-                    y = x @ om
-                    sketch.y[i * total + a : i * total + b] = y  # rows of this range only
-                    xty += x.T @ y
+                    y1[: b - a, :-1] = x @ om
+                    sketch.y[i * total + a : i * total + b] = y1[: b - a, :-1]  # rows of this range only
+                    prod = x.T @ y1[: b - a]  # X^T Y and, from the column of ones, the neuron sums
+                    xty += prod[:, :-1]
+                    sums[i] += prod[:, -1]
+                else:
+                    sums[i] += x.sum(axis=0)
             # per-position mean and spread over the n items, row by row (reductions across the
             # short item axis are slow in torch)
             mean = c[0].clone()
