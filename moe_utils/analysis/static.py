@@ -15,10 +15,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import combinations
-from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from .. import metrics as M
 from ..core.errors import NonFiniteError
@@ -33,7 +33,7 @@ from ..metrics.projection import (
     sketch_matrix,
     sketch_width,
 )
-from ..models.weights import DenseMLPWeights, MoELayerWeights, dense_mlp_weights, iter_layer_weights
+from ..models.weights import DenseMLPWeights, MoELayerWeights, WeightSource, dense_mlp_weights, iter_layer_weights
 from .parallel import run_jobs
 
 MATRICES = ("W_act", "W_up", "W_down")
@@ -46,10 +46,10 @@ class LayerMatrices:
     """The three expert matrices of one layer plus the optional F and SE matrices."""
 
     layer: int
-    experts: dict[str, Any]  # matrix name -> [E, I, H] or [E, H, I]
-    dense: dict[str, Any] | None  # matrix name -> [I, H] / [H, I] of the F baseline
-    shared: dict[str, Any] | None  # matrix name -> shared expert matrix
-    router: Any  # [E, H]
+    experts: dict[str, torch.Tensor]  # matrix name -> [E, I, H] or [E, H, I]
+    dense: dict[str, torch.Tensor] | None  # matrix name -> [I, H] / [H, I] of the F baseline
+    shared: dict[str, torch.Tensor] | None  # matrix name -> shared expert matrix
+    router: torch.Tensor  # [E, H]
     ids: list[int] | None = None  # original expert indices (some may have been excluded)
 
     @property
@@ -62,12 +62,12 @@ class LayerMatrices:
         return [str(i) for i in (self.ids if self.ids is not None else range(self.num_experts))]
 
 
-def _matrices(w: MoELayerWeights | DenseMLPWeights) -> dict[str, Any]:
+def _matrices(w: MoELayerWeights | DenseMLPWeights) -> dict[str, torch.Tensor]:
     return {m: getattr(w, _ATTR[m]) for m in MATRICES if getattr(w, _ATTR[m]) is not None}
 
 
 def layer_matrices(
-    source: Any, layers: Sequence[int] | None = None, dense_baseline: Any | None = None
+    source: WeightSource, layers: Sequence[int] | None = None, dense_baseline: WeightSource | None = None
 ) -> Iterable[LayerMatrices]:
     """Yield each analysed MoE layer's matrices (stored dtype), one layer in memory at a time.
 
@@ -102,7 +102,7 @@ def _pairs_frame(layer: int, matrix: str, level: str, labels: Sequence[str], sim
     )
 
 
-def _same_shape_dense(lm: LayerMatrices, m: str, stack: Any) -> Any | None:
+def _same_shape_dense(lm: LayerMatrices, m: str, stack: torch.Tensor) -> torch.Tensor | None:
     """F's matrix ``m`` when it has the experts' shape (matrix-level comparisons need that)."""
     f = lm.dense.get(m) if lm.dense else None
     return f if f is not None and tuple(f.shape) == tuple(stack.shape[1:]) else None
@@ -289,9 +289,9 @@ def _pca_rows(
 
 
 def weight_report(
-    source: Any,
+    source: WeightSource,
     layers: Sequence[int] | None = None,
-    dense_baseline: Any | None = None,
+    dense_baseline: WeightSource | None = None,
     reorder_max_pairs: int | None = None,
     max_neurons_per_expert: int = 64,
     seed: int = 0,
@@ -333,7 +333,7 @@ def weight_report(
 
 
 def weight_similarity(
-    source: Any, layers: Sequence[int] | None = None, dense_baseline: Any | None = None
+    source: WeightSource, layers: Sequence[int] | None = None, dense_baseline: WeightSource | None = None
 ) -> pd.DataFrame:
     """Matrix-level and neuron-averaged cosine similarity between experts (+F, +SE), per layer.
 
@@ -348,24 +348,24 @@ def weight_similarity(
 
 def offdiagonal_summary(sim: pd.DataFrame, groups: Sequence[str] = ("layer", "matrix", "level")) -> pd.DataFrame:
     """Mean similarity between distinct experts (S_ee) and between experts and F (S_ef) per group."""
-    s = sim[sim.expert_i != sim.expert_j]
-    is_expert_i = s.expert_i.str.isdigit()
-    is_expert_j = s.expert_j.str.isdigit()
-    ee = s[is_expert_i & is_expert_j].groupby(list(groups)).similarity.mean().rename("S_ee")
-    ef = s[is_expert_i & (s.expert_j == "F")].groupby(list(groups)).similarity.mean().rename("S_ef")
+    s = sim.loc[sim["expert_i"] != sim["expert_j"]]
+    is_expert_i = s["expert_i"].str.isdigit()
+    is_expert_j = s["expert_j"].str.isdigit()
+    ee = s.loc[is_expert_i & is_expert_j].groupby(list(groups))["similarity"].mean().rename("S_ee")
+    ef = s.loc[is_expert_i & (s["expert_j"] == "F")].groupby(list(groups))["similarity"].mean().rename("S_ef")
     return pd.concat([ee, ef], axis=1).reset_index()
 
 
-def gate_correlation(source: Any, layers: Sequence[int] | None = None) -> pd.DataFrame:
+def gate_correlation(source: WeightSource, layers: Sequence[int] | None = None) -> pd.DataFrame:
     """Per layer and matrix: Pearson r and r^2 between gate-row similarity and neuron-averaged
     expert similarity over the strictly lower triangle (paper Tables 3 and 5). F and SE excluded."""
     return pd.DataFrame([row for lm in layer_matrices(source, layers) for row in _gate_rows(lm)[0]])
 
 
 def reordering(
-    source: Any,
+    source: WeightSource,
     layers: Sequence[int] | None = None,
-    dense_baseline: Any | None = None,
+    dense_baseline: WeightSource | None = None,
     max_pairs: int | None = None,
     seed: int = 0,
     workers: int | None = None,

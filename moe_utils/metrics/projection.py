@@ -197,19 +197,18 @@ def flattened_pass(
     if omega is not None and int(omega.shape[0]) != width:
         raise ValueError(f"the sketch matrix needs {width} rows (the neurons' length); got {tuple(omega.shape)}")
     step = block_size(width, n, block_elements)
+    work = np.float64 if wide else np.float32
+    om = np.zeros((width, 0), dtype=work) if omega is None else omega.astype(work)
+    ell = int(om.shape[1])
     sketch = None
-    om = None
     if omega is not None:
-        om = omega.astype(np.float64 if wide else np.float32)
-        sketch = SketchStart(
-            np.zeros(width), np.zeros(width), np.empty((n * total, om.shape[1])), np.zeros((width, om.shape[1]))
-        )
+        sketch = SketchStart(np.zeros(width), np.zeros(width), np.empty((n * total, ell)), np.zeros((width, ell)))
 
-    def part(lo: int, hi: int) -> tuple[np.ndarray, ...]:
+    def part(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         buf = torch.empty((n, step * width), dtype=torch.float64 if wide else torch.float32)
         raw, std, sums, s2 = np.zeros((n, n)), np.zeros((n, n)), np.zeros((n, width)), np.zeros(width)
-        xty = np.zeros((width, om.shape[1])) if om is not None else None
-        y1 = np.ones((step, om.shape[1] + 1), dtype=om.dtype) if om is not None else None
+        xty = np.zeros((width, ell))
+        y1 = np.ones((step, ell + 1), dtype=work)  # the sketch's rows and a column of ones
         for a in range(lo, hi, step):
             b = min(hi, a + step)
             c = buf[:, : (b - a) * width]
@@ -222,7 +221,7 @@ def flattened_pass(
             raw += cn @ cn.T
             for i in range(n):  # neuron rows of item i (a view)
                 x = cn[i].reshape(b - a, width) if axis == 0 else cn[i].reshape(width, b - a).T
-                if sketch is not None and om is not None and xty is not None:
+                if sketch is not None:
                     s2 += np.einsum("ij,ij->j", x, x)
                     y1[: b - a, :-1] = x @ om
                     sketch.y[i * total + a : i * total + b] = y1[: b - a, :-1]  # rows of this range only
@@ -313,15 +312,16 @@ def randomized_neuron_pca(
         spans += [(row + a, m, ax, a, min(cnt, a + step)) for a in range(0, cnt, step)]
         row += cnt
 
-    def walk(visit: Callable[[int, np.ndarray], np.ndarray | None]) -> list[np.ndarray]:
+    def walk(visit: Callable[[int, np.ndarray], np.ndarray]) -> list[np.ndarray]:
         """``visit(row, block)`` on every neuron block, the blocks split between threads; the
-        per-thread sums of what ``visit`` returns, in range order."""
+        per-thread float64 sums of what ``visit`` returns, in range order."""
 
         def part(lo: int, hi: int) -> np.ndarray:
-            reader, acc = BlockReader(block_elements), None
-            for r, m, ax, a, b in spans[lo:hi]:
-                out = visit(r, reader.rows(m, ax, a, b))
-                acc = out.astype(np.float64) if acc is None else acc + out  # float64 sums
+            reader = BlockReader(block_elements)
+            r, m, ax, a, b = spans[lo]
+            acc = visit(r, reader.rows(m, ax, a, b)).astype(np.float64)
+            for r, m, ax, a, b in spans[lo + 1 : hi]:
+                acc += visit(r, reader.rows(m, ax, a, b))
             return acc
 
         return run_split(part, len(spans), 1, threads)

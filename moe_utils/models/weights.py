@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol, TypeAlias
 
 import torch
 from torch import nn
@@ -30,6 +30,22 @@ from moe_utils.models.checkpoint import CheckpointReader
 from moe_utils.models.ids import resolve_folder
 
 Tensor = torch.Tensor
+
+
+class ModelWithFacts(Protocol):
+    """What the readers need of a loaded model (:class:`~moe_utils.models.loading.LoadedModel`):
+    its family spec and facts, its modules (None when loaded weights-only) and its folder."""
+
+    spec: FamilySpec
+    facts: ModelFacts
+    model: nn.Module | None
+    path: Path | None
+
+
+#: What the weight readers take: a loaded model (its modules; its checkpoint when it was loaded
+#: weights-only or offloaded), an ``nn.Module`` with a ``config``, a checkpoint folder or model
+#: id, any of them optionally wrapped in a :class:`~moe_utils.core.finite.ScreenedSource`.
+WeightSource: TypeAlias = "ModelWithFacts | nn.Module | str | Path | ScreenedSource"
 
 
 # ---- tensor sources ----------------------------------------------------------------------
@@ -106,13 +122,13 @@ class FolderSource:
         self.reader.release()
 
 
-def open_source(source: Any, allow_pickle: bool) -> tuple[TensorSource, FamilySpec, ModelFacts]:
+def open_source(source: WeightSource, allow_pickle: bool) -> tuple[TensorSource, FamilySpec, ModelFacts]:
     """Wrap a LoadedModel / nn.Module / folder / hub id as a tensor source, with its spec and
     facts (a LoadedModel's own; resolved here once for the other kinds)."""
     spec = getattr(source, "spec", None)
     facts = getattr(source, "facts", None)
     if isinstance(spec, FamilySpec) and isinstance(facts, ModelFacts):  # a LoadedModel
-        model, folder = source.model, getattr(source, "path", None)
+        model, folder = getattr(source, "model", None), getattr(source, "path", None)
         offloaded = isinstance(model, nn.Module) and any(p.device.type == "meta" for p in model.parameters())
         if folder is not None and (model is None or offloaded):
             # not built (weights-only) or offloaded by accelerate: read the checkpoint instead
@@ -172,10 +188,14 @@ def pick_format(src: TensorSource, spec: FamilySpec, layer: int, want: str) -> W
     """The first naming scheme of ``spec`` whose router (or dense MLP) tensor exists."""
     tried = []
     for fmt in spec.weight_formats(src.on_disk):
-        part = fmt.moe if want == "moe" else fmt.dense
-        if part is None:
-            continue
-        probes = _probe_names(part) if want == "moe" else [part.up]
+        if want == "moe":
+            if fmt.moe is None:
+                continue
+            probes = _probe_names(fmt.moe)
+        else:
+            if fmt.dense is None:
+                continue
+            probes = [fmt.dense.up]
         names = [tensor_name(fmt, layer, p) for p in probes]
         if all(src.has(name) for name in names):
             return fmt
@@ -188,8 +208,12 @@ def pick_format(src: TensorSource, spec: FamilySpec, layer: int, want: str) -> W
 
 
 def _get(src: TensorSource, fmt: WeightFormat, layer: int, rel: str | None, dtype) -> Tensor | None:
-    if rel is None:
-        return None
+    """The tensor ``rel`` of ``layer`` (None when the spec names none: an optional part)."""
+    return None if rel is None else _need(src, fmt, layer, rel, dtype)
+
+
+def _need(src: TensorSource, fmt: WeightFormat, layer: int, rel: str, dtype) -> Tensor:
+    """The tensor ``rel`` of ``layer``; a clear error when the checkpoint lacks it."""
     name = tensor_name(fmt, layer, rel)
     if not src.has(name):
         raise CheckpointError(
@@ -209,16 +233,22 @@ def _convert(t: Tensor, dtype, on_disk: bool) -> Tensor:
     return t if dtype is None or t.dtype == dtype else t.to(dtype=dtype)
 
 
+def _missing_up(ex: ExpertTensors) -> CheckpointError:
+    return CheckpointError(
+        f"the family spec names no up projection for these experts ({ex}); it needs `up` or `gate_up`"
+    )
+
+
 def _experts(
     src: TensorSource, fmt: WeightFormat, layer: int, ex: ExpertTensors, dtype, num_experts: int
 ) -> dict[str, Tensor | None]:
-    """Canonical expert tensors: w_act/w_up [E,I,H], w_down [E,H,I] (+ biases)."""
+    """Canonical expert tensors, whatever the stored layout: ``w_act`` (None when gate-less),
+    ``w_up`` and ``w_down`` (always present) and the biases ``b_act``/``b_up``/``b_down``
+    (None when absent), as the keyword arguments of :class:`MoELayerWeights`."""
     if ex.layout == "per_expert":
 
-        def stack(template: str | None) -> Tensor | None:
-            if template is None:
-                return None
-            first = _get(src, fmt, layer, template.format(e=0), dtype)
+        def stack(template: str) -> Tensor:
+            first = _need(src, fmt, layer, template.format(e=0), dtype)
             out = torch.empty((num_experts, *first.shape), dtype=first.dtype, device=first.device)
             out[0] = first
             del first
@@ -227,21 +257,17 @@ def _experts(
                 if isinstance(src, FolderSource) and src.has(name) and src.reader.files.kind == "safetensors":
                     src.reader.read_into(name, out[e])  # straight into its slot, no second copy
                 else:
-                    out[e] = _get(src, fmt, layer, template.format(e=e), dtype)
+                    out[e] = _need(src, fmt, layer, template.format(e=e), dtype)
             return out
 
-        return {
-            "w_act": stack(ex.act),
-            "w_up": stack(ex.up),
-            "w_down": stack(ex.down),
-            "b_act": None,
-            "b_up": None,
-            "b_down": None,
-        }
+        if ex.up is None:
+            raise _missing_up(ex)
+        return _parts(None if ex.act is None else stack(ex.act), stack(ex.up), stack(ex.down))
 
     b_act = b_up = None
+    w_act: Tensor | None
     if ex.gate_up is not None:
-        gate_up = _get(src, fmt, layer, ex.gate_up, dtype)
+        gate_up = _need(src, fmt, layer, ex.gate_up, dtype)
         if ex.flat:
             gate_up = gate_up.reshape(num_experts, -1, gate_up.shape[-1])
         if ex.in_transposed:  # [E,H,2I] -> [E,2I,H]
@@ -259,36 +285,44 @@ def _experts(
                 else (bias[:, : bias.shape[1] // 2], bias[:, bias.shape[1] // 2 :])
             )
     else:
+        if ex.up is None:
+            raise _missing_up(ex)
         w_act = _get(src, fmt, layer, ex.act, dtype)
-        w_up = _get(src, fmt, layer, ex.up, dtype)
+        w_up = _need(src, fmt, layer, ex.up, dtype)
         if ex.flat:
             w_act = None if w_act is None else w_act.reshape(num_experts, -1, w_act.shape[-1])
             w_up = w_up.reshape(num_experts, -1, w_up.shape[-1])
         if ex.in_transposed:
             w_act = None if w_act is None else w_act.transpose(1, 2)
             w_up = w_up.transpose(1, 2)
-    w_down = _get(src, fmt, layer, ex.down, dtype)
+    w_down = _need(src, fmt, layer, ex.down, dtype)
     if ex.flat:
         w_down = w_down.reshape(num_experts, -1, w_down.shape[-1])
     if ex.down_transposed:  # [E,I,H] -> [E,H,I]
         w_down = w_down.transpose(1, 2)
     b_down = _get(src, fmt, layer, ex.down_bias, dtype)
+    return _parts(_tidy_opt(w_act), _tidy(w_up), _tidy(w_down), _tidy_opt(b_act), _tidy_opt(b_up), _tidy_opt(b_down))
 
-    def tidy(t: Tensor | None) -> Tensor | None:
-        # Each expert's matrix must be one dense block; a half of a fused [E, 2I, H] tensor
-        # already is, so it stays a view (no copy of two thirds of the layer).
-        if t is None or t.dim() < 2 or t[0].is_contiguous():
-            return t
-        return t.contiguous()
 
-    return {
-        "w_act": tidy(w_act),
-        "w_up": tidy(w_up),
-        "w_down": tidy(w_down),
-        "b_act": tidy(b_act),
-        "b_up": tidy(b_up),
-        "b_down": tidy(b_down),
-    }
+def _parts(
+    w_act: Tensor | None,
+    w_up: Tensor,
+    w_down: Tensor,
+    b_act: Tensor | None = None,
+    b_up: Tensor | None = None,
+    b_down: Tensor | None = None,
+) -> dict[str, Tensor | None]:
+    return {"w_act": w_act, "w_up": w_up, "w_down": w_down, "b_act": b_act, "b_up": b_up, "b_down": b_down}
+
+
+def _tidy(t: Tensor) -> Tensor:
+    """Each expert's matrix as one dense block; a half of a fused [E, 2I, H] tensor already is,
+    so it stays a view (no copy of two thirds of the layer)."""
+    return t if t.dim() < 2 or t[0].is_contiguous() else t.contiguous()
+
+
+def _tidy_opt(t: Tensor | None) -> Tensor | None:
+    return None if t is None else _tidy(t)
 
 
 def _mlp(
@@ -297,8 +331,8 @@ def _mlp(
     return DenseMLPWeights(
         layer=layer,
         w_act=_get(src, fmt, layer, names.act, dtype),
-        w_up=_get(src, fmt, layer, names.up, dtype),
-        w_down=_get(src, fmt, layer, names.down, dtype),
+        w_up=_need(src, fmt, layer, names.up, dtype),
+        w_down=_need(src, fmt, layer, names.down, dtype),
         activation=activation,
     )
 
@@ -324,18 +358,13 @@ def check_layer(facts: ModelFacts, layer: int, kind: str) -> None:
 
 def _ranges(idx: list[int]) -> str:
     """Compact ``0-3, 5, 7-9`` rendering of sorted indices."""
-    parts, start, prev = [], None, None
+    runs: list[list[int]] = []
     for i in idx:
-        if start is None:
-            start = prev = i
-        elif i == prev + 1:
-            prev = i
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
         else:
-            parts.append(f"{start}-{prev}" if prev != start else f"{start}")
-            start = prev = i
-    if start is not None:
-        parts.append(f"{start}-{prev}" if prev != start else f"{start}")
-    return ", ".join(parts)
+            runs.append([i, i])
+    return ", ".join(f"{a}-{b}" if b != a else f"{a}" for a, b in runs)
 
 
 def _layer_weights(src: TensorSource, spec: FamilySpec, facts: ModelFacts, layer: int, dtype) -> MoELayerWeights:
@@ -343,18 +372,26 @@ def _layer_weights(src: TensorSource, spec: FamilySpec, facts: ModelFacts, layer
     check_layer(facts, layer, "moe")
     fmt = pick_format(src, spec, layer, "moe")
     moe = fmt.moe
+    assert moe is not None  # pick_format(..., "moe") only returns schemes with an MoE part
     act = facts.activation
-    experts = _experts(src, fmt, layer, moe.experts, dtype, facts.num_experts)
+    ex = _experts(src, fmt, layer, moe.experts, dtype, facts.num_experts)
+    w_up, w_down = ex["w_up"], ex["w_down"]
+    assert w_up is not None and w_down is not None  # _experts always reads both
     shared = _mlp(src, fmt, layer, moe.shared, dtype, act) if moe.shared else None
     return MoELayerWeights(
         layer=layer,
-        router=_get(src, fmt, layer, moe.router, dtype),
+        router=_need(src, fmt, layer, moe.router, dtype),
+        w_act=ex["w_act"],
+        w_up=w_up,
+        w_down=w_down,
         activation=act,
         router_bias=_get(src, fmt, layer, moe.router_bias, dtype),
         score_correction_bias=_get(src, fmt, layer, moe.correction_bias, dtype),
+        b_act=ex["b_act"],
+        b_up=ex["b_up"],
+        b_down=ex["b_down"],
         shared=shared,
         shared_gate=_get(src, fmt, layer, moe.shared_gate, dtype),
-        **experts,
     )
 
 
@@ -451,7 +488,7 @@ def check_dense(d: DenseMLPWeights) -> DenseMLPWeights:
 
 
 def layer_weights(
-    source: Any, layer: int, dtype: torch.dtype | None = torch.float32, allow_pickle: bool = False
+    source: WeightSource, layer: int, dtype: torch.dtype | None = torch.float32, allow_pickle: bool = False
 ) -> MoELayerWeights:
     """Canonical weights of MoE layer ``layer`` from a loaded model or a checkpoint folder.
 
@@ -471,7 +508,7 @@ def layer_weights(
 
 
 def iter_layer_weights(
-    source: Any,
+    source: WeightSource,
     layers: Iterable[int] | None = None,
     dtype: torch.dtype | None = torch.float32,
     allow_pickle: bool = False,
@@ -491,7 +528,7 @@ def iter_layer_weights(
 
 
 def dense_mlp_weights(
-    source: Any, layer: int, dtype: torch.dtype | None = torch.float32, allow_pickle: bool = False
+    source: WeightSource, layer: int, dtype: torch.dtype | None = torch.float32, allow_pickle: bool = False
 ) -> DenseMLPWeights:
     """Weights of the dense MLP of ``layer`` (a dense model, or a dense layer of an MoE model).
     Non-finite weights raise :class:`NonFiniteError`."""
@@ -499,6 +536,7 @@ def dense_mlp_weights(
     try:
         check_layer(facts, layer, "dense")
         fmt = pick_format(src, spec, layer, "dense")
+        assert fmt.dense is not None  # pick_format(..., "dense") only returns schemes with a dense part
         return check_dense(_mlp(src, fmt, layer, fmt.dense, dtype, facts.activation))
     finally:
         if isinstance(src, FolderSource):
