@@ -147,13 +147,8 @@ def depth_trend(out_summary: pd.DataFrame, short_by_layer: pd.DataFrame, weight_
     cols = ["layer", "series", "mean_offdiag"]
 
     def weights(level: str, series: str) -> pd.DataFrame:
-        w = weight_summary[weight_summary.level == level]
-        return (
-            w.groupby("layer", as_index=False)
-            .agg(S_ee=("S_ee", "mean"))
-            .rename(columns={"S_ee": "mean_offdiag"})
-            .assign(series=series)
-        )
+        w = weight_summary.loc[weight_summary.level == level]
+        return w.groupby("layer", as_index=False).agg(mean_offdiag=("S_ee", "mean")).assign(series=series)
 
     return pd.concat(
         [

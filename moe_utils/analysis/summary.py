@@ -223,7 +223,7 @@ def single_vs_replicated(table: pd.DataFrame, book: pd.DataFrame) -> pd.DataFram
     """Per organism and observation: the single-model verdict of its own page beside the
     across-seed verdict of the replication page."""
     heads = headline_rows(table)
-    rep = book[book.page == "replication"]
+    rep = book.loc[book.page == "replication"]
     rows = []
     for r in rep.to_dict("records"):
         obs, organism = r["quantity"].split("_", 1)

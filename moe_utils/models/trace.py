@@ -316,7 +316,8 @@ class _DenseHooks:
 
 # ---- running ---------------------------------------------------------------------------------
 def _input_device(model: torch.nn.Module) -> torch.device:
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    emb = get_embeddings() if callable(get_embeddings) else None
     weight = getattr(emb, "weight", None)
     if weight is not None and weight.device.type != "meta":
         return weight.device
