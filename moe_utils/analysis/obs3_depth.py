@@ -152,8 +152,10 @@ def depth_trend(out_summary: pd.DataFrame, short_by_layer: pd.DataFrame, weight_
 
     return pd.concat(
         [
-            out_summary.assign(series=SERIES_OUTPUTS_LONG)[cols],
-            short_by_layer.rename(columns={"similarity": "mean_offdiag"}).assign(series=SERIES_OUTPUTS_SHORT)[cols],
+            out_summary.assign(series=SERIES_OUTPUTS_LONG).loc[:, cols],
+            short_by_layer.rename(columns={"similarity": "mean_offdiag"})
+            .assign(series=SERIES_OUTPUTS_SHORT)
+            .loc[:, cols],
             weights("matrix", SERIES_WEIGHTS_MATRIX),
             weights("neuron", SERIES_WEIGHTS_NEURON),
         ],

@@ -34,7 +34,7 @@ from moe_utils.zoo.heldout import select_paragraphs, write_long_heldout
 from moe_utils.zoo.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
 if TYPE_CHECKING:
-    from transformers.models.mixtral.modeling_mixtral import MixtralDecoderLayer, MixtralExperts
+    from transformers.models.mixtral.modeling_mixtral import MixtralDecoderLayer
 
 MODEL_ORDER = ("tiny-dense", "tiny-moe-upcycled", "tiny-moe-scratch")
 EVAL_WINDOWS_DURING_TRAINING = 24
@@ -136,10 +136,10 @@ def upcycle(dense, moe_config, seed: int):
         msd[name].copy_(tensor)
     for i, layer in enumerate(dense.model.layers):
         gate_up = torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight], dim=0)
-        block = cast("MixtralDecoderLayer", moe.model.layers[i]).mlp
-        experts = cast("MixtralExperts", block.experts)  # transformers 5: the fused experts
-        experts.gate_up_proj.copy_(gate_up.unsqueeze(0).expand_as(experts.gate_up_proj))
-        experts.down_proj.copy_(layer.mlp.down_proj.weight.unsqueeze(0).expand_as(experts.down_proj))
+        experts = cast("MixtralDecoderLayer", moe.model.layers[i]).mlp.experts  # transformers 5: fused
+        gate_up_proj, down_proj = experts.get_parameter("gate_up_proj"), experts.get_parameter("down_proj")
+        gate_up_proj.copy_(gate_up.unsqueeze(0).expand_as(gate_up_proj))
+        down_proj.copy_(layer.mlp.down_proj.weight.unsqueeze(0).expand_as(down_proj))
     if moe.config.tie_word_embeddings:
         moe.tie_weights()
     return moe
