@@ -1,8 +1,8 @@
 # make book   set up, run every notebook on the embedded models, build the offline site
 # make test   set up, run the whole test suite
 # make test-fast  the unit tests only (no notebooks, no book build, no browser)
-# make lint   ruff (lint and format check), notebooks stored without outputs
-# make typecheck  pyright (basic) on the package (not clean yet)
+# make lint   ruff (lint and format check), pyright (basic) on the package, notebooks stored without outputs
+# make typecheck  pyright alone (also part of make lint)
 # make test-wheel  the wheel scenario (fresh virtual environment; slow, not in make test)
 # make wheel  build the wheel (with the book template and its offline JavaScript) into dist/
 # make test-families  every MoE family of the installed transformers: regenerate the coverage page (slow)
@@ -75,6 +75,7 @@ lint: $(LINT_INSTALLED)
 	@status=0; \
 	$(BIN)/ruff check . || status=1; \
 	$(BIN)/ruff format --check . || status=1; \
+	$(BIN)/pyright --pythonpath $(BIN)/python || status=1; \
 	$(BIN)/nbstripout --keep-id --verify $(NOTEBOOKS) || { echo "notebooks must be stored without outputs: run $(BIN)/nbstripout --keep-id on them" >&2; status=1; }; \
 	exit $$status
 
@@ -83,7 +84,7 @@ test-wheel: setup
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dist]'
 	$(BIN)/python -m pytest -m wheel tests/test_wheel.py
 
-# pyright (basic) on the package: not clean yet, so not part of `make lint` or CI.
+# pyright (basic) on the package ([tool.pyright] in pyproject.toml), as `make lint` runs it.
 typecheck: $(LINT_INSTALLED)
 	$(BIN)/pyright --pythonpath $(BIN)/python
 

@@ -71,7 +71,7 @@ def norms_and_scores(lm: LoadedModel, tr: Trace, chunk_tokens: int = 1024) -> No
         y = expert_outputs(w, lt.x, chunk_tokens=chunk_tokens)
         norms[layer] = y.float().norm(dim=-1).cpu().numpy()
         scores[layer] = router_scores(lt).float().cpu().numpy()
-        chosen[layer] = lt.topk_index.cpu().numpy()
+        chosen[layer] = lt.routed_index.cpu().numpy()
         del y
     return NormsScores(norms, scores, chosen, tr.seq_index.cpu().numpy())
 
@@ -93,7 +93,7 @@ def rank_count_frame(ns: NormsScores) -> pd.DataFrame:
 
 def summed_rank_counts(per_layer: pd.DataFrame) -> pd.DataFrame:
     """The paper's Fig. 10 table: counts summed over layers, with each norm rank's diagonal share."""
-    total = per_layer.groupby(["norm_rank", "score_rank"], as_index=False)["count"].sum()
+    total = per_layer.groupby(["norm_rank", "score_rank"], as_index=False).agg(count=("count", "sum"))
     col = total.groupby("norm_rank")["count"].transform("sum")
     total["share_of_norm_rank"] = total["count"] / col
     return total
@@ -237,7 +237,7 @@ def token_output_similarity(
     frames = []
     for layer in progress(tr.layers, desc="per-token output similarity", unit="layer"):
         y, labels = _outputs_with_extras(lm, tr, layer, dense_lm, dense_tr)
-        chosen = tr.per_layer[layer].topk_index.cpu().numpy()
+        chosen = tr.per_layer[layer].routed_index.cpu().numpy()
         k = len(labels)
         sims = M.token_similarity(y, angular=False)
         for t in range(y.shape[0]):
@@ -286,8 +286,8 @@ def routing_frame(tr: Trace) -> pd.DataFrame:
     frames = []
     for layer in tr.layers:
         lt = tr.per_layer[layer]
-        idx = lt.topk_index.cpu().numpy()
-        wt = lt.topk_weight.float().cpu().numpy()
+        idx = lt.routed_index.cpu().numpy()
+        wt = lt.routed_weight.float().cpu().numpy()
         n, k = idx.shape
         frames.append(
             pd.DataFrame(

@@ -108,7 +108,7 @@ def router_saturation(trace_s: Trace, trace_final: Trace) -> float:
     """OLMoE's router saturation: share of top-k choices at a checkpoint equal to the final model's,
     pooled over tokens and MoE layers (both traces over the same tokens)."""
     vals = [
-        topk_overlap(trace_s.per_layer[l].topk_index.numpy(), trace_final.per_layer[l].topk_index.numpy())
+        topk_overlap(trace_s.per_layer[l].routed_index.numpy(), trace_final.per_layer[l].routed_index.numpy())
         for l in trace_final.layers
     ]
     return float(np.mean(vals))

@@ -316,7 +316,7 @@ def intervention_tables(
 
 
 def _sums(per_window: pd.DataFrame, policy: str) -> tuple[np.ndarray, np.ndarray]:
-    g = per_window[per_window.policy == policy].sort_values("window")
+    g = per_window.loc[per_window.policy == policy].sort_values("window")
     if g.empty:
         raise KeyError(f"no per-window losses for policy {policy!r}")
     return g.nll_sum.to_numpy(), g.tokens.to_numpy()

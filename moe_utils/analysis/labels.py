@@ -16,4 +16,4 @@ def is_expert(labels: pd.Series) -> pd.Series:
 
 def distinct_expert_pairs(sim: pd.DataFrame) -> pd.DataFrame:
     """Rows of a pairwise table (``expert_i``, ``expert_j``) between two distinct routed experts."""
-    return sim[is_expert(sim.expert_i) & is_expert(sim.expert_j) & (sim.expert_i != sim.expert_j)]
+    return sim.loc[is_expert(sim.expert_i) & is_expert(sim.expert_j) & (sim.expert_i != sim.expert_j)]

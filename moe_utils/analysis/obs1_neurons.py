@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -101,9 +101,9 @@ def obs1_summary(tables: Mapping[str, pd.DataFrame], seed: int = 0) -> dict[str,
                 {k: d[m] for k, d in paper.GATE_R2.items()},
                 "Table 3: per-layer r^2 rounded to 2 decimals, averaged over layers",
             )
-    mat = sim[(sim.level == "matrix") & (sim.expert_i != sim.expert_j) & is_expert(sim.expert_i)]
-    ee = mat[is_expert(mat.expert_j)].groupby(["layer", "matrix"]).similarity.mean()
-    ef = mat[mat.expert_j == "F"].groupby(["layer", "matrix"]).similarity.mean()
+    mat = sim.loc[(sim.level == "matrix") & (sim.expert_i != sim.expert_j) & is_expert(sim.expert_i)]
+    ee = mat.loc[is_expert(mat.expert_j)].groupby(["layer", "matrix"]).similarity.mean()
+    ef = mat.loc[mat.expert_j == "F"].groupby(["layer", "matrix"]).similarity.mean()
     out["matrix_similarity_experts"] = descriptive(
         ee.mean() if len(ee) else NAN, paper.matrix_similarity_experts(), baseline=0.0
     )
@@ -126,13 +126,13 @@ def similarity_lines(offdiag: pd.DataFrame) -> pd.DataFrame:
         id_vars=["layer", "matrix", "level"], value_vars=cols, var_name="pair", value_name="similarity"
     ).dropna()
     lines["series"] = lines["matrix"] + " " + lines["pair"]
-    return lines[lines.level == "matrix"]
+    return lines.loc[lines.level == "matrix"]
 
 
 def overall_similarity_table(offdiag: pd.DataFrame, model_name: str) -> pd.DataFrame:
     """Mean S_ee / S_ef over layers and matrices per level, then the paper's approximate values."""
     cols = [c for c in ("S_ee", "S_ef") if c in offdiag]
-    overall = offdiag.groupby("level")[cols].mean()
+    overall = cast(pd.DataFrame, offdiag.groupby("level")[cols].mean())  # a list of columns: a frame
     paper_rows = (
         pd.DataFrame(
             [
@@ -151,7 +151,7 @@ def tau_table(reorder: pd.DataFrame) -> pd.DataFrame:
     paper's Mixtral 8x7B mean tau (Table 2)."""
     cols = ["tau", "sim_before", "sim_after", "gain"]
     pair = np.where(reorder.expert_j == "F", PAIR_DENSE, PAIR_EXPERTS)
-    table = reorder.assign(pair=pair).groupby(["pair", "matrix"])[cols].mean()
+    table = reorder.assign(pair=pair).groupby(["pair", "matrix"]).agg(**{c: (c, "mean") for c in cols})
     table["paper: mean tau"] = [paper.KENDALL_TAU["Mixtral 8x7B"].value] * len(table)
     return table
 
@@ -196,12 +196,12 @@ class Obs1Report:
     @property
     def matrix_similarity(self) -> pd.DataFrame:
         """Matrix-level (flattened) cosine similarity rows (paper Fig. 1)."""
-        return self.similarity[self.similarity.level == "matrix"]
+        return self.similarity.loc[self.similarity.level == "matrix"]
 
     @property
     def neuron_similarity(self) -> pd.DataFrame:
         """Neuron-averaged cosine similarity rows (paper App. D)."""
-        return self.similarity[self.similarity.level == "neuron"]
+        return self.similarity.loc[self.similarity.level == "neuron"]
 
     @property
     def pair_layers(self) -> list[int]:
@@ -211,7 +211,7 @@ class Obs1Report:
     def pairs_for(self, layer: int, matrix: str) -> pd.DataFrame:
         """The expert-pair points of one layer and matrix."""
         p = self.gate_pairs
-        return p[(p.layer == layer) & (p.matrix == matrix)]
+        return p.loc[(p.layer == layer) & (p.matrix == matrix)]
 
     @property
     def has_act(self) -> bool:

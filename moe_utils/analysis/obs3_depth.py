@@ -20,6 +20,7 @@ import torch
 from .. import metrics as M
 from ..analysis import paper
 from ..core.errors import MoEUtilsError
+from ..core.frames import int_key
 from ..engine.inputs import Inputs
 from ..models.trace import Trace
 from . import dynamic, static
@@ -48,7 +49,7 @@ def long_top1_table(tr: Trace) -> pd.DataFrame:
                     "layer": layer,
                     "seq": tr.seq_index.numpy(),
                     "position": tr.position.numpy(),
-                    "expert": M.top1_experts(lt.topk_index, lt.topk_weight),
+                    "expert": M.top1_experts(lt.routed_index, lt.routed_weight),
                 }
             )
         )
@@ -117,7 +118,7 @@ def short_similarity_by_layer(tok_sim: pd.DataFrame) -> pd.DataFrame:
     """Per layer: mean per-token cosine between distinct experts and the share above the paper's
     0.8 mark (short prompt)."""
     experts_only = distinct_expert_pairs(tok_sim)
-    by_layer = experts_only.groupby("layer", as_index=False)["similarity"].mean()
+    by_layer = experts_only.groupby("layer", as_index=False).agg(similarity=("similarity", "mean"))
     share_high = experts_only.groupby("layer")["similarity"].apply(
         lambda s: float((s > paper.LAST_LAYER_HIGH_SIMILARITY).mean())
     )
@@ -134,7 +135,7 @@ def expert_block(square: pd.DataFrame) -> np.ndarray:
 def output_summary(avg_sim: pd.DataFrame) -> pd.DataFrame:
     """Per-layer summary (:func:`moe_utils.metrics.per_layer_summary`) of the mean output similarity."""
     maps = {
-        layer: g.pivot(index="expert_i", columns="expert_j", values="similarity")
+        int_key(layer): g.pivot(index="expert_i", columns="expert_j", values="similarity")
         for layer, g in avg_sim.groupby("layer")
     }
     return M.per_layer_summary({l: expert_block(m) for l, m in maps.items()})
@@ -146,18 +147,15 @@ def depth_trend(out_summary: pd.DataFrame, short_by_layer: pd.DataFrame, weight_
     cols = ["layer", "series", "mean_offdiag"]
 
     def weights(level: str, series: str) -> pd.DataFrame:
-        w = weight_summary[weight_summary.level == level]
-        return (
-            w.groupby("layer", as_index=False)["S_ee"]
-            .mean()
-            .rename(columns={"S_ee": "mean_offdiag"})
-            .assign(series=series)
-        )
+        w = weight_summary.loc[weight_summary.level == level]
+        return w.groupby("layer", as_index=False).agg(mean_offdiag=("S_ee", "mean")).assign(series=series)
 
     return pd.concat(
         [
-            out_summary.assign(series=SERIES_OUTPUTS_LONG)[cols],
-            short_by_layer.rename(columns={"similarity": "mean_offdiag"}).assign(series=SERIES_OUTPUTS_SHORT)[cols],
+            out_summary.assign(series=SERIES_OUTPUTS_LONG).loc[:, cols],
+            short_by_layer.rename(columns={"similarity": "mean_offdiag"})
+            .assign(series=SERIES_OUTPUTS_SHORT)
+            .loc[:, cols],
             weights("matrix", SERIES_WEIGHTS_MATRIX),
             weights("neuron", SERIES_WEIGHTS_NEURON),
         ],
@@ -186,7 +184,7 @@ def depth_tests(trend: pd.DataFrame) -> pd.DataFrame:
 def _routing(tr: Trace, layer: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``(topk_index, topk_weight, number of experts)`` of one traced layer."""
     lt = tr.per_layer[layer]
-    if lt.router_logits is None or lt.topk_weight is None:
+    if lt.router_logits is None or lt.topk_index is None or lt.topk_weight is None:
         raise MoEUtilsError(
             f"layer {layer} trace has no router logits or routing weights (dense trace): "
             "the repeat rate needs a trace of the MoE model (moe_utils.models.trace.trace)"

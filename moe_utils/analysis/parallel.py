@@ -60,6 +60,8 @@ def _init_worker(threads: int) -> None:
 
 
 def _run(index: int) -> tuple[int, Any, float]:
+    if _JOB is None:
+        raise RuntimeError("a worker process ran without a job: run_jobs sets _JOB before it forks")
     fn, items = _JOB
     t0 = time.perf_counter()
     out = fn(items[index])

@@ -58,7 +58,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -174,8 +174,9 @@ def to_jsonable(obj: Any) -> Any:
         return to_jsonable(dataclasses.asdict(obj))
     if obj is pd.NA or obj is pd.NaT:
         return None
-    if hasattr(obj, "item") and callable(obj.item):  # torch / numpy 0-d values
-        return to_jsonable(obj.item())
+    item = getattr(obj, "item", None)
+    if callable(item):  # torch / numpy 0-d values
+        return to_jsonable(item())
     raise TypeError(f"cannot store a value of type {type(obj).__name__} in a results file: {obj!r}")
 
 
@@ -280,7 +281,7 @@ def write_result(
     tables: Mapping[str, pd.DataFrame | list],
     summary: Mapping[str, Any],
     source: Mapping[str, Any] | None = None,
-    invalid: list[Mapping[str, Any]] | None = None,
+    invalid: Sequence[Mapping[str, Any]] | None = None,
 ) -> Path:
     """Validate and atomically write ``<results_dir>/<analysis>.json``; return its path.
 
@@ -453,7 +454,7 @@ def find_results(root: str | Path) -> pd.DataFrame:
     ]
     rows = []
     for path, doc, exc in scan_results(root):
-        if exc is not None:
+        if doc is None:  # unreadable: exc says why
             rows.append({"path": str(path), "valid": False, "error": str(exc)})
             continue
         rows.append(
@@ -476,8 +477,8 @@ def find_results(root: str | Path) -> pd.DataFrame:
 def summary_rows(root: str | Path) -> pd.DataFrame:
     """Every summary entry of every valid results file under ``root``, one row per (file, key)."""
     rows = []
-    for path, doc, exc in scan_results(root):
-        if exc is not None:
+    for path, doc, _exc in scan_results(root):
+        if doc is None:  # unreadable (find_results lists it)
             continue
         for key, e in doc["summary"].items():
             rows.append(

@@ -58,7 +58,7 @@ def _distinct_model_names(table: pd.DataFrame) -> pd.DataFrame:
     if table.empty:
         return table
     counts = table.groupby("model")["fingerprint"].nunique()
-    shared = set(counts[counts > 1].index)
+    shared = set(counts.loc[counts > 1].index)
     if shared:
         table = table.copy()
         mask = table["model"].isin(shared)
@@ -134,8 +134,9 @@ def narrative(table: pd.DataFrame) -> str:
     parts = []
     for model, g in out.groupby("model"):
         bits = [
-            f"observation {row.observation.split('.')[0]} **{row.verdict}** ({row.quantity} = {_fmt(row.value)})"
-            for row in g.sort_values("observation").itertuples()
+            f"observation {row['observation'].split('.')[0]} **{row['verdict']}** "
+            f"({row['quantity']} = {_fmt(row['value'])})"
+            for row in g.sort_values("observation").to_dict("records")
         ]
         parts.append(f"- **{model}**: " + "; ".join(bits) + ".")
     return "\n".join(parts)
@@ -155,7 +156,7 @@ def per_layer_across_models(
         t = res.tables[table]
         if query:
             t = t.query(query)
-        frames.append(t.groupby(group, as_index=False)[value].mean().assign(model=res.model))
+        frames.append(t.groupby(group, as_index=False).agg(**{value: (value, "mean")}).assign(model=res.model))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[group, value, "model"])
 
 
@@ -214,18 +215,18 @@ def book_level_verdicts(results_dir: str | Path) -> pd.DataFrame:
 
 def advice_verdicts(book: pd.DataFrame) -> pd.DataFrame:
     """The interventions page's verdicts on the paper's advice, one row per quantity."""
-    advice = book[book.page == "interventions"]
-    return advice[["quantity", "verdict", "value", "ci_low", "ci_high", "note"]].set_index("quantity")
+    advice = book.loc[book.page == "interventions"]
+    return advice.loc[:, ["quantity", "verdict", "value", "ci_low", "ci_high", "note"]].set_index("quantity")
 
 
 def single_vs_replicated(table: pd.DataFrame, book: pd.DataFrame) -> pd.DataFrame:
     """Per organism and observation: the single-model verdict of its own page beside the
     across-seed verdict of the replication page."""
     heads = headline_rows(table)
-    rep = book[book.page == "replication"]
+    rep = book.loc[book.page == "replication"]
     rows = []
-    for r in rep.itertuples():
-        obs, organism = r.quantity.split("_", 1)
+    for r in rep.to_dict("records"):
+        obs, organism = r["quantity"].split("_", 1)
         n = int(obs[3:])
         single = heads[(heads.model == f"zoo:{organism}") & heads.observation.str.startswith(f"{n}.")]
         rows.append(
@@ -233,9 +234,9 @@ def single_vs_replicated(table: pd.DataFrame, book: pd.DataFrame) -> pd.DataFram
                 "organism": organism,
                 "observation": n,
                 "single model (seed 0)": single.verdict.iloc[0] if len(single) else "",
-                "across seeds": r.verdict,
-                "seeds": r.note.split(":")[0],
-                "mean effect": r.value,
+                "across seeds": r["verdict"],
+                "seeds": r["note"].split(":")[0],
+                "mean effect": r["value"],
             }
         )
     return pd.DataFrame(rows)

@@ -60,7 +60,10 @@ def moe_packages() -> tuple[str, ...]:
 @functools.lru_cache(maxsize=1)
 def catalogue() -> tuple[CatalogueEntry, ...]:
     """Every MoE family of the installed transformers (excluded ones carry their reason)."""
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES, model_type_to_module_name
+    from transformers.models.auto.configuration_auto import (
+        CONFIG_MAPPING_NAMES,  # pyright: ignore[reportPrivateImportUsage]  # not in the module's __all__, yet transformers' one table of config classes
+        model_type_to_module_name,
+    )
 
     by_package: dict[str, list[tuple[str, str]]] = {}
     for model_type, cls in CONFIG_MAPPING_NAMES.items():

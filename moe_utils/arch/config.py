@@ -25,8 +25,8 @@ def config_dict(config: Any) -> dict:
     if isinstance(config, (str, Path)):
         return read_config_json(Path(config))
     to_dict = getattr(config, "to_dict", None)
-    if callable(to_dict):
-        return to_dict()
+    if callable(to_dict) and isinstance(d := to_dict(), dict):
+        return d
     raise TypeError(
         f"cannot read a model config from {type(config).__name__}; pass a dict, a "
         "transformers PretrainedConfig or a checkpoint folder"

@@ -54,7 +54,7 @@ def _under(block: str, experts: ExpertTensors) -> ExpertTensors:
 
     return ExpertTensors(
         experts.layout,
-        down=p(experts.down),
+        down=f"{block}.{experts.down}",
         gate_up=p(experts.gate_up),
         act=p(experts.act),
         up=p(experts.up),

@@ -14,7 +14,7 @@ import sys
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TextIO
 
 from tqdm.auto import tqdm as _auto_tqdm
 from tqdm.std import tqdm as _std_tqdm
@@ -26,6 +26,8 @@ PROGRESS_ENV = "MOE_BOOK_PROGRESS"
 
 class _FileBar(_std_tqdm):
     """A plain-text bar that owns (and closes) the file it writes to."""
+
+    _owned_file: TextIO | None  # set by progress() after construction; read with getattr in close
 
     def close(self) -> None:
         super().close()

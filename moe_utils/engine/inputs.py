@@ -22,6 +22,7 @@ has one (Grok's has none, as in the paper); no EOS is added.
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import warnings
@@ -217,7 +218,7 @@ _OFFLINE_HINT = re.compile(r"connect|offline|timeout|timed out|not ?found|resolv
 def _hf_texts(spec: str) -> Iterator[str]:
     ds_name, config, split, column = parse_hf_spec(spec)
     try:
-        import datasets  # optional dependency
+        datasets = importlib.import_module("datasets")  # optional dependency, not installed by default
     except ImportError as exc:
         raise OfflineError(
             f"inputs {spec!r} need the optional 'datasets' package, which is not installed. Install it with "
@@ -355,12 +356,12 @@ def fit_context(inputs: Inputs, max_len: int, bos_id: int | None = None) -> Inpu
             out_texts.append(text)
             continue
         split += 1
-        has_bos = bos_id is not None and seq and seq[0] == bos_id
-        body = seq[1:] if has_bos else list(seq)
-        step = max_len - 1 if has_bos else max_len
+        prefix = [bos_id] if bos_id is not None and seq and seq[0] == bos_id else []
+        body = seq[1:] if prefix else list(seq)
+        step = max_len - 1 if prefix else max_len
         for start in range(0, len(body), step):
             window = body[start : start + step]
-            out_seqs.append(([bos_id] if has_bos else []) + window)
+            out_seqs.append(prefix + window)
             out_texts.append(text if start == 0 else "")
     if not split:
         return inputs

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy.stats import spearmanr
 
 from ._arrays import ArrayLike, to_numpy
+from ._scipy import spearman
 
 
 def mean_offdiagonal(s: ArrayLike, n: int | None = None) -> float:
@@ -124,8 +124,7 @@ def last_layer_outlier(
     else:
         z = 0.0 if last == mean else math.copysign(math.inf, last - mean)
     if prev.size >= 3 and np.ptp(prev) > 0:
-        res = spearmanr(lay[:-1], prev)
-        rho, p = float(res.statistic), float(res.pvalue)
+        rho, p = spearman(lay[:-1], prev)
     else:
         rho, p = nan, nan
     return LastLayerOutlier(

@@ -17,9 +17,9 @@ from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
-from scipy.stats import linregress
 
 from ._arrays import ArrayLike, to_numpy
+from ._scipy import linear_fit
 from .neurons import neuron_level_similarity
 from .similarity import cosine_matrix
 
@@ -76,9 +76,8 @@ def gate_expert_regression(gate_sim: ArrayLike, expert_sim: ArrayLike) -> GateRe
         return GateRegression(nan, nan, nan, nan, nan, n)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        res = linregress(x, y)
-    r = float(res.rvalue)
-    return GateRegression(r, r * r, float(res.slope), float(res.intercept), float(res.pvalue), n)
+        r, slope, intercept, p = linear_fit(x, y)
+    return GateRegression(r, r * r, slope, intercept, p, n)
 
 
 def gate_expert_correlation(gate_sim: ArrayLike, expert_sim: ArrayLike) -> GateCorrelation:

@@ -29,9 +29,9 @@ from itertools import combinations
 import numpy as np
 import pandas as pd
 from scipy.optimize import linear_sum_assignment
-from scipy.stats import kendalltau
 
 from ._arrays import ArrayLike, to_numpy
+from ._scipy import kendall
 from .blocks import BLOCK_ELEMENTS, block_size, neuron_blocks, neuron_rows
 from .similarity import cosine_matrix
 
@@ -89,6 +89,8 @@ def _block_mean(matrix: ArrayLike, axis: int) -> np.ndarray:
     for _, x in neuron_blocks(matrix, axis):
         part = x.sum(axis=0, dtype=np.float64)
         total = part if total is None else total + part
+    if total is None:
+        raise ValueError(f"cannot average over an empty axis {axis} of a matrix of shape {tuple(matrix.shape)}")
     return total / int(matrix.shape[axis])
 
 
@@ -207,8 +209,7 @@ def reorder_neurons(a: ArrayLike, b: ArrayLike, neuron_axis: int | str) -> Reord
     # <a_i, b_perm(i)> = |a_i| |b_perm(i)| <unit a_i, unit b_perm(i)>
     dot_after = _row_dot(na, nb, perm, norm_a * norm_b[perm])
     if len(perm) > 1:
-        kt = kendalltau(perm, np.arange(len(perm)))
-        tau, p = float(kt.statistic), float(kt.pvalue)
+        tau, p = kendall(perm, np.arange(len(perm)))
     else:
         tau, p = float("nan"), float("nan")
     return ReorderResult(

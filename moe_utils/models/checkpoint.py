@@ -19,11 +19,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from moe_utils.core import paths
 from moe_utils.core.errors import CheckpointError, PickleRefusedError
+
+if TYPE_CHECKING:
+    from safetensors import safe_open
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -108,7 +112,7 @@ class CheckpointReader:
     def __init__(self, folder: str | Path, allow_pickle: bool = False):
         self.files = find_weight_files(folder, allow_pickle=allow_pickle)
         self.folder = self.files.folder
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, safe_open] = {}
         self._pickles: dict[Path, dict[str, torch.Tensor]] = {}
         self._where: dict[str, Path] | None = None
         if self.files.index is not None:
@@ -129,7 +133,7 @@ class CheckpointReader:
     close = release
 
     # ---- file access ----------------------------------------------------------------------
-    def _open(self, path: Path):
+    def _open(self, path: Path) -> safe_open:
         handle = self._handles.get(path)
         if handle is None:
             from safetensors import SafetensorError, safe_open
@@ -225,7 +229,7 @@ class CheckpointReader:
         _base, header = _header(path, path.stat().st_mtime_ns)
         entry = header.get(name)
         dtype = _ST_DTYPES.get(entry["dtype"]) if entry else None
-        if dtype is None:
+        if entry is None or dtype is None:
             return self.get(name).clone()
         return self.read_into(name, torch.empty(tuple(entry["shape"]), dtype=dtype))
 
@@ -246,12 +250,12 @@ class CheckpointReader:
             and out.is_contiguous()
             and out.device.type == "cpu"
         )
-        if not direct:
+        if not direct or entry is None:  # (direct implies an entry)
             out.copy_(self.read(name) if entry is None or _ST_DTYPES.get(entry["dtype"]) else self.get(name))
             return out
         start, end = entry["data_offsets"]
         if end > start:
-            view = memoryview(out.view(-1).view(torch.uint8).numpy())
+            view = out.view(-1).view(torch.uint8).numpy().data  # a memoryview of out's bytes
             if len(view) != end - start:
                 raise CheckpointError(
                     f"{path.name}: tensor {name!r} has {end - start} bytes but its "

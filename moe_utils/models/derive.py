@@ -35,7 +35,7 @@ import re
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from torch import nn
@@ -66,6 +66,9 @@ from moe_utils.models.loading import LoadedModel
 from moe_utils.models.random_models import build_model, byte_tokenizer, config_class_for
 from moe_utils.models.trace import _recompute_routing, trace, verify_trace
 from moe_utils.models.weights import ModelSource, _experts, layer_weights
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 Tensor = torch.Tensor
 TOLERANCE = 1e-5
@@ -106,6 +109,14 @@ def _experts_in(layer: nn.Module) -> tuple[str, nn.Module] | None:
     return None
 
 
+def _experts_of(layer: nn.Module) -> tuple[str, nn.Module]:
+    """:func:`_experts_in` for a layer known to hold experts (raises otherwise)."""
+    found = _experts_in(layer)
+    if found is None:
+        raise DerivationError(f"no experts module in the decoder layer {type(layer).__name__}")
+    return found
+
+
 def moe_layer_indices(model: nn.Module, num_layers: int) -> tuple[str, list[int]]:
     """Path of the decoder layers and the indices of layers holding an experts module."""
     path, layers = _layers(model, num_layers)
@@ -143,11 +154,14 @@ def _linear_mlp(mod: nn.Module) -> tuple[str | None, str, str] | None:
 
 
 def _weight_names(prefix: str, mlp: tuple[str | None, str, str]) -> MLPTensors:
-    return MLPTensors(*(None if n is None else f"{prefix}.{n}.weight" for n in mlp))
+    act, up, down = mlp
+    return MLPTensors(
+        None if act is None else f"{prefix}.{act}.weight", f"{prefix}.{up}.weight", f"{prefix}.{down}.weight"
+    )
 
 
 def _block(layer: nn.Module, num_experts: int, hidden: int) -> _Block:
-    experts_path, experts = _experts_in(layer)
+    experts_path, experts = _experts_of(layer)
     block_path = experts_path.rsplit(".", 1)[0] if "." in experts_path else ""
     if not block_path:
         raise DerivationError(
@@ -179,7 +193,7 @@ def _block(layer: nn.Module, num_experts: int, hidden: int) -> _Block:
                 owner = child.get_submodule(pname.rsplit(".", 1)[0]) if "." in pname else child
                 if isinstance(owner, nn.Linear) and owner.bias is not None:
                     router_bias = f"{block_path}.{name}.{pname[: -len('weight')]}bias"
-    if router is None:
+    if router is None or router_weight is None:
         raise DerivationError(
             f"no router (a weight of shape [{num_experts}, {hidden}]) found next to the experts in '{block_path}'"
         )
@@ -219,8 +233,15 @@ def _layout_candidates(experts: nn.Module, prefix: str, num_experts: int) -> lis
                 f"the experts module {type(experts).__name__} holds neither fused "
                 "3-D tensors nor per-expert gate/up/down Linear layers"
             )
-        act, up, down = (None if n is None else f"{prefix}.{{e}}.{n}.weight" for n in mlp)
-        return [ExpertTensors("per_expert", act=act, up=up, down=down)]
+        act, up, down = mlp
+        return [
+            ExpertTensors(
+                "per_expert",
+                act=None if act is None else f"{prefix}.{{e}}.{act}.weight",
+                up=f"{prefix}.{{e}}.{up}.weight",
+                down=f"{prefix}.{{e}}.{down}.weight",
+            )
+        ]
     leading = {n: p.shape[0] for n, p in params.items() if p.dim() == 3}
     if len(set(leading.values())) > 1:
         raise DerivationError(
@@ -243,7 +264,7 @@ def _layout_candidates(experts: nn.Module, prefix: str, num_experts: int) -> lis
     out = []
     for in_t, down_t in ((False, False), (True, True), (False, True), (True, False)):
         for order in ("concat", "interleaved"):
-            kwargs = dict(
+            kwargs: dict[str, Any] = dict(
                 down=f"{prefix}.{down_name}",
                 in_transposed=in_t,
                 down_transposed=down_t,
@@ -326,8 +347,21 @@ def _fit_experts(
             tensors = _experts(src, fmt, layer, layout, torch.float32, num_experts)
         except Exception:
             continue
+        w_up, w_down = tensors["w_up"], tensors["w_down"]
+        if w_up is None or w_down is None:  # every layout names both; no candidate without them
+            continue
         for act in _activation_candidates(blk.experts, config):
-            w = MoELayerWeights(layer=layer, router=torch.zeros(num_experts, hidden), activation=act, **tensors)
+            w = MoELayerWeights(
+                layer=layer,
+                router=torch.zeros(num_experts, hidden),
+                activation=act,
+                w_act=tensors["w_act"],
+                w_up=w_up,
+                w_down=w_down,
+                b_act=tensors["b_act"],
+                b_up=tensors["b_up"],
+                b_down=tensors["b_down"],
+            )
             try:
                 with torch.no_grad():
                     ok = all(
@@ -372,7 +406,7 @@ def _group_key(cfg: dict) -> str | None:
 
 def _routing_candidates(cfg: dict, num_experts: int, top_k: int):
     group_key = _group_key(cfg)
-    groups = [None] + (["top2_sum", "max"] if group_key else [])
+    groups: list[Literal["max", "top2_sum"] | None] = [None, "top2_sum", "max"] if group_key else [None]
     n_group = int(cfg[group_key]) if group_key else 1
     topk_group = int(cfg.get("topk_group") or n_group) if group_key else 1
     for method in ("softmax_topk", "topk_softmax", "sigmoid_topk", "sqrtsoftplus_topk"):
@@ -482,6 +516,12 @@ def _capture(
 
 
 # ---- on-disk names -----------------------------------------------------------------------------
+def _required(t: Tensor | None, what: str) -> Tensor:
+    if t is None:
+        raise DerivationError(f"the in-memory experts have no {what} tensor")
+    return t
+
+
 def _disk_format(
     model: nn.Module, memory: WeightFormat, layer: int, num_experts: int, folder: Path
 ) -> WeightFormat | None:
@@ -496,6 +536,8 @@ def _disk_format(
     src = ModelSource(model)
     mem_names = set(dict(model.state_dict()))
     moe = memory.moe
+    if moe is None:
+        raise DerivationError(f"the in-memory weight format of layer {layer} names no MoE tensors")
     rel_names = [
         moe.router,
         moe.correction_bias,
@@ -517,11 +559,11 @@ def _disk_format(
 
     def rel(name: str) -> tuple[str, str]:
         match = re.match(rf"^(.*?\.){layer}\.(.*)$", name)
+        if match is None:
+            raise DerivationError(f"the saved tensor {name} has no layer index {layer} in its name")
         return match[1] + "{layer}.", match[2]
 
-    def template(t_all: Tensor | None, what: str) -> str | None:
-        if t_all is None:
-            return None
+    def template(t_all: Tensor, what: str) -> str:
         name0 = find(t_all[0], f"{what} of expert 0")
         _pre, r = rel(name0)
         tmpl = re.sub(r"\.0\.", ".{e}.", r, count=1)
@@ -529,14 +571,17 @@ def _disk_format(
             raise DerivationError(f"the saved {what} of expert 0 ({name0}) has no expert index")
         return tmpl
 
+    def optional_template(t_all: Tensor | None, what: str) -> str | None:
+        return None if t_all is None else template(t_all, what)
+
     router_name = find(src.get(prefix + moe.router), "router weight")
     layer_prefix, router_rel = rel(router_name)
     try:
         experts = ExpertTensors(
             "per_expert",
-            act=template(canon["w_act"], "gate projection"),
-            up=template(canon["w_up"], "up projection"),
-            down=template(canon["w_down"], "down projection"),
+            act=optional_template(canon["w_act"], "gate projection"),
+            up=optional_template(canon["w_up"], "up projection"),
+            down=template(_required(canon["w_down"], "down projection"), "down projection"),
         )
     except DerivationError as per_expert_error:
         # fused on disk too, under other names (e.g. Granite's input_linear/output_linear)
@@ -558,12 +603,12 @@ def _disk_format(
         optional[key] = None if value is None else rel(find(src.get(prefix + value), key))[1]
     shared = None
     if moe.shared is not None:
-        shared = MLPTensors(
-            *(
-                None if n is None else rel(find(src.get(prefix + n), "shared expert"))[1]
-                for n in (moe.shared.act, moe.shared.up, moe.shared.down)
-            )
-        )
+        s = moe.shared
+
+        def saved_rel(name: str) -> str:
+            return rel(find(src.get(prefix + name), "shared expert"))[1]
+
+        shared = MLPTensors(None if s.act is None else saved_rel(s.act), saved_rel(s.up), saved_rel(s.down))
     dense = memory.dense
     _ = mem_names
     return WeightFormat(
@@ -800,12 +845,12 @@ def _derive(cfg: dict, tiny: bool | None) -> FamilySpec:
         _, real_moe = moe_layer_indices(skeleton, real_layers)
     hidden = int(small.hidden_size)
     first = tiny_moe[0]
-    experts = _experts_in(layers[first])[1]
+    experts = _experts_of(layers[first])[1]
     num_experts = int(getattr(experts, "num_experts", 0) or _count_experts(experts))
     top_k = _top_k(small, cfg)
     blk = _block(layers[first], num_experts, hidden)
     for other in tiny_moe[1:]:
-        if _experts_in(layers[other])[0].rsplit(".", 1)[0] != blk.block:
+        if _experts_of(layers[other])[0].rsplit(".", 1)[0] != blk.block:
             raise DerivationError(f"{model_type}: MoE blocks sit at different paths in different layers")
     _randomise_biases(model, layer_path, tiny_moe, blk.bias_candidates)
     layer_prefix = f"{layer_path}.{{layer}}."
@@ -841,7 +886,7 @@ def _derive(cfg: dict, tiny: bool | None) -> FamilySpec:
     hf_logging.disable_progress_bar()
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            model.save_pretrained(tmp)
+            cast("PreTrainedModel", model).save_pretrained(tmp)  # build_model makes transformers models
             disk = _disk_format(model, memory, first, num_experts, Path(tmp))
     finally:
         if bars:
@@ -927,7 +972,7 @@ def spec_for_unknown(cfg: dict) -> FamilySpec:
     from transformers import CONFIG_MAPPING
 
     model_type = cfg.get("model_type")
-    if model_type not in CONFIG_MAPPING:
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
         raise UnknownFamilyError(f"model_type {model_type!r} is not part of the installed transformers")
     parent = multimodal_parent(model_type)
     if parent is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -23,6 +23,9 @@ from moe_utils.core.memory import shedding_file_pages
 from moe_utils.models.checkpoint import checkpoint_fingerprint, find_weight_files, verify_safetensors
 from moe_utils.models.ids import ModelRef, resolve_folder, resolve_model
 from moe_utils.models.random_models import byte_tokenizer, random_fingerprint, random_model
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 _DTYPES = {
     "float32": torch.float32,
@@ -124,8 +127,8 @@ def load_tokenizer(path: str | Path | None, trust_remote_code: bool = False):
 
 def _set_experts_impl(model: nn.Module, impl: str | None) -> None:
     can_set = getattr(type(model), "_can_set_experts_implementation", None)
-    if impl and callable(can_set) and can_set():
-        model.set_experts_implementation(impl)
+    if impl and callable(can_set) and can_set():  # only transformers models have the class method
+        cast("PreTrainedModel", model).set_experts_implementation(impl)
 
 
 def load_model(
@@ -155,6 +158,8 @@ def load_model(
     torch_dtype = as_dtype(dtype)
     ref = resolve_model(model, revision, include_code=trust_remote_code)
     if ref.kind == "random":
+        if ref.family is None:
+            raise UsageError(f"{ref.name}: a random: model id names no family")
         module, config = random_model(ref.family, seed=seed, dtype=torch_dtype, **(config_overrides or {}))
         spec = get_spec(ref.family)
         if spec.derived and config_overrides:  # derived specs hold their config's layer pattern
@@ -168,6 +173,8 @@ def load_model(
         if config_overrides:
             raise ValueError(f"config_overrides only applies to random: ids; edit config.json of {ref.name} instead")
         path = ref.path
+        if path is None:
+            raise UsageError(f"{ref.name}: no model folder was resolved for this id")
         cfg = read_config_json(path)
         spec = spec_for_config(cfg)
         if _needs_remote_code(cfg, spec) and not trust_remote_code:
@@ -221,8 +228,12 @@ def _dispatch(module: nn.Module, device_map: Any, offload_folder: str | Path | N
         device_map = (
             {"": device_map} if device_map not in ("auto", "balanced", "sequential") else infer_auto_device_map(module)
         )
-    kwargs = {"offload_dir": str(offload_folder)} if offload_folder else {}
-    return dispatch_model(module, device_map=device_map, main_device="cpu", **kwargs)
+    return dispatch_model(
+        module,
+        device_map=device_map,
+        main_device="cpu",  # pyright: ignore[reportArgumentType]  # annotated torch.device, documented (and defaulted inside) as str | int | device
+        offload_dir=str(offload_folder) if offload_folder else None,
+    )
 
 
 __all__ = ["LoadedModel", "ModelRef", "as_dtype", "load_model", "load_tokenizer", "resolve_folder", "resolve_model"]

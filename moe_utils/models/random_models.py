@@ -122,7 +122,7 @@ def random_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32,
         model = build_model(config, seed=seed)
         bias_rel = spec.memory.moe.correction_bias if spec.memory.moe else None
         if bias_rel:
-            tensors = dict(model.named_parameters())
+            tensors: dict[str, torch.Tensor] = dict(model.named_parameters())
             tensors.update(dict(model.named_buffers()))
             for layer in spec.moe_layers(config):
                 buf = tensors[tensor_name(spec.memory, layer, bias_rel)].data

@@ -68,6 +68,20 @@ class LayerTrace:
     routing: RouteParams | None = None
     routing_source: str = "router"
 
+    @property
+    def routed_index(self) -> Tensor:
+        """``topk_index``, for a trace that has one (a dense trace has none: raises)."""
+        if self.topk_index is None:
+            raise MoEUtilsError(f"layer {self.layer} trace has no top-k indices (dense trace)")
+        return self.topk_index
+
+    @property
+    def routed_weight(self) -> Tensor:
+        """``topk_weight``, for a trace that has one (a dense trace has none: raises)."""
+        if self.topk_weight is None:
+            raise MoEUtilsError(f"layer {self.layer} trace has no top-k weights (dense trace)")
+        return self.topk_weight
+
 
 @dataclass
 class Trace:
@@ -302,7 +316,8 @@ class _DenseHooks:
 
 # ---- running ---------------------------------------------------------------------------------
 def _input_device(model: torch.nn.Module) -> torch.device:
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    emb = get_embeddings() if callable(get_embeddings) else None
     weight = getattr(emb, "weight", None)
     if weight is not None and weight.device.type != "meta":
         return weight.device
@@ -487,7 +502,7 @@ def verify_trace(
         scale = lt.block_output.abs().max().clamp_min(torch.finfo(torch.float32).tiny)
         rel = float((recon - lt.block_output).abs().max() / scale)
         idx_r, w_r = _sorted_pairs(index, weight)
-        idx_c, w_c = _sorted_pairs(lt.topk_index, lt.topk_weight)
+        idx_c, w_c = _sorted_pairs(lt.routed_index, lt.routed_weight)
         equal = bool(torch.equal(idx_r, idx_c))
         werr = float((w_r - w_c).abs().max()) if equal else float("inf")
         checks.append(LayerCheck(layer, rel, equal, werr, lt.routing_source))

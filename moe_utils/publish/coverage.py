@@ -26,14 +26,18 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 
-from moe_utils.arch import SPECS, get_spec
+from moe_utils.arch import SPECS, FamilySpec, get_spec
 from moe_utils.arch.catalogue import CatalogueEntry, catalogue
 from moe_utils.models.derive import rebuild_errors
 from moe_utils.models.loading import LoadedModel, load_model
 from moe_utils.models.weights import layer_weights
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 TOLERANCE = 1e-5
 WEIGHTS_NOTEBOOKS = ("obs1_neurons_as_experts",)
@@ -82,7 +86,7 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:400]
 
 
-def spec_kind(family: str) -> tuple[str, object]:
+def spec_kind(family: str) -> tuple[str, FamilySpec]:
     """``("hand-written" | "derived", spec)`` of a ``random:`` family name."""
     for spec in SPECS.values():
         if family == spec.name or family in spec.model_types:
@@ -102,7 +106,8 @@ def _disk_check(lm: LoadedModel, folder_root: Path) -> None:
     """Weights streamed from both on-disk spellings equal the model's own, for every MoE layer."""
     for fused in (False, True):
         folder = folder_root / ("fused" if fused else "original")
-        lm.built().save_pretrained(folder, **({"save_original_format": False} if fused else {}))
+        model = cast("PreTrainedModel", lm.built())  # random: models are transformers models
+        model.save_pretrained(folder, save_original_format=not fused)  # True is its default
         for layer in lm.moe_layers:
             want, got = layer_weights(lm, layer), layer_weights(folder, layer)
             for name in ("router", "w_act", "w_up", "w_down", "score_correction_bias", "router_bias", "shared_gate"):
@@ -126,7 +131,7 @@ def trace_check(row: FamilyRow, name: str) -> FamilyRow:
         row.rebuild_error = max(errors.values())
         row.trace_ok = row.rebuild_error <= TOLERANCE
         if not row.trace_ok:
-            worst = max(errors, key=errors.get)
+            worst = max(errors, key=lambda layer: errors[layer])
             row.reason = (
                 f"layer {worst} rebuilt with relative error {errors[worst]:.2e}"
                 if errors[worst] != float("inf")
@@ -399,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``moe-book coverage [--notebooks] [--families A B ...] [--workers N] [--root DIR]``."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="moe-book coverage", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="moe-book coverage", description=(__doc__ or "").split("\n\n")[0])
     p.add_argument(
         "--notebooks", action="store_true", help="also run every per-model notebook (slow: a minute or two per family)"
     )

@@ -10,9 +10,13 @@ layers are analysed (for example DeepSeekMoE's MoE layers 1-27, or ``layers=[0, 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import altair as alt
 import pandas as pd
+
+if TYPE_CHECKING:
+    from altair.vegalite.v6.schema._typing import ColorScheme_T
 
 LAYER_POS = "layer_pos"
 
@@ -49,7 +53,7 @@ def _caption(data: pd.DataFrame, predicates: Sequence[alt.Predicate], text: str,
     for p in predicates:
         chart = chart.transform_filter(p)
     return (
-        chart.transform_aggregate(**fields)
+        chart.transform_aggregate(alt.Undefined, alt.Undefined, **fields)
         .transform_calculate(text=text)
         .mark_text(align="left", fontSize=13, fontWeight="bold")
         .encode(text="text:N")
@@ -90,8 +94,8 @@ def similarity_heatmaps(
     domain: tuple[float, float] | None = None,
     start_layer_pos: int | None = None,
     cell: int = 22,
-    scheme: str = "viridis",
-) -> alt.Chart:
+    scheme: ColorScheme_T = "viridis",
+) -> alt.VConcatChart:
     """Expert-by-expert heat maps (one panel per ``facet_field`` value) with a layer slider.
 
     ``df`` needs columns layer, row_field, col_field, value_field and facet_field. Labels are
@@ -413,7 +417,7 @@ def grid_heatmap(
     title: str = "",
     value_title: str | None = None,
     domain: tuple[float, float] | None = None,
-    scheme: str = "viridis",
+    scheme: ColorScheme_T = "viridis",
     cell: int = 22,
 ) -> alt.Chart:
     """A plain heat map of ``value`` over two categorical axes (e.g. layer x expert), no slider."""
@@ -449,8 +453,8 @@ def interval_points(
     """A point per row at ``x`` with its interval [``low``, ``high``], one row of the y axis per
     ``y`` category, offset by ``color`` (e.g. one line per model); a rule marks x = 0."""
     enc_color = alt.Color(f"{color}:N", title=color) if color else alt.value("#1f77b4")
-    offset = {"yOffset": alt.YOffset(f"{color}:N")} if color else {}
-    base = alt.Chart(df).encode(y=alt.Y(f"{y}:N", title=None), color=enc_color, **offset)
+    offset = alt.YOffset(f"{color}:N") if color else alt.Undefined
+    base = alt.Chart(df).encode(y=alt.Y(f"{y}:N", title=None), color=enc_color, yOffset=offset)
     tooltip = (
         [f"{y}:N"] + ([f"{color}:N"] if color else []) + [alt.Tooltip(f"{c}:Q", format=".4f") for c in (x, low, high)]
     )
@@ -539,7 +543,7 @@ def emergence_lines(
                 tooltip=["series", "step", "tokens_seen", alt.Tooltip("value:Q", format=".4f")],
             )
         ]
-        fin = sub[sub.final].drop(columns="final")
+        fin = sub.loc[sub.final].drop(columns="final")
         layers.append(
             alt.Chart(fin)
             .mark_point(size=150, filled=False, strokeWidth=2)

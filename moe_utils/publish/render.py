@@ -146,11 +146,11 @@ def vega_bundle_source() -> str:
 
     wanted = _vegalite_minor(alt.SCHEMA_VERSION)
     version = wanted if wanted in vl_convert.get_vegalite_versions() else None
-    bundle = vl_convert.javascript_bundle(vl_version=version)
+    bundle = vl_convert.javascript_bundle(vl_version=version)  # pyright: ignore[reportCallIssue]  # the stub makes snippet required; at runtime it defaults to None (the default snippet)
     return (
         f"/* vega {vl_convert.get_vega_version()}, vega-embed {vl_convert.get_vega_embed_version()},"
         f" vega-lite {version or 'latest'}; from vl-convert-python"
-        f" {vl_convert.__version__} */\n(function () {{\n{bundle}\n}})();\n"
+        f" {vl_convert.__version__} */\n(function () {{\n{bundle}\n}})();\n"  # pyright: ignore[reportAttributeAccessIssue]  # the stub omits the module's __version__
     )
 
 

@@ -143,6 +143,16 @@ class NotebookInfo:
         return self.path.stem
 
 
+def _read_metadata(path: Path) -> dict[str, Any]:
+    """A notebook file's top-level metadata."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("metadata", {})
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+        raise MoEUtilsError(
+            f"cannot read notebook {path}: {type(exc).__name__}: {exc}. Restore it (e.g. git checkout) or delete it."
+        ) from exc
+
+
 def notebook_info(path: str | Path, metadata: dict[str, Any] | None = None) -> NotebookInfo:
     """Read a notebook's ``moe_book`` metadata, falling back to its file name.
 
@@ -151,13 +161,7 @@ def notebook_info(path: str | Path, metadata: dict[str, Any] | None = None) -> N
     """
     path = Path(path)
     if metadata is None:
-        try:
-            metadata = json.loads(path.read_text(encoding="utf-8")).get("metadata", {})
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
-            raise MoEUtilsError(
-                f"cannot read notebook {path}: {type(exc).__name__}: {exc}. "
-                "Restore it (e.g. git checkout) or delete it."
-            ) from exc
+        metadata = _read_metadata(path)
     meta = metadata.get(METADATA_KEY, {})
     scope = meta.get("scope") or ("model" if path.stem.startswith("obs") else "book")
     place = meta.get("place") or ("front" if path.stem == "organisms" else "back")
@@ -214,9 +218,9 @@ class Job:
 def default_models() -> tuple[list[str], str | None]:
     """The embedded default MoE models and dense baseline from :mod:`moe_utils.zoo`."""
 
-    def as_id(name: str | None) -> str | None:
+    def as_id(name: str) -> str:
         # The zoo lists bare names ("tiny-dense"); notebooks take model ids ("zoo:tiny-dense").
-        if name is not None and ":" not in name and name in zoo.ZOO_MODELS:
+        if ":" not in name and name in zoo.ZOO_MODELS:
             return f"zoo:{name}"
         return name
 
@@ -646,13 +650,15 @@ def check_output_folder(out: Path) -> None:
 
 
 def _disk_message(exc: OSError, where: Path | str) -> str:
-    reason = {
+    reasons = {
         errno.ENOSPC: "the disk is full",
         errno.EROFS: "the file system is read-only",
         errno.EACCES: "permission denied",
         errno.EPERM: "permission denied",
         errno.EDQUOT: "the disk quota is exceeded",
-    }.get(exc.errno, exc.strerror or str(exc))
+    }
+    fallback = exc.strerror or str(exc)
+    reason = fallback if exc.errno is None else reasons.get(exc.errno, fallback)
     return (
         f"cannot write to {exc.filename or where} ({reason}). Free some space or pass a "
         f"writable folder with --out; the previous notebooks and results were kept as they were."

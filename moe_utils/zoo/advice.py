@@ -82,7 +82,7 @@ def advice_table(
         rows.append({"advice": ADVICE_NORM_ROUTING, "organism": n, **norm_v[n]})
         rows.append({"advice": ADVICE_NORM_CAUSAL, "organism": n, **causal_v[n]})
     rows.append({"advice": ADVICE_PLACEMENT, "organism": PLACEMENT_ORGANISMS, **place_v})
-    return pd.DataFrame(rows)[["advice", "organism", *VERDICT_COLUMNS]]
+    return pd.DataFrame(rows).loc[:, ["advice", "organism", *VERDICT_COLUMNS]]
 
 
 def interventions_summary(
@@ -131,8 +131,8 @@ class InterventionsReport:
 
     @property
     def routing_table(self) -> pd.DataFrame:
-        return self.routing.set_index(["organism", "policy"])[
-            ["nll", "ci_low", "ci_high", "delta_nll", "delta_ci_low", "delta_ci_high"]
+        return self.routing.set_index(["organism", "policy"]).loc[
+            :, ["nll", "ci_low", "ci_high", "delta_nll", "delta_ci_low", "delta_ci_high"]
         ]
 
     @property
@@ -141,7 +141,7 @@ class InterventionsReport:
 
     @property
     def ablation_table(self) -> pd.DataFrame:
-        return self.ablation.set_index(["organism", "removed"])[["nll", "delta_nll", "ci_low", "ci_high"]]
+        return self.ablation.set_index(["organism", "removed"]).loc[:, ["nll", "delta_nll", "ci_low", "ci_high"]]
 
     @property
     def norm_causal_table(self) -> pd.DataFrame:
@@ -178,8 +178,8 @@ def interventions_report(
     routing, ablation, sweep, per_window, own = (
         gather(k) for k in ("routing", "ablation", "topk_sweep", "per_window", "own_forward")
     )
-    norm_v = {n: I.norm_routing_verdict(per_window[per_window.organism == n], seed=seed) for n in moe_models}
-    causal_v = {n: I.norm_causal_verdict(per_window[per_window.organism == n], seed=seed) for n in moe_models}
+    norm_v = {n: I.norm_routing_verdict(per_window.loc[per_window.organism == n], seed=seed) for n in moe_models}
+    causal_v = {n: I.norm_causal_verdict(per_window.loc[per_window.organism == n], seed=seed) for n in moe_models}
     placement = S.placement_table(S.load_shipped())
     place_v = S.placement_verdict(placement, int(configs.PLACEMENT_SHAPE["num_hidden_layers"]))
     dense_placement = placement[PLACEMENT_COLUMNS] if not placement.empty else pd.DataFrame(columns=PLACEMENT_COLUMNS)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import MistralConfig, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
 VOCAB_SIZE = 4096
 SEQ_LEN = 256  # tokens per training sample, <s> included; also the context length
-SHAPE = dict(
+SHAPE: dict[str, Any] = dict(
     hidden_size=128,
     intermediate_size=256,  # dense FFN width == expert width (as Mistral 7B / Mixtral 8x7B)
     num_hidden_layers=8,
@@ -21,24 +25,26 @@ SHAPE = dict(
 NUM_EXPERTS = 8
 TOP_K = 2
 ROUTER_AUX_LOSS_COEF = 0.01
-SPECIAL_TOKENS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
-MOE_TRAINING = dict(router_aux_loss_coef=ROUTER_AUX_LOSS_COEF, output_router_logits=True, **SPECIAL_TOKENS)
+SPECIAL_TOKENS: dict[str, Any] = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+MOE_TRAINING: dict[str, Any] = dict(
+    router_aux_loss_coef=ROUTER_AUX_LOSS_COEF, output_router_logits=True, **SPECIAL_TOKENS
+)
 
 
-def dense_config(vocab_size: int = VOCAB_SIZE, **overrides):
+def dense_config(vocab_size: int = VOCAB_SIZE, **overrides: Any) -> MistralConfig:
     """Mistral-architecture config of ``tiny-dense`` (the dense "F" baseline)."""
     from transformers import MistralConfig
 
-    kw = dict(SHAPE, vocab_size=vocab_size, sliding_window=None, **SPECIAL_TOKENS)
+    kw: dict[str, Any] = dict(SHAPE, vocab_size=vocab_size, sliding_window=None, **SPECIAL_TOKENS)
     kw.update(overrides)
     return MistralConfig(**kw)
 
 
-def moe_config(vocab_size: int = VOCAB_SIZE, **overrides):
+def moe_config(vocab_size: int = VOCAB_SIZE, **overrides: Any) -> MixtralConfig:
     """Mixtral-architecture config shared by ``tiny-moe-upcycled`` and ``tiny-moe-scratch``."""
     from transformers import MixtralConfig
 
-    kw = dict(
+    kw: dict[str, Any] = dict(
         SHAPE,
         vocab_size=vocab_size,
         sliding_window=None,
@@ -103,12 +109,12 @@ FINE_DENSE_LAYERS = (0,)
 FINE_DENSE_WIDTH = FINE_SHARED_WIDTH + FINE_TOP_K * FINE_EXPERT_WIDTH
 
 
-def fine_config(vocab_size: int = VOCAB_SIZE, **overrides):
+def fine_config(vocab_size: int = VOCAB_SIZE, **overrides: Any) -> Qwen2MoeConfig:
     """Qwen2-MoE-architecture config of ``tiny-moe-fine`` (shared expert, 30 narrow routed experts,
     top-6, dense first layer); attention as in the other organisms (no q/k/v bias)."""
     from transformers import Qwen2MoeConfig
 
-    kw = dict(
+    kw: dict[str, Any] = dict(
         SHAPE,
         vocab_size=vocab_size,
         intermediate_size=FINE_DENSE_WIDTH,
@@ -127,7 +133,7 @@ def fine_config(vocab_size: int = VOCAB_SIZE, **overrides):
     return Qwen2MoeConfig(**kw)
 
 
-def placement_config(dense_layer: int | None, vocab_size: int = VOCAB_SIZE, **overrides):
+def placement_config(dense_layer: int | None, vocab_size: int = VOCAB_SIZE, **overrides: Any) -> Qwen3MoeConfig:
     """Qwen3-MoE-architecture config of a dense-layer placement organism (Table 6 of the paper).
 
     Smaller than the other organisms (see ``PLACEMENT_SHAPE``); every layer is MoE (8 experts,
@@ -136,7 +142,7 @@ def placement_config(dense_layer: int | None, vocab_size: int = VOCAB_SIZE, **ov
     """
     from transformers import Qwen3MoeConfig
 
-    kw = dict(
+    kw: dict[str, Any] = dict(
         PLACEMENT_SHAPE,
         vocab_size=vocab_size,
         moe_intermediate_size=PLACEMENT_EXPERT_WIDTH,
@@ -152,6 +158,6 @@ def placement_config(dense_layer: int | None, vocab_size: int = VOCAB_SIZE, **ov
     return Qwen3MoeConfig(**kw)
 
 
-PLACEMENT_SHAPE = dict(SHAPE, hidden_size=64, num_hidden_layers=6, head_dim=16)
+PLACEMENT_SHAPE: dict[str, Any] = dict(SHAPE, hidden_size=64, num_hidden_layers=6, head_dim=16)
 PLACEMENT_EXPERT_WIDTH = 128
 PLACEMENT_STEPS = 400

@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from ..analysis import paper
+from ..core.frames import int_key
 from . import study_results as S
 
 OBSERVATION_NAMES = {
@@ -83,7 +84,7 @@ def replicate_effects(verdicts: pd.DataFrame) -> dict[int, pd.DataFrame]:
     drawn as the point itself."""
     out = {}
     for obs, g in verdicts.groupby("observation"):
-        out[int(obs)] = g.assign(
+        out[int_key(obs)] = g.assign(
             replicate=g.organism + " s" + g.seed.astype(str),
             ci_low=g.ci_low.fillna(g.effect),
             ci_high=g.ci_high.fillna(g.effect),
@@ -131,12 +132,13 @@ def across_seed_narrative(across: pd.DataFrame) -> str:
     lines = []
     for obs, g in across.groupby("observation"):
         parts = [
-            f"**{r.organism}**: {r.verdict} ({r.seeds} seeds; per seed: {r.seed_verdicts}; mean {r.mean_effect:.3f}"
-            + (f", 95% interval {r.ci_low:.3f} to {r.ci_high:.3f}" if pd.notna(r.ci_low) else "")
+            f"**{r['organism']}**: {r['verdict']} ({r['seeds']} seeds; per seed: {r['seed_verdicts']}; "
+            f"mean {r['mean_effect']:.3f}"
+            + (f", 95% interval {r['ci_low']:.3f} to {r['ci_high']:.3f}" if pd.notna(r["ci_low"]) else "")
             + ")"
-            for r in g.itertuples()
+            for r in g.to_dict("records")
         ]
-        lines.append(f"- Observation {obs}, {OBSERVATION_NAMES[int(obs)]}: " + "; ".join(parts) + ".")
+        lines.append(f"- Observation {obs}, {OBSERVATION_NAMES[int_key(obs)]}: " + "; ".join(parts) + ".")
     settled = across[across.verdict != "inconclusive"]
     open_ = across[across.verdict == "inconclusive"]
     lines.append("")
@@ -177,16 +179,16 @@ def across_seed_narrative(across: pd.DataFrame) -> str:
 def replication_summary(across: pd.DataFrame) -> dict[str, dict[str, Any]]:
     """``replication.json``'s summary: one entry ``obsN_KIND`` per across-seed verdict."""
     return {
-        f"obs{r.observation}_{r.organism}": {
-            "value": r.mean_effect,
-            "ci_low": r.ci_low,
-            "ci_high": r.ci_high,
-            "baseline": r.baseline,
-            "verdict": r.verdict,
+        f"obs{r['observation']}_{r['organism']}": {
+            "value": r["mean_effect"],
+            "ci_low": r["ci_low"],
+            "ci_high": r["ci_high"],
+            "baseline": r["baseline"],
+            "verdict": r["verdict"],
             "paper": {},
-            "note": f"{r.seeds} seeds: {r.seed_verdicts}",
+            "note": f"{r['seeds']} seeds: {r['seed_verdicts']}",
         }
-        for r in across.itertuples()
+        for r in across.to_dict("records")
     }
 
 

@@ -67,6 +67,8 @@ def _save_copy(model, folder: Path, tokenizer_dir: Path) -> None:
 def _initial_model(rep: Replicate, out: Path):
     if rep.kind != "upcycled":
         return rep.build()(rep.spec.seed)
+    if rep.parent is None:
+        raise ValueError(f"{rep.name}: an upcycled replicate needs a parent to start from")
     parent = R.get(rep.parent)
     ck = replicate_dir(out, parent.name) / "checkpoints" / "last.pt"
     if not ck.exists():
@@ -204,7 +206,9 @@ def list_rows() -> list[dict]:
 
 
 def parse_args(argv: Sequence[str] | None):
-    p = argparse.ArgumentParser(prog="moe-book zoo study", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="moe-book zoo study", description=(__doc__ or "moe-book zoo study").splitlines()[0]
+    )
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--list", action="store_true", help="list every replicate with its training cost")
     g.add_argument("--run", nargs="+", metavar="NAME", help="train these replicates and write their results")

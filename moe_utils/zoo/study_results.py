@@ -23,7 +23,7 @@ import json
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -33,7 +33,10 @@ from moe_utils.analysis import headlines as H
 from moe_utils.analysis.context import checkpoint_only, open_study
 from moe_utils.analysis.results import iter_results, read_result, write_result
 from moe_utils.arch.config import read_config_json
+from moe_utils.core.errors import MoEUtilsError
+from moe_utils.core.frames import int_key
 from moe_utils.core.paths import ZOO_STUDY_DIR, zoo_path
+from moe_utils.metrics._scipy import spearman
 from moe_utils.models.checkpoint import checkpoint_fingerprint, find_weight_files
 from moe_utils.zoo.evaluate import load_windows, model_nll, perplexity
 from moe_utils.zoo.replicates import Replicate, replicate_dir, snapshot_dir
@@ -137,6 +140,10 @@ def write_replicate_results(rep: Replicate, out: Path, log=print) -> list[Path]:
     }
     paths.append(write_result(rdir, "study_replicate", rep.name, _fingerprint(folder), params, tables, summary))
     if rep.snapshots:
+        if final_trace is None:
+            raise MoEUtilsError(
+                f"{rep.name}: snapshots are compared with the final model's trace, which only MoE replicates have"
+            )
         rows = []
         for step in rep.snapshots:
             sdir = snapshot_dir(out, rep.name, step)
@@ -194,7 +201,7 @@ def load_shipped(root: Path | None = None) -> dict[str, dict[str, pd.DataFrame]]
     return out
 
 
-def _concat(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
+def _concat(frames: Iterable[pd.DataFrame | None]) -> pd.DataFrame:
     frames = [f for f in frames if f is not None and len(f)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -237,7 +244,8 @@ def replication_tables(shipped: dict[str, dict[str, pd.DataFrame]]) -> dict[str,
     training = _concat(t.get("training") for t in shipped.values())
     rows = []
     if len(verdicts):
-        for (org, obs), g in verdicts.groupby(["organism", "observation"]):
+        for key, g in verdicts.groupby(["organism", "observation"]):
+            org, obs = cast(tuple[Any, Any], key)  # grouped by two columns: a pair
             g = g.sort_values("seed")
             v, m, lo, hi = across_seed_verdict(
                 int(obs), g.effect.tolist(), g.verdict.tolist(), float(g.baseline.iloc[0])
@@ -313,7 +321,7 @@ def placement_summary(table: pd.DataFrame) -> pd.DataFrame:
         m, lo, hi = t_interval(g.nll.tolist())
         rows.append(
             {
-                "dense_layer": None if k == -1 else int(k),
+                "dense_layer": None if k == -1 else int_key(k),
                 "seeds": len(g),
                 "nll": m,
                 "ci_low": lo,
@@ -342,7 +350,7 @@ def placement_verdict(table: pd.DataFrame, num_layers: int) -> dict[str, Any]:
             "verdict": None,
             "note": "not enough placement variants trained yet: no verdict",
         }
-    rho, p = stats.spearmanr(inner.dense_layer, inner.nll)
+    rho, p = spearman(inner.dense_layer, inner.nll)
     a = t[t.dense_layer == last].set_index("seed").nll
     b = t[t.dense_layer == last - 1].set_index("seed").nll
     both = a.index.intersection(b.index)

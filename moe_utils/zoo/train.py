@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ from moe_utils.zoo.corpus import build_corpus, write_corpus_json
 from moe_utils.zoo.evaluate import encode_docs, make_windows, model_nll, save_windows, unigram_counts
 from moe_utils.zoo.heldout import select_paragraphs, write_long_heldout
 from moe_utils.zoo.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+
+if TYPE_CHECKING:
+    from transformers.models.mixtral.modeling_mixtral import MixtralDecoderLayer
 
 MODEL_ORDER = ("tiny-dense", "tiny-moe-upcycled", "tiny-moe-scratch")
 EVAL_WINDOWS_DURING_TRAINING = 24
@@ -133,9 +136,10 @@ def upcycle(dense, moe_config, seed: int):
         msd[name].copy_(tensor)
     for i, layer in enumerate(dense.model.layers):
         gate_up = torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight], dim=0)
-        experts = moe.model.layers[i].mlp.experts
-        experts.gate_up_proj.copy_(gate_up.unsqueeze(0).expand_as(experts.gate_up_proj))
-        experts.down_proj.copy_(layer.mlp.down_proj.weight.unsqueeze(0).expand_as(experts.down_proj))
+        experts = cast("MixtralDecoderLayer", moe.model.layers[i]).mlp.experts  # transformers 5: fused
+        gate_up_proj, down_proj = experts.get_parameter("gate_up_proj"), experts.get_parameter("down_proj")
+        gate_up_proj.copy_(gate_up.unsqueeze(0).expand_as(gate_up_proj))
+        down_proj.copy_(layer.mlp.down_proj.weight.unsqueeze(0).expand_as(down_proj))
     if moe.config.tie_word_embeddings:
         moe.tie_weights()
     return moe
@@ -433,7 +437,9 @@ def install(out: Path, names: Sequence[str], force: bool, log=print) -> None:
 
 
 def parse_args(argv: Sequence[str] | None):
-    p = argparse.ArgumentParser(prog="moe-book zoo train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="moe-book zoo train", description=(__doc__ or "moe-book zoo train").splitlines()[0]
+    )
     p.add_argument("--models", nargs="+", default=list(MODEL_ORDER), choices=MODEL_ORDER)
     p.add_argument("--out", type=Path, default=Path("zoo-build"))
     p.add_argument("--force", action="store_true", help="retrain finished models / replace shipped ones")
