@@ -7,8 +7,6 @@ Modules: ``similarity`` (cosine / angular, matrix level), ``neurons`` (averaging
 ``stats`` (confidence intervals).
 """
 
-import types as _types
-
 from .activations import ACTIVE_THRESHOLD, ActivationRatios, activation_ratio
 from .depth import LastLayerOutlier, last_layer_outlier, mean_offdiagonal, per_layer_summary, reference_similarity
 from .gate_correlation import (
@@ -66,6 +64,67 @@ from .similarity import (
 )
 from .stats import MeanCI, bootstrap_mean_ci, bootstrap_ratio_ci, wilson_interval, z_value
 
-__all__ = sorted(
-    name for name, obj in globals().items() if not name.startswith("_") and not isinstance(obj, _types.ModuleType)
-)
+__all__ = [
+    "ACTIVE_THRESHOLD",
+    "ActivationRatios",
+    "Agreement",
+    "GateCorrelation",
+    "GateRegression",
+    "LastLayerOutlier",
+    "MeanCI",
+    "Projection",
+    "ReorderResult",
+    "RepeatRate",
+    "activation_ratio",
+    "adjacent_pairs",
+    "agreement_by_layer",
+    "angular_similarity",
+    "ascending_ranks",
+    "average_r2",
+    "bootstrap_mean_ci",
+    "bootstrap_ratio_ci",
+    "cosine",
+    "cosine_between",
+    "cosine_from_gram",
+    "cosine_matrix",
+    "dbscan_outliers",
+    "expert_frequencies",
+    "expert_runs",
+    "gate_expert_correlation",
+    "gate_expert_regression",
+    "gate_similarity",
+    "gram_matrix",
+    "last_layer_outlier",
+    "layer_gate_correlations",
+    "lower_triangle",
+    "matrix_level_similarity",
+    "matrix_pca",
+    "mean_offdiagonal",
+    "mean_token_similarity",
+    "neuron_average",
+    "neuron_cosine_matrix",
+    "neuron_level_similarity",
+    "neuron_pca",
+    "neuron_vectors",
+    "output_norms",
+    "pca_projection",
+    "per_layer_summary",
+    "positions_in_sequence",
+    "random_overlap_probability",
+    "rank_counts",
+    "reference_similarity",
+    "reorder_layer",
+    "reorder_neurons",
+    "repeat_rate",
+    "resolve_neuron_axis",
+    "routing_table",
+    "stack_with_reference",
+    "standardize",
+    "token_similarity",
+    "top1_agreement",
+    "top1_experts",
+    "top_expert",
+    "topk_norm_agreement",
+    "wilson_interval",
+    "z_value",
+]
