@@ -7,6 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from moe_utils.arch import spec_for_config
+from moe_utils.arch.config import config_dict
+from moe_utils.arch.facts import ModelFacts, facts_for
 from moe_utils.zoo import PAPER_COUNTERPART
 from moe_utils.zoo.evaluate import expert_load, model_nll, perplexity, targets_of, unigram_nll
 
@@ -19,48 +22,34 @@ SHIPPED_COMMANDS = {
 }
 
 
-def ffn_layout(config: dict) -> list[dict]:
-    """Per layer: routed experts (count, width), experts per token, shared width and dense width.
-
-    Reads the organisms' two MoE spellings: Mixtral (``num_local_experts``, every layer MoE) and
-    Qwen2/Qwen3-MoE (``num_experts``, ``moe_intermediate_size``, a shared expert, ``mlp_only_layers``).
-    """
-    L, I = config["num_hidden_layers"], config["intermediate_size"]
-    if "moe_intermediate_size" in config:
-        E = config.get("num_experts") or config["num_local_experts"]
-        dense_layers = set(config.get("mlp_only_layers") or [])
-        out = []
-        for layer in range(L):
-            if layer in dense_layers:
-                out.append({"experts": 0, "width": 0, "top_k": 0, "shared": 0, "dense": I})
-            else:
-                out.append(
-                    {
-                        "experts": E,
-                        "width": config["moe_intermediate_size"],
-                        "top_k": config["num_experts_per_tok"],
-                        "shared": config.get("shared_expert_intermediate_size") or 0,
-                        "dense": 0,
-                    }
-                )
-        return out
-    if "num_local_experts" in config:
-        return [
-            {
-                "experts": config["num_local_experts"],
-                "width": I,
-                "top_k": config["num_experts_per_tok"],
-                "shared": 0,
-                "dense": 0,
-            }
-            for _ in range(L)
-        ]
-    return [{"experts": 0, "width": 0, "top_k": 0, "shared": 0, "dense": I} for _ in range(L)]
+def ffn_layout(facts: ModelFacts) -> list[dict]:
+    """Per layer: routed experts (count, width), experts per token, shared width and dense width,
+    from the model's facts (so every MoE spelling the family specs know is read the same way)."""
+    moe = set(facts.moe_layers)
+    dense_width = facts.dense_intermediate_size or 0
+    out = []
+    for layer in range(facts.num_layers):
+        if layer in moe:
+            out.append(
+                {
+                    "experts": facts.num_experts,
+                    "width": facts.expert_intermediate_size or 0,
+                    "top_k": facts.top_k,
+                    "shared": facts.shared_expert_intermediate_size or 0,
+                    "dense": 0,
+                }
+            )
+        else:
+            out.append({"experts": 0, "width": 0, "top_k": 0, "shared": 0, "dense": dense_width})
+    return out
 
 
 def parameter_counts(config: dict) -> dict:
-    """Total and per-token active parameters from a config dict (tied embeddings counted once)."""
-    H, V = config["hidden_size"], config["vocab_size"]
+    """Total and per-token active parameters from a config dict (tied embeddings counted once):
+    the FFN layout from the model's facts, the attention from the config's own keys (the
+    organisms' Mixtral, Qwen2-MoE and Qwen3-MoE spellings)."""
+    facts = facts_for(spec_for_config(config), config)
+    H, V = facts.hidden_size, config["vocab_size"]
     heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
     hd = config.get("head_dim") or H // heads
     attn = H * heads * hd * 2 + H * kv * hd * 2
@@ -70,7 +59,7 @@ def parameter_counts(config: dict) -> dict:
         attn += 2 * hd  # q_norm and k_norm
     norms = 2 * H
     total = active = experts_total = 0
-    for lay in ffn_layout(config):
+    for lay in ffn_layout(facts):
         fixed = attn + norms + 3 * H * (lay["dense"] + lay["shared"])
         if lay["experts"]:
             fixed += H * lay["experts"] + (H if lay["shared"] else 0)  # router, shared-expert gate
@@ -139,7 +128,7 @@ def evaluate_folder(folder: Path, windows: list[list[int]], counts: np.ndarray) 
         "unigram_loss": uni,
         "unigram_perplexity": perplexity(uni),
     }
-    if hasattr(model.config, "num_local_experts") or getattr(model.config, "num_experts", None):
+    if facts_for(spec_for_config(config_dict(model.config)), model.config).is_moe:
         load = expert_load(model, windows)
         res["expert_load"] = load.tolist()
         res["dead_experts"] = int((load == 0).sum())
@@ -150,9 +139,9 @@ def write_card(folder: Path, name: str, info: dict, ev: dict, corpus: dict, prev
     """Write README.md (the model card) for one organism."""
     cfg = json.loads((folder / "config.json").read_text())
     pc = parameter_counts(cfg)
+    facts = facts_for(spec_for_config(cfg), cfg)
     spec = info["train_spec"]
     arch = cfg["architectures"][0]
-    moe = "num_local_experts" in cfg or "num_experts" in cfg
     lines = [
         f"# {name}",
         "",
@@ -161,27 +150,29 @@ def write_card(folder: Path, name: str, info: dict, ev: dict, corpus: dict, prev
         "",
         "## Architecture",
         "",
-        f"- {cfg['num_hidden_layers']} layers, hidden size {cfg['hidden_size']}, "
+        f"- {facts.num_layers} layers, hidden size {facts.hidden_size}, "
         f"{cfg['num_attention_heads']} attention heads / {cfg['num_key_value_heads']} key-value heads, "
         f"RoPE, RMSNorm, SwiGLU FFN of width {cfg['intermediate_size']}, tied embeddings, "
-        f"vocabulary {cfg['vocab_size']}, context {cfg['max_position_embeddings']} tokens.",
+        f"vocabulary {cfg['vocab_size']}, context {facts.max_positions} tokens.",
     ]
-    if "num_local_experts" in cfg:
+    renorm = facts.routing is not None and facts.routing.renormalize
+    width = facts.expert_intermediate_size or 0
+    if facts.is_moe and not facts.dense_layers and not facts.shared_expert_intermediate_size:
         lines.append(
-            f"- Every layer is a Mixtral MoE block: {cfg['num_local_experts']} experts, top-"
-            f"{cfg['num_experts_per_tok']} softmax routing (weights renormalised over the top-k), "
-            f"expert width = dense FFN width {cfg['intermediate_size']} (as Mixtral 8x7B vs Mistral 7B)."
+            f"- Every layer is a Mixtral MoE block: {facts.num_experts} experts, top-"
+            f"{facts.top_k} softmax routing (weights renormalised over the top-k), "
+            f"expert width = dense FFN width {width} (as Mixtral 8x7B vs Mistral 7B)."
         )
-    elif moe:
-        dense = cfg.get("mlp_only_layers") or []
+    elif facts.is_moe:
+        shared = facts.shared_expert_intermediate_size or 0
         lines.append(
             f"- Fine-grained MoE layers (Qwen2-MoE block): one shared expert of width "
-            f"{cfg['shared_expert_intermediate_size']} behind a sigmoid gate plus {cfg['num_experts']} routed "
-            f"experts of width {cfg['moe_intermediate_size']}, softmax top-{cfg['num_experts_per_tok']} "
-            f"({'renormalised' if cfg.get('norm_topk_prob') else 'not renormalised'}); "
-            f"{cfg['shared_expert_intermediate_size'] + cfg['num_experts'] * cfg['moe_intermediate_size']} FFN "
-            f"neurons per MoE layer, as in tiny-moe-scratch. Dense layer(s) {dense}: a SwiGLU FFN of width "
-            f"{cfg['intermediate_size']}, as wide as the active part of an MoE layer (as in DeepSeekMoE 16B)."
+            f"{shared} behind a sigmoid gate plus {facts.num_experts} routed "
+            f"experts of width {width}, softmax top-{facts.top_k} "
+            f"({'renormalised' if renorm else 'not renormalised'}); "
+            f"{shared + facts.num_experts * width} FFN "
+            f"neurons per MoE layer, as in tiny-moe-scratch. Dense layer(s) {list(facts.dense_layers)}: a SwiGLU FFN of width "
+            f"{facts.dense_intermediate_size}, as wide as the active part of an MoE layer (as in DeepSeekMoE 16B)."
         )
     lines += [
         f"- Parameters: {pc['total']:,} total, {pc['active']:,} active per token "
@@ -224,7 +215,7 @@ def write_card(folder: Path, name: str, info: dict, ev: dict, corpus: dict, prev
         f"- AdamW (betas {tuple(spec['betas'])}, weight decay {spec['weight_decay']} on matrices), peak learning rate "
         f"{spec['lr']}, {spec['warmup_steps']} warm-up steps, cosine decay to {spec['min_lr_ratio']} x peak, "
         f"gradient clipping {spec['grad_clip']}, seed {spec['seed']}, float32"
-        + (f", router aux loss coefficient {cfg['router_aux_loss_coef']}" if moe else "")
+        + (f", router aux loss coefficient {cfg['router_aux_loss_coef']}" if facts.is_moe else "")
         + ".",
         f"- Samples: `<s>` followed by {spec['seq_len'] - 1} tokens from a random offset of the training token stream "
         "(documents joined by `</s>`).",
@@ -261,7 +252,7 @@ def write_card(folder: Path, name: str, info: dict, ev: dict, corpus: dict, prev
         f"Measured on all {ev['heldout_windows']} held-out windows ({ev['heldout_tokens']:,} predicted tokens), "
         "with the stored bfloat16 weights loaded in float32.",
     ]
-    if moe:
+    if facts.is_moe:
         load = np.asarray(ev["expert_load"])
         share = load / load.sum(axis=1, keepdims=True)
         lines += [
