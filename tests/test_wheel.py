@@ -73,17 +73,23 @@ def wheel(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def venv(wheel: Path, repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh virtual environment with ``wheel`` (book extra) installed in it."""
     venv = tmp_path_factory.mktemp("venv")
-    _run([sys.executable, "-m", "venv", str(venv)], cwd=wheel.parent)
+    env = _outside_env()  # with PYTHONPATH at this tree, pip would take the package as installed
+    _run([sys.executable, "-m", "venv", str(venv)], cwd=wheel.parent, env=env)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "-c", str(repo_root / "constraints.txt")]
-    _run([*pip, "torch==2.13.0"], cwd=wheel.parent)
-    _run([*pip, f"{wheel}[book]"], cwd=wheel.parent)
+    _run([*pip, "torch==2.13.0"], cwd=wheel.parent, env=env)
+    _run([*pip, f"{wheel}[book]"], cwd=wheel.parent, env=env)
     return venv
+
+
+def _outside_env() -> dict[str, str]:
+    """This process's environment without what would make this tree or another venv importable."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
 
 
 @pytest.fixture(scope="session")
 def installed(venv: Path) -> dict[str, str]:
     """The environment of a shell of a user of ``venv``: its ``bin`` first on PATH, no PYTHONPATH."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env = _outside_env()
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     env["HF_HUB_OFFLINE"] = "1"
     return env
