@@ -119,7 +119,7 @@ def test_citation_file_cites_this_version_and_the_paper_of_the_bibliography(repo
 
     cff = yaml.safe_load((repo_root / "CITATION.cff").read_text(encoding="utf-8"))
     assert cff["cff-version"] == "1.2.0" and cff["type"] == "software"
-    assert cff["version"] == __version__ and cff["license"] == project["license"]["text"]
+    assert cff["version"] == __version__ and cff["license"] == project["license"]
     assert cff["authors"] and all("name" in a or "family-names" in a for a in cff["authors"])
     (paper,) = [r for r in cff["references"] if "Mixture-of-Experts" in r["title"]]
     bib = (repo_root / "book" / "references.bib").read_text(encoding="utf-8")
