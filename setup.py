@@ -35,8 +35,13 @@ class BuildPyWithBook(build_py):
     """``build_py`` that also copies the book template into the built package."""
 
     def run(self) -> None:
+        editable = getattr(self, "editable_mode", False)
+        if not editable:
+            # build/lib of an earlier build would otherwise keep modules removed since then, and
+            # they would end up in the wheel.
+            shutil.rmtree(Path(self.build_lib) / "moe_utils", ignore_errors=True)
         super().run()
-        if getattr(self, "editable_mode", False):
+        if editable:
             return
         missing = [name for name in NEEDS_VENDOR if not (ROOT / name).is_file()]
         if missing:

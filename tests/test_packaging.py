@@ -110,3 +110,24 @@ def test_make_targets_and_ci(repo_root: Path) -> None:
     assert "torch==2.13.0" in makefile and "-c constraints.txt" in makefile
     ci = (repo_root / ".ci" / "run").read_text(encoding="utf-8")
     assert "set -euo pipefail" in ci and "make test" in ci
+
+
+def test_citation_file_cites_this_version_and_the_paper_of_the_bibliography(repo_root: Path, project) -> None:
+    """CITATION.cff (CFF 1.2; `cffconvert --validate` accepts it) agrees with the package and
+    with the paper as book/references.bib cites it."""
+    from moe_utils import __version__
+
+    cff = yaml.safe_load((repo_root / "CITATION.cff").read_text(encoding="utf-8"))
+    assert cff["cff-version"] == "1.2.0" and cff["type"] == "software"
+    assert cff["version"] == __version__ and cff["license"] == project["license"]
+    assert cff["authors"] and all("name" in a or "family-names" in a for a in cff["authors"])
+    (paper,) = [r for r in cff["references"] if "Mixture-of-Experts" in r["title"]]
+    bib = (repo_root / "book" / "references.bib").read_text(encoding="utf-8")
+    entry = bib[bib.index("@inproceedings{lo2025closer") :].split("\n}", 1)[0]
+    field = dict(re.findall(r"^\s*(\w+)\s*=\s*\{(.*)\},?\s*$", entry, flags=re.M))
+    assert paper["title"] == field["title"] and str(paper["year"]) == field["year"]
+    assert paper["collection-title"] == field["booktitle"]
+    assert f"{paper['start']}--{paper['end']}" == field["pages"]
+    names = [f"{a['family-names']}, {a['given-names']}" for a in paper["authors"]]
+    assert " and ".join(names) == field["author"]
+    assert any(field["eprint"] in i["value"] for i in paper["identifiers"]) and field["eprint"] in paper["url"]

@@ -104,3 +104,38 @@ def test_build_parser_knows_init_and_the_repository_url() -> None:
     assert args.repository_url == "https://example.org/r" and args.branch == "main"
     assert build_parser().parse_args(["build"]).repository_url is None
     assert build_parser().parse_args(["init", "mybook"]).dir == Path("mybook")
+    assert build_parser().parse_args(["init", "mybook"]).repository_url is None
+    init = build_parser().parse_args(["init", "mybook", "--repository-url", "https://example.org/r", "--branch", "b"])
+    assert init.repository_url == "https://example.org/r" and init.branch == "b"
+
+
+@needs_vendor
+def test_init_with_a_repository_url_turns_the_launch_buttons_on(tmp_path: Path, repo_root: Path) -> None:
+    dest = tmp_path / "mybook"
+    assert main(["init", str(dest), "--repository-url", "https://github.com/someone/mybook/", "--branch", "pages"]) == 0
+    text = (dest / "_config.yml").read_text(encoding="utf-8")
+    original = (repo_root / "_config.yml").read_text(encoding="utf-8")
+    expected = bookbuild.launch_config(yaml.safe_load(original), "https://github.com/someone/mybook", branch="pages")
+    assert yaml.safe_load(text) == expected
+    # Edited in place: the template's other lines and comments are kept.
+    changed = set(text.splitlines()) ^ set(original.splitlines())
+    assert len(changed) <= 14 and any("sphinx prefixes" in line.lower() for line in text.splitlines())
+    assert scaffold.OFFLINE_COMMENT not in text
+    # The other files are the template's, as without the option.
+    assert (dest / "notebooks" / "obs2_router_norms.ipynb").read_bytes() == (
+        repo_root / "notebooks" / "obs2_router_norms.ipynb"
+    ).read_bytes()
+
+
+@needs_vendor
+def test_init_refuses_a_repository_url_that_is_not_one(tmp_path: Path, capsys) -> None:
+    assert main(["init", str(tmp_path / "mybook"), "--repository-url", "github.com/someone/mybook"]) == 2
+    assert "https://" in capsys.readouterr().err
+    assert not (tmp_path / "mybook").exists()
+
+
+def test_launch_buttons_of_a_config_laid_out_otherwise_are_set_too() -> None:
+    text = 'title: "t"\nlaunch_buttons: {binderhub_url: "", colab_url: ""}\nrepository: {url: ""}\n'
+    out = scaffold.config_with_launch_buttons(text, "https://example.org/r", branch="dev")
+    assert yaml.safe_load(out) == bookbuild.launch_config(yaml.safe_load(text), "https://example.org/r", branch="dev")
+    assert yaml.safe_load(out)["html"]["use_repository_button"] is True

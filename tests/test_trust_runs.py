@@ -49,6 +49,7 @@ setup_altair()
 warnings.warn("a visible note")
 write_result(results_dir, "obs_fake", model, "fp", {"value": value}, {}, {"v": value})
 print("model:", model, "inputs:", inputs)
+print("results in", Path(results_dir) / "obs_fake.json")
 time.sleep(sleep)
 if fail:
     raise RuntimeError("boom")"""
@@ -130,6 +131,9 @@ def test_failed_run_keeps_previous_notebook_and_results(first_run, capsys) -> No
         if "injected-parameters" in c.metadata.get("tags", [])
     )
     assert 'results_dir = "results"' in injected.source and ".staging" not in injected.source
+    # Outputs name the results file where it is now, not the staging folder it was written in.
+    published = (out / "fake" / "obs_fake.ipynb").read_text(encoding="utf-8")
+    assert "results in results/obs_fake.json" in published and ".staging" not in published
 
 
 @pytest.mark.slow

@@ -3,7 +3,8 @@
 moe-book run [--model ID_OR_DIR] [--dense-baseline ID] [--notebooks NAME ...]
              [--out DIR] [--trust-remote-code] [--allow-pickle] [-p NAME VALUE ...]
 moe-book build [--out DIR] [--build-dir DIR] [--no-strict] [--repository-url URL [--branch B]]
-moe-book init DIR             (a new book folder: pages, notebooks, offline JavaScript)
+moe-book init DIR [--repository-url URL [--branch B]]
+                              (a new book folder: pages, notebooks, offline JavaScript)
 moe-book zoo train ...        (delegates to moe_utils.zoo.train)
 moe-book zoo study ...        (delegates to moe_utils.zoo.study)
 """
@@ -108,6 +109,14 @@ def _add_init(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("dir", type=Path, metavar="DIR", help="the folder to create")
+    p.add_argument(
+        "--repository-url",
+        metavar="URL",
+        help="the repository the book will be pushed to (e.g. https://github.com/OWNER/REPO): its "
+        "_config.yml then has Binder and Colab launch buttons opening the notebooks from there "
+        "(commit the executed notebooks too); without it the site has none",
+    )
+    p.add_argument("--branch", default="main", help="branch of --repository-url (default main)")
 
 
 def _add_zoo(sub: argparse._SubParsersAction) -> None:
@@ -182,7 +191,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
-    written = init_book(args.dir)
+    written = init_book(args.dir, repository_url=args.repository_url, branch=args.branch)
     print(
         f"wrote {len(written)} files to {args.dir}; next:\n"
         f"    cd {args.dir}\n"

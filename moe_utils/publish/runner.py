@@ -562,12 +562,36 @@ def _publish_results(staged: Path, final: Path) -> None:
         os.replace(path, target)
 
 
+def _unstage_outputs(nb: nbformat.NotebookNode, staging: str) -> None:
+    """Outputs that name the staging folder (``wrote .staging-.../results/x.json``) name the final
+    folder instead, where the files are once the run is published."""
+    prefix = f"{staging}/"
+
+    def fix(value: Any) -> Any:
+        if isinstance(value, str):
+            return value.replace(prefix, "")
+        if isinstance(value, list):
+            return [fix(v) for v in value]
+        return value
+
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            for key in ("text", "traceback", "evalue"):
+                if key in out:
+                    out[key] = fix(out[key])
+            for mime, value in out.get("data", {}).items():
+                if mime.startswith("text/"):
+                    out["data"][mime] = fix(value)
+
+
 def _finish_notebook(stage: Stage, output: Path, root: Path | None) -> None:
-    """Read the staged notebook once; show the final parameters, tag its cells for the book,
-    record where it lands and the model's label; write it back."""
+    """Read the staged notebook once; show the final parameters and outputs that name the final
+    results folder, tag its cells for the book, record where it lands and the model's label;
+    write it back."""
     job = stage.job
     nb = nbformat.read(stage.notebook, as_version=4)
     _final_parameters(nb, job.parameters, output)
+    _unstage_outputs(nb, stage.folder.name)
     if job.model is not None:
         nb.metadata.setdefault(METADATA_KEY, {})["model_label"] = model_label(job.model)
     tidy_parameters(nb)
