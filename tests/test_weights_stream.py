@@ -122,3 +122,36 @@ def test_expert_grams_match_full_matrices(family, saved):
         torch.testing.assert_close(
             torch.from_numpy(cos), torch.nn.functional.cosine_similarity(X[:, None], X[None], dim=-1)
         )
+
+
+def test_weight_analyses_hold_one_streamed_layer_at_a_time(saved, monkeypatch):
+    """When the next layer is read from the checkpoint, the previous one has been freed (else a
+    multi-layer run holds two layers: twice the memory the streaming promises)."""
+    import gc
+    import weakref
+
+    from moe_utils.analysis import static
+    from moe_utils.models import weights as W
+
+    folder = saved("mixtral")
+    alive: list[weakref.ref] = []
+    real = W._layer_weights
+
+    def tracked(src, spec, facts, layer, dtype):
+        gc.collect()
+        assert all(r() is None for r in alive), f"a previous layer is still alive when layer {layer} is read"
+        w = real(src, spec, facts, layer, dtype)
+        alive.append(weakref.ref(w.w_up))
+        return w
+
+    monkeypatch.setattr(W, "_layer_weights", tracked)
+    n_layers = len(tiny("mixtral").moe_layers)
+    assert n_layers >= 2
+    report = static.weight_report(folder, reorder_max_pairs=1, workers=1)
+    assert report["gate_correlation"]["layer"].nunique() == n_layers == len(alive)
+    alive.clear()
+    assert static.weight_similarity(folder)["layer"].nunique() == n_layers
+    alive.clear()
+    assert static.gate_correlation(folder)["layer"].nunique() == n_layers
+    alive.clear()
+    assert static.reordering(folder, max_pairs=1, workers=1)["layer"].nunique() == n_layers

@@ -72,7 +72,7 @@ def norms_and_scores(lm: LoadedModel, tr: Trace, chunk_tokens: int = 1024) -> No
         norms[layer] = y.float().norm(dim=-1).cpu().numpy()
         scores[layer] = router_scores(lt).float().cpu().numpy()
         chosen[layer] = lt.routed_index.cpu().numpy()
-        del y
+        del y, w  # an offloaded layer read from the checkpoint is freed before the next
     return NormsScores(norms, scores, chosen, tr.seq_index.cpu().numpy())
 
 
@@ -161,6 +161,7 @@ def activation_ratios(
             dw = dense_mlp_weights(dense_lm, layer, dtype=None)
             rf = M.activation_ratio(dense_intermediates(dw, dense_tr.per_layer[layer].x), threshold=threshold)
             rows.append({"layer": layer, "expert": "F", "ratio": float(rf.overall)})
+        del w  # an offloaded layer read from the checkpoint is freed before the next
     return pd.DataFrame(rows)
 
 

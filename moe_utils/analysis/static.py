@@ -12,9 +12,10 @@ shared expert(s), which only enter comparisons where their shapes allow (neuron 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import combinations
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -36,6 +37,7 @@ from ..metrics.projection import (
 from ..models.weights import DenseMLPWeights, MoELayerWeights, WeightSource, dense_mlp_weights, iter_layer_weights
 from .parallel import run_jobs
 
+T = TypeVar("T")
 MATRICES = ("W_act", "W_up", "W_down")
 _ATTR = {"W_act": "w_act", "W_up": "w_up", "W_down": "w_down"}
 _KIND = {"W_act": "act", "W_up": "up", "W_down": "down"}
@@ -85,7 +87,25 @@ def layer_matrices(
                     raise
                 screen.record(err)
         shared = _matrices(w.shared) if w.shared is not None else None
-        yield LayerMatrices(w.layer, _matrices(w), dense, shared, w.router, w.ids)
+        item = LayerMatrices(w.layer, _matrices(w), dense, shared, w.router, w.ids)
+        del w, dense, shared
+        yield item
+        del item  # before the next layer is read: a streamed layer is freed first
+
+
+def each_layer(
+    source: WeightSource,
+    layers: Sequence[int] | None,
+    dense_baseline: WeightSource | None,
+    fn: Callable[[LayerMatrices], T],
+) -> list[T]:
+    """``[fn(lm) for lm in layer_matrices(...)]``, dropping each layer before the next is read
+    (a comprehension would keep it alive during the read: two streamed layers in memory)."""
+    out = []
+    for lm in layer_matrices(source, layers, dense_baseline):
+        out.append(fn(lm))
+        del lm
+    return out
 
 
 def _pairs_frame(layer: int, matrix: str, level: str, labels: Sequence[str], sim: np.ndarray) -> pd.DataFrame:
@@ -319,6 +339,7 @@ def weight_report(
             pca_m += _pca_rows(lm, "matrix", max_neurons_per_expert, rng_pca, stats)
             pca_n += _pca_rows(lm, "neuron", max_neurons_per_expert, rng_pca, stats, seed=seed)
             reorder += _reorder_rows(lm, reorder_max_pairs, rng_reorder, workers)
+            del lm, stats  # free a streamed layer before the next one is read
             bar.update(1)
     finally:
         bar.close()
@@ -342,7 +363,8 @@ def weight_similarity(
     neuron axis, giving one H-vector per expert, so F and the shared expert always take part.
     """
     return pd.concat(
-        [f for lm in layer_matrices(source, layers, dense_baseline) for f in _similarity_rows(lm)], ignore_index=True
+        [f for frames in each_layer(source, layers, dense_baseline, _similarity_rows) for f in frames],
+        ignore_index=True,
     )
 
 
@@ -359,7 +381,8 @@ def offdiagonal_summary(sim: pd.DataFrame, groups: Sequence[str] = ("layer", "ma
 def gate_correlation(source: WeightSource, layers: Sequence[int] | None = None) -> pd.DataFrame:
     """Per layer and matrix: Pearson r and r^2 between gate-row similarity and neuron-averaged
     expert similarity over the strictly lower triangle (paper Tables 3 and 5). F and SE excluded."""
-    return pd.DataFrame([row for lm in layer_matrices(source, layers) for row in _gate_rows(lm)[0]])
+    rows = each_layer(source, layers, None, lambda lm: _gate_rows(lm)[0])
+    return pd.DataFrame([row for layer_rows in rows for row in layer_rows])
 
 
 def reordering(
@@ -377,11 +400,5 @@ def reordering(
     permutation. ``max_pairs`` samples pairs (seeded) for models with many experts.
     """
     rng = np.random.default_rng(seed)
-    return pd.DataFrame(
-        [
-            row
-            for lm in layer_matrices(source, layers, dense_baseline)
-            for row in _reorder_rows(lm, max_pairs, rng, workers)
-        ],
-        columns=REORDER_COLUMNS,
-    )
+    rows = each_layer(source, layers, dense_baseline, lambda lm: _reorder_rows(lm, max_pairs, rng, workers))
+    return pd.DataFrame([row for layer_rows in rows for row in layer_rows], columns=REORDER_COLUMNS)
