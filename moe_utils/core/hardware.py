@@ -142,7 +142,7 @@ def project(shape: ModelShape, m: Measured) -> list[dict]:
             "cpu_hours": pair * pairs / 3600,
             "cpu_peak_gb": (layer_bytes + m.workers * worker_bytes) / 1e9,
             "gpu_memory_gb": None,
-            "note": f"{pairs} pairs, {pair:.0f} s each, {m.workers} workers of {worker_bytes / 1e9:.1f} GB",
+            "note": f"{pairs} pairs, {pair:.1f} s each, {m.workers} workers of {worker_bytes / 1e9:.1f} GB",
         }
     )
     scale = (shape.experts * h * i) / (e0 * h0 * i0)
