@@ -75,7 +75,7 @@ lint: $(LINT_INSTALLED)
 	@status=0; \
 	$(BIN)/ruff check . || status=1; \
 	$(BIN)/ruff format --check . || status=1; \
-	$(BIN)/pyright --pythonpath $(BIN)/python || status=1; \
+	$(BIN)/pyright --project pyproject.toml --pythonpath $(BIN)/python || status=1; \
 	$(BIN)/nbstripout --keep-id --verify $(NOTEBOOKS) || { echo "notebooks must be stored without outputs: run $(BIN)/nbstripout --keep-id on them" >&2; status=1; }; \
 	exit $$status
 
@@ -86,7 +86,7 @@ test-wheel: setup
 
 # pyright (basic) on the package ([tool.pyright] in pyproject.toml), as `make lint` runs it.
 typecheck: $(LINT_INSTALLED)
-	$(BIN)/pyright --pythonpath $(BIN)/python
+	$(BIN)/pyright --project pyproject.toml --pythonpath $(BIN)/python
 
 wheel: setup
 	$(PIP) install -q -c constraints.txt -e '.[dist]'
