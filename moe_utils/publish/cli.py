@@ -88,13 +88,17 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--root", type=Path, default=Path("."), help="book folder with _config.yml (default .)")
     p.add_argument("--build-dir", type=Path, default=None, help="where _build/html goes (default: the book folder)")
     p.add_argument("--no-strict", dest="strict", action="store_false", help="do not treat Sphinx warnings as errors")
-    p.add_argument(
-        "--repository-url",
-        metavar="URL",
-        help="add Binder and Colab launch buttons opening the notebooks from this repository "
+    _add_launch_buttons(
+        p,
+        "add Binder and Colab launch buttons opening the notebooks from this repository "
         "(e.g. https://github.com/OWNER/REPO; the executed notebooks must be committed "
         "there); without it the site has none",
     )
+
+
+def _add_launch_buttons(p: argparse.ArgumentParser, url_help: str) -> None:
+    """``--repository-url`` (launch buttons, off without it) and ``--branch``."""
+    p.add_argument("--repository-url", metavar="URL", help=url_help)
     p.add_argument("--branch", default="main", help="branch of --repository-url (default main)")
 
 
@@ -109,14 +113,12 @@ def _add_init(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("dir", type=Path, metavar="DIR", help="the folder to create")
-    p.add_argument(
-        "--repository-url",
-        metavar="URL",
-        help="the repository the book will be pushed to (e.g. https://github.com/OWNER/REPO): its "
+    _add_launch_buttons(
+        p,
+        "the repository the book will be pushed to (e.g. https://github.com/OWNER/REPO): its "
         "_config.yml then has Binder and Colab launch buttons opening the notebooks from there "
         "(commit the executed notebooks too); without it the site has none",
     )
-    p.add_argument("--branch", default="main", help="branch of --repository-url (default main)")
 
 
 def _add_zoo(sub: argparse._SubParsersAction) -> None:
