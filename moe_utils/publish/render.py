@@ -146,11 +146,14 @@ def vega_bundle_source() -> str:
 
     wanted = _vegalite_minor(alt.SCHEMA_VERSION)
     version = wanted if wanted in vl_convert.get_vegalite_versions() else None
-    bundle = vl_convert.javascript_bundle(vl_version=version)  # pyright: ignore[reportCallIssue]  # the stub makes snippet required; at runtime it defaults to None (the default snippet)
+    # vl-convert's stub is stricter than the module: `snippet` defaults to None at runtime (the
+    # whole bundle), and `__version__` exists though the stub leaves it out.
+    bundle = vl_convert.javascript_bundle(vl_version=version)  # pyright: ignore[reportCallIssue]
+    release = vl_convert.__version__  # pyright: ignore[reportAttributeAccessIssue]
     return (
         f"/* vega {vl_convert.get_vega_version()}, vega-embed {vl_convert.get_vega_embed_version()},"
         f" vega-lite {version or 'latest'}; from vl-convert-python"
-        f" {vl_convert.__version__} */\n(function () {{\n{bundle}\n}})();\n"  # pyright: ignore[reportAttributeAccessIssue]  # the stub omits the module's __version__
+        f" {release} */\n(function () {{\n{bundle}\n}})();\n"
     )
 
 
