@@ -10,24 +10,16 @@ setups), or with one worker, the jobs run in this process. Results come back in 
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any
 
+from ..core.cpus import cpu_cores
 from ..core.progress import progress
 
 _JOB: tuple[Callable[[Any], Any], Sequence[Any]] | None = None
-
-
-def cpu_cores() -> int:
-    """Cores this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def available_memory() -> int | None:

@@ -8,23 +8,19 @@ The ranges depend only on their number, so a result is reproducible for a given 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from itertools import pairwise
 from typing import TypeVar
+
+from ..core.cpus import cpu_cores
 
 T = TypeVar("T")
 
 
 def pass_threads(threads: int | None = None) -> int:
     """Threads for a pass: ``threads``, or the cores this process may run on."""
-    if threads is not None:
-        return max(1, int(threads))
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+    return max(1, int(threads)) if threads is not None else cpu_cores()
 
 
 def split_range(total: int, parts: int, step: int = 1) -> list[tuple[int, int]]:
