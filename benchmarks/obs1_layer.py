@@ -92,7 +92,8 @@ def _reorder_child(folder: str, pairs: int, workers: int | None) -> None:
     linear_sum_assignment(cost)
     t_lsa = time.perf_counter() - t0 - t_cos
     del w, a, b, cost
-    shape = (int(study.lm.config["intermediate_size"]), int(study.lm.config["hidden_size"]))
+    facts = study.lm.facts
+    shape = (int(facts.expert_intermediate_size or 0), facts.hidden_size)
     n_workers = workers or default_workers(8 * shape[0] ** 2 + 16 * shape[0] * shape[1])
     t0 = time.perf_counter()
     rows = static.reordering(study.weights_source, study.layers, max_pairs=pairs, seed=0, workers=n_workers)
