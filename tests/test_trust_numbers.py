@@ -398,3 +398,17 @@ def test_finite_check_fast_path_is_exact():
     t = torch.randn(5)
     t[0], t[1] = float("inf"), float("-inf")  # opposite infinities: NaN sum
     assert not is_finite(t)
+
+
+def test_finite_check_of_a_gapped_view_finds_the_bad_entry():
+    """Experts mapped from a file are a view with gaps between them (checked slice by slice)."""
+    from moe_utils.core.finite import is_finite
+
+    base = torch.randn(4, 3, 6, 5)
+    view = base[:, 1]  # [4, 6, 5], not contiguous, each expert contiguous
+    assert not view.is_contiguous() and is_finite(view)
+    base[2, 1, 4, 3] = float("nan")
+    assert not is_finite(view)
+    base[2, 1, 4, 3] = 0.0
+    base[2, 0, 4, 3] = float("inf")  # outside the view
+    assert is_finite(view)

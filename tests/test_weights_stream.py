@@ -155,3 +155,44 @@ def test_weight_analyses_hold_one_streamed_layer_at_a_time(saved, monkeypatch):
     assert static.gate_correlation(folder)["layer"].nunique() == n_layers
     alive.clear()
     assert static.reordering(folder, max_pairs=1, workers=1)["layer"].nunique() == n_layers
+
+
+def test_per_expert_tensors_stack_as_one_copy_on_write_view_of_the_file(saved):
+    """Experts stored one after the other come back as one strided view of the mapped file,
+    equal to reading each tensor; writing to it changes neither the file nor a later read."""
+    from moe_utils.models.checkpoint import CheckpointReader
+
+    folder = saved("mixtral")
+    layer = tiny("mixtral").moe_layers[0]
+    w = layer_weights(folder, layer, dtype=None)
+    names = [f"model.layers.{layer}.block_sparse_moe.experts.{e}.w1.weight" for e in range(w.num_experts)]
+    reader = CheckpointReader(folder)
+    stack = reader.mapped_stack(names)
+    assert stack is not None
+    each = torch.stack([reader.read(n) for n in names])
+    assert torch.equal(stack, each)
+    assert stack.stride(0) > stack[0].numel()  # a view with the other matrices in between, no copy
+    before = float(stack[1, 0, 0])
+    stack[1, 0, 0] = before + 1.0
+    assert float(CheckpointReader(folder).read(names[1])[0, 0]) == before
+    assert torch.equal(w.w_act, each)  # Mixtral's w1 is the gate projection
+
+
+def test_experts_out_of_order_on_disk_are_copied_into_a_stack(tmp_path):
+    """Twelve experts sort as 0, 1, 10, 11, 2, ... in a safetensors file: not equally spaced in
+    expert order, so no view is made and the stack is an ordinary copy, still in expert order."""
+    from safetensors.torch import save_file
+
+    from moe_utils.models.checkpoint import CheckpointReader
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"experts.{e}.w1.weight": torch.randn(3, 5, generator=g) for e in range(12)}
+    tensors.update({f"experts.{e}.w2.weight": torch.randn(5, 3, generator=g) for e in range(12)})
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    reader = CheckpointReader(tmp_path)
+    names = [f"experts.{e}.w1.weight" for e in range(12)]
+    assert reader.mapped_stack(names) is None
+    assert reader.mapped_stack(names[:2]) is not None  # 0 and 1 are neighbours
+    assert reader.mapped_stack(names + ["experts.99.w1.weight"]) is None  # a missing tensor
+    for n in names:
+        assert torch.equal(reader.mapped(n), tensors[n])

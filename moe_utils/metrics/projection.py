@@ -138,9 +138,20 @@ class FlattenedPass:
     sketch: SketchStart | None  # the randomized PCA's first pass over all their neurons
 
 
-def sketch_width(n: int, d: int, k: int, oversample: int = 10) -> int:
-    """Columns ``l`` of the randomized PCA's sketch of ``n`` neurons of ``d`` features."""
-    return int(min(k + max(0, oversample), n, d))
+#: Default oversampling of the randomized PCA (Halko, Martinsson and Tropp suggest 5 to 10).
+OVERSAMPLE = 5
+#: The sketch's columns are rounded up to a multiple of this: the thin products run in SIMD
+#: panels of 8 float32 columns, so 8 columns cost half of 12 and 16 cost what 12 do (measured here).
+SKETCH_COLUMNS_MULTIPLE = 8
+
+
+def sketch_width(n: int, d: int, k: int, oversample: int = OVERSAMPLE) -> int:
+    """Columns ``l`` of the randomized PCA's sketch of ``n`` neurons of ``d`` features: at least
+    ``k + oversample``, rounded up to a multiple of :data:`SKETCH_COLUMNS_MULTIPLE`, at most
+    ``min(n, d)``."""
+    want = int(k) + max(0, int(oversample))
+    want = -(-want // SKETCH_COLUMNS_MULTIPLE) * SKETCH_COLUMNS_MULTIPLE
+    return int(min(want, n, d))
 
 
 def sketch_matrix(d: int, ell: int, seed: int = 0) -> np.ndarray:
@@ -199,6 +210,7 @@ def flattened_pass(
     step = block_size(width, n, block_elements)
     work = np.float64 if wide else np.float32
     om = np.zeros((width, 0), dtype=work) if omega is None else omega.astype(work)
+    om_t = np.ascontiguousarray(om.T)
     ell = int(om.shape[1])
     sketch = None
     if omega is not None:
@@ -206,42 +218,54 @@ def flattened_pass(
 
     def part(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         buf = torch.empty((n, step * width), dtype=torch.float64 if wide else torch.float32)
+        bn = buf.numpy()
         raw, std, sums, s2 = np.zeros((n, n)), np.zeros((n, n)), np.zeros((n, width)), np.zeros(width)
         xty = np.zeros((width, ell))
-        y1 = np.ones((step, ell + 1), dtype=work)  # the sketch's rows and a column of ones
+        mean_buf, ss_buf = np.empty(step * width, dtype=work), np.empty(step * width, dtype=work)
+        dof = max(n - 1, 1)  # sample std (ddof=1), as standardize()
         for a in range(lo, hi, step):
             b = min(hi, a + step)
-            c = buf[:, : (b - a) * width]
+            k = b - a
+            c = buf[:, : k * width]
             for i, t in enumerate(tens):  # the stored layout: contiguous runs, no transpose
                 if axis == 0:
-                    c[i].view(b - a, width).copy_(t[a:b])
+                    c[i].view(k, width).copy_(t[a:b])
                 else:
-                    c[i].view(width, b - a).copy_(t[:, a:b])
-            cn = c.numpy()
+                    c[i].view(width, k).copy_(t[:, a:b])
+            cn = bn[:, : k * width]
             raw += cn @ cn.T
-            for i in range(n):  # neuron rows of item i (a view)
-                x = cn[i].reshape(b - a, width) if axis == 0 else cn[i].reshape(width, b - a).T
+            if axis == 0:  # item i's neurons are the rows of cn[i] as [k, width]
+                sums += cn.reshape(n, k, width).sum(axis=1)
                 if sketch is not None:
-                    s2 += np.einsum("ij,ij->j", x, x)
-                    y1[: b - a, :-1] = x @ om
-                    sketch.y[i * total + a : i * total + b] = y1[: b - a, :-1]  # rows of this range only
-                    prod = x.T @ y1[: b - a]  # X^T Y and, from the column of ones, the neuron sums
-                    xty += prod[:, :-1]
-                    sums[i] += prod[:, -1]
-                else:
-                    sums[i] += x.sum(axis=0)
-            # per-position mean and spread over the n items, row by row (reductions across the
-            # short item axis are slow in torch)
-            mean = c[0].clone()
-            for i in range(1, n):
-                mean += c[i]
-            c -= mean.div_(n)
+                    rows = cn.reshape(n * k, width)
+                    y = rows @ om  # every item's neurons in one product
+                    xty += rows.T @ y
+                    for i in range(n):
+                        sketch.y[i * total + a : i * total + b] = y[i * k : (i + 1) * k]
+            else:  # the columns of cn[i] as [width, k]
+                cols = cn.reshape(n, width, k)
+                sums += cols.sum(axis=2)
+                if sketch is not None:
+                    yt = np.matmul(om_t, cols)  # [n, ell, k]: Y^T of each item's neurons
+                    xty += np.matmul(cols, yt.transpose(0, 2, 1)).sum(axis=0)
+                    for i in range(n):
+                        sketch.y[i * total + a : i * total + b] = yt[i].T
+            # per-position mean and spread over the n items, centred in place (the raw products
+            # above are done with the block)
+            mean, ss = mean_buf[: k * width], ss_buf[: k * width]
+            np.sum(cn, axis=0, out=mean)
+            mean /= n
+            np.subtract(cn, mean, out=cn)
+            if standardize or sketch is not None:
+                np.einsum("ij,ij->j", cn, cn, out=ss)
+            if sketch is not None:  # sum of squares of the raw values: centred ones + n mean^2
+                raw_ss = ss + n * mean * mean
+                s2 += raw_ss.reshape(k, width).sum(axis=0) if axis == 0 else raw_ss.reshape(width, k).sum(axis=1)
             if standardize:
-                ss = torch.zeros_like(mean)
-                for i in range(n):
-                    ss.addcmul_(c[i], c[i])
-                dof = max(n - 1, 1)  # sample std (ddof=1), as standardize()
-                c *= ss.masked_fill_(ss == 0, dof).div_(dof).rsqrt_()  # constant positions: scale 1
+                ss[ss == 0] = dof  # constant positions: scale 1
+                ss /= dof
+                np.sqrt(ss, out=ss)
+                np.divide(cn, ss, out=cn)
             std += cn @ cn.T
         return raw, std, sums, s2, xty
 
@@ -264,7 +288,7 @@ def randomized_neuron_pca(
     sources: Sequence[tuple[ArrayLike, int]],
     k: int = 2,
     standardize: bool = True,
-    oversample: int = 10,
+    oversample: int = OVERSAMPLE,
     power_iterations: int = 1,
     seed: int = 0,
     block_elements: int = BLOCK_ELEMENTS,

@@ -107,9 +107,15 @@ class FolderSource:
         return self.reader.has(name)
 
     def get(self, name: str) -> Tensor:
-        """A private copy read with plain file reads: the file is never mapped, so a layer held
-        in memory costs its own bytes once (not once more for mapped pages)."""
-        return self.reader.read(name)
+        """The tensor on a private memory map of its own bytes, read as it is used and unmapped
+        when freed (:meth:`~moe_utils.models.checkpoint.CheckpointReader.mapped`): a layer held
+        in memory costs its bytes once, and no time goes into copying it into fresh memory."""
+        return self.reader.mapped(name)
+
+    def stacked(self, names: list[str]) -> Tensor | None:
+        """The tensors ``names`` stacked as one view of the file when it stores them at equal
+        distances; None when they must be copied."""
+        return self.reader.mapped_stack(names)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.reader.shape(name)
@@ -228,8 +234,8 @@ def spec_kind(src: TensorSource) -> str:
 
 
 def _convert(t: Tensor, dtype, on_disk: bool) -> Tensor:
-    """``t`` in ``dtype`` (``None``: as stored). Streamed tensors are already private copies, and a
-    loaded model's tensors are returned as they are when no conversion is asked for."""
+    """``t`` in ``dtype`` (``None``: as stored). Streamed tensors are private (copy-on-write) maps,
+    and a loaded model's tensors are returned as they are when no conversion is asked for."""
     return t if dtype is None or t.dtype == dtype else t.to(dtype=dtype)
 
 
@@ -248,16 +254,21 @@ def _experts(
     if ex.layout == "per_expert":
 
         def stack(template: str) -> Tensor:
+            names = [tensor_name(fmt, layer, template.format(e=e)) for e in range(num_experts)]
+            view = src.stacked(names) if isinstance(src, FolderSource) else None
+            if view is not None:
+                if dtype is None or view.dtype == dtype:
+                    return view
+                converted = torch.empty(view.shape, dtype=dtype)
+                for e in range(num_experts):  # expert by expert: torch converts a gapped view slowly
+                    converted[e].copy_(view[e])
+                return converted
             first = _need(src, fmt, layer, template.format(e=0), dtype)
             out = torch.empty((num_experts, *first.shape), dtype=first.dtype, device=first.device)
             out[0] = first
             del first
             for e in range(1, num_experts):
-                name = tensor_name(fmt, layer, template.format(e=e))
-                if isinstance(src, FolderSource) and src.has(name) and src.reader.files.kind == "safetensors":
-                    src.reader.read_into(name, out[e])  # straight into its slot, no second copy
-                else:
-                    out[e] = _need(src, fmt, layer, template.format(e=e), dtype)
+                out[e] = _need(src, fmt, layer, template.format(e=e), dtype)
             return out
 
         if ex.up is None:
