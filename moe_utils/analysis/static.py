@@ -1,8 +1,8 @@
 """Weight-only analyses (observation 1 and the weight half of observation 3).
 
 They read one MoE layer's canonical weights at a time, in the stored dtype (from a loaded model
-without copying, or streamed from safetensors without building the model: one private copy of
-the layer, never a float32 one), and return tidy DataFrames. Every metric walks the matrices in
+without copying, or streamed from safetensors without building the model: a private memory map
+of the layer's bytes, never a float32 copy), and return tidy DataFrames. Every metric walks the matrices in
 bounded float32 blocks (:mod:`moe_utils.metrics.blocks`), so the working memory on top of the
 layer is a few hundred MB at Mixtral width, and each matrix is read once for the matrix-level
 similarity, the matrix-level PCA and the neuron averages together. Expert labels are the
@@ -25,7 +25,7 @@ from .. import metrics as M
 from ..core.errors import NonFiniteError
 from ..core.finite import unwrap
 from ..core.progress import progress
-from ..metrics.neurons import resolve_neuron_axis
+from ..metrics.neurons import COSINE_BLOCK_ELEMENTS, resolve_neuron_axis
 from ..metrics.projection import (
     SketchStart,
     flattened_pass,
@@ -230,7 +230,8 @@ def _reorder_rows(
         return []
     shape = tuple(next(iter(lm.experts.values())).shape[1:])
     n_neurons, width = max(shape), min(shape)
-    job_bytes = 8 * n_neurons**2 + 16 * n_neurons * width  # cost matrix + two float32 copies
+    # the cost matrix, two float32 copies of the pair and one block's float32 product
+    job_bytes = 8 * n_neurons**2 + 16 * n_neurons * width + 4 * COSINE_BLOCK_ELEMENTS
 
     def reorder(job: tuple[str, str, str]) -> M.ReorderResult:
         m, a, b = job

@@ -301,8 +301,8 @@ def randomized_neuron_pca(
     The standardised data ``Z = (X - 1 mu^T) D`` (``n`` neurons x ``d`` features, ``D`` the
     inverse standard deviations) is never formed: every pass walks float32 neuron blocks of
     ``X`` (:class:`~moe_utils.metrics.blocks.BlockReader`: the stored layout, one reused buffer,
-    no copy at all for float32 inputs) and multiplies them by thin ``d x l`` factors (``l = k +
-    oversample``), the centring and scaling being applied to the thin factors instead.
+    no copy at all for float32 inputs) and multiplies them by thin ``d x l`` factors (``l``:
+    :func:`sketch_width`, 8 for two components), the centring and scaling being applied to the thin factors instead.
 
     The algorithm is Halko, Martinsson and Tropp's range finder with ``q = power_iterations``
     power iterations, arranged so that it needs ``q + 1`` passes over the weights instead of
