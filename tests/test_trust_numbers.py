@@ -412,3 +412,26 @@ def test_finite_check_of_a_gapped_view_finds_the_bad_entry():
     base[2, 1, 4, 3] = 0.0
     base[2, 0, 4, 3] = float("inf")  # outside the view
     assert is_finite(view)
+
+
+def test_weight_report_screens_the_expert_matrices_in_its_own_first_pass(tmp_path, monkeypatch):
+    """A finite layer's expert matrices are not read once more just to check them; a NaN found
+    by the first pass gives the same tables as checking every expert before the analysis."""
+    from moe_utils.models import weights as W
+
+    t = mixtral_tensors()
+    t[expert_key(1, 3, "w2")][2, 1] = float("nan")
+    folder = write_mixtral(tmp_path / "ckpt", t)
+    checked = []
+    real = W.is_finite
+    monkeypatch.setattr(W, "is_finite", lambda x: checked.append(tuple(x.shape)) or real(x))
+    report = static.weight_report(ScreenedSource(folder), layers=[0, 1])
+    stacks = [s for s in checked if len(s) == 3]
+    assert len(stacks) == 3  # only layer 1's, after its first pass found the NaN
+    eager = static.weight_similarity(ScreenedSource(folder), layers=[0, 1])
+    sim = report["similarity"]
+    assert "3" not in set(sim[sim.layer == 1].expert_i)
+    pd.testing.assert_frame_equal(sim.reset_index(drop=True), eager.reset_index(drop=True))
+    with pytest.raises(NonFiniteError) as err:
+        static.weight_report(folder, layers=[1])
+    assert (err.value.layer, err.value.expert, err.value.tensor) == (1, 3, "W_down")

@@ -34,7 +34,15 @@ from ..metrics.projection import (
     sketch_matrix,
     sketch_width,
 )
-from ..models.weights import DenseMLPWeights, MoELayerWeights, WeightSource, dense_mlp_weights, iter_layer_weights
+from ..models.weights import (
+    EXPERT_MATRICES,
+    DenseMLPWeights,
+    MoELayerWeights,
+    WeightSource,
+    dense_mlp_weights,
+    iter_layer_weights,
+    screen_layer,
+)
 from .parallel import run_jobs
 
 T = TypeVar("T")
@@ -53,6 +61,9 @@ class LayerMatrices:
     shared: dict[str, torch.Tensor] | None  # matrix name -> shared expert matrix
     router: torch.Tensor  # [E, H]
     ids: list[int] | None = None  # original expert indices (some may have been excluded)
+    # when the expert matrices' finiteness check was deferred: the layer screened in full
+    # (raises NonFiniteError, or leaves the offending experts out and records them)
+    rescreen: Callable[[], LayerMatrices] | None = None
 
     @property
     def num_experts(self) -> int:
@@ -69,14 +80,21 @@ def _matrices(w: MoELayerWeights | DenseMLPWeights) -> dict[str, torch.Tensor]:
 
 
 def layer_matrices(
-    source: WeightSource, layers: Sequence[int] | None = None, dense_baseline: WeightSource | None = None
+    source: WeightSource,
+    layers: Sequence[int] | None = None,
+    dense_baseline: WeightSource | None = None,
+    defer_screen: bool = False,
 ) -> Iterable[LayerMatrices]:
     """Yield each analysed MoE layer's matrices (stored dtype), one layer in memory at a time.
 
     Non-finite weights raise, unless the sources are ``ScreenedSource``s: excluded experts (and an
-    invalid F) are then left out and recorded on the screen.
+    invalid F) are then left out and recorded on the screen. With ``defer_screen`` the expert
+    matrices are not checked on reading (a separate read of the whole layer); the caller's first
+    pass must show them finite, else call ``rescreen()`` before using any result.
     """
-    for w in iter_layer_weights(source, layers=layers, dtype=None):
+    deferred = EXPERT_MATRICES if defer_screen else frozenset()
+    layer_screen = unwrap(source)[1]
+    for w in iter_layer_weights(source, layers=layers, dtype=None, deferred=deferred):
         dense = None
         if dense_baseline is not None:
             try:
@@ -87,8 +105,16 @@ def layer_matrices(
                     raise
                 screen.record(err)
         shared = _matrices(w.shared) if w.shared is not None else None
-        item = LayerMatrices(w.layer, _matrices(w), dense, shared, w.router, w.ids)
-        del w, dense, shared
+        rescreen = None
+        if deferred:
+
+            def rescreen(w: MoELayerWeights = w, dense: dict | None = dense) -> LayerMatrices:
+                full = screen_layer(w, layer_screen)
+                sh = _matrices(full.shared) if full.shared is not None else None
+                return LayerMatrices(full.layer, _matrices(full), dense, sh, full.router, full.ids)
+
+        item = LayerMatrices(w.layer, _matrices(w), dense, shared, w.router, w.ids, rescreen)
+        del w, dense, shared, rescreen
         yield item
         del item  # before the next layer is read: a streamed layer is freed first
 
@@ -168,6 +194,12 @@ def matrix_stats(lm: LayerMatrices, m: str, seed: int = 0) -> MatrixStats:
             )
     labels = lm.labels + (["F"] if f is not None else [])
     return MatrixStats(labels, res.gram, res.std_gram, res.neuron_sums[: lm.num_experts] / count, extra, res.sketch)
+
+
+def _finite_stats(stats: dict[str, MatrixStats]) -> bool:
+    """Whether every item's squared norm is finite: false as soon as one weight is NaN or
+    infinite (or, for absurdly large weights, a float32 square overflowed)."""
+    return all(bool(np.isfinite(np.diag(st.gram)).all()) for st in stats.values())
 
 
 def _layer_stats(lm: LayerMatrices, seed: int = 0) -> dict[str, MatrixStats]:
@@ -330,9 +362,14 @@ def weight_report(
     sim, corr, points, reorder, pca_m, pca_n = [], [], [], [], [], []
     bar = progress(total=len(layers) if layers is not None else None, desc="weights", unit="layer")
     try:
-        for lm in layer_matrices(source, layers, dense_baseline):
+        for lm in layer_matrices(source, layers, dense_baseline, defer_screen=True):
             bar.set_description_str(f"weights: layer {lm.layer}")
             stats = _layer_stats(lm, seed)
+            if lm.rescreen is not None and not _finite_stats(stats):
+                # a NaN or infinity anywhere shows in the squared norms; screen exactly, then
+                # recompute without the excluded experts (or raise, naming the first one)
+                lm = lm.rescreen()
+                stats = _layer_stats(lm, seed)
             sim += _similarity_rows(lm, stats)
             c, p = _gate_rows(lm, stats)
             corr += c

@@ -419,13 +419,19 @@ _PER_EXPERT = (
 )
 
 
-def nonfinite_experts(w: MoELayerWeights) -> list[NonFiniteError]:
-    """One error per (expert, tensor) of ``w`` holding NaN or infinity; the shared expert is "SE"."""
+#: The expert matrices: a caller whose own first pass over them shows whether they are finite
+#: can defer their check (``screen_layer(..., deferred=EXPERT_MATRICES)``).
+EXPERT_MATRICES = frozenset({"w_act", "w_up", "w_down"})
+
+
+def nonfinite_experts(w: MoELayerWeights, skip: frozenset[str] = frozenset()) -> list[NonFiniteError]:
+    """One error per (expert, tensor) of ``w`` holding NaN or infinity; the shared expert is "SE".
+    Attributes named in ``skip`` are not checked."""
     found = []
     ids = w.ids
     for name, attr in _PER_EXPERT:
         t = getattr(w, attr)
-        if t is None or is_finite(t):  # one pass over the tensor in the common case
+        if t is None or attr in skip or is_finite(t):  # one pass over the tensor in the common case
             continue
         for e in range(w.num_experts):
             if not is_finite(t[e]):
@@ -456,9 +462,14 @@ def without_experts(w: MoELayerWeights, drop: set[int]) -> MoELayerWeights:
     return out
 
 
-def screen_layer(w: MoELayerWeights, screen: ScreenedSource | None) -> MoELayerWeights:
-    """Raise on non-finite weights, or (with a screen) exclude and record the offending experts."""
-    found = nonfinite_experts(w)
+def screen_layer(
+    w: MoELayerWeights, screen: ScreenedSource | None, deferred: frozenset[str] = frozenset()
+) -> MoELayerWeights:
+    """Raise on non-finite weights, or (with a screen) exclude and record the offending experts.
+
+    ``deferred`` tensors are left unchecked: the caller's own pass over them must show that they
+    are finite, or call ``screen_layer(w, screen)`` again in full before using any result."""
+    found = nonfinite_experts(w, deferred)
     if not found:
         return w
     if screen is None:
@@ -523,16 +534,18 @@ def iter_layer_weights(
     layers: Iterable[int] | None = None,
     dtype: torch.dtype | None = torch.float32,
     allow_pickle: bool = False,
+    deferred: frozenset[str] = frozenset(),
 ) -> Iterator[MoELayerWeights]:
     """Yield MoE layers one at a time (default: all MoE layers), releasing file maps in between.
-    Non-finite weights are handled as in :func:`layer_weights`."""
+    Non-finite weights are handled as in :func:`layer_weights`, except the ``deferred`` tensors,
+    which the caller screens itself (:func:`screen_layer`)."""
     source, screen = unwrap(source)
     src, spec, facts = open_source(source, allow_pickle)
     require_moe(spec, "reading expert weights")
     chosen = list(facts.moe_layers) if layers is None else list(layers)
     for layer in chosen:
         try:
-            yield screen_layer(_layer_weights(src, spec, facts, layer, dtype), screen)
+            yield screen_layer(_layer_weights(src, spec, facts, layer, dtype), screen, deferred)
         finally:
             if isinstance(src, FolderSource):
                 src.release()
