@@ -217,6 +217,10 @@ def flattened_pass(
         sketch = SketchStart(np.zeros(width), np.zeros(width), np.empty((n * total, ell)), np.zeros((width, ell)))
 
     def part(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        with np.errstate(invalid="ignore", over="ignore"):  # a NaN or infinity shows in the results
+            return _part(lo, hi)
+
+    def _part(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         buf = torch.empty((n, step * width), dtype=torch.float64 if wide else torch.float32)
         bn = buf.numpy()
         raw, std, sums, s2 = np.zeros((n, n)), np.zeros((n, n)), np.zeros((n, width)), np.zeros(width)
