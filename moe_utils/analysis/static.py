@@ -105,13 +105,16 @@ def layer_matrices(
                     raise
                 screen.record(err)
         shared = _matrices(w.shared) if w.shared is not None else None
-        rescreen = None
+        rescreen: Callable[[], LayerMatrices] | None = None
         if deferred:
 
-            def rescreen(w: MoELayerWeights = w, dense: dict | None = dense) -> LayerMatrices:
+            def screened(w: MoELayerWeights = w, dense: dict | None = dense) -> LayerMatrices:
                 full = screen_layer(w, layer_screen)
                 sh = _matrices(full.shared) if full.shared is not None else None
                 return LayerMatrices(full.layer, _matrices(full), dense, sh, full.router, full.ids)
+
+            rescreen = screened
+            del screened  # only the LayerMatrices may keep the layer alive
 
         item = LayerMatrices(w.layer, _matrices(w), dense, shared, w.router, w.ids, rescreen)
         del w, dense, shared, rescreen
