@@ -277,7 +277,7 @@ class CheckpointReader:
         starts = [e["data_offsets"][0] for e in entries]
         size = entries[0]["data_offsets"][1] - starts[0]
         gap = starts[1] - starts[0] if len(starts) > 1 else size
-        item = torch.empty((), dtype=dtype).element_size()
+        item = dtype.itemsize
         regular = all(b - a == gap for a, b in pairwise(starts))
         if not regular or gap < size or gap % item:
             return None
@@ -398,7 +398,7 @@ def _map_strided(
         mm = mmap.mmap(f.fileno(), lead + nbytes, access=mmap.ACCESS_COPY, offset=start - lead)
     if hasattr(mmap, "MADV_WILLNEED"):
         mm.madvise(mmap.MADV_WILLNEED)
-    item = torch.empty((), dtype=dtype).element_size()
+    item = dtype.itemsize
     flat = torch.frombuffer(mm, dtype=dtype, count=nbytes // item, offset=lead)
     if first_stride is None:
         return flat.view(shape)
