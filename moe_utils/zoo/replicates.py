@@ -31,6 +31,8 @@ class Replicate:
     kind: str  # dense | upcycled | scratch | fine | placement
     seed_index: int
     spec: TrainSpec
+    layers: int | None = None  # decoder layers when not the organisms' 8 (the ladder's depth axis)
+    ladder: str | None = None  # "depth" or "length" for the ladder's replicates
     parent: str | None = None  # the replicate whose final weights this one starts from (upcycling)
     dense_layer: int | None = None  # placement kind: index of the one dense FFN layer (None: all MoE)
     snapshots: tuple[int, ...] = ()  # steps at which emergence snapshots are saved
@@ -54,15 +56,23 @@ class Replicate:
 
     def build(self) -> Callable:
         """The architecture builder of this kind (called with a seed)."""
+        depth = {} if self.layers is None else {"num_hidden_layers": self.layers}
         if self.kind == "dense":
-            return train.build_dense
+            return lambda seed: train.build_dense(seed, **depth)
         if self.kind == "scratch":
-            return train.build_moe
+            return lambda seed: train.build_moe(seed, **depth)
         if self.kind == "fine":
-            return train.build_fine
+            return lambda seed: train.build_fine(seed, **depth)
         if self.kind == "placement":
             return lambda seed: train.build_placement(seed, self.dense_layer)
         raise ValueError(f"{self.kind} replicates are built from their parent, not from scratch")
+
+
+# The ladder (pre-registered in book/preregistration.md): depth at a fixed recipe and token budget,
+# and training length (4x the organisms' budget) with snapshots on a doubling grid.
+LADDER_DEPTHS = (4, 16)
+LADDER_LENGTH_FACTOR = 4
+LADDER_LENGTH_SNAPSHOTS = (300, 600, 1200, 2400, 4800)
 
 
 def _snapshot_steps(steps: int) -> tuple[int, ...]:
@@ -110,6 +120,7 @@ def _build_registry() -> dict[str, Replicate]:
             snapshots=_snapshot_steps(fine.steps) if r == 0 else (),
             shipped_as="tiny-moe-fine" if shipped else None,
         )
+    _add_ladder(reg)
     place_spec = TrainSpec(steps=configs.PLACEMENT_STEPS, lr=2e-3, warmup_steps=40, seed=5)
     for pos in PLACEMENT_POSITIONS:
         tag = "all-moe" if pos is None else f"dense{pos}"
@@ -117,6 +128,33 @@ def _build_registry() -> dict[str, Replicate]:
             name = f"place-{tag}-s{r}"
             reg[name] = Replicate(name, "placement", r, _seeded(place_spec, r), dense_layer=pos)
     return reg
+
+
+def _add_ladder(reg: dict[str, Replicate]) -> None:
+    """The depth and training-length rungs; seeds and recipes are those of the 8-layer replicates."""
+    from dataclasses import replace
+
+    for depth in LADDER_DEPTHS:
+        for r in REPLICATE_SEEDS:
+            name = f"scratch-L{depth}-s{r}"
+            reg[name] = replace(reg[f"scratch-s{r}"], name=name, layers=depth, ladder="depth", shipped_as=None)
+    reg["fine-L16-s0"] = replace(reg["fine-s0"], name="fine-L16-s0", layers=16, ladder="depth", snapshots=(), shipped_as=None)
+    for r in (0, 1):
+        base = reg[f"scratch-s{r}"]
+        steps = base.spec.steps * LADDER_LENGTH_FACTOR
+        name = f"scratch-long-s{r}"
+        reg[name] = replace(
+            base, name=name, spec=replace(base.spec, steps=steps), ladder="length",
+            snapshots=LADDER_LENGTH_SNAPSHOTS, shipped_as=None,
+        )
+        up = reg[f"upcycled-s{r}"]
+        # upcycled = dense T/2 + continued; 4x the budget continues for 4T - T/2 steps
+        cont = configs.TOTAL_STEPS * LADDER_LENGTH_FACTOR - configs.TOTAL_STEPS // 2
+        name = f"upcycled-long-s{r}"
+        snaps = tuple(s for s in LADDER_LENGTH_SNAPSHOTS if s < cont) + (cont,)
+        reg[name] = replace(
+            up, name=name, spec=replace(up.spec, steps=cont), ladder="length", snapshots=(0, *snaps), shipped_as=None
+        )
 
 
 REPLICATES: dict[str, Replicate] = _build_registry()
