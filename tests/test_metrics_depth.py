@@ -65,3 +65,27 @@ def test_last_layer_outlier_sequence_and_edge_cases():
     assert math.isnan(single.z) and math.isnan(single.delta_previous)
     with pytest.raises(ValueError):
         last_layer_outlier([0.1, 0.2], layers=[0])
+
+
+@pytest.mark.parametrize(
+    "values",
+    [[float("nan")] * 4, [float("nan"), math.inf, -math.inf, float("nan")], {}, []],
+    ids=["all-nan", "nan-and-inf", "empty-mapping", "empty-sequence"],
+)
+def test_last_layer_outlier_without_a_finite_value_is_undefined(values):
+    res = last_layer_outlier(values)
+    numbers = (res.last_value, res.preceding_mean, res.preceding_std, res.z, res.delta_previous, res.trend_rho)
+    assert all(math.isnan(x) for x in (*numbers, res.trend_p))
+    assert res.last_layer is None and res.n_preceding == 0
+    assert res.note.startswith("undefined") and "\n" not in res.note
+
+
+def test_last_layer_outlier_drops_infinite_values_like_nan():
+    with_inf = last_layer_outlier([0.4, math.inf, 0.3, 0.2, 0.6])
+    without = last_layer_outlier({0: 0.4, 2: 0.3, 3: 0.2, 4: 0.6})
+    assert with_inf == without and with_inf.note == ""
+
+
+def test_per_layer_summary_of_no_maps_has_the_columns():
+    df = per_layer_summary({})
+    assert df.empty and list(df.columns) == ["layer", "mean_offdiag", "min_offdiag", "max_offdiag"]

@@ -48,7 +48,8 @@ def per_layer_summary(maps: Mapping[int, ArrayLike], n_experts: int | None = Non
 
     Columns: ``layer, mean_offdiag`` (expert-expert, over the first ``n_experts`` rows),
     ``min_offdiag, max_offdiag`` and, when the maps have a row past ``n_experts`` (the reference
-    "F"), ``mean_reference`` = mean similarity of each expert to that last row.
+    "F"), ``mean_reference`` = mean similarity of each expert to that last row. No maps: no rows,
+    the same columns.
     """
     rows = []
     for layer in sorted(maps):
@@ -65,7 +66,7 @@ def per_layer_summary(maps: Mapping[int, ArrayLike], n_experts: int | None = Non
         if m.shape[0] > k:
             row["mean_reference"] = float(m[-1, :k].mean())
         rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=None if rows else ["layer", "mean_offdiag", "min_offdiag", "max_offdiag"])
 
 
 @dataclass(frozen=True)
@@ -79,9 +80,11 @@ class LastLayerOutlier:
     * ``trend_rho`` / ``trend_p``: Spearman rank correlation (and two-sided p-value) between layer
       index and value over the preceding layers only; negative = similarity declines with depth
       before the last layer. NaN with fewer than 3 preceding layers.
+    * ``note``: empty when the last layer has a finite value; otherwise one line saying why every
+      number is undefined (NaN) and ``last_layer`` is None.
     """
 
-    last_layer: int
+    last_layer: int | None
     last_value: float
     preceding_mean: float
     preceding_std: float
@@ -90,6 +93,18 @@ class LastLayerOutlier:
     trend_rho: float
     trend_p: float
     n_preceding: int
+    note: str = ""
+
+
+def undefined_outlier(n_layers: int) -> LastLayerOutlier:
+    """The result for a series without a finite value: every number NaN, with a one-line note."""
+    nan = float("nan")
+    note = (
+        f"undefined: none of the {n_layers} per-layer value(s) is finite"
+        if n_layers
+        else "undefined: there are no per-layer values"
+    )
+    return LastLayerOutlier(None, nan, nan, nan, nan, nan, nan, nan, 0, note)
 
 
 def last_layer_outlier(
@@ -98,7 +113,8 @@ def last_layer_outlier(
     """Compare the last (deepest) layer's value with the preceding layers; see ``LastLayerOutlier``.
 
     ``values`` is a mapping layer -> value, or a sequence with optional matching ``layers`` (default
-    0..L-1). Layers are sorted; NaN values are dropped first.
+    0..L-1). Layers are sorted; NaN and infinite values are dropped first. A series with no finite
+    value gives :func:`undefined_outlier` (NaN everywhere and a note), not an error.
     """
     if isinstance(values, Mapping):
         pairs = sorted((int(k), float(v)) for k, v in values.items())
@@ -108,9 +124,10 @@ def last_layer_outlier(
         if len(lay) != len(v):
             raise ValueError(f"{len(v)} values but {len(lay)} layers")
         pairs = sorted(zip(lay, v.tolist(), strict=True))
-    pairs = [(k, v) for k, v in pairs if not math.isnan(v)]
-    if not pairs:
-        raise ValueError("no (non-NaN) per-layer values")
+    finite = [(k, v) for k, v in pairs if math.isfinite(v)]
+    if not finite:
+        return undefined_outlier(len(pairs))
+    pairs = finite
     lay = np.array([p[0] for p in pairs])
     val = np.array([p[1] for p in pairs], dtype=np.float64)
     last, prev = val[-1], val[:-1]
