@@ -9,6 +9,7 @@ layers are analysed (for example DeepSeekMoE's MoE layers 1-27, or ``layers=[0, 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,15 @@ if TYPE_CHECKING:
     from altair.vegalite.v6.schema._typing import ColorScheme_T
 
 LAYER_POS = "layer_pos"
+
+COLUMN_WIDTH = 772
+"""Width in pixels of the book's text column on a 1,400 px window; no chart is wider."""
+
+MAX_PLOT = 480
+"""Largest width or height of one square heat map, leaving room for its axes and legend."""
+
+COSINE_DOMAIN = (-1.0, 1.0)
+ANGULAR_DOMAIN = (0.0, 1.0)
 
 # The builders embed their (deliberately small, tidy) data in the page; Altair's default cap of
 # 5,000 rows would reject a per-token heat map of a single layer.
@@ -34,22 +44,116 @@ def with_layer_position(df: pd.DataFrame, layer_field: str = "layer") -> pd.Data
     return out
 
 
-def layer_slider(
-    df: pd.DataFrame, name: str = "layer_slider", start: int | None = None, label: str = "layer position "
-) -> alt.Parameter:
-    """A range-slider parameter over the layer positions present in ``df``."""
-    n = int(df[LAYER_POS].max()) + 1
-    value = n - 1 if start is None else max(0, min(n - 1, start))
-    return alt.param(name=name, value=value, bind=alt.binding_range(min=0, max=max(n - 1, 0), step=1, name=label))
+def _round(value: float, digits: int = 4) -> float | None:
+    """``value`` to ``digits`` significant digits (None for NaN), which is what a chart can show."""
+    if value != value:  # NaN
+        return None
+    return float(f"{value:.{digits}g}")
 
 
-def _caption(data: pd.DataFrame, predicates: Sequence[alt.Predicate], text: str, **fields: str) -> alt.Chart:
-    """A one-line bold caption naming the current slider selection (e.g. "layer 7").
+def columnar(df: pd.DataFrame, columns: Sequence[str] | None = None) -> alt.InlineData:
+    """``df``'s ``columns`` as one record of arrays (numbers to 4 significant digits).
+
+    A page embeds its charts' data as JSON; one array per column instead of one object per row
+    does not repeat the field names in every row, which makes a large heat map several times
+    lighter. A chart on this data starts with :func:`flat`, which turns it back into rows.
+    """
+    columns = list(df.columns if columns is None else dict.fromkeys(columns))
+    record: dict[str, list] = {}
+    for c in columns:
+        col = df[c]
+        if pd.api.types.is_bool_dtype(col):
+            record[c] = [bool(v) for v in col]
+        elif pd.api.types.is_integer_dtype(col):
+            record[c] = [int(v) for v in col]
+        elif pd.api.types.is_float_dtype(col):
+            record[c] = [_round(float(v)) for v in col]
+        else:
+            record[c] = [None if v is None else str(v) for v in col]
+    return alt.InlineData(values=[record])
+
+
+def flat(data: alt.InlineData) -> alt.Chart:
+    """A chart on :func:`columnar` data, with the transform that makes it one row per value."""
+    fields = list(data.values[0])  # pyright: ignore[reportIndexIssue, reportArgumentType]
+    return alt.Chart(data).transform_flatten(fields)
+
+
+def matrix_source(
+    df: pd.DataFrame,
+    groups: Sequence[str],
+    row_field: str,
+    col_field: str,
+    value_field: str,
+    labels: Sequence[str],
+) -> tuple[alt.InlineData, alt.Chart]:
+    """Square matrices (one per combination of ``groups``, e.g. layer and token) stored as one
+    flat list of values each, in ``labels`` order, to 3 significant digits.
+
+    Returns the data and a chart on it that rebuilds one row per cell: ``groups``, ``row_field``
+    and ``col_field`` (labels) and ``value_field``. Neither labels nor field names are repeated
+    per cell, so a 30-expert map of every token and layer stays a few hundred kilobytes.
+    """
+    labels = [str(v) for v in labels]
+    n = len(labels)
+    pos = {label: i for i, label in enumerate(labels)}
+    keyed = df.assign(_i=df[row_field].astype(str).map(pos), _j=df[col_field].astype(str).map(pos))
+    record: dict[str, list] = {g: [] for g in groups}
+    record["_v"] = []
+    for key, g in keyed.groupby(list(groups), sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        cells: list[float | None] = [None] * (n * n)
+        for i, j, v in zip(g["_i"], g["_j"], g[value_field], strict=True):
+            cells[int(i) * n + int(j)] = _round(float(v), 3)
+        for name, value in zip(groups, key, strict=True):
+            record[name].append(value.item() if hasattr(value, "item") else value)
+        record["_v"].append(cells)
+    data = alt.InlineData(values=[record])
+    names = json.dumps(labels)
+    chart = (
+        alt.Chart(data)
+        .transform_flatten([*groups, "_v"])
+        .transform_flatten(["_v"], as_=[value_field])
+        .transform_window(_cell="row_number()", groupby=list(groups))
+        .transform_calculate(
+            **{
+                row_field: f"{names}[floor((datum._cell - 1) / {n})]",
+                col_field: f"{names}[(datum._cell - 1) % {n}]",
+            }
+        )
+    )
+    return data, chart
+
+
+def layer_slider(df: pd.DataFrame, name: str = "layer_slider", start: int | None = None) -> alt.Parameter:
+    """A control over the layers present in ``df``, valued by the layer's own number.
+
+    A range slider when the layers are consecutive, else a dropdown of the analysed layers (for
+    example DeepSeekMoE's MoE layers 1-27, or ``layers=[0, 5, 10]``). ``start`` is the position
+    among those layers to show first (default: the last layer).
+    """
+    layers = sorted(int(v) for v in df["layer"].unique())
+    i = len(layers) - 1 if start is None else max(0, min(len(layers) - 1, start))
+    if layers == list(range(layers[0], layers[-1] + 1)):
+        bind = alt.binding_range(min=layers[0], max=layers[-1], step=1, name="layer ")
+    else:
+        bind = alt.binding_select(options=layers, name="layer ")
+    return alt.param(name=name, value=layers[i], bind=bind)
+
+
+def choice(values: Sequence[str], name: str, label: str) -> alt.Parameter:
+    """A dropdown over ``values`` (the first one shown first)."""
+    values = list(values)
+    return alt.param(name=name, value=values[0], bind=alt.binding_select(options=values, name=f"{label} "))
+
+
+def _caption(data: alt.InlineData, predicates: Sequence[alt.Predicate], text: str, **fields: str) -> alt.Chart:
+    """A one-line bold caption naming the current selection (e.g. "layer 7").
 
     ``fields`` are aggregates of the filtered rows (``layer="min(layer)"``) that ``text``, a Vega
     expression, refers to as ``datum.<name>``.
     """
-    chart = alt.Chart(data)
+    chart = flat(data)
     for p in predicates:
         chart = chart.transform_filter(p)
     return (
@@ -61,13 +165,13 @@ def _caption(data: pd.DataFrame, predicates: Sequence[alt.Predicate], text: str,
     )
 
 
-def _layer_caption(data: pd.DataFrame, *predicates: alt.Predicate) -> alt.Chart:
+def _layer_caption(data: alt.InlineData, *predicates: alt.Predicate) -> alt.Chart:
     return _caption(data, predicates, "'layer ' + datum.layer", layer="min(layer)")
 
 
-def _typed_fields(df: pd.DataFrame) -> list[str]:
-    """Tooltip shorthands with explicit types, needed when the data sits on a facet's parent."""
-    return [f"{c}:{'Q' if pd.api.types.is_numeric_dtype(df[c]) else 'N'}" for c in df.columns if c != LAYER_POS]
+def _tooltip_fields(df: pd.DataFrame, columns: Sequence[str]) -> list[str]:
+    """Tooltip shorthands with explicit types."""
+    return [f"{c}:{'Q' if pd.api.types.is_numeric_dtype(df[c]) else 'N'}" for c in columns]
 
 
 def token_slider(n_tokens: int) -> alt.Parameter:
@@ -78,7 +182,17 @@ def token_slider(n_tokens: int) -> alt.Parameter:
 
 
 def _layer_filter(param: alt.Parameter) -> alt.Predicate:
-    return alt.datum[LAYER_POS] == param
+    return alt.datum["layer"] == param
+
+
+def _square(n: int, cell: int) -> int:
+    """Side of a heat map of ``n`` rows: ``cell`` px a row, between 120 px and :data:`MAX_PLOT`."""
+    return int(min(MAX_PLOT, max(120, cell * n)))
+
+
+def default_domain(value_title: str) -> tuple[float, float]:
+    """The fixed colour domain of a similarity: [0, 1] for angular similarity, else [-1, 1]."""
+    return ANGULAR_DOMAIN if "angular" in value_title else COSINE_DOMAIN
 
 
 def similarity_heatmaps(
@@ -96,44 +210,53 @@ def similarity_heatmaps(
     cell: int = 22,
     scheme: ColorScheme_T = "viridis",
 ) -> alt.VConcatChart:
-    """Expert-by-expert heat maps (one panel per ``facet_field`` value) with a layer slider.
+    """An expert-by-expert heat map with a layer slider and a dropdown over ``facet_field``.
 
     ``df`` needs columns layer, row_field, col_field, value_field and facet_field. Labels are
-    strings (for example "0".."7" and "F"); their order follows first appearance in ``df``.
+    strings (for example "0".."7" and "F"); their order follows first appearance in ``df``. The
+    colour scale is fixed (``domain``, by default that of the quantity: [-1, 1] for a cosine,
+    [0, 1] for an angular similarity), so that maps of two layers or two models compare.
     """
-    data = with_layer_position(df)
-    labels = list(dict.fromkeys(list(data[row_field].astype(str)) + list(data[col_field].astype(str))))
+    data = df.copy()
     data[row_field] = data[row_field].astype(str)
     data[col_field] = data[col_field].astype(str)
+    labels = list(dict.fromkeys(list(data[row_field]) + list(data[col_field])))
     slider = layer_slider(data, start=start_layer_pos)
-    size = max(120, cell * len(labels))
-    scale = alt.Scale(scheme=scheme, domain=list(domain)) if domain else alt.Scale(scheme=scheme)
-    base = (
-        alt.Chart(data)
-        .mark_rect()
+    size = _square(len(labels), cell)
+    lo, hi = domain or default_domain(value_title)
+    groups = ["layer"] + ([facet_field] if facet_field else [])
+    src, base = matrix_source(data, groups, row_field, col_field, value_field, labels)
+    preds = [_layer_filter(slider)]
+    params = [slider]
+    if facet_field:
+        order = list(facet_order) if facet_order else list(dict.fromkeys(data[facet_field]))
+        pick = choice(order, f"{facet_field}_choice", facet_field)
+        preds.append(alt.datum[facet_field] == pick)
+        params.append(pick)
+    chart = base
+    for p in preds:
+        chart = chart.transform_filter(p)
+    chart = (
+        chart.mark_rect()
         .encode(
             x=alt.X(f"{col_field}:N", sort=labels, title="expert"),
             y=alt.Y(f"{row_field}:N", sort=labels, title="expert"),
-            color=alt.Color(f"{value_field}:Q", scale=scale, title=value_title),
+            color=alt.Color(f"{value_field}:Q", scale=alt.Scale(scheme=scheme, domain=[lo, hi]), title=value_title),
             tooltip=["layer:O", f"{row_field}:N", f"{col_field}:N", alt.Tooltip(f"{value_field}:Q", format=".3f")],
         )
         .properties(width=size, height=size)
     )
-    base = base.transform_filter(_layer_filter(slider))
     if facet_field:
-        order = list(facet_order) if facet_order else list(dict.fromkeys(data[facet_field]))
-        chart = base.facet(column=alt.Column(f"{facet_field}:N", sort=order, title=None))
+        label = _caption(
+            src,
+            preds,
+            f"'layer ' + datum.layer + ', ' + datum.{facet_field}",
+            layer="min(layer)",
+            **{facet_field: f"min({facet_field})"},
+        )
     else:
-        chart = base
-    layer_label = _layer_caption(data, _layer_filter(slider))
-    return _filtered_vconcat(layer_label, chart, slider, title)
-
-
-def _filtered_vconcat(
-    label: alt.Chart, chart: alt.Chart | alt.FacetChart, slider: alt.Parameter, title: str
-) -> alt.VConcatChart:
-    """Stack a layer label (which carries the slider parameter) over an already filtered chart."""
-    return alt.vconcat(label.add_params(slider), chart, title=title)
+        label = _layer_caption(src, *preds)
+    return alt.vconcat(label.add_params(*params), chart, title=title)
 
 
 def per_layer_lines(
@@ -169,9 +292,23 @@ def per_layer_lines(
 def rank_count_bars(df: pd.DataFrame, *, title: str = "") -> alt.Chart:
     """The paper's Fig. 10: for each norm rank, one bar per score rank (counts summed over layers).
 
-    ``df`` columns: norm_rank, score_rank, count.
+    ``df`` columns: norm_rank, score_rank, count. Beyond 12 experts the bars would be too thin to
+    read, so the same counts are drawn as a norm rank x score rank heat map.
     """
     n = int(df["norm_rank"].max())
+    if n > 12:
+        size = _square(n, 16)
+        return (
+            alt.Chart(df)
+            .mark_rect()
+            .encode(
+                x=alt.X("norm_rank:O", title="rank of the expert's output norm (E = largest)"),
+                y=alt.Y("score_rank:O", title="gate-score rank", sort="descending"),
+                color=alt.Color("count:Q", scale=alt.Scale(scheme="blues"), title="count"),
+                tooltip=["norm_rank:O", "score_rank:O", "count:Q"],
+            )
+            .properties(title=title, width=size, height=size)
+        )
     return (
         alt.Chart(df)
         .mark_bar()
@@ -182,18 +319,20 @@ def rank_count_bars(df: pd.DataFrame, *, title: str = "") -> alt.Chart:
             color=alt.Color("score_rank:O", title="gate-score rank", scale=alt.Scale(scheme="viridis")),
             tooltip=["norm_rank:O", "score_rank:O", "count:Q"],
         )
-        .properties(title=title, width=max(360, 48 * n), height=260)
+        .properties(title=title, width=min(560, max(360, 48 * n)), height=260)
     )
 
 
 def rank_count_heatmap_by_layer(df: pd.DataFrame, *, title: str = "") -> alt.VConcatChart:
     """Per-layer rank-count matrices with a layer slider. ``df``: layer, norm_rank, score_rank, count."""
-    data = with_layer_position(df)
-    slider = layer_slider(data)
-    n = int(data["norm_rank"].max())
-    size = max(160, 24 * n)
+    slider = layer_slider(df)
+    n = int(df["norm_rank"].max())
+    size = _square(n, 24)
+    src = columnar(df, ["layer", "norm_rank", "score_rank", "count"])
+    pred = _layer_filter(slider)
     chart = (
-        alt.Chart(data)
+        flat(src)
+        .transform_filter(pred)
         .mark_rect()
         .encode(
             x=alt.X("norm_rank:O", title="norm rank"),
@@ -201,11 +340,10 @@ def rank_count_heatmap_by_layer(df: pd.DataFrame, *, title: str = "") -> alt.VCo
             color=alt.Color("count:Q", scale=alt.Scale(scheme="blues"), title="count"),
             tooltip=["layer:O", "norm_rank:O", "score_rank:O", "count:Q"],
         )
-        .transform_filter(_layer_filter(slider))
         .properties(width=size, height=size)
     )
-    label = _layer_caption(data, _layer_filter(slider))
-    return _filtered_vconcat(label, chart, slider, title)
+    label = _layer_caption(src, pred)
+    return alt.vconcat(label.add_params(slider), chart, title=title)
 
 
 def token_expert_bars(
@@ -216,73 +354,78 @@ def token_expert_bars(
     ``df`` columns: layer, token_index, token, expert, chosen and the value fields. Sliders pick
     the layer and the token.
     """
-    data = with_layer_position(df)
-    slider = layer_slider(data)
-    n_tok = int(data["token_index"].max()) + 1
+    slider = layer_slider(df)
+    n_tok = int(df["token_index"].max()) + 1
     tok = token_slider(n_tok)
-    panels = []
-    for field in value_fields:
-        panels.append(
-            alt.Chart(data)
-            .mark_bar()
-            .encode(
-                x=alt.X("expert:O", title="expert"),
-                y=alt.Y(f"{field}:Q", title=field),
-                color=alt.condition(alt.datum.chosen, alt.value("#d62728"), alt.value("#7f7f7f")),
-                tooltip=["layer:O", "token:N", "expert:O", alt.Tooltip(f"{field}:Q", format=".4f"), "chosen:N"],
-            )
-            .properties(width=260, height=180)
-        )
-    pred = alt.datum[LAYER_POS] == slider
+    src = columnar(df, ["layer", "token_index", "token", "expert", "chosen", *value_fields])
+    pred = _layer_filter(slider)
     tok_pred = alt.datum.token_index == tok
+    width = 300 if len(value_fields) <= 2 else 200
+    panels = [
+        flat(src)
+        .transform_filter(pred)
+        .transform_filter(tok_pred)
+        .mark_bar()
+        .encode(
+            x=alt.X("expert:O", title="expert"),
+            y=alt.Y(f"{field}:Q", title=field),
+            color=alt.condition(alt.datum.chosen, alt.value("#d62728"), alt.value("#7f7f7f")),
+            tooltip=["layer:O", "token:N", "expert:O", alt.Tooltip(f"{field}:Q", format=".4f"), "chosen:N"],
+        )
+        .properties(width=width, height=180)
+        for field in value_fields
+    ]
     label = _caption(
-        data,
+        src,
         [pred, tok_pred],
         "'layer ' + datum.layer + ', token ' + datum.token",
         layer="min(layer)",
         token="min(token)",
     )
-    row = alt.hconcat(*[p.transform_filter(pred).transform_filter(tok_pred) for p in panels])
-    return alt.vconcat(label.add_params(slider, tok), row, title=title)
+    return alt.vconcat(label.add_params(slider, tok), alt.hconcat(*panels), title=title)
 
 
 def token_similarity_heatmaps(df: pd.DataFrame, *, title: str = "") -> alt.VConcatChart:
     """Per-token expert-output similarity maps (the paper's Fig. 2) with layer and token sliders.
 
-    ``df`` columns: layer, token_index, token, expert_i, expert_j, similarity.
+    ``df`` columns: layer, token_index, token, expert_i, expert_j, similarity (and chosen_text,
+    the experts the router chose). The map's data holds numbers only; the token and the chosen
+    experts come from a small table of one row per layer and token, for the caption.
     """
-    data = with_layer_position(df)
+    data = df.copy()
     data["expert_i"] = data["expert_i"].astype(str)
     data["expert_j"] = data["expert_j"].astype(str)
     labels = list(dict.fromkeys(data["expert_i"]))
     slider = layer_slider(data)
     n_tok = int(data["token_index"].max()) + 1
     tok = token_slider(n_tok)
-    size = max(140, 22 * len(labels))
+    size = _square(len(labels), 22)
+    _, base = matrix_source(data, ["layer", "token_index"], "expert_i", "expert_j", "similarity", labels)
+    per_token = data.drop_duplicates(["layer", "token_index"])
+    info_cols = ["layer", "token_index", "token"] + (["chosen_text"] if "chosen_text" in data else [])
+    info = columnar(per_token, info_cols)
+    pred = _layer_filter(slider)
+    tok_pred = alt.datum.token_index == tok
     chart = (
-        alt.Chart(data)
+        base.transform_filter(pred)
+        .transform_filter(tok_pred)
         .mark_rect()
         .encode(
             x=alt.X("expert_j:N", sort=labels, title="expert"),
             y=alt.Y("expert_i:N", sort=labels, title="expert"),
-            color=alt.Color("similarity:Q", scale=alt.Scale(scheme="viridis", domain=[-1, 1]), title="cosine"),
-            tooltip=["layer:O", "token:N", "expert_i:N", "expert_j:N", alt.Tooltip("similarity:Q", format=".3f")],
+            color=alt.Color(
+                "similarity:Q", scale=alt.Scale(scheme="viridis", domain=list(COSINE_DOMAIN)), title="cosine"
+            ),
+            tooltip=["layer:O", "token_index:O", "expert_i:N", "expert_j:N", alt.Tooltip("similarity:Q", format=".3f")],
         )
         .properties(width=size, height=size)
     )
-    pred = alt.datum[LAYER_POS] == slider
-    tok_pred = alt.datum.token_index == tok
-    label = _caption(
-        data,
-        [pred, tok_pred],
-        "'layer ' + datum.layer + ', token ' + datum.token + '  (chosen: ' + datum.chosen + ')'",
-        layer="min(layer)",
-        token="min(token)",
-        chosen="min(chosen_text)",
-    )
-    return alt.vconcat(
-        label.add_params(slider, tok), chart.transform_filter(pred).transform_filter(tok_pred), title=title
-    )
+    chosen = " + '  (chosen: ' + datum.chosen + ')'" if "chosen_text" in data else ""
+    fields = {"layer": "min(layer)", "token": "min(token)"}
+    if "chosen_text" in data:
+        fields["chosen"] = "min(chosen_text)"
+    label = _caption(info, [pred, tok_pred], "'layer ' + datum.layer + ', token ' + datum.token" + chosen, **fields)
+    return alt.vconcat(label.add_params(slider, tok), chart, title=title)
 
 
 def scatter_by_layer(
@@ -297,28 +440,43 @@ def scatter_by_layer(
     facet_field: str | None = None,
     with_fit: bool = True,
 ) -> alt.VConcatChart:
-    """Scatter of ``y`` against ``x`` for one layer at a time (slider), with a least-squares line."""
-    data = with_layer_position(df)
-    slider = layer_slider(data)
-    pred = alt.datum[LAYER_POS] == slider
-    base = (alt.Chart() if facet_field else alt.Chart(data)).transform_filter(pred)
+    """Scatter of ``y`` against ``x`` for one layer at a time (slider), with a least-squares line;
+    with ``facet_field``, a dropdown picks which of its values is shown."""
+    slider = layer_slider(df)
+    preds = [_layer_filter(slider)]
+    params = [slider]
+    cols = ["layer", x, y] + ([color] if color else []) + ([facet_field] if facet_field else [])
+    src = columnar(df, cols)
+    if facet_field:
+        pick = choice(list(dict.fromkeys(df[facet_field].astype(str))), f"{facet_field}_choice", facet_field)
+        preds.append(alt.datum[facet_field] == pick)
+        params.append(pick)
+    base = flat(src)
+    for p in preds:
+        base = base.transform_filter(p)
     pts = base.mark_circle(size=40, opacity=0.7).encode(
         x=alt.X(f"{x}:Q", title=x_title or x, scale=alt.Scale(zero=False)),
         y=alt.Y(f"{y}:Q", title=y_title or y, scale=alt.Scale(zero=False)),
         color=alt.Color(f"{color}:N") if color else alt.value("#1f77b4"),
-        tooltip=_typed_fields(data),
+        tooltip=_tooltip_fields(df, cols),
     )
-    layered = (
-        alt.layer(
-            pts, pts.transform_regression(x, y, groupby=[facet_field] if facet_field else []).mark_line(color="black")
-        )
+    body = (
+        alt.layer(pts, pts.transform_regression(x, y).mark_line(color="#e45756").encode(color=alt.Undefined))
         if with_fit
         else pts
     )
-    layered = layered.properties(width=240, height=220)
-    body = layered.facet(column=alt.Column(f"{facet_field}:N", title=None), data=data) if facet_field else layered
-    label = _layer_caption(data, pred)
-    return alt.vconcat(label.add_params(slider), body, title=title)
+    body = body.properties(width=360, height=280)
+    if facet_field:
+        label = _caption(
+            src,
+            preds,
+            f"'layer ' + datum.layer + ', ' + datum.{facet_field}",
+            layer="min(layer)",
+            **{facet_field: f"min({facet_field})"},
+        )
+    else:
+        label = _layer_caption(src, *preds)
+    return alt.vconcat(label.add_params(*params), body, title=title)
 
 
 def routing_pattern(df: pd.DataFrame, *, title: str = "") -> alt.VConcatChart:
@@ -326,12 +484,13 @@ def routing_pattern(df: pd.DataFrame, *, title: str = "") -> alt.VConcatChart:
 
     ``df`` columns: layer, token_index, token, expert, weight (one row per chosen expert).
     """
-    data = with_layer_position(df)
-    slider = layer_slider(data)
-    pred = alt.datum[LAYER_POS] == slider
-    n_tok = int(data["token_index"].max()) + 1
+    slider = layer_slider(df)
+    pred = _layer_filter(slider)
+    n_tok = int(df["token_index"].max()) + 1
+    src = columnar(df, ["layer", "token_index", "token", "expert", "weight"])
     chart = (
-        alt.Chart(data)
+        flat(src)
+        .transform_filter(pred)
         .mark_rect()
         .encode(
             x=alt.X(
@@ -341,45 +500,45 @@ def routing_pattern(df: pd.DataFrame, *, title: str = "") -> alt.VConcatChart:
             color=alt.Color("weight:Q", scale=alt.Scale(scheme="oranges", domain=[0, 1]), title="gate weight"),
             tooltip=["layer:O", "token_index:O", "token:N", "expert:O", alt.Tooltip("weight:Q", format=".3f")],
         )
-        .transform_filter(pred)
-        .properties(width=max(360, 9 * n_tok), height=180)
+        .properties(
+            width=min(560, max(360, 9 * n_tok)), height=max(180, min(MAX_PLOT, 10 * int(df["expert"].nunique())))
+        )
     )
-    label = _layer_caption(data, pred)
+    label = _layer_caption(src, pred)
     return alt.vconcat(label.add_params(slider), chart, title=title)
 
 
 def pca_scatter(df: pd.DataFrame, *, title: str = "") -> alt.VConcatChart:
-    """2-D PCA projections per layer and matrix (slider over layers). Columns: layer, matrix, label, pc1, pc2, kind."""
-    data = with_layer_position(df)
-    slider = layer_slider(data)
-    pred = alt.datum[LAYER_POS] == slider
-    pts = (
-        alt.Chart()
-        .transform_filter(pred)
-        .mark_point(filled=True, size=60)
-        .encode(
-            x=alt.X("pc1:Q", title="PC 1"),
-            y=alt.Y("pc2:Q", title="PC 2"),
-            shape=alt.Shape("kind:N", title="", legend=None),
-            color=alt.Color("kind:N", title=""),
-            tooltip=[
-                "layer:O",
-                "matrix:N",
-                "label:N",
-                alt.Tooltip("pc1:Q", format=".2f"),
-                alt.Tooltip("pc2:Q", format=".2f"),
-            ],
-        )
-        .properties(width=220, height=200)
+    """2-D PCA projections, one layer (slider) and one matrix (dropdown) at a time.
+
+    Columns: layer, matrix, label, pc1, pc2, kind.
+    """
+    slider = layer_slider(df)
+    pick = choice(list(dict.fromkeys(df["matrix"].astype(str))), "matrix_choice", "matrix")
+    preds = [_layer_filter(slider), alt.datum.matrix == pick]
+    src = columnar(df, ["layer", "matrix", "label", "pc1", "pc2", "kind"])
+    base = flat(src)
+    for p in preds:
+        base = base.transform_filter(p)
+    pts = base.mark_point(filled=True, size=60).encode(
+        x=alt.X("pc1:Q", title="PC 1"),
+        y=alt.Y("pc2:Q", title="PC 2"),
+        shape=alt.Shape("kind:N", title="", legend=None),
+        color=alt.Color("kind:N", title=""),
+        tooltip=[
+            "layer:O",
+            "matrix:N",
+            "label:N",
+            alt.Tooltip("pc1:Q", format=".2f"),
+            alt.Tooltip("pc2:Q", format=".2f"),
+        ],
     )
-    text = pts.mark_text(dx=8, dy=-6, fontSize=10).encode(text="label:N")
-    body = (
-        alt.layer(pts, text)
-        .facet(column=alt.Column("matrix:N", title=None), data=data)
-        .resolve_scale(x="independent", y="independent")
+    text = pts.mark_text(dx=8, dy=-6).encode(text="label:N")
+    body = alt.layer(pts, text).properties(width=360, height=280)
+    label = _caption(
+        src, preds, "'layer ' + datum.layer + ', ' + datum.matrix", layer="min(layer)", matrix="min(matrix)"
     )
-    label = _layer_caption(data, pred)
-    return alt.vconcat(label.add_params(slider), body, title=title)
+    return alt.vconcat(label.add_params(slider, pick), body, title=title)
 
 
 def intermediate_heatmap(df: pd.DataFrame, *, title: str = "") -> alt.VConcatChart:
@@ -388,10 +547,12 @@ def intermediate_heatmap(df: pd.DataFrame, *, title: str = "") -> alt.VConcatCha
     n_tok = int(df["token_index"].max()) + 1
     tok = token_slider(n_tok)
     pred = alt.datum.token_index == tok
-    experts = list(dict.fromkeys(df["expert"].astype(str)))
+    data = df.assign(expert=df["expert"].astype(str))
+    experts = list(dict.fromkeys(data["expert"]))
     lim = float(df["value"].abs().quantile(0.99)) or 1.0
+    src = columnar(data, ["token_index", "token", "expert", "neuron", "value"])
     chart = (
-        alt.Chart(df)
+        flat(src)
         .transform_filter(pred)
         .mark_rect()
         .encode(
@@ -402,10 +563,46 @@ def intermediate_heatmap(df: pd.DataFrame, *, title: str = "") -> alt.VConcatCha
             ),
             tooltip=["token:N", "expert:N", "neuron:O", alt.Tooltip("value:Q", format=".4f")],
         )
-        .properties(width=560, height=max(120, 16 * len(experts)))
+        .properties(width=512, height=max(120, min(MAX_PLOT, 16 * len(experts))))
     )
-    label = _caption(df, [pred], "'token ' + datum.token", token="min(token)")
+    label = _caption(src, [pred], "'token ' + datum.token", token="min(token)")
     return alt.vconcat(label.add_params(tok), chart, title=title)
+
+
+def expert_load_heatmap(df: pd.DataFrame, *, title: str = "") -> alt.VConcatChart:
+    """Expert load (layers x experts) of one model at a time, picked from a dropdown, on one
+    colour scale for every model. ``df``: model, layer, expert, share, uniform (and selections)."""
+    data = df.assign(load_vs_uniform=df["share"] / df["uniform"])
+    models = list(dict.fromkeys(data["model"].astype(str)))
+    pick = choice(models, "model_choice", "model")
+    pred = alt.datum.model == pick
+    hi = float(data["load_vs_uniform"].max())
+    src = columnar(data, ["model", "layer", "expert", "share", "load_vs_uniform"])
+    n_exp = int(data["expert"].nunique())
+    chart = (
+        flat(src)
+        .transform_filter(pred)
+        .mark_rect()
+        .encode(
+            x=alt.X("expert:O", title="expert"),
+            y=alt.Y("layer:O", sort="descending", title="layer"),
+            color=alt.Color(
+                "load_vs_uniform:Q",
+                title="share / uniform",
+                scale=alt.Scale(scheme="viridis", domain=[0, max(2.0, hi)], domainMid=1),
+            ),
+            tooltip=[
+                "model:N",
+                "layer:O",
+                "expert:O",
+                alt.Tooltip("share:Q", format=".3f"),
+                alt.Tooltip("load_vs_uniform:Q", format=".2f", title="share / uniform"),
+            ],
+        )
+        .properties(width=min(MAX_PLOT, max(200, 16 * n_exp)), height=200)
+    )
+    label = _caption(src, [pred], "datum.model", model="min(model)")
+    return alt.vconcat(label.add_params(pick), chart, title=title)
 
 
 def grid_heatmap(
@@ -434,7 +631,9 @@ def grid_heatmap(
             color=alt.Color(f"{value}:Q", scale=scale, title=value_title or value),
             tooltip=[f"{x}:N", f"{y}:N", alt.Tooltip(f"{value}:Q", format=".4f")],
         )
-        .properties(title=title, width=max(160, cell * len(xs)), height=max(100, cell * len(ys)))
+        .properties(
+            title=title, width=min(MAX_PLOT, max(160, cell * len(xs))), height=min(MAX_PLOT, max(100, cell * len(ys)))
+        )
     )
 
 
@@ -539,7 +738,7 @@ def emergence_lines(
             .encode(
                 x=alt.X("tokens_seen:Q", title="training tokens seen"),
                 y=alt.Y("value:Q", title=q, scale=alt.Scale(zero=False)),
-                color="series:N",
+                color=alt.Color("series:N", legend=alt.Legend(orient="bottom", direction="vertical")),
                 tooltip=["series", "step", "tokens_seen", alt.Tooltip("value:Q", format=".4f")],
             )
         ]
@@ -560,5 +759,5 @@ def emergence_lines(
                 .mark_rule(strokeDash=[4, 4], color="gray")
                 .encode(y="value:Q", tooltip=["label:N", "value:Q"])
             )
-        rows.append(alt.layer(*layers).properties(title=q, width=300, height=180))
+        rows.append(alt.layer(*layers).properties(title=q, width=280, height=180))
     return alt.vconcat(*[alt.hconcat(*rows[i : i + 2]) for i in range(0, len(rows), 2)])

@@ -29,6 +29,39 @@ DEFAULT_EMBED_OPTIONS: dict[str, Any] = {
     "actions": {"export": True, "source": False, "compiled": False, "editor": False},
 }
 
+DARK_EMBED_OPTIONS: dict[str, Any] = {
+    # vega-themes' dark theme, on the page's own background, when pydata-sphinx-theme has put
+    # data-theme="dark" on <html> (the chart is drawn again when the reader switches).
+    "theme": "dark",
+    "config": {"background": "transparent"},
+}
+
+MIN_FONT_SIZE = 12
+"""Smallest text size, in pixels, of any chart text (axis labels, legends, titles, marks)."""
+
+BOOK_THEME = "moe-book"
+"""Name of the Altair theme that :func:`setup_altair` enables: text sizes and a transparent
+background, set once for every chart of the book."""
+
+
+def book_theme_config() -> dict[str, Any]:
+    """The Vega-Lite ``config`` of the book's charts: no text under :data:`MIN_FONT_SIZE` px,
+    a transparent background (the page's own, light or dark), the default view size."""
+    small, large = MIN_FONT_SIZE, MIN_FONT_SIZE + 2
+    return {
+        "config": {
+            "background": "transparent",
+            "view": {"continuousWidth": 300, "continuousHeight": 300},
+            "axis": {"labelFontSize": small, "titleFontSize": small},
+            "legend": {"labelFontSize": small, "titleFontSize": small},
+            "header": {"labelFontSize": small, "titleFontSize": small},
+            "title": {"fontSize": large, "subtitleFontSize": small},
+            "text": {"fontSize": small},
+            "mark": {"fontSize": small},
+        }
+    }
+
+
 MISSING_LIBRARY_MESSAGE = (
     "This chart needs _static/vega-bundle.js, which was not loaded. "
     "Rebuild the book with `moe-book build`, which writes that file."
@@ -39,6 +72,7 @@ _SCRIPT = """<div id="{div_id}" class="moe-book-chart"></div>
 (function () {{
   var spec = {spec};
   var opt = {opt};
+  var drawn = null;
   function fail(text) {{
     var el = document.getElementById("{div_id}");
     if (!el) {{ return; }}
@@ -47,14 +81,31 @@ _SCRIPT = """<div id="{div_id}" class="moe-book-chart"></div>
     p.textContent = text;
     el.replaceChildren(p);
   }}
+  function dark() {{
+    var root = document.documentElement;
+    return !!(root && root.getAttribute && root.getAttribute("data-theme") === "dark");
+  }}
   function draw() {{
     if (typeof window.vegaEmbed !== "function") {{
       fail({missing});
       return;
     }}
-    window.vegaEmbed("#{div_id}", spec, opt).catch(function (err) {{
+    var o = opt;
+    if (dark()) {{
+      o = Object.assign({{}}, opt, {dark});
+    }}
+    if (drawn && drawn.finalize) {{ drawn.finalize(); }}
+    window.vegaEmbed("#{div_id}", spec, o).then(function (result) {{
+      drawn = result;
+    }}).catch(function (err) {{
       fail("Chart error: " + err);
     }});
+  }}
+  if (typeof MutationObserver === "function" && document.documentElement) {{
+    var mode = dark();
+    new MutationObserver(function () {{
+      if (dark() !== mode) {{ mode = dark(); draw(); }}
+    }}).observe(document.documentElement, {{attributes: true, attributeFilter: ["data-theme"]}});
   }}
   if (typeof window.vegaEmbed === "function" || document.readyState === "complete") {{
     draw();
@@ -84,6 +135,7 @@ def book_chart_html(spec: dict, embed_options: dict | None = None, div_id: str |
         spec=_script_json(spec),
         opt=_script_json(opt),
         missing=_script_json(MISSING_LIBRARY_MESSAGE),
+        dark=_script_json(DARK_EMBED_OPTIONS),
     )
 
 
@@ -111,6 +163,9 @@ def format_warning_without_path(
 def setup_altair(environ: dict[str, str] | None = None) -> str:
     """Choose the Altair renderer for this kernel and return its name.
 
+    Also enables the book's chart theme (:func:`book_theme_config`: text sizes, background) and
+    sets pandas' display options once, so that no table is cut short with "...".
+
     Registers the "book" renderer and enables it when ``BOOK_BUILD=1``; otherwise leaves
     Altair's current renderer (the default one in a fresh kernel) untouched, so JupyterLab
     works as usual. In a book build, warnings are also printed without the source file's path
@@ -122,10 +177,22 @@ def setup_altair(environ: dict[str, str] | None = None) -> str:
     import altair as alt
 
     alt.renderers.register(BOOK_RENDERER, book_renderer)
+    alt.theme.register(BOOK_THEME, enable=True)(book_theme_config)
+    _set_display_options()
     if book_build_enabled(environ):
         alt.renderers.enable(BOOK_RENDERER)
         warnings.formatwarning = format_warning_without_path
     return alt.renderers.active
+
+
+def _set_display_options() -> None:
+    """pandas shows every row, column and character of a table (a page never shows "...")."""
+    import pandas as pd
+
+    pd.set_option("display.max_colwidth", None)
+    pd.set_option("display.max_columns", None)
+    pd.set_option("display.max_rows", 500)
+    pd.set_option("display.width", 200)
 
 
 def _vegalite_minor(schema_version: str) -> str:

@@ -39,9 +39,18 @@ from typing import Any
 import nbformat
 
 from moe_utils import zoo
-from moe_utils.core.errors import InputSpecError, MoEUtilsError, OutputFolderError, RunInterrupted, UsageError
+from moe_utils.arch import SPECS
+from moe_utils.arch.catalogue import entry_for
+from moe_utils.core.errors import (
+    CheckpointError,
+    InputSpecError,
+    MoEUtilsError,
+    OutputFolderError,
+    RunInterrupted,
+    UsageError,
+)
 from moe_utils.core.names import looks_local, model_label, model_slug
-from moe_utils.core.paths import BOOK_FOLDER
+from moe_utils.core.paths import BOOK_FOLDER, zoo_path
 from moe_utils.core.progress import PROGRESS_ENV, relay
 from moe_utils.engine.inputs import check_inputs_spec
 from moe_utils.publish.params import check_parameters, notebook_parameters
@@ -336,14 +345,42 @@ def check_request_parameters(
     return {name: set(specs) for name, specs in per_notebook.items()}
 
 
+def _check_random_family(text: str) -> None:
+    """``random:FAMILY`` must name a family a tiny random model can be built for."""
+    family = text[len("random:") :]
+    spec = SPECS.get(family)
+    if spec is not None:
+        if spec.config_class is None or not spec.tiny_config:
+            raise UsageError(
+                f"{text}: {family} models need their publisher's code, so no random model can be built; "
+                "pass a local checkpoint folder instead"
+            )
+        return
+    entry = entry_for(family) if family else None
+    if entry is None or entry.excluded:
+        why = f" ({entry.excluded})" if entry is not None and entry.excluded else ""
+        raise UsageError(
+            f"unknown model family {family!r} in {text!r}{why}; use random:FAMILY with one of "
+            f"{', '.join(SPECS)} or an MoE model_type of the installed transformers (see the coverage page)"
+        )
+
+
 def check_model_id(model: str) -> None:
-    """A model id that names a local folder must exist (checked before any notebook starts)."""
+    """Check a model id before any notebook starts: a local folder must exist, ``zoo:NAME`` must
+    name an installed zoo model and ``random:FAMILY`` a known family (:class:`UsageError`)."""
     text = str(model).strip()
     if text.startswith(("/", "./", "../", "~")) and not Path(text).expanduser().is_dir():
         raise UsageError(
             f"model folder {text} does not exist; pass a folder holding config.json and "
             "*.safetensors, a hub id (org/Name), zoo:NAME or random:FAMILY"
         )
+    if text.startswith("zoo:"):
+        try:
+            zoo_path(text)
+        except CheckpointError as exc:
+            raise UsageError(str(exc)) from exc
+    elif text.startswith("random:"):
+        _check_random_family(text)
 
 
 # --------------------------------------------------------------------------- execution
@@ -584,6 +621,29 @@ def _unstage_outputs(nb: nbformat.NotebookNode, staging: str) -> None:
                     out["data"][mime] = fix(value)
 
 
+def reader_label(model: str) -> str:
+    """The model's name on the pages: :func:`model_label` without the ``zoo:`` prefix of the
+    embedded models (``zoo:tiny-moe-fine`` -> ``tiny-moe-fine``)."""
+    return model_label(model).removeprefix("zoo:")
+
+
+def name_model_in_heading(nb: nbformat.NotebookNode, label: str) -> nbformat.NotebookNode:
+    """Append the model's name to the page's title (the first ``# `` heading), so that the pages of
+    one notebook run on several models have distinct titles. Idempotent."""
+    for cell in nb.cells:
+        if cell.cell_type != "markdown":
+            continue
+        lines = cell.source.split("\n")
+        for i, line in enumerate(lines):
+            if line.startswith("# "):
+                suffix = f" ({label})"
+                if not line.rstrip().endswith(suffix):
+                    lines[i] = line.rstrip() + suffix
+                    cell.source = "\n".join(lines)
+                return nb
+    return nb
+
+
 def _finish_notebook(stage: Stage, output: Path, root: Path | None) -> None:
     """Read the staged notebook once; show the final parameters and outputs that name the final
     results folder, tag its cells for the book, record where it lands and the model's label;
@@ -593,7 +653,9 @@ def _finish_notebook(stage: Stage, output: Path, root: Path | None) -> None:
     _final_parameters(nb, job.parameters, output)
     _unstage_outputs(nb, stage.folder.name)
     if job.model is not None:
-        nb.metadata.setdefault(METADATA_KEY, {})["model_label"] = model_label(job.model)
+        label = reader_label(job.model)
+        nb.metadata.setdefault(METADATA_KEY, {})["model_label"] = label
+        name_model_in_heading(nb, label)
     tidy_parameters(nb)
     _relative_paths_in_metadata(nb, root or Path.cwd())
     nbformat.write(nb, stage.notebook)
@@ -758,8 +820,9 @@ def plan_request(req: RunRequest) -> list[Job]:
     Without a model: the default plan (every selected per-model notebook on each default MoE
     model with the default dense baseline, then the selected book-level notebooks). With a
     model: its per-model notebooks only, plus book-level notebooks that were named explicitly.
-    Unknown ``-p`` names, wrong types, a missing inputs file or model folder raise
-    :class:`UsageError` here, before any notebook (or model) is loaded.
+    Unknown ``-p`` names, wrong types, a missing inputs file or model folder, an unknown
+    ``zoo:NAME`` or ``random:FAMILY`` raise :class:`UsageError` here, before any notebook (or
+    model) is loaded.
     """
     available = discover_notebooks(req.notebooks_dir)
     chosen = select_notebooks(available, req.notebooks)
@@ -771,6 +834,8 @@ def plan_request(req: RunRequest) -> list[Job]:
     else:
         check_model_id(req.model)
         models, baseline = [req.model], req.dense_baseline
+    if req.dense_baseline is not None:
+        check_model_id(req.dense_baseline)
         include_book = bool(req.notebooks)
     planned = [nb for nb in chosen if nb.scope == "model" or include_book]
     declared = check_request_parameters(planned or chosen, req.parameters, baseline)
