@@ -18,7 +18,7 @@ from setuptools.command.build_py import build_py
 ROOT = Path(__file__).resolve().parent
 MANIFEST = ROOT / "moe_utils" / "publish" / "book_files.txt"
 TEMPLATE = Path("moe_utils", "publish", "book_template")
-NEEDS_VENDOR = ("book/_static/vega-bundle.js", "book/_extra/vendor/require.js")
+NEEDS_VENDOR = ("book/_static/vega-bundle.js", "book/_extra/vendor/mathjax/tex-mml-chtml.js")
 
 
 def book_files() -> list[Path]:

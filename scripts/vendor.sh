@@ -1,26 +1,19 @@
 #!/usr/bin/env bash
 # Copy the JavaScript that the static book serves itself (so that it works offline) from
 # node_modules (filled by `npm ci` from package-lock.json) into book/_extra/vendor/:
-#   require.js                  require.js, needed by the Jupyter widget manager
-#   ipywidgets/embed-amd.js     @jupyter-widgets/html-manager, renders saved widget state
 #   mathjax/tex-mml-chtml.js    MathJax 3 with the components it loads on demand
+# No page shows a saved widget, so no widget manager or require.js is shipped.
 # Jupyter Book copies book/_extra/ to the site root (html_extra_path in _config.yml).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 nm=node_modules
 dest=book/_extra/vendor
-for f in "$nm/requirejs/require.js" "$nm/@jupyter-widgets/html-manager/dist/embed-amd.js" \
-         "$nm/mathjax/es5/tex-mml-chtml.js"; do
+for f in "$nm/mathjax/es5/tex-mml-chtml.js"; do
   [ -f "$f" ] || { echo "vendor.sh: $f is missing; run 'npm ci' first" >&2; exit 1; }
 done
 tmp="$dest.tmp"
 rm -rf "$tmp"
-mkdir -p "$tmp/ipywidgets" "$tmp/mathjax"
-cp "$nm/requirejs/require.js" "$tmp/"
-# The widget manager's chunks, fonts and licence; source maps are left out (11 MB).
-find "$nm/@jupyter-widgets/html-manager/dist" -maxdepth 1 -type f ! -name '*.map' \
-  -exec cp {} "$tmp/ipywidgets/" \;
-cp "$nm/@jupyter-widgets/html-manager/LICENSE" "$tmp/ipywidgets/" 2>/dev/null || true
+mkdir -p "$tmp/mathjax"
 # MathJax: the combined tex-mml-chtml component plus the folders it loads from; the other
 # combined components (svg output, speech, node) are not used by the book.
 cp -r "$nm/mathjax/es5/." "$tmp/mathjax/"

@@ -75,7 +75,8 @@ def test_make_toc_orders_front_models_back(book: Path) -> None:
         ),
         ("Model: mistralai/Mixtral-8x7B-v0.1", ["book/runs/mistralai--Mixtral-8x7B-v0.1/obs1_weights"]),
         ("Model: zebra", ["book/runs/zebra/obs1_weights"]),
-        ("Summary and reproduction", ["book/runs/book/summary", "book/suggestions", "book/reproduce"]),
+        ("Summary", ["book/runs/book/summary", "book/suggestions"]),
+        ("Appendix: running at scale", ["book/reproduce"]),
     ]
     # The file is a valid Jupyter Book TOC whose entries all exist.
     path = write_toc(toc, book / GENERATED_TOC)

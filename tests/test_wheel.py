@@ -196,8 +196,6 @@ def test_user_site_has_the_model_pages_and_serves_its_javascript(user_book: Path
     per_model = sorted(p.stem for p in (user_book / "book" / "runs" / SLUG).glob("*.ipynb"))
     assert per_model and [p.stem for p in model_pages] == per_model
     for name in (
-        "vendor/require.js",
-        "vendor/ipywidgets/embed-amd.js",
         "vendor/mathjax/tex-mml-chtml.js",
         "_static/vega-bundle.js",
     ):

@@ -3,8 +3,9 @@
 The table of contents is generated from what exists in the runs folder, so the book never links
 to a page that was not run and never misses a model that was: the front pages (intro, method,
 book-level "front" notebooks such as the model organisms page), then one part per model with its
-observation notebooks, then the book-level "back" notebooks (the summary), any further
-``book/*.md`` pages, and the reproduce page last. The generated file goes to
+observation notebooks, then the book-level "back" notebooks (the summary) with any further
+``book/*.md`` page, then the appendix "Running at scale" (the reproduce, performance and coverage
+pages, and how to cite the book). The generated file goes to
 ``book/generated/_toc.yml``; the committed ``_toc.yml`` lists only the hand-written pages, so
 ``jupyter-book build .`` works even before any notebook has run.
 
@@ -39,13 +40,16 @@ PAGES_DIR = "book"
 ROOT_PAGE = "intro"
 FRONT_PAGES = ("method",)
 LAST_PAGE = "reproduce"
+APPENDIX_PAGES = ("performance", "coverage")
+CITE_PAGE = "cite"
+APPENDIX_CAPTION = "Appendix: running at scale"
 GENERATED_TOC = Path("book/generated/_toc.yml")
 GENERATED_CONFIG = Path("book/generated/_config.yml")
 BINDER_URL = "https://mybinder.org"
 COLAB_URL = "https://colab.research.google.com"
 VEGA_BUNDLE = Path("book/_static/vega-bundle.js")
 VENDOR_DIR = Path("book/_extra/vendor")
-VENDOR_FILES = ("require.js", "ipywidgets/embed-amd.js", "mathjax/tex-mml-chtml.js")
+VENDOR_FILES = ("mathjax/tex-mml-chtml.js",)
 
 
 @dataclass
@@ -140,14 +144,20 @@ def _doc(path: Path, root: Path) -> str:
 
 
 def make_toc(index: RunsIndex, root: str | Path) -> dict[str, Any]:
-    """The jb-book table of contents for ``index`` (paths relative to ``root``)."""
+    """The jb-book table of contents for ``index`` (paths relative to ``root``).
+
+    Parts: the paper and the method (with the book-level "front" notebooks), one part per model,
+    the summary (the book-level "back" notebooks, then any other ``book/*.md`` page), and the
+    appendix for users who run the book themselves: the reproduce page, then
+    :data:`APPENDIX_PAGES` that exist, and the citation page last.
+    """
     root = Path(root)
     pages = root / PAGES_DIR
     for name in (ROOT_PAGE, *FRONT_PAGES, LAST_PAGE):
         if not (pages / f"{name}.md").exists():
             raise MoEUtilsError(f"page {pages / name}.md is missing; it is part of every book")
-    known = {ROOT_PAGE, *FRONT_PAGES, LAST_PAGE}
-    extra_pages = sorted(p for p in pages.glob("*.md") if p.stem not in known)
+    known = {ROOT_PAGE, *FRONT_PAGES, LAST_PAGE, *APPENDIX_PAGES, CITE_PAGE}
+    extra_pages = sorted(p.stem for p in pages.glob("*.md") if p.stem not in known)
 
     front = [{"file": f"{PAGES_DIR}/{name}"} for name in FRONT_PAGES]
     front += [{"file": _doc(nb, root)} for nb in index.front]
@@ -156,9 +166,13 @@ def make_toc(index: RunsIndex, root: str | Path) -> dict[str, Any]:
         chapters = [{"file": _doc(nb, root)} for nb in run.notebooks]
         parts.append({"caption": f"Model: {run.model}", "chapters": chapters})
     back = [{"file": _doc(nb, root)} for nb in index.back]
-    back += [{"file": _doc(p, root)} for p in extra_pages]
-    back.append({"file": f"{PAGES_DIR}/{LAST_PAGE}"})
-    parts.append({"caption": "Summary and reproduction", "chapters": back})
+    back += [{"file": f"{PAGES_DIR}/{p}"} for p in extra_pages]
+    if back:
+        parts.append({"caption": "Summary", "chapters": back})
+    appendix = [LAST_PAGE, *(p for p in APPENDIX_PAGES if (pages / f"{p}.md").exists())]
+    if (pages / f"{CITE_PAGE}.md").exists():
+        appendix.append(CITE_PAGE)
+    parts.append({"caption": APPENDIX_CAPTION, "chapters": [{"file": f"{PAGES_DIR}/{p}"} for p in appendix]})
     return {"format": "jb-book", "root": f"{PAGES_DIR}/{ROOT_PAGE}", "parts": parts}
 
 
@@ -209,7 +223,7 @@ def check_assets(root: Path, log: Log) -> None:
     missing = [f for f in VENDOR_FILES if not (root / VENDOR_DIR / f).exists()]
     if missing:
         log(
-            f"WARNING: {', '.join(missing)} missing under {root / VENDOR_DIR}: widgets and math "
+            f"WARNING: {', '.join(missing)} missing under {root / VENDOR_DIR}: math "
             f"will not render offline. In a clone, run `make vendor` (needs npm) and build again; a folder "
             f"made by `moe-book init` has them."
         )

@@ -34,8 +34,6 @@ PACKAGED_TEMPLATE = HERE / "book_template"
 REPOSITORY_ROOT = HERE.parents[1]
 OFFLINE_JS = (
     "book/_static/vega-bundle.js",
-    "book/_extra/vendor/require.js",
-    "book/_extra/vendor/ipywidgets/embed-amd.js",
     "book/_extra/vendor/mathjax/tex-mml-chtml.js",
 )
 TOC_PAGES = ("book/method", "book/reproduce", "book/performance")
