@@ -338,7 +338,7 @@ def render_page(data: dict) -> str:
         "# Model coverage",
         "",
         f"Every decoder Mixture-of-Experts family of the installed transformers "
-        f"({data['transformers']}, torch {data['torch']}), checked on {data['date']} with a tiny "
+        f"({data['transformers']}, torch {data['torch']}), checked with a tiny "
         "random model built from the family's own config class. "
         f"**{counts['listed']} families are listed; {counts['pass']} pass both analyses** "
         f"(every notebook ran through `moe-book run` and every MoE block was rebuilt from its "
