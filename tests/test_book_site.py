@@ -165,7 +165,10 @@ def test_rebuild_drops_pages_of_runs_that_are_gone(built_book: dict) -> None:
     ghost = html / "book" / "runs" / "removed-model" / "obs2_router_norms.html"
     ghost.parent.mkdir(parents=True)
     ghost.write_text("<html>a page from an earlier build</html>", encoding="utf-8")
-    build = _moe_book("build", cwd=root)
+    refused = _moe_book("build", cwd=root)
+    assert refused.returncode == 2 and "book/runs/removed-model/obs2_router_norms" in refused.stderr
+    assert ghost.exists()  # nothing was touched
+    build = _moe_book("build", "--allow-fewer-pages", cwd=root)
     assert build.returncode == 0, build.stdout + build.stderr
     assert not ghost.exists()
     assert (html / "book" / "runs" / SLUG / f"{built_book['name']}.html").exists()

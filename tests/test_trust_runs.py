@@ -31,6 +31,7 @@ from moe_utils.publish import bookbuild, cli, runner
 
 REPO = Path(__file__).resolve().parents[1]
 ZOO = REPO / "moe_utils" / "zoo" / "models"
+MODEL, SLUG = "zoo:tiny-moe-fine", "tiny-moe-fine"  # a real zoo id: the stand-in notebooks never load it
 
 FAKE_PARAMETERS = """model = "zoo:x"
 dense_baseline: "Optional[str]" = None
@@ -69,7 +70,7 @@ def fake_notebooks(folder: Path) -> Path:
     return folder
 
 
-def run_cli(nbs: Path, out: Path, *args: str, model: str = "zoo:fake") -> int:
+def run_cli(nbs: Path, out: Path, *args: str, model: str = MODEL) -> int:
     return cli.main(["run", "--model", model, "--notebooks-dir", str(nbs), "--out", str(out), *args])
 
 
@@ -87,7 +88,7 @@ def first_run(tmp_path: Path) -> tuple[Path, Path, dict[str, bytes]]:
     """A successful first run of ``obs_fake`` (value 1): notebooks dir, runs dir, its files."""
     nbs, out = fake_notebooks(tmp_path / "nbs"), tmp_path / "runs"
     assert run_cli(nbs, out, "-p", "value", "1") == 0
-    assert read_result(out / "fake" / "results" / "obs_fake.json").value("v") == 1
+    assert read_result(out / SLUG / "results" / "obs_fake.json").value("v") == 1
     return nbs, out, snapshot(out)
 
 
@@ -98,7 +99,7 @@ def _env() -> dict[str, str]:
 def _wait_for_staged_result(out: Path, timeout: float = 120) -> Path:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        for path in (out / "fake").glob(".staging-*/results/obs_fake.json"):
+        for path in (out / SLUG).glob(".staging-*/results/obs_fake.json"):
             if json.loads(path.read_text())["summary"]["v"]["value"] == 2:
                 return path
         time.sleep(0.2)
@@ -114,25 +115,28 @@ def test_failed_run_keeps_previous_notebook_and_results(first_run, capsys) -> No
     assert run_cli(nbs, out, "-p", "value", "2", "-p", "fail", "True") == 1
     err = capsys.readouterr().err
     assert "RuntimeError: boom" in err and "obs_fake.failed.ipynb" in err
-    assert snapshot(out) == {**before, "fake/obs_fake.failed.ipynb": (out / "fake/obs_fake.failed.ipynb").read_bytes()}
-    failed = nbformat.read(out / "fake" / "obs_fake.failed.ipynb", as_version=4)
+    assert snapshot(out) == {
+        **before,
+        f"{SLUG}/obs_fake.failed.ipynb": (out / SLUG / "obs_fake.failed.ipynb").read_bytes(),
+    }
+    failed = nbformat.read(out / SLUG / "obs_fake.failed.ipynb", as_version=4)
     assert failed.metadata.papermill.exception is True
-    assert not list((out / "fake").glob(".staging-*"))  # nothing left behind
+    assert not list((out / SLUG).glob(".staging-*"))  # nothing left behind
     # The build never publishes it; a later successful run removes it.
     index = bookbuild.collect_runs(out)
     assert [p.name for p in index.failed] == ["obs_fake.failed.ipynb"]
     assert [p.name for m in index.models for p in m.notebooks] == ["obs_fake.ipynb"]
     assert run_cli(nbs, out, "-p", "value", "3") == 0
-    assert read_result(out / "fake" / "results" / "obs_fake.json").value("v") == 3
-    assert not (out / "fake" / "obs_fake.failed.ipynb").exists()
+    assert read_result(out / SLUG / "results" / "obs_fake.json").value("v") == 3
+    assert not (out / SLUG / "obs_fake.failed.ipynb").exists()
     injected = next(
         c
-        for c in nbformat.read(out / "fake" / "obs_fake.ipynb", as_version=4).cells
+        for c in nbformat.read(out / SLUG / "obs_fake.ipynb", as_version=4).cells
         if "injected-parameters" in c.metadata.get("tags", [])
     )
     assert 'results_dir = "results"' in injected.source and ".staging" not in injected.source
     # Outputs name the results file where it is now, not the staging folder it was written in.
-    published = (out / "fake" / "obs_fake.ipynb").read_text(encoding="utf-8")
+    published = (out / SLUG / "obs_fake.ipynb").read_text(encoding="utf-8")
     assert "results in results/obs_fake.json" in published and ".staging" not in published
 
 
@@ -146,7 +150,7 @@ def test_interrupted_run_keeps_previous_files(first_run, sig) -> None:
         "moe_utils.publish.cli",
         "run",
         "--model",
-        "zoo:fake",
+        MODEL,
         "--notebooks-dir",
         str(nbs),
         "--out",
@@ -170,7 +174,7 @@ def test_interrupted_run_keeps_previous_files(first_run, sig) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     after = snapshot(out)
-    after.pop("fake/obs_fake.failed.ipynb", None)
+    after.pop(f"{SLUG}/obs_fake.failed.ipynb", None)
     assert after == before  # byte for byte
     if sig == signal.SIGINT:
         assert proc.returncode == 130
@@ -178,11 +182,11 @@ def test_interrupted_run_keeps_previous_files(first_run, sig) -> None:
         assert len(lines) == 1 and "interrupted" in lines[0] and "kept" in lines[0]
         assert "Traceback" not in err
     else:
-        assert list((out / "fake").glob(".staging-*"))  # only the staging folder remains
+        assert list((out / SLUG).glob(".staging-*"))  # only the staging folder remains
         assert [p.name for m in bookbuild.collect_runs(out).models for p in m.notebooks] == ["obs_fake.ipynb"]
         assert run_cli(nbs, out, "-p", "value", "4") == 0  # the next run clears it
-        assert not list((out / "fake").glob(".staging-*"))
-        assert read_result(out / "fake" / "results" / "obs_fake.json").value("v") == 4
+        assert not list((out / SLUG).glob(".staging-*"))
+        assert read_result(out / SLUG / "results" / "obs_fake.json").value("v") == 4
 
 
 @pytest.mark.slow
@@ -190,14 +194,14 @@ def test_full_disk_while_publishing_keeps_previous_files(first_run, monkeypatch,
     nbs, out, before = first_run
 
     def full(*_a, **_k):
-        raise OSError(errno.ENOSPC, "No space left on device", str(out / "fake" / "results"))
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / SLUG / "results"))
 
     monkeypatch.setattr(runner, "_publish_results", full)
     assert run_cli(nbs, out, "-p", "value", "2") == 1
     err = capsys.readouterr().err
     assert "the disk is full" in err and "previous notebooks and results were kept" in err
     after = snapshot(out)
-    after.pop("fake/obs_fake.failed.ipynb", None)
+    after.pop(f"{SLUG}/obs_fake.failed.ipynb", None)
     assert after == before
 
 
@@ -233,8 +237,38 @@ def _book(tmp_path: Path) -> Path:
     return root
 
 
+def _executed(runs: Path, slug: str, name: str, exception: bool = False) -> Path:
+    """A notebook as papermill leaves it (``exception`` True for a failed run)."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["papermill"] = {"exception": exception or None, "parameters": {"model": f"zoo:{slug}"}}
+    (runs / slug).mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, runs / slug / f"{name}.ipynb")
+    return runs / slug / f"{name}.ipynb"
+
+
+def _site_building(monkeypatch, text: str = "new site") -> list[list[str]]:
+    """Stand in for jupyter-book: each build writes an index.html saying ``text``; returns the calls."""
+    calls: list[list[str]] = []
+
+    def build(cmd, cwd=None):
+        calls.append(cmd)
+        out = Path(cmd[cmd.index("--path-output") + 1]) / "_build" / "html"
+        out.mkdir(parents=True)
+        (out / "index.html").write_text(text)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(bookbuild.subprocess, "run", build)
+    return calls
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    """Every file under ``root``, hidden ones included (relative path -> bytes)."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def test_failed_build_keeps_the_previous_site(tmp_path: Path, monkeypatch, capsys) -> None:
     root = _book(tmp_path)
+    _executed(root / "book" / "runs", "m", "obs1")
 
     def failing(cmd, cwd=None):
         out = Path(cmd[cmd.index("--path-output") + 1]) / "_build" / "html"
@@ -286,6 +320,137 @@ def test_build_leaves_out_unfinished_notebooks(tmp_path: Path) -> None:
     index = bookbuild.collect_runs(runs)
     assert [p.name for m in index.models for p in m.notebooks] == ["obs1.ipynb"]
     assert sorted(p.name for p in index.failed) == ["obs2.ipynb", "obs3.failed.ipynb"]
+
+
+@pytest.mark.parametrize("case", ["missing", "a-file", "only-failed"])
+def test_build_from_a_missing_or_empty_runs_folder_is_refused_before_anything_is_touched(
+    tmp_path: Path, monkeypatch, capsys, case: str
+) -> None:
+    root = _book(tmp_path)
+    runs = root / "book" / "runs"
+    if case == "a-file":
+        runs.write_text("not a folder")
+    elif case == "only-failed":
+        _executed(runs, "m", "obs1", exception=True)
+    before, calls = _tree(root), _site_building(monkeypatch)
+    assert cli.main(["build", "--root", str(root), "--out", str(runs)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert str(runs) in line and "moe-book run" in line
+    assert ("1 failed or unfinished" in line) == (case == "only-failed")
+    assert _tree(root) == before and not calls
+
+
+def test_build_that_would_lose_model_pages_needs_allow_fewer_pages(tmp_path: Path, monkeypatch, capsys) -> None:
+    root = _book(tmp_path)
+    runs = root / "book" / "runs"
+    _executed(runs, "kept", "obs1")
+    site = root / "_build" / "html" / "book" / "runs"
+    for page in ("kept/obs1", "gone/obs1", "gone/obs2", "book/summary"):  # book/summary is no model page
+        (site / page).parent.mkdir(parents=True, exist_ok=True)
+        (site / page).with_suffix(".html").write_text("a page of the current site")
+    before, calls = _tree(root), _site_building(monkeypatch)
+    build = ["build", "--root", str(root), "--out", str(runs)]
+    assert cli.main(build) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "lose 2 model page(s)" in line and "book/runs/gone/obs1, book/runs/gone/obs2" in line
+    assert "--allow-fewer-pages" in line and "summary" not in line
+    assert _tree(root) == before and not calls
+    assert cli.main([*build, "--allow-fewer-pages"]) == 0
+    assert (root / "_build" / "html" / "index.html").read_text() == "new site"
+    assert cli.main(build) == 0  # the site now has what the runs folder has: nothing to lose
+    # The generated table of contents counts as the current site too.
+    toc = root / bookbuild.GENERATED_TOC
+    toc.write_text(toc.read_text().replace("book/runs/kept/obs1", "book/runs/kept/obs1\n  - file: book/runs/old/obs3"))
+    assert "file: book/runs/old/obs3" in toc.read_text()
+    assert cli.main(build) == 2
+    assert "book/runs/old/obs3" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- 3b. one landing per run
+
+
+class Crash(BaseException):
+    """The process dies here: nothing after this instant of the landing happens."""
+
+
+def _landing_job(root: Path) -> runner.Job:
+    (info,) = runner.discover_notebooks(fake_notebooks(root.parent / "nbs"))
+    output = root / "book" / "runs" / SLUG / "obs_fake.ipynb"
+    return runner.Job(info, output, {"model": MODEL, "results_dir": "results"}, MODEL)
+
+
+def _land(job: runner.Job, value: int, root: Path) -> None:
+    """A successful run that wrote ``value`` into its notebook and two results files (no kernel)."""
+    with runner.staged_run(job, root) as stage:
+        nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(f"value {value}")])
+        nb.metadata["papermill"] = {"exception": None, "parameters": {}}
+        nbformat.write(nb, stage.notebook)
+        for name in ("obs_fake", "obs_fake_extra"):
+            (stage.results / f"{name}.json").write_text(json.dumps({"v": value}))
+
+
+def _pair(job: runner.Job) -> tuple[int | None, ...]:
+    """What the model's folder holds: the notebook's value and each results file's."""
+    folder = job.output.parent
+    text = job.output.read_text() if job.output.exists() else ""
+    values = [int(text.split("value ")[1][0]) if "value " in text else None]
+    for name in ("obs_fake", "obs_fake_extra"):
+        path = folder / "results" / f"{name}.json"
+        values.append(json.loads(path.read_text())["v"] if path.exists() else None)
+    return tuple(values)
+
+
+@pytest.mark.parametrize("at", ["before-commit", 0, 1, 2], ids=lambda a: f"crash-{a}")
+def test_a_crash_while_landing_leaves_the_old_pair_or_the_new_one(tmp_path: Path, monkeypatch, at) -> None:
+    root = _book(tmp_path)
+    job = _landing_job(root)
+    _land(job, 1, root)
+    assert _pair(job) == (1, 1, 1)
+    moved: list[Path] = []
+    real_move = runner._move
+
+    def crashing_move(src: Path, dst: Path) -> None:
+        if len(moved) >= at:
+            raise Crash
+        real_move(src, dst)
+        moved.append(dst)
+
+    def crashing_commit(_stage) -> None:
+        raise Crash
+
+    if at == "before-commit":
+        monkeypatch.setattr(runner, "_publish_results", crashing_commit)
+    else:
+        monkeypatch.setattr(runner, "_move", crashing_move)
+    with pytest.raises(Crash):
+        _land(job, 2, root)
+    journals = list(job.output.parent.glob(f".staging-*/{runner.LANDING}"))
+    assert len(journals) == (0 if at == "before-commit" else 1)  # committed: the journal stays
+    # The next moe-book process (here a build; a run does the same) finds the dead run's journal.
+    monkeypatch.setattr(runner, "_move", real_move)
+    monkeypatch.setattr(runner, "_pid_alive", lambda pid: False)
+    _site_building(monkeypatch)
+    assert cli.main(["build", "--root", str(root), "--out", str(root / "book" / "runs")]) == 0
+    assert _pair(job) == ((1, 1, 1) if at == "before-commit" else (2, 2, 2))
+    assert not list(job.output.parent.glob(".staging-*"))
+
+
+def test_ctrl_c_while_landing_finishes_the_landing(tmp_path: Path, monkeypatch) -> None:
+    root = _book(tmp_path)
+    job = _landing_job(root)
+    _land(job, 1, root)
+    real_move, calls = runner._move, []
+
+    def interrupted_once(src: Path, dst: Path) -> None:
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_move(src, dst)
+
+    monkeypatch.setattr(runner, "_move", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        _land(job, 2, root)
+    assert _pair(job) == (2, 2, 2) and not list(job.output.parent.glob(".staging-*"))
 
 
 # --------------------------------------------------------------------------- 4. model identity
@@ -509,6 +674,31 @@ def test_missing_local_model_folder_is_a_usage_error(tmp_path: Path, capsys) -> 
         == 2
     )
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flag", "model", "message"),
+    [
+        ("--model", "zoo:nope", "unknown zoo model 'zoo:nope'; the zoo holds: tiny-dense"),
+        ("--model", "random:nope", "unknown model family 'nope' in 'random:nope'"),
+        ("--model", "random:", "unknown model family '' in 'random:'"),
+        ("--model", "random:grok1", "random:grok1: grok1 models need their publisher's code"),
+        ("--dense-baseline", "zoo:no-dense", "unknown zoo model 'zoo:no-dense'"),
+    ],
+)
+def test_unknown_zoo_or_random_model_is_refused_before_anything_runs(
+    tmp_path: Path, capsys, flag: str, model: str, message: str
+) -> None:
+    args = ["--model", MODEL] if flag == "--dense-baseline" else []
+    out = tmp_path / "out"
+    code = cli.main(
+        ["run", *args, flag, model, "--notebooks", "obs2_router_norms", "--notebooks-dir", str(REPO / "notebooks")]
+        + ["--out", str(out)]
+    )
+    assert code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert message in line
+    assert not out.exists()
 
 
 def test_open_study_checks_layers_and_inputs_before_loading(monkeypatch) -> None:

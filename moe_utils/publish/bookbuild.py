@@ -33,8 +33,17 @@ import yaml
 
 from moe_utils.core.errors import MoEUtilsError
 from moe_utils.core.names import model_label, model_slug
+from moe_utils.publish.guards import check_build, check_runs_folder, current_model_pages
 from moe_utils.publish.render import write_vega_bundle
-from moe_utils.publish.runner import BOOK_FOLDER, FAILED_SUFFIX, METADATA_KEY, Log, default_models, notebook_info
+from moe_utils.publish.runner import (
+    BOOK_FOLDER,
+    FAILED_SUFFIX,
+    METADATA_KEY,
+    Log,
+    default_models,
+    finish_landings,
+    notebook_info,
+)
 
 PAGES_DIR = "book"
 ROOT_PAGE = "intro"
@@ -270,12 +279,15 @@ def build_book(
     log: Log = print,
     repository_url: str | None = None,
     branch: str = "main",
+    allow_fewer_pages: bool = False,
 ) -> Path:
     """Generate the TOC from ``runs_dir`` and run ``jupyter-book build``; return the HTML folder.
 
     ``runs_dir`` must lie inside ``root`` (Sphinx only reads documents under its source folder).
     ``strict`` turns Sphinx warnings into errors (``-W --keep-going``). ``repository_url`` adds
     Binder and Colab launch buttons for that repository (at ``branch``); none by default.
+    A missing or empty runs folder, or one that would drop model pages of the current site
+    (unless ``allow_fewer_pages``), is refused before anything is written (:mod:`.guards`).
     """
     if importlib.util.find_spec("jupyter_book") is None:
         raise MoEUtilsError(
@@ -291,17 +303,25 @@ def build_book(
     runs = (root / runs_dir).resolve()  # an absolute runs_dir stays as it is
     if not runs.is_relative_to(root):
         raise MoEUtilsError(f"runs folder {runs} must be inside the book folder {root}")
+    check_runs_folder(runs)
+    finish_landings(runs)  # runs killed while landing: their new notebook and results
     index = collect_runs(runs)
+    build_dir = Path(build_dir).resolve() if build_dir is not None else root
+    check_build(
+        runs,
+        executed=sum(len(run.notebooks) for run in index.models) + len(index.front) + len(index.back),
+        failed=len(index.failed),
+        new_pages={_doc(nb, root) for run in index.models for nb in run.notebooks},
+        old_pages=current_model_pages(root, runs, build_dir / "_build" / "html", root / GENERATED_TOC),
+        allow_fewer_pages=allow_fewer_pages,
+    )
     for nb in index.failed:
         log(
             f"WARNING: leaving out {nb.relative_to(root)}: its run failed or did not finish "
             "(rerun it with moe-book run)"
         )
-    if not index.models and not index.front and not index.back:
-        log(f"WARNING: no executed notebooks under {runs}; the book will have only its text pages")
     toc = write_toc(make_toc(index, root), root / GENERATED_TOC)
     check_assets(root, log)
-    build_dir = Path(build_dir).resolve() if build_dir is not None else root
     staging = _staging_build_dir(build_dir)
     cmd = [
         sys.executable,

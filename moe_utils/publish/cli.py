@@ -2,7 +2,8 @@
 
 moe-book run [--model ID_OR_DIR] [--dense-baseline ID] [--notebooks NAME ...]
              [--out DIR] [--trust-remote-code] [--allow-pickle] [-p NAME VALUE ...]
-moe-book build [--out DIR] [--build-dir DIR] [--no-strict] [--repository-url URL [--branch B]]
+moe-book build [--out DIR] [--build-dir DIR] [--no-strict] [--allow-fewer-pages]
+               [--repository-url URL [--branch B]]
 moe-book init DIR [--repository-url URL [--branch B]]
                               (a new book folder: pages, notebooks, offline JavaScript)
 moe-book zoo train ...        (delegates to moe_utils.zoo.train)
@@ -19,6 +20,7 @@ from pathlib import Path
 from moe_utils import __version__
 from moe_utils.core.errors import MoEUtilsError, RunInterrupted, UsageError
 from moe_utils.publish.bookbuild import build_book
+from moe_utils.publish.guards import ALLOW_FLAG
 from moe_utils.publish.runner import RunRequest, check_output_folder, parse_parameters, plan_request, run_jobs
 from moe_utils.publish.scaffold import init_book
 
@@ -88,6 +90,12 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--root", type=Path, default=Path("."), help="book folder with _config.yml (default .)")
     p.add_argument("--build-dir", type=Path, default=None, help="where _build/html goes (default: the book folder)")
     p.add_argument("--no-strict", dest="strict", action="store_false", help="do not treat Sphinx warnings as errors")
+    p.add_argument(
+        ALLOW_FLAG,
+        action="store_true",
+        help="publish even when the new site has fewer model pages than the current one "
+        "(without it such a build is refused)",
+    )
     _add_launch_buttons(
         p,
         "add Binder and Colab launch buttons opening the notebooks from this repository "
@@ -188,6 +196,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         strict=args.strict,
         repository_url=args.repository_url,
         branch=args.branch,
+        allow_fewer_pages=args.allow_fewer_pages,
     )
     return 0
 

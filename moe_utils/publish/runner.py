@@ -537,15 +537,33 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _remove_stale_stages(workdir: Path, name: str) -> None:
-    """Staging folders of ``name`` left by a killed run (its process is gone) are removed."""
-    for stale in workdir.glob(f"{STAGING_PREFIX}{name}-*"):
-        try:
-            pid = int(stale.name.rsplit("-", 2)[-2])
-        except (ValueError, IndexError):
+def _stage_pid(folder: Path) -> int | None:
+    """The process id in a staging folder's name (``.staging-<name>-<pid>-<random>``)."""
+    try:
+        return int(folder.name.rsplit("-", 2)[-2])
+    except (ValueError, IndexError):
+        return None
+
+
+def _remove_stale_stages(workdir: Path, name: str = "") -> None:
+    """Staging folders (of notebook ``name``, or all) left by a killed run (its process is gone):
+    a committed landing (:data:`LANDING` present) is finished first, then the folder is removed."""
+    for stale in workdir.glob(f"{STAGING_PREFIX}{name}{'-' if name else ''}*"):
+        pid = _stage_pid(stale)
+        if pid is None or _pid_alive(pid) or not stale.is_dir():
             continue
-        if not _pid_alive(pid):
-            shutil.rmtree(stale, ignore_errors=True)
+        if (stale / LANDING).is_file():
+            _apply_landing(stale, workdir)
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def finish_landings(runs: Path) -> None:
+    """Finish the landings that killed runs committed under ``runs`` (one folder per model) and
+    remove their staging folders, so readers see each notebook with its own results files."""
+    if runs.is_dir():
+        for folder in runs.iterdir():
+            if folder.is_dir() and not folder.name.startswith("."):
+                _remove_stale_stages(folder)
 
 
 def _final_parameters(nb: nbformat.NotebookNode, parameters: dict[str, Any], output: Path) -> None:
@@ -571,6 +589,7 @@ class Stage:
     folder: Path
     parameters: dict[str, Any]
     failed: bool = False
+    committed: bool = False  # the landing's journal is written: the new files are the outcome
 
     @property
     def notebook(self) -> Path:
@@ -585,18 +604,57 @@ class Stage:
         self.failed = True
 
 
-def _publish_results(staged: Path, final: Path) -> None:
-    """Move results files the run wrote or changed from ``staged`` into ``final`` (atomic each)."""
-    if not staged.is_dir():
-        return
-    final.mkdir(parents=True, exist_ok=True)
-    for path in sorted(staged.iterdir()):
-        if not path.is_file() or path.name.startswith("."):
-            continue
-        target = final / path.name
-        if target.is_file() and target.read_bytes() == path.read_bytes():
-            continue
-        os.replace(path, target)
+LANDING = "LANDING.json"
+"""The journal of a landing in its staging folder: once written, the new notebook and results are
+the outcome, and an interrupted landing is finished by the next ``moe-book run`` or ``build``."""
+
+
+def _move(src: Path, dst: Path) -> None:
+    """One atomic rename (a seam: tests simulate a crash between two moves through it)."""
+    os.replace(src, dst)
+
+
+def _landing_moves(stage: Stage) -> list[tuple[str, str]]:
+    """``(path in the staging folder, path in the model's folder)`` of every file a successful
+    run lands: the results files it wrote or changed, then the notebook."""
+    moves = []
+    final = stage.job.output.parent / RESULTS_FOLDER
+    if stage.results.is_dir():
+        for path in sorted(stage.results.iterdir()):
+            if not path.is_file() or path.name.startswith("."):
+                continue
+            target = final / path.name
+            if target.is_file() and target.read_bytes() == path.read_bytes():
+                continue
+            moves.append((f"{RESULTS_FOLDER}/{path.name}", f"{RESULTS_FOLDER}/{path.name}"))
+    moves.append((stage.notebook.name, stage.job.output.name))
+    return moves
+
+
+def _publish_results(stage: Stage) -> None:
+    """Commit the landing: write its journal (moves, and the stale failed notebook to remove)
+    into the staging folder, atomically and flushed to disk. Nothing has moved yet."""
+    plan = {"moves": _landing_moves(stage), "remove": [failed_path(stage.job.output).name]}
+    tmp = stage.folder / f"{LANDING}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(plan, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, stage.folder / LANDING)
+
+
+def _apply_landing(folder: Path, workdir: Path) -> None:
+    """Carry out (or finish) the moves of ``folder``'s journal into ``workdir``; a file already
+    moved is skipped, so running it again after an interruption completes the landing."""
+    plan = json.loads((folder / LANDING).read_text(encoding="utf-8"))
+    for src, dst in plan["moves"]:
+        source, target = folder / src, workdir / dst
+        if source.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _move(source, target)
+    for name in plan["remove"]:
+        (workdir / name).unlink(missing_ok=True)
+    (folder / LANDING).unlink()
 
 
 def _unstage_outputs(nb: nbformat.NotebookNode, staging: str) -> None:
@@ -662,14 +720,13 @@ def _finish_notebook(stage: Stage, output: Path, root: Path | None) -> None:
 
 
 def publish_stage(stage: Stage, root: Path | None) -> None:
-    """Land a successful run: results files first, then the notebook, each by an atomic rename."""
-    job = stage.job
-    _finish_notebook(stage, job.output, root)
-    _publish_results(stage.results, job.output.parent / RESULTS_FOLDER)
-    os.replace(stage.notebook, job.output)
-    stale = failed_path(job.output)
-    if stale.exists():
-        stale.unlink()
+    """Land a successful run as one unit: commit a journal of the moves (results files, then the
+    notebook), then rename each into place. A crash before the commit leaves the previous files;
+    after it, the new ones (the next run or build finishes the moves)."""
+    _finish_notebook(stage, stage.job.output, root)
+    _publish_results(stage)
+    stage.committed = True
+    _apply_landing(stage.folder, stage.job.output.parent)
 
 
 def keep_failed(stage: Stage, root: Path | None) -> Path | None:
@@ -691,10 +748,12 @@ def staged_run(job: Job, root: Path | None = None) -> Iterator[Stage]:
 
     The kernel works in the final folder but writes its notebook and results into a hidden
     staging folder beside them (``.staging-<name>-<pid>-<random>``). When the body returns
-    without :meth:`Stage.fail`, the results files and then the notebook are moved into place.
-    On failure, Ctrl-C or any error the previous notebook and results stay byte for byte as they
-    were and the partial notebook is kept as ``<name>.failed.ipynb``; after SIGKILL only the
-    staging folder is left, and the next run of the notebook removes it.
+    without :meth:`Stage.fail`, the notebook and the results files it wrote land together
+    (:func:`publish_stage`). On failure, Ctrl-C or any error before the landing is committed the
+    previous notebook and results stay byte for byte as they were and the partial notebook is kept
+    as ``<name>.failed.ipynb``; an error after the commit finishes the landing. After SIGKILL only
+    the staging folder is left: the next run or build finishes a committed landing from it and
+    removes it.
     """
     workdir = job.output.parent
     workdir.mkdir(parents=True, exist_ok=True)
@@ -718,10 +777,14 @@ def staged_run(job: Job, root: Path | None = None) -> Iterator[Stage]:
             publish_stage(stage, root)
     except BaseException:
         with contextlib.suppress(Exception):
-            keep_failed(stage, root)
+            if stage.committed:
+                _apply_landing(folder, workdir)
+            else:
+                keep_failed(stage, root)
         raise
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        if not (folder / LANDING).exists():  # else kept for the next run or build to finish
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def check_output_folder(out: Path) -> None:
@@ -767,6 +830,8 @@ def run_jobs(jobs: Sequence[Job], log: Log = print, root: Path | None = None) ->
     :class:`OutputFolderError`, each saying what was kept.
     """
     done: list[Path] = []
+    for runs in sorted({job.output.parent.parent for job in jobs}):
+        finish_landings(runs)
     with kernel_environment():
         start = time.perf_counter()
         for i, job in enumerate(jobs, 1):
@@ -834,9 +899,9 @@ def plan_request(req: RunRequest) -> list[Job]:
     else:
         check_model_id(req.model)
         models, baseline = [req.model], req.dense_baseline
-    if req.dense_baseline is not None:
-        check_model_id(req.dense_baseline)
         include_book = bool(req.notebooks)
+    if req.dense_baseline is not None and req.dense_baseline.startswith(("zoo:", "random:")):
+        check_model_id(req.dense_baseline)  # a local folder is checked with the parameters
     planned = [nb for nb in chosen if nb.scope == "model" or include_book]
     declared = check_request_parameters(planned or chosen, req.parameters, baseline)
     jobs = plan_jobs(chosen, models, baseline, req.out, req.parameters, include_book, declared)
