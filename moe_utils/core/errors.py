@@ -82,3 +82,7 @@ class NonFiniteError(MoEUtilsError, ValueError):
             f"would be meaningless. Check the checkpoint (a corrupt shard, an overflow when converting to a "
             f"smaller dtype){hint}."
         )
+
+
+class UnsupportedQuantizationError(MoEUtilsError, ValueError):
+    """config.json declares a quantization format the weight readers cannot decode."""

@@ -26,6 +26,7 @@ import torch
 
 from moe_utils.core import paths
 from moe_utils.core.errors import CheckpointError, PickleRefusedError
+from moe_utils.models.quantized import quant_scheme
 
 if TYPE_CHECKING:
     from safetensors import safe_open
@@ -75,6 +76,7 @@ def find_weight_files(folder: str | Path, allow_pickle: bool = False) -> WeightF
         raise CheckpointError(
             f"{folder} is not a folder; pass a model folder containing config.json and *.safetensors files"
         )
+    _check_quantization(folder)
     index_path = folder / SAFETENSORS_INDEX
     if index_path.is_file():
         index = _read_index(index_path)
@@ -100,6 +102,17 @@ def find_weight_files(folder: str | Path, allow_pickle: bool = False) -> WeightF
         f"{folder} contains no weight files (*.safetensors, or *.bin/*.pt with "
         "allow_pickle=True); download the weights into it"
     )
+
+
+def _check_quantization(folder: Path) -> None:
+    """Refuse a checkpoint whose config.json declares a quantization the readers cannot decode
+    (:func:`~moe_utils.models.quantized.quant_scheme`), before any weight file is opened."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # no readable config: the callers that need one say so
+    if isinstance(config, dict):
+        quant_scheme(config)
 
 
 class CheckpointReader:
@@ -232,7 +245,7 @@ class CheckpointReader:
         dtype = _ST_DTYPES.get(entry["dtype"]) if entry else None
         if entry is None or dtype is None:
             return self.get(name).clone()
-        return self.read_into(name, torch.empty(tuple(entry["shape"]), dtype=dtype))
+        return self.read_into(name, torch.empty(torch_shape(entry), dtype=dtype))
 
     def _entry(self, name: str) -> tuple[Path, int, dict] | None:
         """(file, data start, header entry) of a safetensors tensor with a torch dtype, else None."""
@@ -258,7 +271,7 @@ class CheckpointReader:
             return self.read(name)
         path, base, entry = found
         start, end = entry["data_offsets"]
-        return _map_strided(path, base + start, end - start, _ST_DTYPES[entry["dtype"]], tuple(entry["shape"]), None)
+        return _map_strided(path, base + start, end - start, _ST_DTYPES[entry["dtype"]], torch_shape(entry), None)
 
     def mapped_stack(self, names: list[str]) -> torch.Tensor | None:
         """``torch.stack`` of same-shaped tensors as one strided view of one memory map, when the
@@ -273,7 +286,7 @@ class CheckpointReader:
         entries = [f[2] for f in found if f is not None]
         if len(paths) != 1 or len({(e["dtype"], tuple(e["shape"])) for e in entries}) != 1:
             return None
-        dtype, shape = _ST_DTYPES[entries[0]["dtype"]], tuple(entries[0]["shape"])
+        dtype, shape = _ST_DTYPES[entries[0]["dtype"]], torch_shape(entries[0])
         starts = [e["data_offsets"][0] for e in entries]
         size = entries[0]["data_offsets"][1] - starts[0]
         gap = starts[1] - starts[0] if len(starts) > 1 else size
@@ -298,7 +311,7 @@ class CheckpointReader:
         direct = (
             entry is not None
             and _ST_DTYPES.get(entry["dtype"]) == out.dtype
-            and tuple(entry["shape"]) == tuple(out.shape)
+            and torch_shape(entry) == tuple(out.shape)
             and out.is_contiguous()
             and out.device.type == "cpu"
         )
@@ -364,10 +377,25 @@ class CheckpointReader:
         return stop
 
     def shape(self, name: str) -> tuple[int, ...]:
+        """The torch shape of tensor ``name`` (an ``F4`` tensor holds two values per element)."""
         path = self.file_of(name)
         if self.files.kind == "pickle":
             return tuple(self.get(name).shape)
-        return tuple(self._open(path).get_slice(name).get_shape())
+        self._open(path)  # validates the header against the file size
+        entry = header_entry(path, name)
+        if entry is None:
+            return tuple(self._open(path).get_slice(name).get_shape())
+        return torch_shape(entry)
+
+    def stored_dtype(self, name: str) -> str:
+        """The dtype of tensor ``name`` as the file names it (safetensors: ``BF16``, ``F8_E4M3``,
+        ``F4``, ...; pickle files: the torch dtype's name), read from the header only."""
+        path = self.file_of(name)
+        if self.files.kind == "pickle":
+            return str(self.get(name).dtype).removeprefix("torch.")
+        self._open(path)
+        entry = header_entry(path, name)
+        return str(entry["dtype"]) if entry is not None else str(self._open(path).get_slice(name).get_dtype())
 
 
 _ST_DTYPES = {
@@ -381,7 +409,33 @@ _ST_DTYPES = {
     "I8": torch.int8,
     "U8": torch.uint8,
     "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E8M0": torch.float8_e8m0fnu,
+    "F4": torch.float4_e2m1fn_x2,
 }
+#: safetensors dtypes that pack several values into one torch element (along the last axis):
+#: ``F4`` counts 4-bit values in its header shape, torch's ``float4_e2m1fn_x2`` holds two per byte.
+_ST_PACKED = {"F4": 2}
+
+
+def torch_shape(entry: dict) -> tuple[int, ...]:
+    """The torch shape of a safetensors header entry (its header shape, with the last axis
+    divided for dtypes that pack several values per element)."""
+    shape = tuple(int(n) for n in entry["shape"])
+    per = _ST_PACKED.get(entry["dtype"], 1)
+    if per == 1 or not shape:
+        return shape
+    if shape[-1] % per:
+        raise CheckpointError(
+            f"a {entry['dtype']} tensor's last axis ({shape[-1]}) is not a multiple of {per}; the header is corrupt"
+        )
+    return (*shape[:-1], shape[-1] // per)
+
+
+def header_entry(path: Path, name: str) -> dict | None:
+    """The safetensors header entry (dtype, shape, data_offsets) of ``name`` in ``path``, or None."""
+    return _header(path, path.stat().st_mtime_ns)[1].get(name)
 
 
 def _map_strided(

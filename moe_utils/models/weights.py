@@ -12,7 +12,7 @@ model loaded from it give identical weights.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Protocol, TypeAlias
 
@@ -28,6 +28,7 @@ from moe_utils.core.finite import ScreenedSource, check_finite, is_finite, nonfi
 from moe_utils.engine.canonical import DenseMLPWeights, MoELayerWeights
 from moe_utils.models.checkpoint import CheckpointReader
 from moe_utils.models.ids import resolve_folder
+from moe_utils.models.quantized import QuantizedTensors, ignored_layer, model_dtype, quant_scheme
 
 Tensor = torch.Tensor
 
@@ -95,33 +96,57 @@ class ModelSource:
 
 
 class FolderSource:
-    """Tensors streamed from a checkpoint folder (memory-mapped safetensors)."""
+    """Tensors streamed from a checkpoint folder (memory-mapped safetensors).
+
+    A quantized checkpoint (:mod:`~moe_utils.models.quantized`) answers under the names of its
+    unquantized twin, decoded to its config's dtype; an unsupported quantization is refused here,
+    before a weight file is opened. Layers at index ``>= num_hidden_layers`` (DeepSeek-V3's
+    multi-token-prediction layer), which transformers does not load, are not seen."""
 
     on_disk = True
 
     def __init__(self, folder: Path, allow_pickle: bool = False):
         self.config = read_config_json(folder)
+        scheme = quant_scheme(self.config)
         self.reader = CheckpointReader(folder, allow_pickle=allow_pickle)
+        self.quantized = None if scheme is None else QuantizedTensors(self.reader, scheme, model_dtype(self.config))
+        layers = self.config.get("num_hidden_layers")
+        self.num_layers = layers if isinstance(layers, int) else None
 
     def has(self, name: str) -> bool:
-        return self.reader.has(name)
+        if ignored_layer(name, self.num_layers):
+            return False
+        return self.reader.has(name) if self.quantized is None else self.quantized.has(name)
 
     def get(self, name: str) -> Tensor:
         """The tensor on a private memory map of its own bytes, read as it is used and unmapped
         when freed (:meth:`~moe_utils.models.checkpoint.CheckpointReader.mapped`): a layer held
-        in memory costs its bytes once, and no time goes into copying it into fresh memory."""
-        return self.reader.mapped(name)
+        in memory costs its bytes once, and no time goes into copying it into fresh memory.
+        A quantized tensor is decoded into fresh memory instead."""
+        return self.reader.mapped(name) if self.quantized is None else self.quantized.get(name)
+
+    def is_quantized(self, name: str) -> bool:
+        return self.quantized is not None and self.quantized.is_quantized(name)
 
     def stacked(self, names: list[str]) -> Tensor | None:
         """The tensors ``names`` stacked as one view of the file when it stores them at equal
-        distances; None when they must be copied."""
+        distances; None when they must be copied (or decoded)."""
+        if any(self.is_quantized(n) for n in names[:1]):
+            return None
         return self.reader.mapped_stack(names)
 
+    def expert_pieces(self, name: str) -> Iterator[Tensor] | None:
+        """Expert by expert, ``name[e]`` of a fused quantized tensor, decoded; None for other tensors."""
+        return None if self.quantized is None else self.quantized.expert_pieces(name)
+
     def shape(self, name: str) -> tuple[int, ...]:
-        return self.reader.shape(name)
+        return self.reader.shape(name) if self.quantized is None else self.quantized.shape(name)
 
     def part(self, name: str, index: tuple) -> Tensor:
-        """``tensor[index]`` read from disk (only the addressed bytes are copied)."""
+        """``tensor[index]`` read from disk (only the addressed bytes are copied; a quantized
+        tensor is decoded whole, then indexed)."""
+        if self.is_quantized(name):
+            return self.get(name)[index].clone()
         return self.reader.part(name, index)
 
     def release(self) -> None:
@@ -277,6 +302,9 @@ def _experts(
 
     b_act = b_up = None
     w_act: Tensor | None
+    decoded = _fused_by_expert(src, fmt, layer, ex, dtype)
+    if decoded is not None:
+        return decoded
     if ex.gate_up is not None:
         gate_up = _need(src, fmt, layer, ex.gate_up, dtype)
         if ex.flat:
@@ -313,6 +341,63 @@ def _experts(
         w_down = w_down.transpose(1, 2)
     b_down = _get(src, fmt, layer, ex.down_bias, dtype)
     return _parts(_tidy_opt(w_act), _tidy(w_up), _tidy(w_down), _tidy_opt(b_act), _tidy_opt(b_up), _tidy_opt(b_down))
+
+
+def _split_gate_up(t: Tensor, order: str, axis: int) -> tuple[Tensor, Tensor]:
+    """The act and up halves of a fused gate/up tensor along ``axis`` (interleaved or concatenated)."""
+    if order == "interleaved":
+        pairs = t.unflatten(axis, (-1, 2))
+        return pairs.select(axis + 1, 0), pairs.select(axis + 1, 1)
+    half = t.shape[axis] // 2
+    return t.narrow(axis, 0, half), t.narrow(axis, half, half)
+
+
+def _decode_experts(src: FolderSource, name: str, split: Callable[[Tensor], tuple[Tensor, ...]], dtype) -> list[Tensor]:
+    """``split(name[e])`` for every expert ``e`` of a fused quantized tensor, decoded one expert at
+    a time into contiguous stacks, so the decoded tensor is never held whole."""
+    pieces = src.expert_pieces(name)
+    assert pieces is not None  # only called for quantized fused tensors
+    num = src.shape(name)[0]
+    outs: list[Tensor] = []
+    for e, piece in enumerate(pieces):
+        views = split(piece)
+        if not outs:
+            outs = [torch.empty((num, *v.shape), dtype=dtype or v.dtype) for v in views]
+        for out, view in zip(outs, views, strict=True):
+            out[e].copy_(view)
+        del piece, views
+    return outs
+
+
+def _fused_by_expert(
+    src: TensorSource, fmt: WeightFormat, layer: int, ex: ExpertTensors, dtype
+) -> dict[str, Tensor | None] | None:
+    """Canonical expert tensors of a fused layout whose matrices are stored quantized (gpt-oss's
+    MXFP4), decoded expert by expert; None for any other source or layout."""
+    if not isinstance(src, FolderSource) or ex.layout != "fused" or ex.flat:
+        return None
+    rels = [r for r in (ex.gate_up, ex.act, ex.up, ex.down) if r is not None]
+    names = {rel: tensor_name(fmt, layer, rel) for rel in rels}
+    if not all(src.has(n) and src.expert_pieces(n) is not None for n in names.values()):
+        return None
+
+    def canon(transposed: bool) -> Callable[[Tensor], Tensor]:
+        return (lambda piece: piece.t()) if transposed else (lambda piece: piece)
+
+    into = canon(ex.in_transposed)
+    b_act = b_up = None
+    if ex.gate_up is not None:
+        w_act, w_up = _decode_experts(src, names[ex.gate_up], lambda p: _split_gate_up(into(p), ex.order, 0), dtype)
+        bias = _get(src, fmt, layer, ex.gate_up_bias, dtype)
+        if bias is not None:
+            b_act, b_up = (_tidy(b) for b in _split_gate_up(bias, ex.order, 1))
+    else:
+        if ex.up is None:
+            raise _missing_up(ex)
+        w_act = None if ex.act is None else _decode_experts(src, names[ex.act], lambda p: (into(p),), dtype)[0]
+        w_up = _decode_experts(src, names[ex.up], lambda p: (into(p),), dtype)[0]
+    (w_down,) = _decode_experts(src, names[ex.down], lambda p: (canon(ex.down_transposed)(p),), dtype)
+    return _parts(w_act, w_up, w_down, b_act, b_up, _get(src, fmt, layer, ex.down_bias, dtype))
 
 
 def _parts(
