@@ -6,6 +6,7 @@
 # make test-wheel  the wheel scenario (fresh virtual environment; slow, not in make test)
 # make wheel  build the wheel (with the book template and its offline JavaScript) into dist/
 # make test-families  every MoE family of the installed transformers: regenerate the coverage page (slow)
+# make screenshots  screenshots of the built book (intro, a per-model page light and dark) into screenshots/
 # make lab    JupyterLab on notebooks/
 # make clean  remove build outputs (keeps .venv and node_modules; `make distclean` removes them)
 SHELL := /bin/bash
@@ -107,6 +108,10 @@ wheel: setup
 test-families: setup
 	OMP_NUM_THREADS=1 $(BIN)/moe-book coverage --notebooks --workers 2
 	MOE_BOOK_ALL_FAMILIES=1 $(BIN)/python -m pytest tests/test_coverage.py
+
+# After `make book`: the intro and a per-model page in headless Chromium, for a reviewer.
+screenshots: $(INSTALLED)
+	$(BIN)/python scripts/screenshots.py --out screenshots
 
 $(LAB_INSTALLED): $(INSTALLED)
 	$(PIP) install -q -c constraints.txt -e '.[lab]'

@@ -199,3 +199,77 @@ def requests_elsewhere(browser: Cdp) -> list[str]:
         for u in requested_urls(browser)
         if urlparse(u).scheme not in ("data", "blob", "about") and urlparse(u).hostname != "127.0.0.1"
     ]
+
+
+# --------------------------------------------------------------------------- whole-site checks
+
+WINDOW = (1400, 900)
+"""The reader's window for the layout checks: charts must fit the text column at this width."""
+
+MIN_TEXT_PX = 12
+MAX_PAGE_BYTES = 3_000_000
+
+# What the layout checks read from a loaded page: the text column's width, every chart's width,
+# the smallest chart text, and output cells that show nothing.
+PAGE_FACTS = """(() => {
+  const column = document.querySelector('article.bd-article') || document.querySelector('main') || document.body;
+  const colWidth = column.getBoundingClientRect().width;
+  const charts = Array.from(document.querySelectorAll('.moe-book-chart')).map((c, i) => {
+    const svg = c.querySelector('svg');
+    const sizes = svg ? Array.from(svg.querySelectorAll('text'))
+      .filter(t => t.textContent.trim() !== '')
+      .map(t => parseFloat(getComputedStyle(t).fontSize)) : [];
+    return {index: i, width: svg ? svg.getBoundingClientRect().width : 0,
+            minText: sizes.length ? Math.min(...sizes) : null};
+  });
+  const empty = Array.from(document.querySelectorAll('.cell_output')).filter(o => {
+    const shown = o.innerText.trim() !== '' || o.querySelector('svg, img, canvas, table, input, select');
+    return !shown;
+  }).length;
+  return {title: document.title, column: colWidth, charts: charts, emptyOutputs: empty};
+})()"""
+
+
+def set_window(browser: Cdp, width: int = WINDOW[0], height: int = WINDOW[1]) -> None:
+    """Lay the page out as in a ``width`` x ``height`` browser window."""
+    browser.send("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
+
+
+def open_page(browser: Cdp, url: str, timeout: float = 60.0) -> None:
+    """Load ``url`` (console and network recorded) and wait until every chart on it has drawn."""
+    browser.events.clear()
+    for domain in ("Network", "Page", "Runtime", "Log"):
+        browser.send(f"{domain}.enable")
+    browser.send("Page.navigate", url=url)
+    browser.wait_for("document.readyState === 'complete'", timeout=timeout)
+    browser.wait_for(
+        "Array.from(document.querySelectorAll('.moe-book-chart')).every(c => c.querySelector('svg, canvas, p'))",
+        timeout=timeout,
+    )
+    time.sleep(0.3)  # let a chart's last signal updates and any late console message arrive
+
+
+def console_errors(browser: Cdp) -> list[str]:
+    """Uncaught exceptions, console.error calls and browser log errors recorded since ``open_page``."""
+    errors = []
+    for e in browser.events:
+        method, params = e.get("method"), e.get("params", {})
+        if method == "Runtime.exceptionThrown":
+            d = params.get("exceptionDetails", {})
+            errors.append(d.get("exception", {}).get("description") or d.get("text", "exception"))
+        elif method == "Runtime.consoleAPICalled" and params.get("type") == "error":
+            errors.append(" ".join(str(a.get("value", a.get("description", ""))) for a in params.get("args", [])))
+        elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
+            entry = params["entry"]
+            errors.append(f"{entry.get('text', '')} {entry.get('url', '')}".strip())
+    return errors
+
+
+def screenshot(browser: Cdp, path: Path) -> Path:
+    """The whole page (not only the window) as a PNG at ``path``."""
+    import base64
+
+    shot = browser.send("Page.captureScreenshot", format="png", captureBeyondViewport=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(base64.b64decode(shot["data"]))
+    return path
