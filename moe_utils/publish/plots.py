@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 import altair as alt
 import pandas as pd
 
+from .render import humanize
+
 if TYPE_CHECKING:
     from altair.vegalite.v6.schema._typing import ColorScheme_T
 
@@ -273,13 +275,13 @@ def per_layer_lines(
 
     ``reference`` (columns ``y`` and ``label``) draws horizontal rules, e.g. a random baseline.
     """
-    enc_color = alt.Color(f"{color}:N", title=color) if color else alt.value("#1f77b4")
+    enc_color = alt.Color(f"{color}:N", title=humanize(color)) if color else alt.value("#1f77b4")
     base = alt.Chart(df).encode(x=alt.X("layer:Q", title="layer", axis=alt.Axis(tickMinStep=1)), color=enc_color)
     tooltip = ["layer:Q", alt.Tooltip(f"{y}:Q", format=".3f")] + ([f"{color}:N"] if color else [])
     layers: list[alt.Chart] = []
     if band:
         layers.append(base.mark_area(opacity=0.2).encode(y=f"{band[0]}:Q", y2=f"{band[1]}:Q"))
-    layers.append(base.mark_line(point=True).encode(y=alt.Y(f"{y}:Q", title=y_title or y), tooltip=tooltip))
+    layers.append(base.mark_line(point=True).encode(y=alt.Y(f"{y}:Q", title=y_title or humanize(y)), tooltip=tooltip))
     if reference is not None and len(reference):
         layers.append(
             alt.Chart(reference)
@@ -455,8 +457,8 @@ def scatter_by_layer(
     for p in preds:
         base = base.transform_filter(p)
     pts = base.mark_circle(size=40, opacity=0.7).encode(
-        x=alt.X(f"{x}:Q", title=x_title or x, scale=alt.Scale(zero=False)),
-        y=alt.Y(f"{y}:Q", title=y_title or y, scale=alt.Scale(zero=False)),
+        x=alt.X(f"{x}:Q", title=x_title or humanize(x), scale=alt.Scale(zero=False)),
+        y=alt.Y(f"{y}:Q", title=y_title or humanize(y), scale=alt.Scale(zero=False)),
         color=alt.Color(f"{color}:N") if color else alt.value("#1f77b4"),
         tooltip=_tooltip_fields(df, cols),
     )
@@ -651,14 +653,16 @@ def interval_points(
 ) -> alt.LayerChart:
     """A point per row at ``x`` with its interval [``low``, ``high``], one row of the y axis per
     ``y`` category, offset by ``color`` (e.g. one line per model); a rule marks x = 0."""
-    enc_color = alt.Color(f"{color}:N", title=color) if color else alt.value("#1f77b4")
+    enc_color = alt.Color(f"{color}:N", title=humanize(color)) if color else alt.value("#1f77b4")
     offset = alt.YOffset(f"{color}:N") if color else alt.Undefined
     base = alt.Chart(df).encode(y=alt.Y(f"{y}:N", title=None), color=enc_color, yOffset=offset)
     tooltip = (
         [f"{y}:N"] + ([f"{color}:N"] if color else []) + [alt.Tooltip(f"{c}:Q", format=".4f") for c in (x, low, high)]
     )
     layers = [
-        base.mark_rule().encode(x=alt.X(f"{low}:Q", title=x_title or x, scale=alt.Scale(zero=False)), x2=f"{high}:Q"),
+        base.mark_rule().encode(
+            x=alt.X(f"{low}:Q", title=x_title or humanize(x), scale=alt.Scale(zero=False)), x2=f"{high}:Q"
+        ),
         base.mark_point(filled=True, size=60).encode(x=f"{x}:Q", tooltip=tooltip),
     ]
     if zero_rule and (df[low].min() < 0 < df[high].max() or df[x].min() <= 0):
@@ -683,13 +687,15 @@ def interval_lines(
 ) -> alt.LayerChart:
     """Lines of ``y`` against a quantitative ``x`` with an interval band per ``color`` group;
     rows where the boolean column ``mark`` is true get a larger ringed point."""
-    enc_color = alt.Color(f"{color}:N", title=color) if color else alt.value("#1f77b4")
-    base = alt.Chart(df).encode(x=alt.X(f"{x}:Q", title=x_title or x, axis=alt.Axis(tickMinStep=1)), color=enc_color)
+    enc_color = alt.Color(f"{color}:N", title=humanize(color)) if color else alt.value("#1f77b4")
+    base = alt.Chart(df).encode(
+        x=alt.X(f"{x}:Q", title=x_title or humanize(x), axis=alt.Axis(tickMinStep=1)), color=enc_color
+    )
     tooltip = [f"{x}:Q", alt.Tooltip(f"{y}:Q", format=".4f")] + ([f"{color}:N"] if color else [])
     layers = [
         base.mark_area(opacity=0.2).encode(y=f"{low}:Q", y2=f"{high}:Q"),
         base.mark_line(point=True).encode(
-            y=alt.Y(f"{y}:Q", title=y_title or y, scale=alt.Scale(zero=False)), tooltip=tooltip
+            y=alt.Y(f"{y}:Q", title=y_title or humanize(y), scale=alt.Scale(zero=False)), tooltip=tooltip
         ),
     ]
     if mark:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -180,9 +181,44 @@ def setup_altair(environ: dict[str, str] | None = None) -> str:
     alt.theme.register(BOOK_THEME, enable=True)(book_theme_config)
     _set_display_options()
     if book_build_enabled(environ):
+        _register_table_formatter()
         alt.renderers.enable(BOOK_RENDERER)
         warnings.formatwarning = format_warning_without_path
     return alt.renderers.active
+
+
+_SNAKE = re.compile(r"^[a-z][a-z0-9]*(?:_[a-z0-9]+)+$")
+
+
+def humanize(label: Any) -> Any:
+    """A snake_case column name in words (``sim_before`` -> ``sim before``); any other label,
+    including names such as ``W_act`` or ``S_ee``, unchanged."""
+    return label.replace("_", " ") if isinstance(label, str) and _SNAKE.match(label) else label
+
+
+def readable_frame(df: Any) -> Any:
+    """``df`` with its column and index names in words (:func:`humanize`); values untouched."""
+    out = df.rename(columns=humanize)
+    out.columns.names = [humanize(n) for n in out.columns.names]
+    out.index.names = [humanize(n) for n in out.index.names]
+    return out
+
+
+def _register_table_formatter() -> None:
+    """In a kernel, tables are shown with :func:`readable_frame`'s names (a no-op elsewhere)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover - IPython comes with the kernel
+        return
+    import pandas as pd
+
+    shell = get_ipython()
+    if shell is None:
+        return
+    html = shell.display_formatter.formatters["text/html"]  # pyright: ignore[reportAttributeAccessIssue]
+    plain = shell.display_formatter.formatters["text/plain"]  # pyright: ignore[reportAttributeAccessIssue]
+    html.for_type(pd.DataFrame, lambda df: readable_frame(df).to_html(max_rows=500, max_cols=None))
+    plain.for_type(pd.DataFrame, lambda df, p, cycle: p.text(readable_frame(df).to_string()))
 
 
 def _set_display_options() -> None:
