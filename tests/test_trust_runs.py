@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
 import torch
 from tiny_models import synthetic_mistral, synthetic_mixtral, tiny
@@ -26,6 +27,7 @@ from moe_utils.analysis.context import checkpoint_only, open_study
 from moe_utils.analysis.results import read_result
 from moe_utils.core.errors import CheckpointError, InputSpecError, PickleRefusedError, UsageError
 from moe_utils.models import checkpoint
+from moe_utils.models.consistency import ConfigMismatchError
 from moe_utils.models.loading import load_model
 from moe_utils.publish import bookbuild, cli, runner
 
@@ -729,6 +731,64 @@ def test_corrupt_safetensors_is_named_on_the_loading_path(tmp_path: Path, hash_c
     weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     with pytest.raises(CheckpointError, match=r"weight file model\.safetensors .* is corrupt"):
         load_model(folder)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        (
+            "num_local_experts",
+            1000000,
+            "config num_local_experts=1000000 but model.layers.0.block_sparse_moe.gate.weight has 8 experts [8, 128]",
+        ),
+        (
+            "intermediate_size",
+            100,
+            "config intermediate_size=100 but model.layers.0.block_sparse_moe.experts.0.w1.weight has 256 "
+            "as expert width [256, 128]",
+        ),
+        ("hidden_size", 64, "config hidden_size=64 but model.layers.0.block_sparse_moe.gate.weight has 128"),
+    ],
+)
+def test_config_that_contradicts_the_tensors_is_refused_before_the_model_is_built(
+    tmp_path: Path, monkeypatch, key: str, value: int, message: str
+) -> None:
+    import transformers
+
+    folder = _copy_zoo("tiny-moe-upcycled", tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, key: value}))
+
+    def never(*_a, **_k):
+        raise AssertionError("the model was built before config.json was checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", never)
+    with pytest.raises(ConfigMismatchError) as info:
+        load_model(folder)
+    assert message in str(info.value) and "fix config.json" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_undefined_depth_series_is_a_value_not_a_crash(tmp_path: Path) -> None:
+    """A 4-layer OLMoE whose experts are all zero: every similarity is undefined, so each depth
+    series has no finite value; observation 3 still reports, with NaN and verdicts 'inconclusive'."""
+    from moe_utils.analysis.obs3_depth import depth_report
+
+    lm = load_model("random:olmoe", config_overrides={"num_hidden_layers": 4})
+    with torch.no_grad():
+        for name, param in lm.built().named_parameters():
+            if ".experts." in name:
+                param.zero_()
+    lm.built().save_pretrained(tmp_path / "olmoe4")
+    lm.tokenizer.save_pretrained(tmp_path / "olmoe4")
+    study = open_study(str(tmp_path / "olmoe4"))
+    assert study.lm.moe_layers == [0, 1, 2, 3]
+    report = depth_report(study, inputs="short", max_tokens=32)
+    assert len(report.depth_tests) == 4
+    assert report.depth_tests["last-layer z"].isna().all() and report.depth_tests["rho (before last)"].isna().all()
+    assert set(report.depth_tests["verdict"]) == {"inconclusive"}
+    assert report.summary["depth_pattern"]["verdict"] == "inconclusive"
+    assert np.isnan(report.summary["depth_pattern"]["value"])
 
 
 def test_dense_baseline_with_another_hidden_size_is_left_out_with_a_note(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from moe_utils.arch.facts import ModelFacts, facts_for
 from moe_utils.core.errors import RemoteCodeRequiredError, UsageError
 from moe_utils.core.memory import shedding_file_pages
 from moe_utils.models.checkpoint import checkpoint_fingerprint, find_weight_files, verify_safetensors
+from moe_utils.models.consistency import check_config_against_tensors
 from moe_utils.models.ids import ModelRef, resolve_folder, resolve_model
 from moe_utils.models.random_models import byte_tokenizer, random_fingerprint, random_model
 
@@ -187,6 +188,7 @@ def load_model(
             )
         files = find_weight_files(path, allow_pickle=allow_pickle)
         verify_safetensors(files)
+        check_config_against_tensors(cfg, spec, files)
         config = _canonical_config(path, cfg, spec, trust_remote_code)
         from transformers import AutoModelForCausalLM
 
