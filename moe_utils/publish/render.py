@@ -73,7 +73,6 @@ _SCRIPT = """<div id="{div_id}" class="moe-book-chart"></div>
 (function () {{
   var spec = {spec};
   var opt = {opt};
-  var drawn = null;
   function fail(text) {{
     var el = document.getElementById("{div_id}");
     if (!el) {{ return; }}
@@ -82,6 +81,7 @@ _SCRIPT = """<div id="{div_id}" class="moe-book-chart"></div>
     p.textContent = text;
     el.replaceChildren(p);
   }}
+  var drawn = null;
   function dark() {{
     var root = document.documentElement;
     return !!(root && root.getAttribute && root.getAttribute("data-theme") === "dark");
