@@ -170,12 +170,17 @@ def dequantize_fp8(
             f"{math.ceil(rows / bm)} x {math.ceil(cols / bn)} scale grid, but weight_scale_inv is "
             f"{grid_r} x {grid_c}; weight_block_size in config.json does not match the checkpoint"
         )
-    col_scale = torch.arange(cols) // bn
+    full = cols // bn
     step = _band_rows(cols, bm)
     for r0 in range(0, rows, step):
         r1 = min(r0 + step, rows)
         row_scale = scales[r0 // bm : math.ceil(r1 / bm)].repeat_interleave(bm, dim=0)[: r1 - r0]
-        out[r0:r1] = (weight[r0:r1].to(torch.float32) * row_scale[:, col_scale]).to(dtype)
+        band = weight[r0:r1].to(torch.float32)
+        if full:  # whole column blocks: the scales broadcast over each block's columns
+            band[:, : full * bn].unflatten(-1, (full, bn)).mul_(row_scale[:, :full, None])
+        if cols > full * bn:  # the partial last column block
+            band[:, full * bn :].mul_(row_scale[:, full:])
+        out[r0:r1] = band
     return out
 
 
@@ -189,14 +194,16 @@ def dequantize_mxfp4_expert(blocks: Tensor, scales: Tensor, dtype: torch.dtype =
         )
     rows, groups, width = blocks.shape
     lut = torch.tensor(FP4_E2M1, dtype=torch.float32)
+    pairs = torch.stack((lut.repeat(16), lut.repeat_interleave(16)), dim=-1)  # byte -> (low, high) values
     out = torch.empty((rows, groups * width * 2), dtype=dtype)
     step = _band_rows(groups * width * 2)
     for r0 in range(0, rows, step):
-        b = blocks[r0 : r0 + step].view(torch.uint8).to(torch.int64)
-        codes = torch.stack((b & 0x0F, b >> 4), dim=-1)  # [r, G, 16, 2]: low nibble first
+        band = blocks[r0 : r0 + step].contiguous().view(torch.uint8)
+        n = band.shape[0]
+        values = pairs.index_select(0, band.reshape(-1).to(torch.int32)).view(n, groups, width * 2)
         power = (scales[r0 : r0 + step].view(torch.uint8).to(torch.float32) - 127.0).exp2()
-        values = lut[codes].mul_(power[:, :, None, None])
-        out[r0 : r0 + step] = values.reshape(values.shape[0], -1).to(dtype)
+        values.mul_(power[:, :, None])
+        out[r0 : r0 + step] = values.view(n, -1)
     return out
 
 
