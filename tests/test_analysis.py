@@ -159,14 +159,6 @@ def test_verdict_rules():
     assert verdicts.versus_baseline(0.05, 0.12, 0.125) == verdicts.FAILS
     assert verdicts.versus_baseline(0.1, 0.2, 0.125) == verdicts.INCONCLUSIVE
     assert verdicts.versus_baseline(float("nan"), 0.2, 0.125) == verdicts.INCONCLUSIVE
-    declining_then_up = {i: 0.8 - 0.05 * i for i in range(12)} | {12: 0.9}
-    assert verdicts.depth_pattern(declining_then_up)["verdict"] == verdicts.HOLDS
-    rng = np.random.default_rng(0)
-    flat = {i: 0.5 + 0.01 * rng.standard_normal() for i in range(12)} | {12: 0.3}
-    assert verdicts.depth_pattern(flat)["verdict"] == verdicts.FAILS
-    up_only = {i: 0.5 + 0.01 * rng.standard_normal() for i in range(12)} | {12: 0.9}
-    assert verdicts.depth_pattern(up_only)["verdict"] == verdicts.INCONCLUSIVE
-    assert verdicts.mean_difference([0.2, 0.3, 0.25, 0.4])["verdict"] == verdicts.HOLDS
 
 
 def test_summary_reads_results_files(tmp_path):

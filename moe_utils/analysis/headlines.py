@@ -1,4 +1,4 @@
-"""Each observation's headline effect for one model, computed exactly as its notebook does.
+"""Each claim's headline effect for one model, computed exactly as its notebook does.
 
 The observation notebooks draw many tables; the organism study (replicates, training snapshots)
 needs only the one number per observation that carries the verdict, with its interval. These
@@ -9,89 +9,52 @@ verdict row and the model's page agree.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
+from .. import metrics as M
 from ..models.loading import LoadedModel
 from ..models.trace import Trace
-from . import dynamic, static
-from .obs1_neurons import gate_act_differences
-from .obs3_depth import output_similarity_by_layer
-from .verdicts import depth_pattern, mean_difference, versus_baseline
+from . import dynamic, effects, static
+from .claims import CLAIMS
+from .effects import Effect
 
-OBSERVATIONS = {1: "gate_act_advantage", 2: "top1_norm_agreement", 3: "depth_pattern"}
+NAN = float("nan")
 
-
-@dataclass(frozen=True)
-class Headline:
-    """One observation's effect on one model: value, 95% interval, baseline and verdict."""
-
-    observation: int
-    quantity: str
-    effect: float
-    ci_low: float
-    ci_high: float
-    baseline: float
-    verdict: str
-    note: str = ""
-
-    def as_row(self) -> dict[str, Any]:
-        return asdict(self)
+OBSERVATIONS = {c.observation: c.quantity for c in CLAIMS.values() if c.issued and c.kind != "noninferior"}
 
 
-def observation1(weights_source: Any, layers: Sequence[int] | None = None, seed: int = 0) -> Headline:
-    """Mean over layers of r^2(W_act) - max(r^2(W_up), r^2(W_down)), bootstrap CI over layers."""
-    gate = static.gate_correlation(weights_source, layers)
-    diff = gate_act_differences(gate)
-    v = mean_difference(diff.to_numpy(), seed=seed)
-    r2_act = gate[gate.matrix == "W_act"].r2.mean()
-    return Headline(
-        1,
-        OBSERVATIONS[1],
-        float(v["value"]),
-        float(v["ci_low"]),
-        float(v["ci_high"]),
-        0.0,
-        str(v["verdict"]),
-        f"mean r2(W_act) = {r2_act:.3f} over {len(diff)} layers",
-    )
+def observation1(weights_source: Any, layers: Sequence[int] | None = None, seed: int = 0) -> Effect:
+    """Observation 1's effect: the router/W_act statistic minus its label-permutation null."""
+    return effects.obs1_effect(static.gate_null_table(weights_source, layers, seed=seed))
 
 
-def observation2(lm: LoadedModel, long_trace: Trace, seed: int = 0) -> Headline:
-    """Share of (token, layer) pairs whose top-scored expert has the largest output norm vs 1/E."""
+def observation2(lm: LoadedModel, long_trace: Trace, seed: int = 0) -> Effect:
+    """Observation 2's effect: top-1 score/norm agreement minus its independence null."""
     ns = dynamic.norms_and_scores(lm, long_trace)
-    agree = dynamic.agreement_table(ns, k=1, seed=seed)
-    pooled = agree[agree.scope == "all"].iloc[0]
-    verdict = versus_baseline(pooled.low, pooled.high, pooled.baseline)
-    return Headline(
-        2,
-        OBSERVATIONS[2],
-        float(pooled.share),
-        float(pooled.low),
-        float(pooled.high),
-        float(pooled.baseline),
-        verdict,
-        f"{int(pooled.n)} (token, layer) pairs",
-    )
+    return effects.obs2_effect(effects.top_choices(ns), ns.num_experts, seed=seed)[0]
 
 
-def observation3(lm: LoadedModel, long_trace: Trace) -> tuple[Headline, dict[str, float]]:
-    """The two-part depth verdict on long-input output similarity; also returns rho and z."""
-    by_layer = output_similarity_by_layer(dynamic.average_output_similarity(lm, long_trace))
-    d = depth_pattern(by_layer)
+def observation3(lm: LoadedModel, long_trace: Trace, seed: int = 0) -> tuple[list[Effect], dict[str, float]]:
+    """Observation 3's two claims (weak and strong form) and the contrasts behind them."""
+    table = effects.sequence_similarity(lm, long_trace, seed=seed)
+    res = effects.obs3_effects(table)
+    profile = effects.obs3_profile(table)
+    values = [profile[l] for l in sorted(profile)]
+    rho, p = M.exact_spearman(np.arange(len(values) - 1), values[:-1]) if len(values) > 3 else (NAN, NAN)
     extra = {
-        "trend_rho": float(d["trend_rho"]),
-        "trend_p": float(d["trend_p"]),
-        "last_layer_z": float(d["value"]),
-        "delta_previous": float(d["delta_previous"]),
-        "mean_output_similarity": float(np.mean(list(by_layer.values()))),
+        "slope": res["slope"].effect,
+        "slope_ci_low": res["slope"].ci_low,
+        "slope_ci_high": res["slope"].ci_high,
+        "last_residual": res["residual"].effect,
+        "random_expert_residual": res["weak"].null,
+        "last_minus_penultimate": float(values[-1] - values[-2]) if len(values) > 1 else NAN,
+        "trend_rho": rho,
+        "trend_p_exact": p,
+        "mean_output_similarity": float(np.nanmean(values)) if values else NAN,
     }
-    return (
-        Headline(3, OBSERVATIONS[3], float(d["value"]), float("nan"), float("nan"), 0.0, str(d["verdict"]), d["note"]),
-        extra,
-    )
+    return [res["weak"], res["strong"], res["slope"], res["residual"]], extra
 
 
 def topk_overlap(topk_a: Any, topk_b: Any) -> float:

@@ -20,9 +20,10 @@ import pandas as pd
 
 from .. import metrics as M
 from ..analysis import paper
+from .effects import obs1_effect
 from .labels import is_expert
 from .static import MATRICES, offdiagonal_summary, weight_report
-from .verdicts import NAN, descriptive, mean_difference
+from .verdicts import NAN, descriptive
 
 ANALYSIS = "obs1_neurons_as_experts"  # the page, and the name of its results file
 GATE_R2_KEYS = {"W_act": "gate_r2_act", "W_up": "gate_r2_up", "W_down": "gate_r2_down"}
@@ -73,10 +74,12 @@ def obs1_summary(tables: Mapping[str, pd.DataFrame], seed: int = 0) -> dict[str,
     """Observation 1's summary from the tables ``gate_correlation``, ``weight_similarity`` and
     ``reordering`` of its results file.
 
-    * ``gate_act_advantage``: mean over layers of r^2(W_act) - max(r^2(W_up), r^2(W_down)) with a
-      bootstrap interval over layers (the verdict). The paper publishes only layer averages, so its
-      value is Table 3's W_act average minus the larger of its W_up and W_down averages. Left out
+    * ``router_act_alignment`` (the verdict): per layer, signed r^2 of W_act minus the larger signed
+      r^2 of W_up and W_down, minus its label-permutation null (table ``gate_null``), averaged over
+      layers with a Student-t interval (:func:`moe_utils.analysis.effects.obs1_effect`). Left out
       when the experts have no W_act.
+    * ``gate_act_advantage``: the unsigned r^2 difference without a null, reported beside the
+      paper's Table 3 difference (descriptive).
     * ``gate_r2_act`` / ``gate_r2_up`` / ``gate_r2_down``: the paper's Table 3 quantity.
     * ``matrix_similarity_experts`` / ``matrix_similarity_vs_F``: mean over layers and matrices of
       the mean matrix-level cosine between distinct experts (S_ee) and between experts and F (S_ef);
@@ -86,13 +89,15 @@ def obs1_summary(tables: Mapping[str, pd.DataFrame], seed: int = 0) -> dict[str,
     gate, sim, reorder = tables["gate_correlation"], tables["weight_similarity"], tables["reordering"]
     out: dict[str, dict[str, Any]] = {}
     if len(gate) and "W_act" in set(gate.matrix):
-        v = mean_difference(gate_act_differences(gate).to_numpy(), seed=seed)
-        out["gate_act_advantage"] = {
-            **v,
-            "paper": {k: paper_gate_advantage(k) for k in paper.GATE_R2},
-            "note": "mean over layers of r2(W_act) - max(r2(W_up), r2(W_down)); the paper's value is the "
-            "difference of its Table 3 averages (per-layer W_up/W_down values are not published)",
-        }
+        eff = obs1_effect(tables["gate_null"])
+        out[eff.quantity] = eff.summary_entry({k: round(paper_gate_advantage(k), 2) for k in paper.GATE_R2})
+        diffs = gate_act_differences(gate)
+        out["gate_act_advantage"] = descriptive(
+            float(diffs.mean()) if len(diffs) else NAN,
+            {k: paper_gate_advantage(k) for k in paper.GATE_R2},
+            "mean over layers of r2(W_act) - max(r2(W_up), r2(W_down)) (unsigned, no null: the paper's "
+            "quantity; the verdict is router_act_alignment)",
+        )
     r2 = gate_r2_table(gate)
     for m, key in GATE_R2_KEYS.items():
         if m in r2.index:
@@ -225,8 +230,8 @@ class Obs1Report:
 
     @property
     def verdict(self) -> dict[str, Any] | None:
-        """The ``gate_act_advantage`` entry (None without W_act)."""
-        return self.summary.get("gate_act_advantage")
+        """The ``router_act_alignment`` entry, the page's verdict (None without W_act)."""
+        return self.summary.get("router_act_alignment")
 
     @property
     def gate_r2_paper_rounding(self) -> dict[str, float]:
@@ -248,7 +253,12 @@ class Obs1Report:
 def report_from_tables(report: Mapping[str, pd.DataFrame], model_name: str, seed: int = 0) -> Obs1Report:
     """Build the :class:`Obs1Report` from :func:`~moe_utils.analysis.static.weight_report`'s tables."""
     sim, reorder, gate = report["similarity"], report["reordering"], report["gate_correlation"]
-    saved = {"weight_similarity": sim, "reordering": reorder, "gate_correlation": gate}
+    saved = {
+        "weight_similarity": sim,
+        "reordering": reorder,
+        "gate_correlation": gate,
+        "gate_null": report["gate_null"],
+    }
     summary = obs1_summary(saved, seed=seed)
     offdiag = offdiagonal_summary(sim)
     present = set(sim.matrix)

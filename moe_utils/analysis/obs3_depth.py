@@ -24,8 +24,9 @@ from ..core.frames import int_key
 from ..engine.inputs import Inputs
 from ..models.trace import Trace
 from . import dynamic, static
+from .effects import obs3_effects, sequence_similarity
 from .labels import distinct_expert_pairs
-from .verdicts import NAN, depth_pattern, descriptive, versus_baseline
+from .verdicts import NAN, descriptive, versus_baseline
 
 ANALYSIS = "obs3_depth_diversity"  # the page, and the name of its results file
 SERIES_OUTPUTS_LONG = "outputs, long input (angular)"
@@ -79,23 +80,29 @@ def pooled_repeat_rate(top1: pd.DataFrame, num_experts: int, seed: int = 0) -> t
 def obs3_summary(tables: Mapping[str, pd.DataFrame], num_experts: int, seed: int = 0) -> dict[str, dict[str, Any]]:
     """Observation 3's summary from ``average_output_similarity``, ``long_top1`` and ``repeat_rate``.
 
-    * ``depth_pattern``: the two-part depth verdict on the per-layer mean output similarity.
+    * ``depth_pattern_weak`` (a verdict): the slope over the non-final layers is negative and the
+      last layer lies above the Theil-Sen line of the others (:func:`moe_utils.analysis.effects.obs3_effects`,
+      delete-one-sequence jackknife intervals, table ``sequence_similarity``), with the residual of
+      random experts on the same block inputs as the input-geometry null;
+    * ``last_layer_as_early`` (a verdict): the last layer is as similar as the first third of the
+      non-final layers, within the floor;
+    * ``depth_slope`` / ``last_layer_residual``: the two parts of the weak form.
     * ``last_layer_output_similarity``: the last layer's mean; baseline = mean of the layers before.
     * ``routing_repeat_rate``: share of adjacent tokens (same sequence) with the same top-1 expert,
       all layers pooled, against the frequency baseline (sum of squared top-1 shares per layer,
       averaged over layers).
     """
     per_layer = output_similarity_by_layer(tables["average_output_similarity"])
-    main = depth_pattern(per_layer)
+    res = obs3_effects(tables["sequence_similarity"])
     values = [per_layer[l] for l in sorted(per_layer)]
     pooled, freq = pooled_repeat_rate(tables["long_top1"], num_experts, seed=seed)
     rep = tables["repeat_rate"]
     overlap, overlap_base = float(rep["top-k overlap"].mean()), float(rep["overlap baseline"].mean())
     return {
-        "depth_pattern": {
-            **{k: main[k] for k in ("value", "ci_low", "ci_high", "baseline", "verdict", "note")},
-            "paper": {},
-        },
+        res["weak"].quantity: res["weak"].summary_entry(),
+        res["strong"].quantity: res["strong"].summary_entry(),
+        res["slope"].quantity: res["slope"].summary_entry(),
+        res["residual"].quantity: res["residual"].summary_entry(),
         "last_layer_output_similarity": descriptive(
             values[-1],
             note="baseline = mean over the preceding layers",
@@ -164,18 +171,22 @@ def depth_trend(out_summary: pd.DataFrame, short_by_layer: pd.DataFrame, weight_
 
 
 def depth_tests(trend: pd.DataFrame) -> pd.DataFrame:
-    """Per series: Spearman rho before the last layer, its p, the last layer's z and change, verdict."""
+    """Per series (descriptive): Spearman rho over the layers before the last with its exact
+    permutation p-value, the depth contrasts of the profile, and the change at the last layer."""
     rows = []
     for series, g in trend.groupby("series"):
-        d = depth_pattern(dict(zip(g.layer, g.mean_offdiag, strict=False)))
+        g = g.sort_values("layer")
+        v = g.mean_offdiag.to_numpy(dtype=float)
+        rho, p = M.exact_spearman(np.arange(len(v) - 1), v[:-1]) if len(v) > 3 else (NAN, NAN)
+        c = M.depth_contrasts(v)
         rows.append(
             {
                 "series": series,
-                "rho (before last)": d["trend_rho"],
-                "p": d["trend_p"],
-                "last-layer z": d["value"],
-                "change at last layer": d["delta_previous"],
-                "verdict": d["verdict"],
+                "rho (before last)": rho,
+                "exact p": p,
+                "slope (non-final)": c["slope"],
+                "last-layer residual": c["last_residual"],
+                "change at last layer": c["last_minus_penultimate"],
             }
         )
     return pd.DataFrame(rows).set_index("series")
@@ -244,7 +255,8 @@ class Obs3Report:
     average_similarity: pd.DataFrame  # Fig. 3, long input
     trend: pd.DataFrame  # the SERIES_* per-layer series
     depth_tests: pd.DataFrame
-    main: dict[str, Any]  # depth_pattern of the long-input output similarity
+    main: dict[str, Any]  # the weak-form verdict entry (depth_pattern_weak)
+    strong: dict[str, Any]  # the strong-form verdict entry (last_layer_as_early)
     routes: pd.DataFrame  # App. I routing prompt
     repeats: pd.DataFrame
     pooled_repeat: M.RepeatRate
@@ -291,7 +303,7 @@ def depth_report(study: Any, inputs: str = "long", max_tokens: int | None = None
     out_summary = output_summary(avg_sim)
     trend = depth_trend(out_summary, short_by_layer, wsum)
     tests = depth_tests(trend)
-    main = depth_pattern(dict(zip(out_summary.layer, out_summary.mean_offdiag, strict=False)))
+    seq_sim = sequence_similarity(lm, long_trace, seed=seed)
 
     routing_trace = study.trace(study.inputs("routing"))
     routes = dynamic.routing_frame(routing_trace)
@@ -308,10 +320,12 @@ def depth_report(study: Any, inputs: str = "long", max_tokens: int | None = None
         "routing": routes,
         "repeat_rate": repeats,
         "long_top1": long_top1_table(long_trace),
+        "sequence_similarity": seq_sim,
     }
+    summary = obs3_summary(tables, num_experts=study.num_experts, seed=seed)
     return Obs3Report(
         tables=tables,
-        summary=obs3_summary(tables, num_experts=study.num_experts, seed=seed),
+        summary=summary,
         params={"long_tokens": long_inputs.n_tokens},
         short_trace=short_trace,
         token_similarity=tok_sim,
@@ -320,7 +334,8 @@ def depth_report(study: Any, inputs: str = "long", max_tokens: int | None = None
         average_similarity=avg_sim,
         trend=trend,
         depth_tests=tests,
-        main=main,
+        main=summary["depth_pattern_weak"],
+        strong=summary["last_layer_as_early"],
         routes=routes,
         repeats=repeats,
         pooled_repeat=pooled,

@@ -221,12 +221,20 @@ def _similarity_rows(lm: LayerMatrices, stats: dict[str, MatrixStats] | None = N
     return frames
 
 
-def _gate_rows(lm: LayerMatrices, stats: dict[str, MatrixStats] | None = None) -> tuple[list[dict], list[dict]]:
-    """Per-matrix correlation rows and the expert-pair points behind them."""
+GATE_NULL_DRAWS = 2000
+
+
+def _gate_rows(
+    lm: LayerMatrices, stats: dict[str, MatrixStats] | None = None, seed: int = 0
+) -> tuple[list[dict], list[dict], dict]:
+    """Per-matrix correlation rows, the expert-pair points behind them, and the layer's row of
+    observation 1's label-permutation null (:func:`moe_utils.metrics.gate_permutation_null`)."""
     x = M.gate_similarity(lm.router)
     corr, points = [], []
+    ys = {}
     for m, stack in lm.experts.items():
         y = M.cosine_matrix(stats[m].averages) if stats is not None else M.neuron_level_similarity(stack, _KIND[m])
+        ys[m] = y
         res = M.gate_expert_regression(x, y)
         corr.append({"layer": lm.layer, "matrix": m, "r": float(res.r), "r2": float(res.r2), "n_pairs": res.n_pairs})
         for i, j in combinations(range(lm.num_experts), 2):
@@ -239,7 +247,8 @@ def _gate_rows(lm: LayerMatrices, stats: dict[str, MatrixStats] | None = None) -
                     "expert_similarity": float(y[j, i]),
                 }
             )
-    return corr, points
+    null = M.gate_permutation_null(x, ys, n_perm=GATE_NULL_DRAWS, seed=seed + lm.layer)
+    return corr, points, {"layer": lm.layer, **null.as_dict()}
 
 
 REORDER_COLUMNS = ["layer", "matrix", "expert_i", "expert_j", "sim_before", "sim_after", "gain", "tau"]
@@ -354,7 +363,7 @@ def weight_report(
     workers: int | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Every weight analysis of observation 1 in one pass over the layers, so a streamed
-    checkpoint is read once: tables ``similarity``, ``gate_correlation``, ``gate_pairs``,
+    checkpoint is read once: tables ``similarity``, ``gate_correlation``, ``gate_pairs``, ``gate_null``,
     ``reordering``, ``pca_matrix`` and ``pca_neuron`` (see the single-analysis functions).
 
     ``reorder_max_pairs=0`` skips the reordering (its table is then empty); ``workers`` is the
@@ -362,7 +371,7 @@ def weight_report(
     memory would not fit). Progress per layer and per pair goes to :func:`moe_utils.core.progress.progress`.
     """
     rng_reorder, rng_pca = np.random.default_rng(seed), np.random.default_rng(seed)
-    sim, corr, points, reorder, pca_m, pca_n = [], [], [], [], [], []
+    sim, corr, points, reorder, pca_m, pca_n, nulls = [], [], [], [], [], [], []
     bar = progress(total=len(layers) if layers is not None else None, desc="weights", unit="layer")
     try:
         for lm in layer_matrices(source, layers, dense_baseline, defer_screen=True):
@@ -374,9 +383,10 @@ def weight_report(
                 lm = lm.rescreen()
                 stats = _layer_stats(lm, seed)
             sim += _similarity_rows(lm, stats)
-            c, p = _gate_rows(lm, stats)
+            c, p, n = _gate_rows(lm, stats, seed)
             corr += c
             points += p
+            nulls.append(n)
             pca_m += _pca_rows(lm, "matrix", max_neurons_per_expert, rng_pca, stats)
             pca_n += _pca_rows(lm, "neuron", max_neurons_per_expert, rng_pca, stats, seed=seed)
             reorder += _reorder_rows(lm, reorder_max_pairs, rng_reorder, workers)
@@ -388,6 +398,7 @@ def weight_report(
         "similarity": pd.concat(sim, ignore_index=True),
         "gate_correlation": pd.DataFrame(corr),
         "gate_pairs": pd.DataFrame(points),
+        "gate_null": pd.DataFrame(nulls, columns=GATE_NULL_COLUMNS),
         "reordering": pd.DataFrame(reorder, columns=REORDER_COLUMNS),
         "pca_matrix": pd.DataFrame(pca_m),
         "pca_neuron": pd.DataFrame(pca_n),
@@ -424,6 +435,25 @@ def gate_correlation(source: WeightSource, layers: Sequence[int] | None = None) 
     expert similarity over the strictly lower triangle (paper Tables 3 and 5). F and SE excluded."""
     rows = each_layer(source, layers, None, lambda lm: _gate_rows(lm)[0])
     return pd.DataFrame([row for layer_rows in rows for row in layer_rows])
+
+
+GATE_NULL_COLUMNS = [
+    "layer",
+    "observed",
+    "null_mean",
+    "null_sd",
+    "null_q025",
+    "null_q975",
+    "p_greater",
+    "draws",
+    "effect",
+]
+
+
+def gate_null_table(source: WeightSource, layers: Sequence[int] | None = None, seed: int = 0) -> pd.DataFrame:
+    """Per layer: observation 1's statistic and its label-permutation null (see ``_gate_rows``)."""
+    rows = each_layer(source, layers, None, lambda lm: _gate_rows(lm, None, seed)[2])
+    return pd.DataFrame(rows, columns=GATE_NULL_COLUMNS)
 
 
 def reordering(

@@ -1,8 +1,8 @@
 """The book's summary page: gather every model's results files into verdict tables.
 
-Only results files are read; nothing is recomputed. Each observation has one headline quantity
-(chosen before looking at any result, see ``HEADLINES``); the detail table lists every summary
-number the pages wrote.
+Only results files are read; nothing is recomputed. The headline quantities are the claims of the
+observation registry (:mod:`moe_utils.analysis.claims`), fixed on the pre-registration page; the
+detail table lists every summary number the pages wrote.
 """
 
 from __future__ import annotations
@@ -13,13 +13,28 @@ from pathlib import Path
 import altair as alt
 import pandas as pd
 
+from .. import metrics as M
 from ..analysis.results import BOOK_LEVEL_MODEL, iter_results, read_result
 from . import obs1_neurons, obs3_depth
+from .claims import CLAIMS, OBSERVATIONS
 
-HEADLINES = {
-    ("obs1_neurons_as_experts", "gate_act_advantage"): "1. neurons act like fine-grained experts",
-    ("obs2_router_norms", "top1_norm_agreement"): "2. the router prefers large output norms",
-    ("obs3_depth_diversity", "depth_pattern"): "3. diversity grows with depth, last layer excepted",
+
+def _headlines() -> dict[tuple[str, str], str]:
+    out = {}
+    for o in OBSERVATIONS:
+        for i, key in enumerate(o.claims):
+            tag = f"{o.number}{'ab'[i] if len(o.claims) > 1 else ''}"
+            out[(o.notebook, CLAIMS[key].quantity)] = f"{tag}. {CLAIMS[key].title}"
+    return out
+
+
+HEADLINES = _headlines()
+VERDICT_COLOURS = {
+    "holds": "#2ca02c",
+    "detectable but below the floor": "#98df8a",
+    "inconclusive": "#bcbd22",
+    "does not hold": "#d62728",
+    "undefined": "#7f7f7f",
 }
 
 
@@ -41,6 +56,11 @@ def collect(runs_dir: str | Path) -> pd.DataFrame:
                     "ci_high": entry.get("ci_high"),
                     "baseline": entry.get("baseline"),
                     "verdict": entry.get("verdict"),
+                    "observed": entry.get("observed"),
+                    "null": entry.get("null"),
+                    "floor": entry.get("floor"),
+                    "p_value": entry.get("p_value"),
+                    "power": entry.get("power"),
                     "note": ("INVALID: non-finite weights were excluded; " if res.invalid else "")
                     + (entry.get("note") or ""),
                     "invalid": res.is_invalid,
@@ -85,25 +105,27 @@ def _effect(value: object, low: object, high: object) -> str:
 
 
 def verdict_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Observations x models: verdict, effect size and 95% interval, with the paper's values."""
+    """Claims x models: verdict and effect (observed minus that model's own null) with its 95%
+    interval, the observed value beside the model's null, the floor and the paper's values."""
     out = headline_rows(table)
     out["cell"] = [
         f"{'INVALID (experts with NaN/inf weights excluded) ' if bad else ''}{v}: {_effect(x, lo, hi)}"
-        for v, x, lo, hi, bad in zip(out.verdict, out.value, out.ci_low, out.ci_high, out.invalid, strict=True)
+        + (f"; observed {_fmt(o)} vs null {_fmt(n)}" if _fmt(n) else "")
+        for v, x, lo, hi, bad, o, n in zip(
+            out.verdict, out.value, out.ci_low, out.ci_high, out.invalid, out.observed, out.null, strict=True
+        )
     ]
     wide = out.pivot(index="observation", columns="model", values="cell")
-    meta = out.groupby("observation").agg(
-        quantity=("quantity", "first"), baseline=("baseline", "first"), paper=("paper", "first")
-    )
-    meta["baseline"] = meta["baseline"].map(_fmt)
+    meta = out.groupby("observation").agg(floor=("floor", "first"), paper=("paper", "first"))
+    meta["floor"] = meta["floor"].map(_fmt)
     meta = meta.rename(columns={"paper": "paper (its models)"})
-    return pd.concat([meta[["quantity", "baseline"]], wide, meta[["paper (its models)"]]], axis=1)
+    return pd.concat([meta[["floor"]], wide, meta[["paper (its models)"]]], axis=1)
 
 
 def verdict_chart(table: pd.DataFrame) -> alt.Chart:
-    """A grid of verdicts: observation by model, coloured by verdict."""
+    """A grid of verdicts: claim by model, coloured by outcome."""
     out = headline_rows(table)
-    colors = alt.Scale(domain=["holds", "inconclusive", "does not hold"], range=["#2ca02c", "#bcbd22", "#d62728"])
+    colors = alt.Scale(domain=list(VERDICT_COLOURS), range=list(VERDICT_COLOURS.values()))
     base = alt.Chart(out).encode(
         x=alt.X("model:N", title=None, axis=alt.Axis(labelAngle=0)), y=alt.Y("observation:N", title=None)
     )
@@ -114,6 +136,22 @@ def verdict_chart(table: pd.DataFrame) -> alt.Chart:
         )
         + base.mark_text().encode(text="verdict:N")
     ).properties(width=max(200, 180 * out.model.nunique()), height=150)
+
+
+def family_table(table: pd.DataFrame, book: pd.DataFrame) -> pd.DataFrame:
+    """Every verdict the book issues (each model's claims, the across-seed claims), with its raw
+    one-sided p-value and the Holm-adjusted one over the whole family."""
+    heads = headline_rows(table)
+    rows = [
+        {"verdict of": f"{r['model']}: {r['observation']}", "verdict": r["verdict"], "p": r["p_value"]}
+        for r in heads.to_dict("records")
+    ]
+    for r in book.to_dict("records"):
+        rows.append({"verdict of": f"{r['page']}: {r['quantity']}", "verdict": r["verdict"], "p": r.get("p_value")})
+    out = pd.DataFrame(rows, columns=["verdict of", "verdict", "p"])
+    out["p"] = pd.to_numeric(out["p"], errors="coerce")
+    out["p (Holm)"] = M.holm(out["p"].to_numpy(dtype=float)) if len(out) else []
+    return out.set_index("verdict of")
 
 
 def detail_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -134,8 +172,8 @@ def narrative(table: pd.DataFrame) -> str:
     parts = []
     for model, g in out.groupby("model"):
         bits = [
-            f"observation {row['observation'].split('.')[0]} **{row['verdict']}** "
-            f"({row['quantity']} = {_fmt(row['value'])})"
+            f"claim {row['observation'].split('.')[0]} **{row['verdict']}** "
+            f"(effect {_fmt(row['value'])} against a floor of {_fmt(row['floor'])})"
             for row in g.sort_values("observation").to_dict("records")
         ]
         parts.append(f"- **{model}**: " + "; ".join(bits) + ".")
@@ -208,9 +246,12 @@ def book_level_verdicts(results_dir: str | Path) -> pd.DataFrame:
                     "baseline": entry.get("baseline"),
                     "verdict": entry.get("verdict"),
                     "note": entry.get("note", ""),
+                    "p_value": entry.get("p_value"),
                 }
             )
-    return pd.DataFrame(rows, columns=["page", "quantity", "value", "ci_low", "ci_high", "baseline", "verdict", "note"])
+    return pd.DataFrame(
+        rows, columns=["page", "quantity", "value", "ci_low", "ci_high", "baseline", "verdict", "note", "p_value"]
+    )
 
 
 def advice_verdicts(book: pd.DataFrame) -> pd.DataFrame:
@@ -226,17 +267,20 @@ def single_vs_replicated(table: pd.DataFrame, book: pd.DataFrame) -> pd.DataFram
     rep = book.loc[book.page == "replication"]
     rows = []
     for r in rep.to_dict("records"):
-        obs, organism = r["quantity"].split("_", 1)
-        n = int(obs[3:])
-        single = heads[(heads.model == f"zoo:{organism}") & heads.observation.str.startswith(f"{n}.")]
+        key, _, organism = r["quantity"].partition("_tiny-")
+        organism = "tiny-" + organism
+        if key not in CLAIMS:
+            continue
+        claim = CLAIMS[key]
+        single = heads[(heads.model == f"zoo:{organism}") & (heads.quantity == claim.quantity)]
         rows.append(
             {
                 "organism": organism,
-                "observation": n,
+                "claim": claim.title,
                 "single model (seed 0)": single.verdict.iloc[0] if len(single) else "",
                 "across seeds": r["verdict"],
-                "seeds": r["note"].split(":")[0],
-                "mean effect": r["value"],
+                "effect across seeds": r["value"],
+                "note": r["note"],
             }
         )
     return pd.DataFrame(rows)

@@ -138,14 +138,20 @@ def _add_ladder(reg: dict[str, Replicate]) -> None:
         for r in REPLICATE_SEEDS:
             name = f"scratch-L{depth}-s{r}"
             reg[name] = replace(reg[f"scratch-s{r}"], name=name, layers=depth, ladder="depth", shipped_as=None)
-    reg["fine-L16-s0"] = replace(reg["fine-s0"], name="fine-L16-s0", layers=16, ladder="depth", snapshots=(), shipped_as=None)
+    reg["fine-L16-s0"] = replace(
+        reg["fine-s0"], name="fine-L16-s0", layers=16, ladder="depth", snapshots=(), shipped_as=None
+    )
     for r in (0, 1):
         base = reg[f"scratch-s{r}"]
         steps = base.spec.steps * LADDER_LENGTH_FACTOR
         name = f"scratch-long-s{r}"
         reg[name] = replace(
-            base, name=name, spec=replace(base.spec, steps=steps), ladder="length",
-            snapshots=LADDER_LENGTH_SNAPSHOTS, shipped_as=None,
+            base,
+            name=name,
+            spec=replace(base.spec, steps=steps),
+            ladder="length",
+            snapshots=LADDER_LENGTH_SNAPSHOTS,
+            shipped_as=None,
         )
         up = reg[f"upcycled-s{r}"]
         # upcycled = dense T/2 + continued; 4x the budget continues for 4T - T/2 steps

@@ -15,14 +15,16 @@ from typing import Any
 import pandas as pd
 
 from ..analysis import paper
+from ..analysis.claims import CLAIMS
 from ..core.frames import int_key
 from . import study_results as S
 
 OBSERVATION_NAMES = {
-    1: "neurons act like fine-grained experts (r² advantage of W_act)",
-    2: "the router prefers large-norm experts",
+    1: "neurons act like fine-grained experts (router/W_act alignment beyond its permutation null)",
+    2: "the router prefers large-norm experts (top-1 agreement beyond independence)",
     3: "diversity grows with depth, last layer excepted",
 }
+CLAIM_NAMES = {c.key: c.title for c in CLAIMS.values()}
 PAPER_MARK_LABEL = "paper, Mixtral 8x7B"
 
 
@@ -53,37 +55,56 @@ def replicate_table(held: pd.DataFrame, training: pd.DataFrame) -> pd.DataFrame:
     ]
 
 
+def measured(verdicts: pd.DataFrame) -> pd.DataFrame:
+    """The verdict rows measured with the nulls (they name a claim), ladder rungs left out."""
+    return S._claim_rows(verdicts)
+
+
+def pending_seeds(verdicts: pd.DataFrame) -> pd.DataFrame:
+    """Replicates whose shipped results predate the nulls: (organism, seed) with no claim row."""
+    if not len(verdicts):
+        return pd.DataFrame(columns=["organism", "seed"])
+    have = measured(verdicts)[["organism", "seed"]].drop_duplicates()
+    allr = verdicts[["organism", "seed"]].drop_duplicates()
+    m = allr.merge(have, how="left", indicator=True)
+    return m[m["_merge"] == "left_only"][["organism", "seed"]].sort_values(["organism", "seed"])
+
+
 def verdict_grid(verdicts: pd.DataFrame) -> pd.DataFrame:
-    """(observation, quantity) by (organism, seed): "verdict: effect [low, high]"."""
-    cells = verdicts.assign(
+    """Claim by (organism, seed): "verdict: effect [low, high]" for the issued claims."""
+    v = measured(verdicts)
+    issued = [c.key for c in CLAIMS.values() if c.issued]
+    v = v[v.claim.isin(issued)]
+    cells = v.assign(
         cell=[
-            _effect_cell(v, e, lo, hi)
-            for v, e, lo, hi in zip(verdicts.verdict, verdicts.effect, verdicts.ci_low, verdicts.ci_high, strict=False)
+            _effect_cell(a, e, lo, hi) for a, e, lo, hi in zip(v.verdict, v.effect, v.ci_low, v.ci_high, strict=False)
         ]
     )
     return cells.pivot_table(
-        index=["observation", "quantity"], columns=["organism", "seed"], values="cell", aggfunc="first"
+        index=["observation", "claim"], columns=["organism", "seed"], values="cell", aggfunc="first"
     )
 
 
 def across_seed_grid(across: pd.DataFrame) -> pd.DataFrame:
-    """Observation by organism kind: the across-seed "verdict: mean [low, high]"."""
+    """Claim by organism kind: the across-seed "verdict: effect [low, high]"."""
     acr = across.assign(
         **{
             "across seeds": [
                 _effect_cell(v, m, lo, hi)
-                for v, m, lo, hi in zip(across.verdict, across.mean_effect, across.ci_low, across.ci_high, strict=False)
+                for v, m, lo, hi in zip(across.verdict, across.effect, across.ci_low, across.ci_high, strict=False)
             ]
         }
     )
-    return acr.pivot(index="observation", columns="organism", values="across seeds")
+    return acr.pivot(index=["observation", "claim"], columns="organism", values="across seeds")
 
 
 def replicate_effects(verdicts: pd.DataFrame) -> dict[int, pd.DataFrame]:
     """Per observation: one row per replicate (label ``organism sSEED``); a missing interval is
     drawn as the point itself."""
     out = {}
-    for obs, g in verdicts.groupby("observation"):
+    v = measured(verdicts)
+    v = v[v.claim.isin([c.key for c in CLAIMS.values() if c.issued])]
+    for obs, g in v.groupby("observation"):
         out[int_key(obs)] = g.assign(
             replicate=g.organism + " s" + g.seed.astype(str),
             ci_low=g.ci_low.fillna(g.effect),
@@ -127,66 +148,60 @@ def seed0_check(verdicts: pd.DataFrame, pages: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def across_seed_narrative(across: pd.DataFrame) -> str:
-    """Markdown: per observation and kind the across-seed verdict, then what is settled and what is not."""
+def across_seed_narrative(across: pd.DataFrame, pending: pd.DataFrame | None = None) -> str:
+    """Markdown: per claim and kind the across-seed verdict with its numbers, then what is settled."""
     lines = []
-    for obs, g in across.groupby("observation"):
-        parts = [
-            f"**{r['organism']}**: {r['verdict']} ({r['seeds']} seeds; per seed: {r['seed_verdicts']}; "
-            f"mean {r['mean_effect']:.3f}"
-            + (f", 95% interval {r['ci_low']:.3f} to {r['ci_high']:.3f}" if pd.notna(r["ci_low"]) else "")
-            + ")"
-            for r in g.to_dict("records")
-        ]
-        lines.append(f"- Observation {obs}, {OBSERVATION_NAMES[int_key(obs)]}: " + "; ".join(parts) + ".")
-    settled = across[across.verdict != "inconclusive"]
-    open_ = across[across.verdict == "inconclusive"]
+    for key, g in across.groupby("claim", sort=False):
+        parts = []
+        for r in g.to_dict("records"):
+            if r["seeds"] < 2:
+                parts.append(f"**{r['organism']}**: {r['verdict']} ({r['note']})")
+                continue
+            parts.append(
+                f"**{r['organism']}**: {r['verdict']} (effect {r['effect']:+.3f}, 95% interval "
+                f"{r['ci_low']:+.3f} to {r['ci_high']:+.3f}, floor {r['floor']:.3f}; {r['seeds']} seeds, "
+                f"between-seed SD {r['between_seed_sd']:.3f}; per seed: {r['seed_verdicts']})"
+            )
+        lines.append(f"- {CLAIM_NAMES[str(key)].capitalize()}: " + "; ".join(parts) + ".")
+    decided = across[across.verdict.isin(["holds", "does not hold", "detectable but below the floor"])]
     lines.append("")
     lines.append(
-        f"Settled across seeds: {len(settled)} of {len(across)} (kind, observation) cells"
+        f"Decided across seeds: {len(decided)} of {len(across)} (kind, claim) cells"
         + (
-            " - "
-            + ", ".join(f"observation {r.observation} on {r.organism} ({r.verdict})" for r in settled.itertuples())
-            if len(settled)
-            else ""
-        )
-        + f". Not settled: {len(open_)}"
-        + (
-            " - " + ", ".join(f"observation {r.observation} on {r.organism}" for r in open_.itertuples())
-            if len(open_)
+            " - " + ", ".join(f"{r.claim} on {r.organism} ({r.verdict})" for r in decided.itertuples())
+            if len(decided)
             else ""
         )
         + "."
     )
-    for r in settled.itertuples():
-        if all(v.strip() == S.INCONCLUSIVE for v in str(r.seed_verdicts).split(",")):
-            lines.append("")
-            lines.append(
-                f"Observation {r.observation} on {r.organism} is settled across seeds although no single seed "
-                "settles it: each seed's own interval (over its layers) includes the baseline, but the seeds' "
-                f"means agree closely ({r.mean_effect:.3f}, 95% interval {r.ci_low:.3f} to {r.ci_high:.3f}). "
-                "What is reproducible is the small average over these layers, not the effect in any one layer."
-            )
-    few = across[across.seeds < S.MIN_SEEDS]
-    if len(few):
+    if pending is not None and len(pending):
+        by_org = pending.groupby("organism").seed.apply(lambda s: ", ".join(str(x) for x in s))
+        lines.append("")
         lines.append(
-            f"Kinds with fewer than three measured seeds so far: {', '.join(sorted(set(few.organism)))}; "
-            "their cells can only become settled when the remaining replicates are trained."
+            "Seeds whose shipped results predate the nulls and are not combined yet (their weights do not "
+            "ship; `moe-book zoo study --run NAME` retrains them bit for bit): "
+            + "; ".join(f"{o} seed(s) {v}" for o, v in by_org.items())
+            + "."
         )
     return "\n".join(lines)
 
 
 def replication_summary(across: pd.DataFrame) -> dict[str, dict[str, Any]]:
-    """``replication.json``'s summary: one entry ``obsN_KIND`` per across-seed verdict."""
+    """``replication.json``'s summary: one entry ``CLAIM_KIND`` per across-seed verdict."""
     return {
-        f"obs{r['observation']}_{r['organism']}": {
-            "value": r["mean_effect"],
+        f"{r['claim']}_{r['organism']}": {
+            "value": r["effect"],
             "ci_low": r["ci_low"],
             "ci_high": r["ci_high"],
-            "baseline": r["baseline"],
+            "baseline": 0.0,
             "verdict": r["verdict"],
             "paper": {},
-            "note": f"{r['seeds']} seeds: {r['seed_verdicts']}",
+            "note": r["note"] or f"{r['seeds']} seeds, random effects; floor {r['floor']}; Holm p {r['p_holm']:.3g}",
+            "null": r["null"],
+            "floor": r["floor"],
+            "p_value": r["p_value"],
+            "p_holm": r["p_holm"],
+            "power": r["power"],
         }
         for r in across.to_dict("records")
     }
@@ -230,7 +245,7 @@ class ReplicationReport:
 
     @property
     def narrative(self) -> str:
-        return across_seed_narrative(self.across)
+        return across_seed_narrative(self.across, pending_seeds(self.verdicts))
 
 
 def replication_report(study_dir: str | Path | None = None) -> ReplicationReport:

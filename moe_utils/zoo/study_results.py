@@ -5,16 +5,14 @@ Per replicate (``moe-book zoo study --run/--measure``) two results files are wri
 training snapshots, ``study_emergence.json`` (table ``emergence``). The shipped copies live in
 ``moe_utils/zoo/study/NAME/``; :func:`replication_tables` turns them into ``replication.json``.
 
-Across-seed verdict rule (fixed before any replicate was measured):
-
-* observations 1 and 2: the across-seed effect is the mean of the per-seed effects with a 95%
-  Student-t interval over seeds. It **holds** when that interval lies above the baseline and
-  every seed's effect is above it; it **does not hold** when the interval lies at or below the
-  baseline and every seed's effect is at or below it; otherwise it is **inconclusive**;
-* observation 3 (a two-part pattern with no interval): **holds** when it holds in every seed,
-  **does not hold** when it fails in every seed, **inconclusive** otherwise;
-* fewer than ``MIN_SEEDS`` (3) measured seeds give **inconclusive** whatever the effects: the
-  t-interval of two seeds reflects only how far apart two runs happened to fall.
+Across seeds (the rule of the pre-registration page): each seed contributes its effect (observed
+minus its computed null) and standard error; they are combined by random-effects meta-analysis
+(:func:`moe_utils.metrics.random_effects`: DerSimonian-Laird between-seed variance, modified
+Hartung-Knapp interval with seeds - 1 degrees of freedom) and the combined interval is judged
+with the claim's floor (:func:`moe_utils.metrics.outcome`). Seeds whose results predate the
+nulls (no standard error) are not combined and are counted in ``seeds_pending``; fewer than two
+combinable seeds give an undefined verdict, never a vote. The ladder's replicates (other depths
+or training lengths) are kept out of the across-seed rows and go to the ``ladder`` table.
 """
 
 from __future__ import annotations
@@ -23,13 +21,15 @@ import json
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
+from moe_utils import metrics as M
 from moe_utils.analysis import headlines as H
+from moe_utils.analysis.claims import CLAIMS, issued_claims
 from moe_utils.analysis.context import checkpoint_only, open_study
 from moe_utils.analysis.results import iter_results, read_result, write_result
 from moe_utils.arch.config import read_config_json
@@ -42,7 +42,6 @@ from moe_utils.zoo.evaluate import load_windows, model_nll, perplexity
 from moe_utils.zoo.replicates import Replicate, replicate_dir, snapshot_dir
 
 HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
-MIN_SEEDS = 3
 INPUTS = "long"  # the observation notebooks' default input
 
 
@@ -72,8 +71,8 @@ def measure_model(folder: Path, seed: int = 0) -> tuple[list[dict], dict[str, fl
     long_trace = study.trace(study.inputs(INPUTS))
     o1 = H.observation1(checkpoint_only(str(folder)), None, seed=seed)
     o2 = H.observation2(study.lm, long_trace, seed=seed)
-    o3, extra = H.observation3(study.lm, long_trace)
-    return [h.as_row() for h in (o1, o2, o3)], extra, long_trace
+    o3, extra = H.observation3(study.lm, long_trace, seed=seed)
+    return [h.as_row() for h in (o1, o2, *o3)], extra, long_trace
 
 
 EMERGENCE_WINDOWS = 120  # held-out windows for snapshot losses (the organisms page's evenly spaced sample)
@@ -113,7 +112,14 @@ def write_replicate_results(rep: Replicate, out: Path, log=print) -> list[Path]:
     """Measure a trained replicate (and its snapshots) and write its results files."""
     folder = model_folder(rep, out)
     rdir = replicate_dir(out, rep.name) / "results"
-    base = {"organism": rep.organism, "kind": rep.kind, "seed": rep.seed_index}
+    base = {
+        "organism": rep.organism,
+        "kind": rep.kind,
+        "seed": rep.seed_index,
+        "layers": rep.layers or 8,
+        "steps": rep.spec.steps,
+        "ladder": rep.ladder or "",
+    }
     ho = heldout(folder)
     paths = []
     tables: dict[str, pd.DataFrame] = {"heldout": pd.DataFrame([{**base, **ho, "dense_layer": rep.dense_layer}])}
@@ -218,22 +224,106 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, flo
     return m, m - half, m + half
 
 
-def across_seed_verdict(
-    observation: int, effects: Sequence[float], verdicts: Sequence[str], baseline: float
-) -> tuple[str, float, float, float]:
-    """The module docstring's rule: (verdict, mean effect, ci_low, ci_high)."""
-    m, lo, hi = t_interval(effects)
-    if len(effects) < MIN_SEEDS:
-        return INCONCLUSIVE, m, lo, hi
-    if observation == 3:
-        v = HOLDS if all(x == HOLDS for x in verdicts) else FAILS if all(x == FAILS for x in verdicts) else INCONCLUSIVE
-        return v, m, lo, hi
-    e = np.asarray(effects, dtype=float)
-    if lo > baseline and (e > baseline).all():
-        return HOLDS, m, lo, hi
-    if hi <= baseline and (e <= baseline).all():
-        return FAILS, m, lo, hi
-    return INCONCLUSIVE, m, lo, hi
+def _claim_rows(verdicts: pd.DataFrame) -> pd.DataFrame:
+    """Verdict rows measured with the nulls (they name a claim), ladder replicates left out."""
+    if not len(verdicts) or "claim" not in verdicts:
+        return pd.DataFrame(columns=["organism", "seed", "claim", "observation", "effect", "se", "null", "verdict"])
+    v = verdicts.dropna(subset=["claim"])
+    if "ladder" in v:
+        v = v[v.ladder.fillna("") == ""]
+    return v
+
+
+def _combine(measured: pd.DataFrame, org: str, key: str) -> tuple[M.Combined, pd.DataFrame]:
+    g = measured[(measured.organism == org) & (measured.claim == key)].sort_values("seed")
+    return M.random_effects(g.effect.astype(float).to_numpy(), g.se.astype(float).to_numpy()), g
+
+
+def _judge_combined(key: str, comb: M.Combined) -> str:
+    claim = CLAIMS[key]
+    low, high = (comb.low, comb.high) if claim.direction > 0 else (-comb.high, -comb.low)
+    if claim.kind == "noninferior":
+        return M.noninferior_outcome(low, high, claim.floor)
+    return M.outcome(low, high, claim.floor)
+
+
+def across_seed_rows(verdicts: pd.DataFrame) -> pd.DataFrame:
+    """One row per organism kind and issued claim: the random-effects combination of its seeds."""
+    if not len(verdicts):
+        return pd.DataFrame()
+    measured = _claim_rows(verdicts)
+    base = verdicts[verdicts.ladder.fillna("") == ""] if "ladder" in verdicts else verdicts
+    seeds_all = base.groupby("organism").seed.nunique()
+    rows = []
+    for claim in issued_claims():
+        for org in sorted(base.organism.unique()):
+            comb, g = _combine(measured, org, claim.key)
+            if claim.kind == "composite":
+                parts = [_judge_combined(k, _combine(measured, org, k)[0]) for k in ("obs3_slope", "obs3_residual")]
+                verdict = M.combine_outcomes(*parts)
+                slope = _combine(measured, org, "obs3_slope")[0]
+                note = (
+                    f"slope {slope.estimate:+.4f} [{slope.low:+.4f}, {slope.high:+.4f}] ({parts[0]}); "
+                    f"residual ({parts[1]})"
+                )
+            else:
+                verdict = _judge_combined(claim.key, comb)
+                note = ""
+            pending = int(seeds_all.get(org, 0)) - comb.seeds
+            if comb.seeds < 2:
+                note = f"{comb.seeds} seed(s) measured with the nulls, {pending} pending: no across-seed verdict"
+            p = comb.p_greater if claim.direction > 0 else 1 - comb.p_greater
+            rows.append(
+                {
+                    "organism": org,
+                    "observation": claim.observation,
+                    "claim": claim.key,
+                    "quantity": claim.quantity,
+                    "seeds": comb.seeds,
+                    "seeds_pending": pending,
+                    "effect": comb.estimate,
+                    "se": comb.se,
+                    "ci_low": comb.low,
+                    "ci_high": comb.high,
+                    "between_seed_sd": comb.tau,
+                    "null": float(g.null.astype(float).mean()) if len(g) else float("nan"),
+                    "floor": claim.floor,
+                    "p_value": p,
+                    "power": M.power_to_hold(claim.paper_effect, claim.floor, comb.se, max(1, comb.seeds - 1)),
+                    "seed_effects": ", ".join(f"{x:+.3f}" for x in g.effect.astype(float)),
+                    "seed_verdicts": ", ".join(g.verdict.astype(str)),
+                    "verdict": verdict,
+                    "note": note,
+                }
+            )
+    out = pd.DataFrame(rows)
+    out["p_holm"] = M.holm(out.p_value.to_numpy(dtype=float))
+    return out
+
+
+LADDER_COLUMNS = [
+    "kind",
+    "layers",
+    "steps",
+    "seed",
+    "observation",
+    "claim",
+    "effect",
+    "null",
+    "ci_low",
+    "ci_high",
+    "floor",
+    "outcome",
+]
+
+
+def ladder_table(verdicts: pd.DataFrame) -> pd.DataFrame:
+    """The ``ladder`` table: every replicate measured with the nulls, with its depth and length."""
+    v = verdicts.dropna(subset=["claim"]) if "claim" in verdicts else verdicts.iloc[0:0]
+    if not len(v):
+        return pd.DataFrame(columns=LADDER_COLUMNS)
+    v = v.assign(outcome=v.verdict)
+    return v[LADDER_COLUMNS].sort_values(["kind", "layers", "steps", "seed", "observation"]).reset_index(drop=True)
 
 
 def replication_tables(shipped: dict[str, dict[str, pd.DataFrame]]) -> dict[str, pd.DataFrame]:
@@ -242,33 +332,11 @@ def replication_tables(shipped: dict[str, dict[str, pd.DataFrame]]) -> dict[str,
     emergence = _concat(t.get("emergence") for t in shipped.values())
     held = _concat(t.get("heldout") for t in shipped.values())
     training = _concat(t.get("training") for t in shipped.values())
-    rows = []
-    if len(verdicts):
-        for key, g in verdicts.groupby(["organism", "observation"]):
-            org, obs = cast(tuple[Any, Any], key)  # grouped by two columns: a pair
-            g = g.sort_values("seed")
-            v, m, lo, hi = across_seed_verdict(
-                int(obs), g.effect.tolist(), g.verdict.tolist(), float(g.baseline.iloc[0])
-            )
-            rows.append(
-                {
-                    "organism": org,
-                    "observation": int(obs),
-                    "quantity": g.quantity.iloc[0],
-                    "seeds": len(g),
-                    "mean_effect": m,
-                    "sd_effect": float(g.effect.std(ddof=1)) if len(g) > 1 else float("nan"),
-                    "ci_low": lo,
-                    "ci_high": hi,
-                    "baseline": float(g.baseline.iloc[0]),
-                    "seed_verdicts": ", ".join(g.verdict),
-                    "verdict": v,
-                }
-            )
     return {
         "verdicts": verdicts,
         "emergence": emergence,
-        "across_seeds": pd.DataFrame(rows),
+        "across_seeds": across_seed_rows(verdicts),
+        "ladder": ladder_table(verdicts),
         "heldout": held,
         "training": training,
     }
