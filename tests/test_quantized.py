@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -18,6 +20,7 @@ from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from moe_utils.analysis import static
 from moe_utils.analysis.context import open_study
+from moe_utils.analysis.results import read_result
 from moe_utils.core.errors import LayerIndexError, UnsupportedQuantizationError
 from moe_utils.models import checkpoint
 from moe_utils.models.checkpoint import CheckpointReader
@@ -422,3 +425,30 @@ def test_gptq_checkpoint_is_refused_before_any_tensor_is_read(tmp_path: Path, mo
             attempt()
         text = str(err.value)
         assert "GPTQ" in text and "\n" not in text and "bf16" in text
+
+
+@pytest.mark.slow
+def test_observation1_notebook_gives_the_same_results_on_an_fp8_checkpoint_and_its_twin(
+    repo_root: Path, tmp_path: Path
+) -> None:
+    fp8, twin, _ = fp8_pair(tmp_path)
+    found = []
+    for folder in (fp8, twin):
+        out = tmp_path / f"book-{folder.name}"
+        run = subprocess.run(
+            [sys.executable, "-m", "moe_utils.publish.cli", "run", "--model", str(folder)]
+            + ["--notebooks", "obs1_neurons_as_experts", "-p", "dense_baseline", "None", "-p", "reorder_max_pairs", "2"]
+            + ["--out", str(out)],
+            cwd=repo_root,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
+        assert run.returncode == 0, run.stdout + run.stderr
+        (path,) = out.rglob("obs1_neurons_as_experts.json")
+        found.append(read_result(path))
+    quantized, decoded = found
+    assert quantized.tables.keys() == decoded.tables.keys() and quantized.tables
+    for name, table in quantized.tables.items():
+        pd.testing.assert_frame_equal(table, decoded.tables[name], check_exact=True)
+    assert {k: v["value"] for k, v in quantized.summary.items()} == {k: v["value"] for k, v in decoded.summary.items()}
