@@ -368,6 +368,19 @@ def test_build_that_would_lose_model_pages_needs_allow_fewer_pages(tmp_path: Pat
     assert "book/runs/old/obs3" in capsys.readouterr().err
 
 
+def test_build_from_another_runs_folder_still_counts_the_current_model_pages(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    root = _book(tmp_path)
+    _executed(root / "book" / "runs", "m", "obs1")
+    _site_building(monkeypatch)
+    assert cli.main(["build", "--root", str(root), "--out", str(root / "book" / "runs")]) == 0
+    capsys.readouterr()
+    _executed(root / "elsewhere", "other", "obs1")
+    assert cli.main(["build", "--root", str(root), "--out", str(root / "elsewhere")]) == 2
+    assert "lose 1 model page(s) the current one has (book/runs/m/obs1)" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- 3b. one landing per run
 
 

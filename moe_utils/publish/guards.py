@@ -18,6 +18,7 @@ from moe_utils.core.errors import UsageError
 from moe_utils.core.paths import BOOK_FOLDER
 
 ALLOW_FLAG = "--allow-fewer-pages"
+MODEL_CAPTION = "Model: "  # how bookbuild.make_toc begins the caption of a model's part
 SHOWN = 3  # lost pages named in the message; the rest are counted
 
 
@@ -56,21 +57,34 @@ def _toc_files(node: object) -> Iterable[str]:
             yield from _toc_files(item)
 
 
+def _toc_model_pages(toc: Path) -> set[str]:
+    """The files of the model parts of a generated table of contents (none if it is unreadable)."""
+    try:
+        parsed = yaml.safe_load(toc.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return set()  # an unreadable generated file is rewritten by the build
+    parts = parsed.get("parts", []) if isinstance(parsed, dict) else []
+    return {
+        Path(f).with_suffix("").as_posix()
+        for part in parts
+        if isinstance(part, dict) and str(part.get("caption", "")).startswith(MODEL_CAPTION)
+        for f in _toc_files(part.get("chapters", []))
+    }
+
+
 def current_model_pages(root: Path, runs: Path, html: Path, toc: Path) -> set[str]:
-    """Model pages (document names relative to ``root``) of the current site: the HTML pages
-    under ``html`` and the entries of the generated table of contents ``toc``."""
+    """Model pages (document names relative to ``root``) of the current site: the HTML pages of
+    model folders under ``html``'s copy of ``runs``, and the model parts of the generated table of
+    contents ``toc`` (whatever runs folder the previous build read)."""
     runs_rel = runs.resolve().relative_to(root.resolve()).as_posix()
-    docs: set[str] = set()
     site_runs = html / runs_rel
+    docs: set[str] = set()
     if site_runs.is_dir():
-        docs.update(page.relative_to(html).with_suffix("").as_posix() for page in site_runs.glob("*/*.html"))
+        pages = (page.relative_to(html).with_suffix("").as_posix() for page in site_runs.glob("*/*.html"))
+        docs.update(doc for doc in pages if _model_page(doc, runs_rel))
     if toc.is_file():
-        try:
-            parsed = yaml.safe_load(toc.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
-            parsed = None  # an unreadable generated file is rewritten by the build
-        docs.update(str(Path(f).with_suffix("").as_posix()) for f in _toc_files(parsed))
-    return {doc for doc in docs if _model_page(doc, runs_rel)}
+        docs.update(_toc_model_pages(toc))
+    return docs
 
 
 def check_build(
