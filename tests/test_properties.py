@@ -119,6 +119,7 @@ def _read_all(data: bytes) -> None:
         with CheckpointReader(folder) as reader:
             for name in reader.names():
                 reader.shape(name)
+                reader.mapped(name)  # the package's own header parse, after safetensors' check
 
 
 @PROPERTIES
