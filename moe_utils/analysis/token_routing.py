@@ -38,6 +38,7 @@ from .results import iter_results
 
 ANALYSIS = "token_explorer"  # the page, and the name of its results file
 LIFT_CLIP = 3.0  # log2 lift shown within [-3, 3] (1/8x .. 8x); the tables keep the exact lift
+MIN_EXPECTED = 5.0  # the strongest pair named on the page is one expected at least this often
 WEIGHT_SIMILARITY_MARK = "weight_similarity"  # an emergence quantity whose name holds this is one
 
 
@@ -181,14 +182,23 @@ def coactivation_frame(record: RoutingRecord) -> pd.DataFrame:
 # --------------------------------------------------------------------------- expert cards
 
 
+_CONTROL = {c: chr(0x2400 + c) for c in range(32) if chr(c) not in "\n\t"} | {0x7F: "\u2421"}
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (other than newline and tab) as their Unicode pictures
+    (``\\x0e`` -> ``␎``): a byte-level tokenizer's pieces may hold them, and a chart cannot draw them."""
+    return text.translate(_CONTROL)
+
+
 def visible(text: str) -> str:
     """A token as shown in a card: newlines as ``↵``, tabs as ``→``, spaces as ``·``."""
-    return text.replace("\n", "↵").replace("\t", "→").replace(" ", "·")
+    return printable(text).replace("\n", "↵").replace("\t", "→").replace(" ", "·")
 
 
 def _flat(text: str) -> str:
     """Text on one line: newlines as ``↵``, tabs as ``→``."""
-    return text.replace("\n", "↵").replace("\t", "→")
+    return printable(text).replace("\n", "↵").replace("\t", "→")
 
 
 def token_context(record: RoutingRecord, index: int, left: int = 6, right: int = 3) -> str:
@@ -315,7 +325,7 @@ def layout(tokens: Sequence[str], seq: Sequence[int], width: int = 90) -> pd.Dat
         if prev_seq is not None and s != prev_seq:
             line, col = line + 2 if col else line + 1, 0
         prev_seq = s
-        shown = tok.replace("\n", "↵").replace("\t", "    ")
+        shown = printable(tok).replace("\n", "↵").replace("\t", "    ")
         cols = max(len(shown), 1)
         if col and col + cols > width:
             line, col = line + 1, 0
@@ -430,7 +440,8 @@ def snapshot_similarity(organism: str, emergence: pd.DataFrame) -> SnapshotSimil
         )
     others = shipped[shipped.organism != organism] if not shipped.empty else shipped
     also = (
-        "; snapshots were measured only for " + ", ".join(f"{r.replicate} ({r.organism})" for r in others.itertuples())
+        "; the other shipped snapshot results are those of "
+        + ", ".join(f"{r.replicate} ({r.organism})" for r in others.itertuples())
         if not others.empty
         else ""
     )
@@ -488,7 +499,8 @@ class ExplorerReport:
 
     def coactivation_note(self, label: str | None = None) -> str:
         """One Markdown sentence on the co-activation maps: the median lift of a pair against the
-        random-routing value, and the pair chosen together most above independence. ``label``
+        random-routing value, and the pair chosen together most above independence (among pairs
+        expected together at least :data:`MIN_EXPECTED` times, when there are any). ``label``
         names the model (default: its id)."""
         name = label or self.model
         if self.top_k < 2:
@@ -496,13 +508,14 @@ class ExplorerReport:
         pairs = self.coactivation[self.coactivation.expert_i < self.coactivation.expert_j].dropna(subset=["lift"])
         if pairs.empty:
             return f"{name}: no pair of experts was chosen together on these tokens."
-        best = pairs.sort_values(["lift", "count"], ascending=False).iloc[0]
+        common = pairs[pairs.expected >= MIN_EXPECTED]  # a lift on a handful of tokens says little
+        best = (common if len(common) else pairs).sort_values(["lift", "count"], ascending=False).iloc[0]
         return (
             f"{name}: over {len(self.layers)} layers, the median lift of a pair of experts is "
             f"**{pairs.lift.median():.2f}** (uniformly random top-{self.top_k} routing would give "
             f"{self.random_lift:.2f} to every pair); the strongest pair is experts {int(best.expert_i)} and "
             f"{int(best.expert_j)} in layer {int(best.layer)}, chosen together for {int(best['count'])} tokens, "
-            f"{best.lift:.1f} times as often as independence predicts."
+            f"{best.lift:.1f} times as often as independence predicts ({best.expected:.1f} tokens)."
         )
 
     def describe(self, label: str | None = None) -> str:
