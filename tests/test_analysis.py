@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,6 +10,7 @@ import torch.nn.functional as F
 from scipy.stats import linregress
 from tiny_models import sequences, tiny
 
+from moe_utils import metrics as M
 from moe_utils.analysis import dynamic, static, summary, verdicts
 from moe_utils.analysis.results import write_result
 from moe_utils.models.trace import trace
@@ -162,7 +161,7 @@ def test_verdict_rules():
 
 
 def test_summary_reads_results_files(tmp_path):
-    for model, share in (("m-a", 0.6), ("m-b", 0.05)):
+    for model, (eff, null) in (("m-a", (0.30, 0.10)), ("m-b", (0.02, 0.12))):
         write_result(
             tmp_path / model / "results",
             "obs2_router_norms",
@@ -171,28 +170,34 @@ def test_summary_reads_results_files(tmp_path):
             {},
             {"t": pd.DataFrame({"x": [1]})},
             {
-                "top1_norm_agreement": {
-                    "value": share,
-                    "ci_low": share - 0.05,
-                    "ci_high": share + 0.05,
-                    "baseline": 0.125,
-                    "verdict": verdicts.versus_baseline(share - 0.05, share + 0.05, 0.125),
-                    "paper": {"Mixtral 8x7B": 0.69},
+                "norm_preference": {
+                    "value": eff,
+                    "ci_low": eff - 0.05,
+                    "ci_high": eff + 0.05,
+                    "baseline": 0.0,
+                    "verdict": M.outcome(eff - 0.05, eff + 0.05, 0.14),
+                    "paper": {"Mixtral 8x7B": 0.565},
                     "note": "",
+                    "observed": eff + null,
+                    "null": null,
+                    "floor": 0.14,
+                    "p_value": 0.001 if eff > 0.1 else 0.3,
                 }
             },
         )
     table = summary.collect(tmp_path)
     v = summary.verdict_table(table)
-    obs2 = "2. the router prefers large output norms"
-    assert v.loc[obs2, "m-a"] == "holds: 0.600 [0.550, 0.650]"
-    assert v.loc[obs2, "m-b"].startswith("does not hold: 0.050")
-    assert v.loc[obs2, "baseline"] == "0.125"
-    assert "Mixtral 8x7B: 0.69" in v.loc[obs2, "paper (its models)"]
+    obs2 = summary.HEADLINES[("obs2_router_norms", "norm_preference")]
+    assert v.loc[obs2, "m-a"] == "holds: 0.300 [0.250, 0.350]; observed 0.400 vs null 0.100"
+    assert v.loc[obs2, "m-b"].startswith("does not hold: 0.020")
+    assert "null 0.120" in v.loc[obs2, "m-b"]  # each model's own null, not one baseline for all
+    assert v.loc[obs2, "floor"] == "0.140"
+    assert "Mixtral 8x7B: 0.565" in v.loc[obs2, "paper (its models)"]
     detail = summary.detail_table(table)
-    assert detail.loc[("obs2_router_norms", "top1_norm_agreement"), "m-a"].endswith("(holds)")
+    assert detail.loc[("obs2_router_norms", "norm_preference"), "m-a"].endswith("(holds)")
     assert "m-a" in summary.narrative(table)
-    assert math.isclose(float(table[table.model == "m-b"].value.iloc[0]), 0.05)
+    fam = summary.family_table(table, summary.book_level_verdicts(tmp_path))
+    assert len(fam) == 2 and (fam["p (Holm)"] >= fam["p"]).all()
 
 
 def test_weight_report_reads_each_layer_once_and_matches_the_single_analyses(monkeypatch):

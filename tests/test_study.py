@@ -19,7 +19,7 @@ from moe_utils.zoo import study_results as S
 
 def test_registry_has_three_seeds_of_every_kind_and_distinct_seeds() -> None:
     for kind in ("dense", "upcycled", "scratch", "fine"):
-        reps = [r for r in R.REPLICATES.values() if r.kind == kind]
+        reps = [r for r in R.REPLICATES.values() if r.kind == kind and r.ladder is None]
         assert len(reps) >= 3
         assert len({r.spec.seed for r in reps}) == len(reps)
     assert R.get("upcycled-s2").parent == "dense-s2"
@@ -56,18 +56,76 @@ def test_topk_overlap_against_sets() -> None:
     assert topk_overlap(a, b) == pytest.approx((2 + 1 + 0) / 6)
 
 
-def test_across_seed_rule() -> None:
-    v = S.across_seed_verdict
-    assert v(2, [0.3, 0.31, 0.29], ["holds"] * 3, 0.125)[0] == "holds"
-    assert v(2, [0.3, 0.1, 0.29], ["holds"] * 3, 0.125)[0] == "inconclusive"  # one seed below baseline
-    assert v(1, [-0.2, -0.21, -0.19], ["does not hold"] * 3, 0.0)[0] == "does not hold"
-    assert v(1, [0.5], ["holds"], 0.0)[0] == "inconclusive"  # one seed is never enough
-    assert v(1, [0.5, 0.51], ["holds", "holds"], 0.0)[0] == "inconclusive"  # nor are two
-    assert v(3, [0.1, 2.0, 1.5], ["holds", "holds", "holds"], 0.0)[0] == "holds"
-    assert v(3, [0.1, 2.0, 1.5], ["holds", "inconclusive", "holds"], 0.0)[0] == "inconclusive"
-    m, lo, hi = S.t_interval([1.0, 2.0, 3.0])
-    half = 4.302652729911275 * 1.0 / math.sqrt(3)  # t(0.975, 2) * sd / sqrt(n)
-    assert (m, lo, hi) == pytest.approx((2.0, 2.0 - half, 2.0 + half))
+def test_ladder_rungs_change_only_depth_or_length() -> None:
+    """A rung keeps its base replicate's seed and recipe; only the layers or the steps differ."""
+    for rep in R.REPLICATES.values():
+        if rep.ladder is None:
+            continue
+        base = R.get(rep.name.replace(f"-L{rep.layers}", "").replace("-long", ""))
+        if rep.ladder == "depth":
+            assert rep.layers in R.LADDER_DEPTHS + (16,) and rep.spec == base.spec
+        else:
+            assert rep.layers is None and rep.spec.seed == base.spec.seed and rep.spec.lr == base.spec.lr
+            assert rep.spec.steps + (600 if rep.kind == "upcycled" else 0) == 4 * configs.TOTAL_STEPS
+            assert max(rep.snapshots) == rep.spec.steps
+    assert R.get("scratch-L16-s2").build()(0).config.num_hidden_layers == 16
+    assert {r.layers for r in R.REPLICATES.values() if r.kind == "scratch"} >= {None, 4, 16}
+
+
+def _rows(org: str, claim: str, effects, ses, **extra) -> list[dict]:
+    return [
+        {
+            "organism": org,
+            "seed": i,
+            "claim": claim,
+            "observation": 1,
+            "effect": e,
+            "se": s,
+            "null": 0.0,
+            "verdict": "holds",
+            "ladder": "",
+            **extra,
+        }
+        for i, (e, s) in enumerate(zip(effects, ses, strict=True))
+    ]
+
+
+def test_across_seed_rule_combines_estimates_not_votes() -> None:
+    import pandas as pd
+
+    from moe_utils import metrics as M
+
+    # three seeds whose means agree closely but whose own errors are large: not "holds"
+    v = pd.DataFrame(_rows("tiny-moe-scratch", "obs1", [0.031, 0.032, 0.027], [0.04, 0.04, 0.04]))
+    row = S.across_seed_rows(v).set_index(["claim", "organism"]).loc[("obs1", "tiny-moe-scratch")]
+    assert row.verdict in ("inconclusive", "does not hold") and row.ci_low < 0 < row.ci_high
+    ref = M.random_effects([0.031, 0.032, 0.027], [0.04, 0.04, 0.04])
+    assert (row.effect, row.ci_low, row.ci_high) == pytest.approx((ref.estimate, ref.low, ref.high))
+    # a clear effect above the floor holds
+    v = pd.DataFrame(_rows("tiny-moe-fine", "obs1", [0.30, 0.32, 0.29], [0.02, 0.02, 0.02]))
+    assert S.across_seed_rows(v).set_index("claim").loc["obs1"].verdict == "holds"
+    # one measured seed gives no across-seed verdict; ladder rows never enter
+    v = pd.DataFrame(
+        _rows("tiny-moe-fine", "obs1", [0.3], [0.02])
+        + _rows("tiny-moe-fine", "obs2", [0.3, 0.3], [0.02, 0.02], ladder="depth")
+    )
+    out = S.across_seed_rows(v).set_index("claim")
+    assert out.loc["obs1"].verdict == "undefined" and out.loc["obs2"].seeds == 0
+    assert "p_holm" in out and (out.p_holm.dropna() >= out.p_value.dropna()).all()
+
+
+def test_scratch_observation1_is_not_a_finding_on_the_shipped_weights() -> None:
+    """The old rule called observation 1 on tiny-moe-scratch "holds across seeds"; against its
+    label-permutation null the shipped seed-0 weights show no effect above the floor."""
+    from moe_utils.analysis import headlines as H
+    from moe_utils.analysis.context import checkpoint_only
+    from moe_utils.core.paths import zoo_path
+
+    eff = H.observation1(checkpoint_only(str(zoo_path("tiny-moe-scratch"))))
+    assert eff.verdict != "holds"
+    assert eff.null < 0  # the null of the statistic is not 0
+    across = S.replication_tables(S.load_shipped())["across_seeds"].set_index(["claim", "organism"])
+    assert across.loc[("obs1", "tiny-moe-scratch")].verdict != "holds"
 
 
 @pytest.mark.slow

@@ -29,9 +29,10 @@ Schema ``moe-book-results/1``::
           "value": 0.61,                      # number (or null when undefined)
           "ci_low": 0.55, "ci_high": 0.67,    # interval bounds or null
           "baseline": 0.125,                  # what chance / a null model gives, or null
-          "verdict": "holds",                 # "holds" | "does not hold" | "inconclusive" | null
+          "verdict": "holds",                 # one of VERDICTS, or null for a descriptive number
           "paper": {"Mixtral 8x7B": 0.69},    # the paper's value per model, may be empty
           "note": "cluster bootstrap over 10 sequences"
+          # a claim's entry also has: observed, null, floor, se, df, interval, p_value, power (p_holm)
         }
       }
     }
@@ -69,8 +70,11 @@ from moe_utils import __version__
 from moe_utils.core.errors import ResultsFileError
 
 SCHEMA = "moe-book-results/1"
-VERDICTS = ("holds", "does not hold", "inconclusive")
+VERDICTS = ("holds", "detectable but below the floor", "inconclusive", "does not hold", "undefined")
 SUMMARY_FIELDS = ("value", "ci_low", "ci_high", "baseline", "verdict", "paper", "note")
+# Optional fields of a claim's entry: the observed statistic, its computed null, the effect floor,
+# the standard error and degrees of freedom of the interval, its method, p-values and power.
+EFFECT_FIELDS = ("observed", "null", "floor", "se", "df", "interval", "p_value", "p_holm", "power")
 _TOP_FIELDS = (
     "schema",
     "analysis",
@@ -201,10 +205,11 @@ def _summary_entries(summary: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     out = {}
     for key, entry in summary.items():
         if isinstance(entry, Mapping):
-            unknown = set(entry) - set(SUMMARY_FIELDS)
+            unknown = set(entry) - set(SUMMARY_FIELDS) - set(EFFECT_FIELDS)
             if unknown:
                 raise ValueError(
-                    f"summary entry {key!r} has unknown fields {sorted(unknown)}; allowed: {SUMMARY_FIELDS}"
+                    f"summary entry {key!r} has unknown fields {sorted(unknown)}; "
+                    f"allowed: {SUMMARY_FIELDS + EFFECT_FIELDS}"
                 )
             if "value" not in entry:
                 raise ValueError(f"summary entry {key!r} has no 'value'")

@@ -707,25 +707,54 @@ def interval_lines(
     return alt.layer(*layers).properties(title=title, width=420, height=260)
 
 
-def replicate_effects(effects: dict[int, pd.DataFrame]) -> alt.VConcatChart:
-    """One interval-point chart per observation: each replicate's effect with its interval
-    (``effects`` as from :func:`moe_utils.zoo.replication.replicate_effects`)."""
+def replicate_effects(effects: dict[str, pd.DataFrame]) -> alt.VConcatChart:
+    """One interval-point chart per claim: each replicate's effect (observed minus its null) with
+    its interval; the dashed rule is the null (0) and the dotted one the claim's floor (``effects``
+    as from :func:`moe_utils.zoo.replication.replicate_effects`)."""
     charts = []
-    for obs, g in effects.items():
-        quantity = g.quantity.iloc[0]
-        charts.append(
-            interval_points(
-                g,
-                x="effect",
-                y="replicate",
-                low="ci_low",
-                high="ci_high",
-                color="organism",
-                zero_rule=False,
-                x_title=quantity,
-                title=f"Observation {obs}: {quantity} per replicate (baseline {g.baseline.iloc[0]:.3g})",
-            )
+    for claim, g in effects.items():
+        floor = float(g["floor"].iloc[0]) * (-1 if str(claim) == "obs3_slope" else 1)
+        pts = interval_points(
+            g,
+            x="effect",
+            y="replicate",
+            low="ci_low",
+            high="ci_high",
+            color="organism",
+            zero_rule=True,
+            x_title="effect (observed minus null)",
+            title=f"{g['title'].iloc[0]} (floor {abs(floor):.3g})",
         )
+        rule = (
+            alt.Chart(pd.DataFrame({"floor": [floor]})).mark_rule(strokeDash=[1, 3], color="gray").encode(x="floor:Q")
+        )
+        charts.append(alt.layer(pts, rule))
+    return alt.vconcat(*charts)
+
+
+def ladder_lines(table: pd.DataFrame, *, x: str, x_title: str, title: str) -> alt.VConcatChart:
+    """Per claim: the effect against ``x`` (layers or training steps) with its interval, one colour
+    per series; the dashed rule is the null (0), the dotted one the floor."""
+    charts = []
+    for claim, g in table.groupby("claim", sort=False):
+        floor = float(g["floor"].iloc[0]) * (-1 if claim == "obs3_slope" else 1)
+        lines = interval_lines(
+            g,
+            x=x,
+            y="effect",
+            low="ci_low",
+            high="ci_high",
+            color="series",
+            x_title=x_title,
+            y_title="effect",
+            title=f"{title}: {g['title'].iloc[0]}",
+        )
+        rules = (
+            alt.Chart(pd.DataFrame({"y": [0.0, floor], "rule": ["null", "floor"]}))
+            .mark_rule(strokeDash=[4, 4], color="gray")
+            .encode(y="y:Q", tooltip=["rule:N", alt.Tooltip("y:Q", format=".3f")])
+        )
+        charts.append(alt.layer(lines, rules))
     return alt.vconcat(*charts)
 
 

@@ -16,7 +16,6 @@ import pandas as pd
 
 from ..analysis import paper
 from ..analysis.claims import CLAIMS
-from ..core.frames import int_key
 from . import study_results as S
 
 OBSERVATION_NAMES = {
@@ -34,6 +33,8 @@ def emergence_paper_marks() -> dict[str, float]:
     return {
         "top1_norm_agreement": float(paper.TOP1_NORM_AGREEMENT.value or float("nan")),
         "gate_act_advantage": mixtral["W_act"] - max(mixtral["W_up"], mixtral["W_down"]),
+        "router_act_alignment": CLAIMS["obs1"].paper_effect,
+        "norm_preference": CLAIMS["obs2"].paper_effect,
     }
 
 
@@ -98,19 +99,66 @@ def across_seed_grid(across: pd.DataFrame) -> pd.DataFrame:
     return acr.pivot(index=["observation", "claim"], columns="organism", values="across seeds")
 
 
-def replicate_effects(verdicts: pd.DataFrame) -> dict[int, pd.DataFrame]:
-    """Per observation: one row per replicate (label ``organism sSEED``); a missing interval is
+def replicate_effects(verdicts: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per issued claim: one row per replicate (label ``organism sSEED``); a missing interval is
     drawn as the point itself."""
     out = {}
     v = measured(verdicts)
     v = v[v.claim.isin([c.key for c in CLAIMS.values() if c.issued])]
-    for obs, g in v.groupby("observation"):
-        out[int_key(obs)] = g.assign(
+    for key, g in v.groupby("claim", sort=False):
+        out[str(key)] = g.assign(
+            title=CLAIMS[str(key)].title,
             replicate=g.organism + " s" + g.seed.astype(str),
             ci_low=g.ci_low.fillna(g.effect),
             ci_high=g.ci_high.fillna(g.effect),
         )
     return out
+
+
+def ladder_frame(ladder: pd.DataFrame, axis: str) -> pd.DataFrame:
+    """The ladder's rows along one axis ("depth": effect against layers at the organisms' budget;
+    "length": against training steps at 8 layers), with a series label and each claim's title."""
+    if ladder.empty:
+        return ladder.assign(series=[], title=[])
+    base_steps = {"scratch": 1200, "upcycled": 600, "fine": 1200}
+    t = ladder[ladder.claim.isin([c.key for c in CLAIMS.values() if c.kind != "noninferior"] + ["obs3_strong"])]
+    if axis == "depth":
+        t = t[t.steps == t.kind.map(base_steps)]
+        t = t.assign(series=t.kind + " seed " + t.seed.astype(str))
+    else:
+        t = t[t.layers == 8]
+        t = t.assign(series=t.kind + " seed " + t.seed.astype(str))
+    return t.assign(title=t.claim.map(lambda k: CLAIMS[k].title)).sort_values(["claim", "series", "layers", "steps"])
+
+
+def ladder_grid(ladder: pd.DataFrame, axis: str) -> pd.DataFrame:
+    """Claim by rung: "outcome: effect [low, high]" for every replicate of one axis."""
+    t = ladder_frame(ladder, axis)
+    if t.empty:
+        return pd.DataFrame()
+    col = "layers" if axis == "depth" else "steps"
+    cells = t.assign(
+        cell=[
+            _effect_cell(v, e, lo, hi) for v, e, lo, hi in zip(t.outcome, t.effect, t.ci_low, t.ci_high, strict=False)
+        ]
+    )
+    return cells.pivot_table(index=["claim"], columns=["kind", col, "seed"], values="cell", aggfunc="first")
+
+
+def trajectory_table(emergence: pd.DataFrame) -> pd.DataFrame:
+    """The ``trajectory`` table: (kind, seed, step, tokens_seen, quantity, value, ci_low, ci_high)
+    of every measured training snapshot (intervals where the snapshot's results carry them)."""
+    cols = ["kind", "seed", "step", "tokens_seen", "quantity", "value", "ci_low", "ci_high"]
+    if emergence.empty:
+        return pd.DataFrame(columns=cols)
+    em = emergence.copy()
+    kinds = {"tiny-moe-scratch": "scratch", "tiny-moe-upcycled": "upcycled", "tiny-moe-fine": "fine"}
+    if "kind" not in em:
+        em["kind"] = em.organism.map(kinds)
+    for c in ("ci_low", "ci_high"):
+        if c not in em:
+            em[c] = float("nan")
+    return em[cols].sort_values(["kind", "seed", "quantity", "step"]).reset_index(drop=True)
 
 
 def emergence_series(emergence: pd.DataFrame) -> pd.DataFrame:
@@ -244,6 +292,16 @@ class ReplicationReport:
         return across_seed_grid(self.across)
 
     @property
+    def ladder(self) -> pd.DataFrame:
+        return self.tables["ladder"]
+
+    def ladder_frame(self, axis: str) -> pd.DataFrame:
+        return ladder_frame(self.ladder, axis)
+
+    def ladder_grid(self, axis: str) -> pd.DataFrame:
+        return ladder_grid(self.ladder, axis)
+
+    @property
     def narrative(self) -> str:
         return across_seed_narrative(self.across, pending_seeds(self.verdicts))
 
@@ -252,4 +310,5 @@ def replication_report(study_dir: str | Path | None = None) -> ReplicationReport
     """Read the study results (default: those shipped with the package) into the page's report."""
     shipped = S.load_shipped(Path(study_dir) if study_dir else None)
     tables = S.replication_tables(shipped)
+    tables["trajectory"] = trajectory_table(tables["emergence"])
     return ReplicationReport(sorted(shipped), tables, replication_summary(tables["across_seeds"]))

@@ -29,6 +29,7 @@ from scipy import stats
 
 from moe_utils import metrics as M
 from moe_utils.analysis import headlines as H
+from moe_utils.analysis import static
 from moe_utils.analysis.claims import CLAIMS, issued_claims
 from moe_utils.analysis.context import checkpoint_only, open_study
 from moe_utils.analysis.results import iter_results, read_result, write_result
@@ -145,7 +146,10 @@ def write_replicate_results(rep: Replicate, out: Path, log=print) -> list[Path]:
         }
     }
     paths.append(write_result(rdir, "study_replicate", rep.name, _fingerprint(folder), params, tables, summary))
-    if rep.snapshots:
+    missing = [s for s in rep.snapshots if not (snapshot_dir(out, rep.name, s) / "config.json").exists()]
+    if rep.snapshots and missing:
+        log(f"{rep.name}: snapshots {missing} are not in {out}; its emergence results are left as they are")
+    elif rep.snapshots:
         if final_trace is None:
             raise MoEUtilsError(
                 f"{rep.name}: snapshots are compared with the final model's trace, which only MoE replicates have"
@@ -155,22 +159,28 @@ def write_replicate_results(rep: Replicate, out: Path, log=print) -> list[Path]:
             sdir = snapshot_dir(out, rep.name, step)
             log(f"{rep.name}: measuring snapshot at step {step}")
             hrows, extra, tr = measure_model(sdir)
-            vals = {
-                "heldout_loss_sample": heldout(sdir, EMERGENCE_WINDOWS)["heldout_loss"],
-                **{r["quantity"]: r["effect"] for r in hrows},
-                "trend_rho": extra["trend_rho"],
-                "mean_output_similarity": extra["mean_output_similarity"],
-                "router_saturation": H.router_saturation(tr, final_trace),
+            nan = float("nan")
+            vals: dict[str, tuple[float, float, float]] = {
+                "heldout_loss_sample": (heldout(sdir, EMERGENCE_WINDOWS)["heldout_loss"], nan, nan),
+                **{r["quantity"]: (r["effect"], r["ci_low"], r["ci_high"]) for r in hrows},
+                "trend_rho": (extra["trend_rho"], nan, nan),
+                "mean_output_similarity": (extra["mean_output_similarity"], nan, nan),
+                "router_saturation": (H.router_saturation(tr, final_trace), nan, nan),
             }
-            for q, v in vals.items():
+            if rep.kind == "upcycled":
+                vals["expert_matrix_similarity"] = (expert_matrix_similarity(sdir), nan, nan)
+            for q, (v, lo, hi) in vals.items():
                 rows.append(
                     {
                         "organism": rep.organism,
+                        "kind": rep.kind,
                         "seed": rep.seed_index,
                         "step": step,
                         "tokens_seen": step * rep.spec.tokens_per_step,
                         "quantity": q,
                         "value": v,
+                        "ci_low": lo,
+                        "ci_high": hi,
                     }
                 )
         paths.append(
@@ -181,6 +191,13 @@ def write_replicate_results(rep: Replicate, out: Path, log=print) -> list[Path]:
     for p in paths:
         log(f"wrote {p}")
     return paths
+
+
+def expert_matrix_similarity(folder: Path) -> float:
+    """Mean matrix-level cosine between distinct experts over layers and matrices (the paper's
+    App. D quantity, about 0.2-0.4 for Mixtral), read from the checkpoint one layer at a time."""
+    sim = static.offdiagonal_summary(static.weight_similarity(checkpoint_only(str(folder)), None, None))
+    return float(sim.loc[sim.level == "matrix", "S_ee"].mean()) if "S_ee" in sim else float("nan")
 
 
 def _fingerprint(folder: Path) -> str:
