@@ -33,6 +33,7 @@ import yaml
 
 from moe_utils.core.errors import MoEUtilsError
 from moe_utils.core.names import model_label, model_slug
+from moe_utils.publish.findings import write_findings
 from moe_utils.publish.guards import check_build, check_runs_folder, current_model_pages
 from moe_utils.publish.render import write_vega_bundle
 from moe_utils.publish.runner import (
@@ -321,6 +322,7 @@ def build_book(
             "(rerun it with moe-book run)"
         )
     toc = write_toc(make_toc(index, root), root / GENERATED_TOC)
+    write_findings(root, runs.relative_to(root))
     check_assets(root, log)
     staging = _staging_build_dir(build_dir)
     cmd = [

@@ -196,6 +196,10 @@ def seed0_check(verdicts: pd.DataFrame, pages: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
 def across_seed_narrative(across: pd.DataFrame, pending: pd.DataFrame | None = None) -> str:
     """Markdown: per claim and kind the across-seed verdict with its numbers, then what is settled."""
     lines = []
@@ -210,7 +214,7 @@ def across_seed_narrative(across: pd.DataFrame, pending: pd.DataFrame | None = N
                 f"{r['ci_low']:+.3f} to {r['ci_high']:+.3f}, floor {r['floor']:.3f}; {r['seeds']} seeds, "
                 f"between-seed SD {r['between_seed_sd']:.3f}; per seed: {r['seed_verdicts']})"
             )
-        lines.append(f"- {CLAIM_NAMES[str(key)].capitalize()}: " + "; ".join(parts) + ".")
+        lines.append(f"- {_sentence(CLAIM_NAMES[str(key)])}: " + "; ".join(parts) + ".")
     decided = across[across.verdict.isin(["holds", "does not hold", "detectable but below the floor"])]
     lines.append("")
     lines.append(
