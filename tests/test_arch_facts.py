@@ -15,11 +15,12 @@ import torch
 from tiny_models import NATIVE_MOE, remote_style_loaded, tiny
 from torch import nn
 
-from moe_utils.arch import SPECS, get_spec
+from moe_utils.arch import SPECS
 from moe_utils.arch.config import get_path
 from moe_utils.arch.facts import ModelFacts, facts_for
 from moe_utils.core.errors import CheckpointError
 from moe_utils.metrics import cosine_from_gram
+from moe_utils.models.specs import get_spec
 
 # (config attribute of the number of routed experts, of the experts per token), per family
 CONFIG_NAMES = {

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_utils.arch import get_spec, spec_for_config
 from moe_utils.arch.catalogue import catalogue
 from moe_utils.core.errors import UnknownFamilyError
 from moe_utils.models.derive import DerivationError, derive_family, derive_spec
 from moe_utils.models.loading import load_model
+from moe_utils.models.specs import get_spec, spec_for_config
 from moe_utils.models.trace import trace, verify_trace
 from moe_utils.publish import coverage
 

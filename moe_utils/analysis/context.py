@@ -18,7 +18,6 @@ import torch
 import transformers
 
 from ..analysis.results import write_result
-from ..arch import spec_for_config
 from ..arch.config import read_config_json
 from ..core.errors import CheckpointError, LayerIndexError, NotMoEModelError, UsageError
 from ..core.finite import ScreenedSource
@@ -26,6 +25,7 @@ from ..core.names import model_slug
 from ..engine.inputs import Inputs, check_inputs_spec, fit_context, inputs_label, load_inputs
 from ..models.checkpoint import checkpoint_fingerprint, find_weight_files, verify_safetensors
 from ..models.loading import LoadedModel, load_model, resolve_model
+from ..models.specs import spec_for_config
 from ..models.trace import Trace, trace, trace_dense
 
 

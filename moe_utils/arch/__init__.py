@@ -1,18 +1,16 @@
 """Model-family specs: a registry of declarative :class:`FamilySpec` objects.
 
-``spec_for_config(config)`` finds the family of a config (by ``architectures``, then
-``model_type``, then characteristic keys for configs without a model_type such as Grok-1).
+``get_spec(name)`` and ``spec_for_config(config)`` find a hand-written spec (by name; for a config
+by ``architectures``, then ``model_type``, then characteristic keys for configs without a
+model_type such as Grok-1). They never derive one, whatever has been imported.
 
-A family of the installed transformers without a hand-written spec gets a derived one. Deriving
-runs the engine on a tiny model of the family (:mod:`moe_utils.models.derive`), which sits above
-this layer, so this module does not import it: importing :mod:`moe_utils.models` registers it here
-(:func:`register_derivation`), and the lookups below call what was registered.
+A family of the installed transformers without a hand-written spec gets a derived one from
+:mod:`moe_utils.models.specs` (``get_spec``, ``spec_for_config``): deriving runs the engine on a
+tiny model of the family, which needs the layers above this one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from moe_utils.arch.activations import Activation, activation
@@ -36,33 +34,6 @@ from moe_utils.core.errors import NotMoEModelError, UnknownFamilyError
 SPECS: dict[str, FamilySpec] = {spec.name: spec for spec in FAMILIES}
 
 
-@dataclass(frozen=True)
-class Derivation:
-    """How specs are derived for families without a hand-written one."""
-
-    family: Callable[[str], FamilySpec]  # model_type -> the spec of its tiny config
-    config: Callable[[dict], FamilySpec]  # a config no hand-written spec matches -> its spec
-    tiny_config: Callable[[Any], FamilySpec]  # an already tiny config (built directly) -> its spec
-
-
-_registered: list[Derivation] = []
-
-
-def register_derivation(derivation: Derivation) -> None:
-    """Use ``derivation`` for families without a hand-written spec (done by moe_utils.models)."""
-    _registered[:] = [derivation]
-
-
-def derivation() -> Derivation:
-    """The registered :class:`Derivation`; raises UnknownFamilyError when none is."""
-    if not _registered:
-        raise UnknownFamilyError(
-            "specs of families without a hand-written spec are derived by "
-            "moe_utils.models, which is not imported yet; import it first"
-        )
-    return _registered[0]
-
-
 _HOW_TO_ADD = (
     "To add a family, write a FamilySpec in moe_utils/arch/families.py (copy the closest "
     "one, e.g. MIXTRAL), append it to FAMILIES at the end of that file, and add its "
@@ -75,11 +46,9 @@ def supported_families(moe_only: bool = False) -> list[str]:
     return [name for name, spec in SPECS.items() if spec.is_moe or not moe_only]
 
 
-def get_spec(name: str) -> FamilySpec:
-    """The spec registered under ``name`` (e.g. ``"mixtral"``), else one derived for the
-    transformers MoE family of that model_type (e.g. ``"glm4_moe"``)."""
-    if name in SPECS:
-        return SPECS[name]
+def derivable_family(name: str) -> str:
+    """The model_type whose spec is derived for ``name``; UnknownFamilyError (with the known
+    families and how to add one) when transformers has no MoE family of that name."""
     entry = entry_for(name)
     if entry is None or entry.excluded:
         why = f" ({entry.excluded})" if entry is not None and entry.excluded else ""
@@ -89,11 +58,25 @@ def get_spec(name: str) -> FamilySpec:
             "of the installed transformers (see the coverage page). "
             f"{_HOW_TO_ADD}"
         )
-    return derivation().family(entry.model_type)
+    return entry.model_type
 
 
-def spec_for_config(config: Any) -> FamilySpec:
-    """Find the family of a config dict / PretrainedConfig / model folder."""
+def get_spec(name: str) -> FamilySpec:
+    """The hand-written spec registered under ``name`` (e.g. ``"mixtral"``).
+
+    A transformers MoE family without one (e.g. ``"glm4_moe"``) raises UnknownFamilyError naming
+    :func:`moe_utils.models.specs.get_spec`, which derives its spec."""
+    if name in SPECS:
+        return SPECS[name]
+    model_type = derivable_family(name)
+    raise UnknownFamilyError(
+        f"{name!r} has no hand-written spec; its spec is derived from the model transformers "
+        f"builds by moe_utils.models.specs.get_spec({model_type!r})"
+    )
+
+
+def hand_written_spec(config: Any) -> FamilySpec | None:
+    """The hand-written spec matching a config dict / PretrainedConfig / model folder, else None."""
     cfg = config_dict(config)
     architectures = tuple(cfg.get("architectures") or ())
     for spec in FAMILIES:
@@ -106,19 +89,38 @@ def spec_for_config(config: Any) -> FamilySpec:
     for spec in FAMILIES:
         if spec.detect_keys and all(get_path(cfg, key, None) is not None for key in spec.detect_keys):
             return spec
+    return None
+
+
+def unmatched_config_error(config: Any, why: str) -> UnknownFamilyError:
+    """The error for a config no hand-written spec matches, saying ``why`` none was derived."""
+    cfg = config_dict(config)
+    model_type = cfg.get("model_type")
     described = f"model_type {model_type!r}" if model_type else "no model_type"
+    architectures = list(cfg.get("architectures") or ())
     if architectures:
-        described += f", architectures {list(architectures)}"
-    why = "it has no model_type"
-    if model_type:
-        try:
-            return derivation().config(cfg)
-        except UnknownFamilyError as exc:
-            why = f"deriving one from transformers failed: {exc}"
-    raise UnknownFamilyError(
+        described += f", architectures {architectures}"
+    return UnknownFamilyError(
         f"no hand-written family spec matches this config ({described}) and "
         f"{why}. Hand-written: {', '.join(SPECS)}. {_HOW_TO_ADD}"
     )
+
+
+def spec_for_config(config: Any) -> FamilySpec:
+    """The hand-written spec of a config dict / PretrainedConfig / model folder.
+
+    A config of a transformers family without one raises UnknownFamilyError naming
+    :func:`moe_utils.models.specs.spec_for_config`, which derives its spec."""
+    spec = hand_written_spec(config)
+    if spec is not None:
+        return spec
+    model_type = config_dict(config).get("model_type")
+    why = (
+        f"its spec is derived by moe_utils.models.specs.spec_for_config, not by {__name__}.spec_for_config"
+        if model_type
+        else "it has no model_type"
+    )
+    raise unmatched_config_error(config, why)
 
 
 def require_moe(spec: FamilySpec, what: str = "this analysis") -> FamilySpec:
@@ -136,7 +138,6 @@ __all__ = [
     "SPECS",
     "Activation",
     "ConfigKeys",
-    "Derivation",
     "ExpertTensors",
     "FamilySpec",
     "LayerRule",
@@ -148,11 +149,12 @@ __all__ = [
     "WeightFormat",
     "activation",
     "config_dict",
-    "derivation",
+    "derivable_family",
     "first_of",
     "get_spec",
-    "register_derivation",
+    "hand_written_spec",
     "require_moe",
     "spec_for_config",
     "supported_families",
+    "unmatched_config_error",
 ]

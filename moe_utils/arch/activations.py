@@ -31,7 +31,7 @@ def _quick_gelu(x: Tensor) -> Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
-_PLAIN: dict[str, Callable[[Tensor], Tensor]] = {
+PLAIN_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "silu": F.silu,
     "swish": F.silu,
     "gelu": F.gelu,
@@ -82,8 +82,8 @@ _PARAM_RE = re.compile(r"^(?P<base>[a-z0-9_]+)\((?P<args>[^)]*)\)$")
 def activation(name: str) -> Activation:
     """Resolve an activation name (``"silu"``, ``"gelu"``, ``"gpt_oss_swiglu(alpha=..,limit=..)"``)."""
     key = name.strip().lower()
-    if key in _PLAIN:
-        return Activation(key, _PLAIN[key])
+    if key in PLAIN_ACTIVATIONS:
+        return Activation(key, PLAIN_ACTIVATIONS[key])
     match = _PARAM_RE.match(key)
     if match and match["base"] == "gpt_oss_swiglu":
         params = dict(part.split("=", 1) for part in match["args"].split(",") if part)
@@ -92,5 +92,5 @@ def activation(name: str) -> Activation:
         if not (math.isfinite(alpha) and limit > 0):
             raise ValueError(f"bad gpt_oss_swiglu parameters in {name!r}")
         return _gpt_oss(alpha, limit)
-    known = ", ".join(sorted(_PLAIN)) + ", gpt_oss_swiglu(alpha=..,limit=..)"
+    known = ", ".join(sorted(PLAIN_ACTIVATIONS)) + ", gpt_oss_swiglu(alpha=..,limit=..)"
     raise ValueError(f"unknown activation {name!r}; known: {known}. Add it to moe_utils/arch/activations.py")

@@ -139,7 +139,7 @@ def tiny_config_dict(
         if present:  # one spelling only: aliases of one field must not disagree
             out[next((k for k in present if isinstance(source.get(k), int)), present[0])] = value
     for key in ("n_shared_experts", "num_shared_experts", "moe_num_shared_experts"):
-        if key in known:
+        if key in known and (base is None or source.get(key)):  # a real config's 0 or None stays off
             out[key] = 1
     for key in _LORA_KEYS:
         if key in known:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from moe_utils.arch import get_spec
+from moe_utils.arch import SPECS, derivable_family
 from moe_utils.core.errors import CheckpointError, OfflineError
 from moe_utils.core.paths import zoo_path
 from moe_utils.models.checkpoint import hub_revision
@@ -42,7 +42,8 @@ def resolve_model(model: str | Path, revision: str | None = None, include_code: 
         return ModelRef(text, "zoo", zoo_path(text[4:]))
     if text.startswith("random:"):
         family = text[len("random:") :]
-        get_spec(family)  # raises UnknownFamilyError with the list of families
+        if family not in SPECS:
+            derivable_family(family)  # raises UnknownFamilyError with the list of families
         return ModelRef(text, "random", None, family)
     path = Path(text).expanduser()
     if path.is_dir():

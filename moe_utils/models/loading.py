@@ -8,22 +8,22 @@ without building the model (:mod:`moe_utils.models.weights`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
-from moe_utils.arch import FamilySpec, derivation, get_spec, require_moe, spec_for_config
+from moe_utils.arch import FamilySpec, require_moe
 from moe_utils.arch.config import read_config_json
-from moe_utils.arch.facts import ModelFacts, facts_for
 from moe_utils.core.errors import RemoteCodeRequiredError, UsageError
 from moe_utils.core.memory import shedding_file_pages
 from moe_utils.models.checkpoint import checkpoint_fingerprint, find_weight_files, verify_safetensors
 from moe_utils.models.consistency import check_config_against_tensors
 from moe_utils.models.ids import ModelRef, resolve_folder, resolve_model
+from moe_utils.models.loaded import LoadedModel
 from moe_utils.models.random_models import byte_tokenizer, random_fingerprint, random_model
+from moe_utils.models.specs import get_spec, spec_for_config, spec_for_tiny_config
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -39,47 +39,6 @@ _DTYPES = {
     "half": torch.float16,
 }
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
-
-@dataclass
-class LoadedModel:
-    """A model ready for tracing, with everything the analyses need to know about it.
-
-    ``model`` is None for a checkpoint described without building it (weight analyses then
-    stream ``path``). ``facts`` is resolved once, from ``spec`` and ``config``, when the
-    LoadedModel is made.
-    """
-
-    model: nn.Module | None
-    tokenizer: Any
-    spec: FamilySpec
-    config: Any
-    name: str
-    path: Path | None
-    fingerprint: str
-    source: dict[str, Any] = field(default_factory=dict)
-    facts: ModelFacts = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.facts = facts_for(self.spec, self.config)
-
-    @property
-    def moe_layers(self) -> list[int]:
-        """Indices of the MoE layers (``facts.moe_layers`` as a list)."""
-        return list(self.facts.moe_layers)
-
-    @property
-    def is_moe(self) -> bool:
-        return self.facts.is_moe
-
-    def built(self) -> nn.Module:
-        """The built model; a model opened weights-only (``model`` None) cannot run."""
-        if self.model is None:
-            raise UsageError(
-                f"{self.name} was opened without building the model (weights only), so "
-                "it cannot run a forward pass; load it with load_model() instead"
-            )
-        return self.model
 
 
 def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -161,10 +120,10 @@ def load_model(
     if ref.kind == "random":
         if ref.family is None:
             raise UsageError(f"{ref.name}: a random: model id names no family")
-        module, config = random_model(ref.family, seed=seed, dtype=torch_dtype, **(config_overrides or {}))
         spec = get_spec(ref.family)
+        module, config = random_model(spec, seed=seed, dtype=torch_dtype, **(config_overrides or {}))
         if spec.derived and config_overrides:  # derived specs hold their config's layer pattern
-            spec = derivation().tiny_config(config)
+            spec = spec_for_tiny_config(config)
         fingerprint = random_fingerprint(ref.family, config, seed)
         tokenizer = byte_tokenizer()
         if device_map is not None:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moe_utils.arch import FamilySpec, get_spec
+from moe_utils.arch import FamilySpec
 from moe_utils.core.errors import DerivationError, RemoteCodeRequiredError, UnknownFamilyError
 from moe_utils.models.weights import tensor_name
 
@@ -108,13 +108,12 @@ def random_config(spec: FamilySpec, **overrides: Any):
     return cls(**{**dict(spec.tiny_config), **overrides})
 
 
-def random_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any):
-    """A tiny randomly initialised model of ``family`` (eval mode) and its config.
+def random_model(spec: FamilySpec, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any):
+    """A tiny randomly initialised model of the family of ``spec`` (eval mode) and its config.
 
     Correction-bias buffers (zeros at init) get small random values so the "bias picks, unbiased
     score weighs" path of DeepSeek-V3-style routers is exercised.
     """
-    spec = get_spec(family)
     config = random_config(spec, **overrides)
     generator_state = torch.random.get_rng_state()
     try:

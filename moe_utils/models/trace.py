@@ -42,7 +42,7 @@ from moe_utils.engine.expert_math import (
     shared_expert_output,
 )
 from moe_utils.engine.routing import RouteParams, route
-from moe_utils.models.loading import LoadedModel
+from moe_utils.models.loaded import LoadedModel
 from moe_utils.models.weights import MoELayerWeights, layer_weights
 
 Tensor = torch.Tensor

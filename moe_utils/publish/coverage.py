@@ -30,10 +30,13 @@ from typing import TYPE_CHECKING, cast
 
 import torch
 
-from moe_utils.arch import SPECS, FamilySpec, get_spec
+from moe_utils.analysis.context import checkpoint_only
+from moe_utils.arch import SPECS, FamilySpec
 from moe_utils.arch.catalogue import CatalogueEntry, catalogue
+from moe_utils.core.messages import first_line
 from moe_utils.models.derive import rebuild_errors
 from moe_utils.models.loading import LoadedModel, load_model
+from moe_utils.models.specs import get_spec
 from moe_utils.models.weights import layer_weights
 
 if TYPE_CHECKING:
@@ -81,11 +84,6 @@ class FamilyRow:
         )
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:400]
-
-
 def spec_kind(family: str) -> tuple[str, FamilySpec]:
     """``("hand-written" | "derived", spec)`` of a ``random:`` family name."""
     for spec in SPECS.values():
@@ -108,8 +106,9 @@ def _disk_check(lm: LoadedModel, folder_root: Path) -> None:
         folder = folder_root / ("fused" if fused else "original")
         model = cast("PreTrainedModel", lm.built())  # random: models are transformers models
         model.save_pretrained(folder, save_original_format=not fused)  # True is its default
+        saved = checkpoint_only(str(folder))  # its spec resolved from the saved config.json
         for layer in lm.moe_layers:
-            want, got = layer_weights(lm, layer), layer_weights(folder, layer)
+            want, got = layer_weights(lm, layer), layer_weights(saved, layer)
             for name in ("router", "w_act", "w_up", "w_down", "score_correction_bias", "router_bias", "shared_gate"):
                 a, b = getattr(want, name), getattr(got, name)
                 if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
@@ -139,7 +138,7 @@ def trace_check(row: FamilyRow, name: str) -> FamilyRow:
             )
             return row
     except Exception as exc:
-        row.reason = _first_line(exc)
+        row.reason = first_line(exc)[:400]
         return row
     try:
         from transformers.utils import logging as hf_logging
@@ -150,7 +149,7 @@ def trace_check(row: FamilyRow, name: str) -> FamilyRow:
         row.disk_ok = True
     except Exception as exc:
         row.disk_ok = False
-        row.reason = f"on-disk weights: {_first_line(exc)}"
+        row.reason = f"on-disk weights: {first_line(exc)[:400]}"
     return row
 
 
