@@ -14,6 +14,7 @@ import pandas as pd
 
 from moe_utils.arch import spec_for_config
 from moe_utils.arch.facts import facts_for
+from moe_utils.core.paths import ZOO_MODELS_DIR
 from moe_utils.zoo import PAPER_COUNTERPART, ZOO_MODELS, zoo_path
 from moe_utils.zoo.cards import STARTS_AFTER, parameter_counts
 from moe_utils.zoo.evaluate import expert_load, load_unigram_counts, load_windows, model_nll, targets_of, unigram_nll
@@ -61,6 +62,38 @@ def organisms_table(names: Sequence[str] = ZOO_MODELS) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
+
+
+def _corpus_train_tokens() -> int:
+    return int(json.loads((ZOO_MODELS_DIR / "corpus.json").read_text())["train_tokens"])
+
+
+def regime_table(names: Sequence[str] = ZOO_MODELS) -> pd.DataFrame:
+    """The regime each organism's verdicts come from: layers, training tokens, passes over the
+    training corpus, and whether the held-out loss had stopped falling (its fall over the last
+    quarter of training, from the training log's held-out evaluations)."""
+    corpus = _corpus_train_tokens()
+    rows = []
+    for name in names:
+        cfg = json.loads((zoo_path(name) / "config.json").read_text())
+        info = _training_info(name)
+        before = _training_info(STARTS_AFTER[name])["train_spec"]["tokens"] if name in STARTS_AFTER else 0
+        tokens = info["train_spec"]["tokens"] + before
+        evals = [(r["step"], r["heldout_ce"]) for r in info["log"] if r.get("heldout_ce") is not None]
+        last_step = evals[-1][0] if evals else 0
+        quarter = [ce for step, ce in evals if step >= 0.75 * last_step]
+        fall = float(quarter[0] - quarter[-1]) if len(quarter) > 1 else float("nan")
+        rows.append(
+            {
+                "model": name,
+                "layers": cfg["num_hidden_layers"],
+                "training tokens": tokens,
+                "passes over the corpus": round(tokens / corpus, 2),
+                "held-out loss fall, last quarter (nats)": round(fall, 3),
+                "loss still falling": bool(fall > 0.02) if fall == fall else None,
+            }
+        )
+    return pd.DataFrame(rows).set_index("model")
 
 
 def loss_curves(names: Sequence[str] = ZOO_MODELS) -> pd.DataFrame:
