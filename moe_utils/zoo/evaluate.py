@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,22 +17,32 @@ import torch
 
 from moe_utils.arch import spec_for_config
 from moe_utils.arch.facts import facts_for
+from moe_utils.core.errors import MoEUtilsError
 from moe_utils.core.paths import ZOO_MODELS_DIR
 
 BOS_ID = 1
 
 
-def make_windows(docs_ids: Iterable[Sequence[int]], seq_len: int = 256, bos_id: int = BOS_ID) -> list[list[int]]:
-    """Cut each document's ids (without ``<s>``) into consecutive windows, each led by ``<s>``."""
-    out = []
+def _cut(docs_ids: Iterable[Sequence[int]], seq_len: int, bos_id: int) -> Iterator[tuple[int, list[int]]]:
+    """(document index, window) for each window of :func:`make_windows`, in order."""
     step = seq_len - 1
-    for ids in docs_ids:
+    for d, ids in enumerate(docs_ids):
         ids = list(ids)
         for i in range(0, len(ids), step):
             chunk = ids[i : i + step]
             if len(chunk) >= 2:
-                out.append([bos_id] + chunk)
-    return out
+                yield d, [bos_id] + chunk
+
+
+def make_windows(docs_ids: Iterable[Sequence[int]], seq_len: int = 256, bos_id: int = BOS_ID) -> list[list[int]]:
+    """Cut each document's ids (without ``<s>``) into consecutive windows, each led by ``<s>``."""
+    return [w for _, w in _cut(docs_ids, seq_len, bos_id)]
+
+
+def window_documents(docs_ids: Iterable[Sequence[int]], seq_len: int = 256) -> np.ndarray:
+    """The index (in ``docs_ids`` order) of the document each window of :func:`make_windows` was cut
+    from; windows of one document are consecutive and leave or stay together when resampled."""
+    return np.asarray([d for d, _ in _cut(docs_ids, seq_len, BOS_ID)], dtype=np.int32)
 
 
 def encode_docs(tokenizer, texts: Iterable[str]) -> list[list[int]]:
@@ -111,23 +121,52 @@ def perplexity(nll: float) -> float:
     return float(math.exp(nll))
 
 
-def save_windows(path: Path, windows: Sequence[Sequence[int]]) -> None:
-    """Store windows compactly: concatenated uint16 ids plus lengths (``.npz``)."""
+def save_windows(path: Path, windows: Sequence[Sequence[int]], documents: Sequence[int] | None = None) -> None:
+    """Store windows compactly: concatenated uint16 ids plus lengths (``.npz``), and with
+    ``documents`` the document index of each window (:func:`window_documents`)."""
     ids = np.concatenate([np.asarray(w, dtype=np.uint16) for w in windows])
-    np.savez_compressed(path, ids=ids, lengths=np.asarray([len(w) for w in windows], dtype=np.int32))
+    arrays = {"ids": ids, "lengths": np.asarray([len(w) for w in windows], dtype=np.int32)}
+    if documents is not None:
+        if len(documents) != len(windows):
+            raise ValueError(f"{len(documents)} document indices for {len(windows)} windows")
+        arrays["documents"] = np.asarray(documents, dtype=np.int32)
+    np.savez_compressed(path, **arrays)
+
+
+def _heldout_path(path: Path | None) -> Path:
+    return Path(path) if path is not None else ZOO_MODELS_DIR / "heldout_windows.npz"
+
+
+def _subset(n: int, max_windows: int | None) -> list[int]:
+    """Indices of the evenly spaced subset of ``n`` windows that the loaders return."""
+    if max_windows is None or n <= max_windows:
+        return list(range(n))
+    step = n / max_windows
+    return [int(i * step) for i in range(max_windows)]
 
 
 def load_windows(path: Path | None = None, max_windows: int | None = None) -> list[list[int]]:
     """Shipped held-out windows (``models/heldout_windows.npz``), optionally an evenly spaced subset."""
-    path = Path(path) if path is not None else ZOO_MODELS_DIR / "heldout_windows.npz"
-    with np.load(path) as z:
+    with np.load(_heldout_path(path)) as z:
         ids, lengths = z["ids"].astype(np.int64), z["lengths"]
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     windows = [ids[s : s + n].tolist() for s, n in zip(starts, lengths, strict=False)]
-    if max_windows is not None and len(windows) > max_windows:
-        step = len(windows) / max_windows
-        windows = [windows[int(i * step)] for i in range(max_windows)]
-    return windows
+    return [windows[i] for i in _subset(len(windows), max_windows)]
+
+
+def load_window_documents(path: Path | None = None, max_windows: int | None = None) -> np.ndarray:
+    """The document index of each window :func:`load_windows` returns for the same arguments.
+
+    Raises ``MoEUtilsError`` for a windows file written before documents were recorded."""
+    path = _heldout_path(path)
+    with np.load(path) as z:
+        if "documents" not in z.files:
+            raise MoEUtilsError(
+                f"{path} has no 'documents' array (written before windows carried their document); "
+                "rebuild it with `moe-book zoo train --prepare-only` or pass documents explicitly"
+            )
+        docs = z["documents"].astype(np.int64)
+    return docs[_subset(len(docs), max_windows)]
 
 
 def load_unigram_counts(path: Path | None = None) -> np.ndarray:

@@ -24,12 +24,20 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import torch
 
+from moe_utils.core.errors import MoEUtilsError
 from moe_utils.core.paths import ZOO_MODELS_DIR
 from moe_utils.zoo import configs
 from moe_utils.zoo.cards import finalize_model
 from moe_utils.zoo.configs import TrainSpec
-from moe_utils.zoo.corpus import build_corpus, write_corpus_json
-from moe_utils.zoo.evaluate import encode_docs, make_windows, model_nll, save_windows, unigram_counts
+from moe_utils.zoo.corpus import Corpus, build_corpus, write_corpus_json
+from moe_utils.zoo.evaluate import (
+    encode_docs,
+    make_windows,
+    model_nll,
+    save_windows,
+    unigram_counts,
+    window_documents,
+)
 from moe_utils.zoo.heldout import select_paragraphs, write_long_heldout
 from moe_utils.zoo.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
@@ -282,6 +290,20 @@ def train_model(
 # ----------------------------------------------------------------------------- pipeline
 
 
+def heldout_windows(corpus: Corpus, tokenizer) -> tuple[list[list[int]], np.ndarray]:
+    """The held-out windows of ``corpus`` (consecutive windows of each held-out document, in corpus
+    order) and the index of the held-out document each window was cut from."""
+    held_docs = encode_docs(tokenizer, corpus.texts("heldout"))
+    return make_windows(held_docs, configs.SEQ_LEN), window_documents(held_docs, configs.SEQ_LEN)
+
+
+def _has_documents(npz: Path) -> bool:
+    if not npz.exists():
+        return False
+    with np.load(npz) as z:
+        return "documents" in z.files
+
+
 def prepare(out: Path, log=print) -> dict:
     """Corpus, tokenizer, token streams, unigram counts and long held-out preset under ``out``.
 
@@ -302,9 +324,9 @@ def prepare(out: Path, log=print) -> dict:
         log("tokenizing ...")
         train_ids = token_stream(encode_docs(hf, corpus.texts("train")))
         np.save(out / "train_ids.npy", train_ids)
-        held_docs = encode_docs(hf, corpus.texts("heldout"))
-        windows = make_windows(held_docs, configs.SEQ_LEN)
+        windows, documents = heldout_windows(corpus, hf)
         (out / "heldout_windows.json").write_text(json.dumps(windows))
+        save_windows(out / "heldout_windows.npz", windows, documents)
         counts = unigram_counts(train_ids, configs.VOCAB_SIZE)
         (out / "unigram_counts.json").write_text(
             json.dumps(
@@ -322,8 +344,14 @@ def prepare(out: Path, log=print) -> dict:
         meta["heldout_windows"] = len(windows)
         write_corpus_json(type(corpus)(corpus.train, corpus.heldout, meta), out / "corpus.json")
         marker.write_text(json.dumps({"sha256_all": corpus.meta["sha256_all"]}))
-    if not (out / "heldout_windows.npz").exists():
-        save_windows(out / "heldout_windows.npz", json.loads((out / "heldout_windows.json").read_text()))
+    if not _has_documents(out / "heldout_windows.npz"):
+        windows, documents = heldout_windows(corpus, load_tokenizer(out / "tokenizer"))
+        if windows != json.loads((out / "heldout_windows.json").read_text()):
+            raise MoEUtilsError(
+                f"the held-out windows rebuilt from the corpus differ from {out / 'heldout_windows.json'}; "
+                "delete the prepared folder and prepare again"
+            )
+        save_windows(out / "heldout_windows.npz", windows, documents)
     paras, sources = select_paragraphs(corpus, load_tokenizer(out / "tokenizer"))
     write_long_heldout(out / "long_heldout.txt", paras, sources, corpus.meta)
     return json.loads((out / "corpus.json").read_text())
