@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -20,6 +21,8 @@ from moe_utils.analysis import token_routing as T
 from moe_utils.analysis.results import write_result
 from moe_utils.models.trace import trace
 from moe_utils.publish import explorer_charts as C
+from moe_utils.publish.plots import COLUMN_WIDTH
+from moe_utils.publish.render import MIN_FONT_SIZE, setup_altair
 
 FAMILIES = ["mixtral", "qwen2_moe"]  # top-2 of a few experts; top-k of more experts with a shared expert
 
@@ -210,11 +213,16 @@ def test_charts_compile_and_stay_small(family: str):
         C.coactivation_maps(T.coactivation_frame(rec), random_lift=T.random_routing_lift(rec.num_experts, rec.top_k)),
         C.expert_cards(cards.load, cards.tokens, cards.contexts, title=f"random:{family}"),
     ]
+    setup_altair({})  # the book's theme: its text sizes
     for chart in charts:
         spec = chart.to_dict()
         assert len(json.dumps(spec)) < 400_000
         svg = vl_convert.vegalite_to_svg(spec)
         assert svg.startswith("<svg") and "<text" in svg
+        width = float(re.search(r'<svg[^>]*width="([\d.]+)"', svg).group(1))
+        assert width <= COLUMN_WIDTH, width
+        sizes = [float(v) for v in re.findall(r'font-size="([\d.]+)px"', svg)]
+        assert sizes and min(sizes) >= MIN_FONT_SIZE
 
 
 def test_expert_palette_has_one_distinct_colour_per_expert():

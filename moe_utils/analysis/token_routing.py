@@ -310,7 +310,7 @@ def shown_tokens(record: RoutingRecord, max_tokens: int) -> np.ndarray:
     return np.arange(total if total else min(max_tokens, int(lengths[0])))
 
 
-def layout(tokens: Sequence[str], seq: Sequence[int], width: int = 90) -> pd.DataFrame:
+def layout(tokens: Sequence[str], seq: Sequence[int], width: int = 84) -> pd.DataFrame:
     """Monospace layout of ``tokens``: one row per token with its ``line`` and first column
     ``col``, its ``cols`` (characters it covers, at least 1) and ``text`` (what is drawn: the token
     without newlines and leading spaces, which start at ``text_col``).
@@ -349,7 +349,7 @@ def _rounded(values: np.ndarray, digits: int) -> list:
     return [round(float(v), digits) for v in values]
 
 
-def explorer_tokens(record: RoutingRecord, max_tokens: int = 300, width: int = 90) -> pd.DataFrame:
+def explorer_tokens(record: RoutingRecord, max_tokens: int = 300, width: int = 84) -> pd.DataFrame:
     """The text view's data: one row per shown token (:func:`shown_tokens`) with its layout
     (:func:`layout`), its ``context``, and compact per-layer arrays indexed by layer position:
     ``top1`` (top-1 expert), ``g1`` (its gate score); and the path, entry ``j`` for layer position

@@ -59,12 +59,13 @@ def expert_palette(num_experts: int) -> list[str]:
     return out
 
 
-def _expert_color(num_experts: int, field: str = "expert", title: str = "expert") -> alt.Color:
+def _expert_color(num_experts: int, field: str = "expert", title: str = "expert", legend: bool = True) -> alt.Color:
+    """Colour by expert number, the same colour for an expert on every chart of the page."""
     return alt.Color(
         f"{field}:N",
         scale=alt.Scale(domain=[str(e) for e in range(num_experts)], range=expert_palette(num_experts)),
         title=title,
-        legend=alt.Legend(columns=2 if num_experts > 12 else 1, symbolType="square"),
+        legend=alt.Legend(columns=2 if num_experts > 12 else 1, symbolType="square") if legend else None,
     )
 
 
@@ -105,7 +106,7 @@ def token_explorer(
     top_k: int,
     *,
     title: str = "",
-    width_chars: int = 90,
+    width_chars: int = 84,
     start_layer_pos: int = 0,
 ) -> alt.VConcatChart:
     """The text coloured by each token's top-1 expert at the slider's layer; clicking a token shows
@@ -358,7 +359,7 @@ def expert_cards(
         .encode(
             x=alt.X("expert:N", sort=[str(e) for e in range(num_experts)], title="expert (click one)"),
             y=alt.Y("n:Q", title="tokens that chose it"),
-            color=_expert_color(num_experts),
+            color=_expert_color(num_experts, legend=False),
             opacity=alt.condition(pick, alt.value(1.0), alt.value(0.35)),
             tooltip=[
                 alt.Tooltip("expert:N"),
@@ -368,7 +369,7 @@ def expert_cards(
             ],
         )
         .add_params(pick)
-        .properties(width=int(min(COLUMN_WIDTH - 220, max(300, 18 * num_experts))), height=150, title="expert load")
+        .properties(width=int(min(COLUMN_WIDTH - 80, max(300, 18 * num_experts))), height=150, title="expert load")
     )
     tok_data = pd.DataFrame(
         {
@@ -421,7 +422,7 @@ def expert_cards(
             tooltip=[alt.Tooltip("c:N", title="context"), alt.Tooltip("g:Q", title="gate score", format=".3f")],
         )
         .properties(
-            width=COLUMN_WIDTH - 60,
+            width=COLUMN_WIDTH - 80,
             height=alt.Step(18),
             title="its highest gate scores: score, then the [token] in its context",
         )
