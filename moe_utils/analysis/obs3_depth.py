@@ -64,12 +64,14 @@ def output_similarity_by_layer(avg_sim: pd.DataFrame) -> dict[int, float]:
 
 
 def pooled_repeat_rate(top1: pd.DataFrame, num_experts: int, seed: int = 0) -> tuple[M.RepeatRate, float]:
-    """Top-1 repeat rate pooled over layers (each (layer, sequence) is one cluster) and the
-    frequency baseline, averaged over layers (expert identities differ between layers)."""
+    """Top-1 repeat rate pooled over layers (adjacent pairs within each (layer, sequence); a
+    sequence's pairs in every layer resampled together) and the frequency baseline, averaged over layers (expert identities differ between layers)."""
     t = top1.sort_values(["layer", "seq", "position"])
     layers = sorted(t.layer.unique())
     clusters = t.layer.map({l: i for i, l in enumerate(layers)}).to_numpy() * 10_000_000 + t.seq.to_numpy()
-    pooled = M.repeat_rate(t.expert.to_numpy()[:, None], clusters, num_experts=num_experts, seed=seed)
+    pooled = M.repeat_rate(
+        t.expert.to_numpy()[:, None], clusters, num_experts=num_experts, seed=seed, cluster_index=t.seq.to_numpy()
+    )
     freq = [
         M.repeat_rate(g.expert.to_numpy()[:, None], g.seq.to_numpy(), num_experts=num_experts).freq_baseline_top1
         for _, g in t.groupby("layer")
@@ -225,7 +227,8 @@ def repeat_rate_table(tr: Trace, seed: int = 0) -> pd.DataFrame:
 
 
 def pooled_trace_repeat_rate(tr: Trace, seed: int = 0) -> M.RepeatRate:
-    """Repeat rate with all layers pooled (each (layer, sequence) one cluster)."""
+    """Repeat rate with all layers pooled: adjacent pairs within each (layer, sequence), and a
+    sequence's pairs in every layer resampled together (one cluster per sequence)."""
     routing = [_routing(tr, layer) for layer in tr.layers]
     return M.repeat_rate(
         np.concatenate([index.numpy() for index, _, _ in routing]),
@@ -233,6 +236,7 @@ def pooled_trace_repeat_rate(tr: Trace, seed: int = 0) -> M.RepeatRate:
         num_experts=routing[0][2],
         topk_weight=np.concatenate([weight.numpy() for _, weight, _ in routing]),
         seed=seed,
+        cluster_index=np.concatenate([tr.seq_index.numpy() for _ in routing]),
     )
 
 
