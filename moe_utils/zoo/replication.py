@@ -307,7 +307,7 @@ class ReplicationReport:
 
     @property
     def narrative(self) -> str:
-        return across_seed_narrative(self.across, pending_seeds(self.verdicts))
+        return across_seed_narrative(self.across, self.tables["pending"])
 
 
 def replication_report(study_dir: str | Path | None = None) -> ReplicationReport:
