@@ -9,6 +9,7 @@ is under 12 px, no page logs a console error, and no output cell is empty.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -21,7 +22,8 @@ UNUSED_JS = ("vendor/require.js", "vendor/ipywidgets")
 
 @pytest.fixture(scope="module")
 def site(repo_root: Path) -> Path:
-    html = repo_root / "_build" / "html"
+    """The built site: ``_build/html``, or the folder named by ``MOE_BOOK_SITE``."""
+    html = Path(os.environ.get("MOE_BOOK_SITE") or repo_root / "_build" / "html")
     if not (html / "index.html").is_file():
         pytest.skip("the book is not built (make book)")
     return html
