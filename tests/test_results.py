@@ -1,6 +1,7 @@
 """Results files: round trip, schema validation, atomic writes and discovery."""
 
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -94,7 +95,7 @@ def test_crash_mid_write_leaves_old_file_valid(tmp_path, monkeypatch):
     def crash(fd):
         raise OSError("disk vanished")
 
-    monkeypatch.setattr(R.os, "fsync", crash)
+    monkeypatch.setattr(os, "fsync", crash)
     with pytest.raises(OSError, match="disk vanished"):
         R.write_result(tmp_path, "obs_x", "zoo:other", "fp2", {}, {}, {})
     monkeypatch.undo()
@@ -104,7 +105,7 @@ def test_crash_mid_write_leaves_old_file_valid(tmp_path, monkeypatch):
 
 def test_crash_before_rename_leaves_old_file(tmp_path, monkeypatch):
     write_sample(tmp_path)
-    monkeypatch.setattr(R.os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         R.write_result(tmp_path, "obs_x", "zoo:other", "fp2", {}, {}, {})
     monkeypatch.undo()

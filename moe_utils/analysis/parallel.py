@@ -17,21 +17,10 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any
 
 from ..core.cpus import cpu_cores
+from ..core.memory import available_memory
 from ..core.progress import progress
 
 _JOB: tuple[Callable[[Any], Any], Sequence[Any]] | None = None
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available for new work (Linux ``MemAvailable``), or None if unknown."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def default_workers(job_bytes: int = 0, cap: int | None = None) -> int:

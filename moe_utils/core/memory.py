@@ -24,6 +24,18 @@ from moe_utils.core.background import beside
 MADV_PAGEOUT = 21
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available for new work (Linux ``MemAvailable``), or None if unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def _mapped_ranges(paths: set[str]) -> list[tuple[int, int]]:
     ranges = []
     try:

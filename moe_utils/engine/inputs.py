@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from moe_utils.core.errors import InputSpecError, OfflineError
+from moe_utils.core.files import file_sha256
 
 # Short prompt of the paper (Lo et al., 2024, arXiv 2406.18219, §5), which credits it to the MoE
 # survey of Cai et al. (2024), "A Survey on Mixture of Experts".
@@ -253,17 +254,6 @@ def _hf_texts(spec: str) -> Iterator[str]:
         value = row[column]
         if isinstance(value, str) and value.strip():
             yield value
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes (names an input file without its local path)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_inputs_spec(spec: Any) -> None:

@@ -65,7 +65,7 @@ from .nulls import (
     undefined_interval,
 )
 from .outputs import mean_token_similarity, token_similarity
-from .projection import Projection, dbscan_outliers, matrix_pca, neuron_pca, pca_projection, standardize
+from .projection import Projection, matrix_pca, neuron_pca, pca_projection, standardize
 from .routing import (
     RepeatRate,
     adjacent_pairs,
@@ -119,7 +119,6 @@ __all__ = [
     "cosine_between",
     "cosine_from_gram",
     "cosine_matrix",
-    "dbscan_outliers",
     "depth_contrast_intervals",
     "depth_contrasts",
     "exact_spearman",

@@ -9,8 +9,7 @@ neurons), standardise each feature to zero mean and unit variance across the sta
 
 For very large inputs the same projection is computed from an ``n x n`` Gram matrix (few
 items, many features: flattened Mixtral matrices; exact, :func:`flattened_grams` accumulates it
-in one pass over bounded blocks, never a dense float64 copy), a ``d x d`` covariance matrix
-(exact, ``2 n d^2`` flops), or, for every neuron of every expert (``8 x 14336`` neurons of 4096
+in one pass over bounded blocks, never a dense float64 copy) or, for every neuron of every expert (``8 x 14336`` neurons of 4096
 features), a streamed randomized SVD (:func:`randomized_neuron_pca`: Halko, Martinsson and
 Tropp's range finder with ``q`` power iterations over float32 blocks, ``(2 q + 2)`` passes of
 ``2 n d l`` flops; its accuracy against the full SVD is tested). All methods apply one sign
@@ -34,8 +33,8 @@ from .blocks import BLOCK_ELEMENTS, BlockReader, block_size, neuron_count
 from .neurons import neuron_vectors, resolve_neuron_axis
 from .threads import run_split
 
-PCAMethod = Literal["auto", "sklearn", "gram", "covariance", "randomized"]
-#: Inputs with more elements than this use the Gram/covariance route under ``method="auto"``.
+PCAMethod = Literal["auto", "sklearn", "gram", "randomized"]
+#: Inputs with more elements than this use the Gram or randomized route under ``method="auto"``.
 SKLEARN_MAX_ELEMENTS = 50_000_000
 _CHUNK = 8 * 1024 * 1024
 
@@ -409,30 +408,6 @@ def randomized_neuron_pca(
     return coords, lam / max(n - 1, 1), ratio
 
 
-def _pca_covariance(blocks: list, k: int, standardize_: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    d = int(blocks[0].shape[1])
-    n = sum(int(b.shape[0]) for b in blocks)
-    means, scales = _column_stats(blocks, d, standardize_)
-    rows_step = max(1, _CHUNK // max(d, 1))
-    cov = np.zeros((d, d))
-    for b in blocks:
-        for s in range(0, int(b.shape[0]), rows_step):
-            z = (to_numpy(b[s : s + rows_step]) - means) / scales
-            cov += z.T @ z
-    vals, vecs = np.linalg.eigh(cov)
-    order = np.argsort(vals)[::-1][:k]
-    lam = np.clip(vals[order], 0.0, None)
-    v = vecs[:, order]
-    parts = []
-    for b in blocks:
-        for s in range(0, int(b.shape[0]), rows_step):
-            parts.append(((to_numpy(b[s : s + rows_step]) - means) / scales) @ v)
-    coords = np.concatenate(parts, axis=0)
-    total = float(np.trace(cov))
-    ratio = lam / total if total > 0 else np.zeros_like(lam)
-    return coords, lam / max(n - 1, 1), ratio
-
-
 def _pca_sklearn(blocks: list, k: int, standardize_: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     from sklearn.decomposition import PCA
 
@@ -468,11 +443,10 @@ def pca_projection(
     fn = {
         "sklearn": _pca_sklearn,
         "gram": _pca_gram,
-        "covariance": _pca_covariance,
         "randomized": lambda bl, kk, st: randomized_neuron_pca([(b_, 0) for b_ in bl], kk, st),
     }.get(method)
     if fn is None:
-        raise ValueError(f"unknown PCA method {method!r}; use 'auto', 'sklearn', 'gram', 'covariance' or 'randomized'")
+        raise ValueError(f"unknown PCA method {method!r}; use 'auto', 'sklearn', 'gram' or 'randomized'")
     coords, var, ratio = fn(blocks, k, standardize)
     lab = [str(v) for v in labels] if labels is not None else [str(i) for i in range(n)]
     if len(lab) != n:
@@ -562,11 +536,3 @@ def neuron_pca(
         blocks.append(nv)
         labels += ["F"] * nv.shape[0]
     return pca_projection(blocks, standardize, n_components, method, labels)
-
-
-def dbscan_outliers(coords: ArrayLike, eps: float = 50.0, min_samples: int = 5) -> np.ndarray:
-    """Indices that DBSCAN labels as noise (the paper drops these from DeepSeek plots, eps = 50)."""
-    from sklearn.cluster import DBSCAN
-
-    lab = DBSCAN(eps=eps, min_samples=min_samples).fit_predict(to_numpy(coords))
-    return np.flatnonzero(lab == -1)

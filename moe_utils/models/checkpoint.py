@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -26,6 +24,8 @@ import torch
 
 from moe_utils.core import paths
 from moe_utils.core.errors import CheckpointError, PickleRefusedError
+from moe_utils.core.files import atomic_write_text
+from moe_utils.core.files import file_sha256 as content_sha256
 from moe_utils.models.quantized import quant_scheme
 
 if TYPE_CHECKING:
@@ -500,11 +500,7 @@ def _save_hash_cache(entries: dict[str, str]) -> None:
     path = hash_cache_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        merged = {**_load_hash_cache(), **entries}
-        fd, tmp = tempfile.mkstemp(prefix=".file-hashes.", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(merged, fh)
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps({**_load_hash_cache(), **entries}))
     except OSError:
         pass  # a cache only: a read-only home folder costs a rehash next time
 
@@ -536,11 +532,7 @@ def file_sha256(path: str | Path) -> str:
         return _HASHES[key]
     cached = _load_hash_cache().get(key)
     if cached is None:
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(block)
-        cached = digest.hexdigest()
+        cached = content_sha256(path)
         _save_hash_cache({key: cached})
     _HASHES[key] = cached
     return cached

@@ -19,7 +19,6 @@ into a temporary folder and replaces the previous ``_build/html`` only when the 
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 import subprocess
@@ -35,6 +34,7 @@ from moe_utils.core.errors import MoEUtilsError
 from moe_utils.core.names import model_label, model_slug
 from moe_utils.publish.findings import write_findings
 from moe_utils.publish.guards import check_build, check_runs_folder, current_model_pages
+from moe_utils.publish.notebook_meta import read_notebook_metadata
 from moe_utils.publish.render import write_vega_bundle
 from moe_utils.publish.runner import (
     BOOK_FOLDER,
@@ -91,20 +91,6 @@ def _model_order(slugs: list[str]) -> list[str]:
     return sorted(slugs, key=lambda s: (rank.get(s, len(rank)), s))
 
 
-def _read_metadata(nb: Path) -> dict[str, Any]:
-    """Top-level metadata of an executed notebook; a clear error naming the file otherwise."""
-    try:
-        doc = json.loads(nb.read_text(encoding="utf-8"))
-        if not isinstance(doc, dict) or not isinstance(doc.get("cells"), list):
-            raise ValueError("it is not a notebook (no list of cells)")
-        return doc.get("metadata", {}) or {}
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise MoEUtilsError(
-            f"cannot read executed notebook {nb} ({exc}); it may be truncated. Rerun it "
-            "with moe-book run, or delete it to leave it out of the book"
-        ) from exc
-
-
 def _label(nb_meta: dict[str, Any], folder: Path) -> str:
     """The model's name for the sidebar: recorded by the runner, else derived without local paths."""
     label = nb_meta.get(METADATA_KEY, {}).get("model_label")
@@ -134,7 +120,9 @@ def collect_runs(runs_dir: str | Path) -> RunsIndex:
             if nb.name.endswith(FAILED_SUFFIX):
                 index.failed.append(nb)
                 continue
-            nb_meta = _read_metadata(nb)
+            nb_meta = read_notebook_metadata(
+                nb, "Rerun it with moe-book run, or delete it to leave it out of the book."
+            )
             meta = nb_meta.get("papermill")
             if not meta or meta.get("exception"):
                 index.failed.append(nb)

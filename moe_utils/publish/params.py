@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ast
 import difflib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,12 +177,3 @@ def check_parameters(
             raise UsageError(
                 f"parameter {name!r} must be {describe_type(spec.type_text)}; got {value!r} ({type(value).__name__})"
             )
-
-
-def merged_parameters(paths: Iterable[str | Path]) -> dict[str, ParamSpec]:
-    """Parameters declared by any of the notebooks (the first declaration of a name wins)."""
-    out: dict[str, ParamSpec] = {}
-    for path in paths:
-        for name, spec in notebook_parameters(path).items():
-            out.setdefault(name, spec)
-    return out

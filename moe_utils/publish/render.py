@@ -18,6 +18,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from moe_utils.core.files import atomic_write_text
+
 BOOK_RENDERER = "book"
 """Name under which the offline renderer is registered with ``alt.renderers``."""
 
@@ -263,8 +265,5 @@ def vega_bundle_source() -> str:
 def write_vega_bundle(path: str | Path) -> Path:
     """Write :func:`vega_bundle_source` to ``path`` (parents created, atomic replace)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(vega_bundle_source(), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, vega_bundle_source())
     return path

@@ -49,10 +49,12 @@ from moe_utils.core.errors import (
     RunInterrupted,
     UsageError,
 )
+from moe_utils.core.files import atomic_write_text
 from moe_utils.core.names import looks_local, model_label, model_slug
 from moe_utils.core.paths import BOOK_FOLDER, zoo_path
 from moe_utils.core.progress import PROGRESS_ENV, relay
 from moe_utils.engine.inputs import check_inputs_spec
+from moe_utils.publish.notebook_meta import read_notebook_metadata
 from moe_utils.publish.params import check_parameters, notebook_parameters
 from moe_utils.publish.render import BOOK_BUILD_ENV
 
@@ -152,16 +154,6 @@ class NotebookInfo:
         return self.path.stem
 
 
-def _read_metadata(path: Path) -> dict[str, Any]:
-    """A notebook file's top-level metadata."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8")).get("metadata", {})
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
-        raise MoEUtilsError(
-            f"cannot read notebook {path}: {type(exc).__name__}: {exc}. Restore it (e.g. git checkout) or delete it."
-        ) from exc
-
-
 def notebook_info(path: str | Path, metadata: dict[str, Any] | None = None) -> NotebookInfo:
     """Read a notebook's ``moe_book`` metadata, falling back to its file name.
 
@@ -170,7 +162,7 @@ def notebook_info(path: str | Path, metadata: dict[str, Any] | None = None) -> N
     """
     path = Path(path)
     if metadata is None:
-        metadata = _read_metadata(path)
+        metadata = read_notebook_metadata(path, "Restore it (e.g. git checkout) or delete it.")
     meta = metadata.get(METADATA_KEY, {})
     scope = meta.get("scope") or ("model" if path.stem.startswith("obs") else "book")
     place = meta.get("place") or ("front" if path.stem == "organisms" else "back")
@@ -417,14 +409,6 @@ def _relative_paths_in_metadata(nb: nbformat.NotebookNode, base: Path) -> None:
             meta[key] = path.relative_to(base).as_posix() if path.is_relative_to(base) else path.name
 
 
-def tidy_file(path: Path, base: Path | None = None) -> None:
-    """Apply :func:`tidy_parameters` (and relative metadata paths) to a notebook file in place."""
-    nb = nbformat.read(path, as_version=4)
-    tidy_parameters(nb)
-    _relative_paths_in_metadata(nb, base or Path.cwd())
-    nbformat.write(nb, path)
-
-
 @contextlib.contextmanager
 def kernel_environment() -> Iterator[None]:
     """Environment for the notebook kernels: ``BOOK_BUILD=1``, progress bars off (tqdm and
@@ -507,7 +491,7 @@ def execute_job(job: Job, root: Path | None = None) -> None:
     """Run one job transactionally; raise :class:`NotebookRunError` on failure.
 
     Must be called inside :func:`kernel_environment`. See :func:`staged_run` for what happens to
-    the files; the output notebook is tidied (:func:`tidy_file`) before it lands.
+    the files; the output notebook is tidied (:func:`tidy_parameters`) before it lands.
     """
     with staged_run(job, root) as stage:
         error = _run_papermill(job, stage.notebook, stage.parameters)
@@ -635,12 +619,7 @@ def _publish_results(stage: Stage) -> None:
     """Commit the landing: write its journal (moves, and the stale failed notebook to remove)
     into the staging folder, atomically and flushed to disk. Nothing has moved yet."""
     plan = {"moves": _landing_moves(stage), "remove": [failed_path(stage.job.output).name]}
-    tmp = stage.folder / f"{LANDING}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(plan, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, stage.folder / LANDING)
+    atomic_write_text(stage.folder / LANDING, json.dumps(plan))
 
 
 def _apply_landing(folder: Path, workdir: Path) -> None:
