@@ -18,12 +18,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import chromium  # noqa: E402  (the browser helpers of the test suite)
 
-DEFAULT_PAGES = ("index.html", "book/runs/tiny-moe-fine/obs1_neurons_as_experts.html")
+DEFAULT_PAGES = ("book/intro.html", "book/runs/tiny-moe-fine/obs1_neurons_as_experts.html")
 DARK = "document.documentElement.setAttribute('data-theme', 'dark'); true"
 
 
 def _name(page: str, dark: bool) -> str:
-    stem = page.removesuffix(".html").replace("/", "-").removeprefix("book-runs-")
+    stem = page.removesuffix(".html").removeprefix("book/").removeprefix("runs/").replace("/", "-")
     return f"{stem}{'-dark' if dark else ''}.png"
 
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ):
         chromium.set_window(browser)
         for page in chosen:
-            for dark in (False, True) if page != "index.html" else (False,):
+            for dark in (False, True) if "/runs/" in page else (False,):
                 chromium.open_page(browser, f"{url}/{page}")
                 if dark:
                     browser.evaluate(DARK)

@@ -269,7 +269,9 @@ def screenshot(browser: Cdp, path: Path) -> Path:
     """The whole page (not only the window) as a PNG at ``path``."""
     import base64
 
-    shot = browser.send("Page.captureScreenshot", format="png", captureBeyondViewport=True)
+    size = browser.send("Page.getLayoutMetrics")["cssContentSize"]
+    clip = {"x": 0, "y": 0, "width": size["width"], "height": min(size["height"], 16000), "scale": 1}
+    shot = browser.send("Page.captureScreenshot", format="png", captureBeyondViewport=True, clip=clip)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(base64.b64decode(shot["data"]))
     return path
