@@ -229,7 +229,7 @@ def expert_token_counts(record: RoutingRecord, layer: int) -> pd.DataFrame:
     out["share"] = out["count"] / out["occurrences"]
     out["token"] = [visible(record.tokens[i]) for i in out["first"]]
     out = out.sort_values(["expert", "count", "first"], ascending=[True, False, True], ignore_index=True)
-    return out[["expert", "token_id", "token", "count", "occurrences", "share", "first"]]
+    return pd.DataFrame(out[["expert", "token_id", "token", "count", "occurrences", "share", "first"]])
 
 
 @dataclass
@@ -429,7 +429,7 @@ def snapshot_similarity(organism: str, emergence: pd.DataFrame) -> SnapshotSimil
             f"Expert-to-expert weight similarity of {organism} at {rows.step.nunique()} training snapshots "
             f"(from the shipped study results: {', '.join(sorted(set(rows.replicate)))})."
         )
-        return SnapshotSimilarity(organism, rows.reset_index(drop=True), note, shipped)
+        return SnapshotSimilarity(organism, pd.DataFrame(rows).reset_index(drop=True), note, shipped)
     own = shipped[shipped.organism == organism] if not shipped.empty else shipped
     if own.empty:
         what = f"The shipped study results hold no training snapshots of {organism}"
@@ -441,7 +441,7 @@ def snapshot_similarity(organism: str, emergence: pd.DataFrame) -> SnapshotSimil
     others = shipped[shipped.organism != organism] if not shipped.empty else shipped
     also = (
         "; the other shipped snapshot results are those of "
-        + ", ".join(f"{r.replicate} ({r.organism})" for r in others.itertuples())
+        + ", ".join(f"{r} ({o})" for r, o in zip(others.replicate, others.organism, strict=True))
         if not others.empty
         else ""
     )
@@ -505,11 +505,12 @@ class ExplorerReport:
         name = label or self.model
         if self.top_k < 2:
             return f"{name} routes each token to a single expert, so no two experts are ever chosen together."
-        pairs = self.coactivation[self.coactivation.expert_i < self.coactivation.expert_j].dropna(subset=["lift"])
+        co = self.coactivation
+        pairs = pd.DataFrame(co[(co.expert_i < co.expert_j) & co.lift.notna()])
         if pairs.empty:
             return f"{name}: no pair of experts was chosen together on these tokens."
-        common = pairs[pairs.expected >= MIN_EXPECTED]  # a lift on a handful of tokens says little
-        best = (common if len(common) else pairs).sort_values(["lift", "count"], ascending=False).iloc[0]
+        common = pd.DataFrame(pairs[pairs.expected >= MIN_EXPECTED])  # a lift on a handful of tokens says little
+        best = (common if len(common) else pairs).sort_values(by=["lift", "count"], ascending=False).iloc[0]
         return (
             f"{name}: over {len(self.layers)} layers, the median lift of a pair of experts is "
             f"**{pairs.lift.median():.2f}** (uniformly random top-{self.top_k} routing would give "

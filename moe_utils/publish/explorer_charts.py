@@ -13,6 +13,7 @@ import colorsys
 from collections.abc import Sequence
 
 import altair as alt
+import numpy as np
 import pandas as pd
 
 from moe_utils.publish.plots import COLUMN_WIDTH, MAX_PLOT, columnar, flat, layer_slider
@@ -116,7 +117,7 @@ def token_explorer(
     """
     has_norms = "pn" in tokens.columns
     cols = ["i", "line", "col", "cols", "text_col", "text", "position", "context", "top1", "g1", "pe", "pg"]
-    data = tokens[cols + (["pn"] if has_norms else [])].rename(
+    data = pd.DataFrame(tokens[cols + (["pn"] if has_norms else [])]).rename(
         columns={
             "line": "ln",
             "col": "c",
@@ -338,7 +339,7 @@ def expert_cards(
     num_experts = int(load.expert.max()) + 1
     slider = _layer_param(layers, start_layer_pos)
     first_layer = load[load.layer == layers[max(0, min(len(layers) - 1, start_layer_pos))]]
-    busiest = int(first_layer.sort_values("tokens", ascending=False).expert.iloc[0]) if len(first_layer) else 0
+    busiest = int(first_layer.expert.iloc[int(np.argmax(first_layer.tokens.to_numpy()))]) if len(first_layer) else 0
     pick = alt.selection_point(name="expert_pick", fields=["e"], on="click", value=[{"e": busiest}], clear=False)
     on_layer = alt.datum.layer == slider
 
