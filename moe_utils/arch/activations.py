@@ -8,43 +8,32 @@ self-describing.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 Tensor = torch.Tensor
 
 
-def _gelu_tanh(x: Tensor) -> Tensor:
-    return F.gelu(x, approximate="tanh")
+# Activations transformers' ACT2FN does not name (all others are ACT2FN's own).
+_NOT_IN_TRANSFORMERS: dict[str, Callable[[Tensor], Tensor]] = {"identity": lambda x: x}
+# ACT2FN entries with learned parameters (a module's values, not a fixed function of a name).
+_LEARNED = ("prelu", "xielu")
 
 
-def _relu2(x: Tensor) -> Tensor:
-    return torch.square(F.relu(x))
+@functools.cache
+def plain_activations() -> dict[str, Callable[[Tensor], Tensor]]:
+    """Every fixed activation by name: transformers' ``ACT2FN`` (the functions the models
+    themselves call), plus :data:`_NOT_IN_TRANSFORMERS`. Built on first use, since it imports
+    transformers."""
+    from transformers.activations import ACT2FN
 
-
-def _quick_gelu(x: Tensor) -> Tensor:
-    return x * torch.sigmoid(1.702 * x)
-
-
-PLAIN_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "silu": F.silu,
-    "swish": F.silu,
-    "gelu": F.gelu,
-    "gelu_new": _gelu_tanh,
-    "gelu_fast": _gelu_tanh,
-    "gelu_pytorch_tanh": _gelu_tanh,
-    "quick_gelu": _quick_gelu,
-    "relu": F.relu,
-    "relu2": _relu2,
-    "sigmoid": torch.sigmoid,
-    "tanh": torch.tanh,
-    "identity": lambda x: x,
-}
+    table: dict[str, Callable[[Tensor], Tensor]] = {n: ACT2FN[n] for n in ACT2FN if n not in _LEARNED}
+    return {**table, **_NOT_IN_TRANSFORMERS}
 
 
 @dataclass(frozen=True)
@@ -82,8 +71,9 @@ _PARAM_RE = re.compile(r"^(?P<base>[a-z0-9_]+)\((?P<args>[^)]*)\)$")
 def activation(name: str) -> Activation:
     """Resolve an activation name (``"silu"``, ``"gelu"``, ``"gpt_oss_swiglu(alpha=..,limit=..)"``)."""
     key = name.strip().lower()
-    if key in PLAIN_ACTIVATIONS:
-        return Activation(key, PLAIN_ACTIVATIONS[key])
+    table = plain_activations()
+    if key in table:
+        return Activation(key, table[key])
     match = _PARAM_RE.match(key)
     if match and match["base"] == "gpt_oss_swiglu":
         params = dict(part.split("=", 1) for part in match["args"].split(",") if part)
@@ -92,5 +82,5 @@ def activation(name: str) -> Activation:
         if not (math.isfinite(alpha) and limit > 0):
             raise ValueError(f"bad gpt_oss_swiglu parameters in {name!r}")
         return _gpt_oss(alpha, limit)
-    known = ", ".join(sorted(PLAIN_ACTIVATIONS)) + ", gpt_oss_swiglu(alpha=..,limit=..)"
+    known = ", ".join(sorted(table)) + ", gpt_oss_swiglu(alpha=..,limit=..)"
     raise ValueError(f"unknown activation {name!r}; known: {known}. Add it to moe_utils/arch/activations.py")

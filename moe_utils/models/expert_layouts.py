@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moe_utils.arch.activations import PLAIN_ACTIVATIONS, activation
+from moe_utils.arch.activations import activation, plain_activations
 from moe_utils.arch.spec import ExpertTensors, WeightFormat
 from moe_utils.core.errors import DerivationError
 from moe_utils.engine.canonical import MoELayerWeights
@@ -113,7 +113,7 @@ def activation_candidates(experts: nn.Module, config: Any) -> list[str]:
     if act_fn is not None:
         with torch.no_grad():
             ref = act_fn(probe)
-        names += [n for n, f in PLAIN_ACTIVATIONS.items() if torch.allclose(f(probe), ref, atol=1e-6)]
+        names += [n for n, f in plain_activations().items() if torch.allclose(f(probe), ref, atol=1e-6)]
     alpha, limit = getattr(config, "swiglu_alpha", None), getattr(config, "swiglu_limit", None)
     if alpha is not None or limit is not None:
         names.append(f"gpt_oss_swiglu(alpha={alpha or 1.702},limit={limit or 7.0})")

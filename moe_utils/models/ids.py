@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from moe_utils.arch import SPECS, derivable_family
 from moe_utils.core.errors import CheckpointError, OfflineError
+from moe_utils.core.messages import first_line
 from moe_utils.core.paths import zoo_path
 from moe_utils.models.checkpoint import hub_revision
 
@@ -73,10 +74,8 @@ def _hub_snapshot(repo_id: str, revision: str | None, include_code: bool = False
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as exc:
-        first_line = str(exc).splitlines()[0] if str(exc) else ""
         raise OfflineError(
-            f"{repo_id!r} cannot be downloaded here ({type(exc).__name__}: "
-            f"{first_line}) and is not in the local Hugging Face cache. If this "
+            f"{repo_id!r} cannot be downloaded here ({first_line(exc)}) and is not in the local Hugging Face cache. If this "
             "machine is offline, download the model elsewhere and pass its local "
             "folder instead; otherwise check the id and revision."
         ) from exc
