@@ -32,7 +32,7 @@ from moe_utils.analysis import headlines as H
 from moe_utils.analysis import paper, static
 from moe_utils.analysis.claims import CLAIMS, issued_claims
 from moe_utils.analysis.context import checkpoint_only, open_study
-from moe_utils.analysis.interventions import PLACEMENT_TREND_FLOOR
+from moe_utils.analysis.interventions import PLACEMENT_LAST_LAYER_FLOOR, PLACEMENT_TREND_FLOOR
 from moe_utils.analysis.results import iter_results, read_result, write_result
 from moe_utils.arch.config import read_config_json
 from moe_utils.core.errors import MoEUtilsError
@@ -474,10 +474,9 @@ def placement_verdict(table: pd.DataFrame, num_layers: int) -> dict[str, Any]:
     layer included), combined over seeds by random-effects meta-analysis (Hartung-Knapp, t with
     seeds - 1 degrees of freedom); the effect is that slope (null 0), judged with the four outcomes
     against a floor of a quarter of the paper's trend, with the power of this design for a trend of
-    the paper's size. (b) The last layer: a
-    dense last layer minus a dense layer just before it, paired by seed (t over seeds), reported
-    beside it and not judged, since the paper's own perplexities show no last-layer gain (8.59 ->
-    8.58)."""
+    the paper's size. (b) The last layer, judged separately and reported in the note: a dense
+    layer just before the last minus a dense last layer, paired by seed (t over seeds), against a
+    floor of 0.01 nats (a 1% perplexity change); the verdict of the entry is that of (a)."""
     nan = float("nan")
     last = num_layers - 1
     slopes = placement_slopes(table, num_layers)
@@ -512,14 +511,17 @@ def placement_verdict(table: pd.DataFrame, num_layers: int) -> dict[str, Any]:
     a = t[t.dense_layer == last].set_index("seed").nll
     b = t[t.dense_layer == last - 1].set_index("seed").nll
     both = a.index.intersection(b.index)
-    m, lo, hi = t_interval((a[both] - b[both]).tolist())
+    lastiv = M.t_mean_interval((b[both] - a[both]).to_numpy(dtype=float))
+    last_verdict = M.outcome(lastiv.low, lastiv.high, PLACEMENT_LAST_LAYER_FLOOR)
     seeds = ", ".join(f"{s:+.4f}" for s in ok.slope)
     note = (
         f"held-out loss against the dense layer's relative depth (positions 0-{last - 1} of {num_layers}), "
         f"per seed {seeds}; combined {comb.estimate:+.4f} [{comb.low:+.4f}, {comb.high:+.4f}] nats per unit depth "
-        f"over {comb.seeds} seeds, between-seed sd {comb.tau:.4f} (floor {PLACEMENT_TREND_FLOOR:g}, a quarter of the paper's {paper_trend:.4f}); "
-        f"power for a paper-sized trend: {power:.2f}; dense last layer minus the one before, over {len(both)} seeds: "
-        f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}] (not judged)"
+        f"over {comb.seeds} seeds, between-seed sd {comb.tau:.4f} (floor {PLACEMENT_TREND_FLOOR:g}, a quarter of "
+        f"the paper's {paper_trend:.4f}); "
+        f"power for a paper-sized trend: {power:.2f}. Last layer: a dense layer just before the last minus a dense "
+        f"last layer, over {len(both)} seeds, {lastiv.estimate:+.4f} [{lastiv.low:+.4f}, {lastiv.high:+.4f}] nats "
+        f"(floor {PLACEMENT_LAST_LAYER_FLOOR:g}): {last_verdict}"
     )
     return {
         **base,
