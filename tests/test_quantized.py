@@ -437,7 +437,7 @@ def test_observation1_notebook_gives_the_same_results_on_an_fp8_checkpoint_and_i
         out = tmp_path / f"book-{folder.name}"
         run = subprocess.run(
             [sys.executable, "-m", "moe_utils.publish.cli", "run", "--model", str(folder)]
-            + ["--notebooks", "obs1_neurons_as_experts", "-p", "dense_baseline", "None", "-p", "reorder_max_pairs", "2"]
+            + ["--notebooks", "obs1_neurons_as_experts", "-p", "reorder_max_pairs", "2"]
             + ["--out", str(out)],
             cwd=repo_root,
             capture_output=True,
