@@ -784,7 +784,7 @@ def test_config_that_contradicts_the_tensors_is_refused_before_the_model_is_buil
 
 def test_undefined_depth_series_is_a_value_not_a_crash(tmp_path: Path) -> None:
     """A 4-layer OLMoE whose experts are all zero: every similarity is undefined, so each depth
-    series has no finite value; observation 3 still reports, with NaN and verdicts 'inconclusive'."""
+    series has no finite value; observation 3 still reports, with NaN and no verdict for or against."""
     from moe_utils.analysis.obs3_depth import depth_report
 
     lm = load_model("random:olmoe", config_overrides={"num_hidden_layers": 4})
@@ -797,11 +797,11 @@ def test_undefined_depth_series_is_a_value_not_a_crash(tmp_path: Path) -> None:
     study = open_study(str(tmp_path / "olmoe4"))
     assert study.lm.moe_layers == [0, 1, 2, 3]
     report = depth_report(study, inputs="short", max_tokens=32)
-    assert len(report.depth_tests) == 4
-    assert report.depth_tests["last-layer z"].isna().all() and report.depth_tests["rho (before last)"].isna().all()
-    assert set(report.depth_tests["verdict"]) == {"inconclusive"}
-    assert report.summary["depth_pattern"]["verdict"] == "inconclusive"
-    assert np.isnan(report.summary["depth_pattern"]["value"])
+    assert len(report.depth_tests) == 4  # one row per series, every number undefined
+    assert report.depth_tests.select_dtypes("number").isna().all().all()
+    depth = {k: v for k, v in report.summary.items() if k != "routing_repeat_rate"}
+    assert depth and all(np.isnan(entry["value"]) for entry in depth.values())
+    assert not {entry["verdict"] for entry in depth.values()} & {"holds", "does not hold"}
 
 
 def test_dense_baseline_with_another_hidden_size_is_left_out_with_a_note(tmp_path: Path) -> None:
