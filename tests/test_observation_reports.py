@@ -4,7 +4,7 @@ weights and traces of tiny models, written from the paper's definitions."""
 from __future__ import annotations
 
 import math
-from itertools import combinations
+from itertools import combinations, permutations
 
 import numpy as np
 import pandas as pd
@@ -102,10 +102,38 @@ def test_obs1_gate_and_tau_tables_match_a_naive_recomputation(obs1_report, mixtr
         assert r.mean_r[m] == pytest.approx(naive_mean(rs), abs=1e-6)
         for name, values in paper.GATE_R2.items():
             assert r.gate_r2.loc[m, f"paper: {name}"] == values[m]
+
+    def signed(v):
+        return math.copysign(v * v, v)
+
     diffs = [
         r_by_matrix["W_act"][l] ** 2 - max(r_by_matrix["W_up"][l] ** 2, r_by_matrix["W_down"][l] ** 2) for l in range(3)
     ]
-    assert r.verdict is not None and r.verdict["value"] == pytest.approx(naive_mean(diffs), abs=1e-6)
+    assert r.summary["gate_act_advantage"]["value"] == pytest.approx(naive_mean(diffs), abs=1e-6)
+    # the verdict: signed r2 of W_act minus the larger of the others, minus the same statistic
+    # averaged over every relabelling of the router's experts (4! = 24, enumerated here)
+    null = r.tables["gate_null"].set_index("layer")
+    effects = []
+    for layer in range(3):
+        router = tensors[f"model.layers.{layer}.block_sparse_moe.gate.weight"].double().numpy()
+        ys = {}
+        for m, w in MIXTRAL_NAMES.items():
+            axis = 1 if m == "W_down" else 0
+            avgs = [_raw(tensors, layer, e, w).mean(axis=axis) for e in range(4)]
+            ys[m] = [cos(avgs[i], avgs[j]) for i, j in lower_pairs(4)]
+
+        def stat(order, router=router, ys=ys):
+            x = [cos(router[order[i]], router[order[j]]) for i, j in lower_pairs(4)]
+            s_ = {m: signed(float(stats.pearsonr(x, y).statistic)) for m, y in ys.items()}
+            return s_["W_act"] - max(s_["W_up"], s_["W_down"])
+
+        observed = stat(range(4))
+        exact_null = naive_mean([stat(p) for p in permutations(range(4))])
+        assert null.loc[layer, "observed"] == pytest.approx(observed, abs=1e-6)
+        assert null.loc[layer, "null_mean"] == pytest.approx(exact_null, abs=0.03)  # 2,000 random draws
+        effects.append(observed - exact_null)
+    assert r.verdict is not None and r.verdict["value"] == pytest.approx(naive_mean(effects), abs=0.03)
+    assert r.verdict["verdict"] in ("holds", "detectable but below the floor", "inconclusive", "does not hold")
     # Kendall tau of the best permutation, layer 0, W_up (neurons are rows), every expert pair
     taus = [
         naive_kendall_tau(_raw(tensors, 0, a, "w3"), _raw(tensors, 0, b, "w3")) for a, b in combinations(range(4), 2)
@@ -122,7 +150,7 @@ def test_obs1_report_saves_a_results_file_its_summary_can_be_recomputed_from(obs
     study, _ = mixtral_study
     res = read_result(study.save(obs1_neurons.ANALYSIS, obs1_report.tables, obs1_report.summary))
     check_obs1(res)
-    assert set(res.tables) == {"weight_similarity", "reordering", "gate_correlation", "pca_matrix"}
+    assert set(res.tables) == {"weight_similarity", "reordering", "gate_correlation", "gate_null", "pca_matrix"}
 
 
 def test_obs1_without_a_gate_projection_computes_the_rest():

@@ -18,27 +18,38 @@ def shipped():
     return replication.replication_report()
 
 
-def test_replication_summary_has_one_entry_per_kind_and_observation(shipped):
+def test_replication_summary_has_one_entry_per_kind_and_claim(shipped):
     across = shipped.across
     assert len(shipped.summary) == len(across) > 0
     for r in across.itertuples():
-        entry = shipped.summary[f"obs{r.observation}_{r.organism}"]
-        assert entry["verdict"] == r.verdict and entry["value"] == r.mean_effect
-        assert entry["note"].startswith(f"{r.seeds} seeds")
+        entry = shipped.summary[f"{r.claim}_{r.organism}"]
+        assert entry["verdict"] == r.verdict
+        assert entry["value"] == r.effect or (math.isnan(entry["value"]) and math.isnan(r.effect))
+        assert entry["floor"] == r.floor
+        assert entry["note"]  # the numbers behind it, or why there is no across-seed verdict
+        if r.seeds < 2:
+            assert r.verdict == "undefined" and "pending" in entry["note"]
     assert shipped.replicates == sorted(shipped.replicates)
 
 
 def test_replication_grids_and_narrative_state_each_verdict(shipped):
     grid = shipped.verdict_grid
-    for r in shipped.verdicts.itertuples():
-        cell = grid.loc[(r.observation, r.quantity), (r.organism, r.seed)]
+    issued = {"obs1", "obs2", "obs3_weak", "obs3_strong"}
+    for r in shipped.verdicts[shipped.verdicts.claim.isin(issued)].itertuples():
+        cell = grid.loc[(r.observation, r.claim), (r.organism, r.seed)]
         assert cell.startswith(f"{r.verdict}: {r.effect:.3f}")
         assert ("[" in cell) == (not math.isnan(r.ci_low))
+        # every measured row carries its null, floor and interval
+        assert not math.isnan(r.floor) and not math.isnan(r.null)
     text = shipped.narrative
     for r in shipped.across.itertuples():
-        assert f"**{r.organism}**: {r.verdict} ({r.seeds} seeds" in text
-    settled = int((shipped.across.verdict != "inconclusive").sum())
-    assert f"Settled across seeds: {settled} of {len(shipped.across)}" in text
+        assert f"**{r.organism}**: {r.verdict}" in text
+    decided = int(shipped.across.verdict.isin(["holds", "does not hold", "detectable but below the floor"]).sum())
+    assert f"Decided across seeds: {decided} of {len(shipped.across)}" in text
+    # replicates measured before the nulls are listed as pending, never with their old verdicts
+    assert set(zip(shipped.tables["pending"].organism, shipped.tables["pending"].seed)).isdisjoint(
+        set(zip(shipped.verdicts.organism, shipped.verdicts.seed))
+    )
     reps = shipped.replicate_table
     held = shipped.tables["heldout"]
     assert len(reps) == int((held.kind != "placement").sum())
