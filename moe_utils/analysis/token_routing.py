@@ -512,7 +512,7 @@ class ExplorerReport:
         common = pd.DataFrame(pairs[pairs.expected >= MIN_EXPECTED])  # a lift on a handful of tokens says little
         best = (common if len(common) else pairs).sort_values(by=["lift", "count"], ascending=False).iloc[0]
         return (
-            f"{name}: over {len(self.layers)} layers, the median lift of a pair of experts is "
+            f"{name}: over {_count(len(self.layers), 'MoE layer')}, the median lift of a pair of experts is "
             f"**{pairs.lift.median():.2f}** (uniformly random top-{self.top_k} routing would give "
             f"{self.random_lift:.2f} to every pair); the strongest pair is experts {int(best.expert_i)} and "
             f"{int(best.expert_j)} in layer {int(best.layer)}, chosen together for {int(best['count'])} tokens, "
@@ -526,10 +526,15 @@ class ExplorerReport:
         seqs = int(self.record.seq[self.tokens.i].max()) + 1 if shown else 0
         return (
             f"{label or self.model}: {self.inputs.n_sequences} held-out sequences, {self.record.num_tokens:,} tokens, "
-            f"{len(self.record.layers)} MoE layers of {self.record.num_experts} experts with top-{self.record.top_k} "
+            f"{_count(len(self.record.layers), 'MoE layer')} of {self.record.num_experts} experts with top-{self.record.top_k} "
             f"routing. The text view shows the first {shown} tokens ({seqs} sequence{'s' if seqs != 1 else ''}); "
             f"the co-activation maps and the expert cards count all {self.record.num_tokens:,}."
         )
+
+
+def _count(n: int, noun: str) -> str:
+    """``3 MoE layers``, ``1 MoE layer``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def organism_name(model: str) -> str:
