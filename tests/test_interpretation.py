@@ -48,3 +48,23 @@ def test_obs3_box_states_both_forms_and_the_input_null():
     assert "weak form" in text and "strong form" in text and "belongs to the trained experts" in text
     s["depth_pattern_weak"]["note"] = "... rise beyond the input geometry: no; ..."
     assert "may come from the inputs" in I.obs3_box(s, "m")
+
+
+def test_organisms_load_reading_names_dead_and_busiest_experts():
+    import pandas as pd
+
+    from moe_utils.zoo import report
+
+    df = pd.DataFrame(
+        {
+            "model": ["a"] * 4 + ["b"] * 4,
+            "layer": [0, 0, 1, 1] * 2,
+            "expert": [0, 1, 0, 1] * 2,
+            "selections": [0, 10, 5, 5, 3, 7, 9, 1],
+            "share": [0.0, 1.0, 0.5, 0.5, 0.3, 0.7, 0.9, 0.1],
+            "uniform": [0.5] * 8,
+        }
+    )
+    text = report.load_interpretation(df)
+    assert "**a** has 1 dead expert(s) (layer 0 expert 0)" in text
+    assert "**b** has no dead expert; its busiest expert (layer 1, expert 0) takes 90%" in text

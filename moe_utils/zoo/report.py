@@ -227,6 +227,38 @@ def load_summary(loads: pd.DataFrame) -> pd.DataFrame:
     )
 
 
+def load_interpretation(loads: pd.DataFrame) -> str:
+    """Markdown: per organism its dead experts and its busiest expert, and what they mean for the
+    observations (computed from ``expert_loads``)."""
+    lines = []
+    for model, g in loads.groupby("model", sort=False):
+        k_uniform = float(g.uniform.iloc[0])
+        dead = g[g.selections == 0]
+        busiest = g.loc[g.share.idxmax()]
+        dead_text = (
+            "no dead expert"
+            if dead.empty
+            else f"{len(dead)} dead expert(s) ("
+            + ", ".join(f"layer {int(r.layer)} expert {int(r.expert)}" for r in dead.itertuples())
+            + ")"
+        )
+        lines.append(
+            f"- **{model}** has {dead_text}; its busiest expert (layer {int(busiest.layer)}, expert "
+            f"{int(busiest.expert)}) takes {busiest.share:.0%} of that layer's selections, "
+            f"{busiest.share / k_uniform:.1f} times an even share."
+        )
+    lines += [
+        "",
+        "What this means for the observations: a dead expert still has weights, so it enters the weight analyses "
+        "of observation 1 and the all-expert evaluations of observations 2 and 3 like any other, although the router "
+        "never sends it a token; an expert that takes a large share of the selections makes the top-scored expert "
+        "predictable without any link to output norms. That is why observation 2 is judged against the independence "
+        "null built from each layer's own selection frequencies rather than against 1/E, and why the repeat rate of "
+        "observation 3 is compared with a frequency baseline.",
+    ]
+    return "\n".join(lines)
+
+
 def expert_load_chart(df: pd.DataFrame):
     """Altair heatmap of ``expert_loads``: layers x experts, one panel per model."""
     import altair as alt
