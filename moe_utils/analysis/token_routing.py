@@ -440,7 +440,7 @@ def snapshot_similarity(organism: str, emergence: pd.DataFrame) -> SnapshotSimil
         )
     others = shipped[shipped.organism != organism] if not shipped.empty else shipped
     also = (
-        "; the other shipped snapshot results are those of "
+        f"; the {'other ' if not own.empty else ''}shipped snapshot results are those of "
         + ", ".join(f"{r} ({o})" for r, o in zip(others.replicate, others.organism, strict=True))
         if not others.empty
         else ""
