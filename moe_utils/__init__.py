@@ -34,17 +34,7 @@ _FRONT_DOOR: dict[str, str] = {
     "depth_report": "moe_utils.analysis.obs3_depth",
 }
 
-__all__ = [
-    "__version__",
-    "depth_report",
-    "get_spec",
-    "load_model",
-    "neurons_report",
-    "norms_report",
-    "open_study",
-    "spec_for_config",
-    "trace",
-]
+__all__ = ["__version__"]  # the front door's names are resolved by __getattr__ (see __dir__)
 
 
 def __getattr__(name: str) -> Any:
