@@ -249,3 +249,20 @@ def test_never_seen_family_runs_every_notebook(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     written = sorted(p.stem for p in (tmp_path / "random-glm4_moe").glob("*.ipynb"))
     assert {"obs1_neurons_as_experts", "obs2_router_norms", "obs3_depth_diversity"} <= set(written)
+
+
+@pytest.mark.parametrize(
+    ("family", "overrides"),
+    [(f, v) for f, variants in coverage.VARIANTS.items() for v in variants],
+    ids=[f"{f}:{coverage.variant_label(v)}" for f, variants in coverage.VARIANTS.items() for v in variants],
+)
+def test_config_variants_get_their_own_passing_spec(family, overrides):
+    """A variant switching an optional part off gets a spec derived from its own config, which
+    rebuilds its MoE blocks and streams both spellings of its saved checkpoint."""
+    assert coverage.variant_check(family, overrides) == ""
+    lm = load_model(f"random:{family}", config_overrides=overrides)
+    moe = lm.spec.memory.moe
+    assert moe is not None
+    shared_off = any(k.endswith("shared_experts") and v == 0 for k, v in overrides.items())
+    if shared_off:
+        assert moe.shared is None

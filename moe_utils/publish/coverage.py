@@ -26,13 +26,14 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from moe_utils.analysis.context import checkpoint_only
 from moe_utils.arch import SPECS, FamilySpec
 from moe_utils.arch.catalogue import CatalogueEntry, catalogue
+from moe_utils.core.files import atomic_write_text
 from moe_utils.core.messages import first_line
 from moe_utils.models.derive import rebuild_errors
 from moe_utils.models.loading import LoadedModel, load_model
@@ -48,6 +49,13 @@ DYNAMIC_NOTEBOOKS = ("obs2_router_norms", "obs3_depth_diversity")
 DATA_FILE = Path("book/coverage.json")
 PAGE_FILE = Path("book/coverage.md")
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[2] / "notebooks"
+# Config values that switch an optional part of a family off (or on) relative to its tiny config:
+# the spec derived from each variant's own config must rebuild its blocks and read its checkpoint.
+VARIANTS: dict[str, tuple[dict[str, Any], ...]] = {
+    "cohere2_moe": ({"num_shared_experts": 0},),
+    "ernie4_5_moe": ({"moe_num_shared_experts": 0},),
+    "glm4_moe": ({"n_shared_experts": 0}, {"first_k_dense_replace": 0}, {"norm_topk_prob": False}),
+}
 # Tokens of the notebooks' default inputs used per family (the checks are about running every
 # analysis on the family, not about the numbers of a random model).
 MAX_TOKENS = 512
@@ -68,6 +76,7 @@ class FamilyRow:
     weights_ok: bool | None = None  # None: notebooks not run
     dynamic_ok: bool | None = None
     quirks: list[str] = field(default_factory=list)
+    variants: dict[str, str] = field(default_factory=dict)  # "key=value" -> "" (passes) or why not
     routing: str | None = None
     reason: str | None = None
     seconds: float = 0.0
@@ -153,6 +162,27 @@ def trace_check(row: FamilyRow, name: str) -> FamilyRow:
     return row
 
 
+def variant_label(overrides: dict[str, Any]) -> str:
+    """``"key=value, ..."`` of a config variant."""
+    return ", ".join(f"{k}={v}" for k, v in overrides.items())
+
+
+def variant_check(name: str, overrides: dict[str, Any]) -> str:
+    """'' when ``random:name`` with ``overrides`` gets a spec (derived from that config) that
+    rebuilds every MoE block and streams both saved spellings of its checkpoint; else why not."""
+    try:
+        lm = load_model(f"random:{name}", config_overrides=overrides)
+        errors = rebuild_errors(lm)
+        worst = max(errors, key=lambda layer: errors[layer])
+        if not errors[worst] <= TOLERANCE:
+            return f"layer {worst} rebuilt with relative error {errors[worst]:.2e}"
+        with tempfile.TemporaryDirectory() as tmp:
+            _disk_check(lm, Path(tmp))
+    except Exception as exc:
+        return first_line(exc)[:400]
+    return ""
+
+
 def _env() -> dict[str, str]:
     """Environment of the checking subprocesses: one thread each (tiny models run fastest so, and
     parallel families do not oversubscribe the cores)."""
@@ -227,6 +257,8 @@ def family_row(entry: CatalogueEntry, notebooks: bool = False, out: Path | None 
         return row
     name = random_name(entry)
     trace_check(row, name)
+    if row.trace_ok:
+        row.variants = {variant_label(v): variant_check(name, v) for v in VARIANTS.get(name, ())}
     if notebooks and row.trace_ok:
         with tempfile.TemporaryDirectory() as tmp:
             notebook_check(row, name, Path(out) if out else Path(tmp))
@@ -386,6 +418,8 @@ def render_page(data: dict) -> str:
         lines.append(f"**`{r['family']}`** ({r['spec']}): {r['routing']}.")
         for q in r.get("quirks") or []:
             lines.append(f"- {q}")
+        for label, why in (r.get("variants") or {}).items():
+            lines.append(f"- config variant `{label}`: " + (f"fails: {why}" if why else "its own derived spec passes"))
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
@@ -393,9 +427,8 @@ def render_page(data: dict) -> str:
 def write(data: dict, root: Path = Path(".")) -> tuple[Path, Path]:
     """Write the data file and the page under ``root``."""
     data_path, page_path = root / DATA_FILE, root / PAGE_FILE
-    data_path.parent.mkdir(parents=True, exist_ok=True)
-    data_path.write_text(json.dumps(data, indent=1) + "\n")
-    page_path.write_text(render_page(data))
+    atomic_write_text(data_path, json.dumps(data, indent=1) + "\n")
+    atomic_write_text(page_path, render_page(data))
     return data_path, page_path
 
 
