@@ -8,6 +8,8 @@ the independent reference is the model's own tensors and the config values that 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -103,3 +105,23 @@ def test_config_variants_derive_specs_that_match_their_checkpoints(tmp_path, fam
         _same_weights(lm, model, config)
         seen.append(shows(spec))
     assert seen == [bool(v) for v in values]
+
+
+def test_arch_lookups_are_hand_written_only_whatever_was_imported():
+    """arch.get_spec / spec_for_config never derive (no import-time registration): a family
+    without a hand-written spec is named with the function that derives it."""
+    code = (
+        "from moe_utils.arch import get_spec, spec_for_config\n"
+        "import moe_utils.models.specs\n"
+        "for call in (lambda: get_spec('glm4_moe'), lambda: spec_for_config({'model_type': 'glm4_moe'})):\n"
+        "    try:\n"
+        "        call()\n"
+        "    except Exception as exc:\n"
+        "        assert 'moe_utils.models.specs' in str(exc), exc\n"
+        "    else:\n"
+        "        raise AssertionError('derived')\n"
+        "print(moe_utils.models.specs.get_spec('glm4_moe').derived)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "True"
