@@ -405,6 +405,8 @@ def _placement(slopes: list[float], noise: float, layers: int = 6, seed: int = 0
 
 
 def test_placement_slopes_match_a_per_seed_fit_and_the_verdict_uses_every_position_but_the_last() -> None:
+    from scipy import stats as scipy_stats
+
     from moe_utils.zoo import study_results as S
 
     table = _placement([0.05, 0.07, 0.06], noise=0.002)
@@ -412,7 +414,8 @@ def test_placement_slopes_match_a_per_seed_fit_and_the_verdict_uses_every_positi
     for s, row in slopes.set_index("seed").iterrows():
         g = table[(table.seed == s) & table.dense_layer.notna() & (table.dense_layer < 5)]
         assert row.positions == 5 and 0 in set(g.dense_layer)
-        assert row.slope == pytest.approx(np.polyfit(g.dense_layer.astype(float) / 5, g.nll, 1)[0])
+        fit = scipy_stats.linregress(g.dense_layer.astype(float) / 5, g.nll)
+        assert (row.slope, row.se) == pytest.approx((fit.slope, fit.stderr))
     v = S.placement_verdict(table, 6)
     assert v["verdict"] == "holds" and v["df"] == 2 and v["floor"] == I.PLACEMENT_TREND_FLOOR
     assert 0 <= v["power"] <= 1

@@ -121,7 +121,9 @@ def perplexity(nll: float) -> float:
     return float(math.exp(nll))
 
 
-def save_windows(path: Path, windows: Sequence[Sequence[int]], documents: Sequence[int] | None = None) -> None:
+def save_windows(
+    path: Path, windows: Sequence[Sequence[int]], documents: Sequence[int] | np.ndarray | None = None
+) -> None:
     """Store windows compactly: concatenated uint16 ids plus lengths (``.npz``), and with
     ``documents`` the document index of each window (:func:`window_documents`)."""
     ids = np.concatenate([np.asarray(w, dtype=np.uint16) for w in windows])

@@ -462,9 +462,10 @@ def placement_slopes(table: pd.DataFrame, num_layers: int) -> pd.DataFrame:
         y = g.nll.to_numpy(dtype=float)
         slope = se = float("nan")
         if len(g) >= 3 and np.ptp(x) > 0:
-            res = stats.linregress(x, y)
-            slope, se = float(res.slope), float(res.stderr)
-        rows.append({"seed": int(seed), "slope": slope, "se": se, "positions": len(g)})
+            slope, intercept = (float(v) for v in np.polyfit(x, y, 1))
+            resid = y - (intercept + slope * x)
+            se = float(np.sqrt((resid**2).sum() / (len(x) - 2) / ((x - x.mean()) ** 2).sum()))
+        rows.append({"seed": int_key(seed), "slope": slope, "se": se, "positions": len(g)})
     return pd.DataFrame(rows, columns=["seed", "slope", "se", "positions"])
 
 
