@@ -20,9 +20,10 @@ their code:
    :class:`DerivationError` says what could not be matched.
 
 Specs are kept in memory per config content (every key of the config, so two checkpoints that
-differ in an optional part get their own spec). They are not kept on disk: deriving one takes
-0.4 to 3 s on two busy cores, less than keeping a disk cache's key honest about every module and
-library the derivation runs would be worth.
+differ in an optional part get their own spec), not on disk: deriving one takes 0.4 to 3 s on two
+cores with little else running (the first in a process also pays for importing the model code),
+too little to justify a disk cache whose key would have to cover every module and library the
+derivation runs.
 """
 
 from __future__ import annotations
