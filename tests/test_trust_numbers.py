@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from summary_checks import INCONCLUSIVE, check_obs1, check_obs2, check_obs3, naive_mean, naive_table3
+from summary_checks import check_obs1, check_obs2, check_obs3, naive_mean, naive_table3
 from tiny_models import write_checkpoint
 
 from moe_utils import metrics as M
@@ -92,8 +92,10 @@ def test_table3_average_from_the_papers_own_table5(model):
                 columns=["layer", "matrix", "level", "expert_i", "expert_j", "similarity"]
             ),
             "reordering": pd.DataFrame(columns=["expert_j", "tau"]),
+            "gate_null": pd.DataFrame(columns=static.GATE_NULL_COLUMNS),
         }
     )
+    assert s["router_act_alignment"]["verdict"] == "undefined"  # no null computed: no verdict
     assert round(s["gate_r2_act"]["value"], 2) == paper.GATE_R2[model]["W_act"]
     assert s["gate_r2_act"]["value"] == pytest.approx(naive_table3(r))
     # the quantity is r^2 averaged, not r^4 (squaring r^2 again gave 0.0025 instead of 0.03 before)
@@ -108,6 +110,7 @@ def test_obs1_summary_recomputed_from_its_results_file(tmp_path):
         "weight_similarity": report["similarity"],
         "reordering": report["reordering"],
         "gate_correlation": report["gate_correlation"],
+        "gate_null": report["gate_null"],
     }
     path = study.save("obs1_neurons_as_experts", tables, obs1_neurons.obs1_summary(tables))
     res = read_result(path)
@@ -198,7 +201,12 @@ def test_allow_invalid_excludes_the_expert_and_marks_the_results(tmp_path):
     assert set(gate[gate.layer == 1].n_pairs) == {6}  # C(4, 2) pairs
     assert study.excluded == [{"layer": 1, "expert": 2, "tensor": "W_act", "n_nan": 1, "n_inf": 0}]
     assert "INVALID" in study.validity_note()
-    tables = {"weight_similarity": sim, "reordering": report["reordering"], "gate_correlation": gate}
+    tables = {
+        "weight_similarity": sim,
+        "reordering": report["reordering"],
+        "gate_correlation": gate,
+        "gate_null": report["gate_null"],
+    }
     res = read_result(study.save("obs1_neurons_as_experts", tables, obs1_neurons.obs1_summary(tables)))
     assert res.is_invalid and res.invalid[0]["expert"] == 2 and res.params["allow_invalid"] is True
     check_obs1(res)  # still consistent with its tables
@@ -355,10 +363,15 @@ def test_too_few_experts_give_undefined_gate_numbers(n_experts):
                 columns=["layer", "matrix", "level", "expert_i", "expert_j", "similarity"]
             ),
             "reordering": pd.DataFrame(columns=["expert_j", "tau"]),
+            "gate_null": pd.DataFrame(
+                [{"layer": 0, **M.gate_permutation_null(np.eye(n_experts), {"W_act": np.eye(n_experts)}).as_dict()}]
+            ),
         }
     )
     assert math.isnan(s["gate_r2_act"]["value"]) and math.isnan(s["gate_act_advantage"]["value"])
-    assert s["gate_act_advantage"]["verdict"] == INCONCLUSIVE
+    assert (
+        s["router_act_alignment"]["verdict"] == "undefined" and "too few experts" in s["router_act_alignment"]["note"]
+    )
 
 
 def test_allow_invalid_cannot_exclude_every_expert(tmp_path):
