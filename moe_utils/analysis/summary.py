@@ -176,7 +176,7 @@ def narrative(table: pd.DataFrame) -> str:
             f"(effect {_fmt(row['value'])} against a floor of {_fmt(row['floor'])})"
             for row in g.sort_values("observation").to_dict("records")
         ]
-        parts.append(f"- **{model}**: " + "; ".join(bits) + ".")
+        parts.append(f"- **{str(model).removeprefix('zoo:')}**: " + "; ".join(bits) + ".")
     return "\n".join(parts)
 
 

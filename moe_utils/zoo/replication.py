@@ -122,12 +122,14 @@ def ladder_frame(ladder: pd.DataFrame, axis: str) -> pd.DataFrame:
         return ladder.assign(series=[], title=[])
     base_steps = {"scratch": 1200, "upcycled": 600, "fine": 1200}
     t = ladder[ladder.claim.isin([c.key for c in CLAIMS.values() if c.kind != "noninferior"] + ["obs3_strong"])]
+    t = t.assign(layers=t.layers.astype(int), steps=t.steps.astype(int))
     if axis == "depth":
-        t = t[t.steps == t.kind.map(base_steps)]
-        t = t.assign(series=t.kind + " seed " + t.seed.astype(str))
+        t, varies = t[t.steps == t.kind.map(base_steps)], "layers"
     else:
-        t = t[t.layers == 8]
-        t = t.assign(series=t.kind + " seed " + t.seed.astype(str))
+        t, varies = t[t.layers == 8], "steps"
+    t = t.assign(series=t.kind + " seed " + t.seed.astype(str))
+    # only series measured at two or more rungs of this axis
+    t = t[t.groupby("series")[varies].transform("nunique") > 1]
     return t.assign(title=t.claim.map(lambda k: CLAIMS[k].title)).sort_values(["claim", "series", "layers", "steps"])
 
 
