@@ -140,3 +140,35 @@ def test_organism_sentences_and_load_summary():
     )
     s = organisms.load_summary(loads)
     assert s.loc["m"].tolist() == [2, 0.0, 0.625] and s.loc["n"].tolist() == [0, 0.5, 0.5]
+
+
+def test_ladder_frames_keep_series_with_two_rungs_and_chart_them():
+    from moe_utils.publish import plots
+
+    rows = []
+    for layers, eff in ((4, 0.01), (8, 0.02), (16, 0.04)):
+        rows.append(
+            {
+                "kind": "scratch",
+                "layers": layers,
+                "steps": 1200,
+                "seed": 0,
+                "observation": 3,
+                "claim": "obs3_weak",
+                "effect": eff,
+                "null": 0.0,
+                "ci_low": eff - 0.01,
+                "ci_high": eff + 0.01,
+                "floor": 0.005,
+                "outcome": "holds",
+            }
+        )
+    rows.append({**rows[0], "kind": "fine", "layers": 8})  # one rung only: no series on the depth axis
+    ladder = pd.DataFrame(rows)
+    depth = replication.ladder_frame(ladder, "depth")
+    assert set(depth.series) == {"scratch seed 0"} and sorted(depth.layers) == [4, 8, 16]
+    assert replication.ladder_frame(ladder, "length").empty
+    grid = replication.ladder_grid(ladder, "depth")
+    assert grid.loc["obs3_weak", ("scratch", 16, 0)] == "holds: 0.040 [0.030, 0.050]"
+    spec = plots.ladder_lines(depth, x="layers", x_title="decoder layers", title="t").to_dict()
+    assert spec["vconcat"]
