@@ -97,3 +97,17 @@ def test_committed_toc_lists_existing_text_pages(repo_root: Path) -> None:
     assert site_map.root.docname == f"{PAGES_DIR}/{ROOT_PAGE}"
     for doc in site_map:
         assert (repo_root / f"{doc}.md").exists(), doc
+
+
+def test_summary_comes_right_after_the_intro(tmp_path: Path):
+    """The answer first: a book-level summary placed at the front opens the first part."""
+    from moe_utils.publish.bookbuild import FRONT_PAGES, RunsIndex
+
+    for name in (ROOT_PAGE, *FRONT_PAGES, "reproduce"):
+        (tmp_path / PAGES_DIR / f"{name}.md").parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / PAGES_DIR / f"{name}.md").write_text(f"# {name}\n")
+    runs = tmp_path / "book" / "runs" / "book"
+    organisms, summary = executed(runs / "organisms.ipynb"), executed(runs / "summary.ipynb")
+    toc = make_toc(RunsIndex(front=[organisms, summary]), tmp_path)
+    files = [c["file"] for c in toc["parts"][0]["chapters"]]
+    assert files[0] == "book/runs/book/summary" and files[-1] == "book/runs/book/organisms"

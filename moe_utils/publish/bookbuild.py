@@ -141,6 +141,9 @@ def _doc(path: Path, root: Path) -> str:
     return path.resolve().relative_to(root.resolve()).with_suffix("").as_posix()
 
 
+SUMMARY_NOTEBOOK = "summary"
+
+
 def make_toc(index: RunsIndex, root: str | Path) -> dict[str, Any]:
     """The jb-book table of contents for ``index`` (paths relative to ``root``).
 
@@ -157,8 +160,11 @@ def make_toc(index: RunsIndex, root: str | Path) -> dict[str, Any]:
     known = {ROOT_PAGE, *FRONT_PAGES, LAST_PAGE, *APPENDIX_PAGES, CITE_PAGE}
     extra_pages = sorted(p.stem for p in pages.glob("*.md") if p.stem not in known)
 
-    front = [{"file": f"{PAGES_DIR}/{name}"} for name in FRONT_PAGES]
-    front += [{"file": _doc(nb, root)} for nb in index.front]
+    # the answer first: a book-level summary page comes right after the intro
+    first = [nb for nb in index.front if nb.stem == SUMMARY_NOTEBOOK]
+    front = [{"file": _doc(nb, root)} for nb in first]
+    front += [{"file": f"{PAGES_DIR}/{name}"} for name in FRONT_PAGES]
+    front += [{"file": _doc(nb, root)} for nb in index.front if nb not in first]
     parts: list[dict[str, Any]] = [{"caption": "The paper and the method", "chapters": front}]
     for run in index.models:
         chapters = [{"file": _doc(nb, root)} for nb in run.notebooks]

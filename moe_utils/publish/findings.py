@@ -100,7 +100,9 @@ def findings_markdown(root: str | Path = ".", runs_dir: str | Path = "book/runs"
             paper = (
                 "" if math.isnan(claim.paper_effect) else f" The paper's Mixtral 8x7B effect: {claim.paper_effect:.2f}."
             )
-            lines.append(f"- **{label}. {claim.title[:1].upper() + claim.title[1:]}.** " + "; ".join(parts) + "." + paper)
+            lines.append(
+                f"- **{label}. {claim.title[:1].upper() + claim.title[1:]}.** " + "; ".join(parts) + "." + paper
+            )
     if not advice.empty:
         tested = "; ".join(
             f"{r.quantity.replace('_', ' ')}: {WORDS.get(r.verdict, r.verdict)} ({_num(r.value)})"
@@ -121,7 +123,11 @@ def findings_markdown(root: str | Path = ".", runs_dir: str | Path = "book/runs"
         + _doc(root, f"{rel_runs}/book/summary", "summary")
         + " lists every verdict with its numbers; the "
         + _doc(root, f"{rel_runs}/book/replication", "replication page")
-        + " combines the seeds and follows the claims through training and depth.",
+        + " combines the seeds and follows the claims through training and depth; the "
+        + _doc(root, f"{rel_runs}/book/interventions", "interventions page")
+        + " changes how the trained organisms route, and the "
+        + _doc(root, f"{rel_runs}/book/organisms", "model organisms page")
+        + " describes them.",
         "```",
         "",
     ]
