@@ -213,7 +213,8 @@ MAX_PAGE_BYTES = 3_000_000
 # the smallest chart text, and output cells that show nothing.
 PAGE_FACTS = """(() => {
   const column = document.querySelector('article.bd-article') || document.querySelector('main') || document.body;
-  const colWidth = column.getBoundingClientRect().width;
+  const style = getComputedStyle(column);
+  const colWidth = column.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
   const charts = Array.from(document.querySelectorAll('.moe-book-chart')).map((c, i) => {
     const svg = c.querySelector('svg');
     const sizes = svg ? Array.from(svg.querySelectorAll('text'))

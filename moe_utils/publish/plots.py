@@ -10,6 +10,7 @@ layers are analysed (for example DeepSeekMoE's MoE layers 1-27, or ``layers=[0, 
 from __future__ import annotations
 
 import json
+import textwrap
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -44,6 +45,14 @@ def with_layer_position(df: pd.DataFrame, layer_field: str = "layer") -> pd.Data
     out = df.copy()
     out[LAYER_POS] = out[layer_field].map(pos).astype(int)
     return out
+
+
+def wrap_title(title: str, width: int = 72) -> str | list[str]:
+    """``title`` as one line, or as lines of at most ``width`` characters when longer (a chart's
+    title would otherwise widen the chart past the text column)."""
+    if len(title) <= width:
+        return title
+    return textwrap.wrap(title, width)
 
 
 def _round(value: float, digits: int = 4) -> float | None:
@@ -258,7 +267,7 @@ def similarity_heatmaps(
         )
     else:
         label = _layer_caption(src, *preds)
-    return alt.vconcat(label.add_params(*params), chart, title=title)
+    return alt.vconcat(label.add_params(*params), chart, title=wrap_title(title))
 
 
 def per_layer_lines(
@@ -288,7 +297,7 @@ def per_layer_lines(
             .mark_rule(strokeDash=[4, 4], color="gray")
             .encode(y=f"{y}:Q", tooltip=["label:N", alt.Tooltip(f"{y}:Q", format=".3f")])
         )
-    return alt.layer(*layers).properties(title=title, width=420, height=240)
+    return alt.layer(*layers).properties(title=wrap_title(title), width=420, height=240)
 
 
 def rank_count_bars(df: pd.DataFrame, *, title: str = "") -> alt.Chart:
@@ -309,7 +318,7 @@ def rank_count_bars(df: pd.DataFrame, *, title: str = "") -> alt.Chart:
                 color=alt.Color("count:Q", scale=alt.Scale(scheme="blues"), title="count"),
                 tooltip=["norm_rank:O", "score_rank:O", "count:Q"],
             )
-            .properties(title=title, width=size, height=size)
+            .properties(title=wrap_title(title), width=size, height=size)
         )
     return (
         alt.Chart(df)
@@ -321,7 +330,7 @@ def rank_count_bars(df: pd.DataFrame, *, title: str = "") -> alt.Chart:
             color=alt.Color("score_rank:O", title="gate-score rank", scale=alt.Scale(scheme="viridis")),
             tooltip=["norm_rank:O", "score_rank:O", "count:Q"],
         )
-        .properties(title=title, width=min(560, max(360, 48 * n)), height=260)
+        .properties(title=wrap_title(title), width=min(560, max(360, 48 * n)), height=260)
     )
 
 
@@ -345,7 +354,7 @@ def rank_count_heatmap_by_layer(df: pd.DataFrame, *, title: str = "") -> alt.VCo
         .properties(width=size, height=size)
     )
     label = _layer_caption(src, pred)
-    return alt.vconcat(label.add_params(slider), chart, title=title)
+    return alt.vconcat(label.add_params(slider), chart, title=wrap_title(title))
 
 
 def token_expert_bars(
@@ -384,7 +393,7 @@ def token_expert_bars(
         layer="min(layer)",
         token="min(token)",
     )
-    return alt.vconcat(label.add_params(slider, tok), alt.hconcat(*panels), title=title)
+    return alt.vconcat(label.add_params(slider, tok), alt.hconcat(*panels), title=wrap_title(title))
 
 
 def token_similarity_heatmaps(df: pd.DataFrame, *, title: str = "") -> alt.VConcatChart:
@@ -427,7 +436,7 @@ def token_similarity_heatmaps(df: pd.DataFrame, *, title: str = "") -> alt.VConc
     if "chosen_text" in data:
         fields["chosen"] = "min(chosen_text)"
     label = _caption(info, [pred, tok_pred], "'layer ' + datum.layer + ', token ' + datum.token" + chosen, **fields)
-    return alt.vconcat(label.add_params(slider, tok), chart, title=title)
+    return alt.vconcat(label.add_params(slider, tok), chart, title=wrap_title(title))
 
 
 def scatter_by_layer(
@@ -478,7 +487,7 @@ def scatter_by_layer(
         )
     else:
         label = _layer_caption(src, *preds)
-    return alt.vconcat(label.add_params(*params), body, title=title)
+    return alt.vconcat(label.add_params(*params), body, title=wrap_title(title))
 
 
 def routing_pattern(df: pd.DataFrame, *, title: str = "") -> alt.VConcatChart:
@@ -507,7 +516,7 @@ def routing_pattern(df: pd.DataFrame, *, title: str = "") -> alt.VConcatChart:
         )
     )
     label = _layer_caption(src, pred)
-    return alt.vconcat(label.add_params(slider), chart, title=title)
+    return alt.vconcat(label.add_params(slider), chart, title=wrap_title(title))
 
 
 def pca_scatter(df: pd.DataFrame, *, title: str = "") -> alt.VConcatChart:
@@ -540,7 +549,7 @@ def pca_scatter(df: pd.DataFrame, *, title: str = "") -> alt.VConcatChart:
     label = _caption(
         src, preds, "'layer ' + datum.layer + ', ' + datum.matrix", layer="min(layer)", matrix="min(matrix)"
     )
-    return alt.vconcat(label.add_params(slider, pick), body, title=title)
+    return alt.vconcat(label.add_params(slider, pick), body, title=wrap_title(title))
 
 
 def intermediate_heatmap(df: pd.DataFrame, *, title: str = "") -> alt.VConcatChart:
@@ -568,7 +577,7 @@ def intermediate_heatmap(df: pd.DataFrame, *, title: str = "") -> alt.VConcatCha
         .properties(width=512, height=max(120, min(MAX_PLOT, 16 * len(experts))))
     )
     label = _caption(src, [pred], "'token ' + datum.token", token="min(token)")
-    return alt.vconcat(label.add_params(tok), chart, title=title)
+    return alt.vconcat(label.add_params(tok), chart, title=wrap_title(title))
 
 
 def expert_load_heatmap(df: pd.DataFrame, *, title: str = "") -> alt.VConcatChart:
@@ -604,7 +613,7 @@ def expert_load_heatmap(df: pd.DataFrame, *, title: str = "") -> alt.VConcatChar
         .properties(width=min(MAX_PLOT, max(200, 16 * n_exp)), height=200)
     )
     label = _caption(src, [pred], "datum.model", model="min(model)")
-    return alt.vconcat(label.add_params(pick), chart, title=title)
+    return alt.vconcat(label.add_params(pick), chart, title=wrap_title(title))
 
 
 def grid_heatmap(
@@ -634,7 +643,9 @@ def grid_heatmap(
             tooltip=[f"{x}:N", f"{y}:N", alt.Tooltip(f"{value}:Q", format=".4f")],
         )
         .properties(
-            title=title, width=min(MAX_PLOT, max(160, cell * len(xs))), height=min(MAX_PLOT, max(100, cell * len(ys)))
+            title=wrap_title(title),
+            width=min(MAX_PLOT, max(160, cell * len(xs))),
+            height=min(MAX_PLOT, max(100, cell * len(ys))),
         )
     )
 
@@ -669,7 +680,7 @@ def interval_points(
         layers.append(
             alt.Chart(pd.DataFrame({"zero": [0.0]})).mark_rule(strokeDash=[4, 4], color="gray").encode(x="zero:Q")
         )
-    return alt.layer(*layers).properties(title=title, width=420, height=alt.Step(22))
+    return alt.layer(*layers).properties(title=wrap_title(title), width=420, height=alt.Step(22))
 
 
 def interval_lines(
@@ -704,7 +715,7 @@ def interval_lines(
             .mark_point(size=160, shape="circle", filled=False, strokeWidth=2)
             .encode(x=f"{x}:Q", y=f"{y}:Q", color=enc_color, tooltip=tooltip)
         )
-    return alt.layer(*layers).properties(title=title, width=420, height=260)
+    return alt.layer(*layers).properties(title=wrap_title(title), width=420, height=260)
 
 
 def replicate_effects(effects: dict[str, pd.DataFrame]) -> alt.VConcatChart:
@@ -772,7 +783,7 @@ def emergence_lines(
             .mark_line(point=True)
             .encode(
                 x=alt.X("tokens_seen:Q", title="training tokens seen"),
-                y=alt.Y("value:Q", title=q, scale=alt.Scale(zero=False)),
+                y=alt.Y("value:Q", title=humanize(q), scale=alt.Scale(zero=False)),
                 color=alt.Color("series:N", legend=alt.Legend(orient="bottom", direction="vertical")),
                 tooltip=["series", "step", "tokens_seen", alt.Tooltip("value:Q", format=".4f")],
             )
@@ -794,5 +805,5 @@ def emergence_lines(
                 .mark_rule(strokeDash=[4, 4], color="gray")
                 .encode(y="value:Q", tooltip=["label:N", "value:Q"])
             )
-        rows.append(alt.layer(*layers).properties(title=q, width=280, height=180))
+        rows.append(alt.layer(*layers).properties(title=wrap_title(humanize(q), 40), width=280, height=180))
     return alt.vconcat(*[alt.hconcat(*rows[i : i + 2]) for i in range(0, len(rows), 2)])
