@@ -20,8 +20,8 @@ class LoadedModel:
 
     ``model`` is None for a checkpoint described without building it (weight analyses then
     stream ``path``). ``facts`` is resolved once, from ``spec`` and ``config``, when the
-    LoadedModel is made; a model with a checkpoint folder (``path``) is refused then if ``spec``
-    does not describe that folder's tensors (:func:`~moe_utils.models.spec_match.check_spec_matches`).
+    LoadedModel is made; a checkpoint described without building it (``model`` None, ``path`` set)
+    is refused then if ``spec`` does not describe that folder's tensors (:func:`~moe_utils.models.spec_match.check_spec_matches`).
     """
 
     model: nn.Module | None
@@ -36,7 +36,7 @@ class LoadedModel:
 
     def __post_init__(self) -> None:
         self.facts = facts_for(self.spec, self.config)
-        if self.path is not None:
+        if self.model is None and self.path is not None:  # the spec is applied to the files
             check_spec_matches(self.spec, self.facts, self.path, self.name)
 
     @property
