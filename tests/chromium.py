@@ -271,8 +271,12 @@ def screenshot(browser: Cdp, path: Path) -> Path:
     import base64
 
     size = browser.send("Page.getLayoutMetrics")["cssContentSize"]
-    clip = {"x": 0, "y": 0, "width": size["width"], "height": min(size["height"], 16000), "scale": 1}
-    shot = browser.send("Page.captureScreenshot", format="png", captureBeyondViewport=True, clip=clip)
+    height = int(min(size["height"], 16000))
+    # A window as tall as the page, so that the whole page is laid out and painted at once.
+    set_window(browser, WINDOW[0], height)
+    time.sleep(1.0)
+    shot = browser.send("Page.captureScreenshot", format="png")
+    set_window(browser)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(base64.b64decode(shot["data"]))
     return path
