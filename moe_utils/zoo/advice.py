@@ -79,8 +79,9 @@ def paper_trend_sentence() -> str:
     slope = S.paper_placement_trend()
     depth = (PLACEMENT_LAYERS - 2) / (PLACEMENT_LAYERS - 1)
     return (
-        f"the paper's Bench avg falls from {t6[1][1]} to {t6[18][1]} as the dense layer moves from position 1 to 18 "
-        f"of 24, and its perplexity rises from {t6[1][0]} to {t6[18][0]} over the same positions. The organisms are "
+        f"the paper's Bench avg falls from {t6[1][1]:.2f} to {t6[18][1]:.2f} as the dense layer moves from position 1 "
+        f"to 18 of 24, and its perplexity rises from {t6[1][0]:.2f} to {t6[18][0]:.2f} over the same positions. The "
+        "organisms are "
         "measured by held-out NLL, so the trend is taken from the perplexity column: the least-squares slope of "
         f"ln PPL against relative depth over positions 1, 6, 12 and 18 is {slope:.4f} nats per unit depth, a rise "
         f"of {slope * depth:.4f} nats from the first to the fifth of our {PLACEMENT_LAYERS} layers. The floor is a "
