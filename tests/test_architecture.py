@@ -1,11 +1,13 @@
 """The package tree is its architecture: layers import only downwards, no import cycles, imports at
-module top. See ARCHITECTURE.md for the diagram; the rules are checked by parsing every module with
-``ast`` (nothing is imported), so a violation is reported with the file and line that causes it."""
+module top, and ARCHITECTURE.md's diagram names every module. The import rules are checked by
+parsing every module with ``ast`` (nothing is imported), so a violation is reported with the file
+and line that causes it."""
 
 from __future__ import annotations
 
 import ast
 import graphlib
+import re
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,3 +227,55 @@ def test_a_module_outside_the_layers_is_reported(fake):
     _write(fake, {"loose.py": "from fakepkg.low import a\n"})
     problems = upward_imports(all_imports(fake, "fakepkg"), "fakepkg", ("low", "high"), "low")
     assert any("fakepkg.loose is in no declared layer" in p for p in problems)
+
+
+# ---- ARCHITECTURE.md names every module ------------------------------------------------------
+ARCHITECTURE_MD = PACKAGE_DIR.parent / "ARCHITECTURE.md"
+_LAYER_LINE = re.compile(r"^(?P<layer>[a-z_]+)/\s+(?P<names>.*)$")
+_MORE_LINE = re.compile(r"^\s+(\|\s+)?(?P<names>[a-z_].*)$")
+
+
+def documented_modules(text: str) -> dict[str, set[str]]:
+    """Layer -> module names listed in the first code block of ARCHITECTURE.md (the diagram):
+    ``layer/  a, b, c  (comment)``, continued on indented lines (after a ``|`` or not)."""
+    diagram = text.split("```", 2)[1]
+    out: dict[str, set[str]] = {}
+    layer = None
+    for raw in diagram.splitlines():
+        head, more = _LAYER_LINE.match(raw.strip()), _MORE_LINE.match(raw)
+        if head:
+            layer, names = head["layer"], head["names"]
+        elif more and layer:
+            names = more["names"]
+        else:
+            continue
+        names = names.split("(", 1)[0]
+        out.setdefault(layer, set()).update(n.strip() for n in names.split(",") if n.strip())
+    return out
+
+
+def package_module_names(root: Path) -> dict[str, set[str]]:
+    """Layer -> names of its modules (``__init__`` aside)."""
+    out: dict[str, set[str]] = {}
+    for path in root.glob("*/*.py"):
+        if path.stem != "__init__":
+            out.setdefault(path.parent.name, set()).add(path.stem)
+    return out
+
+
+def test_architecture_md_names_every_module_and_only_those():
+    documented = documented_modules(ARCHITECTURE_MD.read_text(encoding="utf-8"))
+    present = package_module_names(PACKAGE_DIR)
+    assert set(documented) == set(LAYERS), "the diagram's layers are not the package's"
+    problems = []
+    for layer in LAYERS:
+        for name in sorted(present.get(layer, set()) - documented[layer]):
+            problems.append(f"{PACKAGE}/{layer}/{name}.py exists but ARCHITECTURE.md does not name it")
+        for name in sorted(documented[layer] - present.get(layer, set())):
+            problems.append(f"ARCHITECTURE.md names {layer}/{name}, which does not exist")
+    assert problems == []
+
+
+def test_the_diagram_parser_reads_continuation_lines():
+    text = "x\n```\nhigh/   a, b   (top)\n   |    c\n   |\nlow/    d  (bottom)\n        e\n```\n"
+    assert documented_modules(text) == {"high": {"a", "b", "c"}, "low": {"d", "e"}}
