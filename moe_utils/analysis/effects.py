@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -158,7 +158,7 @@ def obs2_effect(choices: pd.DataFrame, n_experts: int, seed: int = 0) -> tuple[E
     """Agreement of the top-score and largest-norm experts minus the independence null, with a
     delete-one-sequence jackknife interval; the token-shuffle null is returned beside it."""
     claim = CLAIMS["obs2"]
-    by_layer = {int(l): g.sort_values("token") for l, g in choices.groupby("layer")}
+    by_layer = {int(cast(int, l)): g.sort_values("token") for l, g in choices.groupby("layer")}
     ts = {l: g.top_score.to_numpy() for l, g in by_layer.items()}
     tn = {l: g.top_norm.to_numpy() for l, g in by_layer.items()}
     groups = next(iter(by_layer.values())).seq.to_numpy() if by_layer else np.zeros(0)
@@ -206,7 +206,7 @@ def sequence_similarity(lm: LoadedModel, tr: Trace, seed: int = 0, chunk: int = 
     inputs (``experts = "random"``, the input-geometry null)."""
     seqs = tr.seq_index.cpu().numpy()
     rows = []
-    std = float(getattr(lm.model.config, "initializer_range", 0.02) or 0.02)
+    std = float(getattr(getattr(lm.model, "config", None), "initializer_range", 0.02) or 0.02)
     for layer in tr.layers:
         x = tr.per_layer[layer].x
         w = layer_weights(lm, layer, dtype=None)

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 from .claims import CLAIMS
 
 Entry = Mapping[str, Any]
 
 
-def _ok(v: Any) -> bool:
+def _ok(v: Any) -> TypeGuard[float]:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
@@ -25,7 +25,7 @@ def _box(name: str, sentences: list[str]) -> str:
     return f":::{{admonition}} What this page finds on {name}\n:class: tip\n\n{body}\n:::\n"
 
 
-def _size(effect: float, floor: float, paper: float) -> str:
+def _size(effect: Any, floor: float, paper: float) -> str:
     """How an effect compares with the floor and the paper's effect, in words."""
     if not _ok(effect):
         return "cannot be measured here"

@@ -20,6 +20,7 @@ import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any, cast
 
 import numpy as np
 from scipy import stats
@@ -295,7 +296,7 @@ def depth_contrasts(profile: ArrayLike) -> dict[str, float]:
     Undefined (NaN) where the profile is too short or not finite: a slope needs 3 non-final layers.
     """
     s = to_numpy(profile).astype(float).ravel()
-    out = dict.fromkeys(CONTRASTS, NAN)
+    out: dict[str, float] = dict.fromkeys(CONTRASTS, NAN)
     n = s.size
     if n < 2 or not np.isfinite(s).all():
         return out
@@ -306,8 +307,9 @@ def depth_contrasts(profile: ArrayLike) -> dict[str, float]:
     out["last_minus_early"] = float(s[-1] - body[:early].mean())
     if body.size >= 3 and np.ptp(tb) > 0:
         out["slope"] = float(np.polyfit(tb, body, 1)[0])
-        res = stats.theilslopes(body, tb)
-        out["last_residual"] = float(s[-1] - (res.intercept + res.slope * 1.0))
+        fit = cast(Any, stats.theilslopes(body, tb))
+        ts_slope, ts_intercept = float(fit[0]), float(fit[1])
+        out["last_residual"] = float(s[-1] - (ts_intercept + ts_slope * 1.0))
     return out
 
 
@@ -344,11 +346,11 @@ def exact_spearman(x: ArrayLike, y: ArrayLike) -> tuple[float, float]:
         return NAN, NAN
     res = stats.permutation_test(
         (b,),
-        lambda v: stats.spearmanr(a, v).statistic,
+        lambda v: float(cast(float, stats.spearmanr(a, v)[0])),
         permutation_type="pairings",
         n_resamples=20000 if a.size > 8 else math.factorial(a.size),
         alternative="two-sided",
-        random_state=0,
+        rng=np.random.default_rng(0),
     )
     return float(res.statistic), float(res.pvalue)
 
@@ -388,7 +390,7 @@ def random_effects(effects: Sequence[float], ses: Sequence[float], level: float 
     with warnings.catch_warnings():  # statsmodels takes the root of a negative variance estimate
         warnings.simplefilter("ignore", RuntimeWarning)
         res = combine_effects(e, s**2, method_re="chi2", alpha=1 - level)
-    tau2 = max(0.0, float(res.tau2))
+    tau2 = max(0.0, float(cast(Any, res).tau2))
     w = 1.0 / (s**2 + tau2)
     est = float((w * e).sum() / w.sum())
     # Modified Hartung-Knapp: the weighted residual variance scales the random-effects variance,
@@ -401,11 +403,11 @@ def random_effects(effects: Sequence[float], ses: Sequence[float], level: float 
     return Combined(est, se, est - tq * se, est + tq * se, math.sqrt(tau2), k, p)
 
 
-def holm(p_values: Sequence[float]) -> np.ndarray:
+def holm(p_values: ArrayLike) -> np.ndarray:
     """Holm-adjusted p-values (statsmodels' ``multipletests``); NaN entries stay NaN."""
     from statsmodels.stats.multitest import multipletests
 
-    p = np.asarray(p_values, dtype=float)
+    p = to_numpy(p_values).astype(float)
     out = np.full(p.shape, NAN)
     ok = np.isfinite(p)
     if ok.any():

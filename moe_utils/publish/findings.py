@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 
@@ -74,8 +74,8 @@ def findings_markdown(root: str | Path = ".", runs_dir: str | Path = "book/runs"
     runs = root / runs_dir
     pages = S.collect(runs) if runs.is_dir() else pd.DataFrame()
     book = _book_level(runs) if runs.is_dir() else pd.DataFrame()
-    across = book[book.page == "replication"] if not book.empty else book
-    advice = book[book.page == "interventions"] if not book.empty else book
+    across = cast(pd.DataFrame, book[book.page == "replication"]) if not book.empty else book
+    advice = cast(pd.DataFrame, book[book.page == "interventions"]) if not book.empty else book
     rel_runs = Path(runs_dir).as_posix()
     lines = [
         "```{admonition} What this book finds",
@@ -105,9 +105,9 @@ def findings_markdown(root: str | Path = ".", runs_dir: str | Path = "book/runs"
             )
     if not advice.empty:
         tested = "; ".join(
-            f"{r.quantity.replace('_', ' ')}: {WORDS.get(r.verdict, r.verdict)} ({_num(r.value)})"
-            for r in advice.itertuples()
-            if isinstance(r.verdict, str)
+            f"{str(r['quantity']).replace('_', ' ')}: {WORDS.get(r['verdict'], r['verdict'])} ({_num(r['value'])})"
+            for r in advice.to_dict("records")
+            if isinstance(r["verdict"], str)
         )
         if tested:
             lines.append(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import textwrap
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import altair as alt
 import pandas as pd
@@ -117,7 +117,7 @@ def matrix_source(
         for i, j, v in zip(g["_i"], g["_j"], g[value_field], strict=True):
             cells[int(i) * n + int(j)] = _round(float(v), 3)
         for name, value in zip(groups, key, strict=True):
-            record[name].append(value.item() if hasattr(value, "item") else value)
+            record[name].append(cast(Any, value).item() if hasattr(value, "item") else value)
         record["_v"].append(cells)
     data = alt.InlineData(values=[record])
     names = json.dumps(labels)

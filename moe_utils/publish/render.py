@@ -180,7 +180,7 @@ def setup_altair(environ: dict[str, str] | None = None) -> str:
     import altair as alt
 
     alt.renderers.register(BOOK_RENDERER, book_renderer)
-    alt.theme.register(BOOK_THEME, enable=True)(book_theme_config)
+    alt.theme.register(BOOK_THEME, enable=True)(book_theme_config)  # pyright: ignore[reportArgumentType]  # altair types the theme as its ThemeConfig TypedDict; ours is the same JSON as a plain dict
     _set_display_options()
     if book_build_enabled(environ):
         _register_table_formatter()

@@ -21,7 +21,7 @@ import json
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -249,11 +249,11 @@ def _claim_rows(verdicts: pd.DataFrame) -> pd.DataFrame:
     v = verdicts.dropna(subset=["claim"])
     if "ladder" in v:
         v = v[v.ladder.fillna("") == ""]
-    return v
+    return cast(pd.DataFrame, v)
 
 
 def _combine(measured: pd.DataFrame, org: str, key: str) -> tuple[M.Combined, pd.DataFrame]:
-    g = measured[(measured.organism == org) & (measured.claim == key)].sort_values("seed")
+    g = cast(pd.DataFrame, measured[(measured.organism == org) & (measured.claim == key)]).sort_values(by="seed")
     return M.random_effects(g.effect.astype(float).to_numpy(), g.se.astype(float).to_numpy()), g
 
 
@@ -290,9 +290,9 @@ def across_seed_rows(verdicts: pd.DataFrame, pending: pd.DataFrame | None = None
             else:
                 verdict = _judge_combined(claim.key, comb)
                 note = ""
-            pending = int(seeds_all.get(org, 0)) - comb.seeds
+            n_pending = int(seeds_all.get(org, 0)) - comb.seeds
             if comb.seeds < 2:
-                note = f"{comb.seeds} seed(s) measured with the nulls, {pending} pending: no across-seed verdict"
+                note = f"{comb.seeds} seed(s) measured with the nulls, {n_pending} pending: no across-seed verdict"
             p = comb.p_greater if claim.direction > 0 else 1 - comb.p_greater
             rows.append(
                 {
@@ -301,7 +301,7 @@ def across_seed_rows(verdicts: pd.DataFrame, pending: pd.DataFrame | None = None
                     "claim": claim.key,
                     "quantity": claim.quantity,
                     "seeds": comb.seeds,
-                    "seeds_pending": pending,
+                    "seeds_pending": n_pending,
                     "effect": comb.estimate,
                     "se": comb.se,
                     "ci_low": comb.low,
@@ -344,7 +344,11 @@ def ladder_table(verdicts: pd.DataFrame) -> pd.DataFrame:
     if not len(v):
         return pd.DataFrame(columns=LADDER_COLUMNS)
     v = v.assign(outcome=v.verdict)
-    return v[LADDER_COLUMNS].sort_values(["kind", "layers", "steps", "seed", "observation"]).reset_index(drop=True)
+    return (
+        cast(pd.DataFrame, v[LADDER_COLUMNS])
+        .sort_values(by=["kind", "layers", "steps", "seed", "observation"])
+        .reset_index(drop=True)
+    )
 
 
 def pending_table(verdicts: pd.DataFrame) -> pd.DataFrame:
@@ -354,10 +358,11 @@ def pending_table(verdicts: pd.DataFrame) -> pd.DataFrame:
     if not len(verdicts):
         return pd.DataFrame(columns=cols)
     old = verdicts[verdicts["claim"].isna()] if "claim" in verdicts else verdicts
-    rows = old[["organism", "seed"]].drop_duplicates().sort_values(["organism", "seed"])
-    return rows.assign(
+    rows = cast(pd.DataFrame, old[["organism", "seed"]]).drop_duplicates().sort_values(by=["organism", "seed"])
+    out = rows.assign(
         reason="measured before the nulls; its weights do not ship: 'moe-book zoo study --run' retrains it bit for bit"
-    )[cols].reset_index(drop=True)
+    )
+    return cast(pd.DataFrame, out[cols]).reset_index(drop=True)
 
 
 def replication_tables(shipped: dict[str, dict[str, pd.DataFrame]]) -> dict[str, pd.DataFrame]:
