@@ -568,9 +568,12 @@ def verify_safetensors(files: WeightFiles) -> None:
             if not isinstance(header, dict):
                 raise ValueError("the header is not a JSON object")
             ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-        except (ValueError, KeyError, TypeError, IndexError, OSError) as exc:
+            if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in ends):
+                raise ValueError("a tensor's data_offsets are not non-negative integers")
+        except (ValueError, KeyError, TypeError, IndexError, OSError, RecursionError) as exc:
             raise CheckpointError(
-                f"weight file {path.name} in {files.folder} is corrupt ({exc}); download it again or re-save the model"
+                f"weight file {path.name} in {files.folder} is corrupt ({type(exc).__name__}: "
+                f"{str(exc)[:200]}); download it again or re-save the model"
             ) from exc
         need = 8 + n + max(ends, default=0)
         if size < need:
