@@ -1,0 +1,51 @@
+"""The intro's findings box: read from the results files, linked only to pages that exist."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from moe_utils.analysis.results import write_result
+from moe_utils.publish.findings import findings_markdown, write_findings
+
+
+def _obs1(runs: Path, verdict: str, effect: float) -> None:
+    write_result(
+        runs / "tiny-moe-scratch" / "results",
+        "obs1_neurons_as_experts",
+        "zoo:tiny-moe-scratch",
+        "fp",
+        {},
+        {"t": pd.DataFrame({"x": [1]})},
+        {
+            "router_act_alignment": {
+                "value": effect,
+                "ci_low": effect - 0.05,
+                "ci_high": effect + 0.05,
+                "baseline": 0.0,
+                "verdict": verdict,
+                "floor": 0.065,
+                "null": -0.03,
+                "observed": effect - 0.03,
+            }
+        },
+    )
+
+
+def test_findings_state_each_verdict_and_link_only_existing_pages(tmp_path: Path):
+    runs = tmp_path / "book" / "runs"
+    _obs1(runs, "does not hold", -0.086)
+    text = findings_markdown(tmp_path, "book/runs")
+    assert text.startswith("```{admonition} What this book finds")
+    assert "tiny-moe-scratch does not hold on seed 0 (effect -0.086" in text  # no page yet: plain name
+    assert "tiny-moe-upcycled not measured in this build" in text
+    (runs / "tiny-moe-scratch" / "obs1_neurons_as_experts.ipynb").write_text("{}")
+    linked = findings_markdown(tmp_path, "book/runs")
+    assert "{doc}`tiny-moe-scratch </book/runs/tiny-moe-scratch/obs1_neurons_as_experts>` does not hold" in linked
+    path = write_findings(tmp_path, "book/runs")
+    assert path == tmp_path / "book" / "generated" / "findings.md" and path.read_text() == linked
+
+
+def test_findings_without_results_say_so(tmp_path: Path):
+    assert "No results yet" in findings_markdown(tmp_path, "book/runs")
