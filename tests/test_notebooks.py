@@ -113,7 +113,8 @@ def test_observations_run_on_a_second_family_with_shared_experts(repo_root: Path
 @pytest.mark.slow
 def test_default_plan_runs_every_notebook_on_the_organisms(repo_root: Path, tmp_path: Path):
     zoo = pytest.importorskip("moe_utils.zoo")
-    run = _moe_book("run", "--out", str(tmp_path), cwd=repo_root)
+    # 40 held-out windows instead of the page's 120 keep the interventions page to a third of its cost
+    run = _moe_book("run", "--out", str(tmp_path), "-p", "max_windows", "40", cwd=repo_root)
     assert run.returncode == 0, run.stdout + run.stderr
     for name in zoo.DEFAULT_MOE_MODELS:
         found = _check_results(tmp_path / name)
@@ -126,9 +127,10 @@ def test_default_plan_runs_every_notebook_on_the_organisms(repo_root: Path, tmp_
         assert f"zoo:{zoo.DEFAULT_DENSE_BASELINE}" in injected.source
     table = summary.collect(tmp_path)
     verdicts = summary.verdict_table(table)
-    assert len(verdicts) == 3  # one row per observation
+    assert len(verdicts) == 4  # one row per claim: observations 1 and 2, the weak and strong forms of 3
+    outcomes = "|".join(VERDICTS)
     for name in zoo.DEFAULT_MOE_MODELS:
-        assert verdicts[f"zoo:{name}"].str.match(r"^(holds|does not hold|inconclusive):").all()
+        assert verdicts[f"zoo:{name}"].str.match(rf"^({outcomes}):").all()
     assert (tmp_path / "book" / "summary.ipynb").exists()
     meta = json.loads((tmp_path / "book" / "summary.ipynb").read_text())["metadata"]
     assert "papermill" in meta
