@@ -44,6 +44,7 @@ def built_book(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     (root / "book").mkdir()
     for page in [*(repo_root / "book").glob("*.md"), repo_root / "book" / "references.bib"]:
         shutil.copy(page, root / "book")
+    shutil.copytree(repo_root / "book" / "_static", root / "book" / "_static")  # favicon and chart CSS
     vendor = repo_root / "book" / "_extra" / "vendor"
     if vendor.is_dir():
         (root / "book" / "_extra").mkdir()

@@ -178,7 +178,7 @@ def test_miniature_replicate_trains_resumes_and_measures(tmp_path: Path, monkeyp
     b = read_result(tmp_path / "replicates" / "mini-b" / "results" / "study_replicate.json")
     assert a.tables["heldout"].heldout_loss.iloc[0] == pytest.approx(b.tables["heldout"].heldout_loss.iloc[0], abs=1e-6)
     va, vb = a.tables["verdicts"], b.tables["verdicts"]
-    assert va.observation.tolist() == [1, 2, 3]
+    assert va.claim.tolist() == ["obs1", "obs2", "obs3_weak", "obs3_strong", "obs3_slope", "obs3_residual"]
     assert va[["effect", "verdict"]].equals(vb[["effect", "verdict"]])
     em = read_result(tmp_path / "replicates" / "mini-a" / "results" / "study_emergence.json").tables["emergence"]
     assert sorted(em.step.unique()) == [0, 3, 6]

@@ -127,7 +127,8 @@ def verdict_chart(table: pd.DataFrame) -> alt.Chart:
     out = headline_rows(table)
     colors = alt.Scale(domain=list(VERDICT_COLOURS), range=list(VERDICT_COLOURS.values()))
     base = alt.Chart(out).encode(
-        x=alt.X("model:N", title=None, axis=alt.Axis(labelAngle=0)), y=alt.Y("observation:N", title=None)
+        x=alt.X("model:N", title=None, axis=alt.Axis(labelAngle=0, labelLimit=140)),
+        y=alt.Y("observation:N", title=None, axis=alt.Axis(labelLimit=300)),
     )
     return (
         base.mark_rect().encode(
@@ -135,7 +136,7 @@ def verdict_chart(table: pd.DataFrame) -> alt.Chart:
             tooltip=["model", "observation", "verdict", alt.Tooltip("value:Q", format=".3f")],
         )
         + base.mark_text().encode(text="verdict:N")
-    ).properties(width=max(200, 180 * out.model.nunique()), height=150)
+    ).properties(width=min(400, 130 * max(1, out.model.nunique())), height=40 * max(1, out.observation.nunique()))
 
 
 def family_table(table: pd.DataFrame, book: pd.DataFrame) -> pd.DataFrame:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 
@@ -43,17 +43,24 @@ def _effect_cell(verdict: str, effect: float, low: float, high: float) -> str:
 
 
 def replicate_table(held: pd.DataFrame, training: pd.DataFrame) -> pd.DataFrame:
-    """One row per trained replicate (placement variants left out): held-out loss and perplexity,
-    training tokens and minutes."""
-    reps = held[held.kind != "placement"].merge(
-        training[["organism", "seed", "kind", "training_seconds", "tokens"]],
+    """One row per trained replicate (placement variants and ladder rungs left out): held-out loss
+    and perplexity, training tokens and minutes."""
+
+    def base(t: pd.DataFrame) -> pd.DataFrame:
+        return cast(pd.DataFrame, t[t.ladder.fillna("") == ""]) if "ladder" in t else t
+
+    reps = base(cast(pd.DataFrame, held[held.kind != "placement"])).merge(
+        cast(pd.DataFrame, base(training)[["organism", "seed", "kind", "training_seconds", "tokens"]]),
         on=["organism", "kind", "seed"],
         how="left",
     )
     reps["training minutes"] = (reps.training_seconds / 60).round(1)
-    return reps.sort_values(["kind", "seed"]).set_index(["organism", "seed"])[
-        ["heldout_loss", "heldout_perplexity", "tokens", "training minutes"]
-    ]
+    return cast(
+        pd.DataFrame,
+        reps.sort_values(["kind", "seed"]).set_index(["organism", "seed"])[
+            ["heldout_loss", "heldout_perplexity", "tokens", "training minutes"]
+        ],
+    )
 
 
 def measured(verdicts: pd.DataFrame) -> pd.DataFrame:
