@@ -132,7 +132,7 @@ def verdict_chart(table: pd.DataFrame) -> alt.Chart:
     )
     return (
         base.mark_rect().encode(
-            color=alt.Color("verdict:N", scale=colors),
+            color=alt.Color("verdict:N", scale=colors, legend=None),  # each cell names its verdict
             tooltip=["model", "observation", "verdict", alt.Tooltip("value:Q", format=".3f")],
         )
         + base.mark_text().encode(text="verdict:N")
