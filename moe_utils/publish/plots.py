@@ -180,6 +180,19 @@ def _layer_caption(data: alt.InlineData, *predicates: alt.Predicate) -> alt.Char
     return _caption(data, predicates, "'layer ' + datum.layer", layer="min(layer)")
 
 
+def _selection_caption(data: alt.InlineData, preds: Sequence[alt.Predicate], facet_field: str | None) -> alt.Chart:
+    """The line above a selectable chart naming the layer (and the facet value) on show."""
+    if facet_field:
+        return _caption(
+            data,
+            preds,
+            f"'layer ' + datum.layer + ', ' + datum.{facet_field}",
+            layer="min(layer)",
+            **{facet_field: f"min({facet_field})"},
+        )
+    return _layer_caption(data, *preds)
+
+
 def _tooltip_fields(df: pd.DataFrame, columns: Sequence[str]) -> list[str]:
     """Tooltip shorthands with explicit types."""
     return [f"{c}:{'Q' if pd.api.types.is_numeric_dtype(df[c]) else 'N'}" for c in columns]
@@ -257,16 +270,7 @@ def similarity_heatmaps(
         )
         .properties(width=size, height=size)
     )
-    if facet_field:
-        label = _caption(
-            src,
-            preds,
-            f"'layer ' + datum.layer + ', ' + datum.{facet_field}",
-            layer="min(layer)",
-            **{facet_field: f"min({facet_field})"},
-        )
-    else:
-        label = _layer_caption(src, *preds)
+    label = _selection_caption(src, preds, facet_field)
     return alt.vconcat(label.add_params(*params), chart, title=wrap_title(title))
 
 
@@ -477,16 +481,7 @@ def scatter_by_layer(
         else pts
     )
     body = body.properties(width=360, height=280)
-    if facet_field:
-        label = _caption(
-            src,
-            preds,
-            f"'layer ' + datum.layer + ', ' + datum.{facet_field}",
-            layer="min(layer)",
-            **{facet_field: f"min({facet_field})"},
-        )
-    else:
-        label = _layer_caption(src, *preds)
+    label = _selection_caption(src, preds, facet_field)
     return alt.vconcat(label.add_params(*params), body, title=wrap_title(title))
 
 
