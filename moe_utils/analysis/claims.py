@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import paper
+
 NAN = float("nan")
 
 
@@ -29,10 +31,11 @@ class Claim:
     issued: bool = True  # a verdict of the book (counted in the family of comparisons)
 
 
-# Mixtral 8x7B's Table 3 contrast: r2(W_act) 0.33 minus the larger of W_up 0.06 and W_down 0.07.
-OBS1_PAPER_EFFECT = 0.33 - 0.07
-# Mixtral 8x7B's top-1 agreement read off Fig. 10 (69%) minus 1/8.
-OBS2_PAPER_EFFECT = 0.69 - 1 / 8
+_MIXTRAL = paper.GATE_R2["Mixtral 8x7B"]
+# Mixtral 8x7B's Table 3 contrast: r2(W_act) minus the larger of W_up and W_down.
+OBS1_PAPER_EFFECT = _MIXTRAL["W_act"] - max(_MIXTRAL["W_up"], _MIXTRAL["W_down"])
+# Mixtral 8x7B's top-1 agreement read off Fig. 10 minus chance for its 8 experts.
+OBS2_PAPER_EFFECT = float(paper.TOP1_NORM_AGREEMENT.value or float("nan")) - 1 / 8
 
 CLAIMS: dict[str, Claim] = {
     c.key: c

@@ -57,7 +57,7 @@ _NAMES = {
     "fbgemm_fp8": "FBGEMM FP8",
 }
 _SUPPORTED = "fine-grained FP8, MXFP4 and compressed-tensors pack-quantized INT"
-_TODO = "use the model's unquantized (bf16) release, or dequantize it once and save it as safetensors"
+_WHAT_TO_DO = "use the model's unquantized (bf16) release, or dequantize it once and save it as safetensors"
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class QuantScheme:
 
 def _refuse(what: str) -> UnsupportedQuantizationError:
     return UnsupportedQuantizationError(
-        f"this checkpoint is quantized as {what}, which moe_utils cannot decode (it reads {_SUPPORTED}); {_TODO}"
+        f"this checkpoint is quantized as {what}, which moe_utils cannot decode (it reads {_SUPPORTED}); {_WHAT_TO_DO}"
     )
 
 
