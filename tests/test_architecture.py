@@ -29,7 +29,7 @@ ALLOWED_LOCAL_IMPORTS = {
     ("moe_utils.publish.cli", "moe_utils.zoo.study"): "torch: only `moe-book zoo study` trains",
     ("moe_utils.publish.cli", "moe_utils.zoo.train"): "torch: only `moe-book zoo train` trains",
     ("moe_utils.publish.cli", "moe_utils.publish.coverage"): "torch: only `moe-book coverage` builds models",
-    ("moe_utils.publish.runner", "moe_utils.models.loading"): "torch: only a `dtype` parameter needs it",
+    ("moe_utils.publish.plan", "moe_utils.models.loading"): "torch: only a `dtype` parameter needs it",
 }
 
 

@@ -9,7 +9,7 @@ import pytest
 from sphinx_external_toc.parsing import parse_toc_yaml
 
 from moe_utils.core.errors import MoEUtilsError
-from moe_utils.publish import runner
+from moe_utils.publish import bookbuild
 from moe_utils.publish.bookbuild import GENERATED_TOC, PAGES_DIR, ROOT_PAGE, collect_runs, make_toc, write_toc
 
 
@@ -43,7 +43,7 @@ def book(tmp_path: Path, monkeypatch) -> Path:
     executed(runs / "book" / "zoo_training.ipynb", meta={"moe_book": {"scope": "book", "place": "front"}})
     (runs / "empty-model").mkdir()
     monkeypatch.setattr(
-        runner, "default_models", lambda: (["zoo:tiny-moe-scratch", "zoo:tiny-moe-upcycled"], "zoo:tiny-dense")
+        bookbuild, "default_models", lambda: (["zoo:tiny-moe-scratch", "zoo:tiny-moe-upcycled"], "zoo:tiny-dense")
     )
     return tmp_path
 

@@ -1,6 +1,6 @@
 """Property-based tests of the two readers of untrusted input: the safetensors header reader
 (``moe_utils.models.checkpoint``, and the header pass of ``moe_utils.models.consistency``) and the
-``-p NAME VALUE`` parameter parser (``moe_utils.publish.runner.parse_parameters`` with the checks of
+``-p NAME VALUE`` parameter parser (``moe_utils.publish.params.parse_parameters`` with the checks of
 ``moe_utils.publish.params``).
 
 For any input they return or raise one of the package's own errors (:class:`MoEUtilsError`); each
@@ -29,8 +29,7 @@ from safetensors.numpy import save
 from moe_utils.core.errors import MoEUtilsError
 from moe_utils.models.checkpoint import CheckpointReader, find_weight_files, verify_safetensors
 from moe_utils.models.consistency import header_tensors
-from moe_utils.publish.params import ParamSpec, check_parameters
-from moe_utils.publish.runner import parse_parameters
+from moe_utils.publish.params import ParamSpec, check_parameters, parse_parameters
 
 EXAMPLES = 120
 MEMORY_BOUND = 8 * 2**20  # bytes of Python allocations one call may peak at (inputs are < 4 KiB)

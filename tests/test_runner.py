@@ -1,4 +1,4 @@
-"""moe_utils.publish.runner: names, parameters, notebook discovery, planning, tidying, failures."""
+"""moe_utils.publish runner, plan, pages, params and tidy: names, parameters, notebook discovery, planning, tidying, failures."""
 
 from __future__ import annotations
 
@@ -11,21 +11,17 @@ import pytest
 from papermill.cli import _resolve_type as papermill_resolve
 
 from moe_utils.core.errors import MoEUtilsError
-from moe_utils.publish import runner
-from moe_utils.publish.runner import (
-    NotebookInfo,
-    NotebookRunError,
-    RunRequest,
-    model_slug,
-    notebook_info,
-    parse_parameters,
-    parse_value,
-    plan_jobs,
-    plan_request,
-    run_jobs,
-    select_notebooks,
-    tidy_parameters,
-)
+from moe_utils.core.names import model_slug
+from moe_utils.publish import pages, plan
+from moe_utils.publish.pages import NotebookInfo, notebook_info, select_notebooks
+from moe_utils.publish.params import parse_parameters, parse_value
+from moe_utils.publish.plan import RunRequest, plan_jobs, plan_request
+from moe_utils.publish.runner import NotebookRunError, run_notebooks
+from moe_utils.publish.tidy import tidy_parameters
+
+REPO = Path(__file__).resolve().parents[1]
+PER_MODEL = {"moe_book": {"scope": "model"}}
+"""The metadata of a stand-in notebook run once per model (the registry knows no ``obs1``)."""
 
 
 def write_notebook(
@@ -141,20 +137,33 @@ def test_parse_parameters() -> None:
 # --------------------------------------------------------------------------- notebooks and plans
 
 
-def test_notebook_kinds_from_metadata_then_name(tmp_path: Path) -> None:
-    a = write_notebook(tmp_path / "obs1_weights.ipynb", [])
+def test_notebook_kinds_from_the_page_registry_then_metadata(tmp_path: Path) -> None:
+    a = write_notebook(tmp_path / "obs1_neurons_as_experts.ipynb", [])
     b = write_notebook(tmp_path / "organisms.ipynb", [])
-    c = write_notebook(tmp_path / "summary.ipynb", [])
-    d = write_notebook(tmp_path / "extra_analysis.ipynb", [], {"moe_book": {"scope": "model"}})
+    c = write_notebook(tmp_path / "replication.ipynb", [])
+    d = write_notebook(tmp_path / "extra_analysis.ipynb", [], PER_MODEL)
     e = write_notebook(tmp_path / "obs9.ipynb", [], {"moe_book": {"scope": "book", "place": "front"}})
+    f = write_notebook(tmp_path / "obs10.ipynb", [])
     assert notebook_info(a) == NotebookInfo(a, "model", "back")
     assert notebook_info(b) == NotebookInfo(b, "book", "front")
     assert notebook_info(c) == NotebookInfo(c, "book", "back")
     assert notebook_info(d).scope == "model"
     assert (notebook_info(e).scope, notebook_info(e).place) == ("book", "front")
+    assert notebook_info(f) == NotebookInfo(f, "book", "back")  # no name rule: unregistered, no metadata
     bad = write_notebook(tmp_path / "bad.ipynb", [], {"moe_book": {"scope": "everything"}})
     with pytest.raises(MoEUtilsError, match="scope"):
         notebook_info(bad)
+    contradicting = write_notebook(tmp_path / "summary.ipynb", [], {"moe_book": {"scope": "model"}})
+    with pytest.raises(MoEUtilsError, match="registry"):
+        notebook_info(contradicting)
+
+
+def test_every_observation_is_a_per_model_page_and_every_page_a_notebook() -> None:
+    from moe_utils.analysis.claims import OBSERVATIONS
+
+    shipped = {nb.name: nb for nb in pages.discover_notebooks(REPO / "notebooks")}
+    assert set(pages.BOOK_PAGES) == set(shipped)
+    assert {o.notebook for o in OBSERVATIONS} <= {n for n, nb in shipped.items() if nb.scope == "model"}
 
 
 def test_select_notebooks(tmp_path: Path) -> None:
@@ -167,7 +176,7 @@ def test_select_notebooks(tmp_path: Path) -> None:
 
 def _infos(tmp_path: Path) -> list[NotebookInfo]:
     return [
-        notebook_info(write_notebook(tmp_path / "nbs" / f"{n}.ipynb", []))
+        notebook_info(write_notebook(tmp_path / "nbs" / f"{n}.ipynb", [], PER_MODEL if n.startswith("obs") else None))
         for n in ("obs1", "obs2", "organisms", "summary")
     ]
 
@@ -196,7 +205,7 @@ def test_plan_jobs_runs_model_notebooks_per_model_then_book_once(tmp_path: Path)
 
 def test_plan_request_default_plan_and_single_model(tmp_path: Path, monkeypatch) -> None:
     _infos(tmp_path)
-    monkeypatch.setattr(runner, "default_models", lambda: (["zoo:up", "zoo:scratch"], "zoo:dense"))
+    monkeypatch.setattr(plan, "default_models", lambda: (["zoo:up", "zoo:scratch"], "zoo:dense"))
     req = RunRequest(notebooks_dir=tmp_path / "nbs", out=tmp_path / "runs")
     jobs = plan_request(req)
     assert [j.label for j in jobs] == [
@@ -248,7 +257,7 @@ def test_tidy_parameters_tags_only_parameter_cells() -> None:
 def test_failing_notebook_is_reported_and_earlier_output_kept(tmp_path: Path, capsys) -> None:
     nbs = tmp_path / "nbs"
     env_names = ("BOOK_BUILD", "TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS")
-    write_notebook(nbs / "obs1_ok.ipynb", [f"import os\nprint([os.environ.get(k) for k in {env_names!r}])"])
+    write_notebook(nbs / "obs1_ok.ipynb", [f"import os\nprint([os.environ.get(k) for k in {env_names!r}])"], PER_MODEL)
     boom = write_notebook(
         nbs / "obs2_boom.ipynb",
         [
@@ -256,11 +265,12 @@ def test_failing_notebook_is_reported_and_earlier_output_kept(tmp_path: Path, ca
             "# this cell fails\nraise ValueError('boom 42')",
             "print('never reached')",
         ],
+        PER_MODEL,
     )
-    jobs = plan_jobs(runner.discover_notebooks(nbs), ["zoo:tiny"], None, tmp_path / "runs")
+    jobs = plan_jobs(pages.discover_notebooks(nbs), ["zoo:tiny"], None, tmp_path / "runs")
     env_before = dict(os.environ)
     with pytest.raises(NotebookRunError) as info:
-        run_jobs(jobs, log=print, root=tmp_path)
+        run_notebooks(jobs, log=print, root=tmp_path)
     err = info.value
     # Source cells: parameters, "a = 1", the failing cell; papermill adds the injected cell
     # after the parameters cell, so the failing cell is at index 3 of the executed notebook.
@@ -298,5 +308,5 @@ def test_default_models_are_zoo_ids(monkeypatch) -> None:
     fake.ZOO_MODELS = ("tiny-dense", "tiny-moe-upcycled", "tiny-moe-scratch")
     fake.DEFAULT_MOE_MODELS = ("tiny-moe-upcycled", "zoo:tiny-moe-scratch", "org/Other")
     fake.DEFAULT_DENSE_BASELINE = "tiny-dense"
-    monkeypatch.setattr(runner, "zoo", fake)
-    assert runner.default_models() == (["zoo:tiny-moe-upcycled", "zoo:tiny-moe-scratch", "org/Other"], "zoo:tiny-dense")
+    monkeypatch.setattr(plan, "zoo", fake)
+    assert plan.default_models() == (["zoo:tiny-moe-upcycled", "zoo:tiny-moe-scratch", "org/Other"], "zoo:tiny-dense")

@@ -294,10 +294,13 @@ def test_relay_copies_appended_text(tmp_path):
 def test_book_runs_show_progress_on_the_terminal_not_in_the_page(tmp_path, capfd):
     import nbformat
 
-    from moe_utils.publish.runner import discover_notebooks, plan_jobs, run_jobs
+    from moe_utils.publish.pages import discover_notebooks
+    from moe_utils.publish.plan import plan_jobs
+    from moe_utils.publish.runner import run_notebooks
 
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["moe_book"] = {"scope": "model"}
     nb.cells = [
         nbformat.v4.new_code_cell('model = "zoo:x"\nresults_dir = "results"', metadata={"tags": ["parameters"]}),
         nbformat.v4.new_code_cell(
@@ -309,7 +312,7 @@ def test_book_runs_show_progress_on_the_terminal_not_in_the_page(tmp_path, capfd
     (tmp_path / "nbs").mkdir()
     nbformat.write(nb, tmp_path / "nbs" / "obs9_bars.ipynb")
     jobs = plan_jobs(discover_notebooks(tmp_path / "nbs"), ["zoo:tiny"], None, tmp_path / "runs")
-    run_jobs(jobs, log=print, root=tmp_path)
+    run_notebooks(jobs, log=print, root=tmp_path)
     saved = nbformat.read(tmp_path / "runs" / "tiny" / "obs9_bars.ipynb", as_version=4)
     outputs = json.dumps([c.get("outputs", []) for c in saved.cells])
     assert "cell done" in outputs and "demo-pass" not in outputs

@@ -29,7 +29,7 @@ from moe_utils.core.errors import CheckpointError, InputSpecError, PickleRefused
 from moe_utils.models import checkpoint
 from moe_utils.models.consistency import ConfigMismatchError
 from moe_utils.models.loading import load_model
-from moe_utils.publish import bookbuild, cli, runner
+from moe_utils.publish import bookbuild, cli, pages, plan, runner, staging
 
 REPO = Path(__file__).resolve().parents[1]
 ZOO = REPO / "moe_utils" / "zoo" / "models"
@@ -198,7 +198,7 @@ def test_full_disk_while_publishing_keeps_previous_files(first_run, monkeypatch,
     def full(*_a, **_k):
         raise OSError(errno.ENOSPC, "No space left on device", str(out / SLUG / "results"))
 
-    monkeypatch.setattr(runner, "_publish_results", full)
+    monkeypatch.setattr(staging, "_publish_results", full)
     assert run_cli(nbs, out, "-p", "value", "2") == 1
     err = capsys.readouterr().err
     assert "the disk is full" in err and "previous notebooks and results were kept" in err
@@ -388,15 +388,15 @@ class Crash(BaseException):
     """The process dies here: nothing after this instant of the landing happens."""
 
 
-def _landing_job(root: Path) -> runner.Job:
-    (info,) = runner.discover_notebooks(fake_notebooks(root.parent / "nbs"))
+def _landing_job(root: Path) -> plan.Job:
+    (info,) = pages.discover_notebooks(fake_notebooks(root.parent / "nbs"))
     output = root / "book" / "runs" / SLUG / "obs_fake.ipynb"
-    return runner.Job(info, output, {"model": MODEL, "results_dir": "results"}, MODEL)
+    return plan.Job(info, output, {"model": MODEL, "results_dir": "results"}, MODEL)
 
 
-def _land(job: runner.Job, value: int, root: Path) -> None:
+def _land(job: plan.Job, value: int, root: Path) -> None:
     """A successful run that wrote ``value`` into its notebook and two results files (no kernel)."""
-    with runner.staged_run(job, root) as stage:
+    with staging.staged_run(job, root) as stage:
         nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(f"value {value}")])
         nb.metadata["papermill"] = {"exception": None, "parameters": {}}
         nbformat.write(nb, stage.notebook)
@@ -404,7 +404,7 @@ def _land(job: runner.Job, value: int, root: Path) -> None:
             (stage.results / f"{name}.json").write_text(json.dumps({"v": value}))
 
 
-def _pair(job: runner.Job) -> tuple[int | None, ...]:
+def _pair(job: plan.Job) -> tuple[int | None, ...]:
     """What the model's folder holds: the notebook's value and each results file's."""
     folder = job.output.parent
     text = job.output.read_text() if job.output.exists() else ""
@@ -422,7 +422,7 @@ def test_a_crash_while_landing_leaves_the_old_pair_or_the_new_one(tmp_path: Path
     _land(job, 1, root)
     assert _pair(job) == (1, 1, 1)
     moved: list[Path] = []
-    real_move = runner._move
+    real_move = staging._move
 
     def crashing_move(src: Path, dst: Path) -> None:
         if len(moved) >= at:
@@ -434,16 +434,16 @@ def test_a_crash_while_landing_leaves_the_old_pair_or_the_new_one(tmp_path: Path
         raise Crash
 
     if at == "before-commit":
-        monkeypatch.setattr(runner, "_publish_results", crashing_commit)
+        monkeypatch.setattr(staging, "_publish_results", crashing_commit)
     else:
-        monkeypatch.setattr(runner, "_move", crashing_move)
+        monkeypatch.setattr(staging, "_move", crashing_move)
     with pytest.raises(Crash):
         _land(job, 2, root)
-    journals = list(job.output.parent.glob(f".staging-*/{runner.LANDING}"))
+    journals = list(job.output.parent.glob(f".staging-*/{staging.LANDING}"))
     assert len(journals) == (0 if at == "before-commit" else 1)  # committed: the journal stays
     # The next moe-book process (here a build; a run does the same) finds the dead run's journal.
-    monkeypatch.setattr(runner, "_move", real_move)
-    monkeypatch.setattr(runner, "_pid_alive", lambda pid: False)
+    monkeypatch.setattr(staging, "_move", real_move)
+    monkeypatch.setattr(staging, "_pid_alive", lambda pid: False)
     _site_building(monkeypatch)
     assert cli.main(["build", "--root", str(root), "--out", str(root / "book" / "runs")]) == 0
     assert _pair(job) == ((1, 1, 1) if at == "before-commit" else (2, 2, 2))
@@ -454,7 +454,7 @@ def test_ctrl_c_while_landing_finishes_the_landing(tmp_path: Path, monkeypatch) 
     root = _book(tmp_path)
     job = _landing_job(root)
     _land(job, 1, root)
-    real_move, calls = runner._move, []
+    real_move, calls = staging._move, []
 
     def interrupted_once(src: Path, dst: Path) -> None:
         calls.append(dst)
@@ -462,7 +462,7 @@ def test_ctrl_c_while_landing_finishes_the_landing(tmp_path: Path, monkeypatch) 
             raise KeyboardInterrupt
         real_move(src, dst)
 
-    monkeypatch.setattr(runner, "_move", interrupted_once)
+    monkeypatch.setattr(staging, "_move", interrupted_once)
     with pytest.raises(KeyboardInterrupt):
         _land(job, 2, root)
     assert _pair(job) == (2, 2, 2) and not list(job.output.parent.glob(".staging-*"))
@@ -564,19 +564,19 @@ def test_results_record_source_fingerprint_and_versions(tmp_path: Path, hash_cac
 
 
 def test_revision_is_accepted_and_gets_its_own_folder(tmp_path: Path) -> None:
-    req = runner.RunRequest(
+    req = plan.RunRequest(
         notebooks_dir=REPO / "notebooks",
         out=tmp_path,
         model="org/Name",
         notebooks=["obs2_router_norms"],
         parameters={"revision": "abc123"},
     )
-    (job,) = runner.plan_request(req)
+    (job,) = plan.plan_request(req)
     assert job.parameters["revision"] == "abc123"
     assert job.output.parent.name == "org--Name--rev-abc123"
     with pytest.raises(UsageError, match="revision"):
-        runner.plan_request(
-            runner.RunRequest(
+        plan.plan_request(
+            plan.RunRequest(
                 notebooks_dir=REPO / "notebooks",
                 out=tmp_path,
                 model="org/Name",
@@ -855,13 +855,13 @@ def test_allow_pickle_is_a_parameter_and_a_flag(tmp_path: Path) -> None:
 
     args = cli.build_parser().parse_args(["run", "--allow-pickle", "--model", "x"])
     assert args.allow_pickle is True
-    req = runner.RunRequest(
+    req = plan.RunRequest(
         notebooks_dir=REPO / "notebooks",
         out=tmp_path / "o",
         model=str(tmp_path / "moe"),
         parameters={"allow_pickle": True},
     )
-    jobs = runner.plan_request(req)
+    jobs = plan.plan_request(req)
     assert jobs and all(j.parameters["allow_pickle"] is True for j in jobs)
 
 

@@ -32,19 +32,15 @@ import yaml
 
 from moe_utils.core.errors import MoEUtilsError
 from moe_utils.core.names import model_label, model_slug
+from moe_utils.core.paths import BOOK_FOLDER
 from moe_utils.publish.findings import write_findings
 from moe_utils.publish.guards import check_build, check_runs_folder, current_model_pages
 from moe_utils.publish.notebook_meta import read_notebook_metadata
+from moe_utils.publish.pages import METADATA_KEY, notebook_info
+from moe_utils.publish.plan import default_models
 from moe_utils.publish.render import write_vega_bundle
-from moe_utils.publish.runner import (
-    BOOK_FOLDER,
-    FAILED_SUFFIX,
-    METADATA_KEY,
-    Log,
-    default_models,
-    finish_landings,
-    notebook_info,
-)
+from moe_utils.publish.runner import Log
+from moe_utils.publish.staging import FAILED_SUFFIX, finish_landings
 
 PAGES_DIR = "book"
 ROOT_PAGE = "intro"

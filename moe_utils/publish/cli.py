@@ -21,7 +21,9 @@ from moe_utils import __version__
 from moe_utils.core.errors import MoEUtilsError, RunInterrupted, UsageError
 from moe_utils.publish.bookbuild import build_book
 from moe_utils.publish.guards import ALLOW_FLAG
-from moe_utils.publish.runner import RunRequest, check_output_folder, parse_parameters, plan_request, run_jobs
+from moe_utils.publish.params import parse_parameters
+from moe_utils.publish.plan import RunRequest, plan_request
+from moe_utils.publish.runner import check_output_folder, run_notebooks
 from moe_utils.publish.scaffold import init_book
 
 DEFAULT_OUT = Path("book/runs")
@@ -178,7 +180,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     jobs = plan_request(req)
     check_output_folder(args.out)
-    run_jobs(jobs)
+    run_notebooks(jobs)
     if args.model is not None and not any(job.model is None for job in jobs):
         print(
             "book-level pages (summary) were not rerun; to include this model there: moe-book run --notebooks summary"

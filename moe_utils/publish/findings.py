@@ -16,7 +16,7 @@ import pandas as pd
 
 from ..analysis import summary as S
 from ..analysis.claims import CLAIMS, OBSERVATIONS
-from .runner import reader_label
+from .tidy import reader_label
 
 FINDINGS = Path("book/generated/findings.md")
 ORGANISMS = ("tiny-moe-upcycled", "tiny-moe-scratch", "tiny-moe-fine")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ast
 import difflib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,3 +177,43 @@ def check_parameters(
             raise UsageError(
                 f"parameter {name!r} must be {describe_type(spec.type_text)}; got {value!r} ({type(value).__name__})"
             )
+
+
+RESERVED_PARAMETERS = ("model", "dense_baseline", "results_dir", "runs_dir")
+"""Parameters the runner sets itself; ``-p`` may not override them (use the flags instead)."""
+
+
+def parse_value(text: str) -> Any:
+    """A ``-p`` value read the way papermill's own ``-p`` reads it, plus literal containers.
+
+    Like papermill: ``"True"``/``"False"``/``"None"`` -> bool/None, ``"30"`` -> 30,
+    ``"0.5"`` -> 0.5, anything else -> the string itself (``"zoo:tiny-dense"``). In addition a
+    Python list, tuple, dict or quoted string literal is parsed: ``"[0, 3]"`` -> [0, 3].
+    """
+    constants = {"True": True, "False": False, "None": None}
+    if text in constants:
+        return constants[text]
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if text.strip()[:1] in ("[", "(", "{", "'", '"'):
+        try:
+            return ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            pass
+    return text
+
+
+def parse_parameters(pairs: Iterable[Sequence[str]] | None) -> dict[str, Any]:
+    """``[("layers", "[0, 1]"), ...]`` -> ``{"layers": [0, 1]}``; rejects bad or reserved names."""
+    params: dict[str, Any] = {}
+    for pair in pairs or ():
+        name, value = pair
+        if not name.isidentifier():
+            raise UsageError(f"parameter name {name!r} is not a Python identifier")
+        if name in RESERVED_PARAMETERS:
+            raise UsageError(f"-p {name} is set by moe-book itself; use --model / --dense-baseline / --out instead")
+        params[name] = parse_value(value)
+    return params
