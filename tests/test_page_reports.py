@@ -144,7 +144,7 @@ def test_organism_sentences_and_load_summary():
 
 
 def test_ladder_frames_keep_series_with_two_rungs_and_chart_them():
-    from moe_utils.publish import plots
+    from moe_utils.publish import study_charts
 
     rows = []
     for layers, eff in ((4, 0.01), (8, 0.02), (16, 0.04)):
@@ -171,5 +171,5 @@ def test_ladder_frames_keep_series_with_two_rungs_and_chart_them():
     assert replication.ladder_frame(ladder, "length").empty
     grid = replication.ladder_grid(ladder, "depth")
     assert grid.loc["obs3_weak", ("scratch", 16, 0)] == "holds: 0.040 [0.030, 0.050]"
-    spec = plots.ladder_lines(depth, x="layers", x_title="decoder layers", title="t").to_dict()
+    spec = study_charts.ladder_lines(depth, x="layers", x_title="decoder layers", title="t").to_dict()
     assert spec["vconcat"]

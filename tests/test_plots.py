@@ -1,4 +1,4 @@
-"""moe_utils.publish.plots: every chart builder, on a 30-expert model (the widest the book shows),
+"""moe_utils.publish.plots and chart_parts: every chart builder, on a 30-expert model (the widest the book shows),
 rendered offline to SVG by vl-convert: it draws, fits the text column, has no text under 12 px,
 and its embedded data stays small."""
 
@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moe_utils.publish import plots
+from moe_utils.publish import chart_parts, plots
 from moe_utils.publish.render import MIN_FONT_SIZE, book_theme_config, humanize, setup_altair
 
 vl_convert = pytest.importorskip("vl_convert")
@@ -115,7 +115,7 @@ def test_chart_fits_the_column_with_readable_text(charts: dict, name: str) -> No
     spec = charts[name].to_dict()
     svg = vl_convert.vegalite_to_svg(spec)
     width = float(re.search(r'<svg[^>]*width="([\d.]+)"', svg).group(1))
-    assert width <= plots.COLUMN_WIDTH, f"{name}: {width} px"
+    assert width <= chart_parts.COLUMN_WIDTH, f"{name}: {width} px"
     sizes = [float(s) for s in re.findall(r'font-size="([\d.]+)px"', svg)]
     assert sizes and min(sizes) >= MIN_FONT_SIZE, (name, sorted(set(sizes)))
     assert len(json.dumps(spec)) < 1_000_000, name
@@ -124,7 +124,7 @@ def test_chart_fits_the_column_with_readable_text(charts: dict, name: str) -> No
 def test_matrix_source_rebuilds_every_cell() -> None:
     df = _similarity()
     labels = [str(i) for i in range(E)]
-    data, chart = plots.matrix_source(df, ["layer", "matrix"], "expert_i", "expert_j", "similarity", labels)
+    data, chart = chart_parts.matrix_source(df, ["layer", "matrix"], "expert_i", "expert_j", "similarity", labels)
     record = data.values[0]
     assert len(record["_v"]) == L * 3 and all(len(v) == E * E for v in record["_v"])
     # The cell of (layer 2, W_up, expert 3, expert 5), found where the chart's calculation looks.

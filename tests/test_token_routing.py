@@ -21,7 +21,7 @@ from moe_utils.analysis import token_routing as T
 from moe_utils.analysis.results import write_result
 from moe_utils.models.trace import trace
 from moe_utils.publish import explorer_charts as C
-from moe_utils.publish.plots import COLUMN_WIDTH
+from moe_utils.publish.chart_parts import COLUMN_WIDTH
 from moe_utils.publish.render import MIN_FONT_SIZE, setup_altair
 
 FAMILIES = ["mixtral", "qwen2_moe"]  # top-2 of a few experts; top-k of more experts with a shared expert

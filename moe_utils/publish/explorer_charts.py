@@ -1,7 +1,7 @@
 """Altair charts of the token explorer page: interactive in the static site, without a kernel.
 
 Each builder returns one Vega-Lite spec whose controls are parameters: a layer slider (a range
-input over layer positions, as in :mod:`moe_utils.publish.plots`) and click selections (a token
+input over layer positions, as in :mod:`moe_utils.publish.chart_parts`) and click selections (a token
 of the text, an expert of the load bars). The data embedded in the page are the compact tables
 of :mod:`moe_utils.analysis.token_routing`; fields are renamed to short keys here, so that a page
 with a few hundred tokens and 30 experts stays well under a megabyte of chart data.
@@ -16,7 +16,7 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-from moe_utils.publish.plots import COLUMN_WIDTH, MAX_PLOT, columnar, flat, layer_slider
+from moe_utils.publish.chart_parts import COLUMN_WIDTH, MAX_PLOT, columnar, flat, layer_slider
 
 CHAR_WIDTH = 7.25  # pixels per character of the 12 px monospace font of the text view
 LINE_HEIGHT = 19  # pixels per line of the text view
@@ -71,7 +71,7 @@ def _expert_color(num_experts: int, field: str = "expert", title: str = "expert"
 
 
 def _layer_param(layers: Sequence[int], start: int = 0) -> alt.Parameter:
-    """The book's layer control (:func:`moe_utils.publish.plots.layer_slider`), valued by the layer's
+    """The book's layer control (:func:`moe_utils.publish.chart_parts.layer_slider`), valued by the layer's
     own number; ``start`` is the position among ``layers`` shown first."""
     return layer_slider(pd.DataFrame({"layer": list(layers)}), start=start)
 
