@@ -251,18 +251,71 @@ def test_never_seen_family_runs_every_notebook(tmp_path):
     assert {"obs1_neurons_as_experts", "obs2_router_norms", "obs3_depth_diversity"} <= set(written)
 
 
+def _variants(family: str) -> list[tuple[str, str, dict]]:
+    from moe_utils.arch.optional_parts import config_variants
+    from moe_utils.models.random_models import random_config
+
+    return [(family, part, v) for part, v in config_variants(random_config(get_spec(family)).to_dict())]
+
+
+VARIANT_CASES = [
+    case for family in ("cohere2_moe", "ernie4_5_moe", "glm4_moe", "qwen3_moe") for case in _variants(family)
+]
+
+
 @pytest.mark.parametrize(
-    ("family", "overrides"),
-    [(f, v) for f, variants in coverage.VARIANTS.items() for v in variants],
-    ids=[f"{f}:{coverage.variant_label(v)}" for f, variants in coverage.VARIANTS.items() for v in variants],
+    ("family", "part", "overrides"),
+    VARIANT_CASES,
+    ids=[f"{f}:{coverage.variant_label(p, v)}" for f, p, v in VARIANT_CASES],
 )
-def test_config_variants_get_their_own_passing_spec(family, overrides):
-    """A variant switching an optional part off gets a spec derived from its own config, which
-    rebuilds its MoE blocks and streams both spellings of its saved checkpoint."""
+def test_config_variants_get_their_own_passing_spec(family, part, overrides):
+    """A variant switching an optional part gets a spec derived from its own config, which
+    rebuilds its MoE blocks and streams both spellings of its saved checkpoint, and the spec
+    says what the variant changed."""
     assert coverage.variant_check(family, overrides) == ""
     lm = load_model(f"random:{family}", config_overrides=overrides)
     moe = lm.spec.memory.moe
     assert moe is not None
-    shared_off = any(k.endswith("shared_experts") and v == 0 for k, v in overrides.items())
-    if shared_off:
-        assert moe.shared is None
+    ((key, value),) = overrides.items()
+    if part == "shared experts":
+        assert (moe.shared is None) == (value == 0)
+    if part == "dense layers":
+        n = lm.config.num_hidden_layers
+        base = load_model(f"random:{family}")
+        assert lm.moe_layers != base.moe_layers
+        assert set(lm.moe_layers) <= set(range(n))
+
+
+def test_every_sampled_family_with_optional_parts_has_a_variant_per_part():
+    parts = {f: {p for _, p, _ in _variants(f)} for f in ("glm4_moe", "cohere2_moe", "qwen3_moe", "mixtral")}
+    assert parts["glm4_moe"] == {"shared experts", "dense layers", "top-k renormalisation"}
+    assert parts["cohere2_moe"] == {"shared experts", "dense layers", "top-k renormalisation"}
+    assert parts["qwen3_moe"] == {"dense layers", "top-k renormalisation"}
+    assert parts["mixtral"] == set()
+
+
+def test_trace_only_refresh_keeps_the_notebook_columns():
+    old_row = vars(
+        coverage.FamilyRow(
+            "a",
+            "a",
+            "AConfig",
+            trace_ok=True,
+            rebuild_error=0.0,
+            weights_ok=True,
+            dynamic_ok=False,
+            reason="dynamic notebooks: boom",
+        )
+    )
+    head = {"transformers": "x", "torch": "y", "tolerance": 1e-5}
+    old = {**head, "date": "2026-01-01", "notebooks": True, "max_tokens": 512, "rows": [old_row]}
+    fresh = vars(coverage.FamilyRow("a", "a", "AConfig", trace_ok=True, rebuild_error=0.0, variants={"x: k=0": ""}))
+    merged = coverage.merge(old, {"date": "2026-02-02", "notebooks": False, "rows": [fresh]})
+    (row,) = merged["rows"]
+    assert row["weights_ok"] is True and row["dynamic_ok"] is False
+    assert row["reason"] == "dynamic notebooks: boom" and row["variants"] == {"x: k=0": ""}
+    assert merged["notebooks_date"] == "2026-01-01" and merged["date"] == "2026-02-02"
+    assert "notebook columns are from the run of 2026-01-01" in coverage.render_page(merged)
+    broken = vars(coverage.FamilyRow("a", "a", "AConfig", reason="no longer rebuilds"))
+    (row,) = coverage.merge(old, {"date": "2026-02-02", "notebooks": False, "rows": [broken]})["rows"]
+    assert row["weights_ok"] is None and row["reason"] == "no longer rebuilds"

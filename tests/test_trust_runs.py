@@ -746,6 +746,30 @@ def test_corrupt_safetensors_is_named_on_the_loading_path(tmp_path: Path, hash_c
         load_model(folder)
 
 
+@pytest.mark.parametrize("how", ["replaced", "truncated"])
+def test_weight_file_changed_during_a_run_is_named_at_the_next_layer(tmp_path: Path, how: str) -> None:
+    """A weight file rewritten (a new download moved into place) or truncated while the layers
+    are being read stops the next layer read with the file's name, instead of SIGBUS or another
+    checkpoint's tensors."""
+    from moe_utils.models.weights import iter_layer_weights
+
+    folder = _copy_zoo("tiny-moe-upcycled", tmp_path / "m")
+    weights = folder / "model.safetensors"
+    layers = iter_layer_weights(str(folder), layers=[0, 1])
+    first = next(layers)  # float32 copies: nothing of layer 0 stays mapped
+    assert first.w_up.dtype == torch.float32
+    del first
+    if how == "replaced":
+        other = folder / "incoming.tmp"
+        other.write_bytes(weights.read_bytes() + b" ")
+        os.replace(other, weights)
+    else:
+        with open(weights, "r+b") as fh:
+            fh.truncate(weights.stat().st_size // 2)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors in .* (changed on disk|was removed).* while this run"):
+        next(layers)
+
+
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [

@@ -131,6 +131,26 @@ class CheckpointReader:
         self._where: dict[str, Path] | None = None
         if self.files.index is not None:
             self._where = {name: self.folder / fname for name, fname in self.files.index.items()}
+        self._stamps = {path: _stamp(path) for path in self.files.files}
+
+    def check_unchanged(self, path: Path) -> None:
+        """Refuse to read ``path`` further when its size, modification time or inode changed since the
+        reader opened the folder: a file rewritten or truncated under a memory map would end the
+        process with SIGBUS at the next touched page, and its new bytes may be another tensor."""
+        before = self._stamps.get(path)
+        if before is None:
+            return
+        try:
+            now = _stamp(path)
+        except OSError:
+            now = None
+        if now != before:
+            self._handles.pop(path, None)
+            what = "was removed" if now is None else f"changed on disk ({before[0]:,} -> {now[0]:,} bytes)"
+            raise CheckpointError(
+                f"{path.name} in {self.folder} {what} while this run was reading it; "
+                "let the download or copy finish, then run again"
+            )
 
     # ---- context management ---------------------------------------------------------------
     def __enter__(self) -> CheckpointReader:
@@ -200,13 +220,15 @@ class CheckpointReader:
     def file_of(self, name: str) -> Path:
         """The file that holds ``name`` (CheckpointError if no file has it)."""
         try:
-            return self._locate()[name]
+            path = self._locate()[name]
         except KeyError:
             raise CheckpointError(
                 f"tensor {name!r} is not in the checkpoint at {self.folder}; the "
                 "weights are partial or use a naming this family's spec does not "
                 "know"
             ) from None
+        self.check_unchanged(path)
+        return path
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor ``name`` (memory-mapped for safetensors; no copy is made here)."""
@@ -417,6 +439,13 @@ _ST_DTYPES = {
 #: safetensors dtypes that pack several values into one torch element (along the last axis):
 #: ``F4`` counts 4-bit values in its header shape, torch's ``float4_e2m1fn_x2`` holds two per byte.
 _ST_PACKED = {"F4": 2}
+
+
+def _stamp(path: Path) -> tuple[int, int, int]:
+    """(size, modification time in ns, inode) of a file: what a rewrite, truncation or
+    replacement by another file changes."""
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ino
 
 
 def torch_shape(entry: dict) -> tuple[int, ...]:

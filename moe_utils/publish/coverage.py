@@ -16,6 +16,7 @@ and renders it as the book page ``book/coverage.md``.
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -33,10 +34,12 @@ import torch
 from moe_utils.analysis.context import checkpoint_only
 from moe_utils.arch import SPECS, FamilySpec
 from moe_utils.arch.catalogue import CatalogueEntry, catalogue
+from moe_utils.arch.optional_parts import config_variants
 from moe_utils.core.files import atomic_write_text
 from moe_utils.core.messages import first_line
 from moe_utils.models.derive import rebuild_errors
 from moe_utils.models.loading import LoadedModel, load_model
+from moe_utils.models.random_models import random_config
 from moe_utils.models.specs import get_spec
 from moe_utils.models.weights import layer_weights
 
@@ -49,13 +52,6 @@ DYNAMIC_NOTEBOOKS = ("obs2_router_norms", "obs3_depth_diversity")
 DATA_FILE = Path("book/coverage.json")
 PAGE_FILE = Path("book/coverage.md")
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[2] / "notebooks"
-# Config values that switch an optional part of a family off (or on) relative to its tiny config:
-# the spec derived from each variant's own config must rebuild its blocks and read its checkpoint.
-VARIANTS: dict[str, tuple[dict[str, Any], ...]] = {
-    "cohere2_moe": ({"num_shared_experts": 0},),
-    "ernie4_5_moe": ({"moe_num_shared_experts": 0},),
-    "glm4_moe": ({"n_shared_experts": 0}, {"first_k_dense_replace": 0}, {"norm_topk_prob": False}),
-}
 # Tokens of the notebooks' default inputs used per family (the checks are about running every
 # analysis on the family, not about the numbers of a random model).
 MAX_TOKENS = 512
@@ -76,7 +72,7 @@ class FamilyRow:
     weights_ok: bool | None = None  # None: notebooks not run
     dynamic_ok: bool | None = None
     quirks: list[str] = field(default_factory=list)
-    variants: dict[str, str] = field(default_factory=dict)  # "key=value" -> "" (passes) or why not
+    variants: dict[str, str] = field(default_factory=dict)  # "part: key=value" -> "" (passes) or why not
     routing: str | None = None
     reason: str | None = None
     seconds: float = 0.0
@@ -162,9 +158,16 @@ def trace_check(row: FamilyRow, name: str) -> FamilyRow:
     return row
 
 
-def variant_label(overrides: dict[str, Any]) -> str:
-    """``"key=value, ..."`` of a config variant."""
-    return ", ".join(f"{k}={v}" for k, v in overrides.items())
+def variant_label(part: str, overrides: dict[str, Any]) -> str:
+    """``"part: key=value, ..."`` of a config variant."""
+    return f"{part}: " + ", ".join(f"{k}={v}" for k, v in overrides.items())
+
+
+def family_variants(name: str) -> dict[str, str]:
+    """Every optional-part variant of ``random:name``'s tiny config, checked: label -> '' or why not."""
+    _, spec = spec_kind(name)
+    base = random_config(spec).to_dict()
+    return {variant_label(part, v): variant_check(name, v) for part, v in config_variants(base)}
 
 
 def variant_check(name: str, overrides: dict[str, Any]) -> str:
@@ -258,7 +261,7 @@ def family_row(entry: CatalogueEntry, notebooks: bool = False, out: Path | None 
     name = random_name(entry)
     trace_check(row, name)
     if row.trace_ok:
-        row.variants = {variant_label(v): variant_check(name, v) for v in VARIANTS.get(name, ())}
+        row.variants = family_variants(name)
     if notebooks and row.trace_ok:
         with tempfile.TemporaryDirectory() as tmp:
             notebook_check(row, name, Path(out) if out else Path(tmp))
@@ -268,7 +271,7 @@ def family_row(entry: CatalogueEntry, notebooks: bool = False, out: Path | None 
 
 def _row_in_subprocess(entry: CatalogueEntry, notebooks: bool, timeout: float) -> FamilyRow:
     """One family checked in a fresh interpreter (memory is returned after every family)."""
-    cmd = [sys.executable, "-m", "moe_utils.publish.coverage", "--row", entry.model_type]
+    cmd = [sys.executable, "-m", "moe_utils.publish.cli", "coverage", "--row", entry.model_type]
     if notebooks:
         cmd.append("--notebooks")
     try:
@@ -336,13 +339,44 @@ def _header(notebooks: bool) -> dict:
     }
 
 
+NOTEBOOK_FIELDS = ("weights_ok", "dynamic_ok")
+
+
+def _keep_notebook_columns(old_row: dict, new_row: dict) -> dict:
+    """``new_row`` (checked without notebooks) with the notebook columns of ``old_row``, when the
+    family still rebuilds; the reasons the notebooks gave are kept after the new reason."""
+    if not new_row.get("trace_ok") or old_row.get("weights_ok") is None:
+        return new_row
+    kept = {k: old_row[k] for k in NOTEBOOK_FIELDS}
+    nb_reasons = [
+        p for p in (old_row.get("reason") or "").split("; ") if p.startswith(("weights notebook", "dynamic notebooks"))
+    ]
+    reason = "; ".join([r for r in [new_row.get("reason")] if r] + nb_reasons) or None
+    return {**new_row, **kept, "reason": reason}
+
+
 def merge(old: dict, new: dict) -> dict:
-    """``old`` with the rows of ``new`` replacing those of the same family (catalogue order)."""
+    """``old`` with the rows of ``new`` replacing those of the same family (catalogue order).
+
+    When ``new`` was checked without notebooks and ``old`` with them, each row keeps its notebook
+    columns and the header keeps the date of the notebook run (``notebooks_date``)."""
+    trace_only = not new.get("notebooks") and old.get("notebooks")
     by_family = {r["family"]: r for r in old.get("rows", [])}
-    by_family.update({r["family"]: r for r in new["rows"]})
+    for r in new["rows"]:
+        prev = by_family.get(r["family"])
+        by_family[r["family"]] = _keep_notebook_columns(prev, r) if trace_only and prev else r
     order = [e.model_type for e in catalogue()]
     rows = sorted(by_family.values(), key=lambda r: order.index(r["family"]) if r["family"] in order else len(order))
-    return {**old, **{k: v for k, v in new.items() if k != "rows"}, "rows": rows}
+    header = {k: v for k, v in new.items() if k != "rows"}
+    if trace_only:
+        header.update(
+            notebooks=True,
+            max_tokens=old.get("max_tokens"),
+            notebooks_date=old.get("notebooks_date") or old.get("date"),
+        )
+    else:
+        header["notebooks_date"] = header["date"] if new.get("notebooks") else old.get("notebooks_date")
+    return {**old, **header, "rows": rows}
 
 
 def summary_counts(data: dict) -> dict[str, int]:
@@ -360,6 +394,25 @@ def summary_counts(data: dict) -> dict[str, int]:
 
 def _mark(value: bool | None) -> str:
     return "–" if value is None else ("✓" if value else "✗")
+
+
+def _variants_cell(row: dict) -> str:
+    """``"k of n pass"`` for a row's config variants; "none" when its config has no optional part."""
+    variants = row.get("variants") or {}
+    if not row.get("trace_ok"):
+        return "–"
+    if not variants:
+        return "none"
+    return f"{sum(1 for why in variants.values() if not why)} of {len(variants)} pass"
+
+
+def _dates_line(data: dict) -> str:
+    """When the rebuild, disk and variant checks ran, and when the notebooks last ran."""
+    line = f"The rebuild, disk and config-variant checks ran on {data['date']}"
+    nb_date = data.get("notebooks_date") or (data["date"] if data.get("notebooks") else None)
+    if nb_date and nb_date != data["date"]:
+        return line + f"; the notebook columns are from the run of {nb_date}."
+    return line + (", the notebooks on the same day." if nb_date else "; the notebooks were not run.")
 
 
 def render_page(data: dict) -> str:
@@ -385,23 +438,28 @@ def render_page(data: dict) -> str:
         "Columns: *weights* is observation 1 (weight analyses), *dynamic* observations 2 and 3 "
         "(traced forward passes); *disk* says whether the checkpoint saved with per-expert "
         "names and with fused names (`save_original_format=False`) streams the same weights as "
-        "the model holds, without building it. Regenerate with `make test-families` "
-        "(or `moe-book coverage --notebooks`)"
+        "the model holds, without building it. *Config variants* counts the variants of the "
+        "family's config that switch one optional part (shared experts, dense layers, top-k "
+        "renormalisation, expert bias) relative to its tiny config and whose own derived spec "
+        "passes the same rebuild and disk checks; each variant is listed below the table. "
+        "Regenerate with `make test-families` (or `moe-book coverage --notebooks`)"
         + (
             f"; the notebooks ran on the first {data['max_tokens']} tokens of their default inputs."
             if data.get("max_tokens")
             else "."
         ),
         "",
-        "| family | transformers package | spec | weights | dynamic | disk | largest rebuild error | reason when not |",
-        "|---|---|---|---|---|---|---|---|",
+        _dates_line(data),
+        "",
+        "| family | transformers package | spec | weights | dynamic | disk | config variants | largest rebuild error | reason when not |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["rows"]:
         err = "" if r["rebuild_error"] is None else f"{r['rebuild_error']:.1e}"
         reason = (r["reason"] or "").replace("|", "\\|").replace("\n", " ")
         lines.append(
             f"| `{r['family']}` | {r['package']} | {r['spec']} | {_mark(r['weights_ok'])} | "
-            f"{_mark(r['dynamic_ok'])} | {_mark(r['disk_ok'])} | {err} | {reason} |"
+            f"{_mark(r['dynamic_ok'])} | {_mark(r['disk_ok'])} | {_variants_cell(r)} | {err} | {reason} |"
         )
     lines += [
         "",
@@ -432,33 +490,15 @@ def write(data: dict, root: Path = Path(".")) -> tuple[Path, Path]:
     return data_path, page_path
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``moe-book coverage [--notebooks] [--families A B ...] [--workers N] [--root DIR]``."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="moe-book coverage", description=(__doc__ or "").split("\n\n")[0])
-    p.add_argument(
-        "--notebooks", action="store_true", help="also run every per-model notebook (slow: a minute or two per family)"
-    )
-    p.add_argument(
-        "--families",
-        nargs="+",
-        metavar="NAME",
-        help="only these families (their rows replace those in the existing data file)",
-    )
-    p.add_argument("--workers", type=int, default=1, help="families checked in parallel")
-    p.add_argument("--root", type=Path, default=Path("."), help="book root (default .)")
-    p.add_argument(
-        "--resume", action="store_true", help="keep the rows already in the data file and check the other families"
-    )
-    p.add_argument("--row", metavar="NAME", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """``moe-book coverage`` with its parsed options (see :func:`moe_utils.publish.cli.build_parser`)."""
     if args.row:
         entry = next(e for e in catalogue() if e.model_type == args.row)
         print(json.dumps(asdict(family_row(entry, notebooks=args.notebooks))))
         return 0
     existing = args.root / DATA_FILE
-    partial = args.families is not None or args.resume
+    # a run without notebooks refreshes the other columns and keeps the notebook ones
+    partial = args.families is not None or args.resume or not args.notebooks
     old = json.loads(existing.read_text()) if partial and existing.is_file() else {"rows": []}
     done = (
         [r["family"] for r in old["rows"] if r.get("weights_ok") is not None or not args.notebooks]
@@ -480,7 +520,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{TOLERANCE:g}, {counts['pass']} pass both analyses"
     )
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
