@@ -86,3 +86,27 @@ class NonFiniteError(MoEUtilsError, ValueError):
 
 class UnsupportedQuantizationError(MoEUtilsError, ValueError):
     """config.json declares a quantization format the weight readers cannot decode."""
+
+
+class ShapeError(MoEUtilsError, ValueError):
+    """Arrays, tensors or configs passed in have the wrong number of dimensions, or disagree in size."""
+
+
+class ArgumentError(MoEUtilsError, ValueError):
+    """An argument is outside the values a function accepts (a k above the number of experts, an unknown option)."""
+
+
+class UnknownActivationError(MoEUtilsError, ValueError):
+    """A config names an activation function moe_utils cannot resolve (an unknown name or bad parameters)."""
+
+
+class UnsupportedRoutingError(MoEUtilsError, ValueError):
+    """An analysis cannot handle the model's routing function (e.g. interventions on group-limited routers)."""
+
+
+class ReplicateError(MoEUtilsError, ValueError):
+    """A replicate of the organism study lacks what was asked of it (a parent to upcycle, a shipped organism)."""
+
+
+class EnvironmentMismatchError(MoEUtilsError, RuntimeError):
+    """This machine builds something other than the shipped files (another tokenizer from the same corpus)."""
