@@ -49,3 +49,28 @@ def test_findings_state_each_verdict_and_link_only_existing_pages(tmp_path: Path
 
 def test_findings_without_results_say_so(tmp_path: Path):
     assert "No results yet" in findings_markdown(tmp_path, "book/runs")
+
+
+def test_a_noninferiority_claim_states_its_margin_not_a_floor(tmp_path: Path):
+    runs = tmp_path / "book" / "runs"
+    write_result(
+        runs / "tiny-moe-fine" / "results",
+        "obs3_depth_diversity",
+        "zoo:tiny-moe-fine",
+        "fp",
+        {},
+        {"t": pd.DataFrame({"x": [1]})},
+        {
+            "last_layer_as_early": {
+                "value": 0.002,
+                "ci_low": -0.003,
+                "ci_high": 0.007,
+                "baseline": 0.0,
+                "verdict": "holds",
+                "floor": 0.005,
+            }
+        },
+    )
+    line = next(l for l in findings_markdown(tmp_path, "book/runs").splitlines() if l.startswith("- **3b."))
+    assert "tiny-moe-fine holds on seed 0 (effect +0.002, 95% interval -0.003 to +0.007, margin 0.005;" in line
+    assert "floor" not in line

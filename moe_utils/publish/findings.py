@@ -49,6 +49,12 @@ def _book_level(runs: Path) -> pd.DataFrame:
     return S.book_level_verdicts(runs / "book" / "results")
 
 
+def _bound(key: str) -> str:
+    """``"floor 0.065"``, or ``"margin 0.005"`` for a claim that an effect is no smaller than a reference."""
+    claim = CLAIMS[key]
+    return f"{'margin' if claim.kind == 'noninferior' else 'floor'} {claim.floor:g}"
+
+
 def _claim_line(key: str, org: str, pages: pd.DataFrame, across: pd.DataFrame) -> str:
     claim = CLAIMS[key]
     row = across[across.quantity == f"{key}_{org}"] if not across.empty else across
@@ -56,7 +62,7 @@ def _claim_line(key: str, org: str, pages: pd.DataFrame, across: pd.DataFrame) -
         r = row.iloc[0]
         return (
             f"{WORDS.get(r.verdict, r.verdict)} across seeds (effect {_num(r.value)}, 95% interval "
-            f"{_num(r.ci_low)} to {_num(r.ci_high)}, floor {claim.floor:g})"
+            f"{_num(r.ci_low)} to {_num(r.ci_high)}, {_bound(key)})"
         )
     hit = pages[(pages.model == f"zoo:{org}") & (pages.quantity == claim.quantity)] if not pages.empty else pages
     if not len(hit):
@@ -64,7 +70,7 @@ def _claim_line(key: str, org: str, pages: pd.DataFrame, across: pd.DataFrame) -
     h = hit.iloc[0]
     return (
         f"{WORDS.get(h.verdict, h.verdict)} on seed 0 (effect {_num(h.value)}, 95% interval {_num(h.ci_low)} "
-        f"to {_num(h.ci_high)}, floor {claim.floor:g}; the other seeds are not combined yet)"
+        f"to {_num(h.ci_high)}, {_bound(key)}; the other seeds are not combined yet)"
     )
 
 
