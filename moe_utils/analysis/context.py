@@ -26,6 +26,7 @@ from ..engine.inputs import Inputs, check_inputs_spec, fit_context, inputs_label
 from ..models.checkpoint import checkpoint_fingerprint, find_weight_files, verify_safetensors
 from ..models.loading import LoadedModel, load_model, resolve_model
 from ..models.specs import spec_for_config
+from ..models.stream import stream_choice, streamable
 from ..models.trace import Trace, trace, trace_dense
 
 
@@ -41,6 +42,7 @@ class Study:
     dense_note: str = ""  # why the dense baseline was left out, when it was
     allow_invalid: bool = False
     excluded: list[dict[str, Any]] = field(default_factory=list)
+    stream_device: str | None = None  # set: forward passes read one decoder layer at a time, on this device
 
     @property
     def name(self) -> str:
@@ -224,6 +226,8 @@ def open_study(
     revision: str | None = None,
     allow_pickle: bool = False,
     allow_invalid: bool = False,
+    stream: bool | None = None,
+    device: str = "cpu",
     **params: Any,
 ) -> Study:
     """Load the model under study (it must be an MoE) and, if given, its dense baseline.
@@ -248,9 +252,13 @@ def open_study(
     torch.manual_seed(seed)
     transformers.logging.disable_progress_bar()
 
+    streamed = False if weights_only else stream_choice(model, stream, dtype, revision, allow_pickle)
+
     def load(name: str, rev: str | None = None) -> LoadedModel:
         if weights_only:
             return checkpoint_only(name, rev, allow_pickle=allow_pickle)
+        if streamed and name == model:
+            return streamable(name, rev, allow_pickle=allow_pickle)
         return load_model(
             name,
             dtype=dtype,
@@ -308,6 +316,15 @@ def open_study(
     }
     if allow_invalid:
         run_params["allow_invalid"] = True
+    if streamed:
+        run_params["stream"] = True
     return Study(
-        lm, dense, Path(results_dir), chosen, run_params, dense_note=dense_note, allow_invalid=bool(allow_invalid)
+        lm,
+        dense,
+        Path(results_dir),
+        chosen,
+        run_params,
+        dense_note=dense_note,
+        allow_invalid=bool(allow_invalid),
+        stream_device=str(device) if streamed else None,
     )

@@ -1,7 +1,7 @@
 """Analyses that need a forward pass on text (observations 2 and 3).
 
-Each function takes a :class:`~moe_utils.models.loading.LoadedModel` and a :class:`~moe_utils.models.trace.Trace`
-from one ordinary forward pass, evaluates every expert on each MoE block's captured input, and
+Each function takes a :class:`~moe_utils.models.loading.LoadedModel` (or the layer stream's held
+layer) and a :class:`~moe_utils.models.trace.Trace` from one ordinary forward pass, evaluates every expert on each MoE block's captured input, and
 returns numpy arrays or tidy DataFrames. Nothing here re-runs the model. Weights are used in
 the model's own dtype (no float32 copy of a layer; each expert is widened on the fly), and the
 all-expert evaluations are chunked over tokens and experts, so no ``[N, E, I]`` float32 tensor
@@ -10,8 +10,9 @@ of all experts is ever built.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -19,8 +20,11 @@ import torch
 
 from .. import metrics as M
 from ..core.progress import progress
+from ..engine.canonical import MoELayerWeights
 from ..engine.expert_math import iter_expert_intermediates
-from ..models.loading import LoadedModel
+from ..engine.inputs import Inputs
+from ..models.loading import LoadedModel, as_dtype
+from ..models.stream import StreamedLayer, stream_traces
 from ..models.trace import (
     Trace,
     dense_intermediates,
@@ -29,7 +33,36 @@ from ..models.trace import (
     expert_outputs,
     router_scores,
 )
-from ..models.weights import dense_mlp_weights, layer_weights
+from ..models.weights import WeightSource, dense_mlp_weights, layer_weights
+
+
+def each_traced_layer(
+    study: Any, inputs: Mapping[str, Inputs], work: Callable[[WeightSource, dict[str, Trace]], None]
+) -> dict[str, Trace]:
+    """Trace each named input set and call ``work(source, traces)`` on the traced layers.
+
+    A whole model (``study.stream_device`` None) is traced once per input set and ``work`` runs
+    once, on every layer. A streamed model (:mod:`moe_utils.models.stream`) is read one decoder
+    layer at a time: ``work`` then runs once per MoE layer, in order, on one-layer traces and the
+    layer's held weights, so the analyses it calls (which loop over ``tr.layers``) give, concatenated,
+    the tables of the whole-model path. Returns the full traces."""
+    device = getattr(study, "stream_device", None)
+    if device is None:
+        traces = {name: study.trace(inp) for name, inp in inputs.items()}
+        work(study.lm, traces)
+        return traces
+
+    def visit(layer: StreamedLayer) -> None:
+        work(layer.held, layer.traces)
+
+    return stream_traces(
+        study.lm,
+        {name: inp.sequences for name, inp in inputs.items()},
+        layers=study.layers,
+        device=device,
+        dtype=as_dtype(study.params.get("dtype", "float32")),
+        visit=visit,
+    )
 
 
 @dataclass
@@ -44,6 +77,12 @@ class NormsScores:
     @property
     def layers(self) -> list[int]:
         return sorted(self.norms)
+
+    def merged(self, other: NormsScores) -> NormsScores:
+        """These layers and ``other``'s (the same tokens), as one :class:`NormsScores`."""
+        return NormsScores(
+            {**self.norms, **other.norms}, {**self.scores, **other.scores}, {**self.chosen, **other.chosen}, self.groups
+        )
 
     @property
     def num_experts(self) -> int:
@@ -61,7 +100,7 @@ def token_labels(tr: Trace) -> list[str]:
     return [f"{int(p)}:{t!r}" for p, t in zip(tr.position.tolist(), tr.tokens, strict=True)]
 
 
-def norms_and_scores(lm: LoadedModel, tr: Trace, chunk_tokens: int = 1024) -> NormsScores:
+def norms_and_scores(lm: WeightSource, tr: Trace, chunk_tokens: int = 1024) -> NormsScores:
     """L2 norm of every expert's output on each MoE block's real input, and the router's softmax
     scores over all experts (the paper's "gate scores", Sec. 5.2)."""
     norms, scores, chosen = {}, {}, {}
@@ -141,7 +180,7 @@ def mean_norm_by_layer(ns: NormsScores) -> pd.DataFrame:
 
 
 def activation_ratios(
-    lm: LoadedModel,
+    lm: WeightSource,
     tr: Trace,
     dense_lm: LoadedModel | None = None,
     dense_tr: Trace | None = None,
@@ -166,7 +205,7 @@ def activation_ratios(
 
 
 def intermediate_frame(
-    lm: LoadedModel,
+    lm: WeightSource,
     tr: Trace,
     layer: int,
     dense_lm: LoadedModel | None = None,
@@ -210,9 +249,10 @@ def intermediate_frame(
 
 
 def _outputs_with_extras(
-    lm: LoadedModel, tr: Trace, layer: int, dense_lm: LoadedModel | None, dense_tr: Trace | None
-) -> tuple[torch.Tensor, list[str]]:
-    """[N, E(+F)(+SE), H] raw outputs of every expert, the F baseline and the shared expert."""
+    lm: WeightSource, tr: Trace, layer: int, dense_lm: LoadedModel | None, dense_tr: Trace | None
+) -> tuple[torch.Tensor, list[str], MoELayerWeights]:
+    """[N, E(+F)(+SE), H] raw outputs of every expert, the F baseline and the shared expert, their
+    labels, and the layer's weights."""
     lt = tr.per_layer[layer]
     w = layer_weights(lm, layer, dtype=None)
     y = expert_outputs(w, lt.x).float()
@@ -226,18 +266,18 @@ def _outputs_with_extras(
         labels.append("SE")
     if extra:
         y = torch.cat([y] + [t[:, None, :] for t in extra], dim=1)
-    return y, labels
+    return y, labels, w
 
 
 def token_output_similarity(
-    lm: LoadedModel, tr: Trace, dense_lm: LoadedModel | None = None, dense_tr: Trace | None = None
+    lm: WeightSource, tr: Trace, dense_lm: LoadedModel | None = None, dense_tr: Trace | None = None
 ) -> pd.DataFrame:
     """Cosine similarity between all experts' outputs (+F, +SE) for every token and layer
     (the paper's Fig. 2, short input)."""
     labels_tok = token_labels(tr)
     frames = []
     for layer in progress(tr.layers, desc="per-token output similarity", unit="layer"):
-        y, labels = _outputs_with_extras(lm, tr, layer, dense_lm, dense_tr)
+        y, labels, _ = _outputs_with_extras(lm, tr, layer, dense_lm, dense_tr)
         chosen = tr.per_layer[layer].routed_index.cpu().numpy()
         k = len(labels)
         sims = M.token_similarity(y, angular=False)
@@ -258,14 +298,84 @@ def token_output_similarity(
     return pd.concat(frames, ignore_index=True)
 
 
+def random_experts_like(w: MoELayerWeights, seed: int, std: float) -> MoELayerWeights:
+    """The layer's experts replaced by random ones of the same shapes, N(0, std) (observation 3's
+    input-geometry null: what experts that learned nothing give on the same inputs)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else (torch.randn(t.shape, generator=g) * std).to(t.dtype)
+
+    return replace(w, w_act=rnd(w.w_act), w_up=rnd(w.w_up), w_down=rnd(w.w_down), b_act=None, b_up=None, b_down=None)
+
+
+def init_std(config: Any) -> float:
+    """The random-expert null's standard deviation: the model's ``initializer_range`` (0.02 when unset)."""
+    value = config.get("initializer_range") if isinstance(config, dict) else getattr(config, "initializer_range", None)
+    return float(value or 0.02)
+
+
+def output_similarity(
+    lm: WeightSource,
+    tr: Trace,
+    dense_lm: LoadedModel | None = None,
+    dense_tr: Trace | None = None,
+    seed: int = 0,
+    std: float = 0.02,
+    chunk: int = 256,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Observation 3's two long-input tables from one evaluation of every expert per layer.
+
+    * the pooled map (the paper's Fig. 3): angular similarity between expert outputs (+F, +SE)
+      per token, summed over all tokens and divided by their count;
+    * per sequence and layer: the sum over tokens of the per-token mean angular similarity of
+      distinct experts' outputs and the number of tokens with a defined value, for the trained
+      experts (``experts = "trained"``) and for random experts of the same shapes, N(0, ``std``),
+      on the same block inputs (``experts = "random"``, the input-geometry null)."""
+    seqs = tr.seq_index.cpu().numpy()
+    maps, rows = [], []
+    for layer in progress(tr.layers, desc="output similarity", unit="layer"):
+        y, labels, w = _outputs_with_extras(lm, tr, layer, dense_lm, dense_tr)
+        k = len(labels)
+        acc = M.mean_token_similarity(y, angular=True)
+        maps.append(
+            pd.DataFrame(
+                {
+                    "layer": layer,
+                    "expert_i": np.repeat(labels, k),
+                    "expert_j": np.tile(labels, k),
+                    "similarity": acc.ravel(),
+                }
+            )
+        )
+        x = tr.per_layer[layer].x
+        trained = np.concatenate(
+            [M.token_mean_similarity(y[s : s + chunk, : w.num_experts]) for s in range(0, x.shape[0], chunk)]
+        )
+        del y
+        rand = random_experts_like(w, seed + layer, std)
+        null = np.concatenate(
+            [M.token_mean_similarity(expert_outputs(rand, x[s : s + chunk])) for s in range(0, x.shape[0], chunk)]
+        )
+        del rand, w
+        for kind, vals in (("trained", trained), ("random", null)):
+            ok = np.isfinite(vals)
+            for g in np.unique(seqs):
+                m = (seqs == g) & ok
+                rows.append(
+                    {"layer": layer, "seq": int(g), "experts": kind, "sum": float(vals[m].sum()), "count": int(m.sum())}
+                )
+    return pd.concat(maps, ignore_index=True), pd.DataFrame(rows)
+
+
 def average_output_similarity(
-    lm: LoadedModel, tr: Trace, dense_lm: LoadedModel | None = None, dense_tr: Trace | None = None
+    lm: WeightSource, tr: Trace, dense_lm: LoadedModel | None = None, dense_tr: Trace | None = None
 ) -> pd.DataFrame:
     """Angular similarity between expert outputs averaged over all tokens (the paper's Fig. 3,
     long input): per token 1 - arccos(cos)/pi, summed over tokens and divided by their count."""
     frames = []
     for layer in progress(tr.layers, desc="mean output similarity", unit="layer"):
-        y, labels = _outputs_with_extras(lm, tr, layer, dense_lm, dense_tr)
+        y, labels, _ = _outputs_with_extras(lm, tr, layer, dense_lm, dense_tr)
         acc = M.mean_token_similarity(y, angular=True)
         k = len(labels)
         frames.append(

@@ -15,14 +15,13 @@ from typing import Any, cast
 
 import numpy as np
 import pandas as pd
-import torch
 from scipy import stats
 
 from .. import metrics as M
 from ..metrics.nulls import NAN, UNDEFINED, Interval
 from ..models.loading import LoadedModel
-from ..models.trace import Trace, expert_outputs
-from ..models.weights import layer_weights
+from ..models.trace import Trace
+from . import dynamic
 from .claims import CLAIMS, Claim
 
 
@@ -175,53 +174,12 @@ def obs2_effect(choices: pd.DataFrame, n_experts: int, seed: int = 0) -> tuple[E
 # ---- observation 3 ------------------------------------------------------------------------------
 
 
-def _token_mean_similarity(y: torch.Tensor) -> np.ndarray:
-    """Per token: mean angular similarity over distinct expert pairs (NaN where an output is 0)."""
-    y = y.float()
-    n = y.norm(dim=-1, keepdim=True)
-    u = torch.where(n > 0, y / n.clamp_min(1e-30), torch.full_like(y, float("nan")))
-    cos = torch.einsum("neh,nfh->nef", u, u).clamp(-1, 1)
-    ang = 1 - torch.arccos(cos) / math.pi
-    e = y.shape[1]
-    off = ~torch.eye(e, dtype=torch.bool)
-    return ang[:, off].mean(dim=1).cpu().numpy()
-
-
-def _random_like(w: Any, seed: int, std: float) -> Any:
-    """The layer's experts replaced by random ones of the same shapes (input-geometry null)."""
-    from dataclasses import replace
-
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else (torch.randn(t.shape, generator=g) * std).to(t.dtype)
-
-    return replace(w, w_act=rnd(w.w_act), w_up=rnd(w.w_up), w_down=rnd(w.w_down), b_act=None, b_up=None, b_down=None)
-
-
-def sequence_similarity(lm: LoadedModel, tr: Trace, seed: int = 0, chunk: int = 256) -> pd.DataFrame:
-    """Per sequence and MoE layer: the sum over tokens of the per-token mean angular similarity of
-    distinct experts' outputs and the number of tokens with a defined value, for the trained
-    experts (``experts = "trained"``) and for random experts of the same shapes on the same block
-    inputs (``experts = "random"``, the input-geometry null)."""
-    seqs = tr.seq_index.cpu().numpy()
-    rows = []
-    std = float(getattr(getattr(lm.model, "config", None), "initializer_range", 0.02) or 0.02)
-    for layer in tr.layers:
-        x = tr.per_layer[layer].x
-        w = layer_weights(lm, layer, dtype=None)
-        for kind, weights in (("trained", w), ("random", _random_like(w, seed + layer, std))):
-            vals = np.concatenate(
-                [_token_mean_similarity(expert_outputs(weights, x[s : s + chunk])) for s in range(0, x.shape[0], chunk)]
-            )
-            ok = np.isfinite(vals)
-            for g in np.unique(seqs):
-                m = (seqs == g) & ok
-                rows.append(
-                    {"layer": layer, "seq": int(g), "experts": kind, "sum": float(vals[m].sum()), "count": int(m.sum())}
-                )
-        del w
-    return pd.DataFrame(rows)
+def sequence_similarity(lm: LoadedModel, tr: Trace, seed: int = 0) -> pd.DataFrame:
+    """Per sequence and MoE layer: the sums of the per-token mean angular similarity of distinct
+    experts' outputs, trained and random (the ``sequences`` table of
+    :func:`moe_utils.analysis.dynamic.output_similarity`, which computes it beside the pooled map
+    in one evaluation of the experts)."""
+    return dynamic.output_similarity(lm, tr, seed=seed, std=dynamic.init_std(lm.config))[1]
 
 
 def _sums(table: pd.DataFrame, kind: str) -> tuple[np.ndarray, np.ndarray]:

@@ -232,36 +232,54 @@ class Obs2Report:
         return expert_norm_description(self.norms, layer, expert)
 
 
+def _merged(parts: list[dynamic.NormsScores]) -> dynamic.NormsScores:
+    out = parts[0]
+    for part in parts[1:]:
+        out = out.merged(part)
+    return out
+
+
 def norms_report(
     study: Any, inputs: str = "long", max_tokens: int | None = None, seed: int = 0, max_neurons: int = 64
 ) -> Obs2Report:
     """Observation 2 on an opened study (:func:`moe_utils.analysis.context.open_study`): the short
-    prompt for the per-token views and the activations, ``inputs`` for the counts and agreement."""
-    lm = study.lm
+    prompt for the per-token views and the activations, ``inputs`` for the counts and agreement.
+    A study opened with the layer stream is read one decoder layer at a time, each layer once."""
     short = study.inputs("short")
-    short_trace = study.trace(short)
-    checks = verify_trace(lm, short_trace)
-    short_ns = dynamic.norms_and_scores(lm, short_trace)
-    bars = dynamic.token_bars_frame(short_ns, short_trace)
-
     long_inputs = study.inputs(inputs, max_tokens=max_tokens)
-    long_trace = study.trace(long_inputs)
-    ns = dynamic.norms_and_scores(lm, long_trace)
+    dense_short = study.dense_trace(short)
+    checks: list[LayerCheck] = []
+    short_parts: list[dynamic.NormsScores] = []
+    long_parts: list[dynamic.NormsScores] = []
+    ratio_parts: list[pd.DataFrame] = []
+    found: dict[str, Any] = {}  # the first layer's activation, and the last layer's intermediate frame
+
+    def work(source: Any, trs: dict[str, Trace]) -> None:
+        short_trace, long_trace = trs["short"], trs["long"]
+        checks.extend(verify_trace(study.lm, short_trace, source=source))
+        short_parts.append(dynamic.norms_and_scores(source, short_trace))
+        long_parts.append(dynamic.norms_and_scores(source, long_trace))
+        ratio_parts.append(dynamic.activation_ratios(source, short_trace, study.dense, dense_short))
+        if "activation" not in found:
+            first = layer_weights(source, short_trace.layers[0], dtype=None)
+            found["activation"], found["has_act"] = first.activation, first.w_act is not None
+        last = (study.layers or study.lm.moe_layers)[-1]
+        if last in short_trace.layers and found["has_act"]:
+            found["intermediate"] = dynamic.intermediate_frame(
+                source, short_trace, last, study.dense, dense_short, max_neurons=max_neurons
+            )
+
+    traces = dynamic.each_traced_layer(study, {"short": short, "long": long_inputs}, work)
+    short_trace = traces["short"]
+    short_ns = _merged(short_parts)
+    ns = _merged(long_parts)
+    bars = dynamic.token_bars_frame(short_ns, short_trace)
     per_layer_counts = dynamic.rank_count_frame(ns)
     counts = dynamic.summed_rank_counts(per_layer_counts)
     agree = dynamic.agreement_table(ns, k=1, seed=seed)
     agree2 = dynamic.agreement_table(ns, k=2, seed=seed)
-
-    dense_short = study.dense_trace(short)
-    ratios = dynamic.activation_ratios(lm, short_trace, study.dense, dense_short)
-    first = layer_weights(lm, short_trace.layers[0], dtype=None)
-    inter = (
-        dynamic.intermediate_frame(
-            lm, short_trace, short_trace.layers[-1], study.dense, dense_short, max_neurons=max_neurons
-        )
-        if first.w_act is not None
-        else None
-    )
+    ratios = pd.concat(ratio_parts, ignore_index=True)
+    inter = found.get("intermediate")
     tables = {
         "rank_counts": per_layer_counts,
         "agreement_top1": agree,
@@ -288,6 +306,6 @@ def norms_report(
         agreement_top2=agree2,
         agreement_summary=agreement_summary_table(agree, agree2, study.name),
         activation_ratios=ratios,
-        activation=first.activation,
+        activation=found["activation"],
         intermediate=inter,
     )

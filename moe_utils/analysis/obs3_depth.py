@@ -24,7 +24,7 @@ from ..core.frames import int_key
 from ..engine.inputs import Inputs
 from ..models.trace import Trace
 from . import dynamic, static
-from .effects import obs3_effects, sequence_similarity
+from .effects import obs3_effects
 from .labels import distinct_expert_pairs
 from .verdicts import NAN, descriptive, versus_baseline
 
@@ -288,28 +288,40 @@ class Obs3Report:
 
 
 def depth_report(study: Any, inputs: str = "long", max_tokens: int | None = None, seed: int = 0) -> Obs3Report:
-    """Observation 3 on an opened study (:func:`moe_utils.analysis.context.open_study`)."""
-    lm, dense = study.lm, study.dense
+    """Observation 3 on an opened study (:func:`moe_utils.analysis.context.open_study`); a study
+    opened with the layer stream is read one decoder layer at a time, each layer once."""
+    dense = study.dense
     short = study.inputs("short")
-    short_trace = study.trace(short)
-    dense_short = study.dense_trace(short)
-    tok_sim = dynamic.token_output_similarity(lm, short_trace, dense, dense_short)
-    short_by_layer = short_similarity_by_layer(tok_sim)
-
     long_inputs = study.inputs(inputs, max_tokens=max_tokens)
-    long_trace = study.trace(long_inputs)
+    dense_short = study.dense_trace(short)
     dense_long = study.dense_trace(long_inputs)
-    avg_sim = dynamic.average_output_similarity(lm, long_trace, dense, dense_long)
+    std = dynamic.init_std(study.lm.config)
+    tok_parts: list[pd.DataFrame] = []
+    avg_parts: list[pd.DataFrame] = []
+    seq_parts: list[pd.DataFrame] = []
+    weight_parts: list[pd.DataFrame] = []
 
-    wsum = static.offdiagonal_summary(
-        static.weight_similarity(study.weights_source, study.layers, study.dense_weights_source)
+    def work(source: Any, trs: dict[str, Trace]) -> None:
+        tok_parts.append(dynamic.token_output_similarity(source, trs["short"], dense, dense_short))
+        avg, seq = dynamic.output_similarity(source, trs["long"], dense, dense_long, seed=seed, std=std)
+        avg_parts.append(avg)
+        seq_parts.append(seq)
+        weights = study.weights_source if source is study.lm else source  # screened when allow_invalid
+        weight_parts.append(static.weight_similarity(weights, trs["long"].layers, study.dense_weights_source))
+
+    traces = dynamic.each_traced_layer(
+        study, {"short": short, "long": long_inputs, "routing": study.inputs("routing")}, work
     )
+    short_trace, long_trace, routing_trace = traces["short"], traces["long"], traces["routing"]
+    tok_sim = pd.concat(tok_parts, ignore_index=True)
+    short_by_layer = short_similarity_by_layer(tok_sim)
+    avg_sim = pd.concat(avg_parts, ignore_index=True)
+    wsum = static.offdiagonal_summary(pd.concat(weight_parts, ignore_index=True))
     out_summary = output_summary(avg_sim)
     trend = depth_trend(out_summary, short_by_layer, wsum)
     tests = depth_tests(trend)
-    seq_sim = sequence_similarity(lm, long_trace, seed=seed)
+    seq_sim = pd.concat(seq_parts, ignore_index=True)
 
-    routing_trace = study.trace(study.inputs("routing"))
     routes = dynamic.routing_frame(routing_trace)
     repeats = repeat_rate_table(long_trace, seed=seed)
     pooled = pooled_trace_repeat_rate(long_trace, seed=seed)

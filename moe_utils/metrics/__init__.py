@@ -64,7 +64,7 @@ from .nulls import (
     t_mean_interval,
     undefined_interval,
 )
-from .outputs import mean_token_similarity, token_similarity
+from .outputs import mean_token_similarity, token_mean_similarity, token_similarity
 from .projection import Projection, matrix_pca, neuron_pca, pca_projection, standardize
 from .routing import (
     RepeatRate,
@@ -165,6 +165,7 @@ __all__ = [
     "stack_with_reference",
     "standardize",
     "t_mean_interval",
+    "token_mean_similarity",
     "token_similarity",
     "top1_agreement",
     "top1_experts",

@@ -3,6 +3,8 @@
 * Short input: one cosine map per token between all experts' raw outputs (``token_similarity``).
 * Long input: per token the **angular** similarity between all experts, summed over all tokens of
   all sequences and divided by the total token count (``mean_token_similarity``).
+* Per token, the mean angular similarity over distinct expert pairs (``token_mean_similarity``),
+  which observation 3's per-sequence sums and its random-expert null are made of.
 
 A reference output (the dense model's FFN "F" from its own forward pass, or a shared expert) is
 appended as an extra item with ``stack_with_reference(outputs, f, axis=1)`` first.
@@ -10,7 +12,10 @@ appended as an extra item with ``stack_with_reference(outputs, f, axis=1)`` firs
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import torch
 
 from ._arrays import ArrayLike, to_numpy
 from .similarity import angular_similarity
@@ -58,3 +63,16 @@ def mean_token_similarity(outputs: ArrayLike, angular: bool = True, chunk_tokens
         c = _cos_batch(to_numpy(outputs[s : s + chunk_tokens]))
         total += (angular_similarity(c) if angular else c).sum(axis=0)
     return total / n
+
+
+def token_mean_similarity(outputs: torch.Tensor) -> np.ndarray:
+    """Per token: mean angular similarity over distinct expert pairs, ``[N, E, H]`` -> ``[N]``
+    (NaN where an expert's output is 0: its direction is undefined)."""
+    y = outputs.float()
+    n = y.norm(dim=-1, keepdim=True)
+    u = torch.where(n > 0, y / n.clamp_min(1e-30), torch.full_like(y, float("nan")))
+    cos = torch.einsum("neh,nfh->nef", u, u).clamp(-1, 1)
+    ang = 1 - torch.arccos(cos) / math.pi
+    e = y.shape[1]
+    off = ~torch.eye(e, dtype=torch.bool)
+    return ang[:, off].mean(dim=1).cpu().numpy()

@@ -345,26 +345,34 @@ def _run(lm: LoadedModel, seqs: list[Tensor], hooks: dict[int, Any], kind: str) 
                 before = {layer: len(h.store.get("x", [])) for layer, h in hooks.items()}
                 model(input_ids=ids.unsqueeze(0).to(device), use_cache=False)
                 for layer, h in hooks.items():
-                    new = h.store.get("x", [])[before[layer] :]
-                    if len(new) != 1 or new[0].shape[0] != ids.numel():
-                        raise MoEUtilsError(
-                            f"layer {layer}: expected one call of the block with {ids.numel()} "
-                            f"tokens for sequence {s}, saw {len(new)} call(s) with "
-                            f"{[t.shape[0] for t in new]} tokens; the model does not run each "
-                            "block once per forward pass, so it cannot be traced this way"
-                        )
+                    check_one_call(layer, s, h.store.get("x", [])[before[layer] :], ids.numel())
     finally:
         for h in hooks.values():
             h.remove()
+    return assemble_trace(lm, seqs, {layer: h.layer_trace(layer) for layer, h in hooks.items()}, kind)
+
+
+def check_one_call(layer: int, seq: int, new: list[Tensor], n_tokens: int) -> None:
+    """Raise unless a hooked block ran exactly once, on all ``n_tokens`` tokens of sequence ``seq``."""
+    if len(new) != 1 or new[0].shape[0] != n_tokens:
+        raise MoEUtilsError(
+            f"layer {layer}: expected one call of the block with {n_tokens} "
+            f"tokens for sequence {seq}, saw {len(new)} call(s) with "
+            f"{[t.shape[0] for t in new]} tokens; the model does not run each "
+            "block once per forward pass, so it cannot be traced this way"
+        )
+
+
+def assemble_trace(lm: LoadedModel, seqs: list[Tensor], per_layer: dict[int, LayerTrace], kind: str) -> Trace:
+    """A :class:`Trace` of ``seqs`` (concatenated in order) from per-layer captures."""
     token_ids = torch.cat(seqs)
     seq_index = torch.cat([torch.full((ids.numel(),), i, dtype=torch.long) for i, ids in enumerate(seqs)])
     position = torch.cat([torch.arange(ids.numel()) for ids in seqs])
-    per_layer = {layer: h.layer_trace(layer) for layer, h in hooks.items()}
     return Trace(
         token_ids=token_ids,
         seq_index=seq_index,
         position=position,
-        layers=list(hooks),
+        layers=list(per_layer),
         per_layer=per_layer,
         model_name=lm.name,
         fingerprint=lm.fingerprint,
@@ -493,26 +501,32 @@ def verify_trace(
     the recomputed top-k expert sets equal the captured ones, and the max routing-weight error.
     ``source`` (default: the loaded model) is where the weights come from, e.g. the checkpoint.
     """
-    checks = []
-    for layer in layers if layers is not None else tr.layers:
-        lt = tr[layer]
-        weights = layer_weights(source if source is not None else lm, layer, dtype=None)
-        params, weight, index = _recompute_routing(lt, weights, None)
-        recon = _rebuild(lt, weights, params, weight, index)
-        scale = lt.block_output.abs().max().clamp_min(torch.finfo(torch.float32).tiny)
-        rel = float((recon - lt.block_output).abs().max() / scale)
-        idx_r, w_r = _sorted_pairs(index, weight)
-        idx_c, w_c = _sorted_pairs(lt.routed_index, lt.routed_weight)
-        equal = bool(torch.equal(idx_r, idx_c))
-        werr = float((w_r - w_c).abs().max()) if equal else float("inf")
-        checks.append(LayerCheck(layer, rel, equal, werr, lt.routing_source))
-    return checks
+    return [
+        check_layer_trace(tr[layer], layer_weights(source if source is not None else lm, layer, dtype=None))
+        for layer in (layers if layers is not None else tr.layers)
+    ]
+
+
+def check_layer_trace(lt: LayerTrace, weights: MoELayerWeights) -> LayerCheck:
+    """:func:`verify_trace` for one captured layer and its weights."""
+    params, weight, index = _recompute_routing(lt, weights, None)
+    recon = _rebuild(lt, weights, params, weight, index)
+    scale = lt.block_output.abs().max().clamp_min(torch.finfo(torch.float32).tiny)
+    rel = float((recon - lt.block_output).abs().max() / scale)
+    idx_r, w_r = _sorted_pairs(index, weight)
+    idx_c, w_c = _sorted_pairs(lt.routed_index, lt.routed_weight)
+    equal = bool(torch.equal(idx_r, idx_c))
+    werr = float((w_r - w_c).abs().max()) if equal else float("inf")
+    return LayerCheck(lt.layer, rel, equal, werr, lt.routing_source)
 
 
 __all__ = [
     "LayerCheck",
     "LayerTrace",
     "Trace",
+    "assemble_trace",
+    "check_layer_trace",
+    "check_one_call",
     "dense_intermediates",
     "dense_outputs",
     "expert_intermediates",

@@ -4,183 +4,36 @@ Whatever the family stores (fused ``gate_up_proj [E,2I,H]``, transposed, interle
 biases, DBRX's 2-D ``[E*I,H]``, or one nn.Linear per expert on disk), a layer comes out as a
 :class:`MoELayerWeights` with ``w_act/w_up [E,I,H]``, ``w_down [E,H,I]`` and router ``[E,H]``.
 
-Sources are either a loaded model (tensors are read from the module state on their own device)
-or a checkpoint folder (tensors are streamed from memory-mapped safetensors one layer at a time,
-without building the model). Both go through the same family spec, so a checkpoint and the
-model loaded from it give identical weights.
+Sources (:mod:`moe_utils.models.sources`) are either a loaded model (tensors are read from the
+module state on their own device) or a checkpoint folder (tensors are streamed from memory-mapped
+safetensors one layer at a time, without building the model). Both go through the same family
+spec, so a checkpoint and the model loaded from it give identical weights.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
-from typing import Protocol, TypeAlias
 
 import torch
 from torch import nn
 
-from moe_utils.arch import FamilySpec, require_moe, spec_for_config
-from moe_utils.arch.config import config_dict, read_config_json
-from moe_utils.arch.facts import ModelFacts, facts_for
+from moe_utils.arch import FamilySpec, require_moe
+from moe_utils.arch.facts import ModelFacts
 from moe_utils.arch.spec import ExpertTensors, MLPTensors, MoETensors, WeightFormat
-from moe_utils.core.errors import CheckpointError, LayerIndexError, MoEUtilsError, NonFiniteError
+from moe_utils.core.errors import CheckpointError, LayerIndexError, NonFiniteError
 from moe_utils.core.finite import ScreenedSource, check_finite, is_finite, nonfinite_counts, unwrap
 from moe_utils.engine.canonical import DenseMLPWeights, MoELayerWeights
-from moe_utils.models.checkpoint import CheckpointReader
-from moe_utils.models.ids import resolve_folder
-from moe_utils.models.quantized import QuantizedTensors, ignored_layer, model_dtype, quant_scheme
+from moe_utils.models.sources import (
+    FolderSource,
+    HeldLayer,
+    ModelSource,
+    ModelWithFacts,
+    TensorSource,
+    WeightSource,
+    open_source,
+)
 
 Tensor = torch.Tensor
-
-
-class ModelWithFacts(Protocol):
-    """What the readers need of a loaded model (:class:`~moe_utils.models.loading.LoadedModel`):
-    its family spec and facts, its modules (None when loaded weights-only) and its folder."""
-
-    spec: FamilySpec
-    facts: ModelFacts
-    model: nn.Module | None
-    path: Path | None
-
-
-#: What the weight readers take: a loaded model (its modules; its checkpoint when it was loaded
-#: weights-only or offloaded), an ``nn.Module`` with a ``config``, a checkpoint folder or model
-#: id, any of them optionally wrapped in a :class:`~moe_utils.core.finite.ScreenedSource`.
-WeightSource: TypeAlias = "ModelWithFacts | nn.Module | str | Path | ScreenedSource"
-
-
-# ---- tensor sources ----------------------------------------------------------------------
-class TensorSource(Protocol):
-    config: dict
-    on_disk: bool
-
-    def has(self, name: str) -> bool: ...
-    def get(self, name: str) -> Tensor: ...
-
-
-class ModelSource:
-    """Tensors of a loaded nn.Module by state-dict name (no copies)."""
-
-    on_disk = False
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        cfg = getattr(model, "config", None)
-        if cfg is None:
-            raise MoEUtilsError(
-                f"{type(model).__name__} has no .config; pass a transformers model "
-                "or set model.config to its config dict"
-            )
-        self.config = config_dict(cfg)
-        self._tensors: dict[str, Tensor] = dict(model.named_parameters(remove_duplicate=False))
-        self._tensors.update(dict(model.named_buffers(remove_duplicate=False)))
-
-    def has(self, name: str) -> bool:
-        return name in self._tensors
-
-    def get(self, name: str) -> Tensor:
-        tensor = self._tensors[name].detach()
-        if tensor.device.type == "meta":
-            raise MoEUtilsError(
-                f"{name} is offloaded (on the meta device); read weights from the "
-                "checkpoint folder instead: layer_weights(<folder>, layer)"
-            )
-        return tensor
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._tensors[name].shape)
-
-    def part(self, name: str, index: tuple) -> Tensor:
-        """``tensor[index]`` (basic slicing) without touching the rest of the tensor."""
-        return self.get(name)[index]
-
-
-class FolderSource:
-    """Tensors streamed from a checkpoint folder (memory-mapped safetensors).
-
-    A quantized checkpoint (:mod:`~moe_utils.models.quantized`) answers under the names of its
-    unquantized twin, decoded to its config's dtype; an unsupported quantization is refused here,
-    before a weight file is opened. Layers at index ``>= num_hidden_layers`` (DeepSeek-V3's
-    multi-token-prediction layer), which transformers does not load, are not seen."""
-
-    on_disk = True
-
-    def __init__(self, folder: Path, allow_pickle: bool = False):
-        self.config = read_config_json(folder)
-        scheme = quant_scheme(self.config)
-        self.reader = CheckpointReader(folder, allow_pickle=allow_pickle)
-        self.quantized = None if scheme is None else QuantizedTensors(self.reader, scheme, model_dtype(self.config))
-        layers = self.config.get("num_hidden_layers")
-        self.num_layers = layers if isinstance(layers, int) else None
-
-    def has(self, name: str) -> bool:
-        if ignored_layer(name, self.num_layers):
-            return False
-        return self.reader.has(name) if self.quantized is None else self.quantized.has(name)
-
-    def get(self, name: str) -> Tensor:
-        """The tensor on a private memory map of its own bytes, read as it is used and unmapped
-        when freed (:meth:`~moe_utils.models.checkpoint.CheckpointReader.mapped`): a layer held
-        in memory costs its bytes once, and no time goes into copying it into fresh memory.
-        A quantized tensor is decoded into fresh memory instead."""
-        return self.reader.mapped(name) if self.quantized is None else self.quantized.get(name)
-
-    def is_quantized(self, name: str) -> bool:
-        return self.quantized is not None and self.quantized.is_quantized(name)
-
-    def stacked(self, names: list[str]) -> Tensor | None:
-        """The tensors ``names`` stacked as one view of the file when it stores them at equal
-        distances; None when they must be copied (or decoded)."""
-        if any(self.is_quantized(n) for n in names[:1]):
-            return None
-        return self.reader.mapped_stack(names)
-
-    def expert_pieces(self, name: str) -> Iterator[Tensor] | None:
-        """Expert by expert, ``name[e]`` of a fused quantized tensor, decoded; None for other tensors."""
-        return None if self.quantized is None else self.quantized.expert_pieces(name)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.reader.shape(name) if self.quantized is None else self.quantized.shape(name)
-
-    def part(self, name: str, index: tuple) -> Tensor:
-        """``tensor[index]`` read from disk (only the addressed bytes are copied; a quantized
-        tensor is decoded whole, then indexed)."""
-        if self.is_quantized(name):
-            return self.get(name)[index].clone()
-        return self.reader.part(name, index)
-
-    def release(self) -> None:
-        self.reader.release()
-
-
-def open_source(source: WeightSource, allow_pickle: bool) -> tuple[TensorSource, FamilySpec, ModelFacts]:
-    """Wrap a LoadedModel / nn.Module / folder / hub id as a tensor source, with its spec and
-    facts (a LoadedModel's own; resolved here once for the other kinds)."""
-    spec = getattr(source, "spec", None)
-    facts = getattr(source, "facts", None)
-    if isinstance(spec, FamilySpec) and isinstance(facts, ModelFacts):  # a LoadedModel
-        model, folder = getattr(source, "model", None), getattr(source, "path", None)
-        offloaded = isinstance(model, nn.Module) and any(p.device.type == "meta" for p in model.parameters())
-        if folder is not None and (model is None or offloaded):
-            # not built (weights-only) or offloaded by accelerate: read the checkpoint instead
-            return FolderSource(Path(folder), allow_pickle=allow_pickle), spec, facts
-        if isinstance(model, nn.Module):
-            return ModelSource(model), spec, facts
-        raise TypeError(
-            f"{getattr(source, 'name', 'this model')} has neither a built model nor a "
-            "checkpoint folder to read weights from"
-        )
-    if isinstance(source, nn.Module):
-        src = ModelSource(source)
-    elif isinstance(source, (str, Path)):
-        src = FolderSource(resolve_folder(source), allow_pickle=allow_pickle)
-    else:
-        raise TypeError(
-            f"cannot read weights from {type(source).__name__}; pass a LoadedModel, an "
-            "nn.Module, or a checkpoint folder"
-        )
-    spec = spec_for_config(src.config)
-    return src, spec, facts_for(spec, src.config)
 
 
 # ---- assembling canonical tensors ----------------------------------------------------------
@@ -606,6 +459,8 @@ def layer_weights(
     :class:`~moe_utils.core.finite.ScreenedSource` (the offending experts are then left out).
     """
     source, screen = unwrap(source)
+    if isinstance(source, HeldLayer):  # the layer stream's layer, already screened when it was read
+        return source.get(layer, dtype)
     src, spec, facts = open_source(source, allow_pickle)
     try:
         return screen_layer(_layer_weights(src, spec, facts, layer, dtype), screen)
@@ -625,6 +480,10 @@ def iter_layer_weights(
     Non-finite weights are handled as in :func:`layer_weights`, except the ``deferred`` tensors,
     which the caller screens itself (:func:`screen_layer`)."""
     source, screen = unwrap(source)
+    if isinstance(source, HeldLayer):  # the layer stream's one layer
+        for layer in [source.layer] if layers is None else list(layers):
+            yield source.get(layer, dtype)
+        return
     src, spec, facts = open_source(source, allow_pickle)
     require_moe(spec, "reading expert weights")
     chosen = list(facts.moe_layers) if layers is None else list(layers)
@@ -650,3 +509,42 @@ def dense_mlp_weights(
     finally:
         if isinstance(src, FolderSource):
             src.release()
+
+
+def read_layer(src: TensorSource, spec: FamilySpec, facts: ModelFacts, layer: int) -> MoELayerWeights:
+    """Canonical weights of MoE layer ``layer`` from an open source, in the stored dtype, with
+    ``spec`` and ``facts`` given (the layer stream's: its spec may be a derived one). Non-finite
+    weights raise :class:`NonFiniteError`."""
+    return screen_layer(_layer_weights(src, spec, facts, layer, None), None)
+
+
+def module_layer_weights(model: nn.Module, spec: FamilySpec, facts: ModelFacts, layer: int) -> MoELayerWeights:
+    """Canonical weights of MoE layer ``layer`` of ``model`` (views of its tensors, their dtype):
+    the layer stream's model has only this layer filled, from weights :func:`read_layer` screened."""
+    return _layer_weights(ModelSource(model), spec, facts, layer, None)
+
+
+__all__ = [
+    "EXPERT_MATRICES",
+    "DenseMLPWeights",
+    "FolderSource",
+    "HeldLayer",
+    "MoELayerWeights",
+    "ModelSource",
+    "ModelWithFacts",
+    "TensorSource",
+    "WeightSource",
+    "check_dense",
+    "check_layer",
+    "dense_mlp_weights",
+    "iter_layer_weights",
+    "layer_weights",
+    "module_layer_weights",
+    "nonfinite_experts",
+    "open_source",
+    "pick_format",
+    "read_layer",
+    "screen_layer",
+    "tensor_name",
+    "without_experts",
+]

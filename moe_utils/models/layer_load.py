@@ -1,0 +1,166 @@
+"""One decoder layer of a model built without weights, filled from its checkpoint and emptied again.
+
+The layer stream (:mod:`moe_utils.models.stream`) runs transformers' own decoder-layer module, so
+the attention, norms, rotary embeddings and the MoE block compute exactly what the loaded model
+computes. Only the tensors of one layer are read: the MoE block's through the family spec's
+on-disk formats into canonical weights (:func:`~moe_utils.models.weights.layer_weights`' reader,
+which decodes FP8 / MXFP4 / INT4 experts), then laid out as the module holds them in memory
+(:func:`memory_tensors`, the inverse of the reader's layouts); every other tensor of the layer
+(attention, norms, a dense MLP) under the name the module gives it, which is the name on disk
+for the families transformers loads without renaming them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moe_utils.arch import FamilySpec
+from moe_utils.arch.facts import ModelFacts
+from moe_utils.arch.spec import ExpertTensors, MoETensors
+from moe_utils.core.errors import MoEUtilsError
+from moe_utils.engine.canonical import MoELayerWeights
+from moe_utils.models.sources import FolderSource
+from moe_utils.models.weights import read_layer
+
+Tensor = torch.Tensor
+
+
+class StreamUnsupportedError(MoEUtilsError):
+    """A model whose decoder layers the layer stream cannot fill from its checkpoint."""
+
+
+def _combine(a: Tensor, b: Tensor, order: str, axis: int) -> Tensor:
+    """The fused gate/up tensor of two halves along ``axis`` (concatenated or interleaved)."""
+    if order == "interleaved":
+        return torch.stack([a, b], dim=axis + 1).flatten(axis, axis + 1)
+    return torch.cat([a, b], dim=axis)
+
+
+def _stored(t: Tensor, transposed: bool, flat: bool) -> Tensor:
+    """A canonical ``[E, out, in]`` tensor as a fused layout stores it (transposed, flattened)."""
+    if transposed:
+        t = t.transpose(1, 2)
+    return t.reshape(-1, t.shape[-1]) if flat else t
+
+
+def _expert_tensors(w: MoELayerWeights, ex: ExpertTensors) -> dict[str, Tensor]:
+    """The routed experts of ``w`` under the names and in the layout of ``ex``."""
+    out: dict[str, Tensor] = {}
+    if ex.layout == "per_expert":
+        for e in range(w.num_experts):
+            for name, t in ((ex.act, w.w_act), (ex.up, w.w_up), (ex.down, w.w_down)):
+                if name is not None and t is not None:
+                    out[name.format(e=e)] = t[e]
+        return out
+    if ex.gate_up is not None:
+        if w.w_act is None:
+            raise StreamUnsupportedError(
+                f"layer {w.layer}: the layout names a fused gate/up tensor but the experts have no gate"
+            )
+        out[ex.gate_up] = _stored(_combine(w.w_act, w.w_up, ex.order, 1), ex.in_transposed, ex.flat)
+        if ex.gate_up_bias is not None and w.b_act is not None and w.b_up is not None:
+            out[ex.gate_up_bias] = _combine(w.b_act, w.b_up, ex.order, 1)
+    else:
+        if ex.act is not None and w.w_act is not None:
+            out[ex.act] = _stored(w.w_act, ex.in_transposed, ex.flat)
+        if ex.up is not None:
+            out[ex.up] = _stored(w.w_up, ex.in_transposed, ex.flat)
+    out[ex.down] = _stored(w.w_down, ex.down_transposed, ex.flat)
+    if ex.down_bias is not None and w.b_down is not None:
+        out[ex.down_bias] = w.b_down
+    return out
+
+
+def memory_tensors(w: MoELayerWeights, moe: MoETensors) -> dict[str, Tensor]:
+    """The MoE block of ``w`` as the loaded model holds it: ``{name relative to the layer: tensor}``
+    for the router, its biases, the experts and the shared experts (views where the layout allows)."""
+    out = {moe.router: w.router}
+    for name, t in ((moe.router_bias, w.router_bias), (moe.correction_bias, w.score_correction_bias)):
+        if name is not None and t is not None:
+            out[name] = t
+    if moe.shared is not None and w.shared is not None:
+        for name, t in (
+            (moe.shared.act, w.shared.w_act),
+            (moe.shared.up, w.shared.w_up),
+            (moe.shared.down, w.shared.w_down),
+        ):
+            if name is not None and t is not None:
+                out[name] = t
+    if moe.shared_gate is not None and w.shared_gate is not None:
+        out[moe.shared_gate] = w.shared_gate
+    out.update(_expert_tensors(w, moe.experts))
+    return out
+
+
+def _disk_prefixes(spec: FamilySpec, layer: int) -> list[str]:
+    prefixes = []
+    for fmt in spec.weight_formats(True):
+        p = fmt.layer_prefix.format(layer=layer)
+        if p not in prefixes:
+            prefixes.append(p)
+    return prefixes
+
+
+def _set_tensor(module: nn.Module, name: str, value: Tensor) -> None:
+    """Put ``value`` in place of the parameter or buffer ``name`` of ``module``."""
+    path, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(path) if path else module
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    else:
+        owner._buffers[leaf] = value
+
+
+def fill_layer(
+    module: nn.Module,
+    layer: int,
+    src: FolderSource,
+    spec: FamilySpec,
+    facts: ModelFacts,
+    device: torch.device,
+) -> None:
+    """Read decoder layer ``layer`` from ``src`` into ``module`` (built on the meta device), each
+    tensor in the dtype the module gave it, on ``device``. Raises :class:`StreamUnsupportedError`
+    when a tensor of the module has no counterpart in the checkpoint or a different shape."""
+    block: dict[str, Tensor] = {}
+    if layer in facts.moe_layers:
+        moe = spec.memory.moe
+        if moe is None:
+            raise StreamUnsupportedError(f"the {spec.name} spec names no in-memory MoE tensors; run the model whole")
+        block = memory_tensors(read_layer(src, spec, facts, layer), moe)
+    wanted = module.state_dict(keep_vars=True)
+    unused = sorted(set(block) - set(wanted))
+    if unused:
+        raise StreamUnsupportedError(
+            f"layer {layer}: transformers' {type(module).__name__} has no tensor {unused[0]!r}, which the "
+            f"{spec.name} spec names in memory; this family cannot be streamed (run it whole with stream=False)"
+        )
+    prefixes = _disk_prefixes(spec, layer)
+    for name, empty in wanted.items():
+        value = block.get(name)
+        if value is None:
+            disk = next((p + name for p in prefixes if src.has(p + name)), None)
+            if disk is None:
+                raise StreamUnsupportedError(
+                    f"layer {layer}: the checkpoint has no tensor for {name} of transformers' "
+                    f"{type(module).__name__} (tried {prefixes[0]}{name}); this family cannot be streamed "
+                    "(run it whole with stream=False)"
+                )
+            value = src.get(disk)
+        if tuple(value.shape) != tuple(empty.shape):
+            raise StreamUnsupportedError(
+                f"layer {layer}: {name} is {tuple(value.shape)} on disk but {tuple(empty.shape)} in transformers' "
+                f"{type(module).__name__}; this family cannot be streamed (run it whole with stream=False)"
+            )
+        _set_tensor(module, name, value.to(device=device, dtype=empty.dtype))
+    block.clear()
+    module.to(device)  # buffers the checkpoint does not hold (rotary tables) follow the weights
+
+
+def empty_layer(module: nn.Module) -> None:
+    """Free a filled layer: every tensor goes back to the meta device."""
+    module.to("meta")
+
+
+__all__ = ["StreamUnsupportedError", "empty_layer", "fill_layer", "memory_tensors"]

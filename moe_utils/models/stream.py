@@ -1,0 +1,329 @@
+"""Forward passes one decoder layer at a time, for models larger than memory.
+
+The model is built without weights (accelerate's ``init_empty_weights``: parameters on the meta
+device, buffers such as rotary tables computed). Each sequence runs once through the model with
+every decoder layer replaced by a recorder, which keeps the first layer's input (the embeddings)
+and the arguments the model passes to each layer (rotary embeddings, masks, positions: the
+model's own). Then, for each decoder layer in order, its weights are read from the checkpoint
+(:func:`~moe_utils.models.layer_load.fill_layer`; quantized experts decoded), every sequence goes
+through transformers' own layer module with the trace's hooks on its MoE block, ``visit`` sees the
+layer's captures and its weights while they are held, and the layer is emptied before the next
+one is read. Each layer is read once per run; memory holds one layer, the embeddings and the
+hidden states of the inputs.
+
+The captures are the same :class:`~moe_utils.models.trace.Trace` the whole-model path records
+(``tests/test_stream.py`` checks that they are equal on tiny models of every family).
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moe_utils.arch import FamilySpec, require_moe
+from moe_utils.arch.config import read_config_json
+from moe_utils.core.errors import UsageError
+from moe_utils.core.memory import available_memory, release_file_pages
+from moe_utils.models.checkpoint import checkpoint_fingerprint, find_weight_files, verify_safetensors
+from moe_utils.models.ids import resolve_model
+from moe_utils.models.layer_load import StreamUnsupportedError, empty_layer, fill_layer
+from moe_utils.models.loaded import LoadedModel
+from moe_utils.models.loading import as_dtype, load_tokenizer
+from moe_utils.models.sources import FolderSource, HeldLayer
+from moe_utils.models.specs import spec_for_config
+from moe_utils.models.trace import (
+    LayerTrace,
+    Trace,
+    _as_sequences,
+    _check_layers,
+    _check_lengths,
+    _LayerHooks,
+    assemble_trace,
+    check_one_call,
+    check_trace_finite,
+)
+from moe_utils.models.weights import module_layer_weights
+
+Tensor = torch.Tensor
+
+#: Share of the available memory a whole model may take before the stream is used instead.
+FIT_SHARE = 0.8
+
+
+@dataclass
+class StreamedLayer:
+    """What ``visit`` sees for one MoE layer: one-layer traces per input set, and the layer's
+    weights as a source for :func:`~moe_utils.models.weights.layer_weights`."""
+
+    layer: int
+    traces: dict[str, Trace]
+    held: HeldLayer
+
+
+class _Stop(Exception):
+    """Ends the recording pass after the last decoder layer (the head never runs)."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer during the recording pass: keeps its call's arguments."""
+
+    def __init__(self, original: nn.Module, index: int, store: dict[int, Any], last: bool) -> None:
+        super().__init__()
+        for key, value in vars(original).items():  # attention_type, layer_idx...: what the model reads
+            if not key.startswith("_") and key != "training":
+                self.__dict__[key] = value
+        self.index, self.store, self.last = index, store, last
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        self.store[self.index] = (args, kwargs)
+        if self.index == 0:
+            self.store["input"] = hidden_states
+        if self.last:
+            raise _Stop
+        return hidden_states
+
+
+def stream_reason(lm: LoadedModel) -> str:
+    """Why ``lm`` cannot be streamed (empty when it can): the stream needs a checkpoint folder of
+    safetensors and a family transformers builds."""
+    return _reason(lm.spec, lm.path)
+
+
+def _reason(spec: FamilySpec, path: Path | None) -> str:
+    if path is None:
+        return "the model has no checkpoint folder to read layers from (a random: model is built whole)"
+    if not spec.native:
+        return f"{spec.name} needs its publisher's modelling code, which the layer stream does not run"
+    if spec.memory.moe is None:
+        return f"the {spec.name} spec names no in-memory MoE tensors"
+    return ""
+
+
+def projected_bytes(folder: Path, dtype: torch.dtype) -> int:
+    """Bytes the whole model takes in memory in ``dtype``: every stored weight counted once, in
+    ``dtype`` (quantized experts decoded: two 4-bit values a byte, eight in an int32, scales left out)."""
+    src = FolderSource(folder)
+    size = torch.empty(0, dtype=dtype).element_size()
+    total = 0
+    for name in src.reader.names():
+        if name.endswith(("_scale", "_scale_inv", "_scales", "weight_shape", "zero_point", "g_idx")):
+            continue
+        n = 1
+        for d in src.reader.shape(name):
+            n *= int(d)
+        if name.endswith("_blocks"):
+            n *= 2
+        elif name.endswith("weight_packed"):
+            n *= 8
+        total += n * size
+    src.release()
+    return total
+
+
+def stream_choice(
+    model: str, stream: bool | None, dtype: str | torch.dtype, revision: str | None = None, allow_pickle: bool = False
+) -> bool:
+    """Whether to run ``model`` one decoder layer at a time: ``stream`` True or False decides;
+    None streams when the whole model in ``dtype`` would take more than ``FIT_SHARE`` of the
+    available memory (:func:`projected_bytes`) and the family can be streamed."""
+    if stream is False:
+        return False
+    ref = resolve_model(model, revision)
+    spec = spec_for_config(read_config_json(ref.path)) if ref.path is not None else None
+    why = _reason(spec, ref.path) if spec is not None else "the model has no checkpoint folder to read layers from"
+    if stream:
+        if why:
+            raise UsageError(f"{model} cannot be streamed: {why}; leave stream unset to load it whole")
+        return True
+    if why or ref.path is None:
+        return False
+    free = available_memory()
+    return free is not None and projected_bytes(ref.path, as_dtype(dtype)) > FIT_SHARE * free
+
+
+def streamable(model: str, revision: str | None = None, allow_pickle: bool = False) -> LoadedModel:
+    """``model`` described for the layer stream: its checkpoint, spec and tokenizer, no module."""
+    ref = resolve_model(model, revision)
+    if ref.path is None:
+        raise UsageError(f"{model} has no checkpoint folder to stream; save it with save_pretrained first")
+    cfg = read_config_json(ref.path)
+    files = find_weight_files(ref.path, allow_pickle=allow_pickle)
+    verify_safetensors(files)
+    return LoadedModel(
+        model=None,
+        tokenizer=load_tokenizer(ref.path),
+        spec=spec_for_config(cfg),
+        config=cfg,
+        name=ref.name,
+        path=ref.path,
+        fingerprint=checkpoint_fingerprint(cfg, files),
+        source=ref.source(),
+    )
+
+
+def empty_model(lm: LoadedModel, dtype: torch.dtype) -> nn.Module:
+    """The model of ``lm``'s checkpoint built without weights (parameters on the meta device,
+    buffers real), in eval mode, with the experts implementation the whole-model path uses."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    if lm.path is None:
+        raise StreamUnsupportedError(stream_reason(lm))
+    config = AutoConfig.from_pretrained(lm.path)
+    quant = getattr(config, "quantization_config", None)
+    if quant is not None:  # the stream decodes the experts itself: build the unquantized twin
+        del config.quantization_config
+    model = None
+    with init_empty_weights(include_buffers=False):
+        for auto in (AutoModelForCausalLM, AutoModel):  # the causal LM, else the bare decoder (as built at random)
+            try:
+                model = auto.from_config(config, dtype=dtype)
+                break
+            except ValueError:
+                continue
+    if model is None:
+        raise StreamUnsupportedError(f"transformers has no causal LM or decoder class for {type(config).__name__}")
+    can_set = getattr(type(model), "_can_set_experts_implementation", None)
+    if callable(can_set) and can_set():
+        model.set_experts_implementation("grouped_mm")  # pyright: ignore[reportCallIssue]  # transformers method
+    return model.eval()
+
+
+def _fill_outer(model: nn.Module, src: FolderSource, layers_path: str, device: torch.device) -> None:
+    """The tensors outside the decoder layers (embeddings, final norm); the head is left empty."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
+    for name, empty in model.state_dict(keep_vars=True).items():
+        if name.startswith(layers_path + ".") or id(empty) in head_ids:
+            continue
+        if not src.has(name):
+            raise StreamUnsupportedError(
+                f"the checkpoint has no tensor {name} (outside the decoder layers); "
+                "this family cannot be streamed (run it whole with stream=False)"
+            )
+        path, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(path) if path else model
+        value = src.get(name).to(device=device, dtype=empty.dtype)
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+        else:
+            owner._buffers[leaf] = value
+
+
+def _record(model: nn.Module, layers: nn.ModuleList, ids: Tensor, device: torch.device) -> dict[int, Any]:
+    """One recording pass: the first layer's input and every layer's call arguments."""
+    originals = list(layers)
+    store: dict[Any, Any] = {}
+    try:
+        for i, layer in enumerate(originals):
+            layers[i] = _Recorder(layer, i, store, last=i == len(originals) - 1)
+        with torch.inference_mode():
+            model(input_ids=ids.unsqueeze(0).to(device), use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+    if len(store) != len(originals) + 1:
+        raise StreamUnsupportedError(
+            f"the recording pass reached {len(store) - 1} of {len(originals)} decoder layers; "
+            "this model does not call its layers in order, so it cannot be streamed (run it whole)"
+        )
+    return store
+
+
+def stream_traces(
+    lm: LoadedModel,
+    inputs: Mapping[str, Any],
+    layers: Sequence[int] | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    visit: Callable[[StreamedLayer], None] | None = None,
+) -> dict[str, Trace]:
+    """Trace every MoE layer (or ``layers``) over each named input set, one decoder layer in memory.
+
+    ``inputs`` maps a name to sequences as :func:`~moe_utils.models.trace.trace` takes them;
+    the result maps the same names to traces equal to ``trace(lm, sequences, layers)``. ``visit``
+    is called once per traced layer, in order, while the layer's weights are held.
+    """
+    require_moe(lm.spec, "stream_traces()")
+    why = stream_reason(lm)
+    if why or lm.path is None:
+        raise StreamUnsupportedError(f"{lm.name} cannot be streamed: {why}; run it whole (stream=False)")
+    chosen = _check_layers(layers, list(lm.moe_layers), "MoE", lm)
+    params = lm.facts.routing
+    if params is None:
+        raise StreamUnsupportedError(f"{lm.name} ({lm.facts.family}) has no routing function to trace")
+    dev = torch.device(device)
+    seqs = {name: _as_sequences(lm, s) for name, s in inputs.items()}
+    for s in seqs.values():
+        _check_lengths(lm, s)
+    model = empty_model(lm, dtype)
+    skeleton = replace(lm, model=model)
+    src = FolderSource(Path(lm.path))
+    files = [str(f) for f in {src.reader.file_of(n) for n in src.reader.names()}]
+    paths = lm.spec.modules
+    decoder = model.get_submodule(paths.layers)
+    if not isinstance(decoder, nn.ModuleList):
+        raise StreamUnsupportedError(f"{paths.layers} of {lm.name} is not a list of decoder layers")
+    try:
+        _fill_outer(model, src, paths.layers, dev)
+        calls = {name: [_record(model, decoder, ids, dev) for ids in s] for name, s in seqs.items()}
+        hidden = {name: [c.pop("input") for c in cs] for name, cs in calls.items()}
+        per_layer: dict[str, dict[int, LayerTrace]] = {name: {} for name in seqs}
+        last = max(chosen) if chosen else -1
+        for i in range(last + 1):
+            module = decoder[i]
+            fill_layer(module, i, src, lm.spec, lm.facts, dev)
+            src.release()
+            release_file_pages(files)
+            for name, s in seqs.items():
+                hooks = _LayerHooks(skeleton, i, params, lm.facts.hidden_size) if i in chosen else None
+                try:
+                    with torch.inference_mode():
+                        for k, ids in enumerate(s):
+                            args, kwargs = calls[name][k][i]
+                            before = len(hooks.store.get("x", [])) if hooks else 0
+                            out = module(hidden[name][k], *args, **kwargs)
+                            hidden[name][k] = out[0] if isinstance(out, tuple) else out
+                            if hooks is not None:
+                                check_one_call(i, k, hooks.store.get("x", [])[before:], ids.numel())
+                finally:
+                    if hooks is not None:
+                        hooks.remove()
+                if hooks is not None:
+                    per_layer[name][i] = hooks.layer_trace(i)
+            if i in chosen:
+                one = {
+                    name: check_trace_finite(lm, assemble_trace(lm, s, {i: per_layer[name][i]}, "moe"))
+                    for name, s in seqs.items()
+                }
+                if visit is not None:
+                    held = HeldLayer(lm.spec, lm.facts, module_layer_weights(model, lm.spec, lm.facts, i), lm.name)
+                    visit(StreamedLayer(i, one, held))
+                    del held
+            empty_layer(module)
+            gc.collect()
+            release_file_pages(files)
+    finally:
+        src.release()
+    return {name: assemble_trace(lm, s, per_layer[name], "moe") for name, s in seqs.items()}
+
+
+__all__ = [
+    "FIT_SHARE",
+    "StreamUnsupportedError",
+    "StreamedLayer",
+    "empty_model",
+    "projected_bytes",
+    "stream_choice",
+    "stream_reason",
+    "stream_traces",
+    "streamable",
+]
