@@ -60,16 +60,59 @@ def test_run_arguments_are_parsed() -> None:
     assert cli.build_parser().parse_args(["run"]).out == Path("book/runs")
 
 
-def test_zoo_train_gets_every_argument(monkeypatch) -> None:
+def test_zoo_train_gets_its_parsed_options_and_the_command(monkeypatch) -> None:
     received = []
     fake = types.ModuleType("moe_utils.zoo.train")
-    fake.main = lambda argv: received.append(argv) or 0
+    fake.run = lambda args, command: received.append((args.models, args.max_minutes, command)) or 0
     import moe_utils.zoo
 
     monkeypatch.setitem(sys.modules, "moe_utils.zoo.train", fake)
     monkeypatch.setattr(moe_utils.zoo, "train", fake, raising=False)
-    assert cli.main(["zoo", "train", "--steps", "3", "--help-me", "tiny-moe-scratch"]) == 0
-    assert received == [["--steps", "3", "--help-me", "tiny-moe-scratch"]]
+    argv = ["zoo", "train", "--models", "tiny-moe-scratch", "--max-minutes", "3"]
+    assert cli.main(argv) == 0
+    assert received == [(["tiny-moe-scratch"], 3.0, "moe-book zoo train --models tiny-moe-scratch --max-minutes 3")]
+
+
+@pytest.mark.parametrize(
+    ("argv", "options"),
+    [
+        ([], ["run", "build", "init", "coverage", "zoo"]),
+        (["init"], ["DIR", "--repository-url", "--branch"]),
+        (["coverage"], ["--notebooks", "--families", "--workers", "--root", "--resume"]),
+        (["zoo"], ["train", "study"]),
+        (["zoo", "train"], ["--models", "--out", "--force", "--resume", "--max-minutes", "--install", "--threads"]),
+        (["zoo", "study"], ["--list", "--run", "--measure", "--out", "--threads", "--train-only", "--ship"]),
+    ],
+)
+def test_every_level_answers_help(argv: list[str], options: list[str], capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main([*argv, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: {' '.join(['moe-book', *argv])}")
+    for option in options:
+        assert option in out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["publish"],
+        ["zoo", "evaluate"],
+        ["zoo"],
+        ["zoo", "train", "--steps", "3"],
+        ["zoo", "train", "--models", "tiny-moe-huge"],
+        ["zoo", "study", "--out", "x"],
+        ["coverage", "--workers", "two"],
+        ["run", "--no-such-flag"],
+    ],
+)
+def test_unknown_subcommands_and_bad_options_exit_with_2(argv: list[str], capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and len(err.strip().splitlines()[-1]) < 400
 
 
 def test_errors_are_reported_with_exit_codes(tmp_path: Path, capsys) -> None:

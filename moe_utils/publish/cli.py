@@ -1,4 +1,5 @@
-"""The ``moe-book`` command: run the notebooks, build the site, train the model zoo.
+"""The ``moe-book`` command: one argparse tree for running the notebooks, building the site,
+writing a new book, the coverage page and the model zoo.
 
 moe-book run [--model ID_OR_DIR] [--dense-baseline ID] [--notebooks NAME ...]
              [--out DIR] [--trust-remote-code] [--allow-pickle] [-p NAME VALUE ...]
@@ -6,15 +7,19 @@ moe-book build [--out DIR] [--build-dir DIR] [--no-strict] [--allow-fewer-pages]
                [--repository-url URL [--branch B]]
 moe-book init DIR [--repository-url URL [--branch B]]
                               (a new book folder: pages, notebooks, offline JavaScript)
-moe-book zoo train ...        (delegates to moe_utils.zoo.train)
-moe-book zoo study ...        (delegates to moe_utils.zoo.study)
+moe-book coverage [--notebooks] [--families NAME ...] [--workers N] [--root DIR] [--resume]
+moe-book zoo train [--models NAME ...] [--out DIR] [--force] [--resume] [--max-minutes M] ...
+moe-book zoo study (--list | --run NAME ... | --measure NAME ...) [--out DIR] ...
+
+Every level answers ``--help``; a bad option or value exits with 2. The commands that need torch
+(``coverage``, ``zoo train``, ``zoo study``) import it only when they run.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from moe_utils import __version__
@@ -25,6 +30,7 @@ from moe_utils.publish.params import parse_parameters
 from moe_utils.publish.plan import RunRequest, plan_request
 from moe_utils.publish.runner import check_output_folder, run_notebooks
 from moe_utils.publish.scaffold import init_book
+from moe_utils.zoo.commands import STUDY_DESCRIPTION, TRAIN_DESCRIPTION, add_study_arguments, add_train_arguments
 
 DEFAULT_OUT = Path("book/runs")
 
@@ -132,18 +138,39 @@ def _add_init(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_zoo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("zoo", help="the embedded model organisms")
-    zsub = p.add_subparsers(dest="zoo_command", metavar="COMMAND", required=True)
-    t = zsub.add_parser("train", help="train the model zoo (arguments go to moe_utils.zoo.train)", add_help=False)
-    t.add_argument("zoo_args", nargs=argparse.REMAINDER)
-    st = zsub.add_parser(
-        "study", help="the organism study's replicates (arguments go to moe_utils.zoo.study)", add_help=False
+    p = sub.add_parser(
+        "zoo", help="the embedded model organisms", description="Train the model organisms and the study."
     )
-    st.add_argument("zoo_args", nargs=argparse.REMAINDER)
+    zsub = p.add_subparsers(dest="zoo_command", metavar="COMMAND", required=True)
+    add_train_arguments(zsub.add_parser("train", help="train the model zoo", description=TRAIN_DESCRIPTION))
+    add_study_arguments(zsub.add_parser("study", help="the organism study's replicates", description=STUDY_DESCRIPTION))
+
+
+def _add_coverage(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "coverage",
+        help="check every MoE family of the installed transformers and write the coverage page",
+        description="Coverage matrix: which MoE families of the installed transformers the book runs on.",
+    )
+    p.add_argument(
+        "--notebooks", action="store_true", help="also run every per-model notebook (slow: a minute or two per family)"
+    )
+    p.add_argument(
+        "--families",
+        nargs="+",
+        metavar="NAME",
+        help="only these families (their rows replace those in the existing data file)",
+    )
+    p.add_argument("--workers", type=int, default=1, help="families checked in parallel")
+    p.add_argument("--root", type=Path, default=Path("."), help="book root (default .)")
+    p.add_argument(
+        "--resume", action="store_true", help="keep the rows already in the data file and check the other families"
+    )
+    p.add_argument("--row", metavar="NAME", help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``moe-book`` (exposed for tests and ``--help``)."""
+    """The one argument parser of ``moe-book``, every subcommand included (exposed for tests)."""
     parser = argparse.ArgumentParser(
         prog="moe-book",
         description="Run the MoE notebooks on a model and publish them as an offline Jupyter Book.",
@@ -153,13 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_build(sub)
     _add_init(sub)
+    _add_coverage(sub)
     _add_zoo(sub)
-    sub.add_parser(
-        "coverage",
-        add_help=False,
-        help="check every MoE family of the installed transformers and write the "
-        "coverage page (arguments go to moe_utils.publish.coverage)",
-    ).add_argument("coverage_args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -214,39 +236,37 @@ def _cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _zoo(command: str, zoo_args: list[str]) -> int:
+def _cmd_coverage(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from moe_utils.publish import coverage  # lazy: builds models (torch)
+
+    return coverage.run(args)
+
+
+def _cmd_zoo(args: argparse.Namespace, argv: Sequence[str]) -> int:
     # lazy: pulls in torch and the training code
-    if command == "study":
-        from moe_utils.zoo import study as module
-    else:
-        from moe_utils.zoo import train as module
+    if args.zoo_command == "study":
+        from moe_utils.zoo import study
 
-    result = module.main(zoo_args)
-    return int(result or 0)
+        return int(study.run(args) or 0)
+    from moe_utils.zoo import train
 
-
-def _cmd_zoo(args: argparse.Namespace) -> int:
-    return _zoo(args.zoo_command, list(args.zoo_args))
+    return int(train.run(args, " ".join(["moe-book", *argv])) or 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the console script; returns the exit code."""
+    """Entry point of the console script; returns the exit code (argparse exits with 2 on bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv[0] if argv else ""
+    args = build_parser().parse_args(argv)
+    command = args.command if args.command != "zoo" else f"zoo {args.zoo_command}"
+    handlers: dict[str, Callable[[argparse.Namespace, Sequence[str]], int]] = {
+        "run": lambda a, _: _cmd_run(a),
+        "build": lambda a, _: _cmd_build(a),
+        "init": lambda a, _: _cmd_init(a),
+        "coverage": _cmd_coverage,
+        "zoo": _cmd_zoo,
+    }
     try:
-        if argv[:1] == ["coverage"]:
-            command = "coverage"
-            from moe_utils.publish.coverage import main as coverage_main  # lazy: builds models (torch)
-
-            return coverage_main(argv[1:])
-        if argv[:2] in (["zoo", "train"], ["zoo", "study"]):
-            # Everything after "zoo train/study" is the trainer's (argparse would claim its options).
-            command = " ".join(argv[:2])
-            return _zoo(argv[1], argv[2:])
-        args = build_parser().parse_args(argv)
-        command = args.command
-        handlers = {"run": _cmd_run, "build": _cmd_build, "init": _cmd_init, "zoo": _cmd_zoo}
-        return handlers[command](args)
+        return handlers[args.command](args, argv)
     except RunInterrupted as exc:
         print(f"moe-book {command}: {exc}", file=sys.stderr)
         return 130

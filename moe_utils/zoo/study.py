@@ -35,6 +35,7 @@ from moe_utils.core.paths import ZOO_MODELS_DIR, ZOO_STUDY_DIR
 from moe_utils.zoo import configs, study_results, train
 from moe_utils.zoo import replicates as R
 from moe_utils.zoo.cards import finalize_model
+from moe_utils.zoo.commands import STUDY_DESCRIPTION, add_study_arguments
 from moe_utils.zoo.replicates import Replicate, replicate_dir, snapshot_dir
 
 EVAL_WINDOWS_DURING_TRAINING = 24
@@ -205,28 +206,19 @@ def list_rows() -> list[dict]:
     return rows
 
 
-def parse_args(argv: Sequence[str] | None):
-    p = argparse.ArgumentParser(
-        prog="moe-book zoo study", description=(__doc__ or "moe-book zoo study").splitlines()[0]
-    )
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--list", action="store_true", help="list every replicate with its training cost")
-    g.add_argument("--run", nargs="+", metavar="NAME", help="train these replicates and write their results")
-    g.add_argument("--measure", nargs="+", metavar="NAME", help="write results of already trained replicates")
-    p.add_argument("--out", type=Path, default=Path("study-build"))
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 reproduces the shipped numbers)")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--train-only", action="store_true", help="train, but write no results yet")
-    p.add_argument(
-        "--ship", action="store_true", help="copy the results into the package (and install shipped organisms' weights)"
-    )
-    return p.parse_args(argv)
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The options of ``moe-book zoo study`` (defined in :mod:`moe_utils.zoo.commands`)."""
+    p = argparse.ArgumentParser(prog="moe-book zoo study", description=STUDY_DESCRIPTION)
+    return add_study_arguments(p).parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``moe-book zoo study``."""
-    args = parse_args(argv)
+    """Entry point of ``python -m moe_utils.zoo.study``: :func:`run` on ``argv``."""
+    return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """``moe-book zoo study`` with its parsed options."""
     if args.list:
         print(study_results.list_table(list_rows()).to_string(index=False))
         return 0

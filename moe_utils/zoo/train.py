@@ -1,7 +1,7 @@
 """Rebuild the model organisms: corpus -> tokenizer -> tiny-dense -> tiny-moe-upcycled, tiny-moe-scratch.
 
 Console entry: ``moe-book zoo train [--models ...] [--out DIR] [--force] [--resume]
-[--max-minutes M] [--install]`` (``main(argv)`` here). Every step has a fixed seed; checkpoints
+[--max-minutes M] [--install]`` (options in :mod:`moe_utils.zoo.commands`, :func:`run` here). Every step has a fixed seed; checkpoints
 (model, optimizer, step, RNG states, log) are written under ``OUT/checkpoints/<name>/`` so an
 interrupted run continues with ``--resume``. The shipped copies inside the package are only
 replaced with ``--install --force``.
@@ -28,6 +28,7 @@ from moe_utils.core.errors import MoEUtilsError
 from moe_utils.core.paths import ZOO_MODELS_DIR
 from moe_utils.zoo import configs
 from moe_utils.zoo.cards import finalize_model
+from moe_utils.zoo.commands import MODEL_ORDER, TRAIN_DESCRIPTION, add_train_arguments
 from moe_utils.zoo.configs import TrainSpec
 from moe_utils.zoo.corpus import Corpus, build_corpus, write_corpus_json
 from moe_utils.zoo.evaluate import (
@@ -44,7 +45,6 @@ from moe_utils.zoo.tokenizer import load_tokenizer, save_tokenizer, train_tokeni
 if TYPE_CHECKING:
     from transformers.models.mixtral.modeling_mixtral import MixtralDecoderLayer
 
-MODEL_ORDER = ("tiny-dense", "tiny-moe-upcycled", "tiny-moe-scratch")
 EVAL_WINDOWS_DURING_TRAINING = 24
 CHECKPOINT_EVERY = 100
 LOG_EVERY = 10
@@ -464,26 +464,20 @@ def install(out: Path, names: Sequence[str], force: bool, log=print) -> None:
     log(f"installed {list(names)} into {dest}")
 
 
-def parse_args(argv: Sequence[str] | None):
-    p = argparse.ArgumentParser(
-        prog="moe-book zoo train", description=(__doc__ or "moe-book zoo train").splitlines()[0]
-    )
-    p.add_argument("--models", nargs="+", default=list(MODEL_ORDER), choices=MODEL_ORDER)
-    p.add_argument("--out", type=Path, default=Path("zoo-build"))
-    p.add_argument("--force", action="store_true", help="retrain finished models / replace shipped ones")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
-    p.add_argument("--install", action="store_true", help="copy the results into the package")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--prepare-only", action="store_true")
-    p.add_argument("--finalize-only", action="store_true", help="only (re)write cards and pictures")
-    p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The options of ``moe-book zoo train`` (defined in :mod:`moe_utils.zoo.commands`)."""
+    p = argparse.ArgumentParser(prog="moe-book zoo train", description=TRAIN_DESCRIPTION)
+    return add_train_arguments(p).parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``moe-book zoo train``."""
-    args = parse_args(argv)
+    """Entry point of ``python -m moe_utils.zoo.train``: :func:`run` on ``argv``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run(parse_args(argv), "moe-book zoo train " + " ".join(argv))
+
+
+def run(args: argparse.Namespace, command: str) -> int:
+    """``moe-book zoo train`` with its parsed options; ``command`` is recorded with each model."""
     out = args.out.resolve()
     if (out == ZOO_MODELS_DIR or ZOO_MODELS_DIR in out.parents) and not args.force:
         raise SystemExit(
@@ -507,7 +501,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 force=args.force,
                 max_seconds=left,
                 progress=not args.no_progress,
-                command="moe-book zoo train " + " ".join(argv if argv is not None else sys.argv[1:]),
+                command=command,
             ):
                 return 3
     for name in names:
