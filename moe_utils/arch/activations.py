@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moe_utils.core.errors import UnknownActivationError
+
 Tensor = torch.Tensor
 
 
@@ -80,7 +82,11 @@ def activation(name: str) -> Activation:
         alpha = float(params.get("alpha", 1.702))
         limit = float(params.get("limit", 7.0))
         if not (math.isfinite(alpha) and limit > 0):
-            raise ValueError(f"bad gpt_oss_swiglu parameters in {name!r}")
+            raise UnknownActivationError(
+                f"bad gpt_oss_swiglu parameters in {name!r}; alpha must be finite and limit positive"
+            )
         return _gpt_oss(alpha, limit)
     known = ", ".join(sorted(table)) + ", gpt_oss_swiglu(alpha=..,limit=..)"
-    raise ValueError(f"unknown activation {name!r}; known: {known}. Add it to moe_utils/arch/activations.py")
+    raise UnknownActivationError(
+        f"unknown activation {name!r}; known: {known}. Add it to moe_utils/arch/activations.py"
+    )

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from moe_utils.arch.config import config_dict, get_path, is_missing
 from moe_utils.arch.spec import FamilySpec
+from moe_utils.core.errors import NotMoEModelError
 
 RoutingMethod = Literal[
     "softmax_topk", "topk_softmax", "sigmoid_topk", "topk_sigmoid_input", "sparsemixer", "sqrtsoftplus_topk"
@@ -104,7 +105,9 @@ def route_params(spec: FamilySpec, config: Any) -> RouteParams:
     cfg = config_dict(config)
     rs = spec.routing
     if rs is None:
-        raise ValueError(f"{spec.name} is a dense family; it has no routing function")
+        raise NotMoEModelError(
+            f"{spec.name} is a dense family; it has no routing function. Route an MoE model's config instead"
+        )
 
     def value(key: str | None, fallback: Any) -> Any:
         if key is None:

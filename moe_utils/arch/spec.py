@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from moe_utils.arch.config import config_dict, first_of, get_path, is_missing
-from moe_utils.core.errors import CheckpointError, UnknownFamilyError
+from moe_utils.core.errors import ArgumentError, CheckpointError, UnknownFamilyError
 
 
 def _scalar(value: Any, what: str) -> int:
@@ -117,7 +117,9 @@ class LayerRule:
                 return sorted(int(i) for i in listed if 0 <= int(i) < num_layers)
             step = int(self._value(cfg, self.step_key, 1))
             return list(range(step - 1, num_layers, max(step, 1)))
-        raise ValueError(f"unknown layer rule kind {self.kind!r}")
+        raise ArgumentError(
+            f"unknown layer rule kind {self.kind!r}; use all, first_k_dense, sparse_step, period, listed or none"
+        )
 
 
 @dataclass(frozen=True)
