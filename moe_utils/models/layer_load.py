@@ -19,6 +19,7 @@ from moe_utils.arch import FamilySpec
 from moe_utils.arch.facts import ModelFacts
 from moe_utils.arch.spec import ExpertTensors, MoETensors
 from moe_utils.core.errors import MoEUtilsError
+from moe_utils.core.memory import shedding_file_pages
 from moe_utils.engine.canonical import MoELayerWeights
 from moe_utils.models.sources import FolderSource
 from moe_utils.models.weights import read_layer
@@ -128,7 +129,9 @@ def fill_layer(
         moe = spec.memory.moe
         if moe is None:
             raise StreamUnsupportedError(f"the {spec.name} spec names no in-memory MoE tensors; run the model whole")
-        block = memory_tensors(read_layer(src, spec, facts, layer), moe)
+        files = {str(src.reader.file_of(n)) for n in src.reader.names()}
+        with shedding_file_pages(files):  # the file pages a layout copy reads are dropped as it goes
+            block = memory_tensors(read_layer(src, spec, facts, layer), moe)
     wanted = module.state_dict(keep_vars=True)
     unused = sorted(set(block) - set(wanted))
     if unused:

@@ -18,6 +18,7 @@ The captures are the same :class:`~moe_utils.models.trace.Trace` the whole-model
 from __future__ import annotations
 
 import gc
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,11 +31,12 @@ from moe_utils.arch import FamilySpec, require_moe
 from moe_utils.arch.config import read_config_json
 from moe_utils.core.errors import UsageError
 from moe_utils.core.memory import available_memory, release_file_pages
+from moe_utils.core.messages import first_line
 from moe_utils.models.checkpoint import checkpoint_fingerprint, find_weight_files, verify_safetensors
 from moe_utils.models.ids import resolve_model
 from moe_utils.models.layer_load import StreamUnsupportedError, empty_layer, fill_layer
 from moe_utils.models.loaded import LoadedModel
-from moe_utils.models.loading import as_dtype, load_tokenizer
+from moe_utils.models.loading import as_dtype, load_model, load_tokenizer
 from moe_utils.models.sources import FolderSource, HeldLayer
 from moe_utils.models.specs import spec_for_config
 from moe_utils.models.trace import (
@@ -47,6 +49,7 @@ from moe_utils.models.trace import (
     assemble_trace,
     check_one_call,
     check_trace_finite,
+    trace,
 )
 from moe_utils.models.weights import module_layer_weights
 
@@ -316,12 +319,39 @@ def stream_traces(
     return {name: assemble_trace(lm, s, per_layer[name], "moe") for name, s in seqs.items()}
 
 
+def stream_check(model: str, tolerance: float = 1e-5) -> str:
+    """Empty when ``model`` (a ``random:`` family, saved to a temporary folder) streams with the
+    whole-model path's captures (block outputs within ``tolerance``, identical top-k choices);
+    otherwise one line saying why it cannot be streamed (the coverage page's stream column)."""
+    try:
+        lm = load_model(model)
+        seqs = [[0, *range(3, 11)], [0, 7, 9, 11, 13]]
+        ref = trace(lm, seqs)
+        with tempfile.TemporaryDirectory(prefix="moe-stream-check-") as tmp:
+            built = lm.built()
+            built.save_pretrained(tmp)  # pyright: ignore[reportCallIssue]  # a transformers model
+            if lm.tokenizer is not None:
+                lm.tokenizer.save_pretrained(tmp)
+            got = stream_traces(streamable(tmp), {"a": seqs})["a"]
+        for layer in ref.layers:
+            a, b = ref[layer], got[layer]
+            err = float((a.block_output - b.block_output).abs().max() / a.block_output.abs().max().clamp_min(1e-30))
+            if err > tolerance:
+                return f"cannot be streamed: layer {layer}'s block output differs from the whole model's by {err:.1e}"
+            if not torch.equal(a.routed_index, b.routed_index):
+                return f"cannot be streamed: layer {layer}'s top-k choices differ from the whole model's"
+    except Exception as exc:  # any failure is the reason, on one line
+        return f"cannot be streamed: {first_line(exc)[:300]}"
+    return ""
+
+
 __all__ = [
     "FIT_SHARE",
     "StreamUnsupportedError",
     "StreamedLayer",
     "empty_model",
     "projected_bytes",
+    "stream_check",
     "stream_choice",
     "stream_reason",
     "stream_traces",
