@@ -36,7 +36,9 @@ from moe_utils.zoo import configs, study_results, train
 from moe_utils.zoo import replicates as R
 from moe_utils.zoo.cards import finalize_model
 from moe_utils.zoo.commands import STUDY_DESCRIPTION, add_study_arguments
+from moe_utils.zoo.long_corpus import prepare_long
 from moe_utils.zoo.replicates import Replicate, replicate_dir, snapshot_dir
+from moe_utils.zoo.tokenizer import load_tokenizer
 
 EVAL_WINDOWS_DURING_TRAINING = 24
 
@@ -91,7 +93,10 @@ def train_replicate(
         log(f"{rep.name}: already trained in {folder}")
         return True
     prepared = Path(out) / "prepared"
-    stream = np.load(prepared / "train_ids.npy")
+    if rep.ladder == "length":  # 4x the steps on a 4x stream: the corpus is seen as often as by the organisms
+        stream = prepare_long(prepared, R.LADDER_LENGTH_FACTOR, load_tokenizer(prepared / "tokenizer"), log)
+    else:
+        stream = np.load(prepared / "train_ids.npy")
     windows = json.loads((prepared / "heldout_windows.json").read_text())
     eval_w = windows[:: max(1, len(windows) // EVAL_WINDOWS_DURING_TRAINING)][:EVAL_WINDOWS_DURING_TRAINING]
     model = _initial_model(rep, out)
