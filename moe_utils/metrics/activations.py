@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..core.errors import ShapeError
 from ._arrays import ArrayLike, to_numpy
 
 #: Threshold used by the paper.
@@ -41,11 +42,11 @@ def activation_ratio(
     if len(shape) == 2:
         intermediates = intermediates.reshape(shape[0], 1, shape[1])
     elif len(shape) != 3:
-        raise ValueError(f"expected [N, E, I] or [N, I]; got shape {shape}")
+        raise ShapeError(f"expected intermediates of shape [N, E, I] or [N, I]; got {shape}")
     n = int(intermediates.shape[0])
     e = int(intermediates.shape[1])
     if n == 0:
-        raise ValueError("no tokens: the activation ratio is undefined")
+        raise ShapeError("no tokens: the activation ratio is undefined; pass at least one token's intermediates")
     parts = []
     for s in range(0, n, chunk_tokens):
         block = intermediates[s : s + chunk_tokens]

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..core.errors import ArgumentError
 from ._arrays import ArrayLike, _is_torch
 
 if TYPE_CHECKING:
@@ -75,7 +76,7 @@ class BlockReader:
 
     def rows(self, matrix: ArrayLike, axis: int, start: int, stop: int) -> np.ndarray:
         if axis not in (0, 1):
-            raise ValueError(f"the neuron axis of one matrix is 0 or 1; got {axis}")
+            raise ArgumentError(f"the neuron axis of one matrix is 0 or 1; got {axis}")
         import torch
 
         part = _native(matrix, start, stop, transposed=axis == 1)
@@ -100,7 +101,7 @@ def neuron_rows(matrix: ArrayLike, axis: int, start: int, stop: int) -> np.ndarr
     """Neurons ``start:stop`` of one matrix as a fresh C-contiguous float32 array ``[stop-start, H]``
     (float64 inputs stay float64)."""
     if axis not in (0, 1):
-        raise ValueError(f"the neuron axis of one matrix is 0 or 1; got {axis}")
+        raise ArgumentError(f"the neuron axis of one matrix is 0 or 1; got {axis}")
     import torch
 
     if not _is_torch(matrix):

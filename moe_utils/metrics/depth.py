@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from ..core.errors import ArgumentError, ShapeError
 from ._arrays import ArrayLike, to_numpy
 from ._scipy import spearman
 
@@ -25,10 +26,10 @@ def mean_offdiagonal(s: ArrayLike, n: int | None = None) -> float:
     """
     m = to_numpy(s)
     if m.ndim != 2 or m.shape[0] != m.shape[1]:
-        raise ValueError(f"expected a square matrix; got shape {m.shape}")
+        raise ShapeError(f"expected a square similarity matrix; got shape {m.shape}")
     k = m.shape[0] if n is None else int(n)
     if k > m.shape[0]:
-        raise ValueError(f"n = {k} exceeds the matrix size {m.shape[0]}")
+        raise ArgumentError(f"n = {k} exceeds the matrix size {m.shape[0]}; pass n <= {m.shape[0]} or None")
     if k < 2:
         return float("nan")
     b = m[:k, :k]
@@ -39,7 +40,7 @@ def reference_similarity(s: ArrayLike) -> float:
     """Mean similarity between the last item ("F") and every other item: S_ef = mean(S[-1, :-1])."""
     m = to_numpy(s)
     if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] < 2:
-        raise ValueError(f"expected a square matrix with at least 2 rows; got shape {m.shape}")
+        raise ShapeError(f"expected a square matrix with at least 2 rows; got shape {m.shape}")
     return float(m[-1, :-1].mean())
 
 
@@ -122,7 +123,7 @@ def last_layer_outlier(
         v = to_numpy(values).reshape(-1)
         lay = list(range(len(v))) if layers is None else [int(x) for x in layers]
         if len(lay) != len(v):
-            raise ValueError(f"{len(v)} values but {len(lay)} layers")
+            raise ShapeError(f"{len(v)} values but {len(lay)} layers; pass one layer index per value")
         pairs = sorted(zip(lay, v.tolist(), strict=True))
     finite = [(k, v) for k, v in pairs if math.isfinite(v)]
     if not finite:

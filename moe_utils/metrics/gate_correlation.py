@@ -18,6 +18,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
+from ..core.errors import ShapeError
 from ._arrays import ArrayLike, to_numpy
 from ._scipy import linear_fit
 from .neurons import neuron_level_similarity
@@ -28,7 +29,7 @@ def lower_triangle(s: ArrayLike) -> np.ndarray:
     """Strictly-lower-triangle entries of a square matrix, row by row (``i > j``)."""
     m = to_numpy(s)
     if m.ndim != 2 or m.shape[0] != m.shape[1]:
-        raise ValueError(f"expected a square matrix; got shape {m.shape}")
+        raise ShapeError(f"expected a square similarity matrix; got shape {m.shape}")
     i, j = np.tril_indices(m.shape[0], k=-1)
     return m[i, j]
 
@@ -67,7 +68,7 @@ def gate_expert_regression(gate_sim: ArrayLike, expert_sim: ArrayLike) -> GateRe
     x = lower_triangle(expert_sim)
     y = lower_triangle(gate_sim)
     if x.shape != y.shape:
-        raise ValueError(f"gate map has {y.size} pairs but expert map has {x.size}")
+        raise ShapeError(f"gate map has {y.size} pairs but expert map has {x.size}; compute both over the same experts")
     ok = np.isfinite(x) & np.isfinite(y)
     x, y = x[ok], y[ok]
     n = int(x.size)
@@ -114,7 +115,9 @@ def layer_gate_correlations(
         if w is None:
             continue
         if int(w.shape[0]) != x.shape[0]:
-            raise ValueError(f"router has {x.shape[0]} experts but {kind} has {int(w.shape[0])}")
+            raise ShapeError(
+                f"router has {x.shape[0]} experts but {kind} has {int(w.shape[0])}; pass one layer's router and experts"
+            )
         reg = gate_expert_regression(x, neuron_level_similarity(w, kind))
         rows.append({"layer": layer, "matrix": kind, **reg.__dict__})
     cols = ["layer", "matrix", "r", "r2", "slope", "intercept", "p_value", "n_pairs"]

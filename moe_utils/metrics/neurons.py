@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import linear_sum_assignment
 
+from ..core.errors import ArgumentError, ShapeError
 from ._arrays import ArrayLike, to_numpy
 from ._scipy import kendall
 from .blocks import block_size, neuron_blocks, neuron_rows
@@ -48,13 +49,13 @@ def resolve_neuron_axis(neuron_axis: int | str, ndim: int) -> int:
         elif key in _COL_KINDS:
             base = 1
         else:
-            raise ValueError(f"unknown matrix kind {neuron_axis!r}; use 'up', 'act' or 'down', or an integer axis")
+            raise ArgumentError(f"unknown matrix kind {neuron_axis!r}; use 'up', 'act' or 'down', or an integer axis")
         if ndim not in (2, 3):
-            raise ValueError(f"expected a matrix [I, H] or a stack [E, I, H]; got {ndim} dims")
+            raise ShapeError(f"expected a matrix [I, H] or a stack [E, I, H]; got {ndim} dims")
         return base + (ndim - 2)
     axis = int(neuron_axis)
     if not -ndim <= axis < ndim:
-        raise ValueError(f"neuron_axis {axis} is out of range for an array with {ndim} dims")
+        raise ArgumentError(f"neuron_axis {axis} is out of range for an array with {ndim} dims")
     return axis % ndim
 
 
@@ -62,7 +63,7 @@ def neuron_vectors(matrix: ArrayLike, neuron_axis: int | str) -> np.ndarray:
     """One expert matrix as ``[I, H]`` float64 rows, one row per neuron (W_down is transposed)."""
     m = to_numpy(matrix)
     if m.ndim != 2:
-        raise ValueError(f"expected one expert matrix (2 dims); got shape {m.shape}")
+        raise ShapeError(f"expected one expert matrix (2 dims); got shape {m.shape}")
     axis = resolve_neuron_axis(neuron_axis, 2)
     return m if axis == 0 else m.T
 
@@ -77,9 +78,9 @@ def neuron_average(w: ArrayLike, neuron_axis: int | str) -> np.ndarray:
     if ndim == 2:
         return to_numpy(w).mean(axis=axis)
     if ndim != 3:
-        raise ValueError(f"expected [E, I, H] / [E, H, I] or one matrix; got shape {tuple(w.shape)}")
+        raise ShapeError(f"expected [E, I, H] / [E, H, I] or one matrix; got shape {tuple(w.shape)}")
     if axis == 0:
-        raise ValueError("axis 0 of a stack is the expert axis, not a neuron axis")
+        raise ArgumentError("axis 0 of a stack is the expert axis, not a neuron axis; pass 1 or 2")
     return np.stack([_block_mean(w[e], axis - 1) for e in range(int(w.shape[0]))])
 
 
@@ -90,7 +91,7 @@ def _block_mean(matrix: ArrayLike, axis: int) -> np.ndarray:
         part = x.sum(axis=0, dtype=np.float64)
         total = part if total is None else total + part
     if total is None:
-        raise ValueError(f"cannot average over an empty axis {axis} of a matrix of shape {tuple(matrix.shape)}")
+        raise ShapeError(f"cannot average over an empty axis {axis} of a matrix of shape {tuple(matrix.shape)}")
     return total / int(matrix.shape[axis])
 
 
@@ -105,7 +106,9 @@ def neuron_level_similarity(w: ArrayLike, neuron_axis: int | str, extra: ArrayLi
         ax = resolve_neuron_axis(neuron_axis, 3) - 1
         ref = to_numpy(extra).mean(axis=ax)
         if ref.shape[0] != avg.shape[1]:
-            raise ValueError(f"extra averages to length {ref.shape[0]} but experts to {avg.shape[1]}")
+            raise ShapeError(
+                f"extra averages to length {ref.shape[0]} but experts to {avg.shape[1]}; pass a matrix of the experts' shape"
+            )
         avg = np.vstack([avg, ref[None, :]])
     return cosine_matrix(avg)
 
@@ -126,7 +129,7 @@ def neuron_cosine_matrix(a: ArrayLike, b: ArrayLike, neuron_axis: int | str) -> 
 def _all_rows(matrix: ArrayLike, axis: int) -> np.ndarray:
     """Every neuron of one matrix as rows (float32; float64 inputs stay float64)."""
     if len(matrix.shape) != 2:
-        raise ValueError(f"expected one expert matrix (2 dims); got shape {tuple(matrix.shape)}")
+        raise ShapeError(f"expected one expert matrix (2 dims); got shape {tuple(matrix.shape)}")
     return neuron_rows(matrix, axis, 0, int(matrix.shape[axis]))
 
 
@@ -206,7 +209,7 @@ def reorder_neurons(a: ArrayLike, b: ArrayLike, neuron_axis: int | str) -> Reord
     na = _all_rows(a, axis)
     nb = _all_rows(b, axis)
     if na.shape != nb.shape:
-        raise ValueError(f"the two matrices differ in shape: {na.shape} vs {nb.shape}")
+        raise ShapeError(f"the two matrices differ in shape: {na.shape} vs {nb.shape}")
     na2, nb2, dot_before = _row_dot(na, na), _row_dot(nb, nb), _row_dot(na, nb)
     norm_a, norm_b = _row_norms(na), _row_norms(nb)
     # a zero neuron has no direction: it stays a zero row, so it matches nothing (cosine 0)
@@ -251,7 +254,7 @@ def reorder_layer(
         if len(names) == n_exp:
             names.append("F")
     if len(names) != len(mats):
-        raise ValueError(f"got {len(names)} labels for {len(mats)} matrices")
+        raise ShapeError(f"got {len(names)} labels for {len(mats)} matrices; pass one label per matrix")
     pair_list = list(combinations(range(len(mats)), 2)) if pairs is None else [tuple(p) for p in pairs]
     rows = []
     for j, k in pair_list:

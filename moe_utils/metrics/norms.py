@@ -18,6 +18,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from ..core.errors import ArgumentError, ShapeError
 from ._arrays import ArrayLike, to_numpy
 from .stats import bootstrap_mean_ci, wilson_interval
 
@@ -35,7 +36,7 @@ def _check_pair(norms: ArrayLike, scores: ArrayLike) -> tuple[np.ndarray, np.nda
     a = to_numpy(norms)
     b = to_numpy(scores)
     if a.ndim != 2 or a.shape != b.shape:
-        raise ValueError(f"norms and scores must both be [N, E]; got {a.shape} and {b.shape}")
+        raise ShapeError(f"norms and scores must both be [N, E]; got {a.shape} and {b.shape}")
     return a, b
 
 
@@ -43,7 +44,7 @@ def ascending_ranks(x: ArrayLike) -> np.ndarray:
     """Per-row ranks 1..E in ascending order with stable tie-breaking -> int64 ``[N, E]``."""
     a = to_numpy(x)
     if a.ndim != 2:
-        raise ValueError(f"expected [N, E]; got shape {a.shape}")
+        raise ShapeError(f"expected [N, E]; got shape {a.shape}")
     order = np.argsort(a, axis=1, kind="stable")
     ranks = np.empty_like(order)
     np.put_along_axis(ranks, order, np.arange(1, a.shape[1] + 1)[None, :].repeat(a.shape[0], 0), axis=1)
@@ -103,7 +104,7 @@ def _agreement(
     share = succ / n if n else float("nan")
     use_boot = ci == "bootstrap" or (ci == "auto" and groups is not None)
     if ci not in ("auto", "wilson", "bootstrap"):
-        raise ValueError(f"ci must be 'auto', 'wilson' or 'bootstrap'; got {ci!r}")
+        raise ArgumentError(f"ci must be 'auto', 'wilson' or 'bootstrap'; got {ci!r}")
     if use_boot:
         res = bootstrap_mean_ci(hits.astype(np.float64), n_boot, confidence, seed, groups)
         low, high, method, ng = res.low, res.high, res.method, res.n_groups
@@ -132,7 +133,7 @@ def topk_norm_agreement(
     a, b = _check_pair(norms, scores)
     e = a.shape[1]
     if not 1 <= k <= e:
-        raise ValueError(f"k must be between 1 and the number of experts ({e}); got {k}")
+        raise ArgumentError(f"k must be between 1 and the number of experts ({e}); got {k}")
     top = top_expert(b)
     norm_rank_of_top = np.take_along_axis(ascending_ranks(a), top[:, None], axis=1)[:, 0]
     hits = norm_rank_of_top > e - k
@@ -169,7 +170,7 @@ def agreement_by_layer(
     once (a sequence's tokens in every layer form one cluster).
     """
     if set(norms) != set(scores):
-        raise ValueError("norms and scores must cover the same layers")
+        raise ShapeError(f"norms and scores must cover the same layers; got {sorted(norms)} and {sorted(scores)}")
     rows = []
     all_n, all_s, all_g = [], [], []
     for layer in sorted(norms):

@@ -25,6 +25,7 @@ from typing import Any, cast
 import numpy as np
 from scipy import stats
 
+from ..core.errors import ArgumentError
 from ._arrays import ArrayLike, to_numpy
 
 HOLDS = "holds"
@@ -65,7 +66,7 @@ def outcome(low: float, high: float, floor: float) -> str:
     if not (math.isfinite(low) and math.isfinite(high)):
         return UNDEFINED
     if floor <= 0:
-        raise ValueError(f"an effect floor must be positive; got {floor}")
+        raise ArgumentError(f"an effect floor must be positive; got {floor}")
     if low > floor:
         return HOLDS
     if high < floor:

@@ -16,6 +16,7 @@ from math import comb
 import numpy as np
 import pandas as pd
 
+from ..core.errors import ArgumentError, ShapeError
 from ._arrays import ArrayLike, to_numpy
 from .nulls import cluster_jackknife
 from .stats import wilson_interval
@@ -26,7 +27,7 @@ def _index(topk_index: ArrayLike) -> np.ndarray:
     if idx.ndim == 1:
         idx = idx[:, None]
     if idx.ndim != 2:
-        raise ValueError(f"expected topk_index of shape [N, k]; got {idx.shape}")
+        raise ShapeError(f"expected topk_index of shape [N, k]; got {idx.shape}")
     return idx
 
 
@@ -35,14 +36,14 @@ def _seq(seq_index: ArrayLike | None, n: int) -> np.ndarray:
         return np.zeros(n, dtype=np.int64)
     s = to_numpy(seq_index, None).reshape(-1)
     if s.shape[0] != n:
-        raise ValueError(f"seq_index has {s.shape[0]} entries for {n} tokens")
+        raise ShapeError(f"seq_index has {s.shape[0]} entries for {n} tokens; pass one sequence index per token")
     return s
 
 
 def _num_experts(idx: np.ndarray, num_experts: int | None) -> int:
     e = int(idx.max()) + 1 if num_experts is None and idx.size else int(num_experts or 0)
     if idx.size and (idx.min() < 0 or idx.max() >= e):
-        raise ValueError(f"expert indices must lie in [0, {e}); got {idx.min()}..{idx.max()}")
+        raise ArgumentError(f"expert indices must lie in [0, {e}); got {idx.min()}..{idx.max()}")
     return e
 
 
@@ -92,7 +93,7 @@ def routing_table(
     else:
         w = np.full((n, k), np.nan)
     if tokens is not None and len(tokens) != n:
-        raise ValueError(f"{len(tokens)} token strings for {n} tokens")
+        raise ShapeError(f"{len(tokens)} token strings for {n} tokens; pass one string per token")
     return pd.DataFrame(
         {
             "layer": pd.array([layer] * (n * k), dtype="Int64"),
@@ -128,7 +129,7 @@ def expert_frequencies(
 def random_overlap_probability(num_experts: int, k: int) -> float:
     """P(two independent uniformly random k-subsets of E experts share an expert) = 1 - C(E-k,k)/C(E,k)."""
     if not 1 <= k <= num_experts:
-        raise ValueError(f"need 1 <= k <= E; got k={k}, E={num_experts}")
+        raise ArgumentError(f"need 1 <= k <= E; got k={k}, E={num_experts}")
     return 1.0 - comb(num_experts - k, k) / comb(num_experts, k)
 
 

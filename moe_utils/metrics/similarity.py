@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..core.errors import ArgumentError, ShapeError
 from ._arrays import ArrayLike, column_chunk, flatten_rows, to_numpy
 
 #: Number of float64 elements per chunk when accumulating Gram matrices (about 64 MiB).
@@ -33,11 +34,11 @@ def gram_matrix(blocks: Sequence[ArrayLike], chunk_elements: int = CHUNK_ELEMENT
     """
     blocks = [flatten_rows(b) for b in blocks]
     if not blocks:
-        raise ValueError("gram_matrix needs at least one block of row vectors")
+        raise ArgumentError("gram_matrix needs at least one block of row vectors")
     d = int(blocks[0].shape[1])
     for b in blocks:
         if int(b.shape[1]) != d:
-            raise ValueError(
+            raise ShapeError(
                 f"all blocks must have the same number of columns; got {[int(x.shape[1]) for x in blocks]}"
             )
     n = sum(int(b.shape[0]) for b in blocks)
@@ -95,7 +96,7 @@ def cosine(a: ArrayLike, b: ArrayLike) -> float:
     """Cosine similarity of two tensors of the same size, both flattened (NaN if either is zero)."""
     ra, rb = _as_row(a), _as_row(b)
     if int(ra.shape[1]) != int(rb.shape[1]):
-        raise ValueError(f"cosine needs two tensors of the same size; got {int(ra.shape[1])} and {int(rb.shape[1])}")
+        raise ShapeError(f"cosine needs two tensors of the same size; got {int(ra.shape[1])} and {int(rb.shape[1])}")
     return float(cosine_from_gram(gram_matrix([ra, rb]))[0, 1])
 
 
@@ -142,7 +143,7 @@ def matrix_level_similarity(
     blocks = [flatten_rows(w)]
     if extra is not None:
         if tuple(extra.shape) != tuple(w.shape[1:]):
-            raise ValueError(
+            raise ShapeError(
                 f"extra matrix has shape {tuple(extra.shape)} but each expert matrix is {tuple(w.shape[1:])}"
             )
         blocks.append(_as_row(extra))

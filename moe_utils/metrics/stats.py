@@ -12,13 +12,14 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import norm
 
+from ..core.errors import ArgumentError, ShapeError
 from ._arrays import ArrayLike, to_numpy
 
 
 def z_value(confidence: float) -> float:
     """Two-sided standard-normal quantile for a ``confidence`` level in (0, 1)."""
     if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1); got {confidence}")
+        raise ArgumentError(f"confidence must be in (0, 1); got {confidence}")
     return float(norm.ppf(0.5 + confidence / 2.0))
 
 
@@ -28,7 +29,7 @@ def wilson_interval(successes: float, n: float, confidence: float = 0.95) -> tup
     low/high = (p + z^2/(2n) -/+ z sqrt(p(1-p)/n + z^2/(4n^2))) / (1 + z^2/n).
     """
     if n < 0 or successes < 0 or successes > n:
-        raise ValueError(f"need 0 <= successes <= n; got successes={successes}, n={n}")
+        raise ArgumentError(f"need 0 <= successes <= n; got successes={successes}, n={n}")
     if n == 0:
         return (float("nan"), float("nan"))
     z = z_value(confidence)
@@ -56,7 +57,7 @@ def _group_codes(groups: ArrayLike | None, n: int) -> np.ndarray:
         return np.arange(n)
     g = to_numpy(groups, None).reshape(-1)
     if g.shape[0] != n:
-        raise ValueError(f"groups has {g.shape[0]} entries for {n} values")
+        raise ShapeError(f"groups has {g.shape[0]} entries for {n} values; pass one group label per value")
     return np.unique(g, return_inverse=True)[1].reshape(-1)
 
 
@@ -109,7 +110,7 @@ def bootstrap_ratio_ci(
     a = to_numpy(numerators).reshape(-1).astype(np.float64)
     b = to_numpy(denominators).reshape(-1).astype(np.float64)
     if a.shape != b.shape:
-        raise ValueError(f"numerators ({a.size}) and denominators ({b.size}) differ in length")
+        raise ShapeError(f"numerators ({a.size}) and denominators ({b.size}) differ in length")
     nan = float("nan")
     if a.size == 0 or b.sum() == 0:
         return MeanCI(nan, nan, nan, int(a.size), int(a.size), "bootstrap")
