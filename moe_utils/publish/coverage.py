@@ -41,6 +41,7 @@ from moe_utils.models.derive import rebuild_errors
 from moe_utils.models.loading import LoadedModel, load_model
 from moe_utils.models.random_models import random_config
 from moe_utils.models.specs import get_spec
+from moe_utils.models.stream import stream_check
 from moe_utils.models.weights import layer_weights
 
 if TYPE_CHECKING:
@@ -76,6 +77,8 @@ class FamilyRow:
     routing: str | None = None
     reason: str | None = None
     seconds: float = 0.0
+    stream_ok: bool | None = None  # the layer stream gives the whole-model captures (None: not checked)
+    stream_reason: str | None = None  # one line: why it cannot be streamed (observations 2-3 then load it whole)
 
     @property
     def passes(self) -> bool:
@@ -155,7 +158,13 @@ def trace_check(row: FamilyRow, name: str) -> FamilyRow:
     except Exception as exc:
         row.disk_ok = False
         row.reason = f"on-disk weights: {first_line(exc)[:400]}"
+        return row
+    why = stream_check(f"random:{name}")
+    row.stream_ok, row.stream_reason = not why, why or None
     return row
+
+
+INVALID_VARIANT = "not a valid config of this class: "
 
 
 def variant_label(part: str, overrides: dict[str, Any]) -> str:
@@ -173,6 +182,10 @@ def family_variants(name: str) -> dict[str, str]:
 def variant_check(name: str, overrides: dict[str, Any]) -> str:
     """'' when ``random:name`` with ``overrides`` gets a spec (derived from that config) that
     rebuilds every MoE block and streams both saved spellings of its checkpoint; else why not."""
+    try:
+        random_config(spec_kind(name)[1], **overrides)
+    except Exception as exc:  # the config class's own validation refuses the combination
+        return INVALID_VARIANT + first_line(exc)[:300]
     try:
         lm = load_model(f"random:{name}", config_overrides=overrides)
         errors = rebuild_errors(lm)
@@ -398,12 +411,21 @@ def _mark(value: bool | None) -> str:
 
 def _variants_cell(row: dict) -> str:
     """``"k of n pass"`` for a row's config variants; "none" when its config has no optional part."""
-    variants = row.get("variants") or {}
+    variants = {k: why for k, why in (row.get("variants") or {}).items() if not why.startswith(INVALID_VARIANT)}
     if not row.get("trace_ok"):
         return "–"
     if not variants:
         return "none"
     return f"{sum(1 for why in variants.values() if not why)} of {len(variants)} pass"
+
+
+def _variant_words(why: str) -> str:
+    """A variant's outcome in words: passes, refused by its config class, or fails and why."""
+    if not why:
+        return "its own derived spec passes"
+    if why.startswith(INVALID_VARIANT):
+        return f"not checked: the config class refuses it ({why[len(INVALID_VARIANT) :]})"
+    return f"fails: {why}"
 
 
 def _dates_line(data: dict) -> str:
@@ -477,7 +499,7 @@ def render_page(data: dict) -> str:
         for q in r.get("quirks") or []:
             lines.append(f"- {q}")
         for label, why in (r.get("variants") or {}).items():
-            lines.append(f"- config variant `{label}`: " + (f"fails: {why}" if why else "its own derived spec passes"))
+            lines.append(f"- config variant `{label}`: {_variant_words(why)}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
