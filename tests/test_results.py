@@ -171,3 +171,45 @@ def test_iter_results_reads_one_pattern_and_raises_on_a_broken_file(tmp_path):
 def test_summary_frame():
     res = R.Result("a", "m", "f", {}, "t", "0", {}, {"k": R.summary_entry(1.0, verdict="holds")})
     assert res.summary_frame().loc[0, "verdict"] == "holds"
+
+
+def test_a_wrong_field_is_named_with_the_file_on_one_line(tmp_path):
+    path = write_sample(tmp_path)
+    original = path.read_text()
+    for change, field in (
+        (lambda d: d["summary"]["agreement"].update(ci_low="0.5"), "summary.agreement.ci_low"),
+        (lambda d: d["summary"]["agreement"].update(verdict="maybe"), "summary.agreement.verdict"),
+        (lambda d: d.update(model=3), "field model"),
+        (lambda d: d["tables"].update(per_layer={"layer": 0}), "tables.per_layer"),
+        (lambda d: d.update(extra_field=1), "extra_field"),
+    ):
+        doc = json.loads(original)
+        change(doc)
+        path.write_text(json.dumps(doc))
+        with pytest.raises(ResultsFileError) as info:
+            R.read_result(path)
+        message = str(info.value)
+        assert "\n" not in message and str(path) in message and field in message
+
+
+def test_files_written_before_the_optional_fields_still_load(tmp_path):
+    path = write_sample(tmp_path)
+    doc = json.loads(path.read_text())
+    for field in R._OPTIONAL_FIELDS:
+        del doc[field]
+    path.write_text(json.dumps(doc))
+    res = R.read_result(path)
+    assert (res.source, res.versions, res.invalid) == ({}, {}, [])
+
+
+def test_the_shipped_results_files_match_the_schema():
+    shipped = list(R.scan_results(R.__file__.rsplit("/analysis/", 1)[0] + "/zoo/study"))
+    assert shipped and [str(exc) for _path, _doc, exc in shipped if exc is not None] == []
+
+
+def test_a_summary_entry_needs_a_value_and_known_fields(tmp_path):
+    with pytest.raises(ResultsFileError, match="summary.k.value"):
+        R.write_result(tmp_path, "a", "m", "f", {}, {}, {"k": {"verdict": "holds"}})
+    with pytest.raises(ResultsFileError, match="summary.k.bogus"):
+        R.write_result(tmp_path, "a", "m", "f", {}, {}, {"k": {"value": 1.0, "bogus": 2}})
+    assert not list(tmp_path.glob("*.json"))

@@ -47,7 +47,9 @@ lists. A ``null`` verdict marks a descriptive number that is not a test of a cla
 
 Writes go to a temporary file in the same folder, which is flushed, fsync'ed and then moved over
 the target with ``os.replace``, so a reader sees either the old file or the new one, never half a
-file. Readers validate the schema and raise ``ResultsFileError`` with a message saying what to do.
+file. The schema is one typed model (:class:`ResultsFile`, pydantic, strict: no field is coerced
+and no unknown field is accepted); the writer checks a document against it before writing and
+readers after reading, and a mismatch raises ``ResultsFileError`` naming the file and the field.
 """
 
 from __future__ import annotations
@@ -59,17 +61,17 @@ import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, TypeAdapter, ValidationError
 
 from moe_utils import __version__
 from moe_utils.core.errors import ResultsFileError
 from moe_utils.core.files import atomic_write_text as _atomic_write_text
 
 SCHEMA = "moe-book-results/1"
-VERDICTS = ("holds", "detectable but below the floor", "inconclusive", "does not hold", "undefined")
 SUMMARY_FIELDS = ("value", "ci_low", "ci_high", "baseline", "verdict", "paper", "note")
 # Optional fields of a claim's entry: the observed statistic, its computed null, the effect floor,
 # the standard error and degrees of freedom of the interval, its method, p-values and power.
@@ -89,6 +91,84 @@ _OPTIONAL_FIELDS = ("source", "versions", "invalid")  # absent in files written 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _PREFIX = '{"schema":"moe-book-results/'
 BOOK_LEVEL_MODEL = "organism study"  # the ``model`` of results that span many models (study, interventions)
+
+Verdict = Literal["holds", "detectable but below the floor", "inconclusive", "does not hold", "undefined"]
+Number = StrictFloat | None  # a JSON number (an int is a number too); NaN and infinities are stored as null
+
+
+class _Schema(BaseModel):
+    """Strict JSON: nothing coerced, no field the schema does not name."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class SummaryEntry(_Schema):
+    """One headline number: value, interval, chance baseline, verdict, the paper's values, a note;
+    a claim's entry also carries its effect statistics (:data:`EFFECT_FIELDS`)."""
+
+    value: Number
+    ci_low: Number
+    ci_high: Number
+    baseline: Number
+    verdict: Verdict | None
+    paper: dict[str, Any]
+    note: StrictStr
+    observed: Number = None
+    null: Number = None
+    floor: Number = None
+    se: Number = None
+    df: Number = None
+    interval: StrictStr | None = None
+    p_value: Number = None
+    p_holm: Number = None
+    power: Number = None
+
+
+class ModelSource(_Schema):
+    """Where the model came from: ``kind`` (zoo, random, local, hub), its id, hub revision, fingerprint."""
+
+    kind: StrictStr | None = None
+    id: StrictStr | None = None
+    revision: StrictStr | None = None
+    fingerprint: StrictStr | None = None
+
+
+class InvalidTensor(_Schema):
+    """A tensor with NaN or infinite values that a run left out (``allow_invalid``)."""
+
+    layer: StrictInt
+    expert: StrictInt | None
+    tensor: StrictStr
+    n_nan: StrictInt
+    n_inf: StrictInt
+
+
+class ResultsFile(_Schema):
+    """A results file as stored (schema ``moe-book-results/1``): see the module docstring."""
+
+    schema_: Literal["moe-book-results/1"] = Field(alias="schema")
+    analysis: StrictStr
+    model: StrictStr
+    fingerprint: StrictStr
+    params: dict[str, Any]
+    created: StrictStr
+    package_version: StrictStr
+    tables: dict[str, list[dict[str, Any]]]
+    summary: dict[str, SummaryEntry]
+    source: ModelSource = ModelSource()
+    versions: dict[str, StrictStr] = {}
+    invalid: list[InvalidTensor] = []
+
+
+VERDICTS: tuple[str, ...] = get_args(Verdict)
+_VERDICT = TypeAdapter(Verdict | None)
+
+
+def schema_error(exc: ValidationError) -> str:
+    """The first problem of a validation error on one line: ``field summary.k.verdict: <why>``."""
+    err = exc.errors()[0]
+    where = ".".join(str(part) for part in err["loc"]) or "(top level)"
+    return f"field {where}: {' '.join(str(err['msg']).split())}"
 
 
 @dataclasses.dataclass
@@ -147,8 +227,10 @@ def summary_entry(
 
 
 def _check_verdict(verdict: Any, where: str) -> None:
-    if verdict is not None and verdict not in VERDICTS:
-        raise ValueError(f"{where}: verdict must be one of {VERDICTS} or None; got {verdict!r}")
+    try:
+        _VERDICT.validate_python(verdict)
+    except ValidationError:
+        raise ResultsFileError(f"{where}: verdict must be one of {VERDICTS} or None; got {verdict!r}") from None
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -201,22 +283,14 @@ def _table_records(name: str, table: Any) -> list[dict[str, Any]]:
 
 
 def _summary_entries(summary: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each entry with every :data:`SUMMARY_FIELDS` present (a bare number gets a ``null`` verdict)."""
     out = {}
     for key, entry in summary.items():
         if isinstance(entry, Mapping):
-            unknown = set(entry) - set(SUMMARY_FIELDS) - set(EFFECT_FIELDS)
-            if unknown:
-                raise ValueError(
-                    f"summary entry {key!r} has unknown fields {sorted(unknown)}; "
-                    f"allowed: {SUMMARY_FIELDS + EFFECT_FIELDS}"
-                )
-            if "value" not in entry:
-                raise ValueError(f"summary entry {key!r} has no 'value'")
-            full = summary_entry(entry["value"])
+            full = {k: v for k, v in summary_entry(None).items() if k != "value"}  # "value" is required
             full.update(entry)
         else:
             full = summary_entry(entry, verdict=None)
-        _check_verdict(full["verdict"], f"summary entry {key!r}")
         full["paper"] = dict(full["paper"] or {})
         full["note"] = "" if full["note"] is None else str(full["note"])
         out[str(key)] = to_jsonable(full)
@@ -286,6 +360,10 @@ def write_result(
         "source": {**to_jsonable(dict(source or {})), "fingerprint": str(fingerprint)},
         "versions": package_versions(),
     }
+    try:
+        ResultsFile.model_validate(doc)
+    except ValidationError as exc:
+        raise ResultsFileError(f"results {analysis!r} for {path} not written: {schema_error(exc)}") from None
     text = json.dumps(doc, indent=1, allow_nan=False, ensure_ascii=False)
     _atomic_write_text(path, text + "\n")
     return path
@@ -299,36 +377,11 @@ def _invalid(path: Path, why: str) -> ResultsFileError:
 
 
 def _validate(doc: Any, path: Path) -> None:
-    if not isinstance(doc, dict):
-        raise _invalid(path, "the top level is not a JSON object")
-    if doc.get("schema") != SCHEMA:
-        raise _invalid(path, f"schema is {doc.get('schema')!r}, expected {SCHEMA!r}")
-    missing = [f for f in _TOP_FIELDS if f not in doc]
-    if missing:
-        raise _invalid(path, f"missing fields {missing}")
-    for f in ("analysis", "model", "fingerprint", "created", "package_version"):
-        if not isinstance(doc[f], str):
-            raise _invalid(path, f"field {f!r} must be a string")
-    if not isinstance(doc["params"], dict):
-        raise _invalid(path, "params must be an object")
-    if not isinstance(doc["tables"], dict) or not all(
-        isinstance(t, list) and all(isinstance(r, dict) for r in t) for t in doc["tables"].values()
-    ):
-        raise _invalid(path, "tables must map names to lists of records")
-    if not isinstance(doc["summary"], dict):
-        raise _invalid(path, "summary must be an object")
-    for f in ("source", "versions"):
-        if f in doc and not isinstance(doc[f], dict):
-            raise _invalid(path, f"{f} must be an object")
-    if not isinstance(doc.get("invalid", []), list) or not all(isinstance(r, dict) for r in doc.get("invalid", [])):
-        raise _invalid(path, "invalid must be a list of records")
-    for key, entry in doc["summary"].items():
-        if not isinstance(entry, dict) or any(f not in entry for f in SUMMARY_FIELDS):
-            raise _invalid(path, f"summary entry {key!r} lacks some of {SUMMARY_FIELDS}")
-        if entry["verdict"] is not None and entry["verdict"] not in VERDICTS:
-            raise _invalid(path, f"summary entry {key!r} has verdict {entry['verdict']!r}")
-        if not isinstance(entry["paper"], dict):
-            raise _invalid(path, f"summary entry {key!r}: 'paper' must be an object")
+    """Check ``doc`` against :class:`ResultsFile`; :class:`ResultsFileError` naming the field."""
+    try:
+        ResultsFile.model_validate(doc)
+    except ValidationError as exc:
+        raise _invalid(path, schema_error(exc)) from None
 
 
 def _load_doc(path: Path) -> dict[str, Any]:
