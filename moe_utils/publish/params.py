@@ -8,21 +8,25 @@ papermill's own inspector), so there is no second list to keep in sync. A line s
 declares a type; without an annotation the type is that of the default value (``seed = 0`` is an
 int), and a ``None`` default accepts anything. Annotations understood: ``int``, ``float``,
 ``str``, ``bool``, ``None``, ``Any``, ``dict``, ``list[X]``, ``tuple``, ``Optional[X]`` and
-``Union[X, Y, ...]``. A bool is not an int here and a string is never read as a list.
+``Union[X, Y, ...]``. The annotation is resolved once into a Python type (:func:`parameter_type`)
+and values are checked against it by pydantic, with strict scalars: a bool is not an int here, a
+string is never read as a number or a list, and a tuple is accepted where a list is declared.
 """
 
 from __future__ import annotations
 
 import ast
 import difflib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import functools
+import types
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Optional, Union, get_args, get_origin
+
+from pydantic import StrictBool, StrictFloat, StrictInt, StrictStr, TypeAdapter, ValidationError
 
 from moe_utils.core.errors import UsageError
-
-Check = Callable[[Any], bool]
 
 
 @dataclass(frozen=True)
@@ -34,87 +38,89 @@ class ParamSpec:
     default: str
     help: str = ""
 
+    @property
+    def annotation(self) -> Any:
+        """The Python type the declaration names (see :func:`parameter_type`)."""
+        return parameter_type(self.type_text)
+
     def accepts(self, value: Any) -> bool:
         """True when ``value`` has the declared type."""
-        return type_check(self.type_text)(value)
+        try:
+            _adapter(self.type_text).validate_python(value)
+        except ValidationError:
+            return False
+        return True
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-_SIMPLE: dict[str, Check] = {
-    "int": _is_int,
-    "float": lambda v: _is_int(v) or isinstance(v, float),
-    "str": lambda v: isinstance(v, str),
-    "bool": lambda v: isinstance(v, bool),
-    "None": lambda v: v is None,
-    "Any": lambda v: True,
-    "dict": lambda v: isinstance(v, dict),
-    "list": lambda v: isinstance(v, list),
-    "tuple": lambda v: isinstance(v, (list, tuple)),
+_NAMES: dict[str, Any] = {
+    "int": StrictInt,
+    "float": StrictFloat,
+    "str": StrictStr,
+    "bool": StrictBool,
+    "None": None,
+    "Any": Any,
+    "dict": dict,
+    "list": list,
+    "List": list,
+    "tuple": tuple,
+    "Optional": Optional,
+    "Union": Union,
 }
+_WORDS: dict[Any, str] = {
+    int: "an int",
+    float: "a number",
+    str: "a string",
+    bool: "True or False",
+    type(None): "None",
+    Any: "any value",
+    dict: "a dict",
+    list: "a list",
+    tuple: "a tuple",
+}
+_NODES = (ast.Expression, ast.Name, ast.Subscript, ast.Tuple, ast.Load)
 
 
-def _checker(node: ast.AST, text: str) -> Check:
-    if isinstance(node, ast.Constant) and node.value is None:
-        return _SIMPLE["None"]
-    if isinstance(node, ast.Name) and node.id in _SIMPLE:
-        return _SIMPLE[node.id]
-    if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name):
-        inner = node.slice
-        args = list(inner.elts) if isinstance(inner, ast.Tuple) else [inner]
-        parts = [_checker(a, text) for a in args]
-        kind = node.value.id
-        if kind in ("list", "List") and len(parts) == 1:
-            item = parts[0]
-            return lambda v: isinstance(v, (list, tuple)) and all(item(x) for x in v)
-        if kind == "Optional" and len(parts) == 1:
-            item = parts[0]
-            return lambda v: v is None or item(v)
-        if kind == "Union":
-            return lambda v: any(p(v) for p in parts)
-    raise ValueError(f"unsupported parameter annotation {text!r}")
-
-
-def type_check(type_text: str) -> Check:
-    """A predicate for a type written as in a parameters cell (see the module docstring)."""
+@functools.cache
+def parameter_type(type_text: str) -> Any:
+    """The Python type an annotation of a parameters cell names: ``"Optional[list[int]]"`` ->
+    ``Optional[list[StrictInt]]``. Only the names of the module docstring are understood."""
+    unsupported = ValueError(f"unsupported parameter annotation {type_text!r}")
     try:
-        node = ast.parse(type_text.strip(), mode="eval").body
+        tree = ast.parse(type_text.strip(), mode="eval")
     except SyntaxError as exc:
-        raise ValueError(f"unsupported parameter annotation {type_text!r}") from exc
-    return _checker(node, type_text)
+        raise unsupported from exc
+    for node in ast.walk(tree):
+        none = isinstance(node, ast.Constant) and node.value is None
+        if not (none or isinstance(node, _NODES)) or (isinstance(node, ast.Name) and node.id not in _NAMES):
+            raise unsupported
+    try:
+        return eval(compile(tree, "<parameter annotation>", "eval"), {"__builtins__": {}}, dict(_NAMES))
+    except TypeError as exc:
+        raise unsupported from exc
+
+
+@functools.cache
+def _adapter(type_text: str) -> TypeAdapter:
+    return TypeAdapter(parameter_type(type_text))
+
+
+def _say(tp: Any) -> str:
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Annotated:
+        return _say(args[0])
+    if origin in (Union, types.UnionType):
+        return " or ".join(_say(a) for a in args)
+    if origin is list and args:
+        item = _say(args[0]).removeprefix("an ").removeprefix("a ")
+        return f"a list of {item}s"
+    if tp is None:
+        return "None"
+    return _WORDS.get(origin or tp, getattr(tp, "__name__", str(tp)))
 
 
 def describe_type(type_text: str) -> str:
     """Words for a type: ``Optional[list[int]]`` -> ``a list of ints or None``."""
-    words = {
-        "int": "an int",
-        "float": "a number",
-        "str": "a string",
-        "bool": "True or False",
-        "None": "None",
-        "Any": "any value",
-        "dict": "a dict",
-        "list": "a list",
-        "tuple": "a tuple",
-    }
-
-    def say(node: ast.AST) -> str:
-        if isinstance(node, ast.Constant) and node.value is None:
-            return "None"
-        if isinstance(node, ast.Name):
-            return words.get(node.id, node.id)
-        if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name):
-            inner = node.slice
-            args = list(inner.elts) if isinstance(inner, ast.Tuple) else [inner]
-            if node.value.id in ("list", "List"):
-                item = say(args[0]).removeprefix("an ").removeprefix("a ")
-                return f"a list of {item}s"
-            return " or ".join(say(a) for a in args) + (" or None" if node.value.id == "Optional" else "")
-        return ast.unparse(node)
-
-    return say(ast.parse(type_text.strip(), mode="eval").body)
+    return _say(parameter_type(type_text))
 
 
 def _inferred_type(default: str) -> str:
