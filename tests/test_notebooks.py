@@ -15,10 +15,11 @@ import pytest
 from summary_checks import CHECKS
 
 from moe_utils.analysis import summary
+from moe_utils.analysis.claims import observation
 from moe_utils.analysis.results import VERDICTS, read_result
 
 NOTEBOOKS = sorted(Path(__file__).resolve().parents[1].joinpath("notebooks").glob("*.ipynb"))
-OBSERVATIONS = [p for p in NOTEBOOKS if p.stem.startswith("obs")]
+OBSERVATIONS = [p for p in NOTEBOOKS if observation(p.stem) is not None]
 REQUIRED_PARAMETERS = {
     "model",
     "dense_baseline",
