@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from .. import metrics as M
+from ..core.errors import ShapeError
 from ..models.loading import LoadedModel
 from ..models.trace import Trace
 from . import dynamic, effects, static
@@ -61,7 +62,9 @@ def topk_overlap(topk_a: Any, topk_b: Any) -> float:
     """Mean over tokens of |top-k set of a  intersect  top-k set of b| / k (router saturation)."""
     a, b = np.asarray(topk_a), np.asarray(topk_b)
     if a.shape != b.shape:
-        raise ValueError(f"top-k index arrays differ in shape: {a.shape} vs {b.shape}")
+        raise ShapeError(
+            f"top-k index arrays differ in shape: {a.shape} vs {b.shape}; pass two traces of the same tokens"
+        )
     k = a.shape[1]
     hits = (a[:, :, None] == b[:, None, :]).any(axis=2).sum(axis=1)
     return float(hits.mean() / k)

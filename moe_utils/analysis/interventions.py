@@ -44,6 +44,7 @@ from torch import Tensor
 
 from .. import metrics as M
 from ..arch.facts import RouteParams
+from ..core.errors import ArgumentError, NotMoEModelError, ShapeError, UnsupportedRoutingError
 from ..engine.expert_math import apply_experts, expert_outputs, shared_expert_output
 from ..metrics.nulls import UNDEFINED, Interval
 from ..models.loaded import LoadedModel
@@ -85,7 +86,7 @@ def select(
     n, e = probs.shape
     k = top_k if policy.k is None else int(policy.k)
     if not 1 <= k <= e:
-        raise ValueError(f"k must be between 1 and the number of experts {e}; got {k}")
+        raise ArgumentError(f"k must be between 1 and the number of experts {e}; got {k}")
     if policy.kind == "learned":
         weight, index = torch.topk(probs, k, dim=-1)
         return index, (_renorm(weight) if renormalize else weight)
@@ -98,7 +99,9 @@ def select(
         return index, (_renorm(weight) if renormalize else weight)
     if policy.kind == "ablate":
         if k < 2:
-            raise ValueError("ablation needs top-k >= 2 (one expert is removed)")
+            raise ArgumentError(
+                "ablation needs top-k >= 2 (one expert is removed); use k >= 2 or a model routing to 2+ experts"
+            )
         weight, index = torch.topk(probs, k, dim=-1)
         if renormalize:
             weight = _renorm(weight)
@@ -109,14 +112,14 @@ def select(
         elif policy.remove == "random":
             drop = torch.randint(0, k, (n,), generator=gen)
         else:
-            raise ValueError(f"unknown ablation {policy.remove!r}; choose from {ABLATIONS}")
+            raise ArgumentError(f"unknown ablation {policy.remove!r}; choose from {ABLATIONS}")
         keep = torch.ones(n, k, dtype=torch.bool)
         keep[torch.arange(n), drop] = False
         kept_i = index[keep].reshape(n, k - 1)
         kept_w = weight[keep].reshape(n, k - 1)
         total = weight.sum(dim=-1, keepdim=True)
         return kept_i, _renorm(kept_w) * total
-    raise ValueError(f"unknown policy {policy.kind!r}")
+    raise ArgumentError(f"unknown policy {policy.kind!r}; use learned, norm, random or ablate")
 
 
 def score_norm_disagree(probs: Tensor, norms: Tensor, top_k: int) -> Tensor:
@@ -144,7 +147,9 @@ class Disagreement:
 
     def add(self, flags: Tensor) -> None:
         if self._mask is None or flags.shape != self._mask.shape:
-            raise ValueError("Disagreement.add needs a batch announced by begin() with the same [B, T] shape")
+            raise ShapeError(
+                "Disagreement.add needs a batch announced by begin() with the same [B, T] shape; call begin() first"
+            )
         self.pairs[self._rows] += self._mask.sum(dim=1).numpy()
         self.disagree[self._rows] += (flags & self._mask).sum(dim=1).numpy()
 
@@ -186,7 +191,7 @@ def _policy_forward(
 
 def _routing(lm: LoadedModel) -> RouteParams:
     if lm.facts.routing is None:
-        raise ValueError(f"{lm.name} is a dense {lm.facts.family} model; routing interventions need an MoE")
+        raise NotMoEModelError(f"{lm.name} is a dense {lm.facts.family} model; routing interventions need an MoE")
     return lm.facts.routing
 
 
@@ -196,9 +201,9 @@ def routed(lm: LoadedModel, policy: Policy, recorder: Disagreement | None = None
     ``top_norm`` ablation, each block records where the top-scored and the top-norm expert differ."""
     params = _routing(lm)
     if recorder is not None and not (policy.kind == "ablate" and policy.remove == "top_norm"):
-        raise ValueError("only the top_norm ablation computes every expert's norm; record disagreement there")
+        raise ArgumentError("only the top_norm ablation computes every expert's norm; record disagreement there")
     if params.method != "softmax_topk" or params.group or params.scale != 1.0:
-        raise ValueError(
+        raise UnsupportedRoutingError(
             f"routing interventions support plain softmax top-k routers; {lm.name} uses "
             f"{params.method}" + (" with group-limited choice" if params.group else "")
         )
@@ -254,7 +259,7 @@ def _groups(documents: Sequence[int] | np.ndarray | None, n: int) -> np.ndarray:
         return np.arange(n)
     g = np.asarray(documents)
     if g.shape != (n,):
-        raise ValueError(f"{g.size} document labels for {n} windows")
+        raise ShapeError(f"{g.size} document labels for {n} windows; pass one document label per window")
     return g
 
 
@@ -281,13 +286,6 @@ def pooled_loss(
     g = _groups(documents, len(s))
     iv = M.cluster_jackknife(lambda keep: s[keep].sum() / c[keep].sum(), g)
     return PooledLoss(iv.estimate, iv.low, iv.high, int(c.sum()), iv.se, iv.df, len(np.unique(g)))
-
-
-def paired_difference(
-    sums: np.ndarray, base_sums: np.ndarray, counts: np.ndarray, documents: Sequence[int] | np.ndarray | None = None
-) -> PooledLoss:
-    """Pooled NLL minus the baseline's on the same windows (paired), jackknife over documents."""
-    return pooled_loss(np.asarray(sums) - np.asarray(base_sums), counts, documents)
 
 
 def evaluate_policies(

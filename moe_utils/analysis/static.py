@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from .. import metrics as M
-from ..core.errors import NonFiniteError
+from ..core.errors import ArgumentError, NonFiniteError
 from ..core.finite import unwrap
 from ..core.progress import progress
 from ..metrics.neurons import COSINE_BLOCK_ELEMENTS, resolve_neuron_axis
@@ -308,7 +308,7 @@ def _pca_rows(
     seed: int = 0,
 ) -> list[dict]:
     if level not in ("matrix", "neuron"):
-        raise ValueError(f"level must be 'matrix' or 'neuron'; got {level!r}")
+        raise ArgumentError(f"level must be 'matrix' or 'neuron'; got {level!r}")
     rows, ids = [], lm.labels
     for m, stack in lm.experts.items():
         f = _same_shape_dense(lm, m, stack)

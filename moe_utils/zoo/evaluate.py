@@ -17,7 +17,7 @@ import torch
 
 from moe_utils.arch import spec_for_config
 from moe_utils.arch.facts import facts_for
-from moe_utils.core.errors import MoEUtilsError
+from moe_utils.core.errors import MoEUtilsError, ShapeError
 from moe_utils.core.paths import ZOO_MODELS_DIR
 
 BOS_ID = 1
@@ -130,7 +130,7 @@ def save_windows(
     arrays = {"ids": ids, "lengths": np.asarray([len(w) for w in windows], dtype=np.int32)}
     if documents is not None:
         if len(documents) != len(windows):
-            raise ValueError(f"{len(documents)} document indices for {len(windows)} windows")
+            raise ShapeError(f"{len(documents)} document indices for {len(windows)} windows; pass one per window")
         arrays["documents"] = np.asarray(documents, dtype=np.int32)
     np.savez_compressed(path, **arrays)
 

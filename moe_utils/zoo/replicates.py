@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from moe_utils.core.errors import ReplicateError
 from moe_utils.zoo import configs, train
 from moe_utils.zoo.configs import TrainSpec
 
@@ -65,7 +66,9 @@ class Replicate:
             return lambda seed: train.build_fine(seed, **depth)
         if self.kind == "placement":
             return lambda seed: train.build_placement(seed, self.dense_layer)
-        raise ValueError(f"{self.kind} replicates are built from their parent, not from scratch")
+        raise ReplicateError(
+            f"{self.kind} replicates are built from their parent, not from scratch; train the parent and upcycle it"
+        )
 
 
 # The ladder (pre-registered in book/preregistration.md): depth at a fixed recipe and token budget,
