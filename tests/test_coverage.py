@@ -259,7 +259,7 @@ def _variants(family: str) -> list[tuple[str, str, dict]]:
 
 
 VARIANT_CASES = [
-    case for family in ("cohere2_moe", "ernie4_5_moe", "glm4_moe", "qwen3_moe") for case in _variants(family)
+    case for family in ("cohere2_moe", "ernie4_5_moe", "glm4_moe", "qwen3_moe", "dots1") for case in _variants(family)
 ]
 
 

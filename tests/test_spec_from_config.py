@@ -125,3 +125,18 @@ def test_arch_lookups_are_hand_written_only_whatever_was_imported():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_per_layer_head_counts_follow_the_tiny_depth():
+    """A real config with one head count per layer (Laguna) and no dense layer shrinks to a tiny
+    config the class accepts, so a spec can be derived for it (the coverage's all-sparse variant)."""
+    from transformers import LagunaConfig
+
+    from moe_utils.arch.tiny import tiny_config
+
+    real = LagunaConfig().to_dict()
+    n = real["num_hidden_layers"]
+    real.update(num_attention_heads_per_layer=[32] * n, mlp_layer_types=["sparse"] * n)
+    small = tiny_config(LagunaConfig, base=real)
+    assert small.num_hidden_layers < n
+    assert small.num_attention_heads_per_layer == [small.num_attention_heads] * small.num_hidden_layers

@@ -118,6 +118,12 @@ def _resample(values: list, n: int) -> list:
     return out
 
 
+def _per_layer_heads(key: str, n: int, out: Mapping[str, Any]) -> list:
+    """A per-layer head count for ``n`` tiny layers: the tiny model's own (its attention is shrunk)."""
+    heads = out.get("num_key_value_heads") if "key_value" in key else None
+    return [heads or out.get("num_attention_heads", 4)] * n
+
+
 def tiny_config_dict(
     config_class, base: Mapping[str, Any] | None = None, num_layers: int | None = None
 ) -> dict[str, Any]:
@@ -177,6 +183,8 @@ def tiny_config_dict(
                 and (isinstance(value[0], (str, bool)) or value[0] is None)
             ):
                 out[key] = _resample(value, n)
+            elif "heads" in key and isinstance(value, list) and len(value) == old_layers and value:
+                out[key] = _per_layer_heads(key, n, out)
     if "mlp_only_layers" in known and source.get("mlp_only_layers"):
         out["mlp_only_layers"] = [i for i in source["mlp_only_layers"] if i < n][:1]
     rope = source.get("rope_parameters")

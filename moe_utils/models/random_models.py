@@ -124,7 +124,10 @@ def random_model(spec: FamilySpec, seed: int = 0, dtype: torch.dtype = torch.flo
             tensors: dict[str, torch.Tensor] = dict(model.named_parameters())
             tensors.update(dict(model.named_buffers()))
             for layer in spec.moe_layers(config):
-                buf = tensors[tensor_name(spec.memory, layer, bias_rel)].data
+                name = tensor_name(spec.memory, layer, bias_rel)
+                if name not in tensors:  # a config override removed this layer's bias (or its MoE block)
+                    continue
+                buf = tensors[name].data
                 buf.copy_(torch.randn(buf.shape, generator=torch.Generator().manual_seed(seed + layer)) * 0.05)
     finally:
         torch.random.set_rng_state(generator_state)
