@@ -314,8 +314,12 @@ def test_trace_only_refresh_keeps_the_notebook_columns():
     (row,) = merged["rows"]
     assert row["weights_ok"] is True and row["dynamic_ok"] is False
     assert row["reason"] == "dynamic notebooks: boom" and row["variants"] == {"x: k=0": ""}
-    assert merged["notebooks_date"] == "2026-01-01" and merged["date"] == "2026-02-02"
-    assert "notebook columns are from the run of 2026-01-01" in coverage.render_page(merged)
+    assert row["notebooks_date"] == "2026-01-01" and merged["date"] == "2026-02-02" and merged["notebooks"]
+    assert "the notebook columns come from runs on 2026-01-01" in coverage.render_page(merged)
+    newer = {**fresh, "family": "b", "weights_ok": True, "dynamic_ok": True, "notebooks_date": "2026-02-02"}
+    both = coverage.merge(merged, {**head, "date": "2026-02-02", "notebooks": True, "rows": [newer]})
+    assert [r["notebooks_date"] for r in both["rows"]] == ["2026-01-01", "2026-02-02"]
+    assert "come from runs between 2026-01-01 and 2026-02-02" in coverage.render_page(both)
     broken = vars(coverage.FamilyRow("a", "a", "AConfig", reason="no longer rebuilds"))
     (row,) = coverage.merge(old, {"date": "2026-02-02", "notebooks": False, "rows": [broken]})["rows"]
     assert row["weights_ok"] is None and row["reason"] == "no longer rebuilds"

@@ -77,6 +77,7 @@ class FamilyRow:
     routing: str | None = None
     reason: str | None = None
     seconds: float = 0.0
+    notebooks_date: str | None = None  # when the notebook columns were filled (None: not run)
     stream_ok: bool | None = None  # the layer stream gives the whole-model captures (None: not checked)
     stream_reason: str | None = None  # one line: why it cannot be streamed (observations 2-3 then load it whole)
 
@@ -278,6 +279,8 @@ def family_row(entry: CatalogueEntry, notebooks: bool = False, out: Path | None 
     if notebooks and row.trace_ok:
         with tempfile.TemporaryDirectory() as tmp:
             notebook_check(row, name, Path(out) if out else Path(tmp))
+    if notebooks and row.trace_ok:
+        row.notebooks_date = _dt.date.today().isoformat()
     row.seconds = round(time.perf_counter() - start, 1)
     return row
 
@@ -352,7 +355,7 @@ def _header(notebooks: bool) -> dict:
     }
 
 
-NOTEBOOK_FIELDS = ("weights_ok", "dynamic_ok")
+NOTEBOOK_FIELDS = ("weights_ok", "dynamic_ok", "notebooks_date")
 
 
 def _keep_notebook_columns(old_row: dict, new_row: dict) -> dict:
@@ -360,7 +363,7 @@ def _keep_notebook_columns(old_row: dict, new_row: dict) -> dict:
     family still rebuilds; the reasons the notebooks gave are kept after the new reason."""
     if not new_row.get("trace_ok") or old_row.get("weights_ok") is None:
         return new_row
-    kept = {k: old_row[k] for k in NOTEBOOK_FIELDS}
+    kept = {k: old_row.get(k) for k in NOTEBOOK_FIELDS}
     nb_reasons = [
         p for p in (old_row.get("reason") or "").split("; ") if p.startswith(("weights notebook", "dynamic notebooks"))
     ]
@@ -368,28 +371,31 @@ def _keep_notebook_columns(old_row: dict, new_row: dict) -> dict:
     return {**new_row, **kept, "reason": reason}
 
 
+def _dated(data: dict) -> list[dict]:
+    """The rows of ``data``, each with the date its notebook columns were filled (files written
+    before rows carried it have one date for the whole run)."""
+    run_date = data.get("notebooks_date") or (data.get("date") if data.get("notebooks") else None)
+    return [
+        {**r, "notebooks_date": r.get("notebooks_date") or (run_date if r.get("weights_ok") is not None else None)}
+        for r in data.get("rows", [])
+    ]
+
+
 def merge(old: dict, new: dict) -> dict:
     """``old`` with the rows of ``new`` replacing those of the same family (catalogue order).
 
-    When ``new`` was checked without notebooks and ``old`` with them, each row keeps its notebook
-    columns and the header keeps the date of the notebook run (``notebooks_date``)."""
-    trace_only = not new.get("notebooks") and old.get("notebooks")
-    by_family = {r["family"]: r for r in old.get("rows", [])}
-    for r in new["rows"]:
+    A row of ``new`` checked without notebooks keeps the notebook columns of its ``old`` row;
+    every row carries the date of its own notebook run."""
+    by_family = {r["family"]: r for r in _dated(old)}
+    for r in _dated(new):
         prev = by_family.get(r["family"])
-        by_family[r["family"]] = _keep_notebook_columns(prev, r) if trace_only and prev else r
+        by_family[r["family"]] = _keep_notebook_columns(prev, r) if not new.get("notebooks") and prev else r
     order = [e.model_type for e in catalogue()]
     rows = sorted(by_family.values(), key=lambda r: order.index(r["family"]) if r["family"] in order else len(order))
-    header = {k: v for k, v in new.items() if k != "rows"}
-    if trace_only:
-        header.update(
-            notebooks=True,
-            max_tokens=old.get("max_tokens"),
-            notebooks_date=old.get("notebooks_date") or old.get("date"),
-        )
-    else:
-        header["notebooks_date"] = header["date"] if new.get("notebooks") else old.get("notebooks_date")
-    return {**old, **header, "rows": rows}
+    header = {k: v for k, v in {**old, **new}.items() if k not in ("rows", "notebooks_date")}
+    header["notebooks"] = bool(old.get("notebooks") or new.get("notebooks"))
+    header["max_tokens"] = new.get("max_tokens") or old.get("max_tokens")
+    return {**header, "rows": rows}
 
 
 def summary_counts(data: dict) -> dict[str, int]:
@@ -429,12 +435,15 @@ def _variant_words(why: str) -> str:
 
 
 def _dates_line(data: dict) -> str:
-    """When the rebuild, disk and variant checks ran, and when the notebooks last ran."""
+    """When the rebuild, disk and variant checks ran, and when each family's notebooks last ran."""
     line = f"The rebuild, disk and config-variant checks ran on {data['date']}"
-    nb_date = data.get("notebooks_date") or (data["date"] if data.get("notebooks") else None)
-    if nb_date and nb_date != data["date"]:
-        return line + f"; the notebook columns are from the run of {nb_date}."
-    return line + (", the notebooks on the same day." if nb_date else "; the notebooks were not run.")
+    dates = sorted({d for r in _dated(data) if (d := r.get("notebooks_date"))})
+    if not dates:
+        return line + "; the notebooks were not run."
+    if dates == [data["date"]]:
+        return line + ", the notebooks on the same day."
+    when = dates[0] if len(dates) == 1 else f"between {dates[0]} and {dates[-1]}"
+    return line + f"; the notebook columns come from runs {'on ' if len(dates) == 1 else ''}{when}."
 
 
 def render_page(data: dict) -> str:
