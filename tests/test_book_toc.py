@@ -38,7 +38,7 @@ def book(tmp_path: Path, monkeypatch) -> Path:
     executed(runs / "tiny-moe-upcycled" / "obs2_norms.ipynb", "zoo:tiny-moe-upcycled")
     executed(runs / "tiny-moe-upcycled" / "obs1_weights.ipynb", "zoo:tiny-moe-upcycled")
     executed(runs / "tiny-moe-upcycled" / "obs3_broken.ipynb", "zoo:tiny-moe-upcycled", failed=True)
-    executed(runs / "book" / "summary.ipynb")
+    executed(runs / "book" / "replication.ipynb")  # a back page of the registry (publish/pages.py)
     executed(runs / "book" / "organisms.ipynb")
     executed(runs / "book" / "zoo_training.ipynb", meta={"moe_book": {"scope": "book", "place": "front"}})
     (runs / "empty-model").mkdir()
@@ -58,7 +58,7 @@ def test_collect_runs(book: Path) -> None:
     ]
     assert [p.name for p in index.models[0].notebooks] == ["obs1_weights.ipynb", "obs2_norms.ipynb"]
     assert [p.name for p in index.front] == ["organisms.ipynb", "zoo_training.ipynb"]
-    assert [p.name for p in index.back] == ["summary.ipynb"]
+    assert [p.name for p in index.back] == ["replication.ipynb"]
     assert [p.name for p in index.failed] == ["obs3_broken.ipynb"]
     assert collect_runs(book / "nowhere").models == []
 
@@ -75,7 +75,7 @@ def test_make_toc_orders_front_models_back(book: Path) -> None:
         ),
         ("Model: mistralai/Mixtral-8x7B-v0.1", ["book/runs/mistralai--Mixtral-8x7B-v0.1/obs1_weights"]),
         ("Model: zebra", ["book/runs/zebra/obs1_weights"]),
-        ("Summary", ["book/runs/book/summary", "book/suggestions"]),
+        ("Summary", ["book/runs/book/replication", "book/suggestions"]),
         ("Appendix: running at scale", ["book/reproduce"]),
     ]
     # The file is a valid Jupyter Book TOC whose entries all exist.
