@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from moe_utils.core.errors import CheckpointError
+from moe_utils.engine.inputs import split_paragraphs
 from moe_utils.zoo import ZOO_MODELS, zoo_path
 from moe_utils.zoo.cards import parameter_counts
 from moe_utils.zoo.configs import TrainSpec
-from moe_utils.zoo.corpus import build_corpus, extract_docstrings, is_heldout, read_paragraphs
+from moe_utils.zoo.corpus import build_corpus, extract_docstrings, is_heldout
 from moe_utils.zoo.evaluate import expert_load, make_windows, model_nll, targets_of, unigram_counts, unigram_nll
 from moe_utils.zoo.tokenizer import BOS, train_tokenizer, wrap_tokenizer
 from moe_utils.zoo.train import build_dense, build_moe, sample_batch, token_stream, train_model, upcycle
@@ -60,9 +61,10 @@ def test_extract_docstrings_finds_module_class_and_function_docs():
     assert extract_docstrings("def broken(:\n") == []
 
 
-def test_read_paragraphs_splits_on_separator_lines_only():
+def test_preset_reader_splits_on_separator_lines_only():
+    """The reader of the long preset (engine.inputs) splits where zoo.heldout's writer put separators."""
     text = "# a comment line stays\nx = 1\n---\nsecond -- not a separator\n---\n\nthird\n"
-    assert read_paragraphs(text) == [
+    assert split_paragraphs(text) == [
         "# a comment line stays\nx = 1",
         "second -- not a separator",
         "\nthird".strip("\n"),

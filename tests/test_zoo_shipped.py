@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from moe_utils.core.paths import LONG_HELDOUT_FILE
+from moe_utils.engine.inputs import split_paragraphs
 from moe_utils.zoo import DEFAULT_DENSE_BASELINE, DEFAULT_MOE_MODELS, ZOO_MODELS, zoo_path
-from moe_utils.zoo.corpus import heldout_paragraphs
 from moe_utils.zoo.evaluate import (
     encode_docs,
     expert_load,
@@ -41,7 +42,9 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def windows(tokenizer):
-    return make_windows(encode_docs(tokenizer, heldout_paragraphs()), seq_len=256)
+    return make_windows(
+        encode_docs(tokenizer, split_paragraphs(LONG_HELDOUT_FILE.read_text(encoding="utf-8"))), seq_len=256
+    )
 
 
 def _load(name):
@@ -77,7 +80,7 @@ def test_shipped_tokenizers_are_identical_and_prepend_bos(tokenizer):
 
 
 def test_long_heldout_preset_is_ten_paragraphs_of_about_1100_tokens(tokenizer):
-    paras = heldout_paragraphs()
+    paras = split_paragraphs(LONG_HELDOUT_FILE.read_text(encoding="utf-8"))
     assert len(paras) == 10
     n = sum(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in paras)
     assert 1000 <= n <= 1200
@@ -161,7 +164,7 @@ def test_corpus_and_long_preset_rebuild_identically_on_the_same_python(tokenizer
     """The shipped corpus hash and long preset are reproducible from this interpreter's stdlib."""
     import sys
 
-    from moe_utils.zoo.corpus import build_corpus, long_heldout_path
+    from moe_utils.zoo.corpus import build_corpus
     from moe_utils.zoo.heldout import select_paragraphs, write_long_heldout
 
     shipped = json.loads((zoo_path(DEFAULT_DENSE_BASELINE).parent / "corpus.json").read_text())
@@ -172,4 +175,4 @@ def test_corpus_and_long_preset_rebuild_identically_on_the_same_python(tokenizer
         pytest.skip("same Python version but a different standard library build (patched distribution)")
     paras, sources = select_paragraphs(corpus, tokenizer)
     write_long_heldout(tmp_path / "long.txt", paras, sources, corpus.meta)
-    assert (tmp_path / "long.txt").read_text() == long_heldout_path().read_text()
+    assert (tmp_path / "long.txt").read_text() == LONG_HELDOUT_FILE.read_text()

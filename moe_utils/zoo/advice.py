@@ -28,7 +28,6 @@ ADVICE_NORM_ROUTING = "post-hoc norm selection recovers the learned router's gai
 ADVICE_NORM_CAUSAL = "removing the largest-norm chosen expert costs more than removing the top-scored one"
 ADVICE_PLACEMENT = "held-out loss rises as the one dense layer moves deeper (before the last layer)"
 PLACEMENT_ORGANISMS = "placement organisms, 3 seeds"
-SEED_NOTE = "seed 0 (the shipped organisms; seeds 1-2 have no shipped weights)"
 VERDICT_COLUMNS = ["verdict", "value", "ci_low", "ci_high", "null", "floor", "power", "note"]
 PLACEMENT_COLUMNS = ["dense_layer", "seed", "nll", "ppl"]
 PLACEMENT_LAYERS = int(configs.PLACEMENT_SHAPE["num_hidden_layers"])

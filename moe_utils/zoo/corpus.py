@@ -23,8 +23,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moe_utils.engine.inputs import LONG_HELDOUT_FILE, SEPARATOR_LINE  # one definition for writer and reader
-
 SKIP_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "__pycache__", "dist-packages"})
 HELDOUT_PER_MILLE = 20  # ~2 % of documents are held out
 SOURCE_PER_MILLE = 500  # share of source files kept (training-time budget; docs/docstrings all kept)
@@ -200,28 +198,3 @@ def build_corpus(
 def write_corpus_json(corpus: Corpus, path: Path) -> None:
     """Write the corpus description (sizes, hashes, rules) as JSON."""
     Path(path).write_text(json.dumps(corpus.meta, indent=2, sort_keys=True) + "\n")
-
-
-def long_heldout_path() -> Path:
-    """Package path of the shipped long held-out input preset (the ``long`` input preset's file)."""
-    return LONG_HELDOUT_FILE
-
-
-def read_paragraphs(text: str) -> list[str]:
-    """Split a preset file into paragraphs at lines holding only ``---``."""
-    lines = text.splitlines()
-    paras, cur = [], []
-    for ln in lines:
-        if ln.strip() == SEPARATOR_LINE:
-            paras.append("\n".join(cur).strip("\n"))
-            cur = []
-        else:
-            cur.append(ln)
-    if any(c.strip() for c in cur):
-        paras.append("\n".join(cur).strip("\n"))
-    return [p for p in paras if p.strip()]
-
-
-def heldout_paragraphs() -> list[str]:
-    """The ten shipped held-out paragraphs (prose and code)."""
-    return read_paragraphs(long_heldout_path().read_text(encoding="utf-8"))

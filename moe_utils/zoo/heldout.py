@@ -12,7 +12,8 @@ import json
 import re
 from pathlib import Path
 
-from moe_utils.zoo.corpus import SEPARATOR_LINE, Corpus
+from moe_utils.engine.inputs import SEPARATOR_LINE  # one definition for writer and reader (split_paragraphs)
+from moe_utils.zoo.corpus import Corpus
 
 N_PROSE = 5
 N_CODE = 5

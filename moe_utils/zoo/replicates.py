@@ -167,8 +167,6 @@ def _add_ladder(reg: dict[str, Replicate]) -> None:
 
 
 REPLICATES: dict[str, Replicate] = _build_registry()
-# Training order when running everything: shipped-organism kinds first, placement last.
-STUDY_KINDS = ("dense", "upcycled", "scratch", "fine")
 
 
 def get(name: str) -> Replicate:

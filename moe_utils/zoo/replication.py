@@ -18,11 +18,6 @@ from ..analysis import paper
 from ..analysis.claims import CLAIMS
 from . import study_results as S
 
-OBSERVATION_NAMES = {
-    1: "neurons act like fine-grained experts (router/W_act alignment beyond its permutation null)",
-    2: "the router prefers large-norm experts (top-1 agreement beyond independence)",
-    3: "diversity grows with depth, last layer excepted",
-}
 CLAIM_NAMES = {c.key: c.title for c in CLAIMS.values()}
 PAPER_MARK_LABEL = "paper, Mixtral 8x7B"
 
@@ -66,16 +61,6 @@ def replicate_table(held: pd.DataFrame, training: pd.DataFrame) -> pd.DataFrame:
 def measured(verdicts: pd.DataFrame) -> pd.DataFrame:
     """The verdict rows measured with the nulls (they name a claim), ladder rungs left out."""
     return S._claim_rows(verdicts)
-
-
-def pending_seeds(verdicts: pd.DataFrame) -> pd.DataFrame:
-    """Replicates whose shipped results predate the nulls: (organism, seed) with no claim row."""
-    if not len(verdicts):
-        return pd.DataFrame(columns=["organism", "seed"])
-    have = measured(verdicts)[["organism", "seed"]].drop_duplicates()
-    allr = verdicts[["organism", "seed"]].drop_duplicates()
-    m = allr.merge(have, how="left", indicator=True)
-    return m[m["_merge"] == "left_only"][["organism", "seed"]].sort_values(["organism", "seed"])
 
 
 def verdict_grid(verdicts: pd.DataFrame) -> pd.DataFrame:

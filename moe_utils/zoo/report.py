@@ -259,36 +259,6 @@ def load_interpretation(loads: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def expert_load_chart(df: pd.DataFrame):
-    """Altair heatmap of ``expert_loads``: layers x experts, one panel per model."""
-    import altair as alt
-
-    df = df.assign(load_vs_uniform=df["share"] / df["uniform"])
-    return (
-        alt.Chart(df)
-        .mark_rect()
-        .encode(
-            x=alt.X("expert:O"),
-            y=alt.Y("layer:O", sort="descending"),
-            color=alt.Color(
-                "load_vs_uniform:Q", title="share / uniform", scale=alt.Scale(scheme="viridis", domainMid=1)
-            ),
-            tooltip=[
-                "model",
-                "layer",
-                "expert",
-                "selections",
-                alt.Tooltip("share:Q", format=".3f"),
-                alt.Tooltip("uniform:Q", format=".3f"),
-            ],
-        )
-        .properties(width=200, height=200)
-        .facet(column=alt.Column("model:N", title=None))
-        .resolve_scale(x="independent")
-        .properties(title="Expert load on held-out text, relative to uniform use (1 = 1/E of the selections)")
-    )
-
-
 def greedy_continuations(
     names: Sequence[str], prompt: str = "As an open source alternative to", new_tokens: int = 24
 ) -> pd.DataFrame:
