@@ -277,7 +277,7 @@ def test_shipped_window_documents_match_a_rebuild_of_the_heldout_documents() -> 
     from moe_utils.core.paths import ZOO_MODELS_DIR
     from moe_utils.zoo.corpus import build_corpus
     from moe_utils.zoo.evaluate import load_window_documents, load_windows
-    from moe_utils.zoo.tokenizer import load_tokenizer
+    from moe_utils.zoo.tokenizer import load_zoo_tokenizer
     from moe_utils.zoo.train import heldout_windows
 
     shipped = json.loads((ZOO_MODELS_DIR / "corpus.json").read_text())
@@ -286,7 +286,7 @@ def test_shipped_window_documents_match_a_rebuild_of_the_heldout_documents() -> 
     corpus = build_corpus()
     if corpus.meta["sha256_heldout"] != shipped["sha256_heldout"]:
         pytest.skip("same Python version but a different standard library build")
-    windows, docs = heldout_windows(corpus, load_tokenizer(ZOO_MODELS_DIR / "tiny-dense"))
+    windows, docs = heldout_windows(corpus, load_zoo_tokenizer(ZOO_MODELS_DIR / "tiny-dense"))
     assert windows == load_windows()
     assert docs.tolist() == load_window_documents().tolist()
     assert load_window_documents(max_windows=120).tolist() == [docs[int(i * len(docs) / 120)] for i in range(120)]

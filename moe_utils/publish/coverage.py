@@ -93,7 +93,7 @@ class FamilyRow:
         )
 
 
-def spec_kind(family: str) -> tuple[str, FamilySpec]:
+def spec_origin(family: str) -> tuple[str, FamilySpec]:
     """``("hand-written" | "derived", spec)`` of a ``random:`` family name."""
     for spec in SPECS.values():
         if family == spec.name or family in spec.model_types:
@@ -130,7 +130,7 @@ def _disk_check(lm: LoadedModel, folder_root: Path) -> None:
 def trace_check(row: FamilyRow, name: str) -> FamilyRow:
     """Fill the trace-level columns of ``row`` for ``random:name``."""
     try:
-        row.spec, spec = spec_kind(name)
+        row.spec, spec = spec_origin(name)
         row.spec_name = spec.name
         row.quirks = list(getattr(spec, "quirks", ()))
         row.routing = spec.description
@@ -175,7 +175,7 @@ def variant_label(part: str, overrides: dict[str, Any]) -> str:
 
 def family_variants(name: str) -> dict[str, str]:
     """Every optional-part variant of ``random:name``'s tiny config, checked: label -> '' or why not."""
-    _, spec = spec_kind(name)
+    _, spec = spec_origin(name)
     base = random_config(spec).to_dict()
     return {variant_label(part, v): variant_check(name, v) for part, v in config_variants(base)}
 
@@ -184,7 +184,7 @@ def variant_check(name: str, overrides: dict[str, Any]) -> str:
     """'' when ``random:name`` with ``overrides`` gets a spec (derived from that config) that
     rebuilds every MoE block and streams both saved spellings of its checkpoint; else why not."""
     try:
-        random_config(spec_kind(name)[1], **overrides)
+        random_config(spec_origin(name)[1], **overrides)
     except Exception as exc:  # the config class's own validation refuses the combination
         return INVALID_VARIANT + first_line(exc)[:300]
     try:

@@ -38,7 +38,7 @@ from moe_utils.zoo.cards import finalize_model
 from moe_utils.zoo.commands import STUDY_DESCRIPTION, add_study_arguments
 from moe_utils.zoo.long_corpus import prepare_long
 from moe_utils.zoo.replicates import Replicate, replicate_dir, snapshot_dir
-from moe_utils.zoo.tokenizer import load_tokenizer
+from moe_utils.zoo.tokenizer import load_zoo_tokenizer
 
 EVAL_WINDOWS_DURING_TRAINING = 24
 
@@ -94,7 +94,7 @@ def train_replicate(
         return True
     prepared = Path(out) / "prepared"
     if rep.ladder == "length":  # 4x the steps on a 4x stream: the corpus is seen as often as by the organisms
-        stream = prepare_long(prepared, R.LADDER_LENGTH_FACTOR, load_tokenizer(prepared / "tokenizer"), log)
+        stream = prepare_long(prepared, R.LADDER_LENGTH_FACTOR, load_zoo_tokenizer(prepared / "tokenizer"), log)
     else:
         stream = np.load(prepared / "train_ids.npy")
     windows = json.loads((prepared / "heldout_windows.json").read_text())

@@ -60,7 +60,7 @@ def save_tokenizer(tok, folder: Path, model_max_length: int = 256) -> None:
     wrap_tokenizer(tok, model_max_length).save_pretrained(str(folder))
 
 
-def load_tokenizer(folder: Path):
+def load_zoo_tokenizer(folder: Path):
     """Load a saved zoo tokenizer with ``AutoTokenizer`` (no remote code)."""
     from transformers import AutoTokenizer
 

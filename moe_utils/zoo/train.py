@@ -40,7 +40,7 @@ from moe_utils.zoo.evaluate import (
     window_documents,
 )
 from moe_utils.zoo.heldout import select_paragraphs, write_long_heldout
-from moe_utils.zoo.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from moe_utils.zoo.tokenizer import load_zoo_tokenizer, save_tokenizer, train_tokenizer
 
 if TYPE_CHECKING:
     from transformers.models.mixtral.modeling_mixtral import MixtralDecoderLayer
@@ -320,7 +320,7 @@ def prepare(out: Path, log=print) -> dict:
         log("training tokenizer ...")
         tok = train_tokenizer(corpus.texts("train"), configs.VOCAB_SIZE)
         save_tokenizer(tok, out / "tokenizer", configs.SEQ_LEN)
-        hf = load_tokenizer(out / "tokenizer")
+        hf = load_zoo_tokenizer(out / "tokenizer")
         log("tokenizing ...")
         train_ids = token_stream(encode_docs(hf, corpus.texts("train")))
         np.save(out / "train_ids.npy", train_ids)
@@ -345,14 +345,14 @@ def prepare(out: Path, log=print) -> dict:
         write_corpus_json(type(corpus)(corpus.train, corpus.heldout, meta), out / "corpus.json")
         marker.write_text(json.dumps({"sha256_all": corpus.meta["sha256_all"]}))
     if not _has_documents(out / "heldout_windows.npz"):
-        windows, documents = heldout_windows(corpus, load_tokenizer(out / "tokenizer"))
+        windows, documents = heldout_windows(corpus, load_zoo_tokenizer(out / "tokenizer"))
         if windows != json.loads((out / "heldout_windows.json").read_text()):
             raise MoEUtilsError(
                 f"the held-out windows rebuilt from the corpus differ from {out / 'heldout_windows.json'}; "
                 "delete the prepared folder and prepare again"
             )
         save_windows(out / "heldout_windows.npz", windows, documents)
-    paras, sources = select_paragraphs(corpus, load_tokenizer(out / "tokenizer"))
+    paras, sources = select_paragraphs(corpus, load_zoo_tokenizer(out / "tokenizer"))
     write_long_heldout(out / "long_heldout.txt", paras, sources, corpus.meta)
     return json.loads((out / "corpus.json").read_text())
 
