@@ -175,3 +175,25 @@ def test_quantized_checkpoints_stream_as_their_decoded_twins(kind, tmp_path):
     decoded = stream_traces(streamable(str(twin)), {"a": seqs})["a"]
     _assert_same_traces(decoded, got)
     _assert_same_traces(trace(load_model(str(twin)), seqs), decoded)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe", "mixtral"])
+def test_expert_by_expert_blocks_equal_whole_model(family, tmp_path):
+    """A block too large to decode whole: its experts read one at a time and combined with the
+    model's own routing give the whole model's captures, and the analyses see the same weights."""
+    from moe_utils.analysis import dynamic
+
+    lm = tiny(family)
+    folder = save(lm, tmp_path)
+    seqs = sequences()
+    norms = {}
+
+    def visit(layer):
+        norms.update(dynamic.norms_and_scores(layer.held, layer.traces["a"]).norms)
+
+    got = stream_traces(streamable(str(folder)), {"a": seqs}, by_expert=True, visit=visit)["a"]
+    ref = trace(lm, seqs)
+    _assert_same_traces(ref, got)
+    whole = dynamic.norms_and_scores(lm, ref).norms
+    for layer in ref.layers:
+        assert abs(whole[layer] - norms[layer]).max() <= 1e-5 * abs(whole[layer]).max()

@@ -21,8 +21,9 @@ from moe_utils.arch.spec import ExpertTensors, MoETensors
 from moe_utils.core.errors import MoEUtilsError
 from moe_utils.core.memory import shedding_file_pages
 from moe_utils.engine.canonical import MoELayerWeights
+from moe_utils.engine.expert_math import apply_experts
 from moe_utils.models.sources import FolderSource
-from moe_utils.models.weights import read_layer
+from moe_utils.models.weights import read_layer, read_layer_by_expert
 
 Tensor = torch.Tensor
 
@@ -73,9 +74,10 @@ def _expert_tensors(w: MoELayerWeights, ex: ExpertTensors) -> dict[str, Tensor]:
     return out
 
 
-def memory_tensors(w: MoELayerWeights, moe: MoETensors) -> dict[str, Tensor]:
+def memory_tensors(w: MoELayerWeights, moe: MoETensors, experts: bool = True) -> dict[str, Tensor]:
     """The MoE block of ``w`` as the loaded model holds it: ``{name relative to the layer: tensor}``
-    for the router, its biases, the experts and the shared experts (views where the layout allows)."""
+    for the router, its biases, the experts (unless ``experts`` is False) and the shared experts
+    (views where the layout allows)."""
     out = {moe.router: w.router}
     for name, t in ((moe.router_bias, w.router_bias), (moe.correction_bias, w.score_correction_bias)):
         if name is not None and t is not None:
@@ -90,7 +92,8 @@ def memory_tensors(w: MoELayerWeights, moe: MoETensors) -> dict[str, Tensor]:
                 out[name] = t
     if moe.shared_gate is not None and w.shared_gate is not None:
         out[moe.shared_gate] = w.shared_gate
-    out.update(_expert_tensors(w, moe.experts))
+    if experts:
+        out.update(_expert_tensors(w, moe.experts))
     return out
 
 
@@ -113,6 +116,31 @@ def _set_tensor(module: nn.Module, name: str, value: Tensor) -> None:
         owner._buffers[leaf] = value
 
 
+def _by_expert(
+    module: nn.Module, layer: int, src: FolderSource, spec: FamilySpec, facts: ModelFacts, device: torch.device
+) -> tuple[MoELayerWeights, dict[str, Tensor], str]:
+    """The MoE block of ``layer`` computed expert by expert: its experts module's forward replaced
+    by the engine's weighted sum over the chosen experts, each read and decoded when it is used.
+    Returns the layer's weights (experts left on disk), the block's other tensors by their names
+    in the layer, and the experts module's name prefix (whose tensors stay empty)."""
+    moe = spec.memory.moe
+    assert moe is not None
+    paths = spec.modules
+    experts = module.get_submodule(f"{paths.block}.{paths.experts}")
+    dtype = next((t.dtype for t in experts.parameters() if t.is_floating_point()), torch.bfloat16)
+    w = read_layer_by_expert(src, spec, facts, layer, device, dtype)
+
+    def forward(
+        hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor, *args: object, **kwargs: object
+    ) -> Tensor:
+        out = apply_experts(w, hidden_states, top_k_index, top_k_weights)
+        return out.to(device=hidden_states.device, dtype=hidden_states.dtype).reshape(hidden_states.shape)
+
+    experts.forward = forward  # this instance only; the layer is emptied after its pass
+    block = memory_tensors(w, moe, experts=False)
+    return w, block, f"{paths.block}.{paths.experts}."
+
+
 def fill_layer(
     module: nn.Module,
     layer: int,
@@ -120,19 +148,27 @@ def fill_layer(
     spec: FamilySpec,
     facts: ModelFacts,
     device: torch.device,
-) -> None:
+    by_expert: bool = False,
+) -> MoELayerWeights | None:
     """Read decoder layer ``layer`` from ``src`` into ``module`` (built on the meta device), each
-    tensor in the dtype the module gave it, on ``device``. Raises :class:`StreamUnsupportedError`
-    when a tensor of the module has no counterpart in the checkpoint or a different shape."""
+    tensor in the dtype the module gave it, on ``device``. With ``by_expert`` the routed experts
+    stay on disk and are read one at a time when used (a layer too large to decode whole); their
+    weights are returned then (None otherwise: the module holds them). Raises
+    :class:`StreamUnsupportedError` when a tensor of the module has no counterpart in the
+    checkpoint or a different shape."""
     block: dict[str, Tensor] = {}
+    lazy, skip = None, None
     if layer in facts.moe_layers:
         moe = spec.memory.moe
         if moe is None:
             raise StreamUnsupportedError(f"the {spec.name} spec names no in-memory MoE tensors; run the model whole")
-        files = {str(src.reader.file_of(n)) for n in src.reader.names()}
-        with shedding_file_pages(files):  # the file pages a layout copy reads are dropped as it goes
-            block = memory_tensors(read_layer(src, spec, facts, layer), moe)
-    wanted = module.state_dict(keep_vars=True)
+        if by_expert:
+            lazy, block, skip = _by_expert(module, layer, src, spec, facts, device)
+        else:
+            files = {str(src.reader.file_of(n)) for n in src.reader.names()}
+            with shedding_file_pages(files):  # the file pages a layout copy reads are dropped as it goes
+                block = memory_tensors(read_layer(src, spec, facts, layer), moe)
+    wanted = {k: v for k, v in module.state_dict(keep_vars=True).items() if skip is None or not k.startswith(skip)}
     unused = sorted(set(block) - set(wanted))
     if unused:
         raise StreamUnsupportedError(
@@ -158,7 +194,15 @@ def fill_layer(
             )
         _set_tensor(module, name, value.to(device=device, dtype=empty.dtype))
     block.clear()
-    module.to(device)  # buffers the checkpoint does not hold (rotary tables) follow the weights
+    if skip is None:
+        module.to(device)  # buffers the checkpoint does not hold (rotary tables) follow the weights
+    else:
+        for name, sub in module.named_modules():
+            if not (name + ".").startswith(skip):
+                for key, buf in list(sub._buffers.items()):
+                    if buf is not None and buf.device.type != "meta":
+                        sub._buffers[key] = buf.to(device)
+    return lazy
 
 
 def empty_layer(module: nn.Module) -> None:

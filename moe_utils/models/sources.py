@@ -214,3 +214,24 @@ def _cast(obj: Any, dtype: torch.dtype) -> Any:
         elif is_dataclass(value) and not isinstance(value, type):
             changes[f.name] = _cast(value, dtype)
     return replace(obj, **changes)
+
+
+class ExpertStack:
+    """``[E, out, in]`` expert matrices read (and decoded) from a checkpoint one expert at a time,
+    when indexed (``stack[e]``): what the engine needs of a layer too large to decode whole."""
+
+    def __init__(self, src: FolderSource, names: list[str], device: torch.device, dtype: torch.dtype) -> None:
+        self.src, self.names = src, names
+        self.device, self.dtype = device, dtype
+        self.shape = torch.Size((len(names), *src.shape(names[0])))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, e: int) -> Tensor:
+        if not isinstance(e, int):
+            raise MoEUtilsError(
+                "a layer read expert by expert can only be indexed by one expert; this analysis needs the whole "
+                "layer at once, which the stream does not hold for a layer this large"
+            )
+        return self.src.get(self.names[e]).to(device=self.device, dtype=self.dtype)

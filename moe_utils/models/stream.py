@@ -170,6 +170,16 @@ def streamable(model: str, revision: str | None = None, allow_pickle: bool = Fal
     )
 
 
+def _too_large(lm: LoadedModel, dtype: torch.dtype) -> bool:
+    """Whether one MoE layer's routed experts, decoded to ``dtype``, exceed half of ``FIT_SHARE``
+    of the available memory."""
+    f = lm.facts
+    free = available_memory()
+    width = f.expert_intermediate_size or 0
+    need = f.num_experts * 3 * f.hidden_size * width * torch.empty(0, dtype=dtype).element_size()
+    return free is not None and need > FIT_SHARE * free / 2
+
+
 def empty_model(lm: LoadedModel, dtype: torch.dtype) -> nn.Module:
     """The model of ``lm``'s checkpoint built without weights (parameters on the meta device,
     buffers real), in eval mode, with the experts implementation the whole-model path uses."""
@@ -248,12 +258,15 @@ def stream_traces(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     visit: Callable[[StreamedLayer], None] | None = None,
+    by_expert: bool | None = None,
 ) -> dict[str, Trace]:
     """Trace every MoE layer (or ``layers``) over each named input set, one decoder layer in memory.
 
     ``inputs`` maps a name to sequences as :func:`~moe_utils.models.trace.trace` takes them;
     the result maps the same names to traces equal to ``trace(lm, sequences, layers)``. ``visit``
-    is called once per traced layer, in order, while the layer's weights are held.
+    is called once per traced layer, in order, while the layer's weights are held. ``by_expert``
+    leaves the routed experts on disk and reads each when it is used (None: when one layer's
+    experts, decoded, would take more than half of ``FIT_SHARE`` of the available memory).
     """
     require_moe(lm.spec, "stream_traces()")
     why = stream_reason(lm)
@@ -264,6 +277,8 @@ def stream_traces(
     if params is None:
         raise StreamUnsupportedError(f"{lm.name} ({lm.facts.family}) has no routing function to trace")
     dev = torch.device(device)
+    if by_expert is None:
+        by_expert = _too_large(lm, dtype)
     seqs = {name: _as_sequences(lm, s) for name, s in inputs.items()}
     for s in seqs.values():
         _check_lengths(lm, s)
@@ -283,7 +298,7 @@ def stream_traces(
         last = max(chosen) if chosen else -1
         for i in range(last + 1):
             module = decoder[i]
-            fill_layer(module, i, src, lm.spec, lm.facts, dev)
+            lazy = fill_layer(module, i, src, lm.spec, lm.facts, dev, by_expert=by_expert)
             src.release()
             release_file_pages(files)
             for name, s in seqs.items():
@@ -308,9 +323,11 @@ def stream_traces(
                     for name, s in seqs.items()
                 }
                 if visit is not None:
-                    held = HeldLayer(lm.spec, lm.facts, module_layer_weights(model, lm.spec, lm.facts, i), lm.name)
+                    w = lazy if lazy is not None else module_layer_weights(model, lm.spec, lm.facts, i)
+                    held = HeldLayer(lm.spec, lm.facts, w, lm.name)
                     visit(StreamedLayer(i, one, held))
-                    del held
+                    del held, w
+            del lazy
             empty_layer(module)
             gc.collect()
             release_file_pages(files)

@@ -13,6 +13,7 @@ spec, so a checkpoint and the model loaded from it give identical weights.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from typing import cast
 
 import torch
 from torch import nn
@@ -20,10 +21,18 @@ from torch import nn
 from moe_utils.arch import FamilySpec, require_moe
 from moe_utils.arch.facts import ModelFacts
 from moe_utils.arch.spec import ExpertTensors, MLPTensors, MoETensors, WeightFormat
-from moe_utils.core.errors import CheckpointError, LayerIndexError, NonFiniteError
-from moe_utils.core.finite import ScreenedSource, check_finite, is_finite, nonfinite_counts, unwrap
+from moe_utils.core.errors import CheckpointError, LayerIndexError
+from moe_utils.core.finite import unwrap
 from moe_utils.engine.canonical import DenseMLPWeights, MoELayerWeights
+from moe_utils.models.screening import (
+    EXPERT_MATRICES,
+    check_dense,
+    nonfinite_experts,
+    screen_layer,
+    without_experts,
+)
 from moe_utils.models.sources import (
+    ExpertStack,
     FolderSource,
     HeldLayer,
     ModelSource,
@@ -344,109 +353,6 @@ def _layer_weights(src: TensorSource, spec: FamilySpec, facts: ModelFacts, layer
     )
 
 
-_PER_EXPERT = (
-    ("router row", "router"),
-    ("router bias", "router_bias"),
-    ("score correction bias", "score_correction_bias"),
-    ("W_act", "w_act"),
-    ("W_up", "w_up"),
-    ("W_down", "w_down"),
-    ("b_act", "b_act"),
-    ("b_up", "b_up"),
-    ("b_down", "b_down"),
-)
-
-
-#: The expert matrices: a caller whose own first pass over them shows whether they are finite
-#: can defer their check (``screen_layer(..., deferred=EXPERT_MATRICES)``).
-EXPERT_MATRICES = frozenset({"w_act", "w_up", "w_down"})
-
-
-def nonfinite_experts(w: MoELayerWeights, skip: frozenset[str] = frozenset()) -> list[NonFiniteError]:
-    """One error per (expert, tensor) of ``w`` holding NaN or infinity; the shared expert is "SE".
-    Attributes named in ``skip`` are not checked."""
-    found = []
-    ids = w.ids
-    for name, attr in _PER_EXPERT:
-        t = getattr(w, attr)
-        if t is None or attr in skip or is_finite(t):  # one pass over the tensor in the common case
-            continue
-        for e in range(w.num_experts):
-            if not is_finite(t[e]):
-                found.append(NonFiniteError(w.layer, ids[e], name, *nonfinite_counts(t[e])))
-    parts = (
-        [("shared W_act", w.shared.w_act), ("shared W_up", w.shared.w_up), ("shared W_down", w.shared.w_down)]
-        if w.shared is not None
-        else []
-    )
-    for name, t in parts + [("shared-expert gate", w.shared_gate)]:
-        if t is not None and not is_finite(t):
-            found.append(NonFiniteError(w.layer, "SE", name, *nonfinite_counts(t)))
-    return found
-
-
-def without_experts(w: MoELayerWeights, drop: set[int]) -> MoELayerWeights:
-    """A copy of ``w`` without the experts whose original index is in ``drop``."""
-    keep = [i for i, e in enumerate(w.ids) if e not in drop]
-    if not keep:
-        raise ValueError(f"layer {w.layer}: cannot drop every expert ({sorted(drop)})")
-    idx = torch.tensor(keep, dtype=torch.long, device=w.w_up.device)
-    take = {
-        attr: (None if getattr(w, attr) is None else getattr(w, attr).index_select(0, idx.to(getattr(w, attr).device)))
-        for _, attr in _PER_EXPERT
-    }
-    out = MoELayerWeights(**{**w.__dict__, **take})
-    out.expert_ids = [w.ids[i] for i in keep]
-    return out
-
-
-def screen_layer(
-    w: MoELayerWeights, screen: ScreenedSource | None, deferred: frozenset[str] = frozenset()
-) -> MoELayerWeights:
-    """Raise on non-finite weights, or (with a screen) exclude and record the offending experts.
-
-    ``deferred`` tensors are left unchecked: the caller's own pass over them must show that they
-    are finite, or call ``screen_layer(w, screen)`` again in full before using any result."""
-    found = nonfinite_experts(w, deferred)
-    if not found:
-        return w
-    if screen is None:
-        err = found[0]
-        more = f"; {len(found) - 1} more tensor(s) of this layer are non-finite too" if len(found) > 1 else ""
-        raise NonFiniteError(
-            err.layer,
-            err.expert,
-            err.tensor,
-            err.n_nan,
-            err.n_inf,
-            hint=f"{more}. Weight-only analyses can leave the offending experts out with the notebook "
-            f"parameter allow_invalid = True (the page and its results are then marked "
-            f"invalid); analyses that run the model cannot",
-        )
-    bad = {err.expert for err in found if isinstance(err.expert, int)}
-    if len(bad) == w.num_experts:
-        raise NonFiniteError(
-            w.layer,
-            None,
-            "the weights of every expert",
-            sum(e.n_nan for e in found),
-            sum(e.n_inf for e in found),
-            hint="; no expert of this layer is left to analyse, even with allow_invalid = True",
-        )
-    for err in found:
-        screen.record(err)
-    if any(err.expert == "SE" for err in found):
-        w = MoELayerWeights(**{**w.__dict__, "shared": None, "shared_gate": None})
-    return without_experts(w, bad) if bad else w
-
-
-def check_dense(d: DenseMLPWeights) -> DenseMLPWeights:
-    """Raise :class:`NonFiniteError` if a dense MLP's weights are not finite."""
-    for name, t in (("W_act", d.w_act), ("W_up", d.w_up), ("W_down", d.w_down)):
-        check_finite(t, d.layer, None, f"dense MLP {name}")
-    return d
-
-
 def layer_weights(
     source: WeightSource, layer: int, dtype: torch.dtype | None = torch.float32, allow_pickle: bool = False
 ) -> MoELayerWeights:
@@ -518,6 +424,62 @@ def read_layer(src: TensorSource, spec: FamilySpec, facts: ModelFacts, layer: in
     return screen_layer(_layer_weights(src, spec, facts, layer, None), None)
 
 
+def read_layer_by_expert(
+    src: FolderSource, spec: FamilySpec, facts: ModelFacts, layer: int, device: torch.device, dtype: torch.dtype
+) -> MoELayerWeights:
+    """MoE layer ``layer`` with its routed experts left on disk: ``w_act``/``w_up``/``w_down`` are
+    :class:`~moe_utils.models.sources.ExpertStack` objects that read and decode one expert when
+    indexed (the router, biases and shared experts are read, in ``dtype`` on ``device``). For
+    checkpoints storing one tensor per expert (DeepSeek-V3, Kimi K2, Qwen3); finiteness is checked
+    on each expert's outputs by the engine rather than on the weights."""
+    check_layer(facts, layer, "moe")
+    fmt = pick_format(src, spec, layer, "moe")
+    moe = fmt.moe
+    assert moe is not None  # pick_format(..., "moe") only returns schemes with an MoE part
+    ex = moe.experts
+    if ex.layout != "per_expert" or ex.up is None:
+        raise CheckpointError(
+            f"layer {layer}: the experts of this {spec.name} checkpoint are stored fused, not one tensor per "
+            "expert, so they cannot be read expert by expert; run with a machine that holds one decoded layer"
+        )
+
+    def stack(template: str | None) -> Tensor | None:
+        if template is None:
+            return None
+        names = [tensor_name(fmt, layer, template.format(e=e)) for e in range(facts.num_experts)]
+        return cast(Tensor, ExpertStack(src, names, device, dtype))  # indexed like a tensor by the engine
+
+    def small(rel: str | None) -> Tensor | None:
+        t = _get(src, fmt, layer, rel, None)
+        return None if t is None else t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+    shared = _mlp(src, fmt, layer, moe.shared, dtype, facts.activation) if moe.shared else None
+    if shared is not None:
+        shared = DenseMLPWeights(
+            layer,
+            None if shared.w_act is None else shared.w_act.to(device),
+            shared.w_up.to(device),
+            shared.w_down.to(device),
+            shared.activation,
+        )
+    router = small(moe.router)
+    w_up, w_down = stack(ex.up), stack(ex.down)
+    assert router is not None and w_up is not None and w_down is not None
+    bias = _get(src, fmt, layer, moe.correction_bias, None)
+    return MoELayerWeights(
+        layer=layer,
+        router=router,
+        w_act=stack(ex.act),
+        w_up=w_up,
+        w_down=w_down,
+        activation=facts.activation,
+        router_bias=small(moe.router_bias),
+        score_correction_bias=None if bias is None else bias.to(device),
+        shared=shared,
+        shared_gate=small(moe.shared_gate),
+    )
+
+
 def module_layer_weights(model: nn.Module, spec: FamilySpec, facts: ModelFacts, layer: int) -> MoELayerWeights:
     """Canonical weights of MoE layer ``layer`` of ``model`` (views of its tensors, their dtype):
     the layer stream's model has only this layer filled, from weights :func:`read_layer` screened."""
@@ -527,6 +489,7 @@ def module_layer_weights(model: nn.Module, spec: FamilySpec, facts: ModelFacts, 
 __all__ = [
     "EXPERT_MATRICES",
     "DenseMLPWeights",
+    "ExpertStack",
     "FolderSource",
     "HeldLayer",
     "MoELayerWeights",
@@ -544,6 +507,7 @@ __all__ = [
     "open_source",
     "pick_format",
     "read_layer",
+    "read_layer_by_expert",
     "screen_layer",
     "tensor_name",
     "without_experts",
