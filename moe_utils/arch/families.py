@@ -1,19 +1,25 @@
-"""One declarative :class:`FamilySpec` per supported model family.
+"""The hand-written :class:`FamilySpec` of each transformers MoE family, and ``FAMILIES``, the
+registry of every hand-written spec.
 
 Facts come from the transformers 5 modelling code (module paths, fused layouts, routers) and from
 the public checkpoints' tensor names (see each spec's ``disk`` formats). To add a family, copy the
 closest spec, adjust its fields, append it to ``FAMILIES`` at the bottom, and add its expected MoE
-layers to ``tests/test_arch_families.py``.
+layers to ``tests/test_arch_families.py``. Families that need their publisher's code are in
+:mod:`~moe_utils.arch.remote_code_families`, the dense baseline in
+:mod:`~moe_utils.arch.dense_baseline`, the tensor-name layouts and tiny sizes the specs share in
+:mod:`~moe_utils.arch.family_parts`.
 """
 
 from __future__ import annotations
 
+from moe_utils.arch.dense_baseline import MISTRAL_DENSE
+from moe_utils.arch.family_parts import FUSED_EXPERTS, LLAMA_MLP, PER_EXPERT_LINEARS, TINY_SIZES, mlp_tensors, under
+from moe_utils.arch.remote_code_families import DEEPSEEK_MOE, GROK1
 from moe_utils.arch.spec import (
     ConfigKeys,
     ExpertTensors,
     FamilySpec,
     LayerRule,
-    MLPTensors,
     ModulePaths,
     MoETensors,
     RouterCapture,
@@ -21,64 +27,13 @@ from moe_utils.arch.spec import (
     WeightFormat,
 )
 
-# Shared tiny sizes for random test models (vocab fits the 259-token byte-level tokenizer).
-_TINY = dict(
-    vocab_size=320,
-    hidden_size=32,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    bos_token_id=0,
-    eos_token_id=1,
-    pad_token_id=2,
-    tie_word_embeddings=False,
-)
-
-# Fused in-memory experts of transformers 5: gate_up [E,2I,H] (gate rows first), down [E,H,I].
-_FUSED = ExpertTensors("fused", gate_up="experts.gate_up_proj", down="experts.down_proj")
-# Per-expert Linear names written by save_pretrained for Qwen/DeepSeek/OLMoE/Jamba and hub files.
-_PER_EXPERT = ExpertTensors(
-    "per_expert",
-    act="experts.{e}.gate_proj.weight",
-    up="experts.{e}.up_proj.weight",
-    down="experts.{e}.down_proj.weight",
-)
-_LLAMA_MLP = MLPTensors("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
-
-
-def _under(block: str, experts: ExpertTensors) -> ExpertTensors:
-    """Prefix every name of an ExpertTensors with the block path (``"mlp."``)."""
-
-    def p(name: str | None) -> str | None:
-        return None if name is None else f"{block}.{name}"
-
-    return ExpertTensors(
-        experts.layout,
-        down=f"{block}.{experts.down}",
-        gate_up=p(experts.gate_up),
-        act=p(experts.act),
-        up=p(experts.up),
-        order=experts.order,
-        in_transposed=experts.in_transposed,
-        down_transposed=experts.down_transposed,
-        flat=experts.flat,
-        gate_up_bias=p(experts.gate_up_bias),
-        down_bias=p(experts.down_bias),
-    )
-
-
-def _mlp(prefix: str) -> MLPTensors:
-    return MLPTensors(f"{prefix}.gate_proj.weight", f"{prefix}.up_proj.weight", f"{prefix}.down_proj.weight")
-
-
-# --------------------------------------------------------------------------------------------
 MIXTRAL = FamilySpec(
     name="mixtral",
     model_types=("mixtral",),
     architectures=("MixtralForCausalLM",),
     description="Mixtral 8x7B / 8x22B: 8 SwiGLU experts, softmax top-2 renormalised, every layer MoE",
     defaults={"num_local_experts": 8, "num_experts_per_tok": 2},
-    memory=WeightFormat("memory", moe=MoETensors("mlp.gate.weight", _under("mlp", _FUSED))),
+    memory=WeightFormat("memory", moe=MoETensors("mlp.gate.weight", under("mlp", FUSED_EXPERTS))),
     disk=(
         WeightFormat(
             "original",
@@ -95,7 +50,7 @@ MIXTRAL = FamilySpec(
     ),
     routing=RoutingSpec("softmax_topk", renormalize=True),
     config_class="MixtralConfig",
-    tiny_config=dict(_TINY, intermediate_size=48, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2),
+    tiny_config=dict(TINY_SIZES, intermediate_size=48, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2),
 )
 
 QWEN2_MOE = FamilySpec(
@@ -115,28 +70,28 @@ QWEN2_MOE = FamilySpec(
         "memory",
         moe=MoETensors(
             "mlp.gate.weight",
-            _under("mlp", _FUSED),
-            shared=_mlp("mlp.shared_expert"),
+            under("mlp", FUSED_EXPERTS),
+            shared=mlp_tensors("mlp.shared_expert"),
             shared_gate="mlp.shared_expert_gate.weight",
         ),
-        dense=_LLAMA_MLP,
+        dense=LLAMA_MLP,
     ),
     disk=(
         WeightFormat(
             "original",
             moe=MoETensors(
                 "mlp.gate.weight",
-                _under("mlp", _PER_EXPERT),
-                shared=_mlp("mlp.shared_expert"),
+                under("mlp", PER_EXPERT_LINEARS),
+                shared=mlp_tensors("mlp.shared_expert"),
                 shared_gate="mlp.shared_expert_gate.weight",
             ),
-            dense=_LLAMA_MLP,
+            dense=LLAMA_MLP,
         ),
     ),
     routing=RoutingSpec("softmax_topk", renormalize_key="norm_topk_prob"),
     config_class="Qwen2MoeConfig",
     tiny_config=dict(
-        _TINY,
+        TINY_SIZES,
         intermediate_size=48,
         moe_intermediate_size=24,
         shared_expert_intermediate_size=40,
@@ -155,12 +110,14 @@ QWEN3_MOE = FamilySpec(
     defaults={"norm_topk_prob": False, "decoder_sparse_step": 1},
     keys=ConfigKeys(expert_intermediate=("moe_intermediate_size",)),
     layer_rule=LayerRule("sparse_step"),
-    memory=WeightFormat("memory", moe=MoETensors("mlp.gate.weight", _under("mlp", _FUSED)), dense=_LLAMA_MLP),
-    disk=(WeightFormat("original", moe=MoETensors("mlp.gate.weight", _under("mlp", _PER_EXPERT)), dense=_LLAMA_MLP),),
+    memory=WeightFormat("memory", moe=MoETensors("mlp.gate.weight", under("mlp", FUSED_EXPERTS)), dense=LLAMA_MLP),
+    disk=(
+        WeightFormat("original", moe=MoETensors("mlp.gate.weight", under("mlp", PER_EXPERT_LINEARS)), dense=LLAMA_MLP),
+    ),
     routing=RoutingSpec("softmax_topk", renormalize_key="norm_topk_prob"),
     config_class="Qwen3MoeConfig",
     tiny_config=dict(
-        _TINY,
+        TINY_SIZES,
         head_dim=8,
         intermediate_size=48,
         moe_intermediate_size=24,
@@ -178,23 +135,23 @@ OLMOE = FamilySpec(
     architectures=("OlmoeForCausalLM",),
     description="OLMoE: 64 experts, softmax top-8 (renormalised only when norm_topk_prob)",
     defaults={"norm_topk_prob": False},
-    memory=WeightFormat("memory", moe=MoETensors("mlp.gate.weight", _under("mlp", _FUSED))),
-    disk=(WeightFormat("original", moe=MoETensors("mlp.gate.weight", _under("mlp", _PER_EXPERT))),),
+    memory=WeightFormat("memory", moe=MoETensors("mlp.gate.weight", under("mlp", FUSED_EXPERTS))),
+    disk=(WeightFormat("original", moe=MoETensors("mlp.gate.weight", under("mlp", PER_EXPERT_LINEARS))),),
     routing=RoutingSpec("softmax_topk", renormalize_key="norm_topk_prob"),
     config_class="OlmoeConfig",
-    tiny_config=dict(_TINY, intermediate_size=24, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2),
+    tiny_config=dict(TINY_SIZES, intermediate_size=24, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2),
 )
 
 _DEEPSEEK_KEYS = ConfigKeys(expert_intermediate=("moe_intermediate_size",))
 _DEEPSEEK_MEMORY = WeightFormat(
     "memory",
-    moe=MoETensors("mlp.gate.weight", _under("mlp", _FUSED), shared=_mlp("mlp.shared_experts")),
-    dense=_LLAMA_MLP,
+    moe=MoETensors("mlp.gate.weight", under("mlp", FUSED_EXPERTS), shared=mlp_tensors("mlp.shared_experts")),
+    dense=LLAMA_MLP,
 )
 _DEEPSEEK_DISK = WeightFormat(
     "original",
-    moe=MoETensors("mlp.gate.weight", _under("mlp", _PER_EXPERT), shared=_mlp("mlp.shared_experts")),
-    dense=_LLAMA_MLP,
+    moe=MoETensors("mlp.gate.weight", under("mlp", PER_EXPERT_LINEARS), shared=mlp_tensors("mlp.shared_experts")),
+    dense=LLAMA_MLP,
 )
 _MLA = dict(kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8)
 
@@ -222,7 +179,7 @@ DEEPSEEK_V2 = FamilySpec(
     ),
     config_class="DeepseekV2Config",
     tiny_config=dict(
-        _TINY,
+        TINY_SIZES,
         **_MLA,
         q_lora_rank=None,
         intermediate_size=48,
@@ -266,22 +223,22 @@ DEEPSEEK_V3 = FamilySpec(
         "memory",
         moe=MoETensors(
             "mlp.gate.weight",
-            _under("mlp", _FUSED),
+            under("mlp", FUSED_EXPERTS),
             correction_bias="mlp.gate.e_score_correction_bias",
-            shared=_mlp("mlp.shared_experts"),
+            shared=mlp_tensors("mlp.shared_experts"),
         ),
-        dense=_LLAMA_MLP,
+        dense=LLAMA_MLP,
     ),
     disk=(
         WeightFormat(
             "original",
             moe=MoETensors(
                 "mlp.gate.weight",
-                _under("mlp", _PER_EXPERT),
+                under("mlp", PER_EXPERT_LINEARS),
                 correction_bias="mlp.gate.e_score_correction_bias",
-                shared=_mlp("mlp.shared_experts"),
+                shared=mlp_tensors("mlp.shared_experts"),
             ),
-            dense=_LLAMA_MLP,
+            dense=LLAMA_MLP,
         ),
     ),
     routing=RoutingSpec(
@@ -293,7 +250,7 @@ DEEPSEEK_V3 = FamilySpec(
     ),
     config_class="DeepseekV3Config",
     tiny_config=dict(
-        _TINY,
+        TINY_SIZES,
         **_MLA,
         q_lora_rank=16,
         intermediate_size=48,
@@ -335,7 +292,7 @@ GPT_OSS = FamilySpec(
     routing=RoutingSpec("topk_softmax"),
     config_class="GptOssConfig",
     tiny_config=dict(
-        _TINY,
+        TINY_SIZES,
         head_dim=8,
         intermediate_size=24,
         num_hidden_layers=2,
@@ -357,7 +314,7 @@ PHIMOE = FamilySpec(
     description="Phi-3.5-MoE: 16 experts, sparsemixer top-2 routing",
     defaults={"router_jitter_noise": 0.01},
     modules=ModulePaths(router="router"),
-    memory=WeightFormat("memory", moe=MoETensors("mlp.router.weight", _under("mlp", _FUSED))),
+    memory=WeightFormat("memory", moe=MoETensors("mlp.router.weight", under("mlp", FUSED_EXPERTS))),
     disk=(
         WeightFormat(
             "original",
@@ -374,7 +331,7 @@ PHIMOE = FamilySpec(
     ),
     routing=RoutingSpec("sparsemixer", jitter_key="router_jitter_noise"),
     config_class="PhimoeConfig",
-    tiny_config=dict(_TINY, intermediate_size=48, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2),
+    tiny_config=dict(TINY_SIZES, intermediate_size=48, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2),
 )
 
 GRANITEMOE = FamilySpec(
@@ -383,7 +340,9 @@ GRANITEMOE = FamilySpec(
     architectures=("GraniteMoeForCausalLM",),
     description="Granite-MoE: top-k of logits then softmax over k; fused 3-D weights on disk",
     modules=ModulePaths(block="block_sparse_moe", router="router"),
-    memory=WeightFormat("memory", moe=MoETensors("block_sparse_moe.router.weight", _under("block_sparse_moe", _FUSED))),
+    memory=WeightFormat(
+        "memory", moe=MoETensors("block_sparse_moe.router.weight", under("block_sparse_moe", FUSED_EXPERTS))
+    ),
     disk=(
         WeightFormat(
             "original",
@@ -399,10 +358,10 @@ GRANITEMOE = FamilySpec(
     ),
     routing=RoutingSpec("topk_softmax"),
     config_class="GraniteMoeConfig",
-    tiny_config=dict(_TINY, intermediate_size=48, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2),
+    tiny_config=dict(TINY_SIZES, intermediate_size=48, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2),
 )
 
-_JAMBA_DENSE = _mlp("feed_forward")
+_JAMBA_DENSE = mlp_tensors("feed_forward")
 JAMBA = FamilySpec(
     name="jamba",
     quirks=(
@@ -416,19 +375,19 @@ JAMBA = FamilySpec(
     layer_rule=LayerRule("period"),
     modules=ModulePaths(block="feed_forward", router="router", dense_mlp="feed_forward"),
     memory=WeightFormat(
-        "memory", moe=MoETensors("feed_forward.router.weight", _under("feed_forward", _FUSED)), dense=_JAMBA_DENSE
+        "memory", moe=MoETensors("feed_forward.router.weight", under("feed_forward", FUSED_EXPERTS)), dense=_JAMBA_DENSE
     ),
     disk=(
         WeightFormat(
             "original",
-            moe=MoETensors("feed_forward.router.weight", _under("feed_forward", _PER_EXPERT)),
+            moe=MoETensors("feed_forward.router.weight", under("feed_forward", PER_EXPERT_LINEARS)),
             dense=_JAMBA_DENSE,
         ),
     ),
     routing=RoutingSpec("softmax_topk"),
     config_class="JambaConfig",
     tiny_config=dict(
-        _TINY,
+        TINY_SIZES,
         intermediate_size=48,
         num_hidden_layers=4,
         num_experts=4,
@@ -511,15 +470,15 @@ LLAMA4 = FamilySpec(
                 in_transposed=True,
                 down_transposed=True,
             ),
-            shared=_mlp("feed_forward.shared_expert"),
+            shared=mlp_tensors("feed_forward.shared_expert"),
         ),
-        dense=_mlp("feed_forward"),
+        dense=mlp_tensors("feed_forward"),
     ),
     routing=RoutingSpec("topk_sigmoid_input"),
     capture=RouterCapture("scores_logits"),
     config_class="Llama4TextConfig",
     tiny_config=dict(
-        _TINY,
+        TINY_SIZES,
         head_dim=8,
         intermediate_size=24,
         intermediate_size_mlp=48,
@@ -548,7 +507,7 @@ QWEN3_NEXT = FamilySpec(
     routing=RoutingSpec("softmax_topk", renormalize_key="norm_topk_prob"),
     config_class="Qwen3NextConfig",
     tiny_config=dict(
-        _TINY,
+        TINY_SIZES,
         head_dim=8,
         intermediate_size=48,
         moe_intermediate_size=24,
@@ -564,7 +523,7 @@ QWEN3_NEXT = FamilySpec(
     ),
 )
 
-_HUNYUAN_SHARED = _mlp("mlp.shared_mlp")
+_HUNYUAN_SHARED = mlp_tensors("mlp.shared_mlp")
 HUNYUAN_MOE = FamilySpec(
     name="hunyuan_v1_moe",
     model_types=("hunyuan_v1_moe",),
@@ -572,88 +531,21 @@ HUNYUAN_MOE = FamilySpec(
     description="Hunyuan-MoE: fp32 router gate.wg, softmax top-k renormalised, one shared MLP",
     keys=ConfigKeys(top_k=("moe_topk", "num_experts_per_tok")),
     modules=ModulePaths(router="gate", router_weight="wg.weight", shared="shared_mlp"),
-    memory=WeightFormat("memory", moe=MoETensors("mlp.gate.wg.weight", _under("mlp", _FUSED), shared=_HUNYUAN_SHARED)),
+    memory=WeightFormat(
+        "memory", moe=MoETensors("mlp.gate.wg.weight", under("mlp", FUSED_EXPERTS), shared=_HUNYUAN_SHARED)
+    ),
     disk=(
         WeightFormat(
-            "original", moe=MoETensors("mlp.gate.wg.weight", _under("mlp", _PER_EXPERT), shared=_HUNYUAN_SHARED)
+            "original", moe=MoETensors("mlp.gate.wg.weight", under("mlp", PER_EXPERT_LINEARS), shared=_HUNYUAN_SHARED)
         ),
     ),
     routing=RoutingSpec("softmax_topk", renormalize=True),
     config_class="HunYuanMoEV1Config",
-    tiny_config=dict(_TINY, head_dim=8, intermediate_size=24, num_hidden_layers=2, num_experts=4, moe_topk=2),
-)
-
-# ---- weights-only families (publisher code, not in transformers) ---------------------------
-DEEPSEEK_MOE = FamilySpec(
-    name="deepseek",
-    model_types=("deepseek",),
-    architectures=("DeepseekForCausalLM",),
-    description="DeepSeekMoE 16B (remote code): dense layer 0, 64 routed + 2 shared experts "
-    "(one MLP of width 2*I), softmax top-6 not renormalised",
-    native=False,
-    defaults={"first_k_dense_replace": 1, "moe_layer_freq": 1, "norm_topk_prob": False},
-    keys=ConfigKeys(num_experts=("n_routed_experts",), expert_intermediate=("moe_intermediate_size",)),
-    layer_rule=LayerRule("first_k_dense", freq_key="moe_layer_freq"),
-    modules=ModulePaths(shared="shared_experts"),
-    memory=WeightFormat(
-        "remote-code",
-        moe=MoETensors("mlp.gate.weight", _under("mlp", _PER_EXPERT), shared=_mlp("mlp.shared_experts")),
-        dense=_LLAMA_MLP,
-    ),
-    routing=RoutingSpec("softmax_topk", renormalize_key="norm_topk_prob", renorm_eps=1e-20),
-    capture=RouterCapture("index_weights_aux"),
-)
-
-GROK1 = FamilySpec(
-    name="grok1",
-    model_types=("grok-1", "grok1"),
-    architectures=("Grok1ModelForCausalLM", "Grok1ForCausalLM"),
-    detect_keys=("attn_output_multiplier", "embedding_multiplier_scale", "num_experts"),
-    description="Grok-1 (hpcai-tech port, remote code): 8 GELU experts, softmax top-2 not "
-    "renormalised; config has no model_type",
-    native=False,
-    defaults={"num_experts": 8, "num_experts_per_tok": 2},
-    modules=ModulePaths(block="moe_block"),
-    memory=WeightFormat(
-        "remote-code",
-        moe=MoETensors(
-            "moe_block.gate.weight",
-            ExpertTensors(
-                "per_expert",
-                act="moe_block.experts.{e}.linear.weight",
-                up="moe_block.experts.{e}.linear_v.weight",
-                down="moe_block.experts.{e}.linear_1.weight",
-            ),
-        ),
-    ),
-    activation="gelu",
-    activation_keys=(),
-    routing=RoutingSpec("softmax_topk"),
-    capture=RouterCapture("logits"),
-)
-
-# ---- dense baseline ("F" in the paper) ----------------------------------------------------
-MISTRAL_DENSE = FamilySpec(
-    name="mistral",
-    model_types=("mistral", "llama", "qwen2", "qwen3", "olmo", "olmo2"),
-    architectures=(
-        "MistralForCausalLM",
-        "LlamaForCausalLM",
-        "Qwen2ForCausalLM",
-        "Qwen3ForCausalLM",
-        "OlmoForCausalLM",
-        "Olmo2ForCausalLM",
-    ),
-    description="Dense Mistral/Llama-style SwiGLU MLP (the paper's dense baseline F)",
-    is_moe=False,
-    layer_rule=LayerRule("none"),
-    memory=WeightFormat("memory", dense=_LLAMA_MLP),
-    config_class="MistralConfig",
-    tiny_config=dict(_TINY, intermediate_size=48, num_hidden_layers=2),
+    tiny_config=dict(TINY_SIZES, head_dim=8, intermediate_size=24, num_hidden_layers=2, num_experts=4, moe_topk=2),
 )
 
 # Families of the installed transformers without a spec here get a derived one
-# (moe_utils/models/derive.py). The specs above stay hand-written where derivation cannot work or
+# (moe_utils/models/derive.py). The specs listed here stay hand-written where derivation cannot work or
 # where public checkpoints need more than transformers shows:
 #   dbrx          its MoE sizes are nested in ffn_config (no top-level experts-per-token key)
 #   phimoe        sparsemixer routing is not one of the candidate routing functions
