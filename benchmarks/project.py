@@ -1,10 +1,12 @@
-"""Project the measured figures to the paper's models (the tables of book/performance.md).
+"""Project the measured figures to the paper's models and newer MoEs (the tables of book/performance.md).
 
 Reads ``benchmarks/results/obs1_mixtral.json`` and ``benchmarks/results/dynamic_mixtral.json``
 (written by ``obs1_layer.py`` and ``dynamic_model.py``), scales them with
-:func:`moe_utils.core.hardware.project` and prints Markdown tables.
+:func:`moe_utils.core.hardware.project` and prints Markdown tables. With ``--stream`` it also
+reads ``stream_mixtral.json`` (``stream_mixtral.py``) and prints the layer stream's table for the
+paper's models and the newer ones (:func:`moe_utils.core.hardware.project_stream`).
 
-    python benchmarks/project.py
+    python benchmarks/project.py [--stream]
 """
 
 from __future__ import annotations
@@ -14,7 +16,17 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from moe_utils.core.hardware import PAPER_MODEL_SHAPES, Measured, project
+from moe_utils.core.hardware import (
+    NEWER_MODEL_SHAPES,
+    PAPER_MODEL_SHAPES,
+    Measured,
+    MeasuredStream,
+    project,
+    project_stream,
+)
+
+#: Families whose forward pass needs the publisher's code: the layer stream does not run it.
+REMOTE_CODE = {"DeepSeekMoE 16B", "Grok-1"}
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -49,10 +61,53 @@ def table(rows: list[dict]) -> str:
     return head + body
 
 
+def stream_rates() -> MeasuredStream:
+    """Per-layer costs: compute per MoE layer on the long input from ``dynamic_mixtral.json`` (one
+    Mixtral-width layer, about 1,100 tokens), the cold read rate and the peak over one layer plus
+    activations from ``stream_mixtral.json`` (the layer stream at the same width)."""
+    dyn = json.loads((RESULTS / "dynamic_mixtral.json").read_text())
+    st = json.loads((RESULTS / "stream_mixtral.json").read_text())
+    return MeasuredStream(
+        read_seconds_per_byte=st["cold_read_seconds"] / st["weight_bytes"],
+        seconds_per_layer={k: v["seconds"] for k, v in dyn["notebooks"].items()},
+        peak_over_layer={k: v["peak_over_layer_plus_activations"] for k, v in st["notebooks"].items()},
+    )
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def stream_table(rows: list[dict]) -> str:
+    head = (
+        "| model | notebook | whole model (bf16) | CPU hours, layer stream | CPU peak, layer stream | "
+        "fits 24 GB RAM | GPU memory, layer stream | one 24 GB GPU | one 80 GB GPU |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
+    )
+    body = ""
+    for r in rows:
+        if r["model"] in REMOTE_CODE:
+            body += (
+                f"| {r['model']} | {r['notebook']} | {r['whole_model_gb']:.0f} GB | not streamed (publisher's code) "
+                f"| - | - | - | - | - |\n"
+            )
+            continue
+        body += (
+            f"| {r['model']} | {r['notebook']} | {r['whole_model_gb']:.0f} GB | {r['cpu_hours']:.1f} | "
+            f"{r['cpu_peak_gb']:.1f} GB | {_yes(r['fits_cpu'])} | {r['gpu_gb']:.1f} GB | {_yes(r['gpu_24'])} | "
+            f"{_yes(r['gpu_80'])} |\n"
+        )
+    return head + body
+
+
 def main() -> None:
     m = measured_rates()
     rows = [row for shape in PAPER_MODEL_SHAPES.values() for row in project(shape, m)]
     print(table(rows))
+    if "--stream" in sys.argv[1:]:
+        sm = stream_rates()
+        shapes = [*PAPER_MODEL_SHAPES.values(), *NEWER_MODEL_SHAPES.values()]
+        print(stream_table([row for shape in shapes for row in project_stream(shape, sm)]))
 
 
 if __name__ == "__main__":

@@ -37,16 +37,19 @@ class ModelShape:
     dense_intermediate: int = 0  # FFN width of the dense (non-MoE) layers
     tied_embeddings: bool = False
     reordered_layers: int = 8  # layers the paper reorders (Table 2 uses 8 Mixtral layers)
+    head_dim_override: int = 0  # config's head_dim where it is not hidden / heads
+    attention_override: int = 0  # attention parameters per layer where they follow no q/k/v/o rule (MLA)
+    expert_bytes_per_weight: float = 2.0  # as published: bf16 2, FP8 1 (+ scales), MXFP4 4.25 bits
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.head_dim_override or self.hidden // self.heads
 
     def expert_params_per_layer(self) -> int:
         return 3 * self.experts * self.hidden * self.intermediate
 
     def layer_params(self, moe: bool = True) -> int:
-        attn = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
+        attn = self.attention_override or self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
         if moe:
             mlp = (
                 self.expert_params_per_layer() + 3 * self.hidden * self.shared_intermediate + self.experts * self.hidden
@@ -90,6 +93,62 @@ PAPER_MODEL_SHAPES: dict[str, ModelShape] = {
         dense_intermediate=10944,
     ),
     "Grok-1": ModelShape("Grok-1", 64, 64, 6144, 32768, 8, 2, 131072, 48, 8, tied_embeddings=True),
+}
+#: Newer MoE models, from their published config.json (layers, hidden, expert width, experts, top-k,
+#: vocabulary, heads, KV heads; shared experts, dense layers, MLA attention where they have them).
+NEWER_MODEL_SHAPES: dict[str, ModelShape] = {
+    "Qwen3-30B-A3B": ModelShape("Qwen3-30B-A3B", 48, 48, 2048, 768, 128, 8, 151936, 32, 4, head_dim_override=128),
+    "Qwen3-235B-A22B": ModelShape("Qwen3-235B-A22B", 94, 94, 4096, 1536, 128, 8, 151936, 64, 4, head_dim_override=128),
+    "gpt-oss-20b": ModelShape(
+        "gpt-oss-20b", 24, 24, 2880, 2880, 32, 4, 201088, 64, 8, head_dim_override=64, expert_bytes_per_weight=4.25 / 8
+    ),
+    "gpt-oss-120b": ModelShape(
+        "gpt-oss-120b",
+        36,
+        36,
+        2880,
+        2880,
+        128,
+        4,
+        201088,
+        64,
+        8,
+        head_dim_override=64,
+        expert_bytes_per_weight=4.25 / 8,
+    ),
+    # MLA: q_a 7168x1536, q_b 1536 x heads*192, kv_a 7168x576, kv_b 512 x heads*256, o heads*128 x 7168
+    "DeepSeek-V3": ModelShape(
+        "DeepSeek-V3",
+        61,
+        58,
+        7168,
+        2048,
+        256,
+        8,
+        129280,
+        128,
+        128,
+        shared_intermediate=2048,
+        dense_intermediate=18432,
+        attention_override=7168 * 1536 + 1536 * 128 * 192 + 7168 * 576 + 512 * 128 * 256 + 128 * 128 * 7168,
+        expert_bytes_per_weight=1.0,
+    ),
+    "Kimi K2": ModelShape(
+        "Kimi K2",
+        61,
+        60,
+        7168,
+        2048,
+        384,
+        8,
+        163840,
+        64,
+        64,
+        shared_intermediate=2048,
+        dense_intermediate=18432,
+        attention_override=7168 * 1536 + 1536 * 64 * 192 + 7168 * 576 + 512 * 64 * 256 + 64 * 128 * 7168,
+        expert_bytes_per_weight=1.0,
+    ),
 }
 #: The paper's dense "F" for Mixtral 8x7B.
 MISTRAL_7B = ModelShape("Mistral 7B", 32, 0, 4096, 0, 0, 0, 32000, 32, 8, dense_intermediate=14336)
@@ -164,6 +223,49 @@ def project(shape: ModelShape, m: Measured) -> list[dict]:
                 "cpu_peak_gb": (shape.weight_bytes() + excess * (scale if name in m.dynamic_excess_bytes else 1)) / 1e9,
                 "gpu_memory_gb": (shape.weight_bytes() + activations) / 1e9,
                 "note": "whole model in memory (or offloaded); all experts on every token",
+            }
+        )
+    return rows
+
+
+@dataclass(frozen=True)
+class MeasuredStream:
+    """Rates from one run of ``benchmarks/stream_mixtral.py`` (observations 2-3 one layer at a time)
+    and ``benchmarks/dynamic_model.py`` (all experts on the long input, one Mixtral-width layer)."""
+
+    read_seconds_per_byte: float  # cold read of the checkpoint files
+    seconds_per_layer: dict[str, float]  # notebook -> compute per layer at the reference width, long input
+    peak_over_layer: dict[str, float]  # notebook -> peak RSS / (one layer's bytes + activations)
+    reference: tuple[int, int, int] = (8, 4096, 14336)
+
+
+def project_stream(shape: ModelShape, m: MeasuredStream, machine_gb: float = 24.0) -> list[dict]:
+    """Per notebook, with the layer stream: CPU hours, peak CPU memory, whether it fits a
+    ``machine_gb`` machine, and the GPU memory one layer at a time needs (bf16 layer + activations)."""
+    e0, h0, i0 = m.reference
+    scale = (shape.experts * shape.hidden * shape.intermediate) / (e0 * h0 * i0)
+    stored = shape.expert_params_per_layer() * shape.expert_bytes_per_weight + 2 * (
+        shape.layer_params(True) - shape.expert_params_per_layer()
+    )
+    in_memory = 2 * shape.layer_params(True)  # the layer as transformers holds it: bf16, quantized experts decoded
+    tokens = 1100
+    activations = shape.moe_layers * tokens * shape.hidden * 4 * 3 + tokens * (shape.experts + 2) * shape.hidden * 4
+    rows = []
+    for name, seconds in m.seconds_per_layer.items():
+        peak = m.peak_over_layer[name] * (in_memory + activations)
+        hours = shape.moe_layers * (seconds * scale + stored * m.read_seconds_per_byte) / 3600
+        gpu = (in_memory + activations) / 1e9
+        rows.append(
+            {
+                "model": shape.name,
+                "notebook": name,
+                "cpu_hours": hours,
+                "cpu_peak_gb": peak / 1e9,
+                "fits_cpu": peak / 1e9 <= machine_gb,
+                "gpu_gb": gpu,
+                "gpu_24": gpu <= 24 * 0.9,
+                "gpu_80": gpu <= 80 * 0.9,
+                "whole_model_gb": shape.weight_bytes() / 1e9,
             }
         )
     return rows
