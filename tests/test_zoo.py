@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from moe_utils.core.errors import CheckpointError
+from moe_utils.core.errors import CheckpointError, EnvironmentMismatchError, UsageError
+from moe_utils.core.paths import ZOO_MODELS_DIR
 from moe_utils.engine.inputs import split_paragraphs
-from moe_utils.zoo import ZOO_MODELS, zoo_path
+from moe_utils.zoo import ZOO_MODELS, study, train, zoo_path
 from moe_utils.zoo.cards import parameter_counts
 from moe_utils.zoo.configs import TrainSpec
 from moe_utils.zoo.corpus import build_corpus, extract_docstrings, is_heldout
@@ -260,3 +261,18 @@ def test_finalize_writes_card_picture_and_eval(tmp_path):
         "expert_load" in ev and np.asarray(ev["expert_load"]).sum() == 2 * 2 * 7
     )  # 2 layers x top-2 x 7 positions (<s> included)
     assert "64 tokens as `tiny-dense` + 64 tokens" in card
+
+
+def test_train_refuses_an_output_folder_inside_the_shipped_models():
+    """A command-line mistake is a UsageError (moe-book exits 2), raised before anything is built."""
+    args = train.parse_args(["--out", str(ZOO_MODELS_DIR / "scratch")])
+    with pytest.raises(UsageError, match="inside the package's shipped models"):
+        train.run(args, "moe-book zoo train")
+
+
+def test_study_refuses_a_corpus_whose_tokenizer_differs_from_the_shipped_one(tmp_path):
+    folder = tmp_path / "prepared" / "tokenizer"
+    folder.mkdir(parents=True)
+    (folder / "tokenizer.json").write_text('{"model": "another"}')
+    with pytest.raises(EnvironmentMismatchError, match="not be comparable"):
+        study.check_prepared(tmp_path)

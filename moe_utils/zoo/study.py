@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moe_utils.core.errors import EnvironmentMismatchError, ReplicateError
 from moe_utils.core.paths import ZOO_MODELS_DIR, ZOO_STUDY_DIR
 from moe_utils.zoo import configs, study_results, train
 from moe_utils.zoo import replicates as R
@@ -71,7 +72,9 @@ def _initial_model(rep: Replicate, out: Path):
     if rep.kind != "upcycled":
         return rep.build()(rep.spec.seed)
     if rep.parent is None:
-        raise ValueError(f"{rep.name}: an upcycled replicate needs a parent to start from")
+        raise ReplicateError(
+            f"{rep.name}: an upcycled replicate needs a parent to start from; set its parent in zoo/replicates.py"
+        )
     parent = R.get(rep.parent)
     ck = replicate_dir(out, parent.name) / "checkpoints" / "last.pt"
     if not ck.exists():
@@ -149,9 +152,10 @@ def check_prepared(out: Path) -> None:
     made = json.loads((Path(out) / "prepared" / "tokenizer" / "tokenizer.json").read_text())
     shipped = json.loads((ZOO_MODELS_DIR / "tiny-dense" / "tokenizer.json").read_text())
     if made != shipped:
-        raise SystemExit(
+        raise EnvironmentMismatchError(
             "the corpus built on this machine gives another tokenizer than the shipped organisms' "
-            "(a different CPython version or build?); study results would not be comparable"
+            "(a different CPython version or build?); study results would not be comparable: run the study "
+            "with the CPython version recorded in the shipped corpus.json"
         )
 
 
@@ -173,7 +177,7 @@ def install_weights(rep: Replicate, out: Path, command: str, log=print) -> Path:
     import shutil
 
     if not rep.shipped_as:
-        raise ValueError(f"{rep.name} does not ship as an organism")
+        raise ReplicateError(f"{rep.name} does not ship as an organism; install only replicates with shipped_as set")
     prepared = Path(out) / "prepared"
     staged = prepared / "models" / rep.shipped_as
     if staged.exists():

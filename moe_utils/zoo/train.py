@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import torch
 
-from moe_utils.core.errors import MoEUtilsError
+from moe_utils.core.errors import ArgumentError, MoEUtilsError, ShapeError, UsageError
 from moe_utils.core.paths import ZOO_MODELS_DIR
 from moe_utils.zoo import configs
 from moe_utils.zoo.cards import finalize_model
@@ -128,7 +128,7 @@ def upcycle(dense, moe_config, seed: int):
         "num_key_value_heads",
     ):
         if getattr(dcfg, attr) != getattr(moe_config, attr):
-            raise ValueError(
+            raise ShapeError(
                 f"cannot upcycle: dense {attr}={getattr(dcfg, attr)} but MoE config has "
                 f"{getattr(moe_config, attr)}; use the same shape for both"
             )
@@ -414,7 +414,7 @@ def run_one(
             dense = AutoModelForCausalLM.from_pretrained(str(dense_dir), dtype=torch.float32)
         model = upcycle(dense, configs.moe_config(), spec.seed)
     else:
-        raise ValueError(f"unknown zoo model {name!r}; choose from {MODEL_ORDER}")
+        raise ArgumentError(f"unknown zoo model {name!r}; choose from {MODEL_ORDER}")
     res = train_model(
         model,
         stream,
@@ -480,7 +480,7 @@ def run(args: argparse.Namespace, command: str) -> int:
     """``moe-book zoo train`` with its parsed options; ``command`` is recorded with each model."""
     out = args.out.resolve()
     if (out == ZOO_MODELS_DIR or ZOO_MODELS_DIR in out.parents) and not args.force:
-        raise SystemExit(
+        raise UsageError(
             f"--out {out} is inside the package's shipped models; "
             "use a working folder (default ./zoo-build) or pass --force"
         )
@@ -511,7 +511,7 @@ def run(args: argparse.Namespace, command: str) -> int:
         try:
             install(out, names, args.force)
         except FileExistsError as err:
-            raise SystemExit(f"not installed: {err}") from None
+            raise UsageError(f"not installed: {err}") from None
     return 0
 
 
