@@ -239,12 +239,6 @@ class Obs1Report:
         return {m: self.summary[key]["value"] for m, key in GATE_R2_KEYS.items() if key in self.summary}
 
     @property
-    def mean_r(self) -> dict[str, float]:
-        """Mean per-layer Pearson r per matrix present."""
-        g = self.gate_correlation
-        return {m: float(g.loc[g.matrix == m, "r"].mean()) for m in self.matrices} if len(g) else {}
-
-    @property
     def n_undefined(self) -> int:
         """Similarity values that are undefined (an all-zero matrix or neuron average)."""
         return int(self.similarity.similarity.isna().sum())
