@@ -202,3 +202,20 @@ def test_cosine_from_gram_matches_naive_cosine(kind):
     assert np.isnan(cos[2]).all() and np.isnan(cos[:, 2]).all()
     assert -1.0 <= cos[0, 3] < -1.0 + 1e-12 and cos[1, 1] == 1.0
     assert np.nanmax(np.abs(cos)) <= 1.0  # clipped: rounding never leaves [-1, 1]
+
+
+def test_check_layers_is_the_one_check_of_layer_numbers() -> None:
+    from moe_utils.arch.facts import check_layers
+    from moe_utils.core.errors import LayerIndexError, UsageError
+
+    facts = facts_for(get_spec("jamba"), get_spec("jamba").tiny_config)
+    moe, dense = list(facts.moe_layers), list(facts.dense_layers)
+    assert check_layers(None) is None and check_layers((1, 3)) == [1, 3]
+    assert check_layers(None, facts) == moe and check_layers(None, facts, "dense") == dense
+    for bad in ("34", 3, [1.0], [True]):
+        with pytest.raises(UsageError, match="layers must be a list of ints or None"):
+            check_layers(bad)
+    with pytest.raises(LayerIndexError, match=f"layer {dense[0]} is not a MoE layer"):
+        check_layers([moe[0], dense[0]], facts)
+    with pytest.raises(LayerIndexError, match=f"layers {facts.num_layers}-{facts.num_layers + 1} do not exist"):
+        check_layers([facts.num_layers, facts.num_layers + 1], facts)

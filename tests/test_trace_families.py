@@ -85,7 +85,7 @@ def test_trace_subset_of_layers_and_errors():
     assert tr.layers == [3]
     with pytest.raises(LayerIndexError) as err:
         trace(lm, sequences(), layers=[2])
-    assert "[1, 3]" in str(err.value)
+    assert "layer 2 is not a MoE layer" in str(err.value) and "Valid MoE layers: 1, 3" in str(err.value)
     with pytest.raises(LayerIndexError, match="does not exist.*4 layers.*Valid MoE layers: 1, 3"):
         layer_weights(lm, 7)
     with pytest.raises(LayerIndexError, match="not traced"):

@@ -19,7 +19,8 @@ import transformers
 
 from ..analysis.results import write_result
 from ..arch.config import read_config_json
-from ..core.errors import CheckpointError, LayerIndexError, NotMoEModelError, UsageError
+from ..arch.facts import check_layers
+from ..core.errors import CheckpointError, NotMoEModelError
 from ..core.finite import ScreenedSource
 from ..core.names import model_slug
 from ..engine.inputs import Inputs, check_inputs_spec, fit_context, inputs_label, load_inputs
@@ -184,16 +185,6 @@ def checkpoint_only(model: str, revision: str | None = None, allow_pickle: bool 
     )
 
 
-def _check_layers(layers: Any) -> list[int] | None:
-    """``layers`` as a list of ints, or None; a string or a float is refused, not split."""
-    if layers is None:
-        return None
-    ok = isinstance(layers, (list, tuple)) and all(isinstance(l, int) and not isinstance(l, bool) for l in layers)
-    if not ok:
-        raise UsageError(f"layers must be a list of ints or None; got {layers!r} ({type(layers).__name__})")
-    return [int(l) for l in layers]
-
-
 def _baseline_mismatch(lm: LoadedModel, dense: LoadedModel, weights_only: bool) -> str:
     """Why ``dense`` cannot serve as the F baseline of ``lm`` (empty when it can)."""
     h_model = lm.facts.hidden_size
@@ -246,7 +237,7 @@ def open_study(
     experts instead; the results file then lists them under ``invalid`` and
     ``study.validity_note()`` says so on the page. Forward passes always stop.
     """
-    chosen = _check_layers(layers)
+    chosen = check_layers(layers)
     if isinstance(params.get("inputs"), str):
         check_inputs_spec(params["inputs"])
     torch.manual_seed(seed)
@@ -299,9 +290,7 @@ def open_study(
     if results_dir is None:
         results_dir = Path("results") / model_slug(model)
     if chosen is not None:
-        bad = [l for l in chosen if l not in lm.moe_layers]
-        if bad:
-            raise LayerIndexError(f"layers {bad} are not MoE layers of {model!r}; its MoE layers are {lm.moe_layers}.")
+        check_layers(chosen, lm.facts)
     if isinstance(params.get("inputs"), str):
         params = {**params, "inputs": inputs_label(params["inputs"])}
     run_params = {

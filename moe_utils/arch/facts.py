@@ -10,12 +10,13 @@ re-reading config dicts.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 from moe_utils.arch.config import config_dict, get_path, is_missing
 from moe_utils.arch.spec import FamilySpec
-from moe_utils.core.errors import NotMoEModelError
+from moe_utils.core.errors import LayerIndexError, NotMoEModelError, UsageError
 
 RoutingMethod = Literal[
     "softmax_topk", "topk_softmax", "sigmoid_topk", "topk_sigmoid_input", "sparsemixer", "sqrtsoftplus_topk"
@@ -193,4 +194,57 @@ def facts_for(spec: FamilySpec, config: Any) -> ModelFacts:
     )
 
 
-__all__ = ["ModelFacts", "RouteParams", "RoutingMethod", "facts_for", "route_params"]
+def _ranges(idx: Sequence[int]) -> str:
+    """Compact ``0-3, 5, 7-9`` rendering of sorted indices."""
+    runs: list[list[int]] = []
+    for i in idx:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(f"{a}-{b}" if b != a else f"{a}" for a, b in runs)
+
+
+@overload
+def check_layers(layers: Any, facts: None = None, kind: Literal["moe", "dense"] = "moe") -> list[int] | None: ...
+@overload
+def check_layers(layers: Any, facts: ModelFacts, kind: Literal["moe", "dense"] = "moe") -> list[int]: ...
+def check_layers(
+    layers: Any, facts: ModelFacts | None = None, kind: Literal["moe", "dense"] = "moe"
+) -> list[int] | None:
+    """The one check of requested layer numbers: ``layers`` must be a list (or tuple) of ints or
+    None (:class:`UsageError`; a string or a float is refused, not split). With ``facts`` each must
+    be a ``kind`` layer of the model (:class:`LayerIndexError` naming the valid ones), and None means
+    every ``kind`` layer; without them (before a model is loaded) None stays None."""
+    if layers is not None:
+        ok = isinstance(layers, (list, tuple)) and all(isinstance(l, int) and not isinstance(l, bool) for l in layers)
+        if not ok:
+            raise UsageError(f"layers must be a list of ints or None; got {layers!r} ({type(layers).__name__})")
+        layers = [int(l) for l in layers]
+    if facts is None:
+        return layers
+    valid = list(facts.moe_layers if kind == "moe" else facts.dense_layers)
+    if layers is None:
+        return valid
+    bad = [l for l in layers if l not in valid]
+    if bad:
+        total = facts.num_layers
+        other = list(facts.dense_layers if kind == "moe" else facts.moe_layers)
+        missing = [l for l in bad if not 0 <= l < total]
+        several = len(missing or bad) > 1
+        what = (
+            f"layer{'s' if several else ''} {_ranges(missing)} {'do' if several else 'does'} not exist: "
+            f"this {facts.family} model has {total} layers"
+            if missing
+            else f"layer{'s' if several else ''} {_ranges(bad)} {'are not' if several else 'is not a'} "
+            f"{'MoE' if kind == 'moe' else 'dense-MLP'} layer{'s' if several else ''} of this "
+            f"{facts.family} model ({total} layers)"
+        )
+        raise LayerIndexError(
+            f"{what}. Valid {'MoE' if kind == 'moe' else 'dense'} layers: {_ranges(valid) or 'none'}; "
+            f"{'dense' if kind == 'moe' else 'MoE'} layers: {_ranges(other) or 'none'}."
+        )
+    return layers
+
+
+__all__ = ["ModelFacts", "RouteParams", "RoutingMethod", "check_layers", "facts_for", "route_params"]

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from moe_utils.arch import require_moe
+from moe_utils.arch.facts import check_layers
 from moe_utils.core.finite import check_finite
-from moe_utils.models.weights import FolderSource, check_layer, open_source, pick_format, tensor_name
+from moe_utils.models.weights import FolderSource, open_source, pick_format, tensor_name
 
 Tensor = torch.Tensor
 # A reader maps a row range [a, b) to {matrix: list of E tensors, each [b-a, cols]}.
@@ -132,7 +133,7 @@ def expert_grams(
     """
     src, spec, facts = open_source(source, allow_pickle)
     require_moe(spec, "expert_grams")
-    check_layer(facts, layer, "moe")
+    check_layers([layer], facts, "moe")
     E = facts.num_experts
     wanted = set(matrices)
     fmt = pick_format(src, spec, layer, "moe")

@@ -29,6 +29,7 @@ from torch import nn
 
 from moe_utils.arch import FamilySpec, require_moe
 from moe_utils.arch.config import read_config_json
+from moe_utils.arch.facts import check_layers
 from moe_utils.core.errors import UsageError
 from moe_utils.core.memory import available_memory, release_file_pages
 from moe_utils.core.messages import first_line
@@ -43,7 +44,6 @@ from moe_utils.models.trace import (
     LayerTrace,
     Trace,
     _as_sequences,
-    _check_layers,
     _check_lengths,
     _LayerHooks,
     assemble_trace,
@@ -272,7 +272,7 @@ def stream_traces(
     why = stream_reason(lm)
     if why or lm.path is None:
         raise StreamUnsupportedError(f"{lm.name} cannot be streamed: {why}; run it whole (stream=False)")
-    chosen = _check_layers(layers, list(lm.moe_layers), "MoE", lm)
+    chosen = check_layers(layers, lm.facts, "moe")
     params = lm.facts.routing
     if params is None:
         raise StreamUnsupportedError(f"{lm.name} ({lm.facts.family}) has no routing function to trace")

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_utils.arch import FamilySpec, require_moe
+from moe_utils.arch.facts import check_layers
 from moe_utils.core.errors import InputTooLongError, LayerIndexError, MoEUtilsError, NonFiniteError
 from moe_utils.core.finite import is_finite, nonfinite_counts
 from moe_utils.engine.expert_math import (
@@ -149,17 +150,6 @@ def _check_lengths(lm: LoadedModel, seqs: list[Tensor]) -> None:
                 f"(its context length); split the text into windows of at most {limit} tokens or "
                 "lower max_tokens"
             )
-
-
-def _check_layers(requested: Sequence[int] | None, valid: list[int], kind: str, lm: LoadedModel) -> list[int]:
-    if requested is None:
-        return list(valid)
-    bad = [i for i in requested if i not in valid]
-    if bad:
-        raise LayerIndexError(
-            f"{kind} layer(s) {bad} do not exist in {lm.name}; valid {kind} layers: {valid or 'none'}"
-        )
-    return list(requested)
 
 
 # ---- hooks -----------------------------------------------------------------------------------
@@ -420,7 +410,7 @@ def trace(lm: LoadedModel, sequences: Any, layers: Sequence[int] | None = None) 
     or texts (tokenised with the model's tokenizer).
     """
     require_moe(lm.spec, "trace()")
-    chosen = _check_layers(layers, list(lm.moe_layers), "MoE", lm)
+    chosen = check_layers(layers, lm.facts, "moe")
     seqs = _as_sequences(lm, sequences)
     _check_lengths(lm, seqs)
     params = lm.facts.routing
@@ -440,7 +430,7 @@ def trace(lm: LoadedModel, sequences: Any, layers: Sequence[int] | None = None) 
 
 def trace_dense(lm: LoadedModel, sequences: Any, layers: Sequence[int] | None = None) -> Trace:
     """Capture the input/output of dense MLPs (a dense model, or dense layers of an MoE model)."""
-    chosen = _check_layers(layers, list(lm.facts.dense_layers), "dense", lm)
+    chosen = check_layers(layers, lm.facts, "dense")
     seqs = _as_sequences(lm, sequences)
     _check_lengths(lm, seqs)
     hidden = lm.facts.hidden_size

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from moe_utils.arch import FamilySpec, require_moe
-from moe_utils.arch.facts import ModelFacts
+from moe_utils.arch.facts import ModelFacts, check_layers
 from moe_utils.arch.spec import ExpertTensors, MLPTensors, MoETensors, WeightFormat
-from moe_utils.core.errors import CheckpointError, LayerIndexError
+from moe_utils.core.errors import CheckpointError
 from moe_utils.core.finite import unwrap
 from moe_utils.engine.canonical import DenseMLPWeights, MoELayerWeights
 from moe_utils.models.screening import (
@@ -295,39 +295,9 @@ def _mlp(
     )
 
 
-def check_layer(facts: ModelFacts, layer: int, kind: str) -> None:
-    """Raise :class:`LayerIndexError` unless ``layer`` is a ``kind`` (moe | dense) layer."""
-    layers = list(facts.moe_layers if kind == "moe" else facts.dense_layers)
-    if layer not in layers:
-        total = facts.num_layers
-        other = list(facts.dense_layers if kind == "moe" else facts.moe_layers)
-        what = (
-            f"layer {layer} does not exist: this {facts.family} model has {total} layers"
-            if not 0 <= layer < total
-            else f"layer {layer} is not a {'MoE' if kind == 'moe' else 'dense-MLP'} layer of this "
-            f"{facts.family} model ({total} layers)"
-        )
-        raise LayerIndexError(
-            f"{what}. Valid {'MoE' if kind == 'moe' else 'dense'} "
-            f"layers: {_ranges(layers) or 'none'}; {'dense' if kind == 'moe' else 'MoE'} layers: "
-            f"{_ranges(other) or 'none'}."
-        )
-
-
-def _ranges(idx: list[int]) -> str:
-    """Compact ``0-3, 5, 7-9`` rendering of sorted indices."""
-    runs: list[list[int]] = []
-    for i in idx:
-        if runs and i == runs[-1][1] + 1:
-            runs[-1][1] = i
-        else:
-            runs.append([i, i])
-    return ", ".join(f"{a}-{b}" if b != a else f"{a}" for a, b in runs)
-
-
 def _layer_weights(src: TensorSource, spec: FamilySpec, facts: ModelFacts, layer: int, dtype) -> MoELayerWeights:
     require_moe(spec, "reading expert weights")
-    check_layer(facts, layer, "moe")
+    check_layers([layer], facts, "moe")
     fmt = pick_format(src, spec, layer, "moe")
     moe = fmt.moe
     assert moe is not None  # pick_format(..., "moe") only returns schemes with an MoE part
@@ -408,7 +378,7 @@ def dense_mlp_weights(
     Non-finite weights raise :class:`NonFiniteError`."""
     src, spec, facts = open_source(unwrap(source)[0], allow_pickle)
     try:
-        check_layer(facts, layer, "dense")
+        check_layers([layer], facts, "dense")
         fmt = pick_format(src, spec, layer, "dense")
         assert fmt.dense is not None  # pick_format(..., "dense") only returns schemes with a dense part
         return check_dense(_mlp(src, fmt, layer, fmt.dense, dtype, facts.activation))
@@ -432,7 +402,7 @@ def read_layer_by_expert(
     indexed (the router, biases and shared experts are read, in ``dtype`` on ``device``). For
     checkpoints storing one tensor per expert (DeepSeek-V3, Kimi K2, Qwen3); finiteness is checked
     on each expert's outputs by the engine rather than on the weights."""
-    check_layer(facts, layer, "moe")
+    check_layers([layer], facts, "moe")
     fmt = pick_format(src, spec, layer, "moe")
     moe = fmt.moe
     assert moe is not None  # pick_format(..., "moe") only returns schemes with an MoE part
@@ -498,7 +468,6 @@ __all__ = [
     "TensorSource",
     "WeightSource",
     "check_dense",
-    "check_layer",
     "dense_mlp_weights",
     "iter_layer_weights",
     "layer_weights",
