@@ -114,6 +114,33 @@ def test_across_seed_rule_combines_estimates_not_votes() -> None:
     assert "p_holm" in out and (out.p_holm.dropna() >= out.p_value.dropna()).all()
 
 
+def test_ladder_rungs_combine_their_own_seeds() -> None:
+    import pandas as pd
+
+    from moe_utils import metrics as M
+
+    rung = {"kind": "scratch", "steps": 1200}
+    v = pd.DataFrame(
+        _rows("tiny-moe-scratch", "obs2", [0.30, 0.32, 0.29], [0.02, 0.02, 0.02], layers=4, **rung)
+        + _rows("tiny-moe-scratch", "obs2", [0.01, 0.40], [0.02, 0.02], layers=8, **rung)
+        + _rows("tiny-moe-scratch", "obs1", [0.2], [0.02], layers=8, **rung)
+    )
+    out = S.ladder_across_seeds(v).set_index(["layers", "claim"])
+    l4 = out.loc[(4, "obs2")]
+    ref = M.random_effects([0.30, 0.32, 0.29], [0.02, 0.02, 0.02])
+    assert l4.seeds == 3 and l4.outcome == "holds"
+    assert (l4.effect, l4.ci_low, l4.ci_high) == pytest.approx((ref.estimate, ref.low, ref.high))
+    assert out.loc[(8, "obs2")].outcome == "inconclusive"  # two seeds that disagree
+    assert out.loc[(8, "obs1")].outcome == "undefined" and out.loc[(8, "obs1")].seeds == 1
+    from moe_utils.zoo.replication import ladder_across_grid
+
+    grid = ladder_across_grid(S.ladder_across_seeds(v), "depth")
+    assert list(grid.columns) == [("scratch", 4), ("scratch", 8)] and "obs1" not in grid.index
+    assert grid.loc["obs2", ("scratch", 4)].startswith("holds: ") and grid.loc["obs2", ("scratch", 4)].endswith(
+        ", 3 seeds"
+    )
+
+
 def test_scratch_observation1_is_not_a_finding_on_the_shipped_weights() -> None:
     """The old rule called observation 1 on tiny-moe-scratch "holds across seeds"; against its
     label-permutation null the shipped seed-0 weights show no effect above the floor."""

@@ -139,6 +139,27 @@ def ladder_grid(ladder: pd.DataFrame, axis: str) -> pd.DataFrame:
     return cells.pivot_table(index=["claim"], columns=["kind", col, "seed"], values="cell", aggfunc="first")
 
 
+def ladder_across_grid(combined: pd.DataFrame, axis: str) -> pd.DataFrame:
+    """Claim by rung of the seeds combined (``ladder_across_seeds``): "outcome: effect [low, high],
+    k seeds" where at least two seeds are measured, along one axis (as :func:`ladder_frame`)."""
+    if combined.empty:
+        return pd.DataFrame()
+    base_steps = {"scratch": 1200, "upcycled": 600, "fine": 1200}
+    t = combined[combined.seeds >= 2]
+    t = t[t.steps == t.kind.map(base_steps)] if axis == "depth" else t[t.layers == 8]
+    col = "layers" if axis == "depth" else "steps"
+    t = t[t.groupby("kind")[col].transform("nunique") > 1]
+    if t.empty:
+        return pd.DataFrame()
+    cells = t.assign(
+        cell=[
+            _effect_cell(v, e, lo, hi) + f", {k} seeds"
+            for v, e, lo, hi, k in zip(t.outcome, t.effect, t.ci_low, t.ci_high, t.seeds, strict=False)
+        ]
+    )
+    return cells.pivot_table(index=["claim"], columns=["kind", col], values="cell", aggfunc="first")
+
+
 def trajectory_table(emergence: pd.DataFrame) -> pd.DataFrame:
     """The ``trajectory`` table: (kind, seed, step, tokens_seen, quantity, value, ci_low, ci_high)
     of every measured training snapshot (intervals where the snapshot's results carry them)."""
@@ -298,6 +319,9 @@ class ReplicationReport:
 
     def ladder_grid(self, axis: str) -> pd.DataFrame:
         return ladder_grid(self.ladder, axis)
+
+    def ladder_across_grid(self, axis: str) -> pd.DataFrame:
+        return ladder_across_grid(self.tables["ladder_across_seeds"], axis)
 
     @property
     def narrative(self) -> str:

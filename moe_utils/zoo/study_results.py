@@ -351,6 +351,51 @@ def ladder_table(verdicts: pd.DataFrame) -> pd.DataFrame:
     )
 
 
+LADDER_ACROSS_COLUMNS = ["kind", "layers", "steps", "claim", "seeds", "effect", "ci_low", "ci_high", "floor", "outcome"]
+
+
+def _rung_outcome(g: pd.DataFrame, key: str) -> tuple[M.Combined, str]:
+    """The random-effects combination of one claim over the seeds of one rung, and its outcome
+    (a composite claim is judged from its two parts, as on the organisms' pages)."""
+    claim = CLAIMS[key]
+    if claim.kind == "composite":
+        parts = ("obs3_slope", "obs3_residual")
+        judged = [_rung_outcome(g, k)[1] for k in parts]
+        sub = cast(pd.DataFrame, g[g.claim == "obs3_residual"]).sort_values(by="seed")
+        comb = M.random_effects(sub.effect.astype(float).to_numpy(), sub.se.astype(float).to_numpy())
+        return comb, M.combine_outcomes(*judged) if comb.seeds >= 2 else "undefined"
+    sub = cast(pd.DataFrame, g[g.claim == key]).sort_values(by="seed")
+    comb = M.random_effects(sub.effect.astype(float).to_numpy(), sub.se.astype(float).to_numpy())
+    return comb, _judge_combined(key, comb) if comb.seeds >= 2 else "undefined"
+
+
+def ladder_across_seeds(verdicts: pd.DataFrame) -> pd.DataFrame:
+    """One row per rung (kind, layers, steps) and issued claim: its seeds combined by random
+    effects, judged like the organisms' across-seed verdicts; "undefined" below two seeds."""
+    v = verdicts.dropna(subset=["claim"]) if "claim" in verdicts else verdicts.iloc[0:0]
+    if not len(v) or "se" not in v:
+        return pd.DataFrame(columns=LADDER_ACROSS_COLUMNS)
+    rows = []
+    for (kind, layers, steps), g in v.groupby(["kind", "layers", "steps"], sort=True):
+        for claim in issued_claims():
+            comb, outcome = _rung_outcome(cast(pd.DataFrame, g), claim.key)
+            rows.append(
+                {
+                    "kind": kind,
+                    "layers": int(layers),
+                    "steps": int(steps),
+                    "claim": claim.key,
+                    "seeds": comb.seeds,
+                    "effect": comb.estimate,
+                    "ci_low": comb.low,
+                    "ci_high": comb.high,
+                    "floor": claim.floor,
+                    "outcome": outcome,
+                }
+            )
+    return pd.DataFrame(rows, columns=LADDER_ACROSS_COLUMNS)
+
+
 def pending_table(verdicts: pd.DataFrame) -> pd.DataFrame:
     """Replicates whose shipped verdict rows predate the nulls: (organism, seed, reason). Their old
     verdicts are not shown or combined; retraining them re-measures them."""
@@ -378,6 +423,7 @@ def replication_tables(shipped: dict[str, dict[str, pd.DataFrame]]) -> dict[str,
         "emergence": emergence,
         "across_seeds": across_seed_rows(measured, pending_table(verdicts)),
         "ladder": ladder_table(verdicts),
+        "ladder_across_seeds": ladder_across_seeds(measured),
         "heldout": held,
         "training": training,
     }
