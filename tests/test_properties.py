@@ -1,7 +1,7 @@
-"""Property-based tests of the two readers of untrusted input: the safetensors header reader
-(``moe_utils.models.checkpoint``, and the header pass of ``moe_utils.models.consistency``) and the
+"""Property-based tests of the readers of untrusted input: the safetensors header reader
+(``moe_utils.models.checkpoint``, and the header pass of ``moe_utils.models.consistency``), the
 ``-p NAME VALUE`` parameter parser (``moe_utils.publish.params.parse_parameters`` with the checks of
-``moe_utils.publish.params``).
+``moe_utils.publish.params``) and spec derivation from a config (``moe_utils.models.specs``).
 
 For any input they return or raise one of the package's own errors (:class:`MoEUtilsError`); each
 call stays under a time bound (hypothesis' deadline) and its Python allocations under a memory
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save
 
@@ -200,3 +200,79 @@ def test_parameter_parser_answers_or_raises_usage_errors(pairs: list[tuple[str, 
 
 def test_the_valid_file_the_mutations_start_from_reads_without_error() -> None:
     assert within_bounds(lambda: _read_all(VALID)) is None
+
+
+# --------------------------------------------------------------------------- spec derivation
+
+FUZZ_FAMILIES = (
+    "glm4_moe",
+    "cohere2_moe",
+    "ernie4_5_moe",
+    "flex_olmo",
+    "dots1",
+    "exaone_moe",
+    "solar_open",
+    "minimax_m2",
+    "lfm2_moe",
+    "granitemoeshared",
+    "qwen3_moe",
+    "mixtral",
+)
+DERIVATION_EXAMPLES = 30
+
+
+def _fuzzed_config(family: str, experts: int, topk: int, layers: int, flips: set[int]) -> dict:
+    """The tiny config of ``family`` with its expert count, top-k and depth replaced and some of
+    its optional parts flipped: combinations a config class may accept or refuse."""
+    from moe_utils.arch.optional_parts import config_variants
+    from moe_utils.arch.tiny import _EXPERT_KEYS, _TOPK_KEYS
+    from moe_utils.models.random_models import random_config
+    from moe_utils.models.specs import get_spec
+
+    cfg = random_config(get_spec(family)).to_dict()
+    for keys, value in ((_EXPERT_KEYS, experts), (_TOPK_KEYS, topk)):
+        for key in keys:
+            if key in cfg:
+                cfg[key] = value
+    cfg["num_hidden_layers"] = layers
+    for i, (_, overrides) in enumerate(config_variants(cfg)):
+        if i in flips:
+            cfg.update(overrides)
+    return cfg
+
+
+@settings(
+    max_examples=DERIVATION_EXAMPLES,
+    deadline=timedelta(seconds=60),
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(
+    family=st.sampled_from(FUZZ_FAMILIES),
+    experts=st.integers(0, 40),
+    topk=st.integers(0, 6),
+    layers=st.integers(1, 5),
+    flips=st.sets(st.integers(0, 3), max_size=3),
+)
+@example(family="glm4_moe", experts=8, topk=2, layers=2, flips=set())
+@example(family="dots1", experts=1, topk=4, layers=1, flips={1})
+def test_spec_derivation_answers_or_raises_package_errors(
+    family: str, experts: int, topk: int, layers: int, flips: set[int]
+) -> None:
+    """Any tiny config of these families (expert count, top-k and depth replaced, optional parts
+    flipped) gets a spec or one of the package's errors, within the deadline: never another
+    exception. (Derivation builds a tiny model, so its allocations are bounded by the tiny sizes;
+    the expert count is capped at 40 here.)"""
+    from moe_utils.arch.spec import FamilySpec
+    from moe_utils.models.specs import spec_for_config
+
+    cfg = _fuzzed_config(family, experts, topk, layers, flips)
+    try:
+        spec = spec_for_config(cfg)
+    except MoEUtilsError as exc:
+        event(f"refused: {type(exc).__name__}")
+        assert str(exc).strip(), "a package error without a message"
+        return
+    event("derived")
+    assert isinstance(spec, FamilySpec)
