@@ -106,6 +106,31 @@ def _disk_prefixes(spec: FamilySpec, layer: int) -> list[str]:
     return prefixes
 
 
+def disk_names(model: nn.Module, src: FolderSource) -> dict[str, str]:
+    """``{name in the model: name on disk}`` for the checkpoint's tensors that transformers renames
+    when it loads them (its own conversion mapping, e.g. ``model.embeddings`` on disk for
+    ``model.embed_tokens`` in memory); tensors it fuses or converts are left to the family spec."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    try:
+        transforms = get_model_conversion_mapping(model)  # pyright: ignore[reportArgumentType]  # a PreTrainedModel
+    except Exception:  # a model class without a conversion mapping renames nothing
+        return {}
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    if not renamings:
+        return {}
+    prefix = getattr(model, "base_model_prefix", None)
+    meta = model.state_dict()
+    out = {}
+    for name in src.reader.names():
+        memory, converted = rename_source_key(name, renamings, converters, prefix, meta)
+        if converted is None and memory != name:
+            out[memory] = name
+    return out
+
+
 def _set_tensor(module: nn.Module, name: str, value: Tensor) -> None:
     """Put ``value`` in place of the parameter or buffer ``name`` of ``module``."""
     path, _, leaf = name.rpartition(".")
@@ -149,13 +174,15 @@ def fill_layer(
     facts: ModelFacts,
     device: torch.device,
     by_expert: bool = False,
+    renamed: dict[str, str] | None = None,
 ) -> MoELayerWeights | None:
     """Read decoder layer ``layer`` from ``src`` into ``module`` (built on the meta device), each
     tensor in the dtype the module gave it, on ``device``. With ``by_expert`` the routed experts
     stay on disk and are read one at a time when used (a layer too large to decode whole); their
     weights are returned then (None otherwise: the module holds them). Raises
     :class:`StreamUnsupportedError` when a tensor of the module has no counterpart in the
-    checkpoint or a different shape."""
+    checkpoint or a different shape. ``renamed`` maps the model's full tensor names to the names on
+    disk where transformers renames them (:func:`disk_names`)."""
     block: dict[str, Tensor] = {}
     lazy, skip = None, None
     if layer in facts.moe_layers:
@@ -180,6 +207,9 @@ def fill_layer(
         value = block.get(name)
         if value is None:
             disk = next((p + name for p in prefixes if src.has(p + name)), None)
+            if disk is None and renamed:
+                alias = renamed.get(f"{spec.modules.layers}.{layer}.{name}")
+                disk = alias if alias is not None and src.has(alias) else None
             if disk is None:
                 raise StreamUnsupportedError(
                     f"layer {layer}: the checkpoint has no tensor for {name} of transformers' "
@@ -210,4 +240,4 @@ def empty_layer(module: nn.Module) -> None:
     module.to("meta")
 
 
-__all__ = ["StreamUnsupportedError", "empty_layer", "fill_layer", "memory_tensors"]
+__all__ = ["StreamUnsupportedError", "disk_names", "empty_layer", "fill_layer", "memory_tensors"]

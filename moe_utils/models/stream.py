@@ -35,7 +35,7 @@ from moe_utils.core.memory import available_memory, release_file_pages
 from moe_utils.core.messages import first_line
 from moe_utils.models.checkpoint import checkpoint_fingerprint, find_weight_files, verify_safetensors
 from moe_utils.models.ids import resolve_model
-from moe_utils.models.layer_load import StreamUnsupportedError, empty_layer, fill_layer
+from moe_utils.models.layer_load import StreamUnsupportedError, disk_names, empty_layer, fill_layer
 from moe_utils.models.loaded import LoadedModel
 from moe_utils.models.loading import as_dtype, load_model, load_tokenizer
 from moe_utils.models.sources import FolderSource, HeldLayer
@@ -208,21 +208,24 @@ def empty_model(lm: LoadedModel, dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
-def _fill_outer(model: nn.Module, src: FolderSource, layers_path: str, device: torch.device) -> None:
+def _fill_outer(
+    model: nn.Module, src: FolderSource, layers_path: str, device: torch.device, renamed: dict[str, str]
+) -> None:
     """The tensors outside the decoder layers (embeddings, final norm); the head is left empty."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
     for name, empty in model.state_dict(keep_vars=True).items():
         if name.startswith(layers_path + ".") or id(empty) in head_ids:
             continue
-        if not src.has(name):
+        disk = name if src.has(name) else renamed.get(name)
+        if disk is None or not src.has(disk):
             raise StreamUnsupportedError(
                 f"the checkpoint has no tensor {name} (outside the decoder layers); "
                 "this family cannot be streamed (run it whole with stream=False)"
             )
         path, _, leaf = name.rpartition(".")
         owner = model.get_submodule(path) if path else model
-        value = src.get(name).to(device=device, dtype=empty.dtype)
+        value = src.get(disk).to(device=device, dtype=empty.dtype)
         if leaf in owner._parameters:
             owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
         else:
@@ -291,14 +294,15 @@ def stream_traces(
     if not isinstance(decoder, nn.ModuleList):
         raise StreamUnsupportedError(f"{paths.layers} of {lm.name} is not a list of decoder layers")
     try:
-        _fill_outer(model, src, paths.layers, dev)
+        renamed = disk_names(model, src)
+        _fill_outer(model, src, paths.layers, dev, renamed)
         calls = {name: [_record(model, decoder, ids, dev) for ids in s] for name, s in seqs.items()}
         hidden = {name: [c.pop("input") for c in cs] for name, cs in calls.items()}
         per_layer: dict[str, dict[int, LayerTrace]] = {name: {} for name in seqs}
         last = max(chosen) if chosen else -1
         for i in range(last + 1):
             module = decoder[i]
-            lazy = fill_layer(module, i, src, lm.spec, lm.facts, dev, by_expert=by_expert)
+            lazy = fill_layer(module, i, src, lm.spec, lm.facts, dev, by_expert=by_expert, renamed=renamed)
             src.release()
             release_file_pages(files)
             for name, s in seqs.items():
