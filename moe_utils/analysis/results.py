@@ -68,7 +68,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, TypeAdapter, ValidationError
 
 from moe_utils import __version__
-from moe_utils.core.errors import ResultsFileError
+from moe_utils.core.errors import ResultsFileError, UnstorableValueError
 from moe_utils.core.files import atomic_write_text as _atomic_write_text
 
 SCHEMA = "moe-book-results/1"
@@ -262,7 +262,7 @@ def to_jsonable(obj: Any) -> Any:
     item = getattr(obj, "item", None)
     if callable(item):  # torch / numpy 0-d values
         return to_jsonable(item())
-    raise TypeError(f"cannot store a value of type {type(obj).__name__} in a results file: {obj!r}")
+    raise UnstorableValueError(f"cannot store a value of type {type(obj).__name__} in a results file: {obj!r}")
 
 
 def _table_records(name: str, table: Any) -> list[dict[str, Any]]:
@@ -275,10 +275,10 @@ def _table_records(name: str, table: Any) -> list[dict[str, Any]]:
     elif isinstance(table, list):
         records = table
     else:
-        raise TypeError(f"table {name!r} must be a DataFrame or a list of records; got {type(table).__name__}")
+        raise UnstorableValueError(f"table {name!r} must be a DataFrame or a list of records; got {type(table).__name__}")
     out = to_jsonable(records)
     if not all(isinstance(r, dict) for r in out):
-        raise TypeError(f"table {name!r}: every record must be a mapping of column -> value")
+        raise UnstorableValueError(f"table {name!r}: every record must be a mapping of column -> value")
     return out
 
 
@@ -299,7 +299,7 @@ def _summary_entries(summary: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _check_name(analysis: str) -> None:
     if not isinstance(analysis, str) or not _NAME_RE.match(analysis):
-        raise ValueError(f"analysis name {analysis!r} must be non-empty and use only letters, digits, '_', '.', '-'")
+        raise ResultsFileError(f"analysis name {analysis!r} must be non-empty and use only letters, digits, '_', '.', '-'")
 
 
 def result_path(results_dir: str | Path, analysis: str) -> Path:
@@ -404,7 +404,7 @@ def read_result(path_or_dir: str | Path, analysis: str | None = None) -> Result:
     p = Path(path_or_dir)
     if p.is_dir():
         if analysis is None:
-            raise ValueError(f"{p} is a folder: also pass the analysis name to read")
+            raise ResultsFileError(f"{p} is a folder: also pass the analysis name to read")
         p = result_path(p, analysis)
     doc = _load_doc(p)
     if analysis is not None and doc["analysis"] != analysis:

@@ -110,3 +110,11 @@ class ReplicateError(MoEUtilsError, ValueError):
 
 class EnvironmentMismatchError(MoEUtilsError, RuntimeError):
     """This machine builds something other than the shipped files (another tokenizer from the same corpus)."""
+
+
+class UnstorableValueError(MoEUtilsError, TypeError):
+    """A value a results file cannot hold (not a number, string, list, mapping or None)."""
+
+
+class ParameterDeclarationError(MoEUtilsError, ValueError):
+    """A notebook's parameters cell declares a type the runner does not understand."""

@@ -26,7 +26,7 @@ from typing import Annotated, Any, Optional, Union, get_args, get_origin
 
 from pydantic import StrictBool, StrictFloat, StrictInt, StrictStr, TypeAdapter, ValidationError
 
-from moe_utils.core.errors import UsageError
+from moe_utils.core.errors import ParameterDeclarationError, UsageError
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ _NODES = (ast.Expression, ast.Name, ast.Subscript, ast.Tuple, ast.Load)
 def parameter_type(type_text: str) -> Any:
     """The Python type an annotation of a parameters cell names: ``"Optional[list[int]]"`` ->
     ``Optional[list[StrictInt]]``. Only the names of the module docstring are understood."""
-    unsupported = ValueError(f"unsupported parameter annotation {type_text!r}")
+    unsupported = ParameterDeclarationError(f"unsupported parameter annotation {type_text!r}")
     try:
         tree = ast.parse(type_text.strip(), mode="eval")
     except SyntaxError as exc:
