@@ -76,7 +76,7 @@ class _Stop(Exception):
 class _Recorder(nn.Module):
     """Stands in for a decoder layer during the recording pass: keeps its call's arguments."""
 
-    def __init__(self, original: nn.Module, index: int, store: dict[int, Any], last: bool) -> None:
+    def __init__(self, original: nn.Module, index: int, store: dict[Any, Any], last: bool) -> None:
         super().__init__()
         for key, value in vars(original).items():  # attention_type, layer_idx...: what the model reads
             if not key.startswith("_") and key != "training":
@@ -191,7 +191,7 @@ def empty_model(lm: LoadedModel, dtype: torch.dtype) -> nn.Module:
     config = AutoConfig.from_pretrained(lm.path)
     quant = getattr(config, "quantization_config", None)
     if quant is not None:  # the stream decodes the experts itself: build the unquantized twin
-        del config.quantization_config
+        delattr(config, "quantization_config")
     model = None
     with init_empty_weights(include_buffers=False):
         for auto in (AutoModelForCausalLM, AutoModel):  # the causal LM, else the bare decoder (as built at random)
@@ -212,7 +212,8 @@ def _fill_outer(
     model: nn.Module, src: FolderSource, layers_path: str, device: torch.device, renamed: dict[str, str]
 ) -> None:
     """The tensors outside the decoder layers (embeddings, final norm); the head is left empty."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
     head_ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
     for name, empty in model.state_dict(keep_vars=True).items():
         if name.startswith(layers_path + ".") or id(empty) in head_ids:
@@ -232,7 +233,7 @@ def _fill_outer(
             owner._buffers[leaf] = value
 
 
-def _record(model: nn.Module, layers: nn.ModuleList, ids: Tensor, device: torch.device) -> dict[int, Any]:
+def _record(model: nn.Module, layers: nn.ModuleList, ids: Tensor, device: torch.device) -> dict[Any, Any]:
     """One recording pass: the first layer's input and every layer's call arguments."""
     originals = list(layers)
     store: dict[Any, Any] = {}
