@@ -41,3 +41,31 @@ def test_mean_angular_similarity_matches_naive_sum_over_tokens():
     np.testing.assert_allclose(avg, total / 7, atol=1e-12)
     cos_avg = mean_token_similarity(full, angular=False)
     np.testing.assert_allclose(cos_avg, token_similarity(full).mean(axis=0), atol=1e-12)
+
+
+def test_token_mean_similarity_against_a_naive_loop():
+    """Per token, the mean of 1 - arccos(cos)/pi over distinct expert pairs; NaN where an output is 0."""
+    import math
+
+    import torch
+
+    from moe_utils.metrics import token_mean_similarity
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(5, 4, 7, generator=g)
+    y[3, 2] = 0.0
+    got = token_mean_similarity(y)
+    for n in range(5):
+        vals = []
+        for i in range(4):
+            for j in range(4):
+                if i != j:
+                    a, b = y[n, i].double(), y[n, j].double()
+                    na, nb = float(a.norm()), float(b.norm())
+                    cos = float(a @ b) / (na * nb) if na > 0 and nb > 0 else float("nan")
+                    vals.append(1 - math.acos(max(-1.0, min(1.0, cos))) / math.pi if cos == cos else float("nan"))
+        want = sum(vals) / len(vals)
+        if n == 3:
+            assert math.isnan(got[n]) and math.isnan(want)
+        else:
+            assert abs(got[n] - want) < 1e-5
