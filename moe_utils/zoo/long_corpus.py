@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -32,6 +33,7 @@ from moe_utils.zoo.corpus import (
     SKIP_DIRS,
     Corpus,
     Document,
+    build_corpus,
     extract_docstrings,
     is_heldout,
     iter_stdlib_files,
@@ -63,8 +65,6 @@ def _text_digest(text: str) -> str:
 
 def _package_root(name: str) -> Path | None:
     """The folder of an installed top-level package, found without importing it."""
-    import importlib.util
-
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -156,8 +156,6 @@ def prepare_long(prepared: Path, factor: int, tokenizer, log=print) -> np.ndarra
     path, meta_path = prepared / LONG_STREAM_FILE, prepared / LONG_META_FILE
     if path.exists() and meta_path.exists():
         return np.load(path)
-    from moe_utils.zoo.corpus import build_corpus
-
     base_stream = np.load(prepared / "train_ids.npy")
     corpus = build_corpus()
     log(f"enlarging the training stream {factor}x for the long runs ...")
