@@ -127,3 +127,20 @@ def test_errors_are_reported_with_exit_codes(tmp_path: Path, capsys) -> None:
 
     assert cli.main(["build", "--root", str(tmp_path)]) == 1
     assert "_config.yml" in capsys.readouterr().err
+
+
+def test_the_command_line_parses_without_importing_torch():
+    """``moe-book --help`` and option errors answer at once: the parser tree imports no torch,
+    scipy or pandas (each command imports what it runs when it runs)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from moe_utils.publish import cli\n"
+        "cli.build_parser()\n"
+        "heavy = sorted(m for m in ('torch', 'scipy', 'pandas', 'transformers') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-500:]

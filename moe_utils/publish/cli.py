@@ -11,8 +11,8 @@ moe-book coverage [--notebooks] [--families NAME ...] [--workers N] [--root DIR]
 moe-book zoo train [--models NAME ...] [--out DIR] [--force] [--resume] [--max-minutes M] ...
 moe-book zoo study (--list | --run NAME ... | --measure NAME ...) [--out DIR] ...
 
-Every level answers ``--help``; a bad option or value exits with 2. The commands that need torch
-(``coverage``, ``zoo train``, ``zoo study``) import it only when they run.
+Every level answers ``--help``; a bad option or value exits with 2. Each command imports what it
+runs only when it runs, so the parser, ``--help`` and option errors start without torch.
 """
 
 from __future__ import annotations
@@ -24,12 +24,7 @@ from pathlib import Path
 
 from moe_utils import __version__
 from moe_utils.core.errors import MoEUtilsError, RunInterrupted, UsageError
-from moe_utils.publish.bookbuild import build_book
 from moe_utils.publish.guards import ALLOW_FLAG
-from moe_utils.publish.params import parse_parameters
-from moe_utils.publish.plan import RunRequest, plan_request
-from moe_utils.publish.runner import check_output_folder, run_notebooks
-from moe_utils.publish.scaffold import init_book
 from moe_utils.zoo.commands import STUDY_DESCRIPTION, TRAIN_DESCRIPTION, add_study_arguments, add_train_arguments
 
 DEFAULT_OUT = Path("book/runs")
@@ -186,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from moe_utils.publish.params import parse_parameters  # the handlers import what they run:
+    from moe_utils.publish.plan import RunRequest, plan_request  # --help and option errors stay fast
+    from moe_utils.publish.runner import check_output_folder, run_notebooks
+
     parameters = parse_parameters(args.parameters)
     for flag, name in ((args.trust_remote_code, "trust_remote_code"), (args.allow_pickle, "allow_pickle")):
         if flag:
@@ -211,6 +210,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
+    from moe_utils.publish.bookbuild import build_book
+
     root = args.root
     runs = args.out if args.out.is_absolute() else (Path.cwd() / args.out)
     build_book(
@@ -226,6 +227,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
+    from moe_utils.publish.scaffold import init_book
+
     written = init_book(args.dir, repository_url=args.repository_url, branch=args.branch)
     print(
         f"wrote {len(written)} files to {args.dir}; next:\n"
