@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -298,13 +298,38 @@ def token_output_similarity(
     return pd.concat(frames, ignore_index=True)
 
 
+class RandomExperts:
+    """``[E, out, in]`` random N(0, ``std``) matrices made one expert at a time when indexed, equal
+    to ``(torch.randn(shape, generator=g) * std).to(dtype)`` drawn in one call (which holds when an
+    expert's element count is a multiple of 16, torch's block of normal draws): the generator's state
+    at each expert's first draw is kept, so a layer of random experts never sits in memory whole."""
+
+    def __init__(self, shape: torch.Size, dtype: torch.dtype, g: torch.Generator, std: float) -> None:
+        self.shape, self.dtype, self.std = torch.Size(shape), dtype, std
+        self.device = torch.device("cpu")
+        self._states = []
+        for _ in range(self.shape[0]):
+            self._states.append(g.get_state())
+            torch.randn(self.shape[1:], generator=g)  # advance the generator past this expert
+
+    def __getitem__(self, e: int) -> torch.Tensor:
+        h = torch.Generator()
+        h.set_state(self._states[e])
+        return (torch.randn(self.shape[1:], generator=h) * self.std).to(self.dtype)
+
+
 def random_experts_like(w: MoELayerWeights, seed: int, std: float) -> MoELayerWeights:
     """The layer's experts replaced by random ones of the same shapes, N(0, std) (observation 3's
-    input-geometry null: what experts that learned nothing give on the same inputs)."""
+    input-geometry null: what experts that learned nothing give on the same inputs). Large layers'
+    random experts are made one expert at a time (:class:`RandomExperts`), with the same values."""
     g = torch.Generator().manual_seed(seed)
 
     def rnd(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else (torch.randn(t.shape, generator=g) * std).to(t.dtype)
+        if t is None:
+            return None
+        if t.shape[1:].numel() % 16 == 0:
+            return cast(torch.Tensor, RandomExperts(t.shape, t.dtype, g, std))  # indexed by expert like a tensor
+        return (torch.randn(t.shape, generator=g) * std).to(t.dtype)
 
     return replace(w, w_act=rnd(w.w_act), w_up=rnd(w.w_up), w_down=rnd(w.w_down), b_act=None, b_up=None, b_down=None)
 
