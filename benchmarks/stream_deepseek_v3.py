@@ -74,11 +74,10 @@ def config(layers: int, vocab: int) -> dict:
 def tensor_specs(cfg: dict) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     """The checkpoint's tensors: the model's own (built empty), routed experts one tensor per expert
     (hub names), routed and shared expert weights in FP8 with their block scales."""
-    from accelerate import init_empty_weights
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     plain = {k: v for k, v in cfg.items() if k not in ("quantization_config", "torch_dtype")}
-    with init_empty_weights():
+    with torch.device("meta"):  # parameters never allocated (a fused expert tensor exceeds memory)
         model = DeepseekV3ForCausalLM(DeepseekV3Config(**plain))
 
     def fp8(name: str, shape: tuple[int, int]) -> list:

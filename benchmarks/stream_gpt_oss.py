@@ -68,11 +68,10 @@ def config(layers: int, vocab: int) -> dict:
 def tensor_specs(cfg: dict) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     """Every tensor of the checkpoint: the model's own names and shapes (built empty), the experts
     replaced by their MXFP4 blocks and scales."""
-    from accelerate import init_empty_weights
     from transformers import GptOssConfig, GptOssForCausalLM
 
     plain = {k: v for k, v in cfg.items() if k not in ("quantization_config", "torch_dtype")}
-    with init_empty_weights():
+    with torch.device("meta"):  # parameters never allocated (a fused expert tensor exceeds memory)
         model = GptOssForCausalLM(GptOssConfig(**plain))
     specs = []
     for name, t in model.state_dict().items():

@@ -166,6 +166,26 @@ def _by_expert(
     return w, block, f"{paths.block}.{paths.experts}."
 
 
+def _stored_as_in_memory(module: nn.Module, layer: int, src: FolderSource, spec: FamilySpec) -> bool:
+    """Whether every tensor of the layer's MoE block is on disk under its in-memory name and shape
+    (gpt-oss's fused experts, decoded from MXFP4 straight into the layout transformers holds), so
+    the block is read as it is, without going through the canonical form and a second copy."""
+    prefix = _disk_prefixes(spec, layer)
+    names = [k for k in module.state_dict(keep_vars=True) if k.startswith(spec.modules.block + ".")]
+    for name in names:
+        disk = next((p + name for p in prefix if src.has(p + name)), None)
+        if disk is None or tuple(src.shape(disk)) != tuple(
+            module.get_parameter(name).shape if _is_param(module, name) else ()
+        ):
+            return False
+    return bool(names)
+
+
+def _is_param(module: nn.Module, name: str) -> bool:
+    path, _, leaf = name.rpartition(".")
+    return leaf in (module.get_submodule(path) if path else module)._parameters
+
+
 def fill_layer(
     module: nn.Module,
     layer: int,
@@ -191,7 +211,7 @@ def fill_layer(
             raise StreamUnsupportedError(f"the {spec.name} spec names no in-memory MoE tensors; run the model whole")
         if by_expert:
             lazy, block, skip = _by_expert(module, layer, src, spec, facts, device)
-        else:
+        elif not _stored_as_in_memory(module, layer, src, spec):
             files = {str(src.reader.file_of(n)) for n in src.reader.names()}
             with shedding_file_pages(files):  # the file pages a layout copy reads are dropped as it goes
                 block = memory_tensors(read_layer(src, spec, facts, layer), moe)

@@ -180,10 +180,46 @@ def _too_large(lm: LoadedModel, dtype: torch.dtype) -> bool:
     return free is not None and need > FIT_SHARE * free / 2
 
 
+def _build_empty(auto: Any, config: Any, dtype: torch.dtype) -> nn.Module:
+    """``auto.from_config`` with parameters on the meta device and buffers real. accelerate's
+    ``init_empty_weights`` allocates each parameter before moving it to the meta device, which the
+    system refuses for a tensor larger than memory (DeepSeek-V3's fused experts: 30 GB); those
+    models are then built on the meta device outright and their rotary tables computed again."""
+    from accelerate import init_empty_weights
+
+    try:
+        with init_empty_weights(include_buffers=False):
+            return auto.from_config(config, dtype=dtype)
+    except RuntimeError as exc:
+        if "allocate" not in str(exc):
+            raise
+    with torch.device("meta"):
+        model = auto.from_config(config, dtype=dtype)
+    _real_rotary_tables(model)
+    return model
+
+
+def _real_rotary_tables(model: nn.Module) -> None:
+    """Rotary embedding modules built on the meta device, given their tables on the CPU again."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    for module in model.modules():
+        inv = getattr(module, "inv_freq", None)
+        rope_type = getattr(module, "rope_type", None)
+        if not isinstance(inv, Tensor) or inv.device.type != "meta" or rope_type is None:
+            continue
+        init = getattr(module, "compute_default_rope_parameters", None) if rope_type == "default" else None
+        init = init or ROPE_INIT_FUNCTIONS[rope_type]
+        inv_freq, scaling = init(getattr(module, "config", None))
+        module.register_buffer("inv_freq", inv_freq, persistent=False)
+        if getattr(module, "original_inv_freq", None) is not None:
+            module.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+        module.attention_scaling = scaling
+
+
 def empty_model(lm: LoadedModel, dtype: torch.dtype) -> nn.Module:
     """The model of ``lm``'s checkpoint built without weights (parameters on the meta device,
     buffers real), in eval mode, with the experts implementation the whole-model path uses."""
-    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     if lm.path is None:
@@ -193,13 +229,12 @@ def empty_model(lm: LoadedModel, dtype: torch.dtype) -> nn.Module:
     if quant is not None:  # the stream decodes the experts itself: build the unquantized twin
         delattr(config, "quantization_config")
     model = None
-    with init_empty_weights(include_buffers=False):
-        for auto in (AutoModelForCausalLM, AutoModel):  # the causal LM, else the bare decoder (as built at random)
-            try:
-                model = auto.from_config(config, dtype=dtype)
-                break
-            except ValueError:
-                continue
+    for auto in (AutoModelForCausalLM, AutoModel):  # the causal LM, else the bare decoder (as built at random)
+        try:
+            model = _build_empty(auto, config, dtype)
+            break
+        except ValueError:
+            continue
     if model is None:
         raise StreamUnsupportedError(f"transformers has no causal LM or decoder class for {type(config).__name__}")
     can_set = getattr(type(model), "_can_set_experts_implementation", None)
