@@ -133,7 +133,7 @@ def _missing_up(ex: ExpertTensors) -> CheckpointError:
 
 
 def _experts(
-    src: TensorSource, fmt: WeightFormat, layer: int, ex: ExpertTensors, dtype, num_experts: int
+    src: TensorSource, fmt: WeightFormat, layer: int, ex: ExpertTensors, dtype, num_experts: int, tidy: bool = True
 ) -> dict[str, Tensor | None]:
     """Canonical expert tensors, whatever the stored layout: ``w_act`` (None when gate-less),
     ``w_up`` and ``w_down`` (always present) and the biases ``b_act``/``b_up``/``b_down``
@@ -202,6 +202,8 @@ def _experts(
     if ex.down_transposed:  # [E,I,H] -> [E,H,I]
         w_down = w_down.transpose(1, 2)
     b_down = _get(src, fmt, layer, ex.down_bias, dtype)
+    if not tidy:  # views of the stored tensors as they are (the engine reads them expert by expert)
+        return _parts(w_act, w_up, w_down, b_act, b_up, b_down)
     return _parts(_tidy_opt(w_act), _tidy(w_up), _tidy(w_down), _tidy_opt(b_act), _tidy_opt(b_up), _tidy_opt(b_down))
 
 
@@ -295,14 +297,16 @@ def _mlp(
     )
 
 
-def _layer_weights(src: TensorSource, spec: FamilySpec, facts: ModelFacts, layer: int, dtype) -> MoELayerWeights:
+def _layer_weights(
+    src: TensorSource, spec: FamilySpec, facts: ModelFacts, layer: int, dtype, tidy: bool = True
+) -> MoELayerWeights:
     require_moe(spec, "reading expert weights")
     check_layers([layer], facts, "moe")
     fmt = pick_format(src, spec, layer, "moe")
     moe = fmt.moe
     assert moe is not None  # pick_format(..., "moe") only returns schemes with an MoE part
     act = facts.activation
-    ex = _experts(src, fmt, layer, moe.experts, dtype, facts.num_experts)
+    ex = _experts(src, fmt, layer, moe.experts, dtype, facts.num_experts, tidy=tidy)
     w_up, w_down = ex["w_up"], ex["w_down"]
     assert w_up is not None and w_down is not None  # _experts always reads both
     shared = _mlp(src, fmt, layer, moe.shared, dtype, act) if moe.shared else None
@@ -451,9 +455,10 @@ def read_layer_by_expert(
 
 
 def module_layer_weights(model: nn.Module, spec: FamilySpec, facts: ModelFacts, layer: int) -> MoELayerWeights:
-    """Canonical weights of MoE layer ``layer`` of ``model`` (views of its tensors, their dtype):
+    """Canonical weights of MoE layer ``layer`` of ``model`` (views of its tensors, their dtype, never
+    copied, even where an expert's matrix is strided: gpt-oss's interleaved, transposed layout):
     the layer stream's model has only this layer filled, from weights :func:`read_layer` screened."""
-    return _layer_weights(ModelSource(model), spec, facts, layer, None)
+    return _layer_weights(ModelSource(model), spec, facts, layer, None, tidy=False)
 
 
 __all__ = [
