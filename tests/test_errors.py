@@ -20,21 +20,11 @@ BARE = ("ValueError", "RuntimeError", "SystemExit")
 
 # (module path under moe_utils/, builtin) -> (how many may stay, why). Two reasons are accepted:
 # the raise is caught in the same function and re-raised as a package error (control flow), or it
-# is an internal invariant the user can do nothing about. "pending" entries are files another
-# engineer was rewriting while the rest of the package was converted (issue #22); convert them
-# with the package's classes and delete the entry.
+# is an internal invariant the user can do nothing about.
 ALLOWED: dict[tuple[str, str], tuple[int, str]] = {
     ("models/checkpoint.py", "ValueError"): (4, "caught in verify_safetensors and re-raised as CheckpointError"),
     ("publish/notebook_meta.py", "ValueError"): (1, "caught in read_notebook_metadata, re-raised as MoEUtilsError"),
     ("analysis/parallel.py", "RuntimeError"): (1, "internal: a forked worker found no job; run_jobs sets it"),
-    ("analysis/results.py", "ValueError"): (2, "pending: being rewritten (typed results-file model)"),
-    ("engine/routing.py", "ValueError"): (1, "pending: engine being rewritten"),
-    ("metrics/outputs.py", "ValueError"): (2, "pending: being rewritten"),
-    ("metrics/projection.py", "ValueError"): (12, "pending: being rewritten (streaming engine out of metrics)"),
-    ("models/expert_gram.py", "ValueError"): (1, "pending: models being rewritten"),
-    ("models/loading.py", "ValueError"): (2, "pending: models being rewritten"),
-    ("models/screening.py", "ValueError"): (1, "pending: models being rewritten"),
-    ("models/trace.py", "ValueError"): (2, "pending: models being rewritten"),
 }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from moe_utils.arch.facts import RouteParams, route_params
+from moe_utils.core.errors import ArgumentError
 
 Tensor = torch.Tensor
 
@@ -90,7 +91,7 @@ def route(logits: Tensor, params: RouteParams, correction_bias: Tensor | None = 
         return torch.sigmoid(top), index
     if params.method == "sparsemixer":
         return _sparsemixer(logits, params.jitter_eps)
-    raise ValueError(f"unknown routing method {params.method!r}")
+    raise ArgumentError(f"unknown routing method {params.method!r}")
 
 
 __all__ = ["RouteParams", "route", "route_params"]

@@ -17,6 +17,7 @@ import math
 import numpy as np
 import torch
 
+from ..core.errors import ShapeError
 from ._arrays import ArrayLike, to_numpy
 from .similarity import angular_similarity
 
@@ -38,7 +39,7 @@ def token_similarity(outputs: ArrayLike, angular: bool = False, chunk_tokens: in
     A zero output vector has undefined similarity (NaN); the diagonal is exactly 1 otherwise.
     """
     if len(outputs.shape) != 3:
-        raise ValueError(f"expected outputs of shape [N, E, H]; got {tuple(outputs.shape)}")
+        raise ShapeError(f"expected outputs of shape [N, E, H]; got {tuple(outputs.shape)}")
     n = int(outputs.shape[0])
     parts = []
     for s in range(0, n, chunk_tokens):
@@ -56,7 +57,7 @@ def mean_token_similarity(outputs: ArrayLike, angular: bool = True, chunk_tokens
     """
     n = int(outputs.shape[0])
     if n == 0:
-        raise ValueError("no tokens: the mean similarity is undefined")
+        raise ShapeError("no tokens: the mean similarity is undefined")
     e = int(outputs.shape[1])
     total = np.zeros((e, e))
     for s in range(0, n, chunk_tokens):

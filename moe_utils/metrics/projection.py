@@ -28,6 +28,7 @@ from typing import Literal
 
 import numpy as np
 
+from ..core.errors import ArgumentError, ShapeError
 from ._arrays import ArrayLike, _is_torch, flatten_rows, to_numpy
 from .blocks import BLOCK_ELEMENTS, BlockReader, block_size, neuron_count
 from .neurons import neuron_vectors, resolve_neuron_axis
@@ -194,18 +195,18 @@ def flattened_pass(
 
     mats = list(matrices)
     if not mats:
-        raise ValueError("flattened_grams needs at least one matrix")
+        raise ArgumentError("flattened_grams needs at least one matrix")
     shape = tuple(mats[0].shape)
     if len(shape) != 2 or any(tuple(m.shape) != shape for m in mats):
-        raise ValueError(f"flattened_grams needs same-shaped 2-D matrices; got {[tuple(m.shape) for m in mats]}")
+        raise ShapeError(f"flattened_grams needs same-shaped 2-D matrices; got {[tuple(m.shape) for m in mats]}")
     if axis not in (0, 1):
-        raise ValueError(f"the neuron axis of one matrix is 0 or 1; got {axis}")
+        raise ArgumentError(f"the neuron axis of one matrix is 0 or 1; got {axis}")
     tens = [m.detach().cpu() if _is_torch(m) else torch.from_numpy(np.asarray(m)) for m in mats]
     wide = all(t.dtype == torch.float64 for t in tens)
     n, width = len(tens), shape[1 - axis]
     total = shape[axis]
     if omega is not None and int(omega.shape[0]) != width:
-        raise ValueError(f"the sketch matrix needs {width} rows (the neurons' length); got {tuple(omega.shape)}")
+        raise ShapeError(f"the sketch matrix needs {width} rows (the neurons' length); got {tuple(omega.shape)}")
     step = block_size(width, n, block_elements)
     work = np.float64 if wide else np.float32
     om = np.zeros((width, 0), dtype=work) if omega is None else omega.astype(work)
@@ -327,11 +328,11 @@ def randomized_neuron_pca(
     srcs = [(m, int(ax)) for m, ax in sources]
     d = int(srcs[0][0].shape[1 - srcs[0][1]])
     if any(int(m.shape[1 - ax]) != d for m, ax in srcs):
-        raise ValueError("all sources must have neurons of the same length")
+        raise ShapeError("all sources must have neurons of the same length")
     counts = [neuron_count(m, ax) for m, ax in srcs]
     n = sum(counts)
     if not 1 <= k <= min(n, d):
-        raise ValueError(f"n_components must be between 1 and min(neurons, features) = {min(n, d)}; got {k}")
+        raise ArgumentError(f"n_components must be between 1 and min(neurons, features) = {min(n, d)}; got {k}")
     step = block_size(d, 1, block_elements)
     spans = []  # (first row in the stacked neurons, source, first neuron, end)
     row = 0
@@ -367,7 +368,7 @@ def randomized_neuron_pca(
         s1, s2, xty = acc[:, 0].copy(), acc[:, 1].copy(), acc[:, 2:].copy()
     else:
         if tuple(first_pass.y.shape) != (n, ell) or tuple(first_pass.s1.shape) != (d,):
-            raise ValueError(
+            raise ShapeError(
                 f"the given first pass has a sketch of shape {tuple(first_pass.y.shape)}; these sources need {(n, ell)}"
             )
         s1, s2 = first_pass.s1, first_pass.s2
@@ -433,11 +434,11 @@ def pca_projection(
     blocks = [flatten_rows(b) for b in (x if isinstance(x, (list, tuple)) else [x])]
     d = int(blocks[0].shape[1])
     if any(int(b.shape[1]) != d for b in blocks):
-        raise ValueError("all row blocks must have the same number of features")
+        raise ShapeError("all row blocks must have the same number of features")
     n = sum(int(b.shape[0]) for b in blocks)
     k = int(n_components)
     if not 1 <= k <= min(n, d):
-        raise ValueError(f"n_components must be between 1 and min(rows, features) = {min(n, d)}; got {k}")
+        raise ArgumentError(f"n_components must be between 1 and min(rows, features) = {min(n, d)}; got {k}")
     if method == "auto":
         method = "sklearn" if n * d <= SKLEARN_MAX_ELEMENTS else ("gram" if n <= d else "randomized")
     fn = {
@@ -446,11 +447,11 @@ def pca_projection(
         "randomized": lambda bl, kk, st: randomized_neuron_pca([(b_, 0) for b_ in bl], kk, st),
     }.get(method)
     if fn is None:
-        raise ValueError(f"unknown PCA method {method!r}; use 'auto', 'sklearn', 'gram' or 'randomized'")
+        raise ArgumentError(f"unknown PCA method {method!r}; use 'auto', 'sklearn', 'gram' or 'randomized'")
     coords, var, ratio = fn(blocks, k, standardize)
     lab = [str(v) for v in labels] if labels is not None else [str(i) for i in range(n)]
     if len(lab) != n:
-        raise ValueError(f"got {len(lab)} labels for {n} rows")
+        raise ShapeError(f"got {len(lab)} labels for {n} rows")
     return Projection(_fix_signs(np.asarray(coords, dtype=np.float64)), np.asarray(ratio), np.asarray(var), method, lab)
 
 
@@ -486,7 +487,7 @@ def matrix_pca_from_gram(gram: np.ndarray, n_components: int, labels: Sequence[s
     """Matrix-level PCA from the standardised Gram matrix of :func:`flattened_grams`."""
     n = int(np.asarray(gram).shape[0])
     if not 1 <= n_components <= n:
-        raise ValueError(f"n_components must be between 1 and the number of matrices ({n}); got {n_components}")
+        raise ArgumentError(f"n_components must be between 1 and the number of matrices ({n}); got {n_components}")
     coords, var, ratio = pca_from_gram(gram, int(n_components))
     return Projection(_fix_signs(coords), ratio, var, "gram", [str(v) for v in labels])
 

@@ -17,6 +17,7 @@ import torch
 
 from moe_utils.arch import require_moe
 from moe_utils.arch.facts import check_layers
+from moe_utils.core.errors import ArgumentError
 from moe_utils.core.finite import check_finite
 from moe_utils.models.weights import FolderSource, open_source, pick_format, tensor_name
 
@@ -54,7 +55,7 @@ def _passes(src, fmt, layer: int, num_experts: int, wanted: set[str]) -> list[tu
         gu = name(ex.gate_up)
         shape = src.shape(gu)
         if ex.flat:
-            raise ValueError("flat fused gate_up layouts are not supported")  # none exist
+            raise ArgumentError("flat fused gate_up layouts are not supported")  # none exist
         if ex.in_transposed:  # [E, H, 2I]: one read gives both halves
             half = shape[2] // 2
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from moe_utils.arch import FamilySpec, require_moe
 from moe_utils.arch.config import read_config_json
-from moe_utils.core.errors import RemoteCodeRequiredError, UsageError
+from moe_utils.core.errors import ArgumentError, RemoteCodeRequiredError, UsageError
 from moe_utils.core.memory import shedding_file_pages
 from moe_utils.models.checkpoint import checkpoint_fingerprint, find_weight_files, verify_safetensors
 from moe_utils.models.consistency import check_config_against_tensors
@@ -48,7 +48,7 @@ def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
     try:
         return _DTYPES[str(dtype).lower()]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16") from None
+        raise ArgumentError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16") from None
 
 
 # ---- loading ---------------------------------------------------------------------------------
@@ -131,7 +131,7 @@ def load_model(
         path = None
     else:
         if config_overrides:
-            raise ValueError(f"config_overrides only applies to random: ids; edit config.json of {ref.name} instead")
+            raise ArgumentError(f"config_overrides only applies to random: ids; edit config.json of {ref.name} instead")
         path = ref.path
         if path is None:
             raise UsageError(f"{ref.name}: no model folder was resolved for this id")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_utils.core.errors import NonFiniteError
+from moe_utils.core.errors import ArgumentError, NonFiniteError
 from moe_utils.core.finite import ScreenedSource, check_finite, is_finite, nonfinite_counts
 from moe_utils.engine.canonical import DenseMLPWeights, MoELayerWeights
 
@@ -55,7 +55,7 @@ def without_experts(w: MoELayerWeights, drop: set[int]) -> MoELayerWeights:
     """A copy of ``w`` without the experts whose original index is in ``drop``."""
     keep = [i for i, e in enumerate(w.ids) if e not in drop]
     if not keep:
-        raise ValueError(f"layer {w.layer}: cannot drop every expert ({sorted(drop)})")
+        raise ArgumentError(f"layer {w.layer}: cannot drop every expert ({sorted(drop)})")
     idx = torch.tensor(keep, dtype=torch.long, device=w.w_up.device)
     take = {
         attr: (None if getattr(w, attr) is None else getattr(w, attr).index_select(0, idx.to(getattr(w, attr).device)))

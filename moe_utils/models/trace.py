@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from moe_utils.arch import FamilySpec, require_moe
 from moe_utils.arch.facts import check_layers
-from moe_utils.core.errors import InputTooLongError, LayerIndexError, MoEUtilsError, NonFiniteError
+from moe_utils.core.errors import ArgumentError, InputTooLongError, LayerIndexError, MoEUtilsError, NonFiniteError
 from moe_utils.core.finite import is_finite, nonfinite_counts
 from moe_utils.engine.expert_math import (
     apply_experts,
@@ -132,10 +132,10 @@ def _as_sequences(lm: LoadedModel, sequences: Any) -> list[Tensor]:
             seq = lm.tokenizer(seq)["input_ids"]
         ids = torch.as_tensor(seq, dtype=torch.long).reshape(-1)
         if ids.numel() == 0:
-            raise ValueError("cannot trace an empty sequence; drop it from the inputs")
+            raise ArgumentError("cannot trace an empty sequence; drop it from the inputs")
         out.append(ids)
     if not out:
-        raise ValueError("no sequences to trace; pass at least one list of token ids")
+        raise ArgumentError("no sequences to trace; pass at least one list of token ids")
     return out
 
 
