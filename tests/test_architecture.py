@@ -30,6 +30,12 @@ ALLOWED_LOCAL_IMPORTS = {
     ("moe_utils.publish.cli", "moe_utils.zoo.train"): "torch: only `moe-book zoo train` trains",
     ("moe_utils.publish.cli", "moe_utils.publish.coverage"): "torch: only `moe-book coverage` builds models",
     ("moe_utils.publish.plan", "moe_utils.models.loading"): "torch: only a `dtype` parameter needs it",
+    # the other commands' handlers: the parser, --help and option errors start without torch
+    ("moe_utils.publish.cli", "moe_utils.publish.params"): "pydantic: only `moe-book run` parses -p",
+    ("moe_utils.publish.cli", "moe_utils.publish.plan"): "torch via the model ids: only `moe-book run` plans",
+    ("moe_utils.publish.cli", "moe_utils.publish.runner"): "papermill: only `moe-book run` executes",
+    ("moe_utils.publish.cli", "moe_utils.publish.bookbuild"): "pandas, scipy: only `moe-book build` summarises",
+    ("moe_utils.publish.cli", "moe_utils.publish.scaffold"): "only `moe-book init` writes a book",
 }
 
 
