@@ -22,7 +22,7 @@ from moe_utils.analysis import static
 from moe_utils.analysis.context import open_study
 from moe_utils.analysis.results import read_result
 from moe_utils.core.errors import LayerIndexError, UnsupportedQuantizationError
-from moe_utils.models import checkpoint
+from moe_utils.models import checkpoint, fingerprint
 from moe_utils.models.checkpoint import CheckpointReader
 from moe_utils.models.quantized import (
     QuantScheme,
@@ -413,7 +413,7 @@ def test_gptq_checkpoint_is_refused_before_any_tensor_is_read(tmp_path: Path, mo
     def no_read(*args, **kwargs):
         raise AssertionError("a weight file was opened")
 
-    monkeypatch.setattr(checkpoint, "file_sha256", no_read)
+    monkeypatch.setattr(fingerprint, "file_sha256", no_read)
     monkeypatch.setattr(checkpoint, "verify_safetensors", no_read)
     monkeypatch.setattr(CheckpointReader, "_open", no_read)
     for attempt in (

@@ -26,7 +26,7 @@ from tiny_models import synthetic_mistral, synthetic_mixtral, tiny
 from moe_utils.analysis.context import checkpoint_only, open_study
 from moe_utils.analysis.results import read_result
 from moe_utils.core.errors import CheckpointError, InputSpecError, PickleRefusedError, UsageError
-from moe_utils.models import checkpoint
+from moe_utils.models import fingerprint
 from moe_utils.models.consistency import ConfigMismatchError
 from moe_utils.models.loading import load_model
 from moe_utils.publish import bookbuild, cli, pages, plan, runner, staging
@@ -498,7 +498,7 @@ def _copy_zoo(name: str, dest: Path) -> Path:
 @pytest.fixture()
 def hash_cache(tmp_path: Path, monkeypatch) -> Path:
     monkeypatch.setenv("MOE_UTILS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(checkpoint, "_HASHES", {})
+    monkeypatch.setattr(fingerprint, "_HASHES", {})
     return tmp_path / "cache"
 
 

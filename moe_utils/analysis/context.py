@@ -24,7 +24,8 @@ from ..core.errors import CheckpointError, NotMoEModelError
 from ..core.finite import ScreenedSource
 from ..core.names import model_slug
 from ..engine.inputs import Inputs, check_inputs_spec, fit_context, inputs_label, load_inputs
-from ..models.checkpoint import checkpoint_fingerprint, find_weight_files, verify_safetensors
+from ..models.checkpoint import find_weight_files, verify_safetensors
+from ..models.fingerprint import checkpoint_fingerprint
 from ..models.loading import LoadedModel, load_model, resolve_model
 from ..models.specs import spec_for_config
 from ..models.stream import stream_choice, streamable

@@ -14,7 +14,7 @@ from moe_utils.arch import SPECS, derivable_family
 from moe_utils.core.errors import CheckpointError, OfflineError
 from moe_utils.core.messages import first_line
 from moe_utils.core.paths import zoo_path
-from moe_utils.models.checkpoint import hub_revision
+from moe_utils.models.fingerprint import hub_revision
 
 
 @dataclass

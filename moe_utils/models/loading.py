@@ -18,8 +18,9 @@ from moe_utils.arch import FamilySpec, require_moe
 from moe_utils.arch.config import read_config_json
 from moe_utils.core.errors import ArgumentError, RemoteCodeRequiredError, UsageError
 from moe_utils.core.memory import shedding_file_pages
-from moe_utils.models.checkpoint import checkpoint_fingerprint, find_weight_files, verify_safetensors
+from moe_utils.models.checkpoint import find_weight_files, verify_safetensors
 from moe_utils.models.consistency import check_config_against_tensors
+from moe_utils.models.fingerprint import checkpoint_fingerprint
 from moe_utils.models.ids import ModelRef, resolve_folder, resolve_model
 from moe_utils.models.loaded import LoadedModel
 from moe_utils.models.random_models import byte_tokenizer, random_fingerprint, random_model

@@ -33,7 +33,8 @@ from moe_utils.arch.facts import check_layers
 from moe_utils.core.errors import UsageError
 from moe_utils.core.memory import available_memory, release_file_pages
 from moe_utils.core.messages import first_line
-from moe_utils.models.checkpoint import checkpoint_fingerprint, find_weight_files, verify_safetensors
+from moe_utils.models.checkpoint import find_weight_files, verify_safetensors
+from moe_utils.models.fingerprint import checkpoint_fingerprint
 from moe_utils.models.ids import resolve_model
 from moe_utils.models.layer_load import StreamUnsupportedError, disk_names, empty_layer, fill_layer
 from moe_utils.models.loaded import LoadedModel

@@ -38,7 +38,8 @@ from moe_utils.arch.config import read_config_json
 from moe_utils.core.errors import MoEUtilsError
 from moe_utils.core.frames import int_key
 from moe_utils.core.paths import ZOO_STUDY_DIR, zoo_path
-from moe_utils.models.checkpoint import checkpoint_fingerprint, find_weight_files
+from moe_utils.models.checkpoint import find_weight_files
+from moe_utils.models.fingerprint import checkpoint_fingerprint
 from moe_utils.zoo.evaluate import load_windows, model_nll, perplexity
 from moe_utils.zoo.replicates import Replicate, replicate_dir, snapshot_dir
 
