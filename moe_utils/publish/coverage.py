@@ -469,7 +469,10 @@ def render_page(data: dict) -> str:
         "Columns: *weights* is observation 1 (weight analyses), *dynamic* observations 2 and 3 "
         "(traced forward passes); *disk* says whether the checkpoint saved with per-expert "
         "names and with fused names (`save_original_format=False`) streams the same weights as "
-        "the model holds, without building it. *Config variants* counts the variants of the "
+        "the model holds, without building it. *Layer stream* says whether observations 2 and 3 run one "
+        "decoder layer at a time from the checkpoint (for models larger than memory) with the same "
+        "captures as the whole model; where they cannot, the notebooks fall back to the whole model and "
+        "the reason is listed below the table. *Config variants* counts the variants of the "
         "family's config that switch one optional part (shared experts, dense layers, top-k "
         "renormalisation, expert bias) relative to its tiny config and whose own derived spec "
         "passes the same rebuild and disk checks; each variant is listed below the table. "
@@ -482,15 +485,16 @@ def render_page(data: dict) -> str:
         "",
         _dates_line(data),
         "",
-        "| family | transformers package | spec | weights | dynamic | disk | config variants | largest rebuild error | reason when not |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| family | transformers package | spec | weights | dynamic | disk | layer stream | config variants | largest rebuild error | reason when not |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["rows"]:
         err = "" if r["rebuild_error"] is None else f"{r['rebuild_error']:.1e}"
         reason = (r["reason"] or "").replace("|", "\\|").replace("\n", " ")
         lines.append(
             f"| `{r['family']}` | {r['package']} | {r['spec']} | {_mark(r['weights_ok'])} | "
-            f"{_mark(r['dynamic_ok'])} | {_mark(r['disk_ok'])} | {_variants_cell(r)} | {err} | {reason} |"
+            f"{_mark(r['dynamic_ok'])} | {_mark(r['disk_ok'])} | {_mark(r.get('stream_ok'))} | {_variants_cell(r)} | "
+            f"{err} | {reason} |"
         )
     lines += [
         "",
@@ -507,6 +511,8 @@ def render_page(data: dict) -> str:
         lines.append(f"**`{r['family']}`** ({r['spec']}): {r['routing']}.")
         for q in r.get("quirks") or []:
             lines.append(f"- {q}")
+        if r.get("stream_ok") is False and r.get("stream_reason"):
+            lines.append(f"- layer stream: {r['stream_reason']}; the whole-model path is used")
         for label, why in (r.get("variants") or {}).items():
             lines.append(f"- config variant `{label}`: {_variant_words(why)}")
         lines.append("")
