@@ -215,7 +215,7 @@ def _real_rotary_tables(model: nn.Module) -> None:
         module.register_buffer("inv_freq", inv_freq, persistent=False)
         if getattr(module, "original_inv_freq", None) is not None:
             module.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
-        setattr(module, "attention_scaling", scaling)  # a float attribute of the rotary module
+        module.attention_scaling = scaling  # pyright: ignore[reportArgumentType]  # torch annotates Module.__setattr__ for tensors and modules only
 
 
 def empty_model(lm: LoadedModel, dtype: torch.dtype) -> nn.Module:
