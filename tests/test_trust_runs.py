@@ -766,7 +766,9 @@ def test_weight_file_changed_during_a_run_is_named_at_the_next_layer(tmp_path: P
     else:
         with open(weights, "r+b") as fh:
             fh.truncate(weights.stat().st_size // 2)
-    with pytest.raises(CheckpointError, match=r"model\.safetensors in .* (changed on disk|was removed).* while this run"):
+    with pytest.raises(
+        CheckpointError, match=r"model\.safetensors in .* (changed on disk|was removed).* while this run"
+    ):
         next(layers)
 
 

@@ -275,7 +275,9 @@ def _table_records(name: str, table: Any) -> list[dict[str, Any]]:
     elif isinstance(table, list):
         records = table
     else:
-        raise UnstorableValueError(f"table {name!r} must be a DataFrame or a list of records; got {type(table).__name__}")
+        raise UnstorableValueError(
+            f"table {name!r} must be a DataFrame or a list of records; got {type(table).__name__}"
+        )
     out = to_jsonable(records)
     if not all(isinstance(r, dict) for r in out):
         raise UnstorableValueError(f"table {name!r}: every record must be a mapping of column -> value")
@@ -299,7 +301,9 @@ def _summary_entries(summary: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _check_name(analysis: str) -> None:
     if not isinstance(analysis, str) or not _NAME_RE.match(analysis):
-        raise ResultsFileError(f"analysis name {analysis!r} must be non-empty and use only letters, digits, '_', '.', '-'")
+        raise ResultsFileError(
+            f"analysis name {analysis!r} must be non-empty and use only letters, digits, '_', '.', '-'"
+        )
 
 
 def result_path(results_dir: str | Path, analysis: str) -> Path:

@@ -145,10 +145,11 @@ def ladder_across_grid(combined: pd.DataFrame, axis: str) -> pd.DataFrame:
     if combined.empty:
         return pd.DataFrame()
     base_steps = {"scratch": 1200, "upcycled": 600, "fine": 1200}
-    t = combined[combined.seeds >= 2]
-    t = t[t.steps == t.kind.map(base_steps)] if axis == "depth" else t[t.layers == 8]
+    t = cast(pd.DataFrame, combined[combined.seeds >= 2])
+    t = cast(pd.DataFrame, t[t.steps == t.kind.map(base_steps)] if axis == "depth" else t[t.layers == 8])
     col = "layers" if axis == "depth" else "steps"
-    t = t[t.groupby("kind")[col].transform("nunique") > 1]
+    rungs = t.groupby("kind")[col].nunique()
+    t = cast(pd.DataFrame, t[t.kind.map(rungs) > 1])
     if t.empty:
         return pd.DataFrame()
     cells = t.assign(

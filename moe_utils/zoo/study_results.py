@@ -377,7 +377,8 @@ def ladder_across_seeds(verdicts: pd.DataFrame) -> pd.DataFrame:
     if not len(v) or "se" not in v:
         return pd.DataFrame(columns=LADDER_ACROSS_COLUMNS)
     rows = []
-    for (kind, layers, steps), g in v.groupby(["kind", "layers", "steps"], sort=True):
+    for key, g in v.groupby(["kind", "layers", "steps"], sort=True):
+        kind, layers, steps = cast(tuple, key)
         for claim in issued_claims():
             comb, outcome = _rung_outcome(cast(pd.DataFrame, g), claim.key)
             rows.append(
