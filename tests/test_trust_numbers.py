@@ -430,7 +430,7 @@ def test_finite_check_of_a_gapped_view_finds_the_bad_entry():
 def test_weight_report_screens_the_expert_matrices_in_its_own_first_pass(tmp_path, monkeypatch):
     """A finite layer's expert matrices are not read once more just to check them; a NaN found
     by the first pass gives the same tables as checking every expert before the analysis."""
-    from moe_utils.models import weights as W
+    from moe_utils.models import screening as W  # the expert screening moved out of weights.py
 
     t = mixtral_tensors()
     t[expert_key(1, 3, "w2")][2, 1] = float("nan")
