@@ -6,6 +6,7 @@ from __future__ import annotations
 import altair as alt
 import pandas as pd
 
+from ..analysis.claims import CLAIMS
 from .chart_parts import wrap_title
 from .render import humanize
 
@@ -84,7 +85,7 @@ def replicate_effects(effects: dict[str, pd.DataFrame]) -> alt.VConcatChart:
     as from :func:`moe_utils.zoo.replication.replicate_effects`)."""
     charts = []
     for claim, g in effects.items():
-        floor = float(g["floor"].iloc[0]) * (-1 if str(claim) == "obs3_slope" else 1)
+        floor = float(g["floor"].iloc[0]) * CLAIMS[str(claim)].direction
         pts = interval_points(
             g,
             x="effect",
@@ -108,7 +109,7 @@ def ladder_lines(table: pd.DataFrame, *, x: str, x_title: str, title: str) -> al
     per series; the dashed rule is the null (0), the dotted one the floor."""
     charts = []
     for claim, g in table.groupby("claim", sort=False):
-        floor = float(g["floor"].iloc[0]) * (-1 if claim == "obs3_slope" else 1)
+        floor = float(g["floor"].iloc[0]) * CLAIMS[str(claim)].direction
         lines = interval_lines(
             g,
             x=x,

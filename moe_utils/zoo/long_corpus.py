@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 
 from moe_utils.zoo.corpus import (
-    SKIP_DIRS,
     Corpus,
     Document,
     build_corpus,
@@ -71,15 +70,6 @@ def _package_root(name: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _package_files(root: Path) -> Iterator[tuple[str, Path]]:
-    found = [
-        (p.relative_to(root).as_posix(), p)
-        for p in root.rglob("*.py")
-        if not any(part in SKIP_DIRS for part in p.relative_to(root).parts[:-1])
-    ]
-    yield from sorted(found)
-
-
 def candidate_documents(
     stdlib_root: Path | None = None, packages: Sequence[str] = EXTENSION_PACKAGES, package_roots: dict | None = None
 ) -> Iterator[Document]:
@@ -94,7 +84,7 @@ def candidate_documents(
         root = (package_roots or {}).get(name) or _package_root(name)
         if root is None:
             continue
-        for rel, path in _package_files(Path(root)):
+        for rel, path in iter_stdlib_files(Path(root)):  # any root: sorted, test folders skipped
             text = read_source(path)
             if not text or not text.strip():
                 continue

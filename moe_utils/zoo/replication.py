@@ -17,6 +17,7 @@ import pandas as pd
 from ..analysis import paper
 from ..analysis.claims import CLAIMS
 from . import study_results as S
+from .replicates import REPLICATES
 
 CLAIM_NAMES = {c.key: c.title for c in CLAIMS.values()}
 PAPER_MARK_LABEL = "paper, Mixtral 8x7B"
@@ -107,16 +108,19 @@ def replicate_effects(verdicts: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return out
 
 
+# Training steps of each kind's 8-layer organisms: the depth axis compares rungs at this budget.
+BASE_STEPS = {kind: REPLICATES[f"{kind}-s0"].spec.steps for kind in ("scratch", "upcycled", "fine")}
+
+
 def ladder_frame(ladder: pd.DataFrame, axis: str) -> pd.DataFrame:
     """The ladder's rows along one axis ("depth": effect against layers at the organisms' budget;
     "length": against training steps at 8 layers), with a series label and each claim's title."""
     if ladder.empty:
         return ladder.assign(series=[], title=[])
-    base_steps = {"scratch": 1200, "upcycled": 600, "fine": 1200}
     t = ladder[ladder.claim.isin([c.key for c in CLAIMS.values() if c.kind != "noninferior"] + ["obs3_strong"])]
     t = t.assign(layers=t.layers.astype(int), steps=t.steps.astype(int))
     if axis == "depth":
-        t, varies = t[t.steps == t.kind.map(base_steps)], "layers"
+        t, varies = t[t.steps == t.kind.map(BASE_STEPS)], "layers"
     else:
         t, varies = t[t.layers == 8], "steps"
     t = t.assign(series=t.kind + " seed " + t.seed.astype(str))
@@ -144,9 +148,8 @@ def ladder_across_grid(combined: pd.DataFrame, axis: str) -> pd.DataFrame:
     k seeds" where at least two seeds are measured, along one axis (as :func:`ladder_frame`)."""
     if combined.empty:
         return pd.DataFrame()
-    base_steps = {"scratch": 1200, "upcycled": 600, "fine": 1200}
     t = cast(pd.DataFrame, combined[combined.seeds >= 2])
-    t = cast(pd.DataFrame, t[t.steps == t.kind.map(base_steps)] if axis == "depth" else t[t.layers == 8])
+    t = cast(pd.DataFrame, t[t.steps == t.kind.map(BASE_STEPS)] if axis == "depth" else t[t.layers == 8])
     col = "layers" if axis == "depth" else "steps"
     rungs = t.groupby("kind")[col].nunique()
     t = cast(pd.DataFrame, t[t.kind.map(rungs) > 1])
