@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,12 +28,23 @@ RESULTS = ROOT / "benchmarks" / "results"
 ZOO_TOKENIZER = ROOT / "moe_utils" / "zoo" / "models" / "tiny-moe-upcycled"
 
 
-def write_safetensors(path: Path, specs: list[tuple[str, tuple[int, ...]]], seed: int, std: float = 0.02) -> None:
-    """Write bf16 tensors one at a time (header first, then each tensor's bytes), then fsync."""
+ST_DTYPES = {torch.bfloat16: "BF16", torch.float32: "F32", torch.uint8: "U8", torch.float8_e4m3fn: "F8_E4M3"}
+# A tensor's values from its name, shape, dtype and the file's generator; None: the default fill.
+Fill = Callable[[str, tuple[int, ...], torch.dtype, torch.Generator], "torch.Tensor | None"]
+
+
+def write_safetensors(
+    path: Path, specs: Sequence[tuple], seed: int, std: float = 0.02, fill: Fill | None = None
+) -> None:
+    """Write tensors one at a time (header first, then each tensor's bytes), then fsync.
+
+    ``specs`` are ``(name, shape)`` (bf16) or ``(name, shape, dtype)``; norms are ones, other
+    tensors normal with ``std``, unless ``fill`` gives the values (quantized codes, scales)."""
+    typed = [(s[0], tuple(s[1]), s[2] if len(s) > 2 else torch.bfloat16) for s in specs]
     header, offset = {}, 0
-    for name, shape in specs:
-        nbytes = 2 * int(torch.Size(shape).numel())
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+    for name, shape, dtype in typed:
+        nbytes = int(torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size()
+        header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
@@ -40,16 +52,35 @@ def write_safetensors(path: Path, specs: list[tuple[str, tuple[int, ...]]], seed
     with open(path, "wb") as f:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
-        for name, shape in specs:
-            t = (
-                torch.ones(shape, dtype=torch.bfloat16)
-                if name.endswith("norm.weight")
-                else (torch.randn(shape, generator=g) * std).to(torch.bfloat16)
-            )
+        for name, shape, dtype in typed:
+            t = fill(name, shape, dtype, g) if fill is not None else None
+            if t is None:
+                t = (
+                    torch.ones(shape, dtype=dtype)
+                    if name.endswith("norm.weight")
+                    else (torch.randn(shape, generator=g) * std).to(dtype)
+                )
             f.write(t.view(torch.uint8).numpy().tobytes())
             del t
         f.flush()
         os.fsync(f.fileno())
+
+
+def copy_layer(src: Path, dst: Path, layer: int) -> None:
+    """``src`` (layer 0's shard) with its tensors renamed to ``layer``: a new header, the same bytes."""
+    with open(src, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        renamed = {k.replace("model.layers.0.", f"model.layers.{layer}."): v for k, v in header.items()}
+        raw = json.dumps(renamed, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(dst, "wb") as g:
+            g.write(len(raw).to_bytes(8, "little"))
+            g.write(raw)
+            shutil.copyfileobj(f, g, 64 << 20)
+            g.flush()
+            os.fsync(g.fileno())
+    evict([dst])
 
 
 def expert_specs(layer: int, E: int, H: int, I: int) -> list[tuple[str, tuple[int, ...]]]:

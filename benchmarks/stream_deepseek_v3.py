@@ -31,11 +31,21 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _synthetic import ROOT, ZOO_TOKENIZER, child_peak, cold_read, evict, machine, measured, save_results
+from _synthetic import (
+    ROOT,
+    ZOO_TOKENIZER,
+    child_peak,
+    cold_read,
+    copy_layer,
+    evict,
+    machine,
+    measured,
+    save_results,
+    write_safetensors,
+)
 
 E, H, I, TOP_K, HEADS = 256, 7168, 2048, 8, 128
 BLOCK = 128
-_DTYPES = {torch.bfloat16: "BF16", torch.float8_e4m3fn: "F8_E4M3", torch.float32: "F32"}
 FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [BLOCK, BLOCK]}
 
 
@@ -101,48 +111,18 @@ def tensor_specs(cfg: dict) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     return specs
 
 
+def _fill(name: str, shape: tuple[int, ...], dtype: torch.dtype, g: torch.Generator) -> torch.Tensor | None:
+    if dtype == torch.float8_e4m3fn:  # random codes, NaN (0x7f, 0xff) left out
+        t = torch.randint(0, 127, shape, generator=g, dtype=torch.uint8)
+        t |= torch.randint(0, 2, shape, generator=g, dtype=torch.uint8) << 7
+        return t
+    if name.endswith("_scale_inv"):
+        return torch.full(shape, 2e-4, dtype=torch.float32)
+    return None
+
+
 def write_tensors(path: Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]]) -> None:
-    header, offset = {}, 0
-    for name, shape, dtype in specs:
-        n = int(torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size()
-        header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    g = torch.Generator().manual_seed(0)
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for name, shape, dtype in specs:
-            if dtype == torch.float8_e4m3fn:  # random codes, NaN (0x7f, 0xff) left out
-                t = torch.randint(0, 127, shape, generator=g, dtype=torch.uint8)
-                t |= torch.randint(0, 2, shape, generator=g, dtype=torch.uint8) << 7
-            elif name.endswith("_scale_inv"):
-                t = torch.full(shape, 2e-4, dtype=torch.float32)
-            elif name.endswith("norm.weight"):
-                t = torch.ones(shape, dtype=dtype)
-            else:
-                t = (torch.randn(shape, generator=g) * 0.02).to(dtype)
-            f.write(t.view(torch.uint8).numpy().tobytes())
-            del t
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def copy_layer(src: Path, dst: Path, layer: int) -> None:
-    with open(src, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-        renamed = {k.replace("model.layers.0.", f"model.layers.{layer}."): v for k, v in header.items()}
-        raw = json.dumps(renamed, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        with open(dst, "wb") as g:
-            g.write(len(raw).to_bytes(8, "little"))
-            g.write(raw)
-            shutil.copyfileobj(f, g, 64 << 20)
-            g.flush()
-            os.fsync(g.fileno())
-    evict([dst])
+    write_safetensors(path, specs, seed=0, fill=_fill)
 
 
 def write_model(folder: Path, layers: int) -> tuple[list[Path], int]:

@@ -29,10 +29,19 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _synthetic import ROOT, ZOO_TOKENIZER, child_peak, cold_read, evict, machine, measured, save_results
+from _synthetic import (
+    ROOT,
+    ZOO_TOKENIZER,
+    child_peak,
+    cold_read,
+    evict,
+    machine,
+    measured,
+    save_results,
+    write_safetensors,
+)
 
 E, H, I, TOP_K, HEADS, KV, HEAD_DIM = 128, 2880, 2880, 4, 64, 8, 64
-_DTYPES = {torch.bfloat16: "BF16", torch.uint8: "U8", torch.float32: "F32"}
 
 
 def config(layers: int, vocab: int) -> dict:
@@ -86,31 +95,16 @@ def tensor_specs(cfg: dict) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     return specs
 
 
+def _fill(name: str, shape: tuple[int, ...], dtype: torch.dtype, g: torch.Generator) -> torch.Tensor | None:
+    if name.endswith("_scales"):
+        return torch.randint(119, 124, shape, generator=g, dtype=torch.uint8)
+    if dtype == torch.uint8:
+        return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+    return None
+
+
 def write_tensors(path: Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]]) -> None:
-    header, offset = {}, 0
-    for name, shape, dtype in specs:
-        n = int(torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size()
-        header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    g = torch.Generator().manual_seed(0)
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for name, shape, dtype in specs:
-            if name.endswith("_scales"):
-                t = torch.randint(119, 124, shape, generator=g, dtype=torch.uint8)
-            elif dtype == torch.uint8:
-                t = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
-            elif name.endswith("norm.weight"):
-                t = torch.ones(shape, dtype=dtype)
-            else:
-                t = (torch.randn(shape, generator=g) * 0.02).to(dtype)
-            f.write(t.view(torch.uint8).numpy().tobytes())
-            del t
-        f.flush()
-        os.fsync(f.fileno())
+    write_safetensors(path, specs, seed=0, fill=_fill)
 
 
 def write_model(folder: Path, layers: int) -> tuple[list[Path], int]:

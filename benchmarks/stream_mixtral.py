@@ -32,6 +32,7 @@ from _synthetic import (
     ZOO_TOKENIZER,
     child_peak,
     cold_read,
+    copy_layer,
     evict,
     expert_specs,
     machine,
@@ -57,23 +58,6 @@ def layer_specs(layer: int) -> list[tuple[str, tuple[int, ...]]]:
         (p + "self_attn.o_proj.weight", (H, HEADS * hd)),
         *expert_specs(layer, E, H, I),
     ]
-
-
-def copy_layer(src: Path, dst: Path, layer: int) -> None:
-    """``src`` (layer 0's shard) with its tensors renamed to ``layer``: a new header, the same bytes."""
-    with open(src, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-        renamed = {k.replace("model.layers.0.", f"model.layers.{layer}."): v for k, v in header.items()}
-        raw = json.dumps(renamed, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        with open(dst, "wb") as g:
-            g.write(len(raw).to_bytes(8, "little"))
-            g.write(raw)
-            shutil.copyfileobj(f, g, 64 << 20)
-            g.flush()
-            os.fsync(g.fileno())
-    evict([dst])
 
 
 def write_model(folder: Path, layers: int) -> list[Path]:
