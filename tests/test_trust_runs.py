@@ -192,6 +192,28 @@ def test_interrupted_run_keeps_previous_files(first_run, sig) -> None:
 
 
 @pytest.mark.slow
+def test_ctrl_c_absorbed_by_the_kernel_client_still_keeps_previous_files(first_run, monkeypatch) -> None:
+    """A Ctrl-C that the notebook client swallows (the interrupted run then returns as if it had
+    finished) still counts: the run does not land and the previous files stay."""
+    nbs, out, before = first_run
+    real = runner._run_papermill
+
+    def absorbing(job, output, parameters):
+        error = real(job, output, parameters)  # the run itself finishes (value 2)
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            pass  # what a client that absorbs the interrupt does
+        return error
+
+    monkeypatch.setattr(runner, "_run_papermill", absorbing)
+    assert run_cli(nbs, out, "-p", "value", "2") == 130
+    after = snapshot(out)
+    after.pop(f"{SLUG}/obs_fake.failed.ipynb", None)
+    assert after == before
+
+
+@pytest.mark.slow
 def test_full_disk_while_publishing_keeps_previous_files(first_run, monkeypatch, capsys) -> None:
     nbs, out, before = first_run
 

@@ -141,14 +141,46 @@ def _run_papermill(job: Job, output: Path, parameters: dict[str, Any]) -> Notebo
     return None
 
 
+@contextlib.contextmanager
+def _noticing_ctrl_c() -> Iterator[Callable[[], bool]]:
+    """Yield a function telling whether SIGINT arrived while the block ran; the previous handler
+    still runs. A Ctrl-C that the kernel client absorbs (the interrupted cell then looks finished)
+    must still count as an interruption, so that the run never lands."""
+    import signal
+    import threading
+
+    seen: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        seen.append(signum)
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(seen)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def execute_job(job: Job, root: Path | None = None) -> None:
     """Run one job transactionally; raise :class:`NotebookRunError` on failure.
 
     Must be called inside :func:`kernel_environment`. See :func:`staged_run` for what happens to
     the files; the output notebook is tidied (:func:`tidy_parameters`) before it lands.
     """
-    with staged_run(job, root) as stage:
+    with staged_run(job, root) as stage, _noticing_ctrl_c() as interrupted:
         error = _run_papermill(job, stage.notebook, stage.parameters)
+        if error is None and interrupted():
+            error = NotebookRunError(
+                job.notebook.path.name, job.model, failed_path(job.output), "KeyboardInterrupt", "interrupted"
+            )
         if error is not None:
             stage.fail()
             raise error
