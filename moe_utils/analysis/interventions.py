@@ -44,6 +44,7 @@ from torch import Tensor
 
 from .. import metrics as M
 from ..arch.facts import RouteParams
+from ..core.cpus import SMALL_MODEL_WIDTH, small_model_threads
 from ..core.errors import ArgumentError, NotMoEModelError, ShapeError, UnsupportedRoutingError
 from ..engine.expert_math import apply_experts, expert_outputs, shared_expert_output
 from ..metrics.nulls import UNDEFINED, Interval
@@ -230,7 +231,15 @@ def window_nll(
     recorder: Disagreement | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per window: summed next-token NLL (nats) and number of predicted tokens (``<s>`` excluded).
-    A ``recorder`` is told which windows and positions each batch holds."""
+    A ``recorder`` is told which windows and positions each batch holds. A small model runs its
+    products on one thread (:func:`~moe_utils.core.cpus.small_model_threads`)."""
+    with small_model_threads(getattr(model.config, "hidden_size", SMALL_MODEL_WIDTH)):
+        return _window_nll(model, windows, batch_size, recorder)
+
+
+def _window_nll(
+    model: torch.nn.Module, windows: Sequence[Sequence[int]], batch_size: int, recorder: Disagreement | None
+) -> tuple[np.ndarray, np.ndarray]:
     sums = np.zeros(len(windows))
     counts = np.zeros(len(windows), dtype=np.int64)
     order = sorted(range(len(windows)), key=lambda i: len(windows[i]))

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from itertools import pairwise
 from typing import TypeVar
 
-from ..core.cpus import cpu_cores
+from ..core.cpus import cpu_cores, single_threaded_math
 
 T = TypeVar("T")
 
@@ -38,17 +38,9 @@ def run_split(fn: Callable[[int, int], T], total: int, step: int = 1, threads: i
     threads; results in range order. Math libraries run single-threaded meanwhile, with one
     range as with several: their own threads would only contend for the cores, and spin-waiting
     OpenMP threads make the many small products of a pass several times slower on a busy machine."""
-    import torch
-    from threadpoolctl import threadpool_limits
-
     ranges = split_range(total, pass_threads(threads), step)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(1):
-            if len(ranges) == 1:
-                return [fn(*ranges[0])]
-            with ThreadPoolExecutor(len(ranges)) as pool:
-                return list(pool.map(lambda r: fn(*r), ranges))
-    finally:
-        torch.set_num_threads(before)
+    with single_threaded_math():
+        if len(ranges) == 1:
+            return [fn(*ranges[0])]
+        with ThreadPoolExecutor(len(ranges)) as pool:
+            return list(pool.map(lambda r: fn(*r), ranges))

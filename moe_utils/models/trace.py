@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from moe_utils.arch import FamilySpec, require_moe
 from moe_utils.arch.facts import check_layers
+from moe_utils.core.cpus import small_model_threads
 from moe_utils.core.errors import ArgumentError, InputTooLongError, LayerIndexError, MoEUtilsError, NonFiniteError
 from moe_utils.core.finite import is_finite, nonfinite_counts
 from moe_utils.engine.expert_math import (
@@ -330,7 +331,7 @@ def _run(lm: LoadedModel, seqs: list[Tensor], hooks: dict[int, Any], kind: str) 
     model = lm.built()
     device = _input_device(model)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), small_model_threads(lm.facts.hidden_size):
             for s, ids in enumerate(seqs):
                 before = {layer: len(h.store.get("x", [])) for layer, h in hooks.items()}
                 model(input_ids=ids.unsqueeze(0).to(device), use_cache=False)

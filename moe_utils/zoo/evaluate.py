@@ -17,6 +17,7 @@ import torch
 
 from moe_utils.arch import spec_for_config
 from moe_utils.arch.facts import facts_for
+from moe_utils.core.cpus import small_model_threads
 from moe_utils.core.errors import MoEUtilsError, ShapeError
 from moe_utils.core.paths import ZOO_MODELS_DIR
 
@@ -74,13 +75,14 @@ def model_nll(model, windows: Sequence[Sequence[int]], batch_size: int = 16) -> 
     (windows of equal length are batched together)."""
     model.eval()
     total, count = 0.0, 0
-    for ids in _batches(windows, batch_size):
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
-        )
-        total += float(nll)
-        count += ids[:, 1:].numel()
+    with small_model_threads(model.config.hidden_size):
+        for ids in _batches(windows, batch_size):
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+            )
+            total += float(nll)
+            count += ids[:, 1:].numel()
     return total / max(count, 1)
 
 
@@ -108,11 +110,12 @@ def expert_load(model, windows: Sequence[Sequence[int]], batch_size: int = 16) -
     k, E, n_moe = facts.top_k, facts.num_experts, len(facts.moe_layers)
     counts = np.zeros((n_moe, E), dtype=np.int64)
     model.eval()
-    for ids in _batches(windows, batch_size):
-        out = model(input_ids=ids, use_cache=False, output_router_logits=True)
-        for layer, logits in enumerate(out.router_logits):
-            top = torch.topk(logits.float().reshape(-1, E), k, dim=-1).indices
-            counts[layer] += np.bincount(top.reshape(-1).numpy(), minlength=E)
+    with small_model_threads(model.config.hidden_size):
+        for ids in _batches(windows, batch_size):
+            out = model(input_ids=ids, use_cache=False, output_router_logits=True)
+            for layer, logits in enumerate(out.router_logits):
+                top = torch.topk(logits.float().reshape(-1, E), k, dim=-1).indices
+                counts[layer] += np.bincount(top.reshape(-1).numpy(), minlength=E)
     return counts
 
 
