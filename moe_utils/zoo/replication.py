@@ -12,10 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import pandas as pd
 
+from .. import metrics as M
 from ..analysis import paper
 from ..analysis.claims import CLAIMS
+from . import ladder_predictions as P
 from . import study_results as S
 from .replicates import REPLICATES
 
@@ -165,19 +168,77 @@ def ladder_across_grid(combined: pd.DataFrame, axis: str) -> pd.DataFrame:
 
 
 def trajectory_table(emergence: pd.DataFrame) -> pd.DataFrame:
-    """The ``trajectory`` table: (kind, seed, step, tokens_seen, quantity, value, ci_low, ci_high)
-    of every measured training snapshot (intervals where the snapshot's results carry them)."""
-    cols = ["kind", "seed", "step", "tokens_seen", "quantity", "value", "ci_low", "ci_high"]
+    """The ``trajectory`` table: (replicate, ladder, run_steps, kind, seed, step, tokens_seen,
+    quantity, value, ci_low, ci_high) of every measured training snapshot (intervals where the
+    snapshot's results carry them); ``ladder == "length"`` marks the 4x runs."""
+    cols = ["replicate", "ladder", "run_steps", "kind", "seed", "step", "tokens_seen", "quantity", "value"]
+    cols += ["ci_low", "ci_high"]
     if emergence.empty:
         return pd.DataFrame(columns=cols)
     em = emergence.copy()
+    for c, default in (("replicate", ""), ("ladder", ""), ("run_steps", float("nan"))):
+        if c not in em:
+            em[c] = default
     kinds = {"tiny-moe-scratch": "scratch", "tiny-moe-upcycled": "upcycled", "tiny-moe-fine": "fine"}
     if "kind" not in em:
         em["kind"] = em.organism.map(kinds)
     for c in ("ci_low", "ci_high"):
         if c not in em:
             em[c] = float("nan")
-    return em[cols].sort_values(["kind", "seed", "quantity", "step"]).reset_index(drop=True)
+    return em[cols].sort_values(["kind", "replicate", "seed", "quantity", "step"]).reset_index(drop=True)
+
+
+def length_frame(trajectory: pd.DataFrame) -> pd.DataFrame:
+    """The 4x runs' snapshots as the ladder's rows: per claim with an effect in the snapshots, its
+    effect and interval at each step, the floor and the outcome judged as a replicate's would be."""
+    cols = ["claim", "title", "series", "steps", "effect", "ci_low", "ci_high", "floor", "outcome"]
+    if trajectory.empty or "ladder" not in trajectory:
+        return pd.DataFrame(columns=cols)
+    t = cast(pd.DataFrame, trajectory[trajectory.ladder.fillna("") == "length"])
+    bounds = {
+        (r.replicate, int(r.step), r.quantity): (float(r.ci_low), float(r.ci_high))  # type: ignore[arg-type]
+        for r in t.itertuples()
+    }
+    rows = []
+    for key in ("obs1", "obs2", "obs3_weak", "obs3_strong"):
+        claim = CLAIMS[key]
+        for r in t[t.quantity == claim.quantity].itertuples():
+            step = int(r.step)  # type: ignore[arg-type]
+            if claim.kind == "composite":
+                parts = [bounds.get((r.replicate, step, CLAIMS[k].quantity)) for k in ("obs3_slope", "obs3_residual")]
+                outcome = M.combine_outcomes(
+                    *(
+                        _snapshot_outcome(k, *b) if b else "undefined"
+                        for k, b in zip(("obs3_slope", "obs3_residual"), parts, strict=True)
+                    )
+                )
+            else:
+                outcome = _snapshot_outcome(key, float(r.ci_low), float(r.ci_high))  # type: ignore[arg-type]
+            rows.append(
+                {
+                    "claim": key,
+                    "title": claim.title,
+                    "series": str(r.replicate),
+                    "steps": step,
+                    "effect": float(r.value),  # type: ignore[arg-type]
+                    "ci_low": float(r.ci_low),  # type: ignore[arg-type]
+                    "ci_high": float(r.ci_high),  # type: ignore[arg-type]
+                    "floor": claim.floor,
+                    "outcome": outcome,
+                }
+            )
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _snapshot_outcome(key: str, low: float, high: float) -> str:
+    """A snapshot's outcome under the claim's own rule (its sign and floor)."""
+    claim = CLAIMS[key]
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return "undefined"
+    if claim.kind == "noninferior":
+        return M.noninferior_outcome(low, high, claim.floor)
+    lo, hi = sorted((claim.direction * low, claim.direction * high))
+    return M.outcome(lo, hi, claim.floor)
 
 
 def emergence_series(emergence: pd.DataFrame) -> pd.DataFrame:
@@ -296,7 +357,16 @@ class ReplicationReport:
 
     @property
     def emergence(self) -> pd.DataFrame:
-        return self.tables["emergence"]
+        """The organism replicates' snapshots (the 4x runs' are the length axis)."""
+        em = self.tables["emergence"]
+        return cast(pd.DataFrame, em[em.ladder.fillna("") == ""]) if "ladder" in em else em
+
+    def length_frame(self) -> pd.DataFrame:
+        return length_frame(self.tables["trajectory"])
+
+    def prediction_checks(self) -> list[P.Check]:
+        """The pre-registered predictions of both axes, checked against the measured rungs."""
+        return P.depth_checks(*P.depth_rungs(self.verdicts)) + P.length_checks(self.tables["trajectory"])
 
     @property
     def across(self) -> pd.DataFrame:

@@ -41,7 +41,7 @@ from moe_utils.core.paths import ZOO_STUDY_DIR, zoo_path
 from moe_utils.models.checkpoint import find_weight_files
 from moe_utils.models.fingerprint import checkpoint_fingerprint
 from moe_utils.zoo.evaluate import load_windows, model_nll, perplexity
-from moe_utils.zoo.replicates import Replicate, replicate_dir, snapshot_dir
+from moe_utils.zoo.replicates import REPLICATES, Replicate, replicate_dir, snapshot_dir
 
 HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
 UNDEFINED = "undefined"
@@ -226,6 +226,17 @@ def load_shipped(root: Path | None = None) -> dict[str, dict[str, pd.DataFrame]]
     return out
 
 
+def _tag_run(name: str, frame: pd.DataFrame | None) -> pd.DataFrame | None:
+    """A replicate's emergence rows labelled with the run they come from (name, ladder axis and
+    run length): a 4x run and an organism replicate can share a kind and a seed."""
+    if frame is None or not len(frame):
+        return frame
+    rep = REPLICATES.get(name)
+    return frame.assign(
+        replicate=name, ladder=(rep.ladder or "") if rep else "", run_steps=rep.spec.steps if rep else float("nan")
+    )
+
+
 def _concat(frames: Iterable[pd.DataFrame | None]) -> pd.DataFrame:
     frames = [f for f in frames if f is not None and len(f)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
@@ -355,13 +366,13 @@ def ladder_table(verdicts: pd.DataFrame) -> pd.DataFrame:
 LADDER_ACROSS_COLUMNS = ["kind", "layers", "steps", "claim", "seeds", "effect", "ci_low", "ci_high", "floor", "outcome"]
 
 
-def _rung_outcome(g: pd.DataFrame, key: str) -> tuple[M.Combined, str]:
+def rung_outcome(g: pd.DataFrame, key: str) -> tuple[M.Combined, str]:
     """The random-effects combination of one claim over the seeds of one rung, and its outcome
     (a composite claim is judged from its two parts, as on the organisms' pages)."""
     claim = CLAIMS[key]
     if claim.kind == "composite":
         parts = ("obs3_slope", "obs3_residual")
-        judged = [_rung_outcome(g, k)[1] for k in parts]
+        judged = [rung_outcome(g, k)[1] for k in parts]
         sub = cast(pd.DataFrame, g[g.claim == "obs3_residual"]).sort_values(by="seed")
         comb = M.random_effects(sub.effect.astype(float).to_numpy(), sub.se.astype(float).to_numpy())
         return comb, M.combine_outcomes(*judged) if comb.seeds >= 2 else "undefined"
@@ -380,7 +391,7 @@ def ladder_across_seeds(verdicts: pd.DataFrame) -> pd.DataFrame:
     for key, g in v.groupby(["kind", "layers", "steps"], sort=True):
         kind, layers, steps = cast(tuple, key)
         for claim in issued_claims():
-            comb, outcome = _rung_outcome(cast(pd.DataFrame, g), claim.key)
+            comb, outcome = rung_outcome(cast(pd.DataFrame, g), claim.key)
             rows.append(
                 {
                     "kind": kind,
@@ -415,7 +426,7 @@ def pending_table(verdicts: pd.DataFrame) -> pd.DataFrame:
 def replication_tables(shipped: dict[str, dict[str, pd.DataFrame]]) -> dict[str, pd.DataFrame]:
     """``verdicts``, ``emergence``, ``across_seeds`` and ``heldout`` tables of replication.json."""
     verdicts = _concat(t.get("verdicts") for t in shipped.values())
-    emergence = _concat(t.get("emergence") for t in shipped.values())
+    emergence = _concat(_tag_run(name, t.get("emergence")) for name, t in shipped.items())
     held = _concat(t.get("heldout") for t in shipped.values())
     training = _concat(t.get("training") for t in shipped.values())
     measured = verdicts.dropna(subset=["claim"]) if "claim" in verdicts else verdicts.iloc[0:0]
