@@ -8,8 +8,11 @@ import json
 import math
 import subprocess
 import sys
+import threading
+import weakref
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -22,9 +25,20 @@ from moe_utils.analysis import static
 from moe_utils.analysis.context import open_study
 from moe_utils.analysis.results import read_result
 from moe_utils.core.errors import LayerIndexError, UnsupportedQuantizationError
+from moe_utils.metrics.blocks import neuron_blocks, neuron_rows
+from moe_utils.metrics.neurons import neuron_average, reorder_neurons
+from moe_utils.metrics.projection import flattened_pass, randomized_neuron_pca, sketch_matrix
+from moe_utils.metrics.threads import pass_threads
 from moe_utils.models import checkpoint, fingerprint
 from moe_utils.models.checkpoint import CheckpointReader
 from moe_utils.models.quantized import (
+    LAZY_BAND_ELEMENTS,
+    EncodedMatrix,
+    FP8Matrix,
+    LazyExperts,
+    LazyMatrix,
+    MXFP4Matrix,
+    PackedMatrix,
     QuantScheme,
     dequantize_fp8,
     dequantize_mxfp4_expert,
@@ -147,6 +161,190 @@ def test_pack_quantized_decoder_matches_compressed_tensors(rows, cols, group, sy
     assert same_bits(mine, ct_reference(parts, group, symmetric))
 
 
+# ---- lazy decoding: windows and block walks equal the eager decode ------------------------------
+def fp8_matrix(rows: int, cols: int, block: tuple[int, int], seed: int = 0, ue8m0: bool = False) -> FP8Matrix:
+    g = torch.Generator().manual_seed(seed)
+    q, scale = fp8_quantize(torch.randn(rows, cols, generator=g), block)
+    if ue8m0:
+        scale = torch.randint(100, 140, scale.shape, generator=g, dtype=torch.uint8)
+    return FP8Matrix(q, scale, block, torch.bfloat16)
+
+
+def encoded_matrices() -> dict[str, EncodedMatrix]:
+    """One matrix per format, each with partial edge blocks (a 576 x 7168 FP8 expert, scaled down:
+    4.5 row blocks and 7.03 column blocks)."""
+    g = torch.Generator().manual_seed(5)
+    blocks = torch.randint(0, 256, (36, 5, 16), generator=g, dtype=torch.uint8)
+    scales = torch.randint(119, 129, (36, 5), generator=g, dtype=torch.uint8)
+    q, scale, zero = int_quantize(torch.randn(36, 96, generator=g), 32, symmetric=False)
+    packed = torch.zeros(36, 12, dtype=torch.int32)
+    for k in range(8):  # eight 4-bit values per int32 word, offset 8, low bits first
+        packed |= (q[:, k::8].to(torch.int32) + 8) << (4 * k)
+    zeros = torch.zeros(5, 3, dtype=torch.int32)
+    for k in range(8):  # zero points packed along the rows
+        part = zero[k::8].to(torch.int32) + 8
+        zeros[: part.shape[0]] |= part << (4 * k)
+    asym = QuantScheme("pack-quantized", num_bits=4, group_size=32, symmetric=False)
+    return {
+        "fp8": fp8_matrix(36, 900, (8, 128)),
+        "fp8-ue8m0": fp8_matrix(36, 900, (8, 128), ue8m0=True),
+        "mxfp4": MXFP4Matrix(blocks, scales, torch.bfloat16),
+        "int4": PackedMatrix(packed, scale, 96, asym, zeros, torch.bfloat16),
+    }
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "fp8-ue8m0", "mxfp4", "int4"])
+def test_lazy_windows_equal_the_eager_decode(fmt: str) -> None:
+    enc = encoded_matrices()[fmt]
+    whole = enc.decode()
+    rows, cols = whole.shape
+    m = LazyMatrix(enc)
+    assert same_bits(m.decoded(), whole) and tuple(m.shape) == (rows, cols)
+    for step in (1, 3, 5, 8, 13, rows):  # neuron blocks of every size, partial ones at the end
+        for a in range(0, rows, step):
+            assert same_bits(m[a : a + step], whole[a : a + step]), (step, a)
+    for step in (1, 7, 32, 33, 130):
+        for a in range(0, cols, step):
+            assert same_bits(m[:, a : a + step], whole[:, a : a + step]), (step, a)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(40):  # arbitrary windows, integers, strided rows
+        r0, c0 = int(torch.randint(0, rows, (1,), generator=g)), int(torch.randint(0, cols, (1,), generator=g))
+        r1, c1 = (
+            r0 + int(torch.randint(1, rows, (1,), generator=g)),
+            c0 + int(torch.randint(1, cols, (1,), generator=g)),
+        )
+        assert same_bits(m[r0:r1, c0:c1], whole[r0:r1, c0:c1])
+        assert same_bits(m[r0, c0:c1], whole[r0, c0:c1]) and same_bits(m[r0:r1:3, c0], whole[r0:r1:3, c0])
+    # the halves of a fused gate/up (every second row, or a contiguous half), and transposed views
+    for offset, step, count in ((0, 2, rows // 2), (1, 2, rows // 2), (rows // 2, 1, rows // 2)):
+        half = whole[offset::step][:count]
+        lazy = LazyMatrix(enc, False, offset, step, count)
+        assert (
+            same_bits(lazy.decoded(), half)
+            and same_bits(lazy[2:9], half[2:9])
+            and same_bits(lazy[:, 5:40], half[:, 5:40])
+        )
+        rows_t = whole.t()[offset::step][:count]
+        lazy_t = LazyMatrix(enc, True, offset, step, count)
+        assert same_bits(lazy_t.decoded(), rows_t) and same_bits(lazy_t[3:11], rows_t[3:11])
+        assert same_bits(lazy_t[:, 1:30], rows_t[:, 1:30])
+
+
+def test_lazy_matrices_refuse_what_they_cannot_index() -> None:
+    m = LazyMatrix(encoded_matrices()["fp8"])
+    for bad in ((slice(None), slice(None), 0), (slice(None, None, -1),), ([0, 1],), (36,)):
+        with pytest.raises(IndexError):
+            m[bad if len(bad) > 1 else bad[0]]
+    with pytest.raises(IndexError):
+        LazyExperts([m])[0:1]  # type: ignore[index]
+
+
+def twins(experts: int, rows: int, cols: int, block: tuple[int, int]) -> tuple[LazyExperts, torch.Tensor]:
+    """A lazy FP8 expert stack and the same experts decoded (bf16)."""
+    mats = [fp8_matrix(rows, cols, block, seed=e) for e in range(experts)]
+    return LazyExperts([LazyMatrix(m) for m in mats]), torch.stack([m.decode() for m in mats])
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_block_walks_over_a_lazy_stack_equal_those_over_its_decoded_twin(axis: int) -> None:
+    lazy, twin = twins(5, 40, 200, (16, 64))  # 2.5 x 3.1 blocks
+    if axis == 1:
+        lazy, twin = LazyExperts([LazyMatrix(m.stored, True) for m in lazy.matrices]), twin.transpose(1, 2)
+    width = int(twin.shape[2 - axis])
+    omega = sketch_matrix(width, 8, seed=1)
+    for threads in (1, 2):
+        # 3 neurons per block: blocks cross the quantization blocks and the decoded bands
+        a = flattened_pass(list(lazy), axis, omega=omega, block_elements=3 * width * 5, threads=threads)
+        b = flattened_pass(list(twin), axis, omega=omega, block_elements=3 * width * 5, threads=threads)
+        for x, y in ((a.gram, b.gram), (a.std_gram, b.std_gram), (a.neuron_sums, b.neuron_sums)):
+            assert np.array_equal(x, y)
+        assert a.sketch is not None and b.sketch is not None
+        assert np.array_equal(a.sketch.y, b.sketch.y) and np.array_equal(a.sketch.xty, b.sketch.xty)
+    for e in range(5):
+        got = [(i, x.copy()) for i, x in neuron_blocks(lazy[e], axis, block_elements=7 * width)]
+        want = [(i, x.copy()) for i, x in neuron_blocks(twin[e], axis, block_elements=7 * width)]
+        assert [i for i, _ in got] == [i for i, _ in want]
+        assert all(np.array_equal(x, y) for (_, x), (_, y) in zip(got, want))
+        assert np.array_equal(neuron_rows(lazy[e], axis, 3, 31), neuron_rows(twin[e], axis, 3, 31))
+    kind = "up" if axis == 0 else "down"
+    assert np.array_equal(neuron_average(lazy, kind), neuron_average(twin, kind))
+    pca = [randomized_neuron_pca([(m, axis) for m in s], 2, block_elements=11 * width) for s in (lazy, twin)]
+    assert all(np.array_equal(x, y) for x, y in zip(*pca))
+    r, t = reorder_neurons(lazy[0], lazy[3], kind), reorder_neurons(twin[0], twin[3], kind)
+    assert np.array_equal(r.perm, t.perm) and (r.sim_before, r.sim_after, r.tau) == (t.sim_before, t.sim_after, t.tau)
+
+
+class DecodeCounter:
+    """Counts what :class:`LazyMatrix` decodes: elements per call, and the decoded elements alive at
+    once (each decoded tensor counted until it is freed), at its peak."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.calls: list[int] = []
+        self.live = self.peak = 0
+        self.lock = threading.Lock()
+        window = LazyMatrix._window
+
+        def counted(matrix: LazyMatrix, rows: range, cols: range) -> torch.Tensor:
+            out = window(matrix, rows, cols)
+            with self.lock:
+                self.calls.append(out.numel())
+                self.live += out.numel()
+                self.peak = max(self.peak, self.live)
+            weakref.finalize(out, self.freed, out.numel())
+            return out
+
+        monkeypatch.setattr(LazyMatrix, "_window", counted)
+
+    def freed(self, n: int) -> None:
+        with self.lock:
+            self.live -= n
+
+
+def test_a_block_walk_holds_one_band_of_each_expert_per_thread_not_the_layer(monkeypatch) -> None:
+    experts, rows, cols = 8, 288, 7104  # a 576 x 7168 expert, scaled down: 2.25 row blocks, 55.5 column blocks
+    lazy, twin = twins(experts, rows, cols, (128, 128))
+    counter = DecodeCounter(monkeypatch)
+    step = 5  # neurons per block of the walk; a band holds LAZY_BAND_ELEMENTS // cols of them
+    band = LAZY_BAND_ELEMENTS // cols
+    got = flattened_pass(list(lazy), 0, block_elements=step * cols * experts, threads=2)
+    want = flattened_pass(list(twin), 0, block_elements=step * cols * experts, threads=2)
+    assert np.array_equal(got.gram, want.gram) and np.array_equal(got.std_gram, want.std_gram)
+    layer = experts * rows * cols
+    assert max(counter.calls) <= band * cols  # no call decodes more than one band of one expert
+    assert sum(counter.calls) < 2 * layer  # each neuron decoded about once (straddling blocks twice)
+    # per thread: one band of each expert, the next band while it is decoded, one block crossing two bands
+    assert counter.peak <= pass_threads(2) * ((experts + 1) * band + step) * cols
+    assert counter.peak < layer / 4
+
+
+def test_reading_a_quantized_layer_decodes_none_of_its_routed_experts(tmp_path: Path, monkeypatch) -> None:
+    fp8, twin, _ = fp8_pair(tmp_path)
+    counter = DecodeCounter(monkeypatch)
+    decoded = []
+    monkeypatch.setattr(EncodedMatrix, "decode", lambda self, out=None: decoded.append(self) or torch.empty(0))
+    for lm in static.layer_matrices(str(fp8), defer_screen=True):  # as weight_report reads it
+        assert all(isinstance(t, LazyExperts) for t in lm.experts.values())
+        assert counter.calls == [] and len(decoded) == 3  # only the shared expert, decoded eagerly
+        decoded.clear()
+        for m in lm.experts.values():
+            m[0][0:4]  # indexing decodes one band of one expert (here the whole small matrix)
+        assert counter.calls == [32 * 64] * 3 and not decoded
+        counter.calls.clear()
+
+
+def test_a_nan_in_an_fp8_expert_is_screened_as_in_its_decoded_twin(tmp_path: Path) -> None:
+    fp8, twin, _ = fp8_pair(tmp_path, nan_in="model.layers.2.mlp.experts.5.up_proj.weight")
+    reports, screens = [], []
+    for folder in (fp8, twin):
+        study = open_study(str(folder), None, weights_only=True, allow_invalid=True)
+        reports.append(static.weight_report(study.weights_source, study.layers, reorder_max_pairs=1, workers=1))
+        screens.append(study.excluded)
+    assert screens[0] == screens[1] == [{"layer": 2, "expert": 5, "tensor": "W_up", "n_nan": 1, "n_inf": 0}]
+    for table in reports[0]:
+        pd.testing.assert_frame_equal(reports[0][table], reports[1][table], check_exact=True)
+    assert "5" not in set(reports[0]["similarity"].query("layer == 2")["expert_i"])
+
+
 # ---- configs -------------------------------------------------------------------------------------
 FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [16, 24]}
 
@@ -262,15 +460,18 @@ def write(folder: Path, config: dict, tensors: dict[str, torch.Tensor], shards: 
     return folder
 
 
-def fp8_pair(tmp: Path) -> tuple[Path, Path, int]:
+def fp8_pair(tmp: Path, nan_in: str | None = None) -> tuple[Path, Path, int]:
     """A DeepSeek-V3 FP8 checkpoint (every layer Linear except the router quantized, 16 x 24 blocks,
-    plus a multi-token-prediction layer at index num_hidden_layers) and its decoded bf16 twin."""
+    plus a multi-token-prediction layer at index num_hidden_layers) and its decoded bf16 twin;
+    ``nan_in`` names a tensor one of whose codes is e4m3's NaN in both."""
     cfg, base = deepseek_base(tmp)
     block = tuple(FP8_CONFIG["weight_block_size"])
     quant, twin = {}, {}
     for name, t in base.items():
         if name.startswith("model.layers.") and t.dim() == 2 and not name.endswith("mlp.gate.weight"):
             q, scale = fp8_quantize(t, block)
+            if name == nan_in:
+                q.view(torch.uint8)[3, 5] = 0x7F
             quant[name], quant[name + "_scale_inv"] = q, scale
             twin[name] = _dequantize_fp8_weight(q, scale, list(block), torch.float32).to(torch.bfloat16)
         else:

@@ -137,10 +137,10 @@ def test_weight_analyses_hold_one_streamed_layer_at_a_time(saved, monkeypatch):
     alive: list[weakref.ref] = []
     real = W._layer_weights
 
-    def tracked(src, spec, facts, layer, dtype):
+    def tracked(src, spec, facts, layer, dtype, **options):
         gc.collect()
         assert all(r() is None for r in alive), f"a previous layer is still alive when layer {layer} is read"
-        w = real(src, spec, facts, layer, dtype)
+        w = real(src, spec, facts, layer, dtype, **options)
         alive.append(weakref.ref(w.w_up))
         return w
 

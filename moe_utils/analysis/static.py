@@ -2,8 +2,9 @@
 
 They read one MoE layer's canonical weights at a time, in the stored dtype (from a loaded model
 without copying, or streamed from safetensors without building the model: a private memory map
-of the layer's bytes, never a float32 copy), and return tidy DataFrames. Every metric walks the matrices in
-bounded float32 blocks (:mod:`moe_utils.metrics.blocks`), so the working memory on top of the
+of the layer's bytes, never a float32 copy; a quantized checkpoint's expert matrices stay
+encoded on their maps and each block is decoded when a pass reads it), and return tidy
+DataFrames. Every metric walks the matrices in bounded float32 blocks (:mod:`moe_utils.metrics.blocks`), so the working memory on top of the
 layer is a few hundred MB at Mixtral width, and each matrix is read once for the matrix-level
 similarity, the matrix-level PCA and the neuron averages together. Expert labels are the
 expert indices as strings; "F" is the dense baseline's FFN of the same layer index and "SE" the
@@ -85,7 +86,8 @@ def layer_matrices(
     dense_baseline: WeightSource | None = None,
     defer_screen: bool = False,
 ) -> Iterable[LayerMatrices]:
-    """Yield each analysed MoE layer's matrices (stored dtype), one layer in memory at a time.
+    """Yield each analysed MoE layer's matrices (stored dtype; a quantized checkpoint's expert
+    matrices kept encoded, :class:`~moe_utils.models.weights.LazyExperts`), one layer at a time.
 
     Non-finite weights raise, unless the sources are ``ScreenedSource``s: excluded experts (and an
     invalid F) are then left out and recorded on the screen. With ``defer_screen`` the expert
@@ -94,7 +96,7 @@ def layer_matrices(
     """
     deferred = EXPERT_MATRICES if defer_screen else frozenset()
     layer_screen = unwrap(source)[1]
-    for w in iter_layer_weights(source, layers=layers, dtype=None, deferred=deferred):
+    for w in iter_layer_weights(source, layers=layers, dtype=None, deferred=deferred, lazy=True):
         dense = None
         if dense_baseline is not None:
             try:

@@ -2,23 +2,44 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-ArrayLike = Any  # numpy array, torch tensor, or anything np.asarray accepts
+ArrayLike = Any  # numpy array, torch tensor, a LazyMatrix, or anything np.asarray accepts
+
+
+@runtime_checkable
+class LazyMatrix(Protocol):
+    """A 2-D matrix kept encoded (an expert of a quantized checkpoint) that decodes only the part it
+    is indexed with: ``m[a:b]`` (rows) and ``m[:, a:b]`` (columns) are torch tensors of ``dtype``,
+    ``decoded()`` the whole matrix. The block walks read it block by block like a tensor."""
+
+    shape: Any
+    dtype: Any
+
+    def __getitem__(self, index: Any) -> Any: ...
+    def decoded(self) -> Any: ...
 
 
 def _is_torch(x: Any) -> bool:
     return type(x).__module__.startswith("torch") and hasattr(x, "detach")
 
 
+def is_lazy(x: Any) -> bool:
+    """Whether ``x`` is a :class:`LazyMatrix` (decoded where it is indexed), not an array."""
+    return not _is_torch(x) and not isinstance(x, np.ndarray) and isinstance(x, LazyMatrix)
+
+
 def to_numpy(x: ArrayLike, dtype: Any = np.float64) -> np.ndarray:
     """Return ``x`` as a numpy array of ``dtype`` (``None`` keeps the dtype).
 
     Torch tensors are detached and moved to the CPU; bfloat16/float16 tensors are widened in
-    torch first because numpy cannot represent bfloat16.
+    torch first because numpy cannot represent bfloat16. A :class:`LazyMatrix` is decoded whole
+    (one matrix) first.
     """
+    if is_lazy(x):
+        x = x.decoded()
     if _is_torch(x):
         import torch
 

@@ -15,6 +15,10 @@ out the neuron rows as a transposed numpy *view*; numpy's BLAS products and redu
 views without copying. :func:`neuron_rows` still returns a fresh C-contiguous array (the
 reordering keeps and permutes whole matrices), built from the contiguous copy by a float32
 transpose.
+
+A :class:`~moe_utils.metrics._arrays.LazyMatrix` (an expert of a quantized checkpoint) is read
+the same way: each block is decoded from its encoded bytes when the walk reaches it
+(:func:`block_source`), so a pass never holds more of it decoded than one block.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..core.errors import ArgumentError
-from ._arrays import ArrayLike, _is_torch
+from ._arrays import ArrayLike, LazyMatrix, _is_torch, is_lazy
 
 if TYPE_CHECKING:
     import torch
@@ -92,6 +96,18 @@ class BlockReader:
         return arr.T if axis == 1 else arr
 
 
+def block_source(matrix: ArrayLike) -> torch.Tensor | LazyMatrix:
+    """What a block walk copies its blocks from: a CPU torch tensor (a numpy array is wrapped,
+    not copied), or a :class:`~moe_utils.metrics._arrays.LazyMatrix` as it is (decoded block by block)."""
+    import torch
+
+    if is_lazy(matrix):
+        return matrix
+    if _is_torch(matrix):
+        return matrix.detach().cpu()
+    return torch.from_numpy(np.asarray(matrix))
+
+
 def neuron_count(matrix: ArrayLike, axis: int) -> int:
     """Number of neurons of one ``[I, H]`` (axis 0) or ``[H, I]`` (axis 1) matrix."""
     return int(matrix.shape[axis])
@@ -104,7 +120,7 @@ def neuron_rows(matrix: ArrayLike, axis: int, start: int, stop: int) -> np.ndarr
         raise ArgumentError(f"the neuron axis of one matrix is 0 or 1; got {axis}")
     import torch
 
-    if not _is_torch(matrix):
+    if not _is_torch(matrix) and not is_lazy(matrix):
         a = np.asarray(matrix)
         part = a[:, start:stop].T if axis == 1 else a[start:stop]
         return np.array(part, dtype=np.float64 if a.dtype == np.float64 else np.float32, order="C", copy=True)

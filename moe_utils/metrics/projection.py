@@ -29,8 +29,8 @@ from typing import Literal
 import numpy as np
 
 from ..core.errors import ArgumentError, ShapeError
-from ._arrays import ArrayLike, _is_torch, flatten_rows, to_numpy
-from .blocks import BLOCK_ELEMENTS, BlockReader, block_size, neuron_count
+from ._arrays import ArrayLike, flatten_rows, to_numpy
+from .blocks import BLOCK_ELEMENTS, BlockReader, block_size, block_source, neuron_count
 from .neurons import neuron_vectors, resolve_neuron_axis
 from .threads import run_split
 
@@ -201,7 +201,7 @@ def flattened_pass(
         raise ShapeError(f"flattened_grams needs same-shaped 2-D matrices; got {[tuple(m.shape) for m in mats]}")
     if axis not in (0, 1):
         raise ArgumentError(f"the neuron axis of one matrix is 0 or 1; got {axis}")
-    tens = [m.detach().cpu() if _is_torch(m) else torch.from_numpy(np.asarray(m)) for m in mats]
+    tens = [block_source(m) for m in mats]
     wide = all(t.dtype == torch.float64 for t in tens)
     n, width = len(tens), shape[1 - axis]
     total = shape[axis]

@@ -9,6 +9,9 @@ import torch
 from moe_utils.core.errors import ArgumentError, NonFiniteError
 from moe_utils.core.finite import ScreenedSource, check_finite, is_finite, nonfinite_counts
 from moe_utils.engine.canonical import DenseMLPWeights, MoELayerWeights
+from moe_utils.models.quantized import LazyExperts, LazyMatrix
+
+Tensor = torch.Tensor
 
 _PER_EXPERT = (
     ("router row", "router"),
@@ -28,6 +31,26 @@ _PER_EXPERT = (
 EXPERT_MATRICES = frozenset({"w_act", "w_up", "w_down"})
 
 
+def _finite(t: Tensor | LazyExperts | LazyMatrix) -> bool:
+    """:func:`is_finite`, also of expert matrices kept encoded (decoded band by band, never whole)."""
+    if isinstance(t, LazyExperts):
+        return all(_finite(m) for m in t.matrices)
+    if isinstance(t, LazyMatrix):
+        return all(is_finite(band) for band in t.row_bands())
+    return is_finite(t)
+
+
+def _counts(t: Tensor | LazyMatrix) -> tuple[int, int]:
+    """:func:`nonfinite_counts` of one expert's tensor (an encoded one band by band)."""
+    if isinstance(t, LazyMatrix):
+        nan = inf = 0
+        for band in t.row_bands():
+            n, i = nonfinite_counts(band)
+            nan, inf = nan + n, inf + i
+        return nan, inf
+    return nonfinite_counts(t)
+
+
 def nonfinite_experts(w: MoELayerWeights, skip: frozenset[str] = frozenset()) -> list[NonFiniteError]:
     """One error per (expert, tensor) of ``w`` holding NaN or infinity; the shared expert is "SE".
     Attributes named in ``skip`` are not checked."""
@@ -35,11 +58,11 @@ def nonfinite_experts(w: MoELayerWeights, skip: frozenset[str] = frozenset()) ->
     ids = w.ids
     for name, attr in _PER_EXPERT:
         t = getattr(w, attr)
-        if t is None or attr in skip or is_finite(t):  # one pass over the tensor in the common case
+        if t is None or attr in skip or _finite(t):  # one pass over the tensor in the common case
             continue
         for e in range(w.num_experts):
-            if not is_finite(t[e]):
-                found.append(NonFiniteError(w.layer, ids[e], name, *nonfinite_counts(t[e])))
+            if not _finite(t[e]):
+                found.append(NonFiniteError(w.layer, ids[e], name, *_counts(t[e])))
     parts = (
         [("shared W_act", w.shared.w_act), ("shared W_up", w.shared.w_up), ("shared W_down", w.shared.w_down)]
         if w.shared is not None

@@ -24,6 +24,7 @@ from moe_utils.arch.spec import ExpertTensors, MLPTensors, MoETensors, WeightFor
 from moe_utils.core.errors import CheckpointError
 from moe_utils.core.finite import unwrap
 from moe_utils.engine.canonical import DenseMLPWeights, MoELayerWeights
+from moe_utils.models.quantized import EncodedMatrix, LazyExperts, LazyMatrix, QuantizedTensors
 from moe_utils.models.screening import (
     EXPERT_MATRICES,
     check_dense,
@@ -132,16 +133,48 @@ def _missing_up(ex: ExpertTensors) -> CheckpointError:
     )
 
 
+def _lazy_source(src: TensorSource, dtype, lazy: bool) -> QuantizedTensors | None:
+    """The quantized tensors of ``src`` when its expert matrices are to stay encoded (``lazy``, a
+    quantized checkpoint, the stored dtype asked for); None otherwise."""
+    if not lazy or not isinstance(src, FolderSource) or src.quantized is None:
+        return None
+    return src.quantized if dtype is None or dtype == src.quantized.dtype else None
+
+
+def _lazy_stack(src: FolderSource, quantized: QuantizedTensors, names: list[str]) -> Tensor | None:
+    """The per-expert quantized matrices ``names`` as one :class:`LazyExperts` stack (indexed like a
+    tensor by the weight passes); None when one is missing or stored plainly."""
+    if not all(src.has(n) for n in names):
+        return None
+    encoded = [quantized.encoded(n) for n in names]
+    if not all(isinstance(m, EncodedMatrix) for m in encoded):
+        return None
+    return cast(Tensor, LazyExperts([LazyMatrix(m) for m in encoded if isinstance(m, EncodedMatrix)]))
+
+
 def _experts(
-    src: TensorSource, fmt: WeightFormat, layer: int, ex: ExpertTensors, dtype, num_experts: int, tidy: bool = True
+    src: TensorSource,
+    fmt: WeightFormat,
+    layer: int,
+    ex: ExpertTensors,
+    dtype,
+    num_experts: int,
+    tidy: bool = True,
+    lazy: bool = False,
 ) -> dict[str, Tensor | None]:
     """Canonical expert tensors, whatever the stored layout: ``w_act`` (None when gate-less),
     ``w_up`` and ``w_down`` (always present) and the biases ``b_act``/``b_up``/``b_down``
-    (None when absent), as the keyword arguments of :class:`MoELayerWeights`."""
+    (None when absent), as the keyword arguments of :class:`MoELayerWeights`. With ``lazy``, the
+    quantized expert matrices of a checkpoint stay encoded (:class:`LazyExperts`)."""
+    quantized = _lazy_source(src, dtype, lazy)
     if ex.layout == "per_expert":
 
         def stack(template: str) -> Tensor:
             names = [tensor_name(fmt, layer, template.format(e=e)) for e in range(num_experts)]
+            if quantized is not None and isinstance(src, FolderSource):
+                encoded = _lazy_stack(src, quantized, names)
+                if encoded is not None:
+                    return encoded
             view = src.stacked(names) if isinstance(src, FolderSource) else None
             if view is not None:
                 if dtype is None or view.dtype == dtype:
@@ -164,7 +197,7 @@ def _experts(
 
     b_act = b_up = None
     w_act: Tensor | None
-    decoded = _fused_by_expert(src, fmt, layer, ex, dtype)
+    decoded = _fused_by_expert(src, fmt, layer, ex, dtype, quantized)
     if decoded is not None:
         return decoded
     if ex.gate_up is not None:
@@ -233,11 +266,39 @@ def _decode_experts(src: FolderSource, name: str, split: Callable[[Tensor], tupl
     return outs
 
 
+def _lazy_fused(
+    quantized: QuantizedTensors, name: str, transposed: bool, order: str | None = None
+) -> tuple[Tensor, ...]:
+    """The fused quantized tensor ``name`` as :class:`LazyExperts` stacks in the canonical
+    orientation (the stored ``[out, in]`` of each expert, ``transposed`` when the canonical matrix
+    is ``[in, out]``), split into its act and up halves along the canonical rows when ``order``
+    names the fused gate/up layout."""
+    encoded = quantized.encoded(name)
+    assert isinstance(encoded, list)  # only called for fused quantized tensors
+    if order is None:
+        return (cast(Tensor, LazyExperts([LazyMatrix(m, transposed) for m in encoded])),)
+    rows = encoded[0].shape[1 if transposed else 0]
+    if order == "interleaved":
+        halves = [(0, 2, rows // 2), (1, 2, rows // 2)]
+    else:
+        halves = [(0, 1, rows // 2), (rows // 2, 1, rows // 2)]
+    return tuple(
+        cast(Tensor, LazyExperts([LazyMatrix(m, transposed, first, step, count) for m in encoded]))
+        for first, step, count in halves
+    )
+
+
 def _fused_by_expert(
-    src: TensorSource, fmt: WeightFormat, layer: int, ex: ExpertTensors, dtype
+    src: TensorSource,
+    fmt: WeightFormat,
+    layer: int,
+    ex: ExpertTensors,
+    dtype,
+    quantized: QuantizedTensors | None = None,
 ) -> dict[str, Tensor | None] | None:
     """Canonical expert tensors of a fused layout whose matrices are stored quantized (gpt-oss's
-    MXFP4), decoded expert by expert; None for any other source or layout."""
+    MXFP4), decoded expert by expert, or kept encoded when ``quantized`` is given
+    (:class:`LazyExperts`); None for any other source or layout."""
     if not isinstance(src, FolderSource) or ex.layout != "fused" or ex.flat:
         return None
     rels = [r for r in (ex.gate_up, ex.act, ex.up, ex.down) if r is not None]
@@ -245,22 +306,30 @@ def _fused_by_expert(
     if not all(src.has(n) and src.expert_pieces(n) is not None for n in names.values()):
         return None
 
-    def canon(transposed: bool) -> Callable[[Tensor], Tensor]:
-        return (lambda piece: piece.t()) if transposed else (lambda piece: piece)
+    def read(rel: str, transposed: bool, order: str | None = None) -> tuple[Tensor, ...]:
+        """The experts of ``rel`` in the canonical orientation (``transposed``: the spec's flag for
+        the [in, out] layout transformers gives), split into act and up along their rows when
+        ``order`` is the fused gate/up's; kept encoded when ``quantized`` is given."""
+        if quantized is not None:  # the stored [out, in] is canonical when transformers' layout is transposed
+            return _lazy_fused(quantized, names[rel], not transposed, order)
+        into = (lambda piece: piece.t()) if transposed else (lambda piece: piece)
+        if order is None:
+            return tuple(_decode_experts(src, names[rel], lambda p: (into(p),), dtype))
+        return tuple(_decode_experts(src, names[rel], lambda p: _split_gate_up(into(p), order, 0), dtype))
 
-    into = canon(ex.in_transposed)
     b_act = b_up = None
+    w_act: Tensor | None
     if ex.gate_up is not None:
-        w_act, w_up = _decode_experts(src, names[ex.gate_up], lambda p: _split_gate_up(into(p), ex.order, 0), dtype)
+        w_act, w_up = read(ex.gate_up, ex.in_transposed, ex.order)
         bias = _get(src, fmt, layer, ex.gate_up_bias, dtype)
         if bias is not None:
             b_act, b_up = (_tidy(b) for b in _split_gate_up(bias, ex.order, 1))
     else:
         if ex.up is None:
             raise _missing_up(ex)
-        w_act = None if ex.act is None else _decode_experts(src, names[ex.act], lambda p: (into(p),), dtype)[0]
-        w_up = _decode_experts(src, names[ex.up], lambda p: (into(p),), dtype)[0]
-    (w_down,) = _decode_experts(src, names[ex.down], lambda p: (canon(ex.down_transposed)(p),), dtype)
+        w_act = None if ex.act is None else read(ex.act, ex.in_transposed)[0]
+        (w_up,) = read(ex.up, ex.in_transposed)
+    (w_down,) = read(ex.down, ex.down_transposed)
     return _parts(w_act, w_up, w_down, b_act, b_up, _get(src, fmt, layer, ex.down_bias, dtype))
 
 
@@ -298,7 +367,7 @@ def _mlp(
 
 
 def _layer_weights(
-    src: TensorSource, spec: FamilySpec, facts: ModelFacts, layer: int, dtype, tidy: bool = True
+    src: TensorSource, spec: FamilySpec, facts: ModelFacts, layer: int, dtype, tidy: bool = True, lazy: bool = False
 ) -> MoELayerWeights:
     require_moe(spec, "reading expert weights")
     check_layers([layer], facts, "moe")
@@ -306,7 +375,7 @@ def _layer_weights(
     moe = fmt.moe
     assert moe is not None  # pick_format(..., "moe") only returns schemes with an MoE part
     act = facts.activation
-    ex = _experts(src, fmt, layer, moe.experts, dtype, facts.num_experts, tidy=tidy)
+    ex = _experts(src, fmt, layer, moe.experts, dtype, facts.num_experts, tidy=tidy, lazy=lazy)
     w_up, w_down = ex["w_up"], ex["w_down"]
     assert w_up is not None and w_down is not None  # _experts always reads both
     shared = _mlp(src, fmt, layer, moe.shared, dtype, act) if moe.shared else None
@@ -355,10 +424,16 @@ def iter_layer_weights(
     dtype: torch.dtype | None = torch.float32,
     allow_pickle: bool = False,
     deferred: frozenset[str] = frozenset(),
+    lazy: bool = False,
 ) -> Iterator[MoELayerWeights]:
     """Yield MoE layers one at a time (default: all MoE layers), releasing file maps in between.
     Non-finite weights are handled as in :func:`layer_weights`, except the ``deferred`` tensors,
-    which the caller screens itself (:func:`screen_layer`)."""
+    which the caller screens itself (:func:`screen_layer`).
+
+    With ``lazy`` (and ``dtype`` None), the quantized expert matrices of a checkpoint stay encoded
+    on their memory maps: ``w_act``/``w_up``/``w_down`` are :class:`LazyExperts` whose experts
+    decode the blocks a weight pass reads when it reads them (the same values as the eager
+    decode), so the decoded layer is never held whole."""
     source, screen = unwrap(source)
     if isinstance(source, HeldLayer):  # the layer stream's one layer
         for layer in [source.layer] if layers is None else list(layers):
@@ -369,7 +444,7 @@ def iter_layer_weights(
     chosen = list(facts.moe_layers) if layers is None else list(layers)
     for layer in chosen:
         try:
-            yield screen_layer(_layer_weights(src, spec, facts, layer, dtype), screen, deferred)
+            yield screen_layer(_layer_weights(src, spec, facts, layer, dtype, lazy=lazy), screen, deferred)
         finally:
             if isinstance(src, FolderSource):
                 src.release()
@@ -467,6 +542,7 @@ __all__ = [
     "ExpertStack",
     "FolderSource",
     "HeldLayer",
+    "LazyExperts",
     "MoELayerWeights",
     "ModelSource",
     "ModelWithFacts",
