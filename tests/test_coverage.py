@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from moe_utils.arch.catalogue import catalogue
+from moe_utils.core.cpus import small_model_threads
 from moe_utils.core.errors import UnknownFamilyError
 from moe_utils.models.derive import DerivationError, derive_family, derive_spec
 from moe_utils.models.loading import load_model
@@ -102,7 +103,7 @@ def test_derived_glm4_moe_matches_config_and_model():
     # router logits: transformers' own output_router_logits
     ids = [[0, 5, 9, 77, 31, 200, 4]]
     tr = trace(lm, ids)
-    with torch.no_grad():
+    with torch.no_grad(), small_model_threads(lm.facts.hidden_size):  # the thread count the trace ran with
         out = lm.model(torch.tensor(ids), output_router_logits=True, use_cache=False)
     for layer, logits in zip(lm.moe_layers, out.router_logits):
         assert torch.equal(tr[layer].router_logits, logits.float().reshape(-1, logits.shape[-1]))

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from tiny_models import NATIVE_MOE, save, sequences, tiny
 
+from moe_utils.core.cpus import small_model_threads
 from moe_utils.core.errors import InputTooLongError, LayerIndexError, NotMoEModelError
 from moe_utils.engine.expert_math import dense_outputs
 from moe_utils.models.trace import expert_intermediates, expert_outputs, router_scores, trace, trace_dense, verify_trace
@@ -37,7 +38,7 @@ def test_router_logits_equal_output_router_logits():
     lm = tiny("mixtral")
     ids = sequences(lengths=(7,))
     tr = trace(lm, ids)
-    with torch.no_grad():
+    with torch.no_grad(), small_model_threads(lm.facts.hidden_size):  # the thread count the trace ran with
         out = lm.model(torch.tensor(ids), output_router_logits=True, use_cache=False)
     for layer, logits in zip(lm.moe_layers, out.router_logits):
         assert torch.equal(tr[layer].router_logits, logits.float())
