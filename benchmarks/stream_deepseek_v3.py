@@ -9,10 +9,12 @@ this machine can hold beside anything else), everything else bf16. Layer 0's exp
 random; layer 1 is a byte copy under its own names. Then, in a fresh process after dropping the
 files from the page cache, runs observation 2 with ``open_study(..., stream=True,
 dtype="bfloat16")`` on the short prompt: the stream reads each layer's router, shared expert and
-attention, and its routed experts one at a time when they are used (the block too large to decode
-whole). Measures wall time, peak RSS and the seconds spent reading each layer; compares the peak
-with the layer's stored bytes. Prints the ratios, writes ``benchmarks/results/stream_deepseek_v3.json``
-and deletes the model.
+attention, and computes its block expert by expert (the block too large to decode whole): each
+routed expert is read and decoded once per layer, in one sweep that gives the block's output and
+every expert's outputs on the captured inputs. Measures wall time, peak RSS, the seconds spent
+reading each layer's other tensors and sweeping its experts; compares the peak with the layer's
+stored bytes. Prints the ratios, writes ``benchmarks/results/stream_deepseek_v3.json`` and
+deletes the model.
 
     nice -n 5 python benchmarks/stream_deepseek_v3.py [--layers 2] [--dir /tmp]
 """
@@ -153,9 +155,11 @@ def child(folder: str) -> None:
     import moe_utils.models.stream as stream
     from moe_utils.analysis import obs2_norms
     from moe_utils.analysis.context import open_study
+    from moe_utils.models.layer_load import ExpertSweep
 
     reads: list[float] = []
-    fill = stream.fill_layer
+    sweeps: list[float] = []
+    fill, sweep = stream.fill_layer, ExpertSweep.sweep
 
     def timed_fill(*args, **kwargs):
         t = time.perf_counter()
@@ -163,7 +167,14 @@ def child(folder: str) -> None:
         reads.append(time.perf_counter() - t)
         return out
 
+    def timed_sweep(self, inputs):
+        t = time.perf_counter()
+        out = sweep(self, inputs)
+        sweeps.append(time.perf_counter() - t)
+        return out
+
     stream.fill_layer = timed_fill
+    ExpertSweep.sweep = timed_sweep
     t0 = time.perf_counter()
     study = open_study(folder, None, dtype="bfloat16", stream=True, results_dir=Path(folder) / "results")
     r = obs2_norms.norms_report(study, inputs="short")
@@ -172,6 +183,7 @@ def child(folder: str) -> None:
             {
                 "seconds": time.perf_counter() - t0,
                 "read_seconds": reads,
+                "sweep_seconds": sweeps,
                 "tokens": int(r.short_trace.num_tokens),
                 "peak_rss": child_peak(),
                 "max_rel_error": r.max_rel_error,
@@ -213,14 +225,15 @@ def main() -> None:
         evict(files)
         r = measured([sys.executable, __file__, "--child", str(folder)], env=env, cwd=ROOT)
         c = r["child"]
-        reads = sum(c["read_seconds"])
+        reads, sweeps = sum(c["read_seconds"]), sum(c["sweep_seconds"])
         out["obs2_router_norms"] = {
             "seconds": r["seconds"],
             "cpu_seconds": r.get("cpu_seconds"),
             "load_average": r.get("load_average"),
             "peak_rss": r["peak_rss"],
             "read_seconds_per_layer": c["read_seconds"],
-            "rest_seconds_per_layer": (c["seconds"] - reads) / args.layers,
+            "sweep_seconds_per_layer": c["sweep_seconds"],
+            "rest_seconds_per_layer": (c["seconds"] - reads - sweeps) / args.layers,
             "tokens": c["tokens"],
             "max_rel_error": c["max_rel_error"],
             "peak_over_stored_layer": r["peak_rss"] / layer_bytes,
@@ -228,7 +241,8 @@ def main() -> None:
         }
         o = out["obs2_router_norms"]
         print(
-            f"obs2_router_norms streamed expert by expert: {r['seconds']:.0f} s wall; peak RSS "
+            f"obs2_router_norms streamed expert by expert: {r['seconds']:.0f} s wall "
+            f"(sweeps {', '.join(f'{x:.0f}' for x in c['sweep_seconds'])} s); peak RSS "
             f"{r['peak_rss'] / 1e9:.2f} GB = {o['peak_over_stored_layer']:.2f}x one stored layer "
             f"({o['peak_over_decoded_experts']:.2f}x its routed experts decoded); block rebuilt to {c['max_rel_error']:.1e}",
             flush=True,

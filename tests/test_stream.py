@@ -4,20 +4,25 @@ same tables and summaries, and the quantized checkpoints' numbers equal their de
 from __future__ import annotations
 
 import json
+import math
 import warnings
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 from tiny_models import NATIVE_MOE, save, sequences, tiny
 
-from moe_utils.analysis import obs2_norms, obs3_depth
+import moe_utils.models.stream as stream_module
+from moe_utils.analysis import dynamic, obs2_norms, obs3_depth
 from moe_utils.analysis.context import open_study
 from moe_utils.core.errors import UsageError
+from moe_utils.models.checkpoint import CheckpointReader
 from moe_utils.models.layer_load import StreamUnsupportedError
-from moe_utils.models.stream import stream_check, stream_traces, streamable
-from moe_utils.models.trace import trace
+from moe_utils.models.stream import SweptLayer, stream_check, stream_traces, streamable
+from moe_utils.models.trace import trace, verify_trace
 
 COVERAGE = Path(__file__).resolve().parent.parent / "book" / "coverage.json"
 
@@ -110,26 +115,61 @@ def _same_reports(a, b) -> None:
     assert json.dumps(a.summary, sort_keys=True, default=str) == json.dumps(b.summary, sort_keys=True, default=str)
 
 
-def _reports(model: str, stream: bool):
+def _close(a, b, path: str = "summary") -> None:
+    """Nested summaries equal, their numbers to within float32 rounding."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), path
+        for key in a:
+            _close(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6) or (math.isnan(a) and math.isnan(b)), (path, a, b)
+    else:
+        assert a == b, (path, a, b)
+
+
+def _reports(model: str, stream: bool, dense: str | None = None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        study = open_study(model, stream=stream, inputs="long", max_tokens=96)
+        study = open_study(model, dense, stream=stream, inputs="long", max_tokens=96)
         return (
-            obs2_norms.norms_report(study, inputs="long", max_tokens=96),
+            obs2_norms.norms_report(study, inputs="long", max_tokens=96, max_neurons=8),
             obs3_depth.depth_report(study, inputs="long", max_tokens=96),
             study,
         )
 
 
-def test_observation_reports_streamed_equal_whole(tmp_path):
-    """Tables and summary numbers of observations 2 and 3: identical through the stream."""
+@pytest.fixture
+def expert_by_expert(monkeypatch):
+    """Every streamed MoE block computed expert by expert, as a block too large to decode whole is."""
+    monkeypatch.setattr(stream_module, "_too_large", lambda lm, dtype: True)
+
+
+def test_observation_reports_streamed_equal_whole(tmp_path, monkeypatch):
+    """Tables and summary numbers of observations 2 and 3 (with a dense baseline F): identical
+    through the stream; with the blocks computed expert by expert (the engine's sum of the experts
+    instead of transformers', so later layers' inputs differ by float32 rounding), equal to within it."""
     folder = save(tiny("deepseek_v3"), tmp_path)
-    w2, w3, ws = _reports(str(folder), stream=False)
-    s2, s3, ss = _reports(str(folder), stream=True)
+    w2, w3, ws = _reports(str(folder), stream=False, dense="random:mistral")
+    s2, s3, ss = _reports(str(folder), stream=True, dense="random:mistral")
     assert ws.stream_device is None and ss.stream_device == "cpu"
+    assert ws.dense is not None and (w2.tables["activation_ratio"].expert == "F").any()
     _same_reports(w2, s2)
     _same_reports(w3, s3)
     assert s2.checks and all(c.indices_equal and c.max_rel_error <= 1e-5 for c in s2.checks)
+    monkeypatch.setattr(stream_module, "_too_large", lambda lm, dtype: True)
+    b2, b3, _ = _reports(str(folder), stream=True, dense="random:mistral")
+    for whole, by_expert in ((w2, b2), (w3, b3)):
+        for name in whole.tables:
+            pd.testing.assert_frame_equal(
+                whole.tables[name].reset_index(drop=True),
+                by_expert.tables[name].reset_index(drop=True),
+                rtol=1e-5,
+                atol=1e-6,
+            )
+        _close(whole.summary, by_expert.summary)
+    assert w2.intermediate is not None and b2.intermediate is not None
+    pd.testing.assert_frame_equal(w2.intermediate, b2.intermediate, rtol=1e-5, atol=1e-6)
+    assert b2.checks and all(c.indices_equal and c.max_rel_error <= 1e-5 for c in b2.checks)
 
 
 def _gpt_oss_full_pair(tmp: Path) -> tuple[Path, Path]:
@@ -177,23 +217,119 @@ def test_quantized_checkpoints_stream_as_their_decoded_twins(kind, tmp_path):
     _assert_same_traces(trace(load_model(str(twin)), seqs), decoded)
 
 
+def _swept_equals_reading_the_experts(held: SweptLayer, lm, tr, name: str) -> None:
+    """The tables built from a layer's sweep equal, bit for bit, those the analyses compute by
+    reading the layer's experts again (the held layer's weights, indexed expert by expert)."""
+    i = held.layer
+    ns, ref = obs2_norms.swept_norms(held, tr, name), dynamic.norms_and_scores(held, tr)
+    for got, want in ((ns.norms, ref.norms), (ns.scores, ref.scores), (ns.chosen, ref.chosen)):
+        np.testing.assert_array_equal(got[i], want[i])
+    pairs = [
+        (obs2_norms.swept_activation_ratios(held, name), dynamic.activation_ratios(held, tr)),
+        (
+            obs2_norms.swept_intermediate_frame(held, tr, name, max_neurons=8),
+            dynamic.intermediate_frame(held, tr, i, max_neurons=8),
+        ),
+        (obs3_depth.swept_token_output_similarity(held, tr, name), dynamic.token_output_similarity(held, tr)),
+        *zip(obs3_depth.swept_output_similarity(held, tr, name), dynamic.output_similarity(held, tr), strict=True),
+    ]
+    for got, want in pairs:
+        pd.testing.assert_frame_equal(got, want, check_exact=True)
+    check, want = held.check(tr[i], name), verify_trace(lm, tr, source=held)[0]
+    assert check.indices_equal and want.indices_equal and check.max_weight_error == want.max_weight_error
+    assert check.max_rel_error <= 1e-5 and want.max_rel_error <= 1e-5
+
+
 @pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe", "mixtral"])
 def test_expert_by_expert_blocks_equal_whole_model(family, tmp_path):
-    """A block too large to decode whole: its experts read one at a time and combined with the
-    model's own routing give the whole model's captures, and the analyses see the same weights."""
-    from moe_utils.analysis import dynamic
-
+    """A block too large to decode whole: its experts read once and combined with the model's own
+    routing give the whole model's captures, and every per-expert table built from that one
+    sweep equals the one the analyses compute by reading the experts themselves."""
     lm = tiny(family)
     folder = save(lm, tmp_path)
-    seqs = sequences()
+    streamed = streamable(str(folder))
+    seqs = {"a": sequences(), "b": sequences(seed=1, lengths=(4, 7, 3))}
     norms = {}
 
     def visit(layer):
-        norms.update(dynamic.norms_and_scores(layer.held, layer.traces["a"]).norms)
+        assert isinstance(layer.held, SweptLayer)
+        for name, tr in layer.traces.items():
+            _swept_equals_reading_the_experts(layer.held, streamed, tr, name)
+        norms.update(obs2_norms.swept_norms(layer.held, layer.traces["a"], "a").norms)
 
-    got = stream_traces(streamable(str(folder)), {"a": seqs}, by_expert=True, visit=visit)["a"]
-    ref = trace(lm, seqs)
-    _assert_same_traces(ref, got)
-    whole = dynamic.norms_and_scores(lm, ref).norms
-    for layer in ref.layers:
+    got = stream_traces(streamed, seqs, by_expert=True, visit=visit)
+    for name, s in seqs.items():
+        _assert_same_traces(trace(lm, s), got[name])
+    whole = dynamic.norms_and_scores(lm, trace(lm, seqs["a"])).norms
+    assert sorted(norms) == lm.moe_layers
+    for layer in lm.moe_layers:
         assert abs(whole[layer] - norms[layer]).max() <= 1e-5 * abs(whole[layer]).max()
+
+
+def _count_reads(monkeypatch) -> Counter:
+    """Count, by tensor name, every read of a checkpoint tensor (nested reads counted once)."""
+    reads: Counter = Counter()
+    depth = [0]
+
+    def counting(method):
+        def wrapper(self, name, *args, **kwargs):
+            if depth[0] == 0:
+                reads.update(name if isinstance(name, list) else [name])
+            depth[0] += 1
+            try:
+                return method(self, name, *args, **kwargs)
+            finally:
+                depth[0] -= 1
+
+        return wrapper
+
+    for method in ("get", "read", "mapped", "mapped_stack", "read_into", "part"):
+        monkeypatch.setattr(CheckpointReader, method, counting(getattr(CheckpointReader, method)))
+    return reads
+
+
+def _expert_tensors(folder: Path) -> set[str]:
+    return {n for n in CheckpointReader(folder).names() if ".mlp.experts." in n}
+
+
+def test_expert_by_expert_reads_each_expert_once(tmp_path, monkeypatch, expert_by_expert):
+    """Observation 2 streamed with its blocks computed expert by expert: each expert tensor of
+    each layer is read from the checkpoint exactly once (the block output, the routing, every
+    expert's output norms and activations all come from the one sweep)."""
+    lm = tiny("deepseek_v3")
+    folder = save(lm, tmp_path)
+    experts = _expert_tensors(folder)
+    assert experts and all(any(f"layers.{i}." in n for i in lm.moe_layers) for n in experts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        study = open_study(str(folder), stream=True, inputs="long", max_tokens=64)
+        reads = _count_reads(monkeypatch)
+        report = obs2_norms.norms_report(study, inputs="long", max_tokens=64)
+    assert report.checks and all(c.indices_equal for c in report.checks)
+    assert {n: reads[n] for n in experts} == dict.fromkeys(experts, 1)
+
+
+def test_fp8_expert_by_expert_reads_each_expert_once(tmp_path, monkeypatch):
+    """The same for an FP8 checkpoint in the hub's layout (DeepSeek-V3): each expert's weight and
+    its block scales are read once, through the stream and the swept tables of observation 2."""
+    from test_quantized import fp8_pair
+
+    quant, _, _ = fp8_pair(tmp_path)
+    experts = _expert_tensors(quant)
+    assert any(n.endswith("_scale_inv") for n in experts)
+    streamed = streamable(str(quant))
+    reads = _count_reads(monkeypatch)
+    seen = []
+
+    def visit(layer):
+        for name, tr in layer.traces.items():
+            obs2_norms.swept_norms(layer.held, tr, name)
+            obs2_norms.swept_activation_ratios(layer.held, name)
+            layer.held.check(tr[layer.layer], name)
+        seen.append(layer.layer)
+
+    seqs = {"short": [[1, 5, 9, 3, 7, 2, 8, 11], [4, 6, 10]], "long": [[3, 1, 4, 1, 5, 9, 2, 6, 5, 3]]}
+    stream_traces(streamed, seqs, by_expert=True, visit=visit)
+    assert seen == list(streamed.moe_layers)
+    traced = {n for n in experts if any(f"layers.{i}." in n for i in seen)}
+    assert traced and {n: reads[n] for n in traced} == dict.fromkeys(traced, 1)

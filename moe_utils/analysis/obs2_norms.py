@@ -14,12 +14,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import torch
 
+from .. import metrics as M
 from ..analysis import paper
 from ..engine.inputs import Inputs
-from ..models.trace import LayerCheck, Trace, verify_trace
-from ..models.weights import layer_weights
+from ..models.loading import LoadedModel
+from ..models.stream import SweptLayer
+from ..models.trace import LayerCheck, Trace, dense_intermediates, router_scores, verify_trace
+from ..models.weights import dense_mlp_weights, layer_weights
 from . import dynamic
 from .claims import OBS2_PAPER_EFFECT
 from .effects import obs2_effect, top_choices
@@ -232,6 +237,86 @@ class Obs2Report:
         return expert_norm_description(self.norms, layer, expert)
 
 
+# ---- a layer computed expert by expert: the tables from its one pass over the experts ----------
+def swept_norms(layer: SweptLayer, tr: Trace, name: str) -> dynamic.NormsScores:
+    """:func:`~moe_utils.analysis.dynamic.norms_and_scores` of a streamed layer computed expert by
+    expert, from the outputs its sweep computed on input set ``name`` (traced as ``tr``)."""
+    lt = tr.per_layer[layer.layer]
+    return dynamic.NormsScores(
+        {layer.layer: layer.outputs[name].norm(dim=-1).numpy()},
+        {layer.layer: router_scores(lt).float().cpu().numpy()},
+        {layer.layer: lt.routed_index.cpu().numpy()},
+        tr.seq_index.cpu().numpy(),
+    )
+
+
+def _dense_act(dense: LoadedModel | None, dense_tr: Trace | None, layer: int) -> torch.Tensor | None:
+    """act(W_act x) of the dense baseline's FFN at ``layer`` on its own inputs ``[N, I]`` (None without one)."""
+    if dense is None or dense_tr is None or layer not in dense_tr.per_layer:
+        return None
+    return dense_intermediates(dense_mlp_weights(dense, layer, dtype=None), dense_tr.per_layer[layer].x)
+
+
+def swept_activation_ratios(
+    layer: SweptLayer, name: str, dense: LoadedModel | None = None, dense_tr: Trace | None = None
+) -> pd.DataFrame:
+    """:func:`~moe_utils.analysis.dynamic.activation_ratios` of a layer computed expert by expert,
+    from the activations its sweep computed on input set ``name``."""
+    acts = layer.activations.get(name)
+    if acts is None:
+        return pd.DataFrame([])
+    rows = [
+        {"layer": layer.layer, "expert": str(e), "ratio": float(M.activation_ratio(acts[:, e]).overall)}
+        for e in range(acts.shape[1])
+    ]
+    f = _dense_act(dense, dense_tr, layer.layer)
+    if f is not None:
+        rows.append({"layer": layer.layer, "expert": "F", "ratio": float(M.activation_ratio(f).overall)})
+    return pd.DataFrame(rows)
+
+
+def swept_intermediate_frame(
+    layer: SweptLayer,
+    tr: Trace,
+    name: str,
+    dense: LoadedModel | None = None,
+    dense_tr: Trace | None = None,
+    max_neurons: int = 128,
+) -> pd.DataFrame:
+    """:func:`~moe_utils.analysis.dynamic.intermediate_frame` of a layer computed expert by expert,
+    from the activations its sweep computed on input set ``name`` (traced as ``tr``)."""
+    labels = dynamic.token_labels(tr)
+    inter = layer.activations[name][:, :, :max_neurons].numpy()
+    n, e, i = inter.shape
+    frames = [
+        pd.DataFrame(
+            {
+                "layer": layer.layer,
+                "token_index": np.repeat(np.arange(n), e * i),
+                "token": np.repeat(labels, e * i),
+                "expert": np.tile(np.repeat([str(k) for k in range(e)], i), n),
+                "neuron": np.tile(np.arange(i), n * e),
+                "value": inter.ravel(),
+            }
+        )
+    ]
+    f = _dense_act(dense, dense_tr, layer.layer)
+    if f is not None:
+        frames.append(
+            pd.DataFrame(
+                {
+                    "layer": layer.layer,
+                    "token_index": np.repeat(np.arange(n), i),
+                    "token": np.repeat(labels, i),
+                    "expert": "F",
+                    "neuron": np.tile(np.arange(i), n),
+                    "value": f[..., :max_neurons].float().cpu().numpy().ravel(),
+                }
+            )
+        )
+    return pd.concat(frames, ignore_index=True)
+
+
 def _merged(parts: list[dynamic.NormsScores]) -> dynamic.NormsScores:
     out = parts[0]
     for part in parts[1:]:
@@ -256,17 +341,28 @@ def norms_report(
 
     def work(source: Any, trs: dict[str, Trace]) -> None:
         short_trace, long_trace = trs["short"], trs["long"]
-        checks.extend(verify_trace(study.lm, short_trace, source=source))
-        short_parts.append(dynamic.norms_and_scores(source, short_trace))
-        long_parts.append(dynamic.norms_and_scores(source, long_trace))
-        ratio_parts.append(dynamic.activation_ratios(source, short_trace, study.dense, dense_short))
+        swept = source if isinstance(source, SweptLayer) else None  # its experts read once, by the stream
+        if swept is not None:
+            checks.append(swept.check(short_trace[swept.layer], "short"))
+            short_parts.append(swept_norms(swept, short_trace, "short"))
+            long_parts.append(swept_norms(swept, long_trace, "long"))
+            ratio_parts.append(swept_activation_ratios(swept, "short", study.dense, dense_short))
+        else:
+            checks.extend(verify_trace(study.lm, short_trace, source=source))
+            short_parts.append(dynamic.norms_and_scores(source, short_trace))
+            long_parts.append(dynamic.norms_and_scores(source, long_trace))
+            ratio_parts.append(dynamic.activation_ratios(source, short_trace, study.dense, dense_short))
         if "activation" not in found:
             first = layer_weights(source, short_trace.layers[0], dtype=None)
             found["activation"], found["has_act"] = first.activation, first.w_act is not None
         last = (study.layers or study.lm.moe_layers)[-1]
         if last in short_trace.layers and found["has_act"]:
-            found["intermediate"] = dynamic.intermediate_frame(
-                source, short_trace, last, study.dense, dense_short, max_neurons=max_neurons
+            found["intermediate"] = (
+                swept_intermediate_frame(swept, short_trace, "short", study.dense, dense_short, max_neurons=max_neurons)
+                if swept is not None
+                else dynamic.intermediate_frame(
+                    source, short_trace, last, study.dense, dense_short, max_neurons=max_neurons
+                )
             )
 
     traces = dynamic.each_traced_layer(study, {"short": short, "long": long_inputs}, work)

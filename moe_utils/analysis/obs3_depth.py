@@ -22,7 +22,10 @@ from ..analysis import paper
 from ..core.errors import MoEUtilsError
 from ..core.frames import int_key
 from ..engine.inputs import Inputs
-from ..models.trace import Trace
+from ..models.loading import LoadedModel
+from ..models.stream import SweptLayer
+from ..models.trace import Trace, dense_outputs, expert_outputs
+from ..models.weights import dense_mlp_weights
 from . import dynamic, static
 from .effects import obs3_effects
 from .labels import distinct_expert_pairs
@@ -245,6 +248,99 @@ def repeat_lines(repeats: pd.DataFrame) -> pd.DataFrame:
     return repeats.melt(id_vars=["layer"], value_vars=list(REPEAT_SERIES), var_name="series", value_name="share")
 
 
+# ---- a layer computed expert by expert: the output tables from its one pass over the experts ------
+def _swept_outputs(
+    layer: SweptLayer, tr: Trace, name: str, dense: LoadedModel | None, dense_tr: Trace | None
+) -> tuple[torch.Tensor, list[str]]:
+    """The swept outputs of every expert on input set ``name`` (+F, +SE) and their labels, as
+    :func:`~moe_utils.analysis.dynamic.token_output_similarity` and
+    :func:`~moe_utils.analysis.dynamic.output_similarity` evaluate them."""
+    y = layer.outputs[name]
+    labels = [str(e) for e in range(y.shape[1])]
+    extra = []
+    if dense is not None and dense_tr is not None and layer.layer in dense_tr.per_layer:
+        dw = dense_mlp_weights(dense, layer.layer, dtype=None)
+        extra.append(dense_outputs(dw, dense_tr.per_layer[layer.layer].x).float())
+        labels.append("F")
+    if layer.weights.shared is not None:
+        extra.append(dense_outputs(layer.weights.shared, tr.per_layer[layer.layer].x).float())
+        labels.append("SE")
+    if extra:
+        y = torch.cat([y] + [t[:, None, :] for t in extra], dim=1)
+    return y, labels
+
+
+def swept_token_output_similarity(
+    layer: SweptLayer, tr: Trace, name: str, dense: LoadedModel | None = None, dense_tr: Trace | None = None
+) -> pd.DataFrame:
+    """:func:`~moe_utils.analysis.dynamic.token_output_similarity` of a layer computed expert by
+    expert, from the outputs its sweep computed on input set ``name`` (traced as ``tr``)."""
+    labels_tok = dynamic.token_labels(tr)
+    y, labels = _swept_outputs(layer, tr, name, dense, dense_tr)
+    chosen = tr.per_layer[layer.layer].routed_index.cpu().numpy()
+    k = len(labels)
+    sims = M.token_similarity(y, angular=False)
+    return pd.concat(
+        [
+            pd.DataFrame(
+                {
+                    "layer": layer.layer,
+                    "token_index": t,
+                    "token": labels_tok[t],
+                    "chosen_text": ",".join(str(int(c)) for c in chosen[t]),
+                    "expert_i": np.repeat(labels, k),
+                    "expert_j": np.tile(labels, k),
+                    "similarity": sims[t].ravel(),
+                }
+            )
+            for t in range(y.shape[0])
+        ],
+        ignore_index=True,
+    )
+
+
+def swept_output_similarity(
+    layer: SweptLayer,
+    tr: Trace,
+    name: str,
+    dense: LoadedModel | None = None,
+    dense_tr: Trace | None = None,
+    seed: int = 0,
+    std: float = 0.02,
+    chunk: int = 256,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """:func:`~moe_utils.analysis.dynamic.output_similarity` of a layer computed expert by expert,
+    from the outputs its sweep computed on input set ``name`` (traced as ``tr``); the random-expert
+    null is drawn and evaluated as there (it reads no weights)."""
+    i = layer.layer
+    seqs = tr.seq_index.cpu().numpy()
+    y, labels = _swept_outputs(layer, tr, name, dense, dense_tr)
+    k = len(labels)
+    acc = M.mean_token_similarity(y, angular=True)
+    maps = pd.DataFrame(
+        {"layer": i, "expert_i": np.repeat(labels, k), "expert_j": np.tile(labels, k), "similarity": acc.ravel()}
+    )
+    x = tr.per_layer[i].x
+    w = layer.weights
+    trained = np.concatenate(
+        [M.token_mean_similarity(y[s : s + chunk, : w.num_experts]) for s in range(0, x.shape[0], chunk)]
+    )
+    del y
+    rand = dynamic.random_experts_like(w, seed + i, std)
+    null = np.concatenate(
+        [M.token_mean_similarity(expert_outputs(rand, x[s : s + chunk])) for s in range(0, x.shape[0], chunk)]
+    )
+    rows = []
+    for kind, vals in (("trained", trained), ("random", null)):
+        ok = np.isfinite(vals)
+        for g in np.unique(seqs):
+            m = (seqs == g) & ok
+            rows.append(
+                {"layer": i, "seq": int(g), "experts": kind, "sum": float(vals[m].sum()), "count": int(m.sum())}
+            )
+    return maps, pd.DataFrame(rows)
+
+
 @dataclass(frozen=True)
 class Obs3Report:
     """Observation 3 for one model: saved ``tables``, ``summary`` and ``params``, and the page's views."""
@@ -302,8 +398,12 @@ def depth_report(study: Any, inputs: str = "long", max_tokens: int | None = None
     weight_parts: list[pd.DataFrame] = []
 
     def work(source: Any, trs: dict[str, Trace]) -> None:
-        tok_parts.append(dynamic.token_output_similarity(source, trs["short"], dense, dense_short))
-        avg, seq = dynamic.output_similarity(source, trs["long"], dense, dense_long, seed=seed, std=std)
+        if isinstance(source, SweptLayer):  # its experts read once, by the stream
+            tok_parts.append(swept_token_output_similarity(source, trs["short"], "short", dense, dense_short))
+            avg, seq = swept_output_similarity(source, trs["long"], "long", dense, dense_long, seed=seed, std=std)
+        else:
+            tok_parts.append(dynamic.token_output_similarity(source, trs["short"], dense, dense_short))
+            avg, seq = dynamic.output_similarity(source, trs["long"], dense, dense_long, seed=seed, std=std)
         avg_parts.append(avg)
         seq_parts.append(seq)
         weights = study.weights_source if source is study.lm else source  # screened when allow_invalid

@@ -8,9 +8,16 @@ which decodes FP8 / MXFP4 / INT4 experts), then laid out as the module holds the
 (:func:`memory_tensors`, the inverse of the reader's layouts); every other tensor of the layer
 (attention, norms, a dense MLP) under the name the module gives it, which is the name on disk
 for the families transformers loads without renaming them.
+
+A block too large to decode whole is computed expert by expert (:class:`ExpertSweep`): the stream
+runs the layer's sequences twice, and between the two passes each routed expert is read, decoded
+and used once, for the block's output and for every per-expert quantity the analyses need.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -21,7 +28,7 @@ from moe_utils.arch.spec import ExpertTensors, MoETensors
 from moe_utils.core.errors import MoEUtilsError
 from moe_utils.core.memory import shedding_file_pages
 from moe_utils.engine.canonical import MoELayerWeights
-from moe_utils.engine.expert_math import apply_experts
+from moe_utils.engine.expert_math import expert_intermediates, expert_outputs
 from moe_utils.models.sources import FolderSource
 from moe_utils.models.weights import read_layer, read_layer_by_expert
 
@@ -141,29 +148,117 @@ def _set_tensor(module: nn.Module, name: str, value: Tensor) -> None:
         owner._buffers[leaf] = value
 
 
+@dataclass
+class Swept:
+    """What one pass over a layer's routed experts computed on each input set's captured block
+    inputs ``inputs[name]`` ``[N, H]`` (float32, CPU): ``outputs[name]`` ``[N, E, H]``, every
+    expert's output on every token (as :func:`~moe_utils.engine.expert_math.expert_outputs` gives
+    it), and ``activations[name]`` ``[N, E, I]``, act(W_act x) (as
+    :func:`~moe_utils.engine.expert_math.expert_intermediates` gives it; no entry when the experts
+    have no W_act)."""
+
+    inputs: dict[str, Tensor]
+    outputs: dict[str, Tensor]
+    activations: dict[str, Tensor]
+
+
+def _one_expert(w: MoELayerWeights, e: int) -> MoELayerWeights:
+    """Expert ``e`` of ``w`` as a layer of one expert, its matrices read (and decoded) now and
+    widened to float32 once (the engine computes in float32 and would widen them at every use)."""
+
+    def pick(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t[e][None].float()
+
+    w_up, w_down = pick(w.w_up), pick(w.w_down)
+    assert w_up is not None and w_down is not None
+    return replace(
+        w,
+        w_act=pick(w.w_act),
+        w_up=w_up,
+        w_down=w_down,
+        b_act=pick(w.b_act),
+        b_up=pick(w.b_up),
+        b_down=pick(w.b_down),
+        expert_ids=[w.ids[e]],
+    )
+
+
+class ExpertSweep:
+    """The experts module of a block too large to decode whole, computed expert by expert.
+
+    The stream runs the layer's sequences through it twice. On the first pass each call's inputs
+    (hidden states, the model's own top-k indices and weights) are kept and zeros returned;
+    :meth:`sweep` then reads and decodes each routed expert once and, with it, computes its share
+    of every kept call and its outputs on the captured block inputs; on the second pass each call
+    is answered with its output, so the layer's output and the block's captures are the model's.
+    """
+
+    def __init__(self, weights: MoELayerWeights) -> None:
+        self.weights = weights
+        self.calls: list[tuple[Tensor, Tensor, Tensor]] = []
+        self.answers: list[Tensor] | None = None
+        self.answered = 0
+
+    def __call__(
+        self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor, *args: object, **kwargs: object
+    ) -> Tensor:
+        if self.answers is None:
+            self.calls.append((hidden_states, top_k_index, top_k_weights))
+            return torch.zeros_like(hidden_states)
+        k = self.answered
+        if k >= len(self.answers) or not torch.equal(top_k_index, self.calls[k][1]):
+            raise StreamUnsupportedError(
+                f"layer {self.weights.layer}: the second pass through the layer routed its tokens differently "
+                "from the first, so the experts cannot be computed expert by expert (run on a machine that "
+                "holds one decoded layer)"
+            )
+        self.answered += 1
+        out = self.answers[k]
+        return out.to(device=hidden_states.device, dtype=hidden_states.dtype).reshape(hidden_states.shape)
+
+    def sweep(self, inputs: Mapping[str, Tensor]) -> Swept:
+        """Read and decode each routed expert once: its share of every kept call (the answers of
+        the second pass) and, for each named ``[N, H]`` block input, its outputs and act(W_act x)."""
+        w = self.weights
+        E, H, inner = w.num_experts, w.hidden_size, w.intermediate_size
+        calls = [(h.reshape(-1, H), index, weight) for h, index, weight in self.calls]
+        answers = [torch.zeros(h.shape[0], H, dtype=torch.float32) for h, _, _ in calls]
+        outputs = {name: torch.empty(x.shape[0], E, H, dtype=torch.float32) for name, x in inputs.items()}
+        gated = w.w_act is not None
+        acts = {name: torch.empty(x.shape[0], E, inner, dtype=torch.float32) for name, x in inputs.items() if gated}
+        for e in range(E):
+            one = _one_expert(w, e)
+            for out, (h, index, weight) in zip(answers, calls, strict=True):
+                tok, pos = torch.where(index == e)
+                if tok.numel():
+                    y = expert_outputs(one, h[tok], chunk_tokens=tok.numel())[:, 0]
+                    out.index_add_(0, tok, y * weight[tok, pos].float().unsqueeze(-1))
+            for name, x in inputs.items():
+                outputs[name][:, e] = expert_outputs(one, x)[:, 0]
+                if gated:
+                    acts[name][:, e] = expert_intermediates(one, x)[:, 0]
+            del one
+        self.answers, self.answered = answers, 0
+        return Swept(dict(inputs), outputs, acts)
+
+
 def _by_expert(
     module: nn.Module, layer: int, src: FolderSource, spec: FamilySpec, facts: ModelFacts, device: torch.device
-) -> tuple[MoELayerWeights, dict[str, Tensor], str]:
+) -> tuple[ExpertSweep, dict[str, Tensor], str]:
     """The MoE block of ``layer`` computed expert by expert: its experts module's forward replaced
-    by the engine's weighted sum over the chosen experts, each read and decoded when it is used.
-    Returns the layer's weights (experts left on disk), the block's other tensors by their names
-    in the layer, and the experts module's name prefix (whose tensors stay empty)."""
+    by an :class:`ExpertSweep` over the layer's weights (experts left on disk). Returns the sweep,
+    the block's other tensors by their names in the layer, and the experts module's name prefix
+    (whose tensors stay empty)."""
     moe = spec.memory.moe
     assert moe is not None
     paths = spec.modules
     experts = module.get_submodule(f"{paths.block}.{paths.experts}")
     dtype = next((t.dtype for t in experts.parameters() if t.is_floating_point()), torch.bfloat16)
     w = read_layer_by_expert(src, spec, facts, layer, device, dtype)
-
-    def forward(
-        hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor, *args: object, **kwargs: object
-    ) -> Tensor:
-        out = apply_experts(w, hidden_states, top_k_index, top_k_weights)
-        return out.to(device=hidden_states.device, dtype=hidden_states.dtype).reshape(hidden_states.shape)
-
-    experts.forward = forward  # this instance only; the layer is emptied after its pass
+    sweep = ExpertSweep(w)
+    experts.forward = sweep  # this instance only; the layer is emptied after its passes
     block = memory_tensors(w, moe, experts=False)
-    return w, block, f"{paths.block}.{paths.experts}."
+    return sweep, block, f"{paths.block}.{paths.experts}."
 
 
 def _stored_as_in_memory(module: nn.Module, layer: int, src: FolderSource, spec: FamilySpec) -> bool:
@@ -195,22 +290,22 @@ def fill_layer(
     device: torch.device,
     by_expert: bool = False,
     renamed: dict[str, str] | None = None,
-) -> MoELayerWeights | None:
+) -> ExpertSweep | None:
     """Read decoder layer ``layer`` from ``src`` into ``module`` (built on the meta device), each
     tensor in the dtype the module gave it, on ``device``. With ``by_expert`` the routed experts
-    stay on disk and are read one at a time when used (a layer too large to decode whole); their
-    weights are returned then (None otherwise: the module holds them). Raises
+    stay on disk (a layer too large to decode whole) and the :class:`ExpertSweep` that stands in
+    for the experts module is returned (None otherwise: the module holds them). Raises
     :class:`StreamUnsupportedError` when a tensor of the module has no counterpart in the
     checkpoint or a different shape. ``renamed`` maps the model's full tensor names to the names on
     disk where transformers renames them (:func:`disk_names`)."""
     block: dict[str, Tensor] = {}
-    lazy, skip = None, None
+    sweep, skip = None, None
     if layer in facts.moe_layers:
         moe = spec.memory.moe
         if moe is None:
             raise StreamUnsupportedError(f"the {spec.name} spec names no in-memory MoE tensors; run the model whole")
         if by_expert:
-            lazy, block, skip = _by_expert(module, layer, src, spec, facts, device)
+            sweep, block, skip = _by_expert(module, layer, src, spec, facts, device)
         elif not _stored_as_in_memory(module, layer, src, spec):
             files = {str(src.reader.file_of(n)) for n in src.reader.names()}
             with shedding_file_pages(files):  # the file pages a layout copy reads are dropped as it goes
@@ -252,7 +347,7 @@ def fill_layer(
                 for key, buf in list(sub._buffers.items()):
                     if buf is not None and buf.device.type != "meta":
                         sub._buffers[key] = buf.to(device)
-    return lazy
+    return sweep
 
 
 def empty_layer(module: nn.Module) -> None:
@@ -260,4 +355,12 @@ def empty_layer(module: nn.Module) -> None:
     module.to("meta")
 
 
-__all__ = ["StreamUnsupportedError", "disk_names", "empty_layer", "fill_layer", "memory_tensors"]
+__all__ = [
+    "ExpertSweep",
+    "StreamUnsupportedError",
+    "Swept",
+    "disk_names",
+    "empty_layer",
+    "fill_layer",
+    "memory_tensors",
+]

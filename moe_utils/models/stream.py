@@ -11,6 +11,14 @@ layer's captures and its weights while they are held, and the layer is emptied b
 one is read. Each layer is read once per run; memory holds one layer, the embeddings and the
 hidden states of the inputs.
 
+A block too large to decode whole (``by_expert``) keeps its routed experts on disk. Its layer
+runs every sequence twice: the first pass keeps what the model hands its experts module (and the
+captured block inputs), then one sweep reads and decodes each expert once
+(:class:`~moe_utils.models.layer_load.ExpertSweep`), computing its share of the block's output
+and its outputs and activations on the captured inputs, and the second pass runs the layer with
+the block's output and records the captures. ``visit`` then gets a :class:`SweptLayer`, whose
+per-expert results the analyses read instead of evaluating the experts again.
+
 The captures are the same :class:`~moe_utils.models.trace.Trace` the whole-model path records
 (``tests/test_stream.py`` checks that they are equal on tiny models of every family).
 """
@@ -29,27 +37,32 @@ from torch import nn
 
 from moe_utils.arch import FamilySpec, require_moe
 from moe_utils.arch.config import read_config_json
-from moe_utils.arch.facts import check_layers
+from moe_utils.arch.facts import ModelFacts, check_layers
 from moe_utils.core.errors import UsageError
 from moe_utils.core.memory import available_memory, release_file_pages
 from moe_utils.core.messages import first_line
+from moe_utils.engine.canonical import MoELayerWeights
 from moe_utils.models.checkpoint import find_weight_files, verify_safetensors
 from moe_utils.models.fingerprint import checkpoint_fingerprint
 from moe_utils.models.ids import resolve_model
-from moe_utils.models.layer_load import StreamUnsupportedError, disk_names, empty_layer, fill_layer
+from moe_utils.models.layer_load import ExpertSweep, StreamUnsupportedError, Swept, disk_names, empty_layer, fill_layer
 from moe_utils.models.loaded import LoadedModel
 from moe_utils.models.loading import as_dtype, load_model, load_tokenizer
 from moe_utils.models.sources import FolderSource, HeldLayer
 from moe_utils.models.specs import spec_for_config
 from moe_utils.models.trace import (
+    LayerCheck,
     LayerTrace,
     Trace,
     _as_sequences,
     _check_lengths,
     _LayerHooks,
+    _recompute_routing,
+    _sorted_pairs,
     assemble_trace,
     check_one_call,
     check_trace_finite,
+    shared_expert_output,
     trace,
 )
 from moe_utils.models.weights import module_layer_weights
@@ -68,6 +81,41 @@ class StreamedLayer:
     layer: int
     traces: dict[str, Trace]
     held: HeldLayer
+
+
+class SweptLayer(HeldLayer):
+    """The held layer of a block computed expert by expert: its weights (the routed experts left on
+    disk: indexing them reads them again) and what the one pass over its experts computed on each
+    input set's captured block inputs, ``outputs[name]`` ``[N, E, H]`` and ``activations[name]``
+    ``[N, E, I]`` (:class:`~moe_utils.models.layer_load.Swept`)."""
+
+    def __init__(self, spec: FamilySpec, facts: ModelFacts, weights: MoELayerWeights, name: str, swept: Swept) -> None:
+        super().__init__(spec, facts, weights, name)
+        self.outputs = swept.outputs
+        self.activations = swept.activations
+
+    def check(self, lt: LayerTrace, name: str) -> LayerCheck:
+        """:func:`~moe_utils.models.trace.check_layer_trace` of this layer's captures from input set
+        ``name``, the routed experts' outputs taken from the sweep: the block output rebuilt from
+        the routing recomputed from the captured logits and the shared experts, against the model's."""
+        w = self.weights
+        params, weight, index = _recompute_routing(lt, w, None)
+        y = self.outputs[name]
+        recon = torch.zeros_like(lt.x)
+        for e in range(w.num_experts):
+            tok, pos = torch.where(index == e)
+            recon.index_add_(0, tok, y[tok, e] * weight[tok, pos].float().unsqueeze(-1))
+        recon = recon * params.routed_output_scale
+        shared = shared_expert_output(w, lt.x)
+        if shared is not None:
+            recon = recon + shared * params.shared_output_scale
+        scale = lt.block_output.abs().max().clamp_min(torch.finfo(torch.float32).tiny)
+        rel = float((recon - lt.block_output).abs().max() / scale)
+        idx_r, w_r = _sorted_pairs(index, weight)
+        idx_c, w_c = _sorted_pairs(lt.routed_index, lt.routed_weight)
+        equal = bool(torch.equal(idx_r, idx_c))
+        werr = float((w_r - w_c).abs().max()) if equal else float("inf")
+        return LayerCheck(lt.layer, rel, equal, werr, lt.routing_source)
 
 
 class _Stop(Exception):
@@ -291,6 +339,32 @@ def _record(model: nn.Module, layers: nn.ModuleList, ids: Tensor, device: torch.
     return store
 
 
+def _run_layer(
+    module: nn.Module,
+    i: int,
+    seqs: list[Tensor],
+    calls: list[dict[Any, Any]],
+    hidden: list[Tensor],
+    hooks: _LayerHooks | None,
+    keep: bool,
+) -> None:
+    """Every sequence of one input set through decoder layer ``i`` (its recorded call arguments),
+    ``hooks`` on its MoE block; the outputs replace ``hidden`` when ``keep``."""
+    try:
+        with torch.inference_mode():
+            for k, ids in enumerate(seqs):
+                args, kwargs = calls[k][i]
+                before = len(hooks.store.get("x", [])) if hooks else 0
+                out = module(hidden[k], *args, **kwargs)
+                if keep:
+                    hidden[k] = out[0] if isinstance(out, tuple) else out
+                if hooks is not None:
+                    check_one_call(i, k, hooks.store.get("x", [])[before:], ids.numel())
+    finally:
+        if hooks is not None:
+            hooks.remove()
+
+
 def stream_traces(
     lm: LoadedModel,
     inputs: Mapping[str, Any],
@@ -305,8 +379,10 @@ def stream_traces(
     ``inputs`` maps a name to sequences as :func:`~moe_utils.models.trace.trace` takes them;
     the result maps the same names to traces equal to ``trace(lm, sequences, layers)``. ``visit``
     is called once per traced layer, in order, while the layer's weights are held. ``by_expert``
-    leaves the routed experts on disk and reads each when it is used (None: when one layer's
-    experts, decoded, would take more than half of ``FIT_SHARE`` of the available memory).
+    leaves the routed experts on disk and reads each once per layer, in one sweep that also
+    computes every expert's outputs on the captured block inputs for ``visit`` (:class:`SweptLayer`;
+    None: when one layer's experts, decoded, would take more than half of ``FIT_SHARE`` of the
+    available memory).
     """
     require_moe(lm.spec, "stream_traces()")
     why = stream_reason(lm)
@@ -330,6 +406,10 @@ def stream_traces(
     decoder = model.get_submodule(paths.layers)
     if not isinstance(decoder, nn.ModuleList):
         raise StreamUnsupportedError(f"{paths.layers} of {lm.name} is not a list of decoder layers")
+
+    def hooks(i: int, on: bool) -> _LayerHooks | None:
+        return _LayerHooks(skeleton, i, params, lm.facts.hidden_size) if on else None
+
     try:
         renamed = disk_names(model, src)
         _fill_outer(model, src, paths.layers, dev, renamed)
@@ -339,42 +419,70 @@ def stream_traces(
         last = max(chosen) if chosen else -1
         for i in range(last + 1):
             module = decoder[i]
-            lazy = fill_layer(module, i, src, lm.spec, lm.facts, dev, by_expert=by_expert, renamed=renamed)
+            sweep = fill_layer(module, i, src, lm.spec, lm.facts, dev, by_expert=by_expert, renamed=renamed)
             src.release()
             release_file_pages(files)
+            swept = _sweep(module, i, seqs, calls, hidden, sweep, hooks, i in chosen and visit is not None)
             for name, s in seqs.items():
-                hooks = _LayerHooks(skeleton, i, params, lm.facts.hidden_size) if i in chosen else None
-                try:
-                    with torch.inference_mode():
-                        for k, ids in enumerate(s):
-                            args, kwargs = calls[name][k][i]
-                            before = len(hooks.store.get("x", [])) if hooks else 0
-                            out = module(hidden[name][k], *args, **kwargs)
-                            hidden[name][k] = out[0] if isinstance(out, tuple) else out
-                            if hooks is not None:
-                                check_one_call(i, k, hooks.store.get("x", [])[before:], ids.numel())
-                finally:
-                    if hooks is not None:
-                        hooks.remove()
-                if hooks is not None:
-                    per_layer[name][i] = hooks.layer_trace(i)
+                h = hooks(i, i in chosen)
+                _run_layer(module, i, s, calls[name], hidden[name], h, keep=True)
+                if h is not None:
+                    per_layer[name][i] = h.layer_trace(i)
+                    if swept is not None and name in swept.outputs:
+                        _same_inputs(i, name, swept, per_layer[name][i])
             if i in chosen:
                 one = {
                     name: check_trace_finite(lm, assemble_trace(lm, s, {i: per_layer[name][i]}, "moe"))
                     for name, s in seqs.items()
                 }
                 if visit is not None:
-                    w = lazy if lazy is not None else module_layer_weights(model, lm.spec, lm.facts, i)
-                    held = HeldLayer(lm.spec, lm.facts, w, lm.name)
+                    if sweep is not None and swept is not None:
+                        held = SweptLayer(lm.spec, lm.facts, sweep.weights, lm.name, swept)
+                    else:
+                        held = HeldLayer(lm.spec, lm.facts, module_layer_weights(model, lm.spec, lm.facts, i), lm.name)
                     visit(StreamedLayer(i, one, held))
-                    del held, w
-            del lazy
+                    del held
+            del sweep, swept
             empty_layer(module)
             gc.collect()
             release_file_pages(files)
     finally:
         src.release()
     return {name: assemble_trace(lm, s, per_layer[name], "moe") for name, s in seqs.items()}
+
+
+def _sweep(
+    module: nn.Module,
+    i: int,
+    seqs: Mapping[str, list[Tensor]],
+    calls: Mapping[str, list[dict[Any, Any]]],
+    hidden: Mapping[str, list[Tensor]],
+    sweep: ExpertSweep | None,
+    hooks: Callable[[int, bool], _LayerHooks | None],
+    evaluate: bool,
+) -> Swept | None:
+    """A block computed expert by expert: the first pass of every sequence through layer ``i``
+    (its experts module's calls kept, the block inputs captured when ``evaluate``), then the
+    one sweep over its experts. None for a layer held whole."""
+    if sweep is None:
+        return None
+    captured: dict[str, Tensor] = {}
+    for name, s in seqs.items():
+        h = hooks(i, evaluate)
+        _run_layer(module, i, s, calls[name], hidden[name], h, keep=False)
+        if h is not None:
+            captured[name] = torch.cat(h.store["x"])
+    return sweep.sweep(captured)
+
+
+def _same_inputs(i: int, name: str, swept: Swept, lt: LayerTrace) -> None:
+    """Raise unless the block inputs the sweep evaluated the experts on are the trace's."""
+    x = swept.inputs[name]
+    if not torch.equal(x, lt.x):
+        raise StreamUnsupportedError(
+            f"layer {i}: the two passes through the layer gave different block inputs for {name!r}, so the "
+            "experts' outputs were not computed on the traced inputs (run on a machine that holds one decoded layer)"
+        )
 
 
 def stream_check(model: str, tolerance: float = 1e-5) -> str:
@@ -407,6 +515,7 @@ __all__ = [
     "FIT_SHARE",
     "StreamUnsupportedError",
     "StreamedLayer",
+    "SweptLayer",
     "empty_model",
     "projected_bytes",
     "stream_check",
