@@ -361,36 +361,59 @@ def output_similarity(
     maps, rows = [], []
     for layer in progress(tr.layers, desc="output similarity", unit="layer"):
         y, labels, w = _outputs_with_extras(lm, tr, layer, dense_lm, dense_tr)
-        k = len(labels)
-        acc = M.mean_token_similarity(y, angular=True)
-        maps.append(
-            pd.DataFrame(
-                {
-                    "layer": layer,
-                    "expert_i": np.repeat(labels, k),
-                    "expert_j": np.tile(labels, k),
-                    "similarity": acc.ravel(),
-                }
-            )
-        )
-        x = tr.per_layer[layer].x
-        trained = np.concatenate(
-            [M.token_mean_similarity(y[s : s + chunk, : w.num_experts]) for s in range(0, x.shape[0], chunk)]
-        )
-        del y
-        rand = random_experts_like(w, seed + layer, std)
-        null = np.concatenate(
-            [M.token_mean_similarity(expert_outputs(rand, x[s : s + chunk])) for s in range(0, x.shape[0], chunk)]
-        )
-        del rand, w
-        for kind, vals in (("trained", trained), ("random", null)):
-            ok = np.isfinite(vals)
-            for g in np.unique(seqs):
-                m = (seqs == g) & ok
-                rows.append(
-                    {"layer": layer, "seq": int(g), "experts": kind, "sum": float(vals[m].sum()), "count": int(m.sum())}
-                )
+        pooled, trained = pooled_map_and_trained(layer, y, labels, w.num_experts, chunk)
+        maps.append(pooled)
+        del y  # the random experts' outputs come next: one layer's outputs at a time
+        rows += trained_and_random_sums(layer, w, tr.per_layer[layer].x, seqs, trained, seed, std, chunk)
+        del w
     return pd.concat(maps, ignore_index=True), pd.DataFrame(rows)
+
+
+def similarity_map_frame(layer: int, labels: list[str], acc: np.ndarray) -> pd.DataFrame:
+    """One layer's pooled map as rows (layer, expert_i, expert_j, similarity)."""
+    k = len(labels)
+    return pd.DataFrame(
+        {"layer": layer, "expert_i": np.repeat(labels, k), "expert_j": np.tile(labels, k), "similarity": acc.ravel()}
+    )
+
+
+def pooled_map_and_trained(
+    layer: int, y: torch.Tensor, labels: list[str], n_experts: int, chunk: int = 256
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """From one layer's outputs ``y`` [T, columns, H] (the experts first, then F and the shared
+    expert): the pooled map and, per token, the mean angular similarity of distinct experts."""
+    pooled = similarity_map_frame(layer, labels, M.mean_token_similarity(y, angular=True))
+    trained = np.concatenate(
+        [M.token_mean_similarity(y[s : s + chunk, :n_experts]) for s in range(0, y.shape[0], chunk)]
+    )
+    return pooled, trained
+
+
+def trained_and_random_sums(
+    layer: int,
+    w: MoELayerWeights,
+    x: torch.Tensor,
+    seqs: np.ndarray,
+    trained: np.ndarray,
+    seed: int = 0,
+    std: float = 0.02,
+    chunk: int = 256,
+) -> list[dict[str, Any]]:
+    """Per sequence: the sums and counts of the per-token values of the trained experts and of
+    random experts shaped like ``w`` (N(0, ``std``), seeded by ``seed + layer``) on the block inputs ``x``."""
+    rand = random_experts_like(w, seed + layer, std)
+    null = np.concatenate(
+        [M.token_mean_similarity(expert_outputs(rand, x[s : s + chunk])) for s in range(0, x.shape[0], chunk)]
+    )
+    rows = []
+    for kind, vals in (("trained", trained), ("random", null)):
+        ok = np.isfinite(vals)
+        for g in np.unique(seqs):
+            m = (seqs == g) & ok
+            rows.append(
+                {"layer": layer, "seq": int(g), "experts": kind, "sum": float(vals[m].sum()), "count": int(m.sum())}
+            )
+    return rows
 
 
 def average_output_similarity(
@@ -401,18 +424,7 @@ def average_output_similarity(
     frames = []
     for layer in progress(tr.layers, desc="mean output similarity", unit="layer"):
         y, labels, _ = _outputs_with_extras(lm, tr, layer, dense_lm, dense_tr)
-        acc = M.mean_token_similarity(y, angular=True)
-        k = len(labels)
-        frames.append(
-            pd.DataFrame(
-                {
-                    "layer": layer,
-                    "expert_i": np.repeat(labels, k),
-                    "expert_j": np.tile(labels, k),
-                    "similarity": acc.ravel(),
-                }
-            )
-        )
+        frames.append(similarity_map_frame(layer, labels, M.mean_token_similarity(y, angular=True)))
     return pd.concat(frames, ignore_index=True)
 
 

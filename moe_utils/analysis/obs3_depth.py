@@ -24,7 +24,7 @@ from ..core.frames import int_key
 from ..engine.inputs import Inputs
 from ..models.loading import LoadedModel
 from ..models.stream import SweptLayer
-from ..models.trace import Trace, dense_outputs, expert_outputs
+from ..models.trace import Trace, dense_outputs
 from ..models.weights import dense_mlp_weights
 from . import dynamic, static
 from .effects import obs3_effects
@@ -313,32 +313,11 @@ def swept_output_similarity(
     from the outputs its sweep computed on input set ``name`` (traced as ``tr``); the random-expert
     null is drawn and evaluated as there (it reads no weights)."""
     i = layer.layer
-    seqs = tr.seq_index.cpu().numpy()
     y, labels = _swept_outputs(layer, tr, name, dense, dense_tr)
-    k = len(labels)
-    acc = M.mean_token_similarity(y, angular=True)
-    maps = pd.DataFrame(
-        {"layer": i, "expert_i": np.repeat(labels, k), "expert_j": np.tile(labels, k), "similarity": acc.ravel()}
-    )
-    x = tr.per_layer[i].x
-    w = layer.weights
-    trained = np.concatenate(
-        [M.token_mean_similarity(y[s : s + chunk, : w.num_experts]) for s in range(0, x.shape[0], chunk)]
-    )
+    maps, trained = dynamic.pooled_map_and_trained(i, y, labels, layer.weights.num_experts, chunk)
     del y
-    rand = dynamic.random_experts_like(w, seed + i, std)
-    null = np.concatenate(
-        [M.token_mean_similarity(expert_outputs(rand, x[s : s + chunk])) for s in range(0, x.shape[0], chunk)]
-    )
-    rows = []
-    for kind, vals in (("trained", trained), ("random", null)):
-        ok = np.isfinite(vals)
-        for g in np.unique(seqs):
-            m = (seqs == g) & ok
-            rows.append(
-                {"layer": i, "seq": int(g), "experts": kind, "sum": float(vals[m].sum()), "count": int(m.sum())}
-            )
-    return maps, pd.DataFrame(rows)
+    x, seqs = tr.per_layer[i].x, tr.seq_index.cpu().numpy()
+    return maps, pd.DataFrame(dynamic.trained_and_random_sums(i, layer.weights, x, seqs, trained, seed, std, chunk))
 
 
 @dataclass(frozen=True)
