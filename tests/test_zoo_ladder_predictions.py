@@ -127,3 +127,13 @@ def test_a_4x_run_and_an_organism_replicate_with_the_same_seed_stay_apart() -> N
     frame = R.length_frame(traj)
     assert list(frame.series) == ["scratch-long-s1"] and list(frame.steps) == [4800]
     assert list(frame.outcome) == ["holds"]  # [0.29, 0.31] lies above obs2's floor 0.14
+
+
+def test_the_length_grid_states_each_snapshots_outcome() -> None:
+    t = trajectory([0.3, 0.25, 0.22, 0.21, 0.20], [0.2, 0.15, 0.12, 0.11, 0.11], [0.9, 0.8, 0.6, 0.45, 0.35])
+    grid = R.length_grid(t)
+    # at 4,800 steps obs2 0.20 [0.18, 0.22] lies above its floor 0.14, obs1 0.11 [0.09, 0.13] above 0.065
+    assert grid.loc["obs2", ("scratch-long-s0", 4800)].startswith("holds: 0.200")
+    assert grid.loc["obs1", ("scratch-long-s0", 4800)].startswith("holds: 0.110")
+    assert grid.loc["obs1", ("scratch-long-s0", 300)].startswith("holds: 0.200")
+    assert R.length_grid(pd.DataFrame()).empty

@@ -230,6 +230,19 @@ def length_frame(trajectory: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
+def length_grid(trajectory: pd.DataFrame) -> pd.DataFrame:
+    """Claim by (4x run, step): "outcome: effect [low, high]" of every snapshot on the length axis."""
+    t = length_frame(trajectory)
+    if t.empty:
+        return pd.DataFrame()
+    cells = t.assign(
+        cell=[
+            _effect_cell(v, e, lo, hi) for v, e, lo, hi in zip(t.outcome, t.effect, t.ci_low, t.ci_high, strict=False)
+        ]
+    )
+    return cells.pivot_table(index=["claim"], columns=["series", "steps"], values="cell", aggfunc="first")
+
+
 def _snapshot_outcome(key: str, low: float, high: float) -> str:
     """A snapshot's outcome under the claim's own rule (its sign and floor)."""
     claim = CLAIMS[key]
@@ -363,6 +376,9 @@ class ReplicationReport:
 
     def length_frame(self) -> pd.DataFrame:
         return length_frame(self.tables["trajectory"])
+
+    def length_grid(self) -> pd.DataFrame:
+        return length_grid(self.tables["trajectory"])
 
     def prediction_checks(self) -> list[P.Check]:
         """The pre-registered predictions of both axes, checked against the measured rungs."""
