@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import re
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -171,18 +172,18 @@ def _take_rows(t: Tensor, rows: range) -> Tensor:
     return t[rows.start : rows.stop : rows.step] if len(rows) else t[:0]
 
 
-class EncodedMatrix:
+class EncodedMatrix(ABC):
     """One stored 2-D matrix ``[rows, cols]`` of a quantized checkpoint, kept encoded (views of its
     memory-mapped bytes and scales) and decoded window by window to ``dtype``."""
 
     shape: tuple[int, int]
     dtype: torch.dtype
 
+    @abstractmethod
     def window(self, rows: range, c0: int, c1: int) -> Tensor:
         """The window ``W[rows, c0:c1]`` as the format computes it (float32; pack-quantized: the
         scale's dtype), before the one rounding to ``dtype`` that :meth:`decode` and
         :class:`LazyMatrix` apply."""
-        raise NotImplementedError
 
     def decode(self, out: Tensor | None = None) -> Tensor:
         """The whole matrix in ``dtype``, decoded in row bands of bounded float32 scratch (into ``out`` when given)."""
