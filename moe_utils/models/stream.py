@@ -58,10 +58,10 @@ from moe_utils.models.trace import (
     _check_lengths,
     _LayerHooks,
     _recompute_routing,
-    _sorted_pairs,
     assemble_trace,
     check_one_call,
     check_trace_finite,
+    compare_rebuilt,
     shared_expert_output,
     trace,
 )
@@ -109,13 +109,7 @@ class SweptLayer(HeldLayer):
         shared = shared_expert_output(w, lt.x)
         if shared is not None:
             recon = recon + shared * params.shared_output_scale
-        scale = lt.block_output.abs().max().clamp_min(torch.finfo(torch.float32).tiny)
-        rel = float((recon - lt.block_output).abs().max() / scale)
-        idx_r, w_r = _sorted_pairs(index, weight)
-        idx_c, w_c = _sorted_pairs(lt.routed_index, lt.routed_weight)
-        equal = bool(torch.equal(idx_r, idx_c))
-        werr = float((w_r - w_c).abs().max()) if equal else float("inf")
-        return LayerCheck(lt.layer, rel, equal, werr, lt.routing_source)
+        return compare_rebuilt(lt, recon, index, weight)
 
 
 class _Stop(Exception):

@@ -501,7 +501,12 @@ def verify_trace(
 def check_layer_trace(lt: LayerTrace, weights: MoELayerWeights) -> LayerCheck:
     """:func:`verify_trace` for one captured layer and its weights."""
     params, weight, index = _recompute_routing(lt, weights, None)
-    recon = _rebuild(lt, weights, params, weight, index)
+    return compare_rebuilt(lt, _rebuild(lt, weights, params, weight, index), index, weight)
+
+
+def compare_rebuilt(lt: LayerTrace, recon: Tensor, index: Tensor, weight: Tensor) -> LayerCheck:
+    """A layer's check from its block output rebuilt as ``recon`` with the recomputed routing
+    (``index``, ``weight``), against the captured output and routing."""
     scale = lt.block_output.abs().max().clamp_min(torch.finfo(torch.float32).tiny)
     rel = float((recon - lt.block_output).abs().max() / scale)
     idx_r, w_r = _sorted_pairs(index, weight)
@@ -518,6 +523,7 @@ __all__ = [
     "assemble_trace",
     "check_layer_trace",
     "check_one_call",
+    "compare_rebuilt",
     "dense_intermediates",
     "dense_outputs",
     "expert_intermediates",
