@@ -82,6 +82,36 @@ def test_dense_baseline_appears_as_F_when_widths_match():
     assert {"S_ee", "S_ef"} <= set(summ.columns)
 
 
+@pytest.mark.parametrize("dense_width", [3, 50])
+def test_intermediate_frame_draws_a_dense_baseline_of_another_width(monkeypatch, dense_width):
+    """Fig. 12's table keeps each side's own neurons: a baseline F narrower or wider than the experts
+    (and than ``max_neurons``) gives its own rows, equal to act(W_act x) computed by hand."""
+    from moe_utils.engine.canonical import DenseMLPWeights
+
+    lm = tiny("mixtral")
+    seqs = sequences(lengths=(6, 4))
+    tr = trace(lm, seqs)
+    h = _mixtral_expert_mats(lm, 0)["W_up"].shape[-1]
+    g = torch.Generator().manual_seed(7)
+    w_act, w_up = torch.randn(dense_width, h, generator=g), torch.randn(dense_width, h, generator=g)
+    w_down = torch.randn(h, dense_width, generator=g)
+    monkeypatch.setattr(
+        dynamic, "dense_mlp_weights", lambda src, layer, dtype=None: DenseMLPWeights(layer, w_act, w_up, w_down, "silu")
+    )
+    max_neurons = 20
+    frame = dynamic.intermediate_frame(lm, tr, 0, dense_lm=object(), dense_tr=tr, max_neurons=max_neurons)  # type: ignore[arg-type]
+    f = frame[frame.expert == "F"].sort_values(["token_index", "neuron"])
+    x = tr.per_layer[0].x.reshape(-1, h).float()
+    want = F.silu(x @ w_act.T)[:, :max_neurons]
+    assert f.neuron.nunique() == min(dense_width, max_neurons)
+    assert f.token_index.nunique() == x.shape[0]
+    np.testing.assert_allclose(f.value.to_numpy().reshape(want.shape), want.numpy(), rtol=1e-5, atol=1e-6)
+    experts = frame[frame.expert != "F"]
+    i = _mixtral_expert_mats(lm, 0)["W_up"].shape[1]
+    assert experts.neuron.nunique() == min(i, max_neurons)
+    assert list(f.token.unique()) == list(dict.fromkeys(dynamic.token_labels(tr)))
+
+
 def test_gate_correlation_matches_scipy_on_the_lower_triangle():
     lm = tiny("mixtral")
     got = static.gate_correlation(lm.model)

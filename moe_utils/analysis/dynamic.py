@@ -214,34 +214,37 @@ def intermediate_frame(
 ) -> pd.DataFrame:
     """act(W_act x) for every token, expert (and F) of one layer, first ``max_neurons`` neurons
     (the paper's Fig. 12 heat map)."""
-    labels = token_labels(tr)
     w = layer_weights(lm, layer, dtype=None)
-    inter = expert_intermediates(w, tr.per_layer[layer].x, max_neurons=max_neurons).numpy()
-    n, e, i = inter.shape
-    frames = [
-        pd.DataFrame(
-            {
-                "layer": layer,
-                "token_index": np.repeat(np.arange(n), e * i),
-                "token": np.repeat(labels, e * i),
-                "expert": np.tile(np.repeat([str(k) for k in range(e)], i), n),
-                "neuron": np.tile(np.arange(i), n * e),
-                "value": inter.ravel(),
-            }
-        )
-    ]
+    inter = expert_intermediates(w, tr.per_layer[layer].x, max_neurons=max_neurons)
+    dense = None
     if dense_lm is not None and dense_tr is not None and layer in dense_tr.per_layer:
-        dw = dense_mlp_weights(dense_lm, layer, dtype=None)
-        f = dense_intermediates(dw, dense_tr.per_layer[layer].x)[..., :max_neurons].float().cpu().numpy()
+        dense = dense_intermediates(dense_mlp_weights(dense_lm, layer, dtype=None), dense_tr.per_layer[layer].x)
+    return intermediates_to_frame(layer, token_labels(tr), inter, dense, max_neurons)
+
+
+def intermediates_to_frame(
+    layer: int, labels: Sequence[str], inter: torch.Tensor, dense: torch.Tensor | None, max_neurons: int
+) -> pd.DataFrame:
+    """Long table (layer, token_index, token, expert, neuron, value) of one layer's expert
+    intermediates [N, E, I] and, when given, the dense baseline's [N, F] as expert "F"; each keeps
+    its own first ``max_neurons`` neurons, so a baseline of another width is drawn as it is."""
+    parts = [(inter[:, :, :max_neurons], [str(k) for k in range(inter.shape[1])])]
+    if dense is not None:
+        parts.append((dense[:, None, :max_neurons], ["F"]))
+    frames = []
+    for values, names in parts:
+        t = values.detach().cpu()
+        v = (t if t.dtype in (torch.float32, torch.float64) else t.float()).numpy()
+        n, e, i = v.shape
         frames.append(
             pd.DataFrame(
                 {
                     "layer": layer,
-                    "token_index": np.repeat(np.arange(n), i),
-                    "token": np.repeat(labels, i),
-                    "expert": "F",
-                    "neuron": np.tile(np.arange(i), n),
-                    "value": f.ravel(),
+                    "token_index": np.repeat(np.arange(n), e * i),
+                    "token": np.repeat(np.asarray(labels, dtype=object)[:n], e * i),
+                    "expert": np.tile(np.repeat(names, i), n),
+                    "neuron": np.tile(np.arange(i), n * e),
+                    "value": v.ravel(),
                 }
             )
         )

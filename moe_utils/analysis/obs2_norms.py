@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -285,36 +284,9 @@ def swept_intermediate_frame(
 ) -> pd.DataFrame:
     """:func:`~moe_utils.analysis.dynamic.intermediate_frame` of a layer computed expert by expert,
     from the activations its sweep computed on input set ``name`` (traced as ``tr``)."""
-    labels = dynamic.token_labels(tr)
-    inter = layer.activations[name][:, :, :max_neurons].numpy()
-    n, e, i = inter.shape
-    frames = [
-        pd.DataFrame(
-            {
-                "layer": layer.layer,
-                "token_index": np.repeat(np.arange(n), e * i),
-                "token": np.repeat(labels, e * i),
-                "expert": np.tile(np.repeat([str(k) for k in range(e)], i), n),
-                "neuron": np.tile(np.arange(i), n * e),
-                "value": inter.ravel(),
-            }
-        )
-    ]
-    f = _dense_act(dense, dense_tr, layer.layer)
-    if f is not None:
-        frames.append(
-            pd.DataFrame(
-                {
-                    "layer": layer.layer,
-                    "token_index": np.repeat(np.arange(n), i),
-                    "token": np.repeat(labels, i),
-                    "expert": "F",
-                    "neuron": np.tile(np.arange(i), n),
-                    "value": f[..., :max_neurons].float().cpu().numpy().ravel(),
-                }
-            )
-        )
-    return pd.concat(frames, ignore_index=True)
+    dense_act = _dense_act(dense, dense_tr, layer.layer)
+    inter = layer.activations[name]
+    return dynamic.intermediates_to_frame(layer.layer, dynamic.token_labels(tr), inter, dense_act, max_neurons)
 
 
 def _merged(parts: list[dynamic.NormsScores]) -> dynamic.NormsScores:
