@@ -321,6 +321,13 @@ def test_trace_only_refresh_keeps_the_notebook_columns():
     both = coverage.merge(merged, {**head, "date": "2026-02-02", "notebooks": True, "rows": [newer]})
     assert [r["notebooks_date"] for r in both["rows"]] == ["2026-01-01", "2026-02-02"]
     assert "come from runs between 2026-01-01 and 2026-02-02" in coverage.render_page(both)
+    assert "checks ran between 2026-01-01 and 2026-02-02" not in coverage.render_page(merged)
+    other = {**old_row, "family": "c"}
+    partial = coverage.merge(
+        {**old, "rows": [old_row, other]}, {"date": "2026-02-02", "notebooks": False, "rows": [fresh]}
+    )
+    assert {r["family"]: r["checks_date"] for r in partial["rows"]} == {"a": "2026-02-02", "c": "2026-01-01"}
+    assert "checks ran between 2026-01-01 and 2026-02-02" in coverage.render_page(partial)
     broken = vars(coverage.FamilyRow("a", "a", "AConfig", reason="no longer rebuilds"))
     (row,) = coverage.merge(old, {"date": "2026-02-02", "notebooks": False, "rows": [broken]})["rows"]
     assert row["weights_ok"] is None and row["reason"] == "no longer rebuilds"

@@ -21,6 +21,7 @@ from moe_utils.analysis.context import open_study
 from moe_utils.core.errors import UsageError
 from moe_utils.models.checkpoint import CheckpointReader
 from moe_utils.models.layer_load import StreamUnsupportedError
+from moe_utils.models.loading import load_model
 from moe_utils.models.stream import SweptLayer, stream_check, stream_traces, streamable
 from moe_utils.models.trace import trace, verify_trace
 
@@ -64,6 +65,41 @@ def test_coverage_families_stream_or_say_why(family):
     assert "\n" not in why
     if why:
         assert why.startswith("cannot be streamed: "), why
+
+
+@pytest.mark.parametrize("family", ["glm_moe_dsa", "hy_v4", "mistral_large4_text"])
+def test_layers_that_pass_values_on_stream_like_the_whole_model(family):
+    """Sparse-attention layers return their top-k key indices with the hidden states and the model
+    hands them to the next layer: the stream passes them on and its captures equal the whole model's."""
+    from moe_utils.models.stream import output_arity
+
+    lm = load_model(f"random:{family}")
+    decoder = lm.model.get_submodule(lm.spec.modules.layers)
+    assert output_arity(decoder[0]) == 2
+    assert stream_check(f"random:{family}") == ""
+
+
+def test_output_arity_reads_the_return_annotation():
+    from moe_utils.models.stream import output_arity
+
+    class Plain(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    class Pair(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            return x, None
+
+    class Open(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return (x,)
+
+    class Bare(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    assert [output_arity(m()) for m in (Plain, Pair, Open, Bare)] == [1, 2, 1, 1]
+    assert output_arity(tiny("mixtral").model.model.layers[0]) == 1
 
 
 def test_visit_sees_each_layer_once_with_its_weights(tmp_path):
@@ -201,8 +237,6 @@ def test_quantized_checkpoints_stream_as_their_decoded_twins(kind, tmp_path):
     gpt-oss MXFP4 checkpoints in the hub layouts: the stream decodes them and gives the captures of
     their decoded twins, which equal the twin loaded whole by transformers."""
     from test_quantized import fp8_pair, int4_pair
-
-    from moe_utils.models.loading import load_model
 
     if kind == "fp8":
         quant, twin, _ = fp8_pair(tmp_path)

@@ -11,6 +11,12 @@ layer's captures and its weights while they are held, and the layer is emptied b
 one is read. Each layer is read once per run; memory holds one layer, the embeddings and the
 hidden states of the inputs.
 
+Some decoder layers return more than their hidden states, and the model hands the extra values
+to the next layer (DeepSeek-V3.2-style sparse attention passes its top-k key indices on as
+``prev_topk_indices``). When a layer's return annotation is a tuple, its recorder returns one
+placeholder per extra value; the placeholders show which argument of the next layer's call takes
+which value, and the stream fills them in from the real layer's output.
+
 A block too large to decode whole (``by_expert``) keeps its routed experts on disk. Its layer
 runs every sequence twice: the first pass keeps what the model hands its experts module (and the
 captured block inputs), then one sweep reads and decodes each expert once
@@ -26,7 +32,9 @@ The captures are the same :class:`~moe_utils.models.trace.Trace` the whole-model
 from __future__ import annotations
 
 import gc
+import inspect
 import tempfile
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -116,8 +124,34 @@ class _Stop(Exception):
     """Ends the recording pass after the last decoder layer (the head never runs)."""
 
 
+@dataclass(frozen=True)
+class _Carried:
+    """Placeholder for value ``position`` of decoder layer ``layer``'s output, during recording."""
+
+    layer: int
+    position: int
+
+
+def output_arity(layer: nn.Module) -> int:
+    """How many values a decoder layer returns, from its forward's return annotation: a tuple of
+    fixed length gives its length; anything else (a tensor, no annotation) gives 1."""
+    forward = type(layer).forward
+    hint = inspect.signature(forward).return_annotation
+    if isinstance(hint, str):
+        try:
+            hint = typing.get_type_hints(forward).get("return")
+        except Exception:  # an annotation that does not resolve says nothing about the arity
+            return 1
+    if typing.get_origin(hint) is tuple:
+        args = typing.get_args(hint)
+        if args and Ellipsis not in args:
+            return len(args)
+    return 1
+
+
 class _Recorder(nn.Module):
-    """Stands in for a decoder layer during the recording pass: keeps its call's arguments."""
+    """Stands in for a decoder layer during the recording pass: keeps its call's arguments and
+    returns what the layer would, with placeholders for the values beyond the hidden states."""
 
     def __init__(self, original: nn.Module, index: int, store: dict[Any, Any], last: bool) -> None:
         super().__init__()
@@ -125,14 +159,39 @@ class _Recorder(nn.Module):
             if not key.startswith("_") and key != "training":
                 self.__dict__[key] = value
         self.index, self.store, self.last = index, store, last
+        self.arity = output_arity(original)
 
-    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Any:
         self.store[self.index] = (args, kwargs)
         if self.index == 0:
             self.store["input"] = hidden_states
         if self.last:
             raise _Stop
-        return hidden_states
+        if self.arity == 1:
+            return hidden_states
+        return (hidden_states, *(_Carried(self.index, j) for j in range(1, self.arity)))
+
+
+def _pass_on(
+    call: tuple[tuple[Any, ...], dict[str, Any]], out: tuple[Any, ...]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The next layer's recorded call with each placeholder replaced by the value it stands for."""
+
+    def fill(v: Any) -> Any:
+        return out[v.position] if isinstance(v, _Carried) else v
+
+    args, kwargs = call
+    return tuple(fill(a) for a in args), {k: fill(v) for k, v in kwargs.items()}
+
+
+def _unfilled(i: int, call: tuple[tuple[Any, ...], dict[str, Any]]) -> None:
+    """Raise when a call still holds a placeholder (a value the stream could not pass on)."""
+    args, kwargs = call
+    if any(isinstance(v, _Carried) for v in (*args, *kwargs.values())):
+        raise StreamUnsupportedError(
+            f"decoder layer {i} takes a value computed by an earlier layer that the stream cannot pass on; "
+            "this family cannot be streamed (run it whole with stream=False)"
+        )
 
 
 def stream_reason(lm: LoadedModel) -> str:
@@ -347,11 +406,14 @@ def _run_layer(
     try:
         with torch.inference_mode():
             for k, ids in enumerate(seqs):
+                _unfilled(i, calls[k][i])
                 args, kwargs = calls[k][i]
                 before = len(hooks.store.get("x", [])) if hooks else 0
                 out = module(hidden[k], *args, **kwargs)
                 if keep:
                     hidden[k] = out[0] if isinstance(out, tuple) else out
+                    if isinstance(out, tuple) and i + 1 in calls[k]:
+                        calls[k][i + 1] = _pass_on(calls[k][i + 1], out)
                 if hooks is not None:
                     check_one_call(i, k, hooks.store.get("x", [])[before:], ids.numel())
     finally:
@@ -511,6 +573,7 @@ __all__ = [
     "StreamedLayer",
     "SweptLayer",
     "empty_model",
+    "output_arity",
     "projected_bytes",
     "stream_check",
     "stream_choice",

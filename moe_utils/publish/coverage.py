@@ -78,6 +78,7 @@ class FamilyRow:
     reason: str | None = None
     seconds: float = 0.0
     notebooks_date: str | None = None  # when the notebook columns were filled (None: not run)
+    checks_date: str | None = None  # when the rebuild, disk, stream and variant checks ran
     stream_ok: bool | None = None  # the layer stream gives the whole-model captures (None: not checked)
     stream_reason: str | None = None  # one line: why it cannot be streamed (observations 2-3 then load it whole)
 
@@ -281,6 +282,7 @@ def family_row(entry: CatalogueEntry, notebooks: bool = False, out: Path | None 
             notebook_check(row, name, Path(out) if out else Path(tmp))
     if notebooks and row.trace_ok:
         row.notebooks_date = _dt.date.today().isoformat()
+    row.checks_date = _dt.date.today().isoformat()
     row.seconds = round(time.perf_counter() - start, 1)
     return row
 
@@ -372,11 +374,15 @@ def _keep_notebook_columns(old_row: dict, new_row: dict) -> dict:
 
 
 def _dated(data: dict) -> list[dict]:
-    """The rows of ``data``, each with the date its notebook columns were filled (files written
-    before rows carried it have one date for the whole run)."""
+    """The rows of ``data``, each with the dates its checks ran and its notebook columns were filled
+    (files written before rows carried them have one date for the whole run)."""
     run_date = data.get("notebooks_date") or (data.get("date") if data.get("notebooks") else None)
     return [
-        {**r, "notebooks_date": r.get("notebooks_date") or (run_date if r.get("weights_ok") is not None else None)}
+        {
+            **r,
+            "notebooks_date": r.get("notebooks_date") or (run_date if r.get("weights_ok") is not None else None),
+            "checks_date": r.get("checks_date") or data.get("date"),
+        }
         for r in data.get("rows", [])
     ]
 
@@ -436,11 +442,14 @@ def _variant_words(why: str) -> str:
 
 def _dates_line(data: dict) -> str:
     """When the rebuild, disk and variant checks ran, and when each family's notebooks last ran."""
-    line = f"The rebuild, disk and config-variant checks ran on {data['date']}"
-    dates = sorted({d for r in _dated(data) if (d := r.get("notebooks_date"))})
+    rows = _dated(data)
+    checks = sorted({d for r in rows if (d := r.get("checks_date"))}) or [data["date"]]
+    span = f"on {checks[0]}" if len(checks) == 1 else f"between {checks[0]} and {checks[-1]}"
+    line = f"The rebuild, disk, layer-stream and config-variant checks ran {span}"
+    dates = sorted({d for r in rows if (d := r.get("notebooks_date"))})
     if not dates:
         return line + "; the notebooks were not run."
-    if dates == [data["date"]]:
+    if dates == checks == [data["date"]]:
         return line + ", the notebooks on the same day."
     when = dates[0] if len(dates) == 1 else f"between {dates[0]} and {dates[-1]}"
     return line + f"; the notebook columns come from runs {'on ' if len(dates) == 1 else ''}{when}."
