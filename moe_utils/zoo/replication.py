@@ -19,6 +19,7 @@ from .. import metrics as M
 from ..analysis import paper
 from ..analysis.claims import CLAIMS
 from . import ladder_predictions as P
+from . import ladder_words as W
 from . import study_results as S
 from .replicates import REPLICATES
 
@@ -416,6 +417,12 @@ class ReplicationReport:
     @property
     def narrative(self) -> str:
         return across_seed_narrative(self.across, self.tables["pending"])
+
+    def ladder_words(self, axis: str) -> str:
+        """The ladder's findings along ``axis`` ("depth" or "length") in plain words."""
+        if axis == "depth":
+            return W.depth_words(self.tables["ladder_across_seeds"], "scratch", BASE_STEPS["scratch"])
+        return W.length_words(self.tables["trajectory"])
 
 
 def replication_report(study_dir: str | Path | None = None) -> ReplicationReport:
