@@ -79,6 +79,31 @@ def test_layers_that_pass_values_on_stream_like_the_whole_model(family):
     assert stream_check(f"random:{family}") == ""
 
 
+@pytest.mark.parametrize(
+    ("family", "joined"),
+    [("kimi_linear", "self_attn.conv1d.weight"), ("bailing_hybrid", "self_attn.conv1d.weight"), ("lara_mini", None)],
+)
+def test_tensors_transformers_joins_at_load_stream_like_the_whole_model(family, joined, tmp_path):
+    """Linear-attention hybrids store some tensors split (q/k/v convolutions) or fused (one input
+    projection) where transformers joins or splits them at load: the stream rebuilds each from the
+    checkpoint, equal to the loaded model's, and its captures equal the whole model's."""
+    from moe_utils.models.layer_load import Joined, disk_names, read_disk
+    from moe_utils.models.sources import FolderSource
+
+    lm = load_model(f"random:{family}")
+    built = lm.built()
+    built.save_pretrained(tmp_path)
+    src = FolderSource(tmp_path)
+    refs = {k: v for k, v in disk_names(built, src).items() if isinstance(v, Joined)}
+    assert refs, "the checkpoint holds no tensor transformers joins or splits"
+    if joined is not None:
+        assert f"{lm.spec.modules.layers}.0.{joined}" in refs
+    state = built.state_dict()
+    for name, ref in refs.items():
+        assert torch.equal(read_disk(src, ref), state[name]), name
+    assert stream_check(f"random:{family}") == ""
+
+
 def test_output_arity_reads_the_return_annotation():
     from moe_utils.models.stream import output_arity
 

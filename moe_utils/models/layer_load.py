@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -113,10 +114,59 @@ def _disk_prefixes(spec: FamilySpec, layer: int) -> list[str]:
     return prefixes
 
 
-def disk_names(model: nn.Module, src: FolderSource) -> dict[str, str]:
-    """``{name in the model: name on disk}`` for the checkpoint's tensors that transformers renames
-    when it loads them (its own conversion mapping, e.g. ``model.embeddings`` on disk for
-    ``model.embed_tokens`` in memory); tensors it fuses or converts are left to the family spec."""
+@dataclass(frozen=True)
+class Joined:
+    """A model tensor that transformers builds at load time from checkpoint tensors: the
+    concatenation of ``sources`` along ``dim`` (its ``Concatenate``), or piece ``piece`` of the one
+    source split into ``sizes`` along ``dim`` (its ``Split`` and ``Chunk``)."""
+
+    sources: tuple[str, ...]
+    dim: int
+    piece: int | None = None
+    sizes: tuple[int, ...] = ()
+
+
+DiskRef = str | Joined  # where a model tensor is on disk: one name, or tensors transformers joins
+
+
+def has_disk(src: FolderSource, ref: DiskRef) -> bool:
+    """Whether every checkpoint tensor ``ref`` needs is in ``src``."""
+    return all(src.has(n) for n in ((ref,) if isinstance(ref, str) else ref.sources))
+
+
+def read_disk(src: FolderSource, ref: DiskRef) -> Tensor:
+    """The model tensor ``ref`` stands for, read (and joined or split) from ``src``."""
+    if isinstance(ref, str):
+        return src.get(ref)
+    if ref.piece is None:
+        return torch.cat([src.get(n) for n in ref.sources], dim=ref.dim)
+    return torch.split(src.get(ref.sources[0]), list(ref.sizes), dim=ref.dim)[ref.piece].contiguous()
+
+
+def _joins(converter: Any) -> str | None:
+    """ "cat" or "split" for a converter made of one plain Concatenate, Split or Chunk (the
+    non-expert conversions the stream reproduces); None for any other (experts: the family spec)."""
+    from transformers.core_model_loading import Chunk, Concatenate, Split
+
+    ops = list(getattr(converter, "operations", []) or [])
+    if len(ops) != 1 or getattr(ops[0], "num_shards_attribute", None) is not None:
+        return None
+    if isinstance(ops[0], Concatenate):
+        return "cat"
+    return "split" if isinstance(ops[0], Split | Chunk) else None
+
+
+def _op_dim(converter: Any) -> int:
+    """The axis of a converter's single Concatenate, Split or Chunk."""
+    return int(converter.operations[0].dim)
+
+
+def disk_names(model: nn.Module, src: FolderSource) -> dict[str, DiskRef]:
+    """``{name in the model: where it is on disk}`` for the checkpoint's tensors that transformers
+    renames when it loads them (its own conversion mapping, e.g. ``model.embeddings`` on disk for
+    ``model.embed_tokens`` in memory), and for those it joins from several tensors or splits from
+    one (:class:`Joined`: e.g. ``q_conv1d``, ``k_conv1d`` and ``v_conv1d`` concatenated into
+    ``conv1d``); the experts' conversions are left to the family spec."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
@@ -126,15 +176,36 @@ def disk_names(model: nn.Module, src: FolderSource) -> dict[str, str]:
         return {}
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    if not renamings:
+    if not renamings and not converters:
         return {}
     prefix = getattr(model, "base_model_prefix", None)
     meta = model.state_dict()
-    out = {}
+    out: dict[str, DiskRef] = {}
+    parts: dict[tuple[str, int], dict[int, str]] = {}
     for name in src.reader.names():
-        memory, converted = rename_source_key(name, renamings, converters, prefix, meta)
-        if converted is None and memory != name:
-            out[memory] = name
+        memory, pattern = rename_source_key(name, renamings, converters, prefix, meta)
+        if pattern is None:
+            if memory != name:
+                out[memory] = name
+            continue
+        k = next((i for i, c in enumerate(converters) if pattern in c.source_patterns), None)
+        if k is None or (how := _joins(converters[k])) is None:
+            continue
+        conv = converters[k]
+        dim = _op_dim(conv)
+        if how == "cat":
+            parts.setdefault((memory, k), {})[conv.source_patterns.index(pattern)] = name
+            continue
+        first = conv.target_patterns[0]
+        targets = [memory.replace(first, t) for t in conv.target_patterns]
+        if all(t in meta for t in targets):
+            sizes = tuple(int(meta[t].shape[dim]) for t in targets)
+            for j, t in enumerate(targets):
+                out[t] = Joined((name,), dim, j, sizes)
+    for (memory, k), found in parts.items():
+        conv = converters[k]
+        if len(found) == len(conv.source_patterns):
+            out[memory] = Joined(tuple(found[i] for i in sorted(found)), _op_dim(conv))
     return out
 
 
@@ -289,15 +360,15 @@ def fill_layer(
     facts: ModelFacts,
     device: torch.device,
     by_expert: bool = False,
-    renamed: dict[str, str] | None = None,
+    renamed: Mapping[str, DiskRef] | None = None,
 ) -> ExpertSweep | None:
     """Read decoder layer ``layer`` from ``src`` into ``module`` (built on the meta device), each
     tensor in the dtype the module gave it, on ``device``. With ``by_expert`` the routed experts
     stay on disk (a layer too large to decode whole) and the :class:`ExpertSweep` that stands in
     for the experts module is returned (None otherwise: the module holds them). Raises
     :class:`StreamUnsupportedError` when a tensor of the module has no counterpart in the
-    checkpoint or a different shape. ``renamed`` maps the model's full tensor names to the names on
-    disk where transformers renames them (:func:`disk_names`)."""
+    checkpoint or a different shape. ``renamed`` maps the model's full tensor names to where they
+    are on disk where transformers renames, joins or splits them (:func:`disk_names`)."""
     block: dict[str, Tensor] = {}
     sweep, skip = None, None
     if layer in facts.moe_layers:
@@ -322,16 +393,17 @@ def fill_layer(
         value = block.get(name)
         if value is None:
             disk = next((p + name for p in prefixes if src.has(p + name)), None)
-            if disk is None and renamed:
+            ref: DiskRef | None = disk
+            if ref is None and renamed:
                 alias = renamed.get(f"{spec.modules.layers}.{layer}.{name}")
-                disk = alias if alias is not None and src.has(alias) else None
-            if disk is None:
+                ref = alias if alias is not None and has_disk(src, alias) else None
+            if ref is None:
                 raise StreamUnsupportedError(
                     f"layer {layer}: the checkpoint has no tensor for {name} of transformers' "
                     f"{type(module).__name__} (tried {prefixes[0]}{name}); this family cannot be streamed "
                     "(run it whole with stream=False)"
                 )
-            value = src.get(disk)
+            value = read_disk(src, ref)
         if tuple(value.shape) != tuple(empty.shape):
             raise StreamUnsupportedError(
                 f"layer {layer}: {name} is {tuple(value.shape)} on disk but {tuple(empty.shape)} in transformers' "
@@ -356,11 +428,15 @@ def empty_layer(module: nn.Module) -> None:
 
 
 __all__ = [
+    "DiskRef",
     "ExpertSweep",
+    "Joined",
     "StreamUnsupportedError",
     "Swept",
     "disk_names",
     "empty_layer",
     "fill_layer",
+    "has_disk",
     "memory_tensors",
+    "read_disk",
 ]

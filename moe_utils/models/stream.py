@@ -53,7 +53,17 @@ from moe_utils.engine.canonical import MoELayerWeights
 from moe_utils.models.checkpoint import find_weight_files, verify_safetensors
 from moe_utils.models.fingerprint import checkpoint_fingerprint
 from moe_utils.models.ids import resolve_model
-from moe_utils.models.layer_load import ExpertSweep, StreamUnsupportedError, Swept, disk_names, empty_layer, fill_layer
+from moe_utils.models.layer_load import (
+    DiskRef,
+    ExpertSweep,
+    StreamUnsupportedError,
+    Swept,
+    disk_names,
+    empty_layer,
+    fill_layer,
+    has_disk,
+    read_disk,
+)
 from moe_utils.models.loaded import LoadedModel
 from moe_utils.models.loading import as_dtype, load_model, load_tokenizer
 from moe_utils.models.sources import FolderSource, HeldLayer
@@ -346,7 +356,7 @@ def empty_model(lm: LoadedModel, dtype: torch.dtype) -> nn.Module:
 
 
 def _fill_outer(
-    model: nn.Module, src: FolderSource, layers_path: str, device: torch.device, renamed: dict[str, str]
+    model: nn.Module, src: FolderSource, layers_path: str, device: torch.device, renamed: Mapping[str, DiskRef]
 ) -> None:
     """The tensors outside the decoder layers (embeddings, final norm); the head is left empty."""
     get_head = getattr(model, "get_output_embeddings", None)
@@ -356,14 +366,14 @@ def _fill_outer(
         if name.startswith(layers_path + ".") or id(empty) in head_ids:
             continue
         disk = name if src.has(name) else renamed.get(name)
-        if disk is None or not src.has(disk):
+        if disk is None or not has_disk(src, disk):
             raise StreamUnsupportedError(
                 f"the checkpoint has no tensor {name} (outside the decoder layers); "
                 "this family cannot be streamed (run it whole with stream=False)"
             )
         path, _, leaf = name.rpartition(".")
         owner = model.get_submodule(path) if path else model
-        value = src.get(disk).to(device=device, dtype=empty.dtype)
+        value = read_disk(src, disk).to(device=device, dtype=empty.dtype)
         if leaf in owner._parameters:
             owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
         else:
