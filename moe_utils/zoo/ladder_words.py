@@ -54,8 +54,9 @@ def depth_trend(rows: pd.DataFrame, key: str) -> str:
 
 def _cells(rows: pd.DataFrame) -> str:
     return "; ".join(
-        f"{int(r.layers)} layers {r.outcome} {r.effect:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}] ({int(r.seeds)} seeds)"
-        for r in rows.itertuples()
+        f"{int(r['layers'])} layers {r['outcome']} {r['effect']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] "
+        f"({int(r['seeds'])} seeds)"
+        for r in rows.to_dict("records")
     )
 
 
@@ -76,7 +77,7 @@ def depth_words(combined: pd.DataFrame, kind: str = "scratch", steps: int | None
     lines = [f"**Depth, in words** ({kind} kind; {', '.join(str(d) for d in depths)} layers):", ""]
     settled, moving = [], []
     for key in DEPTH_CLAIMS:
-        rows = cast(pd.DataFrame, t[t.claim == key].sort_values(by="layers"))
+        rows = cast(pd.DataFrame, t[t.claim == key]).sort_values(by="layers")
         if rows.empty:
             continue
         outcomes = list(rows.outcome)
@@ -89,7 +90,7 @@ def depth_words(combined: pd.DataFrame, kind: str = "scratch", steps: int | None
             state = "decided at every depth but not the same way"
             moving.append(CLAIMS[key].title)
         else:
-            undecided = [str(int(r.layers)) for r in rows.itertuples() if r.outcome not in DECIDED]
+            undecided = [str(int(r["layers"])) for r in rows.to_dict("records") if r["outcome"] not in DECIDED]
             state = f"not settled: inconclusive at {', '.join(undecided)} layers"
         words = {
             "strengthens": "it strengthens with depth (its effect moves further in the paper's direction at each "
