@@ -31,20 +31,17 @@ from moe_utils.metrics.projection import flattened_pass, randomized_neuron_pca, 
 from moe_utils.metrics.threads import pass_threads
 from moe_utils.models import checkpoint, fingerprint
 from moe_utils.models.checkpoint import CheckpointReader
-from moe_utils.models.quantized import (
-    LAZY_BAND_ELEMENTS,
+from moe_utils.models.lazy_experts import LAZY_BAND_ELEMENTS, LazyExperts, LazyMatrix
+from moe_utils.models.quant_codecs import (
     EncodedMatrix,
     FP8Matrix,
-    LazyExperts,
-    LazyMatrix,
     MXFP4Matrix,
     PackedMatrix,
-    QuantScheme,
     dequantize_fp8,
     dequantize_mxfp4_expert,
     dequantize_packed,
-    quant_scheme,
 )
+from moe_utils.models.quant_schemes import QuantScheme, quant_scheme
 from moe_utils.models.weights import FolderSource, iter_layer_weights, layer_weights
 
 FIELDS = ("router", "w_act", "w_up", "w_down", "b_act", "b_up", "b_down", "router_bias", "score_correction_bias")

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from moe_utils.core.errors import CheckpointError, PickleRefusedError
-from moe_utils.models.quantized import quant_scheme
+from moe_utils.models.quant_schemes import quant_scheme
 
 if TYPE_CHECKING:
     from safetensors import safe_open
@@ -102,7 +102,7 @@ def find_weight_files(folder: str | Path, allow_pickle: bool = False) -> WeightF
 
 def _check_quantization(folder: Path) -> None:
     """Refuse a checkpoint whose config.json declares a quantization the readers cannot decode
-    (:func:`~moe_utils.models.quantized.quant_scheme`), before any weight file is opened."""
+    (:func:`~moe_utils.models.quant_schemes.quant_scheme`), before any weight file is opened."""
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -9,7 +9,7 @@ import torch
 from moe_utils.core.errors import ArgumentError, NonFiniteError
 from moe_utils.core.finite import ScreenedSource, check_finite, is_finite, nonfinite_counts
 from moe_utils.engine.canonical import DenseMLPWeights, MoELayerWeights
-from moe_utils.models.quantized import LazyExperts, LazyMatrix
+from moe_utils.models.lazy_experts import LazyExperts, LazyMatrix
 
 Tensor = torch.Tensor
 

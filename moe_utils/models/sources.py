@@ -23,7 +23,8 @@ from moe_utils.core.errors import MoEUtilsError
 from moe_utils.core.finite import ScreenedSource
 from moe_utils.models.checkpoint import CheckpointReader
 from moe_utils.models.ids import resolve_folder
-from moe_utils.models.quantized import QuantizedTensors, ignored_layer, model_dtype, quant_scheme
+from moe_utils.models.quant_schemes import model_dtype, quant_scheme
+from moe_utils.models.quantized import QuantizedTensors, ignored_layer
 
 Tensor = torch.Tensor
 

@@ -24,7 +24,9 @@ from moe_utils.arch.spec import ExpertTensors, MLPTensors, MoETensors, WeightFor
 from moe_utils.core.errors import CheckpointError
 from moe_utils.core.finite import unwrap
 from moe_utils.engine.canonical import DenseMLPWeights, MoELayerWeights
-from moe_utils.models.quantized import EncodedMatrix, LazyExperts, LazyMatrix, QuantizedTensors
+from moe_utils.models.lazy_experts import LazyExperts, LazyMatrix
+from moe_utils.models.quant_codecs import EncodedMatrix
+from moe_utils.models.quantized import QuantizedTensors
 from moe_utils.models.screening import (
     EXPERT_MATRICES,
     check_dense,
