@@ -104,6 +104,21 @@ def test_tensors_transformers_joins_at_load_stream_like_the_whole_model(family, 
     assert stream_check(f"random:{family}") == ""
 
 
+@pytest.mark.parametrize("family", ["deepseek_ocr2_text", "step3p5", "unlimited_ocr_text"])
+def test_text_configs_no_auto_class_maps_stream_like_the_whole_model(family):
+    """The text part of a multimodal model, whose config no auto class maps, is built empty from its
+    own modeling module's class and streams with the whole model's captures."""
+    from transformers import AutoModelForCausalLM
+
+    from moe_utils.models.random_models import decoder_classes
+
+    config = load_model(f"random:{family}").built().config
+    with pytest.raises(ValueError):
+        AutoModelForCausalLM.from_config(config)
+    assert decoder_classes(config)
+    assert stream_check(f"random:{family}") == ""
+
+
 def test_output_arity_reads_the_return_annotation():
     from moe_utils.models.stream import output_arity
 

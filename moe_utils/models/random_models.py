@@ -55,6 +55,17 @@ def config_class_for(model_type: str):
         ) from None
 
 
+def decoder_classes(config) -> list[type[nn.Module]]:
+    """The model classes of ``config``'s own modeling module, causal LM first, for a config the auto
+    classes do not map (the text part of a multimodal model, e.g. ``DeepseekOcr2TextConfig``)."""
+    try:
+        module = importlib.import_module(type(config).__module__.replace("configuration_", "modeling_"))
+    except ImportError:
+        return []
+    base = type(config).__name__[: -len("Config")]
+    return [getattr(module, base + suffix) for suffix in ("ForCausalLM", "Model") if hasattr(module, base + suffix)]
+
+
 def build_model(config, seed: int = 0) -> nn.Module:
     """A randomly initialised model for ``config`` (causal LM, else the bare decoder), eval, fp32."""
     from transformers import AutoModel, AutoModelForCausalLM
@@ -67,12 +78,8 @@ def build_model(config, seed: int = 0) -> nn.Module:
                 return _fill_zero_moe_weights(auto.from_config(config).float().eval(), seed)
             except ValueError:
                 continue
-        module = importlib.import_module(type(config).__module__.replace("configuration_", "modeling_"))
-        base = type(config).__name__[: -len("Config")]
-        for suffix in ("ForCausalLM", "Model"):
-            if hasattr(module, base + suffix):
-                model = getattr(module, base + suffix)(config).float().eval()
-                return _fill_zero_moe_weights(model, seed)
+        for cls in decoder_classes(config):
+            return _fill_zero_moe_weights(cls(config).float().eval(), seed)
     finally:
         torch.random.set_rng_state(state)
     raise DerivationError(f"transformers has no model class for {type(config).__name__}")

@@ -66,6 +66,7 @@ from moe_utils.models.layer_load import (
 )
 from moe_utils.models.loaded import LoadedModel
 from moe_utils.models.loading import as_dtype, load_model, load_tokenizer
+from moe_utils.models.random_models import decoder_classes
 from moe_utils.models.sources import FolderSource, HeldLayer
 from moe_utils.models.specs import spec_for_config
 from moe_utils.models.trace import (
@@ -292,8 +293,8 @@ def _too_large(lm: LoadedModel, dtype: torch.dtype) -> bool:
     return free is not None and need > FIT_SHARE * free / 2
 
 
-def _build_empty(auto: Any, config: Any, dtype: torch.dtype) -> nn.Module:
-    """``auto.from_config`` with parameters on the meta device and buffers real. accelerate's
+def _build_empty(build: Callable[..., Any], config: Any, dtype: torch.dtype) -> nn.Module:
+    """``build(config, dtype=dtype)`` (a ``from_config``) with parameters on the meta device and buffers real. accelerate's
     ``init_empty_weights`` allocates each parameter before moving it to the meta device, which the
     system refuses for a tensor larger than memory (DeepSeek-V3's fused experts: 30 GB); those
     models are then built on the meta device outright and their rotary tables computed again."""
@@ -301,12 +302,12 @@ def _build_empty(auto: Any, config: Any, dtype: torch.dtype) -> nn.Module:
 
     try:
         with init_empty_weights(include_buffers=False):
-            return auto.from_config(config, dtype=dtype)
+            return build(config, dtype=dtype)
     except RuntimeError as exc:
         if "allocate" not in str(exc):
             raise
     with torch.device("meta"):
-        model = auto.from_config(config, dtype=dtype)
+        model = build(config, dtype=dtype)
     _real_rotary_tables(model)
     return model
 
@@ -343,10 +344,13 @@ def empty_model(lm: LoadedModel, dtype: torch.dtype) -> nn.Module:
     model = None
     for auto in (AutoModelForCausalLM, AutoModel):  # the causal LM, else the bare decoder (as built at random)
         try:
-            model = _build_empty(auto, config, dtype)
+            model = _build_empty(auto.from_config, config, dtype)
             break
         except ValueError:
             continue
+    for cls in decoder_classes(config) if model is None else []:  # a text config the auto classes do not map
+        model = _build_empty(cls._from_config, config, dtype)
+        break
     if model is None:
         raise StreamUnsupportedError(f"transformers has no causal LM or decoder class for {type(config).__name__}")
     can_set = getattr(type(model), "_can_set_experts_implementation", None)
