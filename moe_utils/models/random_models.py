@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -18,6 +18,9 @@ from torch import nn
 from moe_utils.arch import FamilySpec
 from moe_utils.core.errors import DerivationError, RemoteCodeRequiredError, UnknownFamilyError
 from moe_utils.models.weights import tensor_name
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 BYTE_SPECIALS = ("<s>", "</s>", "<pad>")
 
@@ -55,7 +58,7 @@ def config_class_for(model_type: str):
         ) from None
 
 
-def decoder_classes(config) -> list[type[nn.Module]]:
+def decoder_classes(config) -> list[type[PreTrainedModel]]:
     """The model classes of ``config``'s own modeling module, causal LM first, for a config the auto
     classes do not map (the text part of a multimodal model, e.g. ``DeepseekOcr2TextConfig``)."""
     try:
