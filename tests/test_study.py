@@ -239,3 +239,26 @@ def test_parameter_counts_of_the_fine_and_placement_organisms() -> None:
             (getattr(model.config, "num_experts", None) or model.config.num_local_experts),
         )
         assert pc["active"] == pc["total"] - experts + experts * k // E
+
+
+def test_shipping_a_long_run_ships_its_streams_manifest(tmp_path, monkeypatch):
+    """A 4x run's results go into the package with the manifest of the enlarged stream it trained
+    on; an organism replicate's do not touch it."""
+    from moe_utils.zoo import study as study_module
+    from moe_utils.zoo.long_corpus import LONG_CORPUS_FILE, LONG_META_FILE
+    from moe_utils.zoo.replicates import REPLICATES, replicate_dir
+
+    package = tmp_path / "package"
+    monkeypatch.setattr(study_module, "ZOO_STUDY_DIR", package)
+    out = tmp_path / "out"
+    (out / "prepared").mkdir(parents=True)
+    (out / "prepared" / LONG_META_FILE).write_text(json.dumps({"tokens": 4}))
+    for name in ("scratch-s1", "upcycled-long-s0"):
+        results = replicate_dir(out, name) / "results"
+        results.mkdir(parents=True)
+        (results / "study_replicate.json").write_text("{}")
+    study_module.ship_results(REPLICATES["scratch-s1"], out, log=lambda _: None)
+    assert (package / "scratch-s1" / "study_replicate.json").is_file()
+    assert not (package / LONG_CORPUS_FILE).exists()
+    study_module.ship_results(REPLICATES["upcycled-long-s0"], out, log=lambda _: None)
+    assert json.loads((package / LONG_CORPUS_FILE).read_text()) == {"tokens": 4}

@@ -127,3 +127,35 @@ def test_length_words_tell_stopped_from_drifting_and_the_similarity_rate():
 
 def test_length_words_without_a_long_run():
     assert "no 4x run" in W.length_words(pd.DataFrame(columns=["replicate", "step", "quantity", "value"]))
+
+
+def test_the_long_stream_is_described_from_its_manifest():
+    from moe_utils.zoo.long_corpus import describe_long_stream
+
+    meta = {
+        "base_tokens": 1000,
+        "tokens": 4003,
+        "reached_target": True,
+        "added": {"stdlib": {"documents": 3, "tokens": 1500}, "numpy": {"documents": 2, "tokens": 1503}},
+        "package_versions": {"numpy": "2.0"},
+        "sha256": "ab" * 32,
+    }
+    text = describe_long_stream(meta)
+    assert text.startswith("The 4x runs' training stream holds 4,003 tokens: the organisms' 1,000, then ")
+    assert "3 standard-library source files the organisms' sample left out, 1,500 tokens" in text
+    assert "2 files of numpy 2.0 (docstrings and sources), 1,503 tokens" in text
+    short = describe_long_stream({**meta, "reached_target": False})
+    assert "ran out before the target" in short
+
+
+def test_the_shipped_long_stream_manifest_adds_up():
+    """The manifest shipped with the 4x runs' results: the organisms' stream plus what was added is
+    the whole stream, which reaches its target of 4x the organisms' stream."""
+    import json
+
+    from moe_utils.core.paths import ZOO_STUDY_DIR
+    from moe_utils.zoo.long_corpus import LONG_CORPUS_FILE
+
+    meta = json.loads((ZOO_STUDY_DIR / LONG_CORPUS_FILE).read_text())
+    assert meta["tokens"] == meta["base_tokens"] + sum(e["tokens"] for e in meta["added"].values())
+    assert meta["reached_target"] and meta["tokens"] >= meta["factor"] * meta["base_tokens"]

@@ -56,6 +56,8 @@ EXTENSION_PACKAGES: tuple[str, ...] = (
 )
 LONG_STREAM_FILE = "train_ids_long.npy"
 LONG_META_FILE = "train_ids_long.json"
+#: The shipped copy of the long stream's :data:`LONG_META_FILE`, beside the replicates' results.
+LONG_CORPUS_FILE = "long_corpus.json"
 
 
 def _text_digest(text: str) -> str:
@@ -169,3 +171,21 @@ def prepare_long(prepared: Path, factor: int, tokenizer, log=print) -> np.ndarra
     np.save(path, stream)
     meta_path.write_text(json.dumps(meta, indent=1) + "\n")
     return stream
+
+
+def describe_long_stream(meta: dict) -> str:
+    """What the long runs' stream holds, in one paragraph, from its manifest (:data:`LONG_META_FILE`)."""
+    versions = meta.get("package_versions") or {}
+    parts = []
+    for source, entry in (meta.get("added") or {}).items():
+        what = (
+            "standard-library source files the organisms' sample left out"
+            if source == "stdlib"
+            else f"files of {source} {versions.get(source) or ''}".rstrip() + " (docstrings and sources)"
+        )
+        parts.append(f"{entry['documents']:,} {what}, {entry['tokens']:,} tokens")
+    reached = "" if meta.get("reached_target") else " (the candidate documents ran out before the target)"
+    return (
+        f"The 4x runs' training stream holds {meta['tokens']:,} tokens{reached}: the organisms' "
+        f"{meta['base_tokens']:,}, then " + "; ".join(parts) + f". Its SHA-256 is `{meta.get('sha256', '')[:16]}...`."
+    )

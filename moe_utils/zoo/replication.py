@@ -8,6 +8,7 @@ page shows and the summary entries of ``replication.json``: one across-seed verd
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -18,9 +19,11 @@ import pandas as pd
 from .. import metrics as M
 from ..analysis import paper
 from ..analysis.claims import CLAIMS
+from ..core.paths import ZOO_STUDY_DIR
 from . import ladder_predictions as P
 from . import ladder_words as W
 from . import study_results as S
+from .long_corpus import LONG_CORPUS_FILE, describe_long_stream
 from .replicates import REPLICATES
 
 CLAIM_NAMES = {c.key: c.title for c in CLAIMS.values()}
@@ -360,6 +363,7 @@ class ReplicationReport:
     replicates: list[str]
     tables: dict[str, pd.DataFrame]
     summary: dict[str, dict[str, Any]]
+    study_dir: Path | None = None
 
     @property
     def empty(self) -> bool:
@@ -418,6 +422,12 @@ class ReplicationReport:
     def narrative(self) -> str:
         return across_seed_narrative(self.across, self.tables["pending"])
 
+    @property
+    def long_corpus(self) -> str:
+        """What the 4x runs' enlarged training stream holds (empty before a 4x run is shipped)."""
+        path = Path(self.study_dir or ZOO_STUDY_DIR) / LONG_CORPUS_FILE
+        return describe_long_stream(json.loads(path.read_text())) if path.is_file() else ""
+
     def ladder_words(self, axis: str) -> str:
         """The ladder's findings along ``axis`` ("depth" or "length") in plain words."""
         if axis == "depth":
@@ -430,4 +440,6 @@ def replication_report(study_dir: str | Path | None = None) -> ReplicationReport
     shipped = S.load_shipped(Path(study_dir) if study_dir else None)
     tables = S.replication_tables(shipped)
     tables["trajectory"] = trajectory_table(tables["emergence"])
-    return ReplicationReport(sorted(shipped), tables, replication_summary(tables["across_seeds"]))
+    return ReplicationReport(
+        sorted(shipped), tables, replication_summary(tables["across_seeds"]), Path(study_dir) if study_dir else None
+    )

@@ -37,7 +37,7 @@ from moe_utils.zoo import configs, study_results, train
 from moe_utils.zoo import replicates as R
 from moe_utils.zoo.cards import finalize_model
 from moe_utils.zoo.commands import STUDY_DESCRIPTION, add_study_arguments
-from moe_utils.zoo.long_corpus import prepare_long
+from moe_utils.zoo.long_corpus import LONG_CORPUS_FILE, LONG_META_FILE, prepare_long
 from moe_utils.zoo.replicates import Replicate, replicate_dir, snapshot_dir
 from moe_utils.zoo.tokenizer import load_zoo_tokenizer
 
@@ -168,6 +168,9 @@ def ship_results(rep: Replicate, out: Path, log=print) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     for f in sorted(src.glob("study_*.json")):
         shutil.copy2(f, dest / f.name)
+    manifest = Path(out) / "prepared" / LONG_META_FILE
+    if rep.ladder == "length" and manifest.is_file():  # what the 4x runs' enlarged stream holds
+        shutil.copy2(manifest, ZOO_STUDY_DIR / LONG_CORPUS_FILE)
     log(f"shipped the results of {rep.name} into {dest}")
     return dest
 
