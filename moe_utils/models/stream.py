@@ -14,8 +14,8 @@ hidden states of the inputs.
 Some decoder layers return more than their hidden states, and the model hands the extra values
 to the next layer (DeepSeek-V3.2-style sparse attention passes its top-k key indices on as
 ``prev_topk_indices``). When a layer's return annotation is a tuple, its recorder returns one
-placeholder per extra value; the placeholders show which argument of the next layer's call takes
-which value, and the stream fills them in from the real layer's output.
+marker per extra value; where the markers reappear in the next layer's recorded call says which
+argument takes which value, and the stream puts the real layer's outputs there.
 
 A block too large to decode whole (``by_expert``) keeps its routed experts on disk. Its layer
 runs every sequence twice: the first pass keeps what the model hands its experts module (and the
@@ -137,9 +137,8 @@ class _Stop(Exception):
 
 @dataclass(frozen=True)
 class _Carried:
-    """Placeholder for value ``position`` of decoder layer ``layer``'s output, during recording."""
+    """Marks, in the recording pass, value ``position`` of the previous decoder layer's output."""
 
-    layer: int
     position: int
 
 
@@ -162,7 +161,7 @@ def output_arity(layer: nn.Module) -> int:
 
 class _Recorder(nn.Module):
     """Stands in for a decoder layer during the recording pass: keeps its call's arguments and
-    returns what the layer would, with placeholders for the values beyond the hidden states."""
+    returns what the layer would, with a marker for each value beyond the hidden states."""
 
     def __init__(self, original: nn.Module, index: int, store: dict[Any, Any], last: bool) -> None:
         super().__init__()
@@ -180,13 +179,13 @@ class _Recorder(nn.Module):
             raise _Stop
         if self.arity == 1:
             return hidden_states
-        return (hidden_states, *(_Carried(self.index, j) for j in range(1, self.arity)))
+        return (hidden_states, *(_Carried(j) for j in range(1, self.arity)))
 
 
 def _pass_on(
     call: tuple[tuple[Any, ...], dict[str, Any]], out: tuple[Any, ...]
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The next layer's recorded call with each placeholder replaced by the value it stands for."""
+    """The next layer's recorded call with each marker replaced by the output value it marks."""
 
     def fill(v: Any) -> Any:
         return out[v.position] if isinstance(v, _Carried) else v
@@ -196,7 +195,7 @@ def _pass_on(
 
 
 def _unfilled(i: int, call: tuple[tuple[Any, ...], dict[str, Any]]) -> None:
-    """Raise when a call still holds a placeholder (a value the stream could not pass on)."""
+    """Raise when a call still holds a marker (a value the stream could not pass on)."""
     args, kwargs = call
     if any(isinstance(v, _Carried) for v in (*args, *kwargs.values())):
         raise StreamUnsupportedError(
@@ -348,9 +347,8 @@ def empty_model(lm: LoadedModel, dtype: torch.dtype) -> nn.Module:
             break
         except ValueError:
             continue
-    for cls in decoder_classes(config) if model is None else []:  # a text config the auto classes do not map
-        model = _build_empty(cls._from_config, config, dtype)
-        break
+    if model is None and (classes := decoder_classes(config)):  # a text config the auto classes do not map
+        model = _build_empty(classes[0]._from_config, config, dtype)
     if model is None:
         raise StreamUnsupportedError(f"transformers has no causal LM or decoder class for {type(config).__name__}")
     can_set = getattr(type(model), "_can_set_experts_implementation", None)
