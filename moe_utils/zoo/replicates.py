@@ -141,9 +141,6 @@ def _add_ladder(reg: dict[str, Replicate]) -> None:
         for r in REPLICATE_SEEDS:
             name = f"scratch-L{depth}-s{r}"
             reg[name] = replace(reg[f"scratch-s{r}"], name=name, layers=depth, ladder="depth", shipped_as=None)
-    reg["fine-L16-s0"] = replace(
-        reg["fine-s0"], name="fine-L16-s0", layers=16, ladder="depth", snapshots=(), shipped_as=None
-    )
     for r in (0, 1):
         base = reg[f"scratch-s{r}"]
         steps = base.spec.steps * LADDER_LENGTH_FACTOR
