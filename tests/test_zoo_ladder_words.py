@@ -89,7 +89,16 @@ def test_depth_words_need_two_seeded_depths():
 def _trajectory(rep: str, kind: str, quantity: str, values: dict[int, float]) -> pd.DataFrame:
     return pd.DataFrame(
         [
-            {"replicate": rep, "ladder": "length", "kind": kind, "step": s, "quantity": quantity, "value": v}
+            {
+                "replicate": rep,
+                "ladder": "length",
+                "kind": kind,
+                "step": s,
+                "quantity": quantity,
+                "value": v,
+                "ci_low": v - 0.05,
+                "ci_high": v + 0.05,
+            }
             for s, v in values.items()
         ]
     )

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import cast
+from typing import NamedTuple, cast
 
 import numpy as np
 import pandas as pd
@@ -32,7 +32,7 @@ SUPPORTS, AGAINST, NEITHER = "supports the paper", "counts against the paper", "
 # The quantities of the length snapshots that carry each effect (names as in the results files).
 LENGTH_CLAIMS = ("obs1", "obs2")
 # Mixtral 8x7B's matrix-level expert similarity, the upper end of the paper's App. D range.
-MIXTRAL_MATRIX_SIMILARITY_HIGH = 0.4
+MIXTRAL_MATRIX_SIMILARITY = (0.2, 0.4)  # the paper's App. D range for Mixtral 8x7B's experts
 
 
 @dataclass(frozen=True)
@@ -153,18 +153,36 @@ def _rows(frame: pd.DataFrame, **equal: object) -> pd.DataFrame:
     return cast(pd.DataFrame, frame.loc[mask])
 
 
-Doubling = tuple[str, float, float, float, float]  # replicate, previous, last, last's ci_low, ci_high
+class Doubling(NamedTuple):
+    """One 4x run's claim over its last doubling of training: the effect at the last two snapshots
+    and the last one's interval."""
+
+    replicate: str
+    previous: float
+    last: float
+    previous_step: int
+    last_step: int
+    ci_low: float
+    ci_high: float
 
 
 def last_doubling(runs: pd.DataFrame, key: str) -> list[Doubling]:
-    """Per 4x run: the claim's effect at its last two snapshots and the last one's interval."""
+    """Per 4x run in ``runs`` (trajectory rows), the claim's effect over its last two snapshots."""
     out: list[Doubling] = []
     for rep in sorted(runs.replicate.unique()) if len(runs) else []:
         q = _rows(runs, replicate=rep, quantity=CLAIMS[key].quantity).sort_values(by="step")
         if len(q) >= 2:
-            prev, last = q.iloc[-2], q.iloc[-1]
+            a, b = q.iloc[-2], q.iloc[-1]
             out.append(
-                (str(rep), float(prev["value"]), float(last["value"]), float(last["ci_low"]), float(last["ci_high"]))
+                Doubling(
+                    str(rep),
+                    float(a["value"]),
+                    float(b["value"]),
+                    int(a["step"]),
+                    int(b["step"]),
+                    float(b["ci_low"]),
+                    float(b["ci_high"]),
+                )
             )
     return out
 
@@ -172,7 +190,9 @@ def last_doubling(runs: pd.DataFrame, key: str) -> list[Doubling]:
 def _describe(rows: list[Doubling]) -> str:
     if not rows:
         return "no 4x run measured yet"
-    return "; ".join(f"{rep}: {prev:+.3f} -> {last:+.3f} [{lo:+.3f}, {hi:+.3f}]" for rep, prev, last, lo, hi in rows)
+    return "; ".join(
+        f"{d.replicate}: {d.previous:+.3f} -> {d.last:+.3f} [{d.ci_low:+.3f}, {d.ci_high:+.3f}]" for d in rows
+    )
 
 
 def length_checks(trajectory: pd.DataFrame, kinds: tuple[str, ...] = ("scratch", "upcycled")) -> list[Check]:
@@ -194,10 +214,10 @@ def length_checks(trajectory: pd.DataFrame, kinds: tuple[str, ...] = ("scratch",
 
         doubling = {k: last_doubling(runs, k) for k in LENGTH_CLAIMS}
         stable = all(
-            rows and all(abs(last - prev) < CLAIMS[k].floor and lo > CLAIMS[k].floor for _, prev, last, lo, _ in rows)
+            rows and all(abs(d.last - d.previous) < CLAIMS[k].floor and d.ci_low > CLAIMS[k].floor for d in rows)
             for k, rows in doubling.items()
         )
-        falls = any(last - prev < -CLAIMS["obs2"].floor for _, prev, last, _, _ in doubling["obs2"])
+        falls = any(d.last - d.previous < -CLAIMS["obs2"].floor for d in doubling["obs2"])
         obs1 = _rows(runs, quantity=CLAIMS["obs1"].quantity)
         below = len(obs1) > 0 and bool((obs1.ci_high.astype(float) < CLAIMS["obs1"].floor).all())
         place = f"length ({kind})"
@@ -238,13 +258,13 @@ def _drift_check(place: str, sim: pd.DataFrame, ready: bool) -> Check:
         falling = falling and bool(np.all(np.diff(v) < 0))
         finals.append(f"{rep} from {v[0]:.3f} to {v[-1]:.3f}")
     measured = ready and len(sim) > 1
+    lo, hi = MIXTRAL_MATRIX_SIMILARITY
     return Check(
         place,
         "supports",
-        f"the upcycled experts' matrix-level similarity falls at every snapshot, towards Mixtral's 0.2-"
-        f"{MIXTRAL_MATRIX_SIMILARITY_HIGH}",
+        f"the upcycled experts' matrix-level similarity falls at every snapshot, towards Mixtral's {lo}-{hi}",
         (MET if falling else NOT_MET) if measured else PENDING,
-        "; ".join(finals) + " (Mixtral 8x7B: 0.2-0.4, the paper's App. D)" if finals else "not measured yet",
+        "; ".join(finals) + f" (Mixtral 8x7B: {lo}-{hi}, the paper's App. D)" if finals else "not measured yet",
     )
 
 

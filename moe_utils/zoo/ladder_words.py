@@ -22,11 +22,10 @@ import numpy as np
 import pandas as pd
 
 from moe_utils.analysis.claims import CLAIMS
+from moe_utils.zoo.ladder_predictions import LENGTH_CLAIMS, MIXTRAL_MATRIX_SIMILARITY, last_doubling
 
 DECIDED = ("holds", "does not hold", "detectable but below the floor")
 DEPTH_CLAIMS = ("obs1", "obs2", "obs3_weak", "obs3_strong")
-LENGTH_QUANTITIES = ("obs1", "obs2")
-MIXTRAL_MATRIX_SIMILARITY = (0.2, 0.4)  # the paper's App. D range for Mixtral 8x7B's experts
 
 
 def _direction(key: str) -> int:
@@ -111,15 +110,6 @@ def depth_words(combined: pd.DataFrame, kind: str = "scratch", steps: int | None
     return "\n".join(lines)
 
 
-def _last_doubling(q: pd.DataFrame) -> tuple[float, float, int, int] | None:
-    """(previous, last, previous step, last step) of one run's quantity, sorted by step."""
-    q = q.sort_values(by="step")
-    if len(q) < 2:
-        return None
-    a, b = q.iloc[-2], q.iloc[-1]
-    return float(a["value"]), float(b["value"]), int(a["step"]), int(b["step"])
-
-
 def length_words(trajectory: pd.DataFrame) -> str:
     """Markdown: per 4x run (``trajectory`` rows with ``ladder == "length"``), whether
     observations 1 and 2 had stopped moving over the last doubling of training, and for an
@@ -133,18 +123,15 @@ def length_words(trajectory: pd.DataFrame) -> str:
     for rep in sorted(t.replicate.unique()):
         run = cast(pd.DataFrame, t[t.replicate == rep])
         parts = []
-        for key in LENGTH_QUANTITIES:
-            q = cast(pd.DataFrame, run[run.quantity == CLAIMS[key].quantity])
-            d = _last_doubling(q)
-            if d is None:
-                continue
-            prev, last, s0, s1 = d
-            floor = CLAIMS[key].floor
-            moved = "still drifts" if abs(last - prev) >= floor else "has stopped moving"
-            parts.append(
-                f"{key} {moved} ({prev:+.3f} at step {s0}, {last:+.3f} at step {s1}: a change of "
-                f"{last - prev:+.3f} against its floor {floor})"
-            )
+        for key in LENGTH_CLAIMS:
+            for d in last_doubling(run, key):
+                floor = CLAIMS[key].floor
+                change = d.last - d.previous
+                moved = "still drifts" if abs(change) >= floor else "has stopped moving"
+                parts.append(
+                    f"{key} {moved} ({d.previous:+.3f} at step {d.previous_step}, {d.last:+.3f} at step "
+                    f"{d.last_step}: a change of {change:+.3f} against its floor {floor})"
+                )
         sim = cast(pd.DataFrame, run[run.quantity == "expert_matrix_similarity"]).sort_values(by="step")
         if len(sim) >= 2:
             v = sim["value"].to_numpy(dtype=float)
