@@ -133,7 +133,36 @@ def test_the_length_grid_states_each_snapshots_outcome() -> None:
     t = trajectory([0.3, 0.25, 0.22, 0.21, 0.20], [0.2, 0.15, 0.12, 0.11, 0.11], [0.9, 0.8, 0.6, 0.45, 0.35])
     grid = R.length_grid(t)
     # at 4,800 steps obs2 0.20 [0.18, 0.22] lies above its floor 0.14, obs1 0.11 [0.09, 0.13] above 0.065
-    assert grid.loc["obs2", ("scratch-long-s0", 4800)].startswith("holds: 0.200")
-    assert grid.loc["obs1", ("scratch-long-s0", 4800)].startswith("holds: 0.110")
-    assert grid.loc["obs1", ("scratch-long-s0", 300)].startswith("holds: 0.200")
+    assert grid.loc[("scratch-long-s0", 4800), "obs2"].startswith("holds: 0.200")
+    assert grid.loc[("scratch-long-s0", 4800), "obs1"].startswith("holds: 0.110")
+    assert grid.loc[("scratch-long-s0", 300), "obs1"].startswith("holds: 0.200")
     assert R.length_grid(pd.DataFrame()).empty
+
+
+def _with_upcycled_start(t: pd.DataFrame) -> pd.DataFrame:
+    """``t`` with the upcycled run's step-0 snapshot: copies of the dense MLP, obs2 exactly 0 and no
+    obs1 effect (the measurement returns NaN there)."""
+    base = {"replicate": "upcycled-long-s0", "ladder": "length", "kind": "upcycled", "seed": 0, "step": 0}
+    start = [
+        base | {"quantity": CLAIMS["obs2"].quantity, "value": 0.0, "ci_low": 0.0, "ci_high": 0.0},
+        base | {"quantity": CLAIMS["obs1"].quantity, "value": np.nan, "ci_low": np.nan, "ci_high": np.nan},
+        base | {"quantity": "expert_matrix_similarity", "value": 1.0, "ci_low": np.nan, "ci_high": np.nan},
+    ]
+    return pd.concat([pd.DataFrame(start), t], ignore_index=True)
+
+
+def test_a_snapshot_of_copied_experts_has_no_outcome() -> None:
+    t = _with_upcycled_start(trajectory([0.3, 0.25], [0.2, 0.15], [0.9, 0.8]))
+    frame = R.length_frame(t)
+    start = frame[(frame.series == "upcycled-long-s0") & (frame.steps == 0)]
+    assert set(start.claim) == {"obs1", "obs2"} and set(start.outcome) == {"undefined"}
+    later = frame[(frame.series == "upcycled-long-s0") & (frame.steps == 4800)]
+    assert set(later.outcome) == {"holds"}  # obs2 0.25 [0.23, 0.27] > 0.14, obs1 0.15 [0.13, 0.17] > 0.065
+
+
+def test_obs1_below_its_floor_is_read_over_the_snapshots_that_have_an_effect() -> None:
+    # obs1 0.01 [-0.01, 0.03] at every measured step lies below its floor 0.065; the start has none
+    t = _with_upcycled_start(trajectory([0.3, 0.25], [0.01, 0.01], [0.9, 0.8]))
+    below = [c for c in P.length_checks(t) if c.axis == "length (upcycled)" and "below its floor" in c.rule]
+    assert [c.status for c in below] == [P.MET]
+    assert below[0].evidence == "2 snapshots measured"

@@ -28,6 +28,7 @@ from .replicates import REPLICATES
 
 CLAIM_NAMES = {c.key: c.title for c in CLAIMS.values()}
 PAPER_MARK_LABEL = "paper, Mixtral 8x7B"
+COPIES_SIMILARITY = 0.999  # matrix-level similarity at which a snapshot's experts count as copies of one another
 
 
 def emergence_paper_marks() -> dict[str, float]:
@@ -194,7 +195,9 @@ def trajectory_table(emergence: pd.DataFrame) -> pd.DataFrame:
 
 def length_frame(trajectory: pd.DataFrame) -> pd.DataFrame:
     """The 4x runs' snapshots as the ladder's rows: per claim with an effect in the snapshots, its
-    effect and interval at each step, the floor and the outcome judged as a replicate's would be."""
+    effect and interval at each step, the floor and the outcome judged as a replicate's would be.
+    A snapshot whose experts are still copies of one another (the upcycled start) has every outcome
+    undefined: with identical experts there is no norm, diversity or specialisation to compare."""
     cols = ["claim", "title", "series", "steps", "effect", "ci_low", "ci_high", "floor", "outcome"]
     if trajectory.empty or "ladder" not in trajectory:
         return pd.DataFrame(columns=cols)
@@ -202,6 +205,12 @@ def length_frame(trajectory: pd.DataFrame) -> pd.DataFrame:
     bounds = {
         (r.replicate, int(r.step), r.quantity): (float(r.ci_low), float(r.ci_high))  # type: ignore[arg-type]
         for r in t.itertuples()
+    }
+    sim = t[t.quantity == "expert_matrix_similarity"]
+    copies = {
+        (r.replicate, int(r.step))  # type: ignore[arg-type]
+        for r in sim.itertuples()
+        if float(r.value) >= COPIES_SIMILARITY  # type: ignore[arg-type]
     }
     rows = []
     for key in ("obs1", "obs2", "obs3_weak", "obs3_strong"):
@@ -218,6 +227,8 @@ def length_frame(trajectory: pd.DataFrame) -> pd.DataFrame:
                 )
             else:
                 outcome = _snapshot_outcome(key, float(r.ci_low), float(r.ci_high))  # type: ignore[arg-type]
+            if (r.replicate, step) in copies:
+                outcome = "undefined"
             rows.append(
                 {
                     "claim": key,
@@ -235,7 +246,8 @@ def length_frame(trajectory: pd.DataFrame) -> pd.DataFrame:
 
 
 def length_grid(trajectory: pd.DataFrame) -> pd.DataFrame:
-    """Claim by (4x run, step): "outcome: effect [low, high]" of every snapshot on the length axis."""
+    """(4x run, step) by claim: "outcome: effect [low, high]" of every snapshot on the length axis,
+    one row per snapshot so that the table grows down the page as runs are added."""
     t = length_frame(trajectory)
     if t.empty:
         return pd.DataFrame()
@@ -244,7 +256,7 @@ def length_grid(trajectory: pd.DataFrame) -> pd.DataFrame:
             _effect_cell(v, e, lo, hi) for v, e, lo, hi in zip(t.outcome, t.effect, t.ci_low, t.ci_high, strict=False)
         ]
     )
-    return cells.pivot_table(index=["claim"], columns=["series", "steps"], values="cell", aggfunc="first")
+    return cells.pivot_table(index=["series", "steps"], columns=["claim"], values="cell", aggfunc="first")
 
 
 def _snapshot_outcome(key: str, low: float, high: float) -> str:
