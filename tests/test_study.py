@@ -262,3 +262,14 @@ def test_shipping_a_long_run_ships_its_streams_manifest(tmp_path, monkeypatch):
     assert not (package / LONG_CORPUS_FILE).exists()
     study_module.ship_results(REPLICATES["upcycled-long-s0"], out, log=lambda _: None)
     assert json.loads((package / LONG_CORPUS_FILE).read_text()) == {"tokens": 4}
+
+
+def test_every_listed_replicate_ships_its_results_and_snapshots() -> None:
+    """The book never retrains, so every replicate `zoo study --list` shows must have shipped results,
+    with one measured snapshot per step its recipe lists."""
+    shipped = S.load_shipped()
+    assert sorted(set(R.REPLICATES) - set(shipped)) == []
+    for rep in R.REPLICATES.values():
+        if rep.snapshots:
+            steps = set(shipped[rep.name]["emergence"].step.astype(int))
+            assert set(rep.snapshots) <= steps, rep.name
