@@ -31,8 +31,8 @@ NOT_MET = "not met"
 SUPPORTS, AGAINST, NEITHER = "supports the paper", "counts against the paper", "neither yet"
 # The quantities of the length snapshots that carry each effect (names as in the results files).
 LENGTH_CLAIMS = ("obs1", "obs2")
-# Mixtral 8x7B's matrix-level expert similarity, the upper end of the paper's App. D range.
-MIXTRAL_MATRIX_SIMILARITY = (0.2, 0.4)  # the paper's App. D range for Mixtral 8x7B's experts
+# Mixtral 8x7B's matrix-level expert similarity, the range of the paper's App. D.
+MIXTRAL_MATRIX_SIMILARITY = (0.2, 0.4)
 
 
 @dataclass(frozen=True)
