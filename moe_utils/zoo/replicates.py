@@ -188,6 +188,11 @@ def chain(name: str) -> list[Replicate]:
     return out
 
 
+def prepared_dir(out: Path) -> Path:
+    """The folder of a study output folder's prepared corpus, tokenizer and long-run stream."""
+    return Path(out) / "prepared"
+
+
 def replicate_dir(out: Path, name: str) -> Path:
     """The folder of one replicate in a study output folder."""
     return Path(out) / "replicates" / name

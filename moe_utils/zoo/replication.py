@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, cast
 
@@ -206,12 +207,8 @@ def length_frame(trajectory: pd.DataFrame) -> pd.DataFrame:
         (r.replicate, int(r.step), r.quantity): (float(r.ci_low), float(r.ci_high))  # type: ignore[arg-type]
         for r in t.itertuples()
     }
-    sim = t[t.quantity == "expert_matrix_similarity"]
-    copies = {
-        (r.replicate, int(r.step))  # type: ignore[arg-type]
-        for r in sim.itertuples()
-        if float(r.value) >= COPIES_SIMILARITY  # type: ignore[arg-type]
-    }
+    copied = t[(t.quantity == "expert_matrix_similarity") & (t.value.astype(float) >= COPIES_SIMILARITY)]
+    copies = set(zip(copied.replicate, copied.step.astype(int), strict=True))
     rows = []
     for key in ("obs1", "obs2", "obs3_weak", "obs3_strong"):
         claim = CLAIMS[key]
@@ -434,7 +431,7 @@ class ReplicationReport:
     def narrative(self) -> str:
         return across_seed_narrative(self.across, self.tables["pending"])
 
-    @property
+    @cached_property
     def long_corpus(self) -> str:
         """What the 4x runs' enlarged training stream holds (empty before a 4x run is shipped)."""
         path = Path(self.study_dir or ZOO_STUDY_DIR) / LONG_CORPUS_FILE
@@ -449,9 +446,8 @@ class ReplicationReport:
 
 def replication_report(study_dir: str | Path | None = None) -> ReplicationReport:
     """Read the study results (default: those shipped with the package) into the page's report."""
-    shipped = S.load_shipped(Path(study_dir) if study_dir else None)
+    root = Path(study_dir) if study_dir else None
+    shipped = S.load_shipped(root)
     tables = S.replication_tables(shipped)
     tables["trajectory"] = trajectory_table(tables["emergence"])
-    return ReplicationReport(
-        sorted(shipped), tables, replication_summary(tables["across_seeds"]), Path(study_dir) if study_dir else None
-    )
+    return ReplicationReport(sorted(shipped), tables, replication_summary(tables["across_seeds"]), root)

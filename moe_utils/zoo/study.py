@@ -38,7 +38,7 @@ from moe_utils.zoo import replicates as R
 from moe_utils.zoo.cards import finalize_model
 from moe_utils.zoo.commands import STUDY_DESCRIPTION, add_study_arguments
 from moe_utils.zoo.long_corpus import LONG_CORPUS_FILE, LONG_META_FILE, prepare_long
-from moe_utils.zoo.replicates import Replicate, replicate_dir, snapshot_dir
+from moe_utils.zoo.replicates import Replicate, prepared_dir, replicate_dir, snapshot_dir
 from moe_utils.zoo.tokenizer import load_zoo_tokenizer
 
 EVAL_WINDOWS_DURING_TRAINING = 24
@@ -95,7 +95,7 @@ def train_replicate(
     if is_trained(out, rep.name):
         log(f"{rep.name}: already trained in {folder}")
         return True
-    prepared = Path(out) / "prepared"
+    prepared = prepared_dir(out)
     if rep.ladder == "length":  # 4x the steps on a 4x stream: the corpus is seen as often as by the organisms
         stream = prepare_long(prepared, R.LADDER_LENGTH_FACTOR, load_zoo_tokenizer(prepared / "tokenizer"), log)
     else:
@@ -149,7 +149,7 @@ def train_replicate(
 
 def check_prepared(out: Path) -> None:
     """Refuse a prepared corpus whose tokenizer differs from the shipped organisms' one."""
-    made = json.loads((Path(out) / "prepared" / "tokenizer" / "tokenizer.json").read_text())
+    made = json.loads((prepared_dir(out) / "tokenizer" / "tokenizer.json").read_text())
     shipped = json.loads((ZOO_MODELS_DIR / "tiny-dense" / "tokenizer.json").read_text())
     if made != shipped:
         raise EnvironmentMismatchError(
@@ -168,7 +168,7 @@ def ship_results(rep: Replicate, out: Path, log=print) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     for f in sorted(src.glob("study_*.json")):
         shutil.copy2(f, dest / f.name)
-    manifest = Path(out) / "prepared" / LONG_META_FILE
+    manifest = prepared_dir(out) / LONG_META_FILE
     if rep.ladder == "length" and manifest.is_file():  # what the 4x runs' enlarged stream holds
         shutil.copy2(manifest, ZOO_STUDY_DIR / LONG_CORPUS_FILE)
     log(f"shipped the results of {rep.name} into {dest}")
@@ -181,7 +181,7 @@ def install_weights(rep: Replicate, out: Path, command: str, log=print) -> Path:
 
     if not rep.shipped_as:
         raise ReplicateError(f"{rep.name} does not ship as an organism; install only replicates with shipped_as set")
-    prepared = Path(out) / "prepared"
+    prepared = prepared_dir(out)
     staged = prepared / "models" / rep.shipped_as
     if staged.exists():
         shutil.rmtree(staged)
@@ -244,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out.resolve()
     deadline = time.time() + args.max_minutes * 60 if args.max_minutes else None
     if args.run:
-        train.prepare(out / "prepared")
+        train.prepare(prepared_dir(out))
         check_prepared(out)
         for ch in chains:
             for rep in ch:
